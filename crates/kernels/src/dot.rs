@@ -1,0 +1,244 @@
+//! Dot products and axpy between f32 activations and one weight row in its stored format.
+//!
+//! Each function dispatches at run time to an AVX2+FMA body when the CPU has it, else to the
+//! scalar reference in [`reference`]. FP8 rows are decoded in registers: the E4M3 bits are moved
+//! into an f32 (exponent rebiased by 120, subnormals through a multiply), so no table and no
+//! temporary row is needed.
+
+/// Plain scalar versions: the definition the SIMD bodies are tested against.
+pub mod reference {
+    use crate::codec::{bf16_to_f32, fp8_e4m3_to_f32};
+
+    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    pub fn dot_bf16(x: &[f32], w: &[u8]) -> f32 {
+        x.iter().zip(w.chunks_exact(2)).map(|(x, b)| x * bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))).sum()
+    }
+
+    pub fn dot_fp8(x: &[f32], w: &[u8]) -> f32 {
+        x.iter().zip(w).map(|(x, &b)| x * fp8_e4m3_to_f32(b)).sum()
+    }
+
+    pub fn axpy_f32(y: &mut [f32], a: f32, w: &[f32]) {
+        y.iter_mut().zip(w).for_each(|(y, w)| *y += a * w);
+    }
+
+    pub fn axpy_bf16(y: &mut [f32], a: f32, w: &[u8]) {
+        y.iter_mut()
+            .zip(w.chunks_exact(2))
+            .for_each(|(y, b)| *y += a * bf16_to_f32(u16::from_le_bytes([b[0], b[1]])));
+    }
+
+    pub fn axpy_fp8(y: &mut [f32], a: f32, w: &[u8]) {
+        y.iter_mut().zip(w).for_each(|(y, &b)| *y += a * fp8_e4m3_to_f32(b));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+macro_rules! dispatch {
+    ($name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+        #[inline]
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: the CPU supports AVX2 and FMA (checked above); the bodies only read
+                // within the slices' lengths.
+                return unsafe { avx2::$name($($arg),*) };
+            }
+            reference::$name($($arg),*)
+        }
+    };
+}
+
+dispatch!(dot_f32(a: &[f32], b: &[f32]) -> f32);
+dispatch!(dot_bf16(x: &[f32], w: &[u8]) -> f32);
+dispatch!(dot_fp8(x: &[f32], w: &[u8]) -> f32);
+dispatch!(axpy_f32(y: &mut [f32], a: f32, w: &[f32]));
+dispatch!(axpy_bf16(y: &mut [f32], a: f32, w: &[u8]));
+dispatch!(axpy_fp8(y: &mut [f32], a: f32, w: &[u8]));
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::reference;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// 8 bf16 values at `p` → f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn bf16x8(p: *const u8) -> __m256 {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+
+    /// 8 E4M3FN bytes at `p` → f32. Normal codes: the 7 magnitude bits shifted to the f32
+    /// exponent/mantissa position, exponent + 120 (127 − 7). Subnormals (magnitude < 8): m·2⁻⁹.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fp8x8(p: *const u8) -> __m256 {
+        let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+        let mag = _mm256_and_si256(v, _mm256_set1_epi32(0x7f));
+        let normal = _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23));
+        let sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(1.0 / 512.0));
+        let is_sub = _mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag);
+        let f = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub, _mm256_castsi256_ps(is_sub));
+        let sign = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
+        _mm256_or_ps(f, _mm256_castsi256_ps(sign))
+    }
+
+    macro_rules! dot_body {
+        ($x:ident, $n:expr, $load:expr, $tail:expr) => {{
+            let n = $n;
+            let xp = $x.as_ptr();
+            let (mut a0, mut a1, mut a2, mut a3) =
+                (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 32 <= n {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), $load(i), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 8)), $load(i + 8), a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 16)), $load(i + 16), a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 24)), $load(i + 24), a3);
+                i += 32;
+            }
+            while i + 8 <= n {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), $load(i), a0);
+                i += 8;
+            }
+            hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + $tail(i)
+        }};
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let bp = b.as_ptr();
+        dot_body!(a, n, |i| _mm256_loadu_ps(bp.add(i)), |i: usize| reference::dot_f32(&a[i..n], &b[i..n]))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_bf16(x: &[f32], w: &[u8]) -> f32 {
+        let n = x.len().min(w.len() / 2);
+        let wp = w.as_ptr();
+        dot_body!(x, n, |i| bf16x8(wp.add(2 * i)), |i: usize| reference::dot_bf16(&x[i..n], &w[2 * i..2 * n]))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_fp8(x: &[f32], w: &[u8]) -> f32 {
+        let n = x.len().min(w.len());
+        let wp = w.as_ptr();
+        dot_body!(x, n, |i| fp8x8(wp.add(i)), |i: usize| reference::dot_fp8(&x[i..n], &w[i..n]))
+    }
+
+    macro_rules! axpy_body {
+        ($y:ident, $a:ident, $n:expr, $load:expr, $tail:expr) => {{
+            let n = $n;
+            let yp = $y.as_mut_ptr();
+            let av = _mm256_set1_ps($a);
+            let mut i = 0;
+            while i + 8 <= n {
+                let acc = _mm256_fmadd_ps(av, $load(i), _mm256_loadu_ps(yp.add(i)));
+                _mm256_storeu_ps(yp.add(i), acc);
+                i += 8;
+            }
+            $tail(i)
+        }};
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_f32(y: &mut [f32], a: f32, w: &[f32]) {
+        let n = y.len().min(w.len());
+        let wp = w.as_ptr();
+        axpy_body!(y, a, n, |i| _mm256_loadu_ps(wp.add(i)), |i: usize| reference::axpy_f32(&mut y[i..n], a, &w[i..n]))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_bf16(y: &mut [f32], a: f32, w: &[u8]) {
+        let n = y.len().min(w.len() / 2);
+        let wp = w.as_ptr();
+        axpy_body!(y, a, n, |i| bf16x8(wp.add(2 * i)), |i: usize| reference::axpy_bf16(
+            &mut y[i..n],
+            a,
+            &w[2 * i..2 * n]
+        ))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_fp8(y: &mut [f32], a: f32, w: &[u8]) {
+        let n = y.len().min(w.len());
+        let wp = w.as_ptr();
+        axpy_body!(y, a, n, |i| fp8x8(wp.add(i)), |i: usize| reference::axpy_fp8(&mut y[i..n], a, &w[i..n]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::f32_to_bf16;
+    use rand::{Rng, SeedableRng};
+
+    fn close(a: f32, b: f32, n: usize) -> bool {
+        (a - b).abs() <= 1e-5 * (n as f32).sqrt() * (1.0 + a.abs().max(b.abs()))
+    }
+
+    #[test]
+    fn simd_matches_reference_on_random_rows() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for n in [0usize, 1, 7, 8, 31, 32, 33, 128, 1000] {
+            let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let wf: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let wb: Vec<u8> = wf.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect();
+            // Every byte value, NaN codes excluded, appears in long rows.
+            let w8: Vec<u8> = (0..n).map(|_| rng.gen::<u8>()).map(|b| if b & 0x7f == 0x7f { 0x7e } else { b }).collect();
+            assert!(close(dot_f32(&x, &wf), reference::dot_f32(&x, &wf), n));
+            assert!(close(dot_bf16(&x, &wb), reference::dot_bf16(&x, &wb), n));
+            let (d, r) = (dot_fp8(&x, &w8), reference::dot_fp8(&x, &w8));
+            assert!((d - r).abs() <= 1e-4 * (1.0 + r.abs()) * (n as f32).sqrt(), "{n}: {d} vs {r}");
+
+            let a = rng.gen_range(-1.0..1.0);
+            let y0: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            for (simd, refr) in [
+                (axpy_f32 as fn(&mut [f32], f32, &[f32]), reference::axpy_f32 as fn(&mut [f32], f32, &[f32])),
+            ] {
+                let (mut y1, mut y2) = (y0.clone(), y0.clone());
+                simd(&mut y1, a, &wf);
+                refr(&mut y2, a, &wf);
+                assert!(y1.iter().zip(&y2).all(|(p, q)| (p - q).abs() < 1e-5));
+            }
+            let (mut y1, mut y2) = (y0.clone(), y0.clone());
+            axpy_bf16(&mut y1, a, &wb);
+            reference::axpy_bf16(&mut y2, a, &wb);
+            assert!(y1.iter().zip(&y2).all(|(p, q)| (p - q).abs() < 1e-5));
+            let (mut y1, mut y2) = (y0.clone(), y0);
+            axpy_fp8(&mut y1, a, &w8);
+            reference::axpy_fp8(&mut y2, a, &w8);
+            assert!(y1.iter().zip(&y2).all(|(p, q)| (p - q).abs() <= 1e-5 * (1.0 + q.abs())));
+        }
+    }
+
+    #[test]
+    fn fp8_decode_covers_subnormals_and_sign() {
+        // One lane per code class: zero, smallest subnormal, largest subnormal, smallest normal,
+        // max, and their negatives.
+        let codes = [0x00u8, 0x01, 0x07, 0x08, 0x7e, 0x80, 0x81, 0x87, 0x88, 0xfe, 0x38, 0xb8, 0x10, 0x20, 0x30, 0x40];
+        for (k, &c) in codes.iter().enumerate() {
+            let mut x = vec![0f32; codes.len()];
+            x[k] = 1.0;
+            assert_eq!(dot_fp8(&x, &codes), crate::codec::fp8_e4m3_to_f32(c), "code {c:#x}");
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! GEMMs with the weight in its stored format: `x·Wᵀ` (every `Linear`) and `x·W` (the absorbed
+//! MLA's key up-projection), over a range of weight rows so one packed matrix can serve per-head
+//! slices.
+//!
+//! Few tokens (decode): each weight row is decoded in registers once and dotted with every token,
+//! so the matrix is read once per call whatever the token count. Many tokens (prefill): tiles of
+//! 32 rows are decoded to f32 and multiplied with `matrixmultiply`'s packed SGEMM; the decoded tile
+//! is reused by all tokens, so decoding is O(rows·cols) against O(m·rows·cols) of arithmetic.
+
+use crate::matrix::MatRef;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Below this many tokens the register-decoding path wins.
+const SMALL_M: usize = 8;
+/// Rows decoded together on the many-token path.
+const TILE_ROWS: usize = 32;
+/// Work (multiply-adds) under which a call stays on the calling thread.
+const SERIAL_WORK: usize = 1 << 15;
+
+/// A pointer that rayon tasks may share because each task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: used only for writes to disjoint elements, one task per element set.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// `y[m, n] = x[m, cols] · W[rows]ᵀ` with `n = rows.len()`.
+pub fn matmul_nt(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, y: &mut [f32]) {
+    let (n, k) = (rows.len(), w.cols());
+    assert!(rows.end <= w.rows() && x.len() == m * k && y.len() == m * n, "matmul_nt shape mismatch");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let parallel = m * n * k >= SERIAL_WORK;
+    if m <= SMALL_M {
+        // Token-major output is strided per row, so rows write a transposed buffer first.
+        let mut yt = vec![0f32; n * m];
+        let body = |(i, out): (usize, &mut [f32])| {
+            for (t, o) in out.iter_mut().enumerate() {
+                *o = w.row_dot(rows.start + i, &x[t * k..(t + 1) * k]);
+            }
+        };
+        if parallel {
+            yt.par_chunks_mut(m).enumerate().for_each(body);
+        } else {
+            yt.chunks_mut(m).enumerate().for_each(body);
+        }
+        for i in 0..n {
+            for t in 0..m {
+                y[t * n + i] = yt[i * m + t];
+            }
+        }
+        return;
+    }
+    let out = SharedOut(y.as_mut_ptr());
+    let tiles: Vec<usize> = (0..n).step_by(TILE_ROWS).collect();
+    let body = |&i0: &usize| {
+        let tr = TILE_ROWS.min(n - i0);
+        let mut tile = vec![0f32; tr * k];
+        for (j, row) in tile.chunks_exact_mut(k).enumerate() {
+            w.decode_row(rows.start + i0 + j, 0, row);
+        }
+        let out = out;
+        // SAFETY: this task writes only columns i0..i0+tr of y (row stride n); `x` and `tile`
+        // are read within their bounds as the strides describe.
+        unsafe {
+            matrixmultiply::sgemm(
+                m, k, tr, 1.0,
+                x.as_ptr(), k as isize, 1,
+                tile.as_ptr(), 1, k as isize,
+                0.0,
+                out.0.add(i0), n as isize, 1,
+            );
+        }
+    };
+    if parallel {
+        tiles.par_iter().for_each(body);
+    } else {
+        tiles.iter().for_each(body);
+    }
+}
+
+/// `y[m, cols] = x[m, n] · W[rows]` with `n = rows.len()`.
+pub fn matmul_nn(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, y: &mut [f32]) {
+    let (n, c) = (rows.len(), w.cols());
+    assert!(rows.end <= w.rows() && x.len() == m * n && y.len() == m * c, "matmul_nn shape mismatch");
+    y.fill(0.0);
+    if m == 0 || c == 0 {
+        return;
+    }
+    // Column chunks keep FP8 scale blocks whole when they are 128 wide.
+    const CHUNK: usize = 128;
+    let out = SharedOut(y.as_mut_ptr());
+    let body = |c0: usize| {
+        let cw = CHUNK.min(c - c0);
+        let out = out;
+        for t in 0..m {
+            // SAFETY: this task alone writes columns c0..c0+cw of y.
+            let yt = unsafe { std::slice::from_raw_parts_mut(out.0.add(t * c + c0), cw) };
+            for (i, r) in rows.clone().enumerate() {
+                w.row_axpy(r, c0, x[t * n + i], yt);
+            }
+        }
+    };
+    if m * n * c >= SERIAL_WORK {
+        (0..c).step_by(CHUNK).collect::<Vec<_>>().into_par_iter().for_each(body);
+    } else {
+        (0..c).step_by(CHUNK).for_each(body);
+    }
+}
+
+/// Scalar references: decode the whole slice and multiply naively.
+pub mod reference {
+    use crate::matrix::MatRef;
+    use std::ops::Range;
+
+    pub fn matmul_nt(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize) -> Vec<f32> {
+        let (k, wf) = (w.cols(), w.to_f32());
+        let n = rows.len();
+        let mut y = vec![0f32; m * n];
+        for t in 0..m {
+            for (i, r) in rows.clone().enumerate() {
+                y[t * n + i] = (0..k).map(|j| x[t * k + j] as f64 * wf[r * k + j] as f64).sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    pub fn matmul_nn(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize) -> Vec<f32> {
+        let (c, wf) = (w.cols(), w.to_f32());
+        let n = rows.len();
+        let mut y = vec![0f32; m * c];
+        for t in 0..m {
+            for j in 0..c {
+                y[t * c + j] = rows.clone().enumerate().map(|(i, r)| x[t * n + i] as f64 * wf[r * c + j] as f64).sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{f32_to_bf16, f32_to_fp8_e4m3};
+    use rand::{Rng, SeedableRng};
+
+    struct Owned {
+        f32s: Vec<f32>,
+        bf16: Vec<u8>,
+        fp8: Vec<u8>,
+        scale: Vec<f32>,
+        rows: usize,
+        cols: usize,
+        block: [usize; 2],
+    }
+
+    fn random(rows: usize, cols: usize, block: [usize; 2], rng: &mut impl Rng) -> Owned {
+        let f32s: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let bf16 = f32s.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect();
+        let (nb0, nb1) = (rows.div_ceil(block[0]), cols.div_ceil(block[1]));
+        let scale: Vec<f32> = (0..nb0 * nb1).map(|_| rng.gen_range(0.001..0.01)).collect();
+        let fp8 = (0..rows * cols)
+            .map(|i| {
+                let s = scale[(i / cols / block[0]) * nb1 + (i % cols) / block[1]];
+                f32_to_fp8_e4m3(f32s[i] / s)
+            })
+            .collect();
+        Owned { f32s, bf16, fp8, scale, rows, cols, block }
+    }
+
+    fn views(o: &Owned) -> [MatRef<'_>; 3] {
+        let (rows, cols) = (o.rows, o.cols);
+        [
+            MatRef::F32 { data: &o.f32s, rows, cols },
+            MatRef::Bf16 { data: &o.bf16, rows, cols },
+            MatRef::Fp8 { data: &o.fp8, scale_inv: &o.scale, rows, cols, block: o.block },
+        ]
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], what: &str) {
+        for (i, (p, q)) in a.iter().zip(b).enumerate() {
+            assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "{what}[{i}]: {p} vs {q}");
+        }
+    }
+
+    #[test]
+    fn matmuls_match_reference_for_every_format_and_ragged_blocks() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        // Shapes that are not multiples of the block (ragged edge blocks) and several token counts
+        // on both sides of SMALL_M.
+        for &(rows, cols) in &[(1usize, 1usize), (5, 130), (200, 300), (64, 256), (300, 129)] {
+            let o = random(rows, cols, [128, 128], &mut rng);
+            for w in views(&o) {
+                w.validate().unwrap();
+                for m in [1usize, 3, 8, 9, 40] {
+                    for range in [0..rows, rows / 3..rows] {
+                        let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                        let mut y = vec![0f32; m * range.len()];
+                        matmul_nt(&w, range.clone(), &x, m, &mut y);
+                        let want = reference::matmul_nt(&w, range.clone(), &x, m);
+                        assert_close(&y, &want, &format!("nt {:?} {rows}x{cols} m={m}", w.format()));
+
+                        let x: Vec<f32> = (0..m * range.len()).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                        let mut y = vec![0f32; m * cols];
+                        matmul_nn(&w, range.clone(), &x, m, &mut y);
+                        let want = reference::matmul_nn(&w, range.clone(), &x, m);
+                        assert_close(&y, &want, &format!("nn {:?} {rows}x{cols} m={m}", w.format()));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_dequantizes_by_multiplying_the_block_scale() {
+        // One value per block with distinct scales, so a swapped or divided scale shows.
+        let (rows, cols) = (130usize, 257usize);
+        let nb1 = cols.div_ceil(128);
+        let scale: Vec<f32> = (0..2 * nb1).map(|i| 0.5 + i as f32).collect();
+        let data = vec![0x38u8; rows * cols]; // 1.0
+        let w = MatRef::Fp8 { data: &data, scale_inv: &scale, rows, cols, block: [128, 128] };
+        let wf = w.to_f32();
+        assert_eq!(wf[0], 0.5);
+        assert_eq!(wf[128], 1.5);
+        assert_eq!(wf[256], 2.5);
+        assert_eq!(wf[129 * cols], 0.5 + nb1 as f32);
+        assert_eq!(wf[129 * cols + 256], 0.5 + (nb1 + 2) as f32);
+    }
+}

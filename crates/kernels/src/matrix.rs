@@ -1,0 +1,138 @@
+//! A borrowed weight matrix `[rows, cols]` (row-major, `Linear` layout `[out, in]`) in its stored
+//! format.
+
+use crate::dot;
+
+/// Storage format of a weight matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    F32,
+    Bf16,
+    /// FP8 E4M3FN with an f32 multiplier per `[block_rows, block_cols]` block.
+    Fp8,
+}
+
+/// A weight matrix viewed in place: f32 values, bf16 little-endian bytes, or FP8 bytes with their
+/// `weight_scale_inv` (row-major `[ceil(rows/br), ceil(cols/bc)]`, multiplied on decode).
+#[derive(Clone, Copy, Debug)]
+pub enum MatRef<'a> {
+    F32 { data: &'a [f32], rows: usize, cols: usize },
+    Bf16 { data: &'a [u8], rows: usize, cols: usize },
+    Fp8 { data: &'a [u8], scale_inv: &'a [f32], rows: usize, cols: usize, block: [usize; 2] },
+}
+
+impl<'a> MatRef<'a> {
+    pub fn rows(&self) -> usize {
+        match *self {
+            MatRef::F32 { rows, .. } | MatRef::Bf16 { rows, .. } | MatRef::Fp8 { rows, .. } => rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match *self {
+            MatRef::F32 { cols, .. } | MatRef::Bf16 { cols, .. } | MatRef::Fp8 { cols, .. } => cols,
+        }
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            MatRef::F32 { .. } => WeightFormat::F32,
+            MatRef::Bf16 { .. } => WeightFormat::Bf16,
+            MatRef::Fp8 { .. } => WeightFormat::Fp8,
+        }
+    }
+
+    /// Checks that the slices hold what the shape says; every kernel relies on it.
+    pub fn validate(&self) -> Result<(), String> {
+        let (have, want) = match *self {
+            MatRef::F32 { data, rows, cols } => (data.len(), rows * cols),
+            MatRef::Bf16 { data, rows, cols } => (data.len(), rows * cols * 2),
+            MatRef::Fp8 { data, scale_inv, rows, cols, block } => {
+                if block[0] == 0 || block[1] == 0 {
+                    return Err("FP8 block size must be positive".into());
+                }
+                let want_s = rows.div_ceil(block[0]) * cols.div_ceil(block[1]);
+                if scale_inv.len() != want_s {
+                    return Err(format!(
+                        "weight_scale_inv has {} values, [{rows},{cols}] with blocks {block:?} needs {want_s}",
+                        scale_inv.len()
+                    ));
+                }
+                (data.len(), rows * cols)
+            }
+        };
+        if have != want {
+            return Err(format!("weight data has {have} bytes/values, shape needs {want}"));
+        }
+        Ok(())
+    }
+
+    /// Bytes a pass over the whole matrix reads (for bandwidth figures).
+    pub fn bytes(&self) -> usize {
+        match *self {
+            MatRef::F32 { data, .. } => data.len() * 4,
+            MatRef::Bf16 { data, .. } => data.len(),
+            MatRef::Fp8 { data, scale_inv, .. } => data.len() + scale_inv.len() * 4,
+        }
+    }
+
+    /// Decodes row `r`, columns `c0..c0+out.len()`, into f32 (scales applied).
+    pub fn decode_row(&self, r: usize, c0: usize, out: &mut [f32]) {
+        match *self {
+            MatRef::F32 { data, cols, .. } => out.copy_from_slice(&data[r * cols + c0..][..out.len()]),
+            _ => {
+                out.fill(0.0);
+                self.row_axpy(r, c0, 1.0, out);
+            }
+        }
+    }
+
+    /// The whole matrix as f32 (tests and one-off conversions; never on a hot path).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let (rows, cols) = (self.rows(), self.cols());
+        let mut out = vec![0f32; rows * cols];
+        for (r, row) in out.chunks_exact_mut(cols.max(1)).enumerate().take(rows) {
+            self.decode_row(r, 0, row);
+        }
+        out
+    }
+
+    /// `Σ_c x[c]·W[r, c]` over all columns, block scales applied per block (FP32 promotion of each
+    /// block's partial sum, as the report's §3.3.2).
+    #[inline]
+    pub fn row_dot(&self, r: usize, x: &[f32]) -> f32 {
+        match *self {
+            MatRef::F32 { data, cols, .. } => dot::dot_f32(x, &data[r * cols..][..cols]),
+            MatRef::Bf16 { data, cols, .. } => dot::dot_bf16(x, &data[r * cols * 2..][..cols * 2]),
+            MatRef::Fp8 { data, scale_inv, cols, block, .. } => {
+                let row = &data[r * cols..][..cols];
+                let srow = &scale_inv[(r / block[0]) * cols.div_ceil(block[1])..];
+                let mut acc = 0f32;
+                for (cb, (xb, wb)) in x.chunks(block[1]).zip(row.chunks(block[1])).enumerate() {
+                    acc += dot::dot_fp8(xb, wb) * srow[cb];
+                }
+                acc
+            }
+        }
+    }
+
+    /// `y[j] += a·W[r, c0 + j]` for `j < y.len()`.
+    #[inline]
+    pub fn row_axpy(&self, r: usize, c0: usize, a: f32, y: &mut [f32]) {
+        let n = y.len();
+        match *self {
+            MatRef::F32 { data, cols, .. } => dot::axpy_f32(y, a, &data[r * cols + c0..][..n]),
+            MatRef::Bf16 { data, cols, .. } => dot::axpy_bf16(y, a, &data[(r * cols + c0) * 2..][..n * 2]),
+            MatRef::Fp8 { data, scale_inv, cols, block, .. } => {
+                let row = &data[r * cols..][..cols];
+                let srow = &scale_inv[(r / block[0]) * cols.div_ceil(block[1])..];
+                let mut c = c0;
+                while c < c0 + n {
+                    let end = ((c / block[1] + 1) * block[1]).min(c0 + n);
+                    dot::axpy_fp8(&mut y[c - c0..end - c0], a * srow[c / block[1]], &row[c..end]);
+                    c = end;
+                }
+            }
+        }
+    }
+}
