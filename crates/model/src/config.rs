@@ -1,0 +1,466 @@
+//! The model's hyper-parameters, read from a Hugging Face `config.json` (`deepseek_v3` or
+//! `deepseek_v2`, the hub form with `rope_theta` + `rope_scaling` or the transformers-5 form with
+//! `rope_parameters`). Field names are the checkpoint's. Values dsv3 cannot run give an error that
+//! names the field.
+
+use crate::error::{ModelError, Result};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// Which family the config declares; V2 has no correction bias and may use softmax scoring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelType {
+    DeepseekV2,
+    DeepseekV3,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScoringFunc {
+    Sigmoid,
+    Softmax,
+}
+
+/// How the router picks experts (spec §1 "FFN, MoE layers"; V2's `topk_method`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopkMethod {
+    /// Plain top-k of the scores.
+    Greedy,
+    /// V2: group score = max score in the group.
+    GroupLimitedGreedy,
+    /// V3: scores + `e_score_correction_bias`, group score = sum of the group's top-2.
+    NoauxTc,
+}
+
+/// YaRN parameters (spec §1 "RoPE / YaRN").
+#[derive(Clone, Debug, PartialEq)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    pub mscale: f64,
+    pub mscale_all_dim: f64,
+    /// Explicit cos/sin multiplier; derived from the mscales when absent.
+    pub attention_factor: Option<f64>,
+    /// transformers' `truncate`: floor/ceil the correction range (default true).
+    pub truncate: bool,
+}
+
+/// FP8 block quantization of the checkpoint's linear weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fp8Quant {
+    pub weight_block_size: [usize; 2],
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub model_type: ModelType,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub moe_intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_nextn_predict_layers: usize,
+    pub num_attention_heads: usize,
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// 0 means no MoE layers at all.
+    pub n_routed_experts: usize,
+    pub n_shared_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub topk_method: TopkMethod,
+    pub scoring_func: ScoringFunc,
+    pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f32,
+    pub first_k_dense_replace: usize,
+    pub moe_layer_freq: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f64,
+    pub rope_interleave: bool,
+    pub yarn: Option<Yarn>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub quantization: Option<Fp8Quant>,
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.into(), source })?;
+        Self::from_json(&v)
+    }
+
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let o = v.as_object().ok_or_else(|| ModelError::config("(root)", "config.json must be a JSON object"))?;
+        let f = Fields(o);
+        let model_type = match f.str_or("model_type", "deepseek_v3")? {
+            "deepseek_v3" => ModelType::DeepseekV3,
+            "deepseek_v2" => ModelType::DeepseekV2,
+            other => return Err(ModelError::config("model_type", format!("`{other}` is not deepseek_v3 or deepseek_v2"))),
+        };
+        let v3 = model_type == ModelType::DeepseekV3;
+        if f.bool_or("attention_bias", false)? {
+            return Err(ModelError::config("attention_bias", "attention biases are not part of DeepSeek-V3"));
+        }
+        match f.str_or("hidden_act", "silu")? {
+            "silu" => {}
+            other => return Err(ModelError::config("hidden_act", format!("`{other}` is unsupported (only silu)"))),
+        }
+        let n_routed_experts = f.usize_opt("n_routed_experts")?.unwrap_or(0);
+        let scoring_func = match f.str_or("scoring_func", if v3 { "sigmoid" } else { "softmax" })? {
+            "sigmoid" => ScoringFunc::Sigmoid,
+            "softmax" => ScoringFunc::Softmax,
+            other => return Err(ModelError::config("scoring_func", format!("`{other}` is not sigmoid or softmax"))),
+        };
+        let topk_method = match f.str_or("topk_method", if v3 { "noaux_tc" } else { "greedy" })? {
+            "noaux_tc" => TopkMethod::NoauxTc,
+            "greedy" => TopkMethod::Greedy,
+            "group_limited_greedy" => TopkMethod::GroupLimitedGreedy,
+            other => {
+                return Err(ModelError::config(
+                    "topk_method",
+                    format!("`{other}` is not noaux_tc, greedy or group_limited_greedy"),
+                ))
+            }
+        };
+        let (rope_theta, yarn) = rope(&f)?;
+        let eos_token_ids = match o.get("eos_token_id") {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Number(n)) => vec![token_id(n, "eos_token_id")?],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_number().ok_or_else(|| ModelError::config("eos_token_id", "must hold integers")).and_then(|n| token_id(n, "eos_token_id")))
+                .collect::<Result<_>>()?,
+            Some(_) => return Err(ModelError::config("eos_token_id", "must be an integer or a list of integers")),
+        };
+        let quantization = match o.get("quantization_config") {
+            None | Some(Value::Null) => None,
+            Some(q) => Some(fp8_quant(q)?),
+        };
+        let cfg = Config {
+            model_type,
+            vocab_size: f.usize_req("vocab_size")?,
+            hidden_size: f.usize_req("hidden_size")?,
+            intermediate_size: f.usize_req("intermediate_size")?,
+            moe_intermediate_size: f.usize_opt("moe_intermediate_size")?.unwrap_or(0),
+            num_hidden_layers: f.usize_req("num_hidden_layers")?,
+            num_nextn_predict_layers: f.usize_opt("num_nextn_predict_layers")?.unwrap_or(0),
+            num_attention_heads: f.usize_req("num_attention_heads")?,
+            q_lora_rank: f.usize_opt("q_lora_rank")?,
+            kv_lora_rank: f.usize_req("kv_lora_rank")?,
+            qk_nope_head_dim: f.usize_req("qk_nope_head_dim")?,
+            qk_rope_head_dim: f.usize_req("qk_rope_head_dim")?,
+            v_head_dim: f.usize_req("v_head_dim")?,
+            n_routed_experts,
+            n_shared_experts: f.usize_opt("n_shared_experts")?.unwrap_or(0),
+            num_experts_per_tok: f.usize_opt("num_experts_per_tok")?.unwrap_or(0),
+            n_group: f.usize_opt("n_group")?.unwrap_or(1),
+            topk_group: f.usize_opt("topk_group")?.unwrap_or(1),
+            topk_method,
+            scoring_func,
+            norm_topk_prob: f.bool_or("norm_topk_prob", v3)?,
+            routed_scaling_factor: f.f64_or("routed_scaling_factor", 1.0)? as f32,
+            first_k_dense_replace: f.usize_opt("first_k_dense_replace")?.unwrap_or(0),
+            moe_layer_freq: f.usize_opt("moe_layer_freq")?.unwrap_or(1),
+            rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)? as f32,
+            rope_theta,
+            rope_interleave: f.bool_or("rope_interleave", true)?,
+            yarn,
+            max_position_embeddings: f.usize_opt("max_position_embeddings")?.unwrap_or(4096),
+            tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+            bos_token_id: match o.get("bos_token_id") {
+                Some(Value::Number(n)) => Some(token_id(n, "bos_token_id")?),
+                _ => None,
+            },
+            eos_token_ids,
+            quantization,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("kv_lora_rank", self.kv_lora_rank),
+            ("qk_nope_head_dim", self.qk_nope_head_dim),
+            ("v_head_dim", self.v_head_dim),
+            ("moe_layer_freq", self.moe_layer_freq),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(ModelError::config(name, "must be positive"));
+            }
+        }
+        if self.qk_rope_head_dim % 2 != 0 {
+            return Err(ModelError::config("qk_rope_head_dim", "must be even (RoPE rotates pairs)"));
+        }
+        if self.q_lora_rank == Some(0) {
+            return Err(ModelError::config("q_lora_rank", "must be positive or null"));
+        }
+        if self.n_routed_experts > 0 {
+            let k = self.num_experts_per_tok;
+            if k == 0 || k > self.n_routed_experts {
+                return Err(ModelError::config("num_experts_per_tok", format!("{k} must be in 1..={}", self.n_routed_experts)));
+            }
+            if self.moe_intermediate_size == 0 {
+                return Err(ModelError::config("moe_intermediate_size", "must be positive when n_routed_experts is set"));
+            }
+            if self.topk_method != TopkMethod::Greedy {
+                if self.n_group == 0 || self.n_routed_experts % self.n_group != 0 {
+                    return Err(ModelError::config("n_group", format!("{} must divide n_routed_experts {}", self.n_group, self.n_routed_experts)));
+                }
+                if self.topk_group == 0 || self.topk_group > self.n_group {
+                    return Err(ModelError::config("topk_group", format!("{} must be in 1..={}", self.topk_group, self.n_group)));
+                }
+                let per_group = self.n_routed_experts / self.n_group;
+                if self.topk_method == TopkMethod::NoauxTc && per_group < 2 {
+                    return Err(ModelError::config("n_group", "noaux_tc scores groups by their top-2 experts: each group needs at least 2"));
+                }
+                if k > self.topk_group * per_group {
+                    return Err(ModelError::config("num_experts_per_tok", "exceeds the experts of the kept groups"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `qk_nope_head_dim + qk_rope_head_dim` (192 for V3).
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Whether decoder layer `l` (the MTP layers included) has a MoE FFN.
+    pub fn is_moe_layer(&self, l: usize) -> bool {
+        self.n_routed_experts > 0 && l >= self.first_k_dense_replace && l % self.moe_layer_freq == 0
+    }
+
+    /// `qk_head_dim^-0.5`, times `mscale(factor, mscale_all_dim)²` under YaRN (spec §1, pitfall 5).
+    pub fn softmax_scale(&self) -> f32 {
+        let mut s = (self.qk_head_dim() as f64).powf(-0.5);
+        if let Some(y) = &self.yarn {
+            if y.mscale_all_dim != 0.0 {
+                let m = yarn_get_mscale(y.factor, y.mscale_all_dim);
+                s *= m * m;
+            }
+        }
+        s as f32
+    }
+
+    /// Values cached per token per layer: the latent plus the shared rope key (576 for V3).
+    pub fn latent_cache_width(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+}
+
+/// YaRN's magnitude correction `0.1·m·ln(s) + 1` (1 for s ≤ 1).
+pub fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+fn token_id(n: &serde_json::Number, field: &str) -> Result<u32> {
+    n.as_u64()
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| ModelError::config(field, "must be a non-negative integer"))
+}
+
+fn fp8_quant(q: &Value) -> Result<Fp8Quant> {
+    let o = q.as_object().ok_or_else(|| ModelError::config("quantization_config", "must be an object"))?;
+    let f = Fields(o);
+    match f.str_or("quant_method", "fp8")? {
+        "fp8" => {}
+        other => return Err(ModelError::config("quantization_config.quant_method", format!("`{other}` is unsupported (only fp8)"))),
+    }
+    match f.str_or("fmt", "e4m3")? {
+        "e4m3" => {}
+        other => return Err(ModelError::config("quantization_config.fmt", format!("`{other}` is unsupported (only e4m3)"))),
+    }
+    let block = match o.get("weight_block_size") {
+        None | Some(Value::Null) => [128, 128],
+        Some(Value::Array(a)) if a.len() == 2 => {
+            let mut b = [0usize; 2];
+            for (i, x) in a.iter().enumerate() {
+                b[i] = x.as_u64().filter(|&v| v > 0).ok_or_else(|| {
+                    ModelError::config("quantization_config.weight_block_size", "must be two positive integers")
+                })? as usize;
+            }
+            b
+        }
+        Some(_) => return Err(ModelError::config("quantization_config.weight_block_size", "must be two positive integers")),
+    };
+    Ok(Fp8Quant { weight_block_size: block })
+}
+
+/// Reads `rope_theta` and YaRN from `rope_scaling` (hub) or `rope_parameters` (transformers 5).
+fn rope(f: &Fields) -> Result<(f64, Option<Yarn>)> {
+    let params = ["rope_parameters", "rope_scaling"]
+        .into_iter()
+        .find_map(|k| f.0.get(k).filter(|v| !v.is_null()).map(|v| (k, v)));
+    let mut theta = f.f64_or("rope_theta", 10000.0)?;
+    let Some((key, p)) = params else { return Ok((theta, None)) };
+    let po = p.as_object().ok_or_else(|| ModelError::config(key, "must be an object"))?;
+    let pf = Fields(po);
+    if let Some(t) = po.get("rope_theta").and_then(|v| v.as_f64()) {
+        theta = t;
+    }
+    let kind = po.get("rope_type").or_else(|| po.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+    match kind {
+        "default" => Ok((theta, None)),
+        "yarn" => {
+            let orig = match po.get("original_max_position_embeddings").and_then(|v| v.as_u64()) {
+                Some(v) => v as usize,
+                None => f.usize_req("max_position_embeddings")?,
+            };
+            let yarn = Yarn {
+                factor: pf.f64_req_in(key, "factor")?,
+                original_max_position_embeddings: orig,
+                beta_fast: pf.f64_or("beta_fast", 32.0)?,
+                beta_slow: pf.f64_or("beta_slow", 1.0)?,
+                mscale: pf.f64_or("mscale", 1.0)?,
+                mscale_all_dim: pf.f64_or("mscale_all_dim", 0.0)?,
+                attention_factor: po.get("attention_factor").and_then(|v| v.as_f64()),
+                truncate: pf.bool_or("truncate", true)?,
+            };
+            Ok((theta, Some(yarn)))
+        }
+        other => Err(ModelError::config(&format!("{key}.rope_type"), format!("`{other}` is unsupported (default or yarn)"))),
+    }
+}
+
+/// Typed access to a JSON object's fields with errors naming the field.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn get(&self, k: &str) -> Option<&Value> {
+        self.0.get(k).filter(|v| !v.is_null())
+    }
+    fn usize_opt(&self, k: &str) -> Result<Option<usize>> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| ModelError::config(k, "must be a non-negative integer")),
+        }
+    }
+    fn usize_req(&self, k: &str) -> Result<usize> {
+        self.usize_opt(k)?.ok_or_else(|| ModelError::config(k, "is required"))
+    }
+    fn f64_or(&self, k: &str, d: f64) -> Result<f64> {
+        match self.get(k) {
+            None => Ok(d),
+            Some(v) => v.as_f64().ok_or_else(|| ModelError::config(k, "must be a number")),
+        }
+    }
+    fn f64_req_in(&self, parent: &str, k: &str) -> Result<f64> {
+        self.get(k).and_then(|v| v.as_f64()).ok_or_else(|| ModelError::config(&format!("{parent}.{k}"), "is required and must be a number"))
+    }
+    fn bool_or(&self, k: &str, d: bool) -> Result<bool> {
+        match self.get(k) {
+            None => Ok(d),
+            Some(v) => v.as_bool().ok_or_else(|| ModelError::config(k, "must be true or false")),
+        }
+    }
+    fn str_or<'s>(&'s self, k: &str, d: &'s str) -> Result<&'s str> {
+        match self.get(k) {
+            None => Ok(d),
+            Some(v) => v.as_str().ok_or_else(|| ModelError::config(k, "must be a string")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn v3() -> Value {
+        json!({
+            "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+            "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_nextn_predict_layers": 1,
+            "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,
+            "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 256,
+            "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "topk_method": "noaux_tc",
+            "scoring_func": "sigmoid", "norm_topk_prob": true, "routed_scaling_factor": 2.5,
+            "first_k_dense_replace": 3, "moe_layer_freq": 1, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+            "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                             "original_max_position_embeddings": 4096, "type": "yarn"},
+            "max_position_embeddings": 163840, "bos_token_id": 0, "eos_token_id": 1,
+            "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+        })
+    }
+
+    #[test]
+    fn parses_the_official_config() {
+        let c = Config::from_json(&v3()).unwrap();
+        assert_eq!(c.qk_head_dim(), 192);
+        assert!((c.softmax_scale() - 0.13523378).abs() < 1e-7);
+        assert_eq!(c.latent_cache_width(), 576);
+        assert!(!c.is_moe_layer(2) && c.is_moe_layer(3) && c.is_moe_layer(61));
+        assert_eq!(c.quantization.unwrap().weight_block_size, [128, 128]);
+        assert_eq!(c.eos_token_ids, vec![1]);
+    }
+
+    #[test]
+    fn reads_transformers5_rope_parameters() {
+        let mut v = v3();
+        let o = v.as_object_mut().unwrap();
+        let rs = o.remove("rope_scaling").unwrap();
+        o.remove("rope_theta");
+        let mut rp = rs.as_object().unwrap().clone();
+        rp.remove("type");
+        rp.insert("rope_type".into(), json!("yarn"));
+        rp.insert("rope_theta".into(), json!(50000.0));
+        o.insert("rope_parameters".into(), Value::Object(rp));
+        let c = Config::from_json(&v).unwrap();
+        assert_eq!(c.rope_theta, 50000.0);
+        assert_eq!(c.yarn.unwrap().factor, 40.0);
+    }
+
+    #[test]
+    fn unsupported_values_name_the_field() {
+        for (field, value, want) in [
+            ("scoring_func", json!("relu"), "scoring_func"),
+            ("topk_method", json!("random"), "topk_method"),
+            ("model_type", json!("llama"), "model_type"),
+            ("n_group", json!(7), "n_group"),
+            ("hidden_size", json!("big"), "hidden_size"),
+        ] {
+            let mut v = v3();
+            v[field] = value;
+            let e = Config::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let mut v = v3();
+        v["quantization_config"]["fmt"] = json!("e5m2");
+        assert!(Config::from_json(&v).unwrap_err().to_string().contains("quantization_config.fmt"));
+        let mut v = v3();
+        v["rope_scaling"]["type"] = json!("dynamic");
+        assert!(Config::from_json(&v).unwrap_err().to_string().contains("rope_scaling.rope_type"));
+    }
+
+    #[test]
+    fn q_lora_rank_null_and_v2_defaults() {
+        let mut v = v3();
+        v["q_lora_rank"] = Value::Null;
+        v["model_type"] = json!("deepseek_v2");
+        v.as_object_mut().unwrap().remove("scoring_func");
+        v.as_object_mut().unwrap().remove("topk_method");
+        v.as_object_mut().unwrap().remove("norm_topk_prob");
+        let c = Config::from_json(&v).unwrap();
+        assert_eq!(c.q_lora_rank, None);
+        assert_eq!(c.scoring_func, ScoringFunc::Softmax);
+        assert_eq!(c.topk_method, TopkMethod::Greedy);
+        assert!(!c.norm_topk_prob);
+    }
+}

@@ -1,0 +1,213 @@
+//! Multi-head Latent Attention (spec §1 "MLA", §3 "Absorbed MLA").
+//!
+//! Both forms read the same latent cache (`c_kv = RMSNorm(kv[:C])` and the rotated shared `k_pe`,
+//! `C + R` values per token) and give the same result:
+//! - naive: expand every cached latent through `kv_b_proj` into per-head keys and values — cheaper
+//!   when many queries share the expansion (prefill);
+//! - absorbed: fold `W_UK` into the query and `W_UV` into the output, and attend in the latent space
+//!   — cheaper for few queries over a long cache (decode).
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::layers::{Linear, RmsNorm};
+use crate::rope::Rope;
+use crate::weights::Checkpoint;
+use dsv3_kernels::attention::{latent_attention, softmax_in_place, LatentShape};
+use dsv3_kernels::dot::{axpy_f32, dot_f32};
+use dsv3_kernels::matmul::{matmul_nn, matmul_nt};
+use rayon::prelude::*;
+
+/// Which attention form runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnImpl {
+    Naive,
+    Absorbed,
+    /// Naive for several new tokens, absorbed for one.
+    Auto,
+}
+
+/// One layer's latent cache: `c_kv [len, C]` and rotated `k_pe [len, R]`.
+#[derive(Clone, Debug, Default)]
+pub struct LatentCache {
+    pub c_kv: Vec<f32>,
+    pub k_pe: Vec<f32>,
+    pub len: usize,
+}
+
+impl LatentCache {
+    /// Drops positions from `len` on (speculative decoding rolls back rejected drafts).
+    pub fn truncate(&mut self, len: usize, c: usize, r: usize) {
+        if len < self.len {
+            self.len = len;
+            self.c_kv.truncate(len * c);
+            self.k_pe.truncate(len * r);
+        }
+    }
+}
+
+/// The query projection: low-rank (`q_a_proj → q_a_layernorm → q_b_proj`) or direct (`q_proj`,
+/// when `q_lora_rank` is null, as in V2-Lite).
+#[derive(Clone)]
+pub enum QProj {
+    LowRank { q_a_proj: Linear, q_a_layernorm: RmsNorm, q_b_proj: Linear },
+    Direct { q_proj: Linear },
+}
+
+#[derive(Clone)]
+pub struct Mla {
+    pub q: QProj,
+    pub kv_a_proj_with_mqa: Linear,
+    pub kv_a_layernorm: RmsNorm,
+    /// `[H·(dn+dv), C]`, head-major: rows `h·(dn+dv)..+dn` are W_UK(h), the next dv are W_UV(h).
+    pub kv_b_proj: Linear,
+    pub o_proj: Linear,
+    heads: usize,
+    dn: usize,
+    dr: usize,
+    dv: usize,
+    c: usize,
+    scale: f32,
+}
+
+impl Mla {
+    pub fn load(ck: &Checkpoint, p: &str, cfg: &Config, block: [usize; 2]) -> Result<Self> {
+        let (h, d) = (cfg.num_attention_heads, cfg.hidden_size);
+        let (dn, dr, dv, c) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let q = match cfg.q_lora_rank {
+            Some(rq) => QProj::LowRank {
+                q_a_proj: Linear::load(ck, &format!("{p}.q_a_proj"), rq, d, block)?,
+                q_a_layernorm: RmsNorm::load(ck, &format!("{p}.q_a_layernorm"), rq, cfg.rms_norm_eps)?,
+                q_b_proj: Linear::load(ck, &format!("{p}.q_b_proj"), h * (dn + dr), rq, block)?,
+            },
+            None => QProj::Direct { q_proj: Linear::load(ck, &format!("{p}.q_proj"), h * (dn + dr), d, block)? },
+        };
+        Ok(Mla {
+            q,
+            kv_a_proj_with_mqa: Linear::load(ck, &format!("{p}.kv_a_proj_with_mqa"), c + dr, d, block)?,
+            kv_a_layernorm: RmsNorm::load(ck, &format!("{p}.kv_a_layernorm"), c, cfg.rms_norm_eps)?,
+            kv_b_proj: Linear::load(ck, &format!("{p}.kv_b_proj"), h * (dn + dv), c, block)?,
+            o_proj: Linear::load(ck, &format!("{p}.o_proj"), d, h * dv, block)?,
+            heads: h,
+            dn,
+            dr,
+            dv,
+            c,
+            scale: cfg.softmax_scale(),
+        })
+    }
+
+    /// `x [t, D]` for positions `cache.len..cache.len+t` → `[t, D]`; appends the tokens' latents.
+    pub fn forward(&self, x: &[f32], t: usize, cache: &mut LatentCache, rope: &Rope, imp: AttnImpl) -> Vec<f32> {
+        let (h, dn, dr, c) = (self.heads, self.dn, self.dr, self.c);
+        let dq = dn + dr;
+        let start = cache.len;
+        // [t, H, dn+dr]
+        let mut q = match &self.q {
+            QProj::LowRank { q_a_proj, q_a_layernorm, q_b_proj } => {
+                let mut cq = q_a_proj.forward(x, t);
+                q_a_layernorm.forward_in_place(&mut cq);
+                q_b_proj.forward(&cq, t)
+            }
+            QProj::Direct { q_proj } => q_proj.forward(x, t),
+        };
+        // [t, C+R]
+        let kv = self.kv_a_proj_with_mqa.forward(x, t);
+        for i in 0..t {
+            for hh in 0..h {
+                rope.apply(&mut q[(i * h + hh) * dq + dn..(i * h + hh + 1) * dq], start + i);
+            }
+            let row = &kv[i * (c + dr)..(i + 1) * (c + dr)];
+            cache.c_kv.extend_from_slice(&self.kv_a_layernorm.forward(&row[..c]));
+            let mut pe = row[c..].to_vec();
+            rope.apply(&mut pe, start + i);
+            cache.k_pe.extend_from_slice(&pe);
+        }
+        cache.len += t;
+        let absorbed = match imp {
+            AttnImpl::Naive => false,
+            AttnImpl::Absorbed => true,
+            AttnImpl::Auto => t == 1,
+        };
+        let o = if absorbed { self.attend_absorbed(&q, t, start, cache) } else { self.attend_naive(&q, t, start, cache) };
+        self.o_proj.forward(&o, t)
+    }
+
+    /// Per-head keys `[k_nope(h) ; k_pe]` and values from `kv_b_proj(c_kv)`. Returns `[t, H·dv]`.
+    fn attend_naive(&self, q: &[f32], t: usize, start: usize, cache: &LatentCache) -> Vec<f32> {
+        let (h, dn, dr, dv) = (self.heads, self.dn, self.dr, self.dv);
+        let (dq, dkv, s_all) = (dn + dr, dn + dv, cache.len);
+        // [S, H, dn+dv]
+        let kv = self.kv_b_proj.forward(&cache.c_kv, s_all);
+        let mut o = vec![0f32; t * h * dv];
+        o.par_chunks_mut(dv).enumerate().for_each(|(th, out)| {
+            let (i, hh) = (th / h, th % h);
+            let qh = &q[th * dq..(th + 1) * dq];
+            let visible = start + i + 1;
+            let mut p: Vec<f32> = (0..visible)
+                .map(|s| {
+                    let k_nope = &kv[(s * h + hh) * dkv..][..dn];
+                    (dot_f32(&qh[..dn], k_nope) + dot_f32(&qh[dn..], &cache.k_pe[s * dr..(s + 1) * dr])) * self.scale
+                })
+                .collect();
+            softmax_in_place(&mut p);
+            for (s, &ps) in p.iter().enumerate() {
+                axpy_f32(out, ps, &kv[(s * h + hh) * dkv + dn..][..dv]);
+            }
+        });
+        o
+    }
+
+    /// `q_lat(h) = q_nope(h)·W_UK(h)`, attention over the latent cache, `o(h) = o_lat(h)·W_UV(h)ᵀ`.
+    fn attend_absorbed(&self, q: &[f32], t: usize, start: usize, cache: &LatentCache) -> Vec<f32> {
+        let (h, dn, dr, dv, c) = (self.heads, self.dn, self.dr, self.dv, self.c);
+        let (dq, dkv) = (dn + dr, dn + dv);
+        let w = self.kv_b_proj.weight.view();
+        // Per head: [t, C]
+        let q_lat_h: Vec<Vec<f32>> = (0..h)
+            .into_par_iter()
+            .map(|hh| {
+                let x: Vec<f32> = (0..t).flat_map(|i| q[(i * h + hh) * dq..][..dn].iter().copied()).collect();
+                let mut y = vec![0f32; t * c];
+                matmul_nn(&w, hh * dkv..hh * dkv + dn, &x, t, &mut y);
+                y
+            })
+            .collect();
+        let mut q_lat = vec![0f32; t * h * c];
+        let mut q_pe = vec![0f32; t * h * dr];
+        for i in 0..t {
+            for hh in 0..h {
+                q_lat[(i * h + hh) * c..][..c].copy_from_slice(&q_lat_h[hh][i * c..(i + 1) * c]);
+                q_pe[(i * h + hh) * dr..][..dr].copy_from_slice(&q[(i * h + hh) * dq + dn..][..dr]);
+            }
+        }
+        let visible: Vec<usize> = (0..t).map(|i| start + i + 1).collect();
+        let mut o_lat = vec![0f32; t * h * c];
+        let shape = LatentShape { tokens: t, heads: h, latent: c, rope: dr };
+        latent_attention(shape, &q_lat, &q_pe, &cache.c_kv, &cache.k_pe, &visible, self.scale, &mut o_lat);
+        let o_h: Vec<Vec<f32>> = (0..h)
+            .into_par_iter()
+            .map(|hh| {
+                let x: Vec<f32> = (0..t).flat_map(|i| o_lat[(i * h + hh) * c..][..c].iter().copied()).collect();
+                let mut y = vec![0f32; t * dv];
+                matmul_nt(&w, hh * dkv + dn..(hh + 1) * dkv, &x, t, &mut y);
+                y
+            })
+            .collect();
+        let mut o = vec![0f32; t * h * dv];
+        for i in 0..t {
+            for hh in 0..h {
+                o[(i * h + hh) * dv..][..dv].copy_from_slice(&o_h[hh][i * dv..(i + 1) * dv]);
+            }
+        }
+        o
+    }
+
+    /// Weight bytes one decode token reads.
+    pub fn bytes(&self) -> usize {
+        let q = match &self.q {
+            QProj::LowRank { q_a_proj, q_b_proj, .. } => q_a_proj.weight.view().bytes() + q_b_proj.weight.view().bytes(),
+            QProj::Direct { q_proj } => q_proj.weight.view().bytes(),
+        };
+        q + [&self.kv_a_proj_with_mqa, &self.kv_b_proj, &self.o_proj].iter().map(|l| l.weight.view().bytes()).sum::<usize>()
+    }
+}

@@ -1,0 +1,262 @@
+//! The DeepSeek-V3 transformer (spec §1): embedding, decoder layers (MLA + dense or MoE FFN), final
+//! norm, LM head, and the MTP modules (layers `num_hidden_layers..`). One definition, loaded from a
+//! Hugging Face folder.
+
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::layers::{Mlp, RmsNorm};
+use crate::mla::{AttnImpl, LatentCache, Mla};
+use crate::moe::Moe;
+use crate::rope::Rope;
+use crate::weights::{Checkpoint, Matrix};
+use dsv3_kernels::matmul::matmul_nt;
+use std::path::Path;
+
+#[derive(Clone)]
+pub enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+/// Pre-norm residual block: `h += MLA(norm(h)); h += FFN(norm(h))`.
+#[derive(Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Mla,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Ffn,
+}
+
+impl DecoderLayer {
+    pub fn load(ck: &Checkpoint, l: usize, cfg: &Config, block: [usize; 2]) -> Result<Self> {
+        let p = format!("model.layers.{l}");
+        let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let mlp = if cfg.is_moe_layer(l) {
+            Ffn::Moe(Moe::load(ck, &format!("{p}.mlp"), cfg, block)?)
+        } else {
+            Ffn::Dense(Mlp::load(ck, &format!("{p}.mlp"), d, cfg.intermediate_size, block)?)
+        };
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::load(ck, &format!("{p}.input_layernorm"), d, eps)?,
+            self_attn: Mla::load(ck, &format!("{p}.self_attn"), cfg, block)?,
+            post_attention_layernorm: RmsNorm::load(ck, &format!("{p}.post_attention_layernorm"), d, eps)?,
+            mlp,
+        })
+    }
+
+    /// `h [t, D]` in place.
+    pub fn forward(&self, h: &mut [f32], t: usize, cache: &mut LatentCache, rope: &Rope, imp: AttnImpl) {
+        let a = self.self_attn.forward(&self.input_layernorm.forward(h), t, cache, rope, imp);
+        h.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
+        let x = self.post_attention_layernorm.forward(h);
+        let f = match &self.mlp {
+            Ffn::Dense(m) => m.forward(&x, t),
+            Ffn::Moe(m) => m.forward(&x, t).0,
+        };
+        h.iter_mut().zip(&f).for_each(|(h, f)| *h += f);
+    }
+
+    /// Weight bytes one decode token reads (top-k experts, not all).
+    pub fn active_bytes(&self, top_k: usize) -> usize {
+        self.self_attn.bytes()
+            + match &self.mlp {
+                Ffn::Dense(m) => m.bytes(),
+                Ffn::Moe(m) => {
+                    let per = m.experts.first().map_or(0, |e| e.bytes());
+                    per * top_k + m.shared_experts.as_ref().map_or(0, |s| s.bytes()) + m.gate.weight.view().bytes()
+                }
+            }
+    }
+}
+
+/// One MTP module (spec §1 "MTP module"): `h' = eh_proj([enorm(emb(t_{i+1})) ; hnorm(h_i)])`, a
+/// decoder block, then `shared_head.norm`; the embedding and head are the main model's.
+#[derive(Clone)]
+pub struct MtpLayer {
+    pub enorm: RmsNorm,
+    pub hnorm: RmsNorm,
+    pub eh_proj: crate::layers::Linear,
+    pub block: DecoderLayer,
+    pub shared_head_norm: RmsNorm,
+}
+
+/// Latent caches of the main layers and of each MTP module.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    pub layers: Vec<LatentCache>,
+    pub mtp: Vec<LatentCache>,
+}
+
+impl KvCache {
+    /// Positions held by the main model.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |c| c.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct DeepseekV3 {
+    pub config: Config,
+    pub embed_tokens: Matrix,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when tied to the embedding.
+    pub lm_head: Option<Matrix>,
+    pub mtp: Vec<MtpLayer>,
+    pub rope: Rope,
+    pub attn_impl: AttnImpl,
+}
+
+impl DeepseekV3 {
+    /// Loads `config.json` and the safetensors of a Hugging Face folder.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let ck = Checkpoint::open(dir)?;
+        Self::from_checkpoint(config, &ck)
+    }
+
+    pub fn from_checkpoint(config: Config, ck: &Checkpoint) -> Result<Self> {
+        let cfg = &config;
+        let block = cfg.quantization.as_ref().map_or([128, 128], |q| q.weight_block_size);
+        let (v, d, eps) = (cfg.vocab_size, cfg.hidden_size, cfg.rms_norm_eps);
+        let embed_tokens = ck.matrix("model.embed_tokens.weight", v, d, block)?;
+        let layers = (0..cfg.num_hidden_layers).map(|l| DecoderLayer::load(ck, l, cfg, block)).collect::<Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings && !ck.contains("lm_head.weight") {
+            None
+        } else {
+            Some(ck.matrix("lm_head.weight", v, d, block)?)
+        };
+        let mut mtp = vec![];
+        for k in 0..cfg.num_nextn_predict_layers {
+            let l = cfg.num_hidden_layers + k;
+            let p = format!("model.layers.{l}");
+            // transformers drops the MTP layer when it saves; a folder without it still runs,
+            // only without `--mtp`.
+            if !ck.contains(&format!("{p}.eh_proj.weight")) {
+                break;
+            }
+            mtp.push(MtpLayer {
+                enorm: RmsNorm::load(ck, &format!("{p}.enorm"), d, eps)?,
+                hnorm: RmsNorm::load(ck, &format!("{p}.hnorm"), d, eps)?,
+                eh_proj: crate::layers::Linear::load(ck, &format!("{p}.eh_proj"), d, 2 * d, block)?,
+                block: DecoderLayer::load(ck, l, cfg, block)?,
+                shared_head_norm: RmsNorm::load(ck, &format!("{p}.shared_head.norm"), d, eps)?,
+            });
+        }
+        let model = DeepseekV3 {
+            norm: RmsNorm::load(ck, "model.norm", d, eps)?,
+            rope: Rope::new(cfg),
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            lm_head,
+            mtp,
+            attn_impl: AttnImpl::Auto,
+        };
+        model.check_unused(ck)?;
+        Ok(model)
+    }
+
+    /// A tensor in a module dsv3 loaded that it did not read means the config and the checkpoint
+    /// disagree (say, a bias the config does not declare): an error, not a silent skip.
+    fn check_unused(&self, ck: &Checkpoint) -> Result<()> {
+        let n = self.config.num_hidden_layers;
+        let mut prefixes: Vec<String> = (0..n).map(|l| format!("model.layers.{l}.")).collect();
+        prefixes.extend(["model.embed_tokens.".into(), "model.norm.".into(), "lm_head.".into()]);
+        for k in 0..self.mtp.len() {
+            prefixes.push(format!("model.layers.{}.", n + k));
+        }
+        for p in prefixes {
+            for name in ck.unused_under(&p) {
+                // The MTP module's copies of the shared embedding and head are not read (spec §2).
+                let is_mtp_copy = name.ends_with(".embed_tokens.weight") || name.ends_with(".shared_head.head.weight");
+                if name.starts_with("model.layers.") && is_mtp_copy || name.ends_with("rotary_emb.inv_freq") {
+                    continue;
+                }
+                let file = ck.file_of(&name).map(Path::to_path_buf);
+                return Err(ModelError::Tensor { name, file, msg: "is not used by this config (unexpected tensor)".into() });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: vec![LatentCache::default(); self.layers.len()], mtp: vec![LatentCache::default(); self.mtp.len()] }
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size)));
+        }
+        Ok(())
+    }
+
+    /// `tokens [t]` → embeddings `[t, D]`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_tokens(tokens)?;
+        let d = self.config.hidden_size;
+        let mut h = vec![0f32; tokens.len() * d];
+        let w = self.embed_tokens.view();
+        for (row, &tok) in h.chunks_exact_mut(d).zip(tokens) {
+            w.decode_row(tok as usize, 0, row);
+        }
+        Ok(h)
+    }
+
+    /// Runs `tokens` after what the cache holds. Returns the post-final-norm hidden states `[t, D]`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let t = tokens.len();
+        if cache.layers.len() != self.layers.len() {
+            return Err(ModelError::Input("cache was made for another model".into()));
+        }
+        let mut h = self.embed(tokens)?;
+        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            layer.forward(&mut h, t, c, &self.rope, self.attn_impl);
+        }
+        self.norm.forward_in_place(&mut h);
+        Ok(h)
+    }
+
+    /// `h [m, D]` → logits `[m, vocab]`.
+    pub fn logits(&self, h: &[f32], m: usize) -> Vec<f32> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let mut y = vec![0f32; m * head.rows];
+        matmul_nt(&head.view(), 0..head.rows, h, m, &mut y);
+        y
+    }
+
+    /// MTP module `k` at positions `cache.mtp[k].len..`: `h_prev [t, D]` are the previous depth's
+    /// hidden states (the main model's post-final-norm states for k = 0) and `next_tokens [t]` the
+    /// tokens one step ahead. Returns the module's states after `shared_head.norm` `[t, D]`; feed
+    /// them to [`Self::logits`].
+    pub fn mtp_forward(&self, k: usize, h_prev: &[f32], next_tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let m = self.mtp.get(k).ok_or_else(|| ModelError::Input(format!("the checkpoint has no MTP module {k}")))?;
+        let (t, d) = (next_tokens.len(), self.config.hidden_size);
+        let e = m.enorm.forward(&self.embed(next_tokens)?);
+        let g = m.hnorm.forward(h_prev);
+        let mut cat = Vec::with_capacity(t * 2 * d);
+        for i in 0..t {
+            cat.extend_from_slice(&e[i * d..(i + 1) * d]);
+            cat.extend_from_slice(&g[i * d..(i + 1) * d]);
+        }
+        let mut h = m.eh_proj.forward(&cat, t);
+        m.block.forward(&mut h, t, &mut cache.mtp[k], &self.rope, self.attn_impl);
+        m.shared_head_norm.forward_in_place(&mut h);
+        Ok(h)
+    }
+
+    /// Weight bytes one decode token reads: layers with top-k experts, one embedding row, the head.
+    pub fn active_weight_bytes(&self) -> usize {
+        let k = self.config.num_experts_per_tok;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens).view().bytes();
+        self.layers.iter().map(|l| l.active_bytes(k)).sum::<usize>() + head + self.embed_tokens.view().bytes() / self.config.vocab_size
+    }
+
+    /// Latent-cache bytes per token over the main layers (f32 values).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.config.latent_cache_width() * std::mem::size_of::<f32>() * self.layers.len()
+    }
+}

@@ -1,0 +1,214 @@
+//! DeepSeekMoE (spec §1 "FFN, MoE layers", pitfalls 6–9): an f32 router with group-limited top-k,
+//! routed SwiGLU experts and the always-on shared expert.
+
+use crate::config::{Config, ScoringFunc, TopkMethod};
+use crate::error::Result;
+use crate::layers::Mlp;
+use crate::weights::{Checkpoint, Matrix};
+use dsv3_kernels::matmul::matmul_nt;
+
+/// Top-k experts and their weights for each token.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Routing {
+    /// `[tokens, k]`
+    pub experts: Vec<usize>,
+    /// `[tokens, k]`, unbiased scores (normalized when configured) × `routed_scaling_factor`.
+    pub weights: Vec<f32>,
+    pub k: usize,
+}
+
+#[derive(Clone)]
+pub struct Router {
+    /// `mlp.gate.weight [E, D]`.
+    pub weight: Matrix,
+    /// `e_score_correction_bias [E]`: added for selection only (V3).
+    pub e_score_correction_bias: Option<Vec<f32>>,
+    scoring: ScoringFunc,
+    method: TopkMethod,
+    top_k: usize,
+    n_group: usize,
+    topk_group: usize,
+    norm_topk_prob: bool,
+    scale: f32,
+}
+
+impl Router {
+    pub fn load(ck: &Checkpoint, p: &str, cfg: &Config, block: [usize; 2]) -> Result<Self> {
+        let e = cfg.n_routed_experts;
+        let bias_name = format!("{p}.e_score_correction_bias");
+        let e_score_correction_bias = if cfg.topk_method == TopkMethod::NoauxTc {
+            Some(ck.f32s(&bias_name, &[e])?)
+        } else {
+            None
+        };
+        Ok(Router {
+            weight: ck.matrix(&format!("{p}.weight"), e, cfg.hidden_size, block)?,
+            e_score_correction_bias,
+            scoring: cfg.scoring_func,
+            method: cfg.topk_method,
+            top_k: cfg.num_experts_per_tok,
+            n_group: cfg.n_group,
+            topk_group: cfg.topk_group,
+            norm_topk_prob: cfg.norm_topk_prob,
+            scale: cfg.routed_scaling_factor,
+        })
+    }
+
+    /// `x [t, D]` → the experts of each token.
+    pub fn route(&self, x: &[f32], t: usize) -> Routing {
+        let e = self.weight.rows;
+        let mut logits = vec![0f32; t * e];
+        matmul_nt(&self.weight.view(), 0..e, x, t, &mut logits);
+        let mut r = Routing { experts: Vec::with_capacity(t * self.top_k), weights: Vec::with_capacity(t * self.top_k), k: self.top_k };
+        for row in logits.chunks_exact(e) {
+            let scores: Vec<f32> = match self.scoring {
+                ScoringFunc::Sigmoid => row.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
+                ScoringFunc::Softmax => {
+                    let mut s = row.to_vec();
+                    dsv3_kernels::attention::softmax_in_place(&mut s);
+                    s
+                }
+            };
+            let (idx, w) = self.select(&scores);
+            r.experts.extend(idx);
+            r.weights.extend(w);
+        }
+        r
+    }
+
+    /// Group-limited top-k over one token's scores.
+    fn select(&self, scores: &[f32]) -> (Vec<usize>, Vec<f32>) {
+        let e = scores.len();
+        let mut choice: Vec<f32> = match &self.e_score_correction_bias {
+            Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+            None => scores.to_vec(),
+        };
+        if self.method != TopkMethod::Greedy && self.n_group > 1 {
+            let per = e / self.n_group;
+            let group_score: Vec<f32> = choice
+                .chunks_exact(per)
+                .map(|g| match self.method {
+                    // V3: sum of the group's top-2 (biased) scores.
+                    TopkMethod::NoauxTc => top_k_indices(g, 2).iter().map(|&i| g[i]).sum(),
+                    // V2: the group's best score.
+                    _ => g.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                })
+                .collect();
+            let keep = top_k_indices(&group_score, self.topk_group);
+            for (gi, g) in choice.chunks_exact_mut(per).enumerate() {
+                if !keep.contains(&gi) {
+                    g.fill(f32::NEG_INFINITY);
+                }
+            }
+        }
+        let idx = top_k_indices(&choice, self.top_k);
+        let mut w: Vec<f32> = idx.iter().map(|&i| scores[i]).collect();
+        if self.norm_topk_prob {
+            let z: f32 = w.iter().sum::<f32>() + 1e-20;
+            w.iter_mut().for_each(|v| *v /= z);
+        }
+        w.iter_mut().for_each(|v| *v *= self.scale);
+        (idx, w)
+    }
+}
+
+/// Indices of the k largest values, largest first (ties: lower index first).
+pub fn top_k_indices(v: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+#[derive(Clone)]
+pub struct Moe {
+    pub gate: Router,
+    pub experts: Vec<Mlp>,
+    pub shared_experts: Option<Mlp>,
+}
+
+impl Moe {
+    pub fn load(ck: &Checkpoint, p: &str, cfg: &Config, block: [usize; 2]) -> Result<Self> {
+        let (d, inter) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let experts = (0..cfg.n_routed_experts)
+            .map(|i| Mlp::load(ck, &format!("{p}.experts.{i}"), d, inter, block))
+            .collect::<Result<_>>()?;
+        let shared_experts = match cfg.n_shared_experts {
+            0 => None,
+            n => Some(Mlp::load(ck, &format!("{p}.shared_experts"), d, inter * n, block)?),
+        };
+        Ok(Moe { gate: Router::load(ck, &format!("{p}.gate"), cfg, block)?, experts, shared_experts })
+    }
+
+    /// `x [t, D]` → `[t, D]`. Tokens are grouped by expert so each expert's weights are read once
+    /// for all the tokens routed to it.
+    pub fn forward(&self, x: &[f32], t: usize) -> (Vec<f32>, Routing) {
+        let d = x.len() / t.max(1);
+        let routing = self.gate.route(x, t);
+        let mut per_expert: Vec<Vec<(usize, f32)>> = vec![vec![]; self.experts.len()];
+        for (j, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
+            per_expert[e].push((j / routing.k, w));
+        }
+        let mut out = match &self.shared_experts {
+            Some(s) => s.forward(x, t),
+            None => vec![0f32; t * d],
+        };
+        for (e, toks) in per_expert.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
+            let xe: Vec<f32> = toks.iter().flat_map(|&(i, _)| x[i * d..(i + 1) * d].iter().copied()).collect();
+            let ye = self.experts[e].forward(&xe, toks.len());
+            for (row, &(i, w)) in ye.chunks_exact(d).zip(toks) {
+                out[i * d..(i + 1) * d].iter_mut().zip(row).for_each(|(o, y)| *o += w * y);
+            }
+        }
+        (out, routing)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(method: TopkMethod, n_group: usize, topk_group: usize, k: usize, bias: Option<Vec<f32>>) -> Router {
+        Router {
+            weight: Matrix::from_f32(1, 1, vec![0.0]),
+            e_score_correction_bias: bias,
+            scoring: ScoringFunc::Sigmoid,
+            method,
+            top_k: k,
+            n_group,
+            topk_group,
+            norm_topk_prob: true,
+            scale: 2.5,
+        }
+    }
+
+    #[test]
+    fn group_limited_selection_uses_top2_sums_and_unbiased_weights() {
+        // 4 groups of 2. Biased scores: group sums g0 = .9+.1, g1 = .6+.6, g2 = .95+0, g3 = .2+.2.
+        let scores = vec![0.9, 0.1, 0.6, 0.6, 0.95, 0.0, 0.2, 0.2];
+        let r = router(TopkMethod::NoauxTc, 4, 2, 3, Some(vec![0.0; 8]));
+        let (idx, w) = r.select(&scores);
+        // Kept groups: g1 (1.2) and g0 (1.0); g2's single 0.95 loses to both sums.
+        assert_eq!(idx, vec![0, 2, 3]);
+        let z = 0.9 + 0.6 + 0.6;
+        assert!((w[0] - 0.9 / z * 2.5).abs() < 1e-6);
+
+        // A bias changes the selection but not the weights.
+        let mut bias = vec![0.0; 8];
+        bias[7] = 5.0;
+        let r = router(TopkMethod::NoauxTc, 4, 2, 3, Some(bias));
+        let (idx, w) = r.select(&scores);
+        assert_eq!(idx, vec![7, 0, 6]);
+        let z = 0.2 + 0.9 + 0.2;
+        assert!((w[0] - 0.2 / z * 2.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn negative_biased_scores_are_masked_with_minus_infinity() {
+        // All biased scores negative: a 0 mask would let masked experts win (pitfall 7).
+        let scores = vec![0.1, 0.2, 0.3, 0.4];
+        let r = router(TopkMethod::NoauxTc, 2, 1, 2, Some(vec![-1.0; 4]));
+        let (idx, _) = r.select(&scores);
+        assert_eq!(idx, vec![3, 2]);
+    }
+}

@@ -1,0 +1,122 @@
+//! The model's tokenizer (`tokenizer.json` through `tokenizers`) and chat template (the Jinja text in
+//! `tokenizer_config.json`, rendered with minijinja set up as transformers sets up jinja2:
+//! `trim_blocks`, `lstrip_blocks`, Python string methods such as `.split()`).
+
+use crate::error::{ModelError, Result};
+use serde_json::Value;
+use std::path::Path;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    add_bos_token: bool,
+}
+
+/// A token string in `tokenizer_config.json`: a plain string or an `AddedToken` object.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Reads `tokenizer.json` and, when present, `tokenizer_config.json` from `dir`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        if !tj.exists() {
+            return Err(ModelError::Tokenizer(format!("{} not found", tj.display())));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&tj).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tj.display())))?;
+        let tc = dir.join("tokenizer_config.json");
+        let cfg: Value = if tc.exists() {
+            let text = std::fs::read_to_string(&tc).map_err(|e| ModelError::io(&tc, e))?;
+            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: tc.clone(), source })?
+        } else {
+            Value::Null
+        };
+        let chat_template = match cfg.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            // A list of named templates: take "default".
+            Some(Value::Array(a)) => a
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        let chat_template = match chat_template {
+            Some(t) => Some(t),
+            None => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
+        Ok(Tokenizer {
+            inner,
+            chat_template,
+            bos_token: token_text(cfg.get("bos_token")),
+            eos_token: token_text(cfg.get("eos_token")),
+            add_bos_token: cfg.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
+        })
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Token ids of `text`. With `add_special_tokens`, the tokenizer's post-processor runs and a BOS
+    /// is put first when `add_bos_token` is set and it is not there yet (as `LlamaTokenizerFast`).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special_tokens && self.add_bos_token {
+            if let Some(bos) = self.bos_token.as_deref().and_then(|b| self.token_id(b)) {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Renders `messages` (a JSON array of `{role, content, ...}`) with the chat template.
+    pub fn apply_chat_template(&self, messages: &Value, add_generation_prompt: bool) -> Result<String> {
+        let tpl = self.chat_template.as_deref().ok_or_else(|| ModelError::Template("tokenizer_config.json has no chat_template".into()))?;
+        if !messages.is_array() {
+            return Err(ModelError::Template("messages must be a JSON array".into()));
+        }
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", tpl).map_err(|e| ModelError::Template(e.to_string()))?;
+        let ctx = minijinja::context! {
+            messages => minijinja::Value::from_serialize(messages),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        };
+        env.get_template("chat")
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| ModelError::Template(e.to_string()))
+    }
+
+    /// Ids of a chat: rendered, then encoded without adding special tokens (the template already
+    /// starts with BOS; spec pitfall 13).
+    pub fn encode_chat(&self, messages: &Value, add_generation_prompt: bool) -> Result<Vec<u32>> {
+        self.encode(&self.apply_chat_template(messages, add_generation_prompt)?, false)
+    }
+}

@@ -1,0 +1,366 @@
+//! Safetensors checkpoints: one file or shards with `model.safetensors.index.json`, memory-mapped.
+//!
+//! bf16 and FP8 matrices stay in the mapped file (1 byte per FP8 weight, 2 per bf16) and are read
+//! in place by the kernels; f32 and f16 tensors are copied into f32. Every header offset is checked
+//! against the file before any read, so a truncated or corrupt file is an error, never a panic.
+
+use crate::error::{ModelError, Result};
+use dsv3_kernels::codec::{bf16_to_f32, f16_to_f32};
+use dsv3_kernels::MatRef;
+use memmap2::Mmap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Bytes that live either in a mapped file or in memory.
+#[derive(Clone)]
+pub struct Bytes {
+    src: ByteSource,
+    start: usize,
+    len: usize,
+}
+
+#[derive(Clone)]
+enum ByteSource {
+    Mapped(Arc<Mmap>),
+    Owned(Arc<Vec<u8>>),
+}
+
+impl Bytes {
+    pub fn owned(v: Vec<u8>) -> Self {
+        let len = v.len();
+        Bytes { src: ByteSource::Owned(Arc::new(v)), start: 0, len }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        let all: &[u8] = match &self.src {
+            ByteSource::Mapped(m) => m,
+            ByteSource::Owned(v) => v,
+        };
+        &all[self.start..self.start + self.len]
+    }
+}
+
+/// A weight matrix `[rows, cols]` in its stored format.
+#[derive(Clone)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    store: Store,
+}
+
+#[derive(Clone)]
+enum Store {
+    F32(Arc<Vec<f32>>),
+    Bf16(Bytes),
+    Fp8 { data: Bytes, scale_inv: Arc<Vec<f32>>, block: [usize; 2] },
+}
+
+impl Matrix {
+    pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        assert_eq!(data.len(), rows * cols, "Matrix::from_f32 shape");
+        Matrix { rows, cols, store: Store::F32(Arc::new(data)) }
+    }
+
+    pub fn from_bf16(rows: usize, cols: usize, data: Bytes) -> Self {
+        assert_eq!(data.len, rows * cols * 2, "Matrix::from_bf16 shape");
+        Matrix { rows, cols, store: Store::Bf16(data) }
+    }
+
+    pub fn from_fp8(rows: usize, cols: usize, data: Bytes, scale_inv: Vec<f32>, block: [usize; 2]) -> Self {
+        Matrix { rows, cols, store: Store::Fp8 { data, scale_inv: Arc::new(scale_inv), block } }
+    }
+
+    pub fn view(&self) -> MatRef<'_> {
+        let (rows, cols) = (self.rows, self.cols);
+        match &self.store {
+            Store::F32(d) => MatRef::F32 { data: d, rows, cols },
+            Store::Bf16(b) => MatRef::Bf16 { data: b.as_slice(), rows, cols },
+            Store::Fp8 { data, scale_inv, block } => {
+                MatRef::Fp8 { data: data.as_slice(), scale_inv, rows, cols, block: *block }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct TensorInfo {
+    dtype: String,
+    shape: Vec<usize>,
+    file: usize,
+    /// Absolute byte range in the file.
+    start: usize,
+    end: usize,
+}
+
+/// The tensors of a checkpoint folder, by name, with a record of which ones were read.
+pub struct Checkpoint {
+    files: Vec<(PathBuf, Arc<Mmap>)>,
+    tensors: HashMap<String, TensorInfo>,
+    used: Mutex<HashSet<String>>,
+}
+
+fn dtype_size(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "F8_E4M3" | "F8_E5M2" | "I8" | "U8" | "BOOL" => 1,
+        _ => return None,
+    })
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors.index.json` shards, else `model.safetensors`, else every
+    /// `*.safetensors` file of the folder.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let mut paths: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.clone(), source })?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Safetensors {
+                path: index.clone(),
+                msg: "no `weight_map` object".into(),
+            })?;
+            let mut files: Vec<PathBuf> = map
+                .values()
+                .map(|f| f.as_str().map(|s| dir.join(s)))
+                .collect::<Option<_>>()
+                .ok_or_else(|| ModelError::Safetensors { path: index.clone(), msg: "weight_map values must be file names".into() })?;
+            files.sort();
+            files.dedup();
+            files
+        } else if dir.join("model.safetensors").exists() {
+            vec![dir.join("model.safetensors")]
+        } else {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| ModelError::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            v.sort();
+            v
+        };
+        if paths.is_empty() {
+            return Err(ModelError::Safetensors { path: dir.into(), msg: "no .safetensors files in the folder".into() });
+        }
+        paths.dedup();
+        let mut ck = Checkpoint { files: vec![], tensors: HashMap::new(), used: Mutex::new(HashSet::new()) };
+        for p in paths {
+            ck.add_file(&p)?;
+        }
+        Ok(ck)
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<()> {
+        let bad = |msg: String| ModelError::Safetensors { path: path.into(), msg };
+        let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        // SAFETY: the map is read-only; a checkpoint modified while mapped is outside our contract
+        // (as for every mmap-based loader).
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        if map.len() < 8 {
+            return Err(bad(format!("{} bytes is too short for a header", map.len())));
+        }
+        let n = u64::from_le_bytes(map[..8].try_into().expect("8 bytes")) as usize;
+        if n > map.len() - 8 {
+            return Err(bad(format!("header of {n} bytes runs past the end of the {}-byte file (truncated?)", map.len())));
+        }
+        let header: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&map[8..8 + n]).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+        let data_start = 8 + n;
+        let data_len = map.len() - data_start;
+        let fi = self.files.len();
+        for (name, info) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let dtype = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad(format!("`{name}` has no dtype")))?;
+            let size = dtype_size(dtype).ok_or_else(|| bad(format!("`{name}` has unknown dtype {dtype}")))?;
+            let shape: Vec<usize> = info
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .and_then(|a| a.iter().map(|x| x.as_u64().map(|v| v as usize)).collect())
+                .ok_or_else(|| bad(format!("`{name}` has no valid shape")))?;
+            let offs: Vec<usize> = info
+                .get("data_offsets")
+                .and_then(|s| s.as_array())
+                .and_then(|a| a.iter().map(|x| x.as_u64().map(|v| v as usize)).collect())
+                .filter(|v: &Vec<usize>| v.len() == 2)
+                .ok_or_else(|| bad(format!("`{name}` has no valid data_offsets")))?;
+            let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad(format!("`{name}` shape overflows")))?;
+            if offs[0] > offs[1] || offs[1] > data_len {
+                return Err(bad(format!(
+                    "`{name}` data {}..{} lies outside the {data_len} data bytes (truncated file?)",
+                    offs[0], offs[1]
+                )));
+            }
+            if offs[1] - offs[0] != numel * size {
+                return Err(bad(format!("`{name}` holds {} bytes, shape {shape:?} of {dtype} needs {}", offs[1] - offs[0], numel * size)));
+            }
+            if self.tensors.contains_key(&name) {
+                return Err(bad(format!("`{name}` appears in more than one file")));
+            }
+            let t = TensorInfo { dtype: dtype.to_string(), shape, file: fi, start: data_start + offs[0], end: data_start + offs[1] };
+            self.tensors.insert(name, t);
+        }
+        self.files.push((path.to_path_buf(), Arc::new(map)));
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(|s| s.as_str())
+    }
+
+    /// The file holding `name`, for error messages.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.tensors.get(name).map(|t| self.files[t.file].0.as_path())
+    }
+
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        let t = self.tensors.get(name).ok_or_else(|| ModelError::Tensor {
+            name: name.into(),
+            file: None,
+            msg: "missing from the checkpoint".into(),
+        })?;
+        self.used.lock().expect("used set").insert(name.to_string());
+        Ok(t)
+    }
+
+    fn err(&self, name: &str, msg: String) -> ModelError {
+        ModelError::Tensor { name: name.into(), file: self.file_of(name).map(Path::to_path_buf), msg }
+    }
+
+    fn bytes(&self, t: &TensorInfo) -> Bytes {
+        Bytes { src: ByteSource::Mapped(self.files[t.file].1.clone()), start: t.start, len: t.end - t.start }
+    }
+
+    fn check_shape(&self, name: &str, t: &TensorInfo, want: &[usize]) -> Result<()> {
+        if t.shape != want {
+            return Err(self.err(name, format!("has shape {:?}, expected {want:?}", t.shape)));
+        }
+        Ok(())
+    }
+
+    /// Any float tensor as f32 values, shape checked.
+    pub fn f32s(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.info(name)?;
+        self.check_shape(name, t, shape)?;
+        let b = self.bytes(t);
+        let b = b.as_slice();
+        Ok(match t.dtype.as_str() {
+            "F32" => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            "BF16" => b.chunks_exact(2).map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+            "F16" => b.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+            "F8_E4M3" => b.iter().map(|&x| dsv3_kernels::codec::fp8_e4m3_to_f32(x)).collect(),
+            d => return Err(self.err(name, format!("dtype {d} is not a float type dsv3 reads"))),
+        })
+    }
+
+    /// A `[rows, cols]` weight. FP8 weights need their `<name>_scale_inv` sibling of shape
+    /// `[ceil(rows/b0), ceil(cols/b1)]`.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize, block: [usize; 2]) -> Result<Matrix> {
+        let t = self.info(name)?.clone();
+        self.check_shape(name, &t, &[rows, cols])?;
+        match t.dtype.as_str() {
+            "BF16" => Ok(Matrix::from_bf16(rows, cols, self.bytes(&t))),
+            "F8_E4M3" => {
+                let sname = format!("{name}_scale_inv");
+                if !self.contains(&sname) {
+                    return Err(self.err(name, format!("is FP8 but `{sname}` is missing")));
+                }
+                let scale = self.f32s(&sname, &[rows.div_ceil(block[0]), cols.div_ceil(block[1])])?;
+                if let Some(bad) = scale.iter().find(|s| !s.is_finite()) {
+                    return Err(self.err(&sname, format!("holds a non-finite scale {bad}")));
+                }
+                Ok(Matrix::from_fp8(rows, cols, self.bytes(&t), scale, block))
+            }
+            _ => Ok(Matrix::from_f32(rows, cols, self.f32s(name, &[rows, cols])?)),
+        }
+    }
+
+    /// Tensors under `prefix` that no load read: in a module dsv3 knows, they mean the checkpoint
+    /// and the config disagree.
+    pub fn unused_under(&self, prefix: &str) -> Vec<String> {
+        let used = self.used.lock().expect("used set");
+        let mut v: Vec<String> =
+            self.tensors.keys().filter(|n| n.starts_with(prefix) && !used.contains(*n)).cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+/// Writes tensors as one safetensors file, atomically (temporary file in the same folder, then
+/// rename). Each entry: name, dtype string, shape, little-endian bytes.
+pub fn write_safetensors(path: &Path, tensors: &[(String, &str, Vec<usize>, Vec<u8>)]) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    let mut off = 0usize;
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + bytes.len()]}),
+        );
+        off += bytes.len();
+    }
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON of a map");
+    while (h.len() + 8) % 8 != 0 {
+        h.push(b' ');
+    }
+    let tmp = path.with_extension("safetensors.tmp");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        f.write_all(&(h.len() as u64).to_le_bytes())?;
+        f.write_all(&h)?;
+        for (_, _, _, b) in tensors {
+            f.write_all(b)?;
+        }
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        ModelError::io(path, e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("dsv3-weights-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn round_trip_and_truncation_is_an_error() {
+        let d = tmpdir("rt");
+        let vals: Vec<f32> = (0..6).map(|i| i as f32 * 0.5).collect();
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let p = d.join("model.safetensors");
+        write_safetensors(&p, &[("w".into(), "F32", vec![2, 3], bytes)]).unwrap();
+        let ck = Checkpoint::open(&d).unwrap();
+        assert_eq!(ck.f32s("w", &[2, 3]).unwrap(), vals);
+        let e = ck.f32s("w", &[3, 2]).unwrap_err().to_string();
+        assert!(e.contains("`w`") && e.contains("model.safetensors"), "{e}");
+        assert!(ck.f32s("nope", &[1]).unwrap_err().to_string().contains("missing"));
+
+        let full = std::fs::read(&p).unwrap();
+        for cut in [0, 5, 8, 20, full.len() - 1] {
+            std::fs::write(&p, &full[..cut]).unwrap();
+            let e = Checkpoint::open(&d).err().expect("truncated file must fail").to_string();
+            assert!(e.contains("model.safetensors"), "{e}");
+        }
+        let mut corrupt = full.clone();
+        corrupt[10] = b'!';
+        std::fs::write(&p, &corrupt).unwrap();
+        assert!(Checkpoint::open(&d).is_err());
+    }
+}

@@ -1,0 +1,108 @@
+//! Golden tests: dsv3 against transformers' outputs on the committed fixtures
+//! (`scripts/make_fixtures.py` regenerates them).
+
+use dsv3_model::generate::{generate, score, GenerateOptions};
+use dsv3_model::sampling::SamplingParams;
+use dsv3_model::{AttnImpl, DeepseekV3};
+use serde_json::Value;
+use std::path::PathBuf;
+
+const CASES: [&str; 5] = ["v3_f32_sharded", "v3_bf16_noqlora", "v3_yarn_long", "v3_fp8", "v2_group_limited"];
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+fn reference(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol, "{what}[{i}]: dsv3 {g} vs transformers {w}");
+    }
+}
+
+#[test]
+fn logprobs_and_mtp_match_transformers() {
+    for case in CASES {
+        let model = DeepseekV3::load(&fixture(case)).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let r = reference(case);
+        let toks = ids(&r["ids"]);
+        let has_mtp = r.get("mtp_logprobs").is_some();
+        assert_eq!(!model.mtp.is_empty(), has_mtp, "{case}: MTP module loaded iff the fixture has one");
+        let s = score(&model, &toks, has_mtp, 5).unwrap();
+        assert_close(&s.logprobs, &floats(&r["logprobs"]), 1e-3, &format!("{case} logprobs"));
+        if has_mtp {
+            assert_close(&s.mtp_logprobs, &floats(&r["mtp_logprobs"]), 1e-3, &format!("{case} mtp_logprobs"));
+        }
+        // Top-1 of every scored position is transformers' argmax.
+        for (i, top) in s.top.iter().enumerate() {
+            assert_eq!(top[0].0 as u64, r["top5"][i][0].as_u64().unwrap(), "{case} argmax at {i}");
+        }
+    }
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    for case in CASES {
+        let model = DeepseekV3::load(&fixture(case)).unwrap();
+        let r = reference(case);
+        let opts = GenerateOptions {
+            max_new_tokens: 8,
+            sampling: SamplingParams::default(),
+            eos_token_ids: vec![],
+            ignore_eos: true,
+        };
+        let (out, _) = generate(&model, &ids(&r["generate"]["prompt"]), &opts, |_| {}).unwrap();
+        assert_eq!(out, ids(&r["generate"]["output"]), "{case}");
+    }
+}
+
+#[test]
+fn naive_and_absorbed_attention_agree() {
+    for case in CASES {
+        let mut model = DeepseekV3::load(&fixture(case)).unwrap();
+        let toks = ids(&reference(case)["ids"]);
+        let mut run = |imp| {
+            model.attn_impl = imp;
+            let mut cache = model.new_cache();
+            let h = model.forward(&toks, &mut cache).unwrap();
+            model.logits(&h, toks.len())
+        };
+        let (naive, absorbed) = (run(AttnImpl::Naive), run(AttnImpl::Absorbed));
+        assert_close(&absorbed, &naive, 1e-3, &format!("{case} absorbed vs naive logits"));
+    }
+}
+
+#[test]
+fn prefill_then_decode_equals_one_forward() {
+    for case in CASES {
+        let model = DeepseekV3::load(&fixture(case)).unwrap();
+        let toks = ids(&reference(case)["ids"]);
+        let v = model.config.vocab_size;
+        let mut cache = model.new_cache();
+        let full = model.logits(&model.forward(&toks, &mut cache).unwrap(), toks.len());
+        // Prefill a prefix, then a chunk of two (naive over the cache), then one token at a time
+        // (absorbed).
+        let mut cache = model.new_cache();
+        let split = toks.len() / 2;
+        let mut got = model.logits(&model.forward(&toks[..split], &mut cache).unwrap(), split);
+        got.extend(model.logits(&model.forward(&toks[split..split + 2], &mut cache).unwrap(), 2));
+        for &t in &toks[split + 2..] {
+            got.extend(model.logits(&model.forward(&[t], &mut cache).unwrap(), 1));
+        }
+        assert_eq!(cache.len(), toks.len());
+        assert_eq!(got.len(), toks.len() * v);
+        assert_close(&got, &full, 1e-3, &format!("{case} incremental vs full logits"));
+    }
+}
