@@ -1,1 +1,142 @@
-fn main(){}
+//! `dsv3`: the command line of the DeepSeek-V3 system. Thin: parsing, output formats and progress;
+//! the work is in the library crates.
+
+mod bench;
+mod commands;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "dsv3", version, about = "DeepSeek-V3 in Rust: run, score and benchmark DeepSeek-V3-family checkpoints")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Sampling flags shared by `generate` and `chat`.
+#[derive(clap::Args, Clone)]
+pub struct Sampling {
+    /// Most new tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 keeps every token.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Keep going past the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt.
+    Generate {
+        /// A Hugging Face model folder (config.json, safetensors, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+        prompt: Option<String>,
+        /// Comma-separated token ids.
+        #[arg(long)]
+        prompt_ids: Option<String>,
+        #[command(flatten)]
+        sampling: Sampling,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Chat interactively with the model's chat template, streaming replies.
+    Chat {
+        #[arg(long)]
+        model: PathBuf,
+        /// A system prompt.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: Sampling,
+    },
+    /// Log-probabilities of a token sequence (and of the MTP module's predictions).
+    Score {
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids.
+        #[arg(long, group = "input")]
+        ids: Option<String>,
+        #[arg(long, group = "input")]
+        text: Option<String>,
+        /// A text file.
+        #[arg(long, group = "input")]
+        file: Option<PathBuf>,
+        /// Also list the K most likely next tokens at each position.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Also score ids[i+2] with MTP module 0 at each position i.
+        #[arg(long)]
+        mtp: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Token ids of a text, or of a chat rendered with the chat template.
+    Tokenize {
+        /// Folder with tokenizer.json (and tokenizer_config.json for --chat).
+        #[arg(long, alias = "model")]
+        tokenizer: PathBuf,
+        #[arg(long, group = "input")]
+        text: Option<String>,
+        /// A JSON file holding an array of messages.
+        #[arg(long, group = "input")]
+        chat: Option<PathBuf>,
+        /// With --chat: end with the assistant prompt.
+        #[arg(long)]
+        add_generation_prompt: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prefill and decode speed, peak memory and KV-cache size of a model.
+    Bench(bench::BenchArgs),
+    /// Write a random DeepSeek-V3 checkpoint (a preset shape) for benchmarks and experiments.
+    RandomModel {
+        /// tiny | bench-1b, or a config.json path.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// f32 | bf16 | fp8
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// The built-in default: a small random DeepSeek-V3, generated and benchmarked (no downloads).
+    Demo,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate { model, prompt, prompt_ids, sampling, json } => {
+            commands::generate(&model, prompt.as_deref(), prompt_ids.as_deref(), &sampling, json)
+        }
+        Command::Chat { model, system, sampling } => commands::chat(&model, system.as_deref(), &sampling),
+        Command::Score { model, ids, text, file, top_k, mtp, json } => {
+            commands::score(&model, ids.as_deref(), text.as_deref(), file.as_deref(), top_k, mtp, json)
+        }
+        Command::Tokenize { tokenizer, text, chat, add_generation_prompt, json } => {
+            commands::tokenize(&tokenizer, text.as_deref(), chat.as_deref(), add_generation_prompt, json)
+        }
+        Command::Bench(args) => bench::run(&args),
+        Command::RandomModel { preset, dtype, out, seed } => commands::random_model(&preset, &dtype, &out, seed),
+        Command::Demo => commands::demo(),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -260,3 +260,13 @@ impl DeepseekV3 {
         self.config.latent_cache_width() * std::mem::size_of::<f32>() * self.layers.len()
     }
 }
+
+impl KvCache {
+    /// Keeps the first `len` positions of every main layer (a chat turn that shares a prefix with
+    /// the last one reuses it; the MTP caches are cleared).
+    pub fn truncate(&mut self, len: usize, cfg: &Config) {
+        let (c, r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
+        self.layers.iter_mut().for_each(|l| l.truncate(len, c, r));
+        self.mtp.iter_mut().for_each(|l| l.truncate(0, c, r));
+    }
+}

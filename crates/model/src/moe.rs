@@ -198,8 +198,9 @@ mod tests {
         bias[7] = 5.0;
         let r = router(TopkMethod::NoauxTc, 4, 2, 3, Some(bias));
         let (idx, w) = r.select(&scores);
-        assert_eq!(idx, vec![7, 0, 6]);
-        let z = 0.2 + 0.9 + 0.2;
+        // Group 3 now leads (0.2 + 5.2) and group 1 (1.2) beats group 0 (1.0).
+        assert_eq!(idx, vec![7, 2, 3]);
+        let z = 0.2 + 0.6 + 0.6;
         assert!((w[0] - 0.2 / z * 2.5).abs() < 1e-6);
     }
 

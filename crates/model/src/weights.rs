@@ -359,7 +359,7 @@ mod tests {
             assert!(e.contains("model.safetensors"), "{e}");
         }
         let mut corrupt = full.clone();
-        corrupt[10] = b'!';
+        corrupt[8] = b'!'; // the header's opening brace
         std::fs::write(&p, &corrupt).unwrap();
         assert!(Checkpoint::open(&d).is_err());
     }

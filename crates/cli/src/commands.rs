@@ -1,0 +1,272 @@
+//! The subcommands that run a model: generate, chat, score, tokenize, random-model, demo.
+
+use crate::Sampling;
+use anyhow::{bail, Context, Result};
+use dsv3_model::generate::{generate as run_generate, score as run_score, GenerateOptions};
+use dsv3_model::init::{preset, write_random_checkpoint, StoreDtype};
+use dsv3_model::sampling::{SamplingParams, Sampler};
+use dsv3_model::{DeepseekV3, Tokenizer};
+use serde_json::json;
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+fn load_model(dir: &Path) -> Result<DeepseekV3> {
+    if !dir.is_dir() {
+        bail!("--model {}: not a folder (a Hugging Face model folder with config.json and safetensors)", dir.display());
+    }
+    DeepseekV3::load(dir).with_context(|| format!("loading {}", dir.display()))
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(|x| x.trim())
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<u32>().with_context(|| format!("`{x}` is not a token id")))
+        .collect()
+}
+
+/// End-of-sequence ids: generation_config.json, else config.json, else the tokenizer's EOS.
+fn eos_ids(dir: &Path, model: &DeepseekV3, tok: Option<&Tokenizer>) -> Vec<u32> {
+    let from_gen = std::fs::read_to_string(dir.join("generation_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| match v.get("eos_token_id")? {
+            serde_json::Value::Number(n) => Some(vec![n.as_u64()? as u32]),
+            serde_json::Value::Array(a) => a.iter().map(|x| x.as_u64().map(|v| v as u32)).collect(),
+            _ => None,
+        });
+    from_gen
+        .or_else(|| (!model.config.eos_token_ids.is_empty()).then(|| model.config.eos_token_ids.clone()))
+        .or_else(|| tok.and_then(|t| t.eos_token.as_deref().and_then(|e| t.token_id(e))).map(|e| vec![e]))
+        .unwrap_or_default()
+}
+
+fn options(s: &Sampling, eos: Vec<u32>) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: s.max_new_tokens,
+        sampling: SamplingParams { temperature: s.temperature, top_p: s.top_p, top_k: s.top_k, seed: s.seed },
+        eos_token_ids: eos,
+        ignore_eos: s.ignore_eos,
+    }
+}
+
+fn check_sampling(s: &Sampling) -> Result<()> {
+    if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
+        bail!("--temperature must be a finite number ≥ 0");
+    }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
+    Ok(())
+}
+
+/// Prints text as ids arrive: decodes everything so far and writes what is new (byte-level BPE
+/// pieces only make sense together).
+struct Streamer<'a> {
+    tok: &'a Tokenizer,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl Streamer<'_> {
+    fn push(&mut self, id: u32) {
+        self.ids.push(id);
+        if let Ok(text) = self.tok.decode(&self.ids, true) {
+            // Hold back an incomplete UTF-8 sequence (shown as U+FFFD) until it completes.
+            if text.len() > self.printed && !text.ends_with('\u{FFFD}') {
+                print!("{}", &text[self.printed..]);
+                let _ = std::io::stdout().flush();
+                self.printed = text.len();
+            }
+        }
+    }
+}
+
+pub fn generate(dir: &Path, prompt: Option<&str>, prompt_ids: Option<&str>, s: &Sampling, json_out: bool) -> Result<()> {
+    check_sampling(s)?;
+    let model = load_model(dir)?;
+    let tok = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(dir)?) } else { None };
+    let ids = match (prompt, prompt_ids) {
+        (_, Some(p)) => parse_ids(p)?,
+        (Some(p), None) => tok.as_ref().context("--prompt needs tokenizer.json in the model folder (or use --prompt-ids)")?.encode(p, true)?,
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    let opts = options(s, eos_ids(dir, &model, tok.as_ref()));
+    let mut streamer = tok.as_ref().filter(|_| !json_out).map(|t| Streamer { tok: t, ids: vec![], printed: 0 });
+    let (out, stats) = run_generate(&model, &ids, &opts, |id| {
+        if let Some(st) = streamer.as_mut() {
+            st.push(id)
+        }
+    })?;
+    let text = match &tok {
+        Some(t) => t.decode(&out, true)?,
+        None => String::new(),
+    };
+    if json_out {
+        println!("{}", json!({"prompt_ids": ids, "output_ids": out, "text": text, "stats": stats}));
+    } else {
+        if tok.is_none() {
+            println!("{}", out.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+        } else {
+            println!();
+        }
+        eprintln!(
+            "[{} prompt tokens, {:.1} tok/s prefill; {} new tokens, {:.1} tok/s decode]",
+            stats.prompt_tokens, stats.prefill_tokens_per_second, stats.generated_tokens, stats.decode_tokens_per_second
+        );
+    }
+    Ok(())
+}
+
+pub fn chat(dir: &Path, system: Option<&str>, s: &Sampling) -> Result<()> {
+    check_sampling(s)?;
+    let model = load_model(dir)?;
+    let tok = Tokenizer::from_dir(dir)?;
+    if !tok.has_chat_template() {
+        bail!("{}: tokenizer_config.json has no chat_template", dir.display());
+    }
+    let opts = options(s, eos_ids(dir, &model, Some(&tok)));
+    let mut messages = vec![];
+    if let Some(sys) = system {
+        messages.push(json!({"role": "system", "content": sys}));
+    }
+    let mut sampler = Sampler::new(opts.sampling.clone());
+    let mut cache = model.new_cache();
+    let mut cached: Vec<u32> = vec![];
+    let d = model.config.hidden_size;
+    eprintln!("chat: type a message and press Enter; an empty line or Ctrl-D ends.");
+    let stdin = std::io::stdin();
+    loop {
+        print!("> ");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(json!({"role": "user", "content": line.trim_end()}));
+        let ids = tok.encode_chat(&serde_json::Value::Array(messages.clone()), true)?;
+        // Reuse the cache for the prefix this turn shares with what it holds.
+        let common = cached.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
+        cache.truncate(common, &model.config);
+        cached.truncate(common);
+        let h = model.forward(&ids[common..], &mut cache)?;
+        cached.extend_from_slice(&ids[common..]);
+        let mut logits = model.logits(&h[(ids.len() - common - 1) * d..], 1);
+        let mut st = Streamer { tok: &tok, ids: vec![], printed: 0 };
+        for _ in 0..opts.max_new_tokens {
+            let t = sampler.sample(&logits);
+            if !opts.ignore_eos && opts.eos_token_ids.contains(&t) {
+                break;
+            }
+            st.push(t);
+            let h = model.forward(&[t], &mut cache)?;
+            cached.push(t);
+            logits = model.logits(&h, 1);
+        }
+        println!();
+        messages.push(json!({"role": "assistant", "content": tok.decode(&st.ids, true)?}));
+    }
+    Ok(())
+}
+
+pub fn score(dir: &Path, ids: Option<&str>, text: Option<&str>, file: Option<&Path>, top_k: usize, mtp: bool, json_out: bool) -> Result<()> {
+    let model = load_model(dir)?;
+    let toks = match (ids, text, file) {
+        (Some(i), _, _) => parse_ids(i)?,
+        (None, Some(t), _) => Tokenizer::from_dir(dir)?.encode(t, true)?,
+        (None, None, Some(f)) => {
+            let t = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            Tokenizer::from_dir(dir)?.encode(&t, true)?
+        }
+        _ => bail!("give --ids, --text or --file"),
+    };
+    let s = run_score(&model, &toks, mtp, top_k)?;
+    if json_out {
+        let top: Vec<Vec<serde_json::Value>> =
+            s.top.iter().map(|row| row.iter().map(|(id, lp)| json!({"id": id, "logprob": lp})).collect()).collect();
+        let mut out = json!({"ids": toks, "logprobs": s.logprobs, "top": top, "nll": s.nll, "ppl": s.ppl});
+        if mtp {
+            out["mtp_logprobs"] = json!(s.mtp_logprobs);
+        }
+        println!("{out}");
+    } else {
+        for (i, lp) in s.logprobs.iter().enumerate() {
+            print!("{:>6} → {:>6}  logprob {lp:>9.4}", toks[i], toks[i + 1]);
+            if let Some(m) = s.mtp_logprobs.get(i) {
+                print!("   mtp(+2) {m:>9.4}");
+            }
+            println!();
+        }
+        println!("nll {:.4}  ppl {:.3}", s.nll, s.ppl);
+    }
+    Ok(())
+}
+
+pub fn tokenize(dir: &Path, text: Option<&str>, chat: Option<&Path>, add_generation_prompt: bool, json_out: bool) -> Result<()> {
+    let tok = Tokenizer::from_dir(dir)?;
+    let (ids, text) = match (text, chat) {
+        (Some(t), _) => (tok.encode(t, true)?, t.to_string()),
+        (None, Some(f)) => {
+            let raw = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let messages: serde_json::Value = serde_json::from_str(&raw).with_context(|| format!("{}: not JSON", f.display()))?;
+            let rendered = tok.apply_chat_template(&messages, add_generation_prompt)?;
+            (tok.encode(&rendered, false)?, rendered)
+        }
+        _ => bail!("give --text or --chat"),
+    };
+    if json_out {
+        println!("{}", json!({"ids": ids, "text": text}));
+    } else {
+        println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "));
+    }
+    Ok(())
+}
+
+fn config_for(preset_name: &str) -> Result<serde_json::Value> {
+    match preset(preset_name) {
+        Some(v) => Ok(v),
+        None => {
+            let p = Path::new(preset_name);
+            let text = std::fs::read_to_string(p).with_context(|| format!("`{preset_name}` is neither a preset (tiny, bench-1b) nor a readable config.json"))?;
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", p.display()))
+        }
+    }
+}
+
+pub fn random_model(preset_name: &str, dtype: &str, out: &Path, seed: u64) -> Result<()> {
+    let dtype = match dtype {
+        "f32" => StoreDtype::F32,
+        "bf16" => StoreDtype::Bf16,
+        "fp8" => StoreDtype::Fp8,
+        d => bail!("--dtype {d}: expected f32, bf16 or fp8"),
+    };
+    let cfg = write_random_checkpoint(out, &config_for(preset_name)?, dtype, seed)?;
+    eprintln!("wrote a random {} ({dtype:?}) to {}", preset_name, out.display());
+    let _ = cfg;
+    Ok(())
+}
+
+/// The README's main job: a small random DeepSeek-V3 (MLA, group-limited MoE, MTP), written as an
+/// FP8 checkpoint, loaded back, used to generate, then benchmarked.
+pub fn demo() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("dsv3-demo-{}", std::process::id()));
+    let cfg = write_random_checkpoint(&dir, &preset("tiny").expect("preset"), StoreDtype::Fp8, 0)?;
+    println!(
+        "dsv3 demo: a random DeepSeek-V3 in the official FP8 layout — {} layers ({} dense), {} routed experts (top-{}, {} groups keep {}), MLA latent {}+{}, 1 MTP module",
+        cfg.num_hidden_layers, cfg.first_k_dense_replace, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    );
+    let model = load_model(&dir)?;
+    let prompt: Vec<u32> = (2..34).collect();
+    let opts = GenerateOptions { max_new_tokens: 32, sampling: SamplingParams::default(), eos_token_ids: vec![], ignore_eos: true };
+    let (out, stats) = run_generate(&model, &prompt, &opts, |_| {})?;
+    println!("greedy continuation of ids 2..33: {out:?}");
+    println!(
+        "prefill {:.0} tok/s, decode {:.1} tok/s (random weights: the tokens mean nothing; the path is the real one)",
+        stats.prefill_tokens_per_second, stats.decode_tokens_per_second
+    );
+    let s = run_score(&model, &prompt, true, 0)?;
+    println!("score: nll {:.3} over {} tokens; MTP module scored {} positions", s.nll, prompt.len(), s.mtp_logprobs.len());
+    crate::bench::run(&crate::bench::BenchArgs { model: dir.clone(), prompt_len: 64, gen: 32, json: false })?;
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}

