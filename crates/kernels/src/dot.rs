@@ -2,7 +2,7 @@
 //!
 //! Each function dispatches at run time to an AVX2+FMA body when the CPU has it, else to the
 //! scalar reference in [`reference`]. FP8 rows are decoded in registers: the E4M3 bits are moved
-//! into an f32 (exponent rebiased by 120, subnormals through a multiply), so no table and no
+//! into an f32 and rebiased with one exact multiply by 2¹²⁰, so no table and no
 //! temporary row is needed.
 
 /// Plain scalar versions: the definition the SIMD bodies are tested against.
@@ -86,19 +86,16 @@ mod avx2 {
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
     }
 
-    /// 8 E4M3FN bytes at `p` → f32. Normal codes: the 7 magnitude bits shifted to the f32
-    /// exponent/mantissa position, exponent + 120 (127 − 7). Subnormals (magnitude < 8): m·2⁻⁹.
+    /// 8 E4M3FN bytes at `p` → f32. The 7 magnitude bits go where an f32 keeps its top exponent
+    /// and mantissa bits, which reads as the value × 2⁻¹²⁰ (subnormal codes become f32 subnormals,
+    /// still exact); one multiply by 2¹²⁰ rebiases the exponent (127 − 7) exactly.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn fp8x8(p: *const u8) -> __m256 {
         let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
-        let mag = _mm256_and_si256(v, _mm256_set1_epi32(0x7f));
-        let normal = _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23));
-        let sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(1.0 / 512.0));
-        let is_sub = _mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag);
-        let f = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub, _mm256_castsi256_ps(is_sub));
+        let mag = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7f)), 20);
         let sign = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
-        _mm256_or_ps(f, _mm256_castsi256_ps(sign))
+        _mm256_mul_ps(_mm256_castsi256_ps(_mm256_or_si256(mag, sign)), _mm256_set1_ps(f32::from_bits((127 + 120) << 23)))
     }
 
     macro_rules! dot_body {
