@@ -155,7 +155,7 @@ pub fn preset(name: &str) -> Option<serde_json::Value> {
         serde_json::json!({
             "model_type": "deepseek_v3", "vocab_size": 32000, "hidden_size": hidden, "intermediate_size": hidden * 3,
             "moe_intermediate_size": moe_inter, "num_hidden_layers": layers, "num_nextn_predict_layers": 1,
-            "num_attention_heads": heads, "q_lora_rank": hidden * 3 / 8, "kv_lora_rank": hidden / 4,
+            "num_attention_heads": heads, "num_key_value_heads": heads, "q_lora_rank": hidden * 3 / 8, "kv_lora_rank": hidden / 4,
             "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64, "n_routed_experts": experts,
             "n_shared_experts": 1, "num_experts_per_tok": top_k, "n_group": 8, "topk_group": 4,
             "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": true,
@@ -173,6 +173,7 @@ pub fn preset(name: &str) -> Option<serde_json::Value> {
             v["q_lora_rank"] = serde_json::json!(96);
             v["kv_lora_rank"] = serde_json::json!(64);
             v["n_group"] = serde_json::json!(4);
+            v["num_key_value_heads"] = serde_json::json!(4);
             v["topk_group"] = serde_json::json!(2);
             Some(v)
         }
