@@ -240,9 +240,8 @@ pub fn random_model(preset_name: &str, dtype: &str, out: &Path, seed: u64) -> Re
         "fp8" => StoreDtype::Fp8,
         d => bail!("--dtype {d}: expected f32, bf16 or fp8"),
     };
-    let cfg = write_random_checkpoint(out, &config_for(preset_name)?, dtype, seed)?;
+    write_random_checkpoint(out, &config_for(preset_name)?, dtype, seed)?;
     eprintln!("wrote a random {} ({dtype:?}) to {}", preset_name, out.display());
-    let _ = cfg;
     Ok(())
 }
 
