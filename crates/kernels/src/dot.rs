@@ -86,16 +86,16 @@ mod avx2 {
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
     }
 
-    /// 8 E4M3FN bytes at `p` → f32. The 7 magnitude bits go where an f32 keeps its top exponent
-    /// and mantissa bits, which reads as the value × 2⁻¹²⁰ (subnormal codes become f32 subnormals,
-    /// still exact); one multiply by 2¹²⁰ rebiases the exponent (127 − 7) exactly.
+    /// 8 E4M3FN bytes at `p` → f32. Sign-extending each byte puts the sign in bit 31 and, after
+    /// the shift, the 7 magnitude bits where an f32 keeps its low exponent and top mantissa bits;
+    /// the AND clears the sign copies in between. That reads as the value × 2⁻¹²⁰ (subnormal codes
+    /// become f32 subnormals, still exact); one multiply by 2¹²⁰ rebiases the exponent exactly.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn fp8x8(p: *const u8) -> __m256 {
-        let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
-        let mag = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7f)), 20);
-        let sign = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
-        _mm256_mul_ps(_mm256_castsi256_ps(_mm256_or_si256(mag, sign)), _mm256_set1_ps(f32::from_bits((127 + 120) << 23)))
+        let v = _mm256_slli_epi32(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)), 20);
+        let bits = _mm256_and_si256(v, _mm256_set1_epi32(0x87F0_0000u32 as i32));
+        _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(f32::from_bits((127 + 120) << 23)))
     }
 
     macro_rules! dot_body {

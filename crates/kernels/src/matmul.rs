@@ -7,12 +7,13 @@
 //! 32 rows are decoded to f32 and multiplied with `matrixmultiply`'s packed SGEMM; the decoded tile
 //! is reused by all tokens, so decoding is O(rows·cols) against O(m·rows·cols) of arithmetic.
 
+use crate::gemv::{row_dots, MAX_TOKENS};
 use crate::matrix::MatRef;
 use rayon::prelude::*;
 use std::ops::Range;
 
 /// Below this many tokens the register-decoding path wins.
-const SMALL_M: usize = 8;
+const SMALL_M: usize = MAX_TOKENS;
 /// Rows decoded together on the many-token path.
 const TILE_ROWS: usize = 32;
 /// Work (multiply-adds) under which a call stays on the calling thread.
@@ -27,32 +28,80 @@ unsafe impl Sync for SharedOut {}
 
 /// `y[m, n] = x[m, cols] · W[rows]ᵀ` with `n = rows.len()`.
 pub fn matmul_nt(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, y: &mut [f32]) {
-    let (n, k) = (rows.len(), w.cols());
-    assert!(rows.end <= w.rows() && x.len() == m * k && y.len() == m * n, "matmul_nt shape mismatch");
-    if m == 0 || n == 0 {
-        return;
+    matmul_nt_batch(&mut [NtJob { w: *w, rows, x, m, y }]);
+}
+
+/// One `y[m, n] = x[m, cols] · W[rows]ᵀ` of a batch.
+pub struct NtJob<'a> {
+    pub w: MatRef<'a>,
+    pub rows: Range<usize>,
+    pub x: &'a [f32],
+    pub m: usize,
+    pub y: &'a mut [f32],
+}
+
+/// Several independent products as one parallel job. At decode the matrices of a step are small
+/// (q_a and kv_a; gate and up of every selected expert), and waking the threads once for all of
+/// them rather than once per matrix saves a visible share of a token's time.
+pub fn matmul_nt_batch(jobs: &mut [NtJob]) {
+    struct Small<'a> {
+        w: MatRef<'a>,
+        r0: usize,
+        n: usize,
+        x: &'a [f32],
+        m: usize,
+        y: SharedOut,
     }
-    let parallel = m * n * k >= SERIAL_WORK;
-    if m <= SMALL_M {
-        // Token-major output is strided per row, so rows write a transposed buffer first.
-        let mut yt = vec![0f32; n * m];
-        let body = |(i, out): (usize, &mut [f32])| {
-            for (t, o) in out.iter_mut().enumerate() {
-                *o = w.row_dot(rows.start + i, &x[t * k..(t + 1) * k]);
-            }
-        };
-        if parallel {
-            yt.par_chunks_mut(m).enumerate().for_each(body);
+    let mut small = Vec::new();
+    for j in jobs.iter_mut() {
+        let (n, k) = (j.rows.len(), j.w.cols());
+        assert!(
+            j.rows.end <= j.w.rows() && j.x.len() == j.m * k && j.y.len() == j.m * n,
+            "matmul_nt shape mismatch"
+        );
+        if j.m == 0 || n == 0 {
+            continue;
+        }
+        if j.m <= SMALL_M {
+            small.push(Small { w: j.w, r0: j.rows.start, n, x: j.x, m: j.m, y: SharedOut(j.y.as_mut_ptr()) });
         } else {
-            yt.chunks_mut(m).enumerate().for_each(body);
+            matmul_nt_tiled(&j.w, j.rows.clone(), j.x, j.m, j.y);
         }
-        for i in 0..n {
-            for t in 0..m {
-                y[t * n + i] = yt[i * m + t];
+    }
+    let work: usize = small.iter().map(|s| s.m * s.n * s.w.cols()).sum();
+    // Row ranges of about an eighth of a thread's share, so stealing evens out the ends.
+    let per_task = (work / (8 * rayon::current_num_threads())).max(SERIAL_WORK / 4);
+    let tasks: Vec<(usize, Range<usize>)> = small
+        .iter()
+        .enumerate()
+        .flat_map(|(s, job)| {
+            let rows = (per_task / (job.m * job.w.cols()).max(1)).max(4).min(job.n);
+            (0..job.n).step_by(rows).map(move |i| (s, i..(i + rows).min(job.n)))
+        })
+        .collect();
+    let body = |(s, range): &(usize, Range<usize>)| {
+        let job = &small[*s];
+        let mut dots = [0f32; SMALL_M];
+        for i in range.clone() {
+            row_dots(job.w.row(job.r0 + i), job.x, &mut dots[..job.m]);
+            for (t, &d) in dots[..job.m].iter().enumerate() {
+                // SAFETY: each task owns rows `range` of its job's output; element (t, i) lies
+                // inside that job's y, whose length was checked to be m·n.
+                unsafe { *job.y.0.add(t * job.n + i) = d };
             }
         }
-        return;
+    };
+    if work >= SERIAL_WORK && tasks.len() > 1 {
+        tasks.par_iter().for_each(body);
+    } else {
+        tasks.iter().for_each(body);
     }
+}
+
+/// The many-token path: decoded tiles of rows times `matrixmultiply`'s SGEMM.
+fn matmul_nt_tiled(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, y: &mut [f32]) {
+    let (n, k) = (rows.len(), w.cols());
+    let parallel = m * n * k >= SERIAL_WORK;
     let out = SharedOut(y.as_mut_ptr());
     let tiles: Vec<usize> = (0..n).step_by(TILE_ROWS).collect();
     let body = |&i0: &usize| {
@@ -209,6 +258,31 @@ mod tests {
                         assert_close(&y, &want, &format!("nn {:?} {rows}x{cols} m={m}", w.format()));
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_equals_its_jobs_run_one_by_one() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let mats: Vec<Owned> = [(300usize, 200usize), (64, 1024), (7, 33)].iter().map(|&(r, c)| random(r, c, [128, 128], &mut rng)).collect();
+        let ms = [1usize, 2, 8, 9, 0, 3];
+        let xs: Vec<Vec<f32>> = ms
+            .iter()
+            .enumerate()
+            .map(|(i, &m)| (0..m * mats[i % 3].cols).map(|_| rng.gen_range(-1.0..1.0)).collect())
+            .collect();
+        for f in 0..3 {
+            let mut ys: Vec<Vec<f32>> = ms.iter().enumerate().map(|(i, &m)| vec![0f32; m * mats[i % 3].rows]).collect();
+            let mut jobs: Vec<NtJob> = ys
+                .iter_mut()
+                .enumerate()
+                .map(|(i, y)| NtJob { w: views(&mats[i % 3])[f], rows: 0..mats[i % 3].rows, x: &xs[i], m: ms[i], y })
+                .collect();
+            matmul_nt_batch(&mut jobs);
+            for (i, y) in ys.iter().enumerate() {
+                let w = views(&mats[i % 3])[f];
+                assert_close(y, &reference::matmul_nt(&w, 0..w.rows(), &xs[i], ms[i]), &format!("job {i} {:?}", w.format()));
             }
         }
     }

@@ -2,6 +2,7 @@
 //! format.
 
 use crate::dot;
+use crate::gemv::Row;
 
 /// Storage format of a weight matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,21 +98,15 @@ impl<'a> MatRef<'a> {
         out
     }
 
-    /// `Σ_c x[c]·W[r, c]` over all columns, block scales applied per block (FP32 promotion of each
-    /// block's partial sum, as the report's §3.3.2).
+    /// Row `r` as the GEMV kernels take it (with its block scales for FP8).
     #[inline]
-    pub fn row_dot(&self, r: usize, x: &[f32]) -> f32 {
+    pub fn row(&self, r: usize) -> Row<'a> {
         match *self {
-            MatRef::F32 { data, cols, .. } => dot::dot_f32(x, &data[r * cols..][..cols]),
-            MatRef::Bf16 { data, cols, .. } => dot::dot_bf16(x, &data[r * cols * 2..][..cols * 2]),
+            MatRef::F32 { data, cols, .. } => Row::F32(&data[r * cols..][..cols]),
+            MatRef::Bf16 { data, cols, .. } => Row::Bf16(&data[r * cols * 2..][..cols * 2]),
             MatRef::Fp8 { data, scale_inv, cols, block, .. } => {
-                let row = &data[r * cols..][..cols];
-                let srow = &scale_inv[(r / block[0]) * cols.div_ceil(block[1])..];
-                let mut acc = 0f32;
-                for (cb, (xb, wb)) in x.chunks(block[1]).zip(row.chunks(block[1])).enumerate() {
-                    acc += dot::dot_fp8(xb, wb) * srow[cb];
-                }
-                acc
+                let nb = cols.div_ceil(block[1]);
+                Row::Fp8 { data: &data[r * cols..][..cols], scales: &scale_inv[(r / block[0]) * nb..][..nb], block: block[1] }
             }
         }
     }

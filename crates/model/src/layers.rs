@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::weights::{Checkpoint, Matrix};
-use dsv3_kernels::matmul::matmul_nt;
+use dsv3_kernels::matmul::{matmul_nt_batch, NtJob};
 
 /// `y = x·Wᵀ`, no bias (DeepSeek-V3 has none). The weight stays in its stored format.
 #[derive(Clone)]
@@ -22,9 +22,20 @@ impl Linear {
 
     /// `x [m, in]` → `[m, out]`.
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let mut y = vec![0f32; m * self.weight.rows];
-        matmul_nt(&self.weight.view(), 0..self.weight.rows, x, m, &mut y);
-        y
+        Linear::forward_many(&[(self, x, m)]).pop().unwrap_or_default()
+    }
+
+    /// Several `Linear`s, each on its own `[m, in]` input, as one parallel job (decode-time
+    /// matrices are small; waking the threads once for all of them is cheaper).
+    pub fn forward_many(calls: &[(&Linear, &[f32], usize)]) -> Vec<Vec<f32>> {
+        let mut ys: Vec<Vec<f32>> = calls.iter().map(|(l, _, m)| vec![0f32; m * l.weight.rows]).collect();
+        let mut jobs: Vec<NtJob> = calls
+            .iter()
+            .zip(ys.iter_mut())
+            .map(|(&(l, x, m), y)| NtJob { w: l.weight.view(), rows: 0..l.weight.rows, x, m, y })
+            .collect();
+        matmul_nt_batch(&mut jobs);
+        ys
     }
 }
 
@@ -75,10 +86,20 @@ impl Mlp {
 
     /// `x [m, hidden]` → `[m, hidden]`.
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let mut g = self.gate_proj.forward(x, m);
-        let u = self.up_proj.forward(x, m);
-        g.iter_mut().zip(&u).for_each(|(g, u)| *g = silu(*g) * u);
-        self.down_proj.forward(&g, m)
+        Mlp::forward_many(&[(self, x, m)]).pop().unwrap_or_default()
+    }
+
+    /// Several MLPs, each on its own tokens (a step's selected experts and the shared one), as two
+    /// parallel jobs: gate and up of all of them, then down of all of them.
+    pub fn forward_many(calls: &[(&Mlp, &[f32], usize)]) -> Vec<Vec<f32>> {
+        let gate_up: Vec<(&Linear, &[f32], usize)> =
+            calls.iter().flat_map(|&(mlp, x, m)| [(&mlp.gate_proj, x, m), (&mlp.up_proj, x, m)]).collect();
+        let gu = Linear::forward_many(&gate_up);
+        let hidden: Vec<Vec<f32>> =
+            gu.chunks_exact(2).map(|p| p[0].iter().zip(&p[1]).map(|(&g, &u)| silu(g) * u).collect()).collect();
+        let down: Vec<(&Linear, &[f32], usize)> =
+            calls.iter().zip(&hidden).map(|(&(mlp, _, m), h)| (&mlp.down_proj, h.as_slice(), m)).collect();
+        Linear::forward_many(&down)
     }
 
     /// Weight bytes one token reads.

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 pub enum AttnImpl {
     Naive,
     Absorbed,
-    /// Naive for several new tokens, absorbed for one.
+    /// Absorbed for a few new tokens (decode, MTP verification), naive for a prompt.
     Auto,
 }
 
@@ -102,16 +102,24 @@ impl Mla {
         let dq = dn + dr;
         let start = cache.len;
         // [t, H, dn+dr]
+        // q_a (or q) and kv_a read the same input: one parallel job.
+        let (first, kv_a) = match &self.q {
+            QProj::LowRank { q_a_proj, .. } => (q_a_proj, &self.kv_a_proj_with_mqa),
+            QProj::Direct { q_proj } => (q_proj, &self.kv_a_proj_with_mqa),
+        };
+        let mut both = Linear::forward_many(&[(first, x, t), (kv_a, x, t)]);
+        // [t, C+R]
+        let kv = both.pop().unwrap_or_default();
+        let first = both.pop().unwrap_or_default();
+        // [t, H, dn+dr]
         let mut q = match &self.q {
-            QProj::LowRank { q_a_proj, q_a_layernorm, q_b_proj } => {
-                let mut cq = q_a_proj.forward(x, t);
+            QProj::LowRank { q_a_layernorm, q_b_proj, .. } => {
+                let mut cq = first;
                 q_a_layernorm.forward_in_place(&mut cq);
                 q_b_proj.forward(&cq, t)
             }
-            QProj::Direct { q_proj } => q_proj.forward(x, t),
+            QProj::Direct { .. } => first,
         };
-        // [t, C+R]
-        let kv = self.kv_a_proj_with_mqa.forward(x, t);
         for i in 0..t {
             for hh in 0..h {
                 rope.apply(&mut q[(i * h + hh) * dq + dn..(i * h + hh + 1) * dq], start + i);
@@ -126,7 +134,7 @@ impl Mla {
         let absorbed = match imp {
             AttnImpl::Naive => false,
             AttnImpl::Absorbed => true,
-            AttnImpl::Auto => t == 1,
+            AttnImpl::Auto => t <= dsv3_kernels::gemv::MAX_TOKENS,
         };
         let o = if absorbed { self.attend_absorbed(&q, t, start, cache) } else { self.attend_naive(&q, t, start, cache) };
         self.o_proj.forward(&o, t)

@@ -213,9 +213,11 @@ impl DeepseekV3 {
             return Err(ModelError::Input("cache was made for another model".into()));
         }
         let mut h = self.embed(tokens)?;
-        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            layer.forward(&mut h, t, c, &self.rope, self.attn_impl);
-        }
+        on_pool(|| {
+            for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                layer.forward(&mut h, t, c, &self.rope, self.attn_impl);
+            }
+        });
         self.norm.forward_in_place(&mut h);
         Ok(h)
     }
@@ -224,7 +226,7 @@ impl DeepseekV3 {
     pub fn logits(&self, h: &[f32], m: usize) -> Vec<f32> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let mut y = vec![0f32; m * head.rows];
-        matmul_nt(&head.view(), 0..head.rows, h, m, &mut y);
+        on_pool(|| matmul_nt(&head.view(), 0..head.rows, h, m, &mut y));
         y
     }
 
@@ -243,7 +245,7 @@ impl DeepseekV3 {
             cat.extend_from_slice(&g[i * d..(i + 1) * d]);
         }
         let mut h = m.eh_proj.forward(&cat, t);
-        m.block.forward(&mut h, t, &mut cache.mtp[k], &self.rope, self.attn_impl);
+        on_pool(|| m.block.forward(&mut h, t, &mut cache.mtp[k], &self.rope, self.attn_impl));
         m.shared_head_norm.forward_in_place(&mut h);
         Ok(h)
     }
@@ -269,4 +271,13 @@ impl KvCache {
         self.layers.iter_mut().for_each(|l| l.truncate(len, c, r));
         self.mtp.iter_mut().for_each(|l| l.truncate(0, c, r));
     }
+}
+
+/// Runs `f` on a thread of rayon's pool. The many small parallel jobs of a decode step are then
+/// forked from a worker (cheap local queue) instead of injected from outside the pool, which
+/// would wake a sleeping thread and park the caller once per matrix.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("rayon::scope runs its closure")
 }

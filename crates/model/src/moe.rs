@@ -149,14 +149,23 @@ impl Moe {
         for (j, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
             per_expert[e].push((j / routing.k, w));
         }
-        let mut out = match &self.shared_experts {
-            Some(s) => s.forward(x, t),
+        let active: Vec<(usize, &Vec<(usize, f32)>)> = per_expert.iter().enumerate().filter(|(_, v)| !v.is_empty()).collect();
+        let inputs: Vec<Vec<f32>> = active
+            .iter()
+            .map(|(_, toks)| toks.iter().flat_map(|&(i, _)| x[i * d..(i + 1) * d].iter().copied()).collect())
+            .collect();
+        let mut calls: Vec<(&Mlp, &[f32], usize)> =
+            active.iter().zip(&inputs).map(|(&(e, toks), xe)| (&self.experts[e], xe.as_slice(), toks.len())).collect();
+        if let Some(s) = &self.shared_experts {
+            calls.push((s, x, t));
+        }
+        let mut ys = Mlp::forward_many(&calls);
+        let mut out = match self.shared_experts {
+            Some(_) => ys.pop().unwrap_or_default(),
             None => vec![0f32; t * d],
         };
-        for (e, toks) in per_expert.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
-            let xe: Vec<f32> = toks.iter().flat_map(|&(i, _)| x[i * d..(i + 1) * d].iter().copied()).collect();
-            let ye = self.experts[e].forward(&xe, toks.len());
-            for (row, &(i, w)) in ye.chunks_exact(d).zip(toks) {
+        for ((_, toks), ye) in active.iter().zip(&ys) {
+            for (row, &(i, w)) in ye.chunks_exact(d).zip(toks.iter()) {
                 out[i * d..(i + 1) * d].iter_mut().zip(row).for_each(|(o, y)| *o += w * y);
             }
         }
