@@ -9,89 +9,70 @@
 //! of [`crate::dot`] run once per token.
 
 use crate::dot;
+use crate::matrix::MatRef;
+use std::ops::Range;
 
 /// Most tokens one call handles (the register budget of the AVX-512 body).
 pub const MAX_TOKENS: usize = 8;
 
-/// One stored weight row.
-#[derive(Clone, Copy, Debug)]
-pub enum Row<'a> {
-    F32(&'a [f32]),
-    /// Little-endian bf16 bytes.
-    Bf16(&'a [u8]),
-    /// E4M3FN bytes with one multiplier per `block` columns (`scales[c / block]`).
-    Fp8 { data: &'a [u8], scales: &'a [f32], block: usize },
-}
-
-impl Row<'_> {
-    pub fn len(&self) -> usize {
-        match *self {
-            Row::F32(w) => w.len(),
-            Row::Bf16(w) => w.len() / 2,
-            Row::Fp8 { data, .. } => data.len(),
-        }
+/// `out[j·m + t] = Σ_c x[t·k + c]·W[rows.start + j, c]` for `t < m ≤ MAX_TOKENS`, `k = W.cols()`:
+/// a range of weight rows, each against every token (output row-major by weight row).
+pub fn rows_dots(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, out: &mut [f32]) {
+    let k = w.cols();
+    assert!(
+        m <= MAX_TOKENS && rows.end <= w.rows() && x.len() >= m * k && out.len() >= rows.len() * m,
+        "rows_dots shape mismatch"
+    );
+    if let Err(e) = w.validate() {
+        panic!("rows_dots: {e}");
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn check(&self) {
-        if let Row::Fp8 { data, scales, block } = *self {
-            assert!(block > 0 && scales.len() >= data.len().div_ceil(block), "FP8 row scales too short");
-        }
-    }
-}
-
-/// `out[t] = Σ_c x[t·k + c]·row[c]` for `t < out.len() ≤ MAX_TOKENS`, `k = row.len()`.
-pub fn row_dots(row: Row, x: &[f32], out: &mut [f32]) {
-    let (k, m) = (row.len(), out.len());
-    assert!(m <= MAX_TOKENS && x.len() >= m * k, "row_dots shape mismatch");
-    row.check();
     #[cfg(target_arch = "x86_64")]
     if avx512::available() {
-        // SAFETY: the CPU has the features (checked); shapes were checked above and the body reads
-        // only x[..m·k], the row's k values and its ceil(k / block) scales, using masked loads at
-        // the ragged ends.
-        unsafe { avx512::row_dots(row, x, out) };
+        // SAFETY: the CPU has the features (checked); shapes and the matrix's slices were checked
+        // above, and the body reads only x[..m·k], rows `rows` of W and their scales, with masked
+        // loads at the ragged ends.
+        unsafe { avx512::rows_dots(w, rows, x, m, out) };
         return;
     }
-    for (t, o) in out.iter_mut().enumerate() {
-        let xt = &x[t * k..(t + 1) * k];
-        *o = match row {
-            Row::F32(w) => dot::dot_f32(xt, w),
-            Row::Bf16(w) => dot::dot_bf16(xt, w),
-            Row::Fp8 { data, scales, block } => {
-                xt.chunks(block).zip(data.chunks(block)).zip(scales).map(|((xb, wb), s)| dot::dot_fp8(xb, wb) * s).sum()
-            }
-        };
+    for (j, r) in rows.enumerate() {
+        for t in 0..m {
+            let xt = &x[t * k..(t + 1) * k];
+            out[j * m + t] = match *w {
+                MatRef::F32 { data, .. } => dot::dot_f32(xt, &data[r * k..][..k]),
+                MatRef::Bf16 { data, .. } => dot::dot_bf16(xt, &data[r * k * 2..][..k * 2]),
+                MatRef::Fp8 { data, scale_inv, block, .. } => {
+                    let nb = k.div_ceil(block[1]);
+                    let scales = &scale_inv[(r / block[0]) * nb..][..nb];
+                    let chunks = xt.chunks(block[1]).zip(data[r * k..][..k].chunks(block[1]));
+                    chunks.zip(scales).map(|((xb, wb), s)| dot::dot_fp8(xb, wb) * s).sum()
+                }
+            };
+        }
     }
 }
 
 /// The definition the fast bodies are tested against: decode each weight, multiply in f64.
 pub mod reference {
-    use super::Row;
-    use crate::codec::{bf16_to_f32, fp8_e4m3_to_f32};
+    use crate::matrix::MatRef;
+    use std::ops::Range;
 
-    pub fn row_dots(row: Row, x: &[f32], out: &mut [f32]) {
-        let k = row.len();
-        let w: Vec<f32> = match row {
-            Row::F32(w) => w.to_vec(),
-            Row::Bf16(w) => w.chunks_exact(2).map(|b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
-            Row::Fp8 { data, scales, block } => {
-                data.iter().enumerate().map(|(c, &b)| fp8_e4m3_to_f32(b) * scales[c / block]).collect()
+    pub fn rows_dots(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, out: &mut [f32]) {
+        let k = w.cols();
+        let mut row = vec![0f32; k];
+        for (j, r) in rows.enumerate() {
+            w.decode_row(r, 0, &mut row);
+            for t in 0..m {
+                out[j * m + t] = x[t * k..(t + 1) * k].iter().zip(&row).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
             }
-        };
-        for (t, o) in out.iter_mut().enumerate() {
-            *o = x[t * k..(t + 1) * k].iter().zip(&w).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::Row;
+    use crate::matrix::MatRef;
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     pub fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -183,6 +164,7 @@ mod avx512 {
         x: *const f32,
         out: &mut [f32],
     ) {
+        debug_assert_eq!(out.len(), M);
         let mut total = [_mm512_setzero_ps(); M];
         let (mut c0, mut b) = (0, 0);
         while c0 < k {
@@ -230,30 +212,45 @@ mod avx512 {
         }
     }
 
+    /// Every row of `rows` against `M` tokens.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn by_tokens<L: Load16>(w: &L, k: usize, block: usize, scales: Option<&[f32]>, x: &[f32], out: &mut [f32]) {
-        let x = x.as_ptr();
-        // Fewer tokens get more chains so the FMA latency stays hidden.
-        match out.len() {
-            1 => dots::<L, 1, 4>(w, k, block, scales, x, out),
-            2 => dots::<L, 2, 4>(w, k, block, scales, x, out),
-            3 => dots::<L, 3, 2>(w, k, block, scales, x, out),
-            4 => dots::<L, 4, 2>(w, k, block, scales, x, out),
-            5 => dots::<L, 5, 2>(w, k, block, scales, x, out),
-            6 => dots::<L, 6, 2>(w, k, block, scales, x, out),
-            7 => dots::<L, 7, 2>(w, k, block, scales, x, out),
-            8 => dots::<L, 8, 2>(w, k, block, scales, x, out),
-            _ => {}
+    unsafe fn rows_m<const M: usize, const U: usize>(w: &MatRef, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
+        let (k, xp) = (w.cols(), x.as_ptr());
+        let outs = out.chunks_exact_mut(M);
+        match *w {
+            MatRef::F32 { data, .. } => {
+                for (r, o) in rows.zip(outs) {
+                    dots::<_, M, U>(&F32s(data.as_ptr().add(r * k)), k, k.max(1), None, xp, o);
+                }
+            }
+            MatRef::Bf16 { data, .. } => {
+                for (r, o) in rows.zip(outs) {
+                    dots::<_, M, U>(&Bf16s(data.as_ptr().add(2 * r * k)), k, k.max(1), None, xp, o);
+                }
+            }
+            MatRef::Fp8 { data, scale_inv, block, .. } => {
+                let nb = k.div_ceil(block[1]);
+                for (r, o) in rows.zip(outs) {
+                    let scales = &scale_inv[(r / block[0]) * nb..][..nb];
+                    dots::<_, M, U>(&Fp8s(data.as_ptr().add(r * k)), k, block[1], Some(scales), xp, o);
+                }
+            }
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn row_dots(row: Row, x: &[f32], out: &mut [f32]) {
-        let k = row.len();
-        match row {
-            Row::F32(w) => by_tokens(&F32s(w.as_ptr()), k, k.max(1), None, x, out),
-            Row::Bf16(w) => by_tokens(&Bf16s(w.as_ptr()), k, k.max(1), None, x, out),
-            Row::Fp8 { data, scales, block } => by_tokens(&Fp8s(data.as_ptr()), k, block, Some(scales), x, out),
+    pub unsafe fn rows_dots(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, out: &mut [f32]) {
+        // Fewer tokens get more chains so the FMA latency stays hidden.
+        match m {
+            1 => rows_m::<1, 4>(w, rows, x, out),
+            2 => rows_m::<2, 4>(w, rows, x, out),
+            3 => rows_m::<3, 2>(w, rows, x, out),
+            4 => rows_m::<4, 2>(w, rows, x, out),
+            5 => rows_m::<5, 2>(w, rows, x, out),
+            6 => rows_m::<6, 2>(w, rows, x, out),
+            7 => rows_m::<7, 2>(w, rows, x, out),
+            8 => rows_m::<8, 2>(w, rows, x, out),
+            _ => {}
         }
     }
 }
@@ -265,31 +262,41 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     #[test]
-    fn row_dots_match_reference_for_every_format_token_count_and_ragged_block() {
+    fn rows_dots_match_reference_for_every_format_token_count_and_ragged_block() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let rows = 5;
         for k in [0usize, 1, 15, 16, 17, 64, 100, 128, 129, 300, 1024] {
-            let wf: Vec<f32> = (0..k).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let n = rows * k;
+            let wf: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect();
             let wb: Vec<u8> = wf.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect();
             // Every byte value but the NaN codes, subnormals included.
-            let w8: Vec<u8> = (0..k).map(|_| rng.gen::<u8>()).map(|b| if b & 0x7f == 0x7f { 0x7e } else { b }).collect();
-            for block in [128usize, 48, 7] {
-                let scales: Vec<f32> = (0..k.div_ceil(block)).map(|_| rng.gen_range(0.001..2.0)).collect();
-                let rows = [Row::F32(&wf), Row::Bf16(&wb), Row::Fp8 { data: &w8, scales: &scales, block }];
-                // The same rows with every weight's sign cleared: Σ|x·w| bounds the rounding error.
-                let wf_abs: Vec<f32> = wf.iter().map(|v| v.abs()).collect();
-                let wb_abs: Vec<u8> = wb.iter().enumerate().map(|(i, &b)| if i % 2 == 1 { b & 0x7f } else { b }).collect();
-                let w8_abs: Vec<u8> = w8.iter().map(|&b| b & 0x7f).collect();
-                let rows_abs = [Row::F32(&wf_abs), Row::Bf16(&wb_abs), Row::Fp8 { data: &w8_abs, scales: &scales, block }];
+            let w8: Vec<u8> = (0..n).map(|_| rng.gen::<u8>()).map(|b| if b & 0x7f == 0x7f { 0x7e } else { b }).collect();
+            // The same rows with every weight's sign cleared: Σ|x·w| bounds the rounding error.
+            let wf_abs: Vec<f32> = wf.iter().map(|v| v.abs()).collect();
+            let wb_abs: Vec<u8> = wb.iter().enumerate().map(|(i, &b)| if i % 2 == 1 { b & 0x7f } else { b }).collect();
+            let w8_abs: Vec<u8> = w8.iter().map(|&b| b & 0x7f).collect();
+            for block in [[128usize, 128usize], [2, 48], [3, 7]] {
+                let ns = rows.div_ceil(block[0]) * k.div_ceil(block[1]);
+                let scale_inv: Vec<f32> = (0..ns).map(|_| rng.gen_range(0.001..2.0)).collect();
+                let fp8 = |data| MatRef::Fp8 { data, scale_inv: &scale_inv, rows, cols: k, block };
+                let mats = [
+                    (MatRef::F32 { data: &wf, rows, cols: k }, MatRef::F32 { data: &wf_abs, rows, cols: k }),
+                    (MatRef::Bf16 { data: &wb, rows, cols: k }, MatRef::Bf16 { data: &wb_abs, rows, cols: k }),
+                    (fp8(&w8), fp8(&w8_abs)),
+                ];
                 for m in 0..=MAX_TOKENS {
                     let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-2.0..2.0)).collect();
                     let x_abs: Vec<f32> = x.iter().map(|v| v.abs()).collect();
-                    for (row, row_abs) in rows.into_iter().zip(rows_abs) {
-                        let (mut got, mut want, mut mag) = (vec![0f32; m], vec![0f32; m], vec![0f32; m]);
-                        row_dots(row, &x, &mut got);
-                        reference::row_dots(row, &x, &mut want);
-                        reference::row_dots(row_abs, &x_abs, &mut mag);
-                        for ((g, w), a) in got.iter().zip(&want).zip(&mag) {
-                            assert!((g - w).abs() <= 4e-6 * a, "k={k} block={block} m={m} {row:?}: {g} vs {w}");
+                    for (w, w_abs) in &mats {
+                        for range in [0..rows, 1..4] {
+                            let len = range.len() * m;
+                            let (mut got, mut want, mut mag) = (vec![0f32; len], vec![0f32; len], vec![0f32; len]);
+                            rows_dots(w, range.clone(), &x, m, &mut got);
+                            reference::rows_dots(w, range.clone(), &x, m, &mut want);
+                            reference::rows_dots(w_abs, range.clone(), &x_abs, m, &mut mag);
+                            for ((g, v), a) in got.iter().zip(&want).zip(&mag) {
+                                assert!((g - v).abs() <= 4e-6 * a, "k={k} block={block:?} m={m} {:?}: {g} vs {v}", w.format());
+                            }
                         }
                     }
                 }

@@ -7,7 +7,7 @@
 //! 32 rows are decoded to f32 and multiplied with `matrixmultiply`'s packed SGEMM; the decoded tile
 //! is reused by all tokens, so decoding is O(rows·cols) against O(m·rows·cols) of arithmetic.
 
-use crate::gemv::{row_dots, MAX_TOKENS};
+use crate::gemv::{rows_dots, MAX_TOKENS};
 use crate::matrix::MatRef;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -81,13 +81,20 @@ pub fn matmul_nt_batch(jobs: &mut [NtJob]) {
         .collect();
     let body = |(s, range): &(usize, Range<usize>)| {
         let job = &small[*s];
-        let mut dots = [0f32; SMALL_M];
-        for i in range.clone() {
-            row_dots(job.w.row(job.r0 + i), job.x, &mut dots[..job.m]);
-            for (t, &d) in dots[..job.m].iter().enumerate() {
-                // SAFETY: each task owns rows `range` of its job's output; element (t, i) lies
-                // inside that job's y, whose length was checked to be m·n.
-                unsafe { *job.y.0.add(t * job.n + i) = d };
+        let (r0, m) = (job.r0, job.m);
+        if m == 1 {
+            // SAFETY: each task owns rows `range` of its job's output, which for one token are
+            // the contiguous elements range.start..range.end of y (length n, checked).
+            let y = unsafe { std::slice::from_raw_parts_mut(job.y.0.add(range.start), range.len()) };
+            rows_dots(&job.w, r0 + range.start..r0 + range.end, job.x, 1, y);
+            return;
+        }
+        let mut dots = vec![0f32; range.len() * m];
+        rows_dots(&job.w, r0 + range.start..r0 + range.end, job.x, m, &mut dots);
+        for (i, d) in range.clone().zip(dots.chunks_exact(m)) {
+            for (t, &v) in d.iter().enumerate() {
+                // SAFETY: as above; element (t, i) lies inside this job's y of length m·n.
+                unsafe { *job.y.0.add(t * job.n + i) = v };
             }
         }
     };

@@ -2,7 +2,6 @@
 //! format.
 
 use crate::dot;
-use crate::gemv::Row;
 
 /// Storage format of a weight matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,19 +95,6 @@ impl<'a> MatRef<'a> {
             self.decode_row(r, 0, row);
         }
         out
-    }
-
-    /// Row `r` as the GEMV kernels take it (with its block scales for FP8).
-    #[inline]
-    pub fn row(&self, r: usize) -> Row<'a> {
-        match *self {
-            MatRef::F32 { data, cols, .. } => Row::F32(&data[r * cols..][..cols]),
-            MatRef::Bf16 { data, cols, .. } => Row::Bf16(&data[r * cols * 2..][..cols * 2]),
-            MatRef::Fp8 { data, scale_inv, cols, block, .. } => {
-                let nb = cols.div_ceil(block[1]);
-                Row::Fp8 { data: &data[r * cols..][..cols], scales: &scale_inv[(r / block[0]) * nb..][..nb], block: block[1] }
-            }
-        }
     }
 
     /// `y[j] += a·W[r, c0 + j]` for `j < y.len()`.
