@@ -2,20 +2,16 @@
 //! MLA's key up-projection), over a range of weight rows so one packed matrix can serve per-head
 //! slices.
 //!
-//! Few tokens (decode): each weight row is decoded in registers once and dotted with every token,
-//! so the matrix is read once per call whatever the token count. Many tokens (prefill): tiles of
-//! 32 rows are decoded to f32 and multiplied with `matrixmultiply`'s packed SGEMM; the decoded tile
-//! is reused by all tokens, so decoding is O(rows·cols) against O(m·rows·cols) of arithmetic.
+//! Each weight row is decoded in registers once per group of up to [`MAX_TOKENS`] tokens and
+//! dotted with all of them ([`crate::gemv`]), so decode reads a matrix from memory once per call
+//! and prefill decodes each weight m/8 times against 8·m multiply-adds. A task owns a range of
+//! rows and walks every token group over it while those rows sit in cache.
 
 use crate::gemv::{rows_dots, MAX_TOKENS};
 use crate::matrix::MatRef;
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// Below this many tokens the register-decoding path wins.
-const SMALL_M: usize = MAX_TOKENS;
-/// Rows decoded together on the many-token path.
-const TILE_ROWS: usize = 32;
 /// Work (multiply-adds) under which a call stays on the calling thread.
 const SERIAL_WORK: usize = 1 << 15;
 
@@ -44,7 +40,7 @@ pub struct NtJob<'a> {
 /// (q_a and kv_a; gate and up of every selected expert), and waking the threads once for all of
 /// them rather than once per matrix saves a visible share of a token's time.
 pub fn matmul_nt_batch(jobs: &mut [NtJob]) {
-    struct Small<'a> {
+    struct Job<'a> {
         w: MatRef<'a>,
         r0: usize,
         n: usize,
@@ -52,26 +48,21 @@ pub fn matmul_nt_batch(jobs: &mut [NtJob]) {
         m: usize,
         y: SharedOut,
     }
-    let mut small = Vec::new();
+    let mut live = Vec::new();
     for j in jobs.iter_mut() {
         let (n, k) = (j.rows.len(), j.w.cols());
         assert!(
             j.rows.end <= j.w.rows() && j.x.len() == j.m * k && j.y.len() == j.m * n,
             "matmul_nt shape mismatch"
         );
-        if j.m == 0 || n == 0 {
-            continue;
-        }
-        if j.m <= SMALL_M {
-            small.push(Small { w: j.w, r0: j.rows.start, n, x: j.x, m: j.m, y: SharedOut(j.y.as_mut_ptr()) });
-        } else {
-            matmul_nt_tiled(&j.w, j.rows.clone(), j.x, j.m, j.y);
+        if j.m > 0 && n > 0 {
+            live.push(Job { w: j.w, r0: j.rows.start, n, x: j.x, m: j.m, y: SharedOut(j.y.as_mut_ptr()) });
         }
     }
-    let work: usize = small.iter().map(|s| s.m * s.n * s.w.cols()).sum();
+    let work: usize = live.iter().map(|s| s.m * s.n * s.w.cols()).sum();
     // Row ranges of about an eighth of a thread's share, so stealing evens out the ends.
     let per_task = (work / (8 * rayon::current_num_threads())).max(SERIAL_WORK / 4);
-    let tasks: Vec<(usize, Range<usize>)> = small
+    let tasks: Vec<(usize, Range<usize>)> = live
         .iter()
         .enumerate()
         .flat_map(|(s, job)| {
@@ -80,21 +71,25 @@ pub fn matmul_nt_batch(jobs: &mut [NtJob]) {
         })
         .collect();
     let body = |(s, range): &(usize, Range<usize>)| {
-        let job = &small[*s];
-        let (r0, m) = (job.r0, job.m);
+        let job = &live[*s];
+        let (k, n, m) = (job.w.cols(), job.n, job.m);
+        let rows = job.r0 + range.start..job.r0 + range.end;
         if m == 1 {
             // SAFETY: each task owns rows `range` of its job's output, which for one token are
             // the contiguous elements range.start..range.end of y (length n, checked).
             let y = unsafe { std::slice::from_raw_parts_mut(job.y.0.add(range.start), range.len()) };
-            rows_dots(&job.w, r0 + range.start..r0 + range.end, job.x, 1, y);
+            rows_dots(&job.w, rows, job.x, 1, y);
             return;
         }
-        let mut dots = vec![0f32; range.len() * m];
-        rows_dots(&job.w, r0 + range.start..r0 + range.end, job.x, m, &mut dots);
-        for (i, d) in range.clone().zip(dots.chunks_exact(m)) {
-            for (t, &v) in d.iter().enumerate() {
-                // SAFETY: as above; element (t, i) lies inside this job's y of length m·n.
-                unsafe { *job.y.0.add(t * job.n + i) = v };
+        let mut dots = vec![0f32; range.len() * MAX_TOKENS];
+        for t0 in (0..m).step_by(MAX_TOKENS) {
+            let g = MAX_TOKENS.min(m - t0);
+            rows_dots(&job.w, rows.clone(), &job.x[t0 * k..(t0 + g) * k], g, &mut dots);
+            for (i, d) in range.clone().zip(dots.chunks_exact(g)) {
+                for (t, &v) in d.iter().enumerate() {
+                    // SAFETY: as above; element (t0 + t, i) lies inside this job's y of m·n.
+                    unsafe { *job.y.0.add((t0 + t) * n + i) = v };
+                }
             }
         }
     };
@@ -102,38 +97,6 @@ pub fn matmul_nt_batch(jobs: &mut [NtJob]) {
         tasks.par_iter().for_each(body);
     } else {
         tasks.iter().for_each(body);
-    }
-}
-
-/// The many-token path: decoded tiles of rows times `matrixmultiply`'s SGEMM.
-fn matmul_nt_tiled(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, y: &mut [f32]) {
-    let (n, k) = (rows.len(), w.cols());
-    let parallel = m * n * k >= SERIAL_WORK;
-    let out = SharedOut(y.as_mut_ptr());
-    let tiles: Vec<usize> = (0..n).step_by(TILE_ROWS).collect();
-    let body = |&i0: &usize| {
-        let tr = TILE_ROWS.min(n - i0);
-        let mut tile = vec![0f32; tr * k];
-        for (j, row) in tile.chunks_exact_mut(k).enumerate() {
-            w.decode_row(rows.start + i0 + j, 0, row);
-        }
-        let out = out;
-        // SAFETY: this task writes only columns i0..i0+tr of y (row stride n); `x` and `tile`
-        // are read within their bounds as the strides describe.
-        unsafe {
-            matrixmultiply::sgemm(
-                m, k, tr, 1.0,
-                x.as_ptr(), k as isize, 1,
-                tile.as_ptr(), 1, k as isize,
-                0.0,
-                out.0.add(i0), n as isize, 1,
-            );
-        }
-    };
-    if parallel {
-        tiles.par_iter().for_each(body);
-    } else {
-        tiles.iter().for_each(body);
     }
 }
 
