@@ -19,6 +19,10 @@ pub struct BenchArgs {
     /// Tokens to decode.
     #[arg(long, default_value_t = 64)]
     pub gen: usize,
+    /// Also decode with MTP speculative decoding, K drafts per step, and report its speed-up and
+    /// acceptance (random weights accept little; a trained model is the real test).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub mtp_speculative: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -51,10 +55,20 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let load_s = t.elapsed().as_secs_f64();
     let v = model.config.vocab_size as u32;
     let prompt: Vec<u32> = (0..a.prompt_len.max(1)).map(|i| 2 + (i as u32 * 7919) % (v - 2).max(1)).collect();
-    let opts = GenerateOptions { max_new_tokens: a.gen + 1, sampling: SamplingParams::default(), eos_token_ids: vec![], ignore_eos: true };
+    let opts = GenerateOptions {
+        max_new_tokens: a.gen + 1,
+        sampling: SamplingParams::default(),
+        eos_token_ids: vec![],
+        ignore_eos: true,
+        mtp_speculative: 0,
+    };
     // A short warm-up run pages the weights in.
     generate(&model, &prompt[..prompt.len().min(8)], &GenerateOptions { max_new_tokens: 2, ..opts.clone() }, |_| {})?;
     let (_, stats) = generate(&model, &prompt, &opts, |_| {})?;
+    let spec = match a.mtp_speculative {
+        0 => None,
+        k => Some(generate(&model, &prompt, &GenerateOptions { mtp_speculative: k, ..opts.clone() }, |_| {})?.1),
+    };
     let peak = peak_rss();
     let active = model.active_weight_bytes();
     let bw = read_bandwidth();
@@ -74,6 +88,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "decode_floor_tokens_per_second": floor_tps,
         "decode_vs_floor": stats.decode_tokens_per_second / floor_tps,
         "threads": rayon::current_num_threads(),
+        "mtp_speculative": spec.as_ref().map(|s| json!({
+            "drafts_per_step": a.mtp_speculative,
+            "decode_tokens_per_second": s.decode_tokens_per_second,
+            "speedup": s.decode_tokens_per_second / stats.decode_tokens_per_second,
+            "acceptance_rate": s.acceptance_rate,
+            "mean_accepted_length": s.mean_accepted_length,
+        })),
     });
     if a.json {
         println!("{r}");
@@ -84,6 +105,16 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         println!("  peak memory        {:.1} MiB", peak.unwrap_or(0) as f64 / (1 << 20) as f64);
         println!("  KV cache per token {} bytes ({} values/layer × {} layers × 4 B)", model.kv_bytes_per_token(), model.config.latent_cache_width(), model.layers.len());
         println!("  active weights     {:.1} MiB/token; read bandwidth {:.1} GB/s → floor {:.1} tok/s; decode at {:.0}% of floor", active as f64 / (1 << 20) as f64, bw / 1e9, floor_tps, 100.0 * stats.decode_tokens_per_second / floor_tps);
+        if let Some(s) = &spec {
+            println!(
+                "  MTP speculative    {:.2} tok/s with {} draft(s)/step ({:.2}× plain decode); {:.1}% accepted, {:.2} tokens per verifying forward",
+                s.decode_tokens_per_second,
+                a.mtp_speculative,
+                s.decode_tokens_per_second / stats.decode_tokens_per_second,
+                100.0 * s.acceptance_rate.unwrap_or(0.0),
+                s.mean_accepted_length.unwrap_or(0.0)
+            );
+        }
     }
     Ok(())
 }

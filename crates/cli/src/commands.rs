@@ -47,6 +47,7 @@ fn options(s: &Sampling, eos: Vec<u32>) -> GenerateOptions {
         sampling: SamplingParams { temperature: s.temperature, top_p: s.top_p, top_k: s.top_k, seed: s.seed },
         eos_token_ids: eos,
         ignore_eos: s.ignore_eos,
+        mtp_speculative: 0,
     }
 }
 
@@ -82,7 +83,14 @@ impl Streamer<'_> {
     }
 }
 
-pub fn generate(dir: &Path, prompt: Option<&str>, prompt_ids: Option<&str>, s: &Sampling, json_out: bool) -> Result<()> {
+pub fn generate(
+    dir: &Path,
+    prompt: Option<&str>,
+    prompt_ids: Option<&str>,
+    s: &Sampling,
+    mtp_speculative: usize,
+    json_out: bool,
+) -> Result<()> {
     check_sampling(s)?;
     let model = load_model(dir)?;
     let tok = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(dir)?) } else { None };
@@ -91,7 +99,7 @@ pub fn generate(dir: &Path, prompt: Option<&str>, prompt_ids: Option<&str>, s: &
         (Some(p), None) => tok.as_ref().context("--prompt needs tokenizer.json in the model folder (or use --prompt-ids)")?.encode(p, true)?,
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
-    let opts = options(s, eos_ids(dir, &model, tok.as_ref()));
+    let opts = GenerateOptions { mtp_speculative, ..options(s, eos_ids(dir, &model, tok.as_ref())) };
     let mut streamer = tok.as_ref().filter(|_| !json_out).map(|t| Streamer { tok: t, ids: vec![], printed: 0 });
     let (out, stats) = run_generate(&model, &ids, &opts, |id| {
         if let Some(st) = streamer.as_mut() {
@@ -114,6 +122,9 @@ pub fn generate(dir: &Path, prompt: Option<&str>, prompt_ids: Option<&str>, s: &
             "[{} prompt tokens, {:.1} tok/s prefill; {} new tokens, {:.1} tok/s decode]",
             stats.prompt_tokens, stats.prefill_tokens_per_second, stats.generated_tokens, stats.decode_tokens_per_second
         );
+        if let (Some(rate), Some(len)) = (stats.acceptance_rate, stats.mean_accepted_length) {
+            eprintln!("[MTP speculative: {:.1}% of {} drafts accepted, {len:.2} tokens per verifying forward]", 100.0 * rate, stats.draft_tokens);
+        }
     }
     Ok(())
 }
@@ -256,7 +267,13 @@ pub fn demo() -> Result<()> {
     );
     let model = load_model(&dir)?;
     let prompt: Vec<u32> = (2..34).collect();
-    let opts = GenerateOptions { max_new_tokens: 32, sampling: SamplingParams::default(), eos_token_ids: vec![], ignore_eos: true };
+    let opts = GenerateOptions {
+        max_new_tokens: 32,
+        sampling: SamplingParams::default(),
+        eos_token_ids: vec![],
+        ignore_eos: true,
+        mtp_speculative: 0,
+    };
     let (out, stats) = run_generate(&model, &prompt, &opts, |_| {})?;
     println!("greedy continuation of ids 2..33: {out:?}");
     println!(
@@ -265,7 +282,7 @@ pub fn demo() -> Result<()> {
     );
     let s = run_score(&model, &prompt, true, 0)?;
     println!("score: nll {:.3} over {} tokens; MTP module scored {} positions", s.nll, prompt.len(), s.mtp_logprobs.len());
-    crate::bench::run(&crate::bench::BenchArgs { model: dir.clone(), prompt_len: 64, gen: 32, json: false })?;
+    crate::bench::run(&crate::bench::BenchArgs { model: dir.clone(), prompt_len: 64, gen: 32, mtp_speculative: 0, json: false })?;
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }

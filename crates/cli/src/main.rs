@@ -49,6 +49,9 @@ enum Command {
         prompt_ids: Option<String>,
         #[command(flatten)]
         sampling: Sampling,
+        /// Speculative decoding with the checkpoint's MTP module drafting K tokens per step.
+        #[arg(long, value_name = "K", default_value_t = 0, num_args = 0..=1, default_missing_value = "1")]
+        mtp_speculative: usize,
         #[arg(long)]
         json: bool,
     },
@@ -121,8 +124,8 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate { model, prompt, prompt_ids, sampling, json } => {
-            commands::generate(&model, prompt.as_deref(), prompt_ids.as_deref(), &sampling, json)
+        Command::Generate { model, prompt, prompt_ids, sampling, mtp_speculative, json } => {
+            commands::generate(&model, prompt.as_deref(), prompt_ids.as_deref(), &sampling, mtp_speculative, json)
         }
         Command::Chat { model, system, sampling } => commands::chat(&model, system.as_deref(), &sampling),
         Command::Score { model, ids, text, file, top_k, mtp, json } => {

@@ -267,11 +267,13 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn rows_dots(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, out: &mut [f32]) {
         // Few tokens: more chains hide the FMA latency. More tokens: two rows share each load.
+        // Up to 4 tokens the sums run in the same order as for one, so verifying MTP drafts
+        // reproduces plain decoding bit for bit.
         match m {
             1 => rows_m::<1, 1, 4>(w, rows, x, out),
             2 => rows_m::<1, 2, 4>(w, rows, x, out),
-            3 => rows_m::<1, 3, 2>(w, rows, x, out),
-            4 => rows_m::<2, 4, 1>(w, rows, x, out),
+            3 => rows_m::<1, 3, 4>(w, rows, x, out),
+            4 => rows_m::<1, 4, 4>(w, rows, x, out),
             5 => rows_m::<2, 5, 1>(w, rows, x, out),
             6 => rows_m::<2, 6, 1>(w, rows, x, out),
             7 => rows_m::<2, 7, 1>(w, rows, x, out),

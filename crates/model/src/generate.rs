@@ -12,6 +12,8 @@ pub struct GenerateOptions {
     /// Token ids that end generation (unless `ignore_eos`).
     pub eos_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// MTP drafts per step (0: plain decoding). See [`crate::speculative`].
+    pub mtp_speculative: usize,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -22,6 +24,22 @@ pub struct GenerateStats {
     pub decode_seconds: f64,
     pub prefill_tokens_per_second: f64,
     pub decode_tokens_per_second: f64,
+    /// Speculative decoding only: drafts proposed and accepted, main forwards that verified them,
+    /// accepted/proposed, and tokens emitted per verifying forward.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub draft_tokens: usize,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub accepted_tokens: usize,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub verify_steps: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acceptance_rate: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean_accepted_length: Option<f64>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Generates after `prompt`, calling `on_token` with each new id as it is chosen.
@@ -33,6 +51,9 @@ pub fn generate(
 ) -> Result<(Vec<u32>, GenerateStats)> {
     if prompt.is_empty() {
         return Err(ModelError::Input("the prompt is empty".into()));
+    }
+    if opts.mtp_speculative > 0 {
+        return crate::speculative::generate_speculative(model, prompt, opts, on_token);
     }
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut cache = model.new_cache();
@@ -66,6 +87,7 @@ pub fn generate(
         decode_seconds: decode,
         prefill_tokens_per_second: prompt.len() as f64 / prefill.max(1e-9),
         decode_tokens_per_second: if steps > 0 { steps as f64 / decode.max(1e-9) } else { 0.0 },
+        ..Default::default()
     };
     Ok((out, stats))
 }

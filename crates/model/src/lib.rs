@@ -14,6 +14,7 @@ pub mod model;
 pub mod moe;
 pub mod rope;
 pub mod sampling;
+pub mod speculative;
 pub mod tokenizer;
 pub mod weights;
 

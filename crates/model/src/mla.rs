@@ -17,6 +17,10 @@ use dsv3_kernels::dot::{axpy_f32, dot_f32};
 use dsv3_kernels::matmul::{matmul_nn, matmul_nt};
 use rayon::prelude::*;
 
+/// `AttnImpl::Auto` runs the absorbed form up to this many new tokens (decode and MTP
+/// verification), the naive one above (prompts).
+pub const MAX_ABSORBED_TOKENS: usize = dsv3_kernels::gemv::MAX_TOKENS;
+
 /// Which attention form runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnImpl {
@@ -134,7 +138,7 @@ impl Mla {
         let absorbed = match imp {
             AttnImpl::Naive => false,
             AttnImpl::Absorbed => true,
-            AttnImpl::Auto => t <= dsv3_kernels::gemv::MAX_TOKENS,
+            AttnImpl::Auto => t <= MAX_ABSORBED_TOKENS,
         };
         let o = if absorbed { self.attend_absorbed(&q, t, start, cache) } else { self.attend_naive(&q, t, start, cache) };
         self.o_proj.forward(&o, t)

@@ -271,6 +271,18 @@ impl KvCache {
         self.layers.iter_mut().for_each(|l| l.truncate(len, c, r));
         self.mtp.iter_mut().for_each(|l| l.truncate(0, c, r));
     }
+
+    /// Keeps the first `len` positions of the main layers only (speculative rollback).
+    pub fn truncate_main(&mut self, len: usize, cfg: &Config) {
+        let (c, r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
+        self.layers.iter_mut().for_each(|l| l.truncate(len, c, r));
+    }
+
+    /// Keeps the first `len` positions of every MTP module's cache.
+    pub fn truncate_mtp(&mut self, len: usize, cfg: &Config) {
+        let (c, r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
+        self.mtp.iter_mut().for_each(|l| l.truncate(len, c, r));
+    }
 }
 
 /// Runs `f` on a thread of rayon's pool. The many small parallel jobs of a decode step are then

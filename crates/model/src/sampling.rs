@@ -61,6 +61,15 @@ impl Sampler {
         p
     }
 
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The seeded generator (speculative verification draws from it too, so runs repeat).
+    pub fn rng(&mut self) -> &mut StdRng {
+        &mut self.rng
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature <= 0.0 {
             return argmax(logits) as u32;

@@ -62,6 +62,7 @@ fn greedy_generation_matches_transformers() {
             sampling: SamplingParams::default(),
             eos_token_ids: vec![],
             ignore_eos: true,
+            mtp_speculative: 0,
         };
         let (out, _) = generate(&model, &ids(&r["generate"]["prompt"]), &opts, |_| {}).unwrap();
         assert_eq!(out, ids(&r["generate"]["output"]), "{case}");
@@ -104,5 +105,88 @@ fn prefill_then_decode_equals_one_forward() {
         assert_eq!(cache.len(), toks.len());
         assert_eq!(got.len(), toks.len() * v);
         assert_close(&got, &full, 1e-3, &format!("{case} incremental vs full logits"));
+    }
+}
+
+#[test]
+fn mtp_speculative_greedy_reproduces_plain_greedy() {
+    for case in CASES {
+        let model = DeepseekV3::load(&fixture(case)).unwrap();
+        if model.mtp.is_empty() {
+            continue;
+        }
+        let r = reference(case);
+        let prompt = ids(&r["generate"]["prompt"]);
+        let plain = GenerateOptions {
+            max_new_tokens: 20,
+            sampling: SamplingParams::default(),
+            eos_token_ids: vec![],
+            ignore_eos: true,
+            mtp_speculative: 0,
+        };
+        let (want, _) = generate(&model, &prompt, &plain, |_| {}).unwrap();
+        assert_eq!(want[..8], ids(&r["generate"]["output"])[..], "{case}: plain greedy vs transformers");
+        for k in 1..=3 {
+            let mut streamed = vec![];
+            let opts = GenerateOptions { mtp_speculative: k, ..plain.clone() };
+            let (got, stats) = generate(&model, &prompt, &opts, |t| streamed.push(t)).unwrap();
+            assert_eq!(got, want, "{case}: k = {k}");
+            assert_eq!(streamed, got, "{case}: streamed tokens");
+            assert!(stats.verify_steps > 0 && stats.accepted_tokens <= stats.draft_tokens, "{case}: {stats:?}");
+            assert_eq!(stats.draft_tokens, k * stats.verify_steps);
+        }
+        // Sampling: reproducible under a seed, and stops at max_new_tokens.
+        let sampled = GenerateOptions {
+            sampling: SamplingParams { temperature: 0.8, top_p: 0.9, top_k: 0, seed: 5 },
+            mtp_speculative: 2,
+            ..plain.clone()
+        };
+        let (a, _) = generate(&model, &prompt, &sampled, |_| {}).unwrap();
+        let (b, _) = generate(&model, &prompt, &sampled, |_| {}).unwrap();
+        assert_eq!((a.len(), &a), (20, &b), "{case}: seeded speculative sampling repeats");
+    }
+}
+
+#[test]
+fn mtp_drafts_come_from_the_verified_states() {
+    // Each step's first draft must be the MTP module's argmax at the position before the newest
+    // token, as a full forward over the final sequence computes it: that checks the MTP cache and
+    // the pending states across rollbacks.
+    use dsv3_model::sampling::{argmax, Sampler};
+    use dsv3_model::speculative::Speculator;
+    for case in CASES {
+        let model = DeepseekV3::load(&fixture(case)).unwrap();
+        if model.mtp.is_empty() {
+            continue;
+        }
+        let (d, v) = (model.config.hidden_size, model.config.vocab_size);
+        let prompt = ids(&reference(case)["generate"]["prompt"]);
+        for k in 1..=3 {
+            let mut sampler = Sampler::new(SamplingParams::default());
+            let mut cache = model.new_cache();
+            let h = model.forward(&prompt, &mut cache).unwrap();
+            let first = argmax(&model.logits(&h[(prompt.len() - 1) * d..], 1)) as u32;
+            let mut spec = Speculator::new(&prompt, h, first);
+            let mut seq: Vec<u32> = prompt.iter().copied().chain([first]).collect();
+            let mut first_drafts = vec![];
+            for _ in 0..6 {
+                let at = seq.len() - 1;
+                let step = spec.step(&model, &mut cache, k, &mut sampler).unwrap();
+                first_drafts.push((at, step.drafts[0]));
+                seq.extend(&step.drafts[..step.accepted]);
+                seq.push(step.next);
+                assert_eq!(cache.len(), seq.len() - 1, "{case}: main cache holds all but the newest token");
+            }
+            let n = seq.len();
+            let mut full = model.new_cache();
+            let hs = model.forward(&seq, &mut full).unwrap();
+            let hm = model.mtp_forward(0, &hs[..(n - 1) * d], &seq[1..], &mut full).unwrap();
+            let ml = model.logits(&hm, n - 1);
+            for (at, draft) in first_drafts {
+                // MTP at position at − 1 reads h_{at−1} and the token at `at`; it predicts at + 1.
+                let want = argmax(&ml[(at - 1) * v..at * v]) as u32;
+                assert_eq!(draft, want, "{case} k={k}: first draft after position {at}");
+            }
+        }
     }
 }
