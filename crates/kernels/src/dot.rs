@@ -208,9 +208,8 @@ mod tests {
 
             let a = rng.gen_range(-1.0..1.0);
             let y0: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
-            for (simd, refr) in [
-                (axpy_f32 as fn(&mut [f32], f32, &[f32]), reference::axpy_f32 as fn(&mut [f32], f32, &[f32])),
-            ] {
+            {
+                let (simd, refr) = (axpy_f32 as fn(&mut [f32], f32, &[f32]), reference::axpy_f32 as fn(&mut [f32], f32, &[f32]));
                 let (mut y1, mut y2) = (y0.clone(), y0.clone());
                 simd(&mut y1, a, &wf);
                 refr(&mut y2, a, &wf);

@@ -113,6 +113,9 @@ pub fn matmul_nn(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, y: &mut [f
     let out = SharedOut(y.as_mut_ptr());
     let body = |c0: usize| {
         let cw = CHUNK.min(c - c0);
+        // Moves the whole wrapper in: a closure naming `out.0` would capture the bare pointer,
+        // which is not Sync.
+        #[allow(clippy::redundant_locals)]
         let out = out;
         for t in 0..m {
             // SAFETY: this task alone writes columns c0..c0+cw of y.

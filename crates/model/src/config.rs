@@ -201,7 +201,7 @@ impl Config {
                 return Err(ModelError::config(name, "must be positive"));
             }
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(ModelError::config("qk_rope_head_dim", "must be even (RoPE rotates pairs)"));
         }
         if self.q_lora_rank == Some(0) {
@@ -216,7 +216,7 @@ impl Config {
                 return Err(ModelError::config("moe_intermediate_size", "must be positive when n_routed_experts is set"));
             }
             if self.topk_method != TopkMethod::Greedy {
-                if self.n_group == 0 || self.n_routed_experts % self.n_group != 0 {
+                if self.n_group == 0 || !self.n_routed_experts.is_multiple_of(self.n_group) {
                     return Err(ModelError::config("n_group", format!("{} must divide n_routed_experts {}", self.n_group, self.n_routed_experts)));
                 }
                 if self.topk_group == 0 || self.topk_group > self.n_group {
@@ -241,7 +241,7 @@ impl Config {
 
     /// Whether decoder layer `l` (the MTP layers included) has a MoE FFN.
     pub fn is_moe_layer(&self, l: usize) -> bool {
-        self.n_routed_experts > 0 && l >= self.first_k_dense_replace && l % self.moe_layer_freq == 0
+        self.n_routed_experts > 0 && l >= self.first_k_dense_replace && l.is_multiple_of(self.moe_layer_freq)
     }
 
     /// `qk_head_dim^-0.5`, times `mscale(factor, mscale_all_dim)²` under YaRN (spec §1, pitfall 5).

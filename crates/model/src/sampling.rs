@@ -112,6 +112,11 @@ pub fn log_prob(logits: &[f32], i: usize) -> f32 {
     (logits[i] as f64 - max - z.ln()) as f32
 }
 
+/// The `k` most likely tokens of a logits row with their log-probs, best first.
+pub fn top_k_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    crate::moe::top_k_indices(logits, k).into_iter().map(|i| (i as u32, log_prob(logits, i))).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,9 +141,4 @@ mod tests {
         let lp: f32 = (0..4).map(|i| log_prob(&logits, i).exp()).sum();
         assert!((lp - 1.0).abs() < 1e-6);
     }
-}
-
-/// The `k` most likely tokens of a logits row with their log-probs, best first.
-pub fn top_k_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    crate::moe::top_k_indices(logits, k).into_iter().map(|i| (i as u32, log_prob(logits, i))).collect()
 }

@@ -307,7 +307,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, &str, Vec<usize>, Vec<
         off += bytes.len();
     }
     let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON of a map");
-    while (h.len() + 8) % 8 != 0 {
+    while !(h.len() + 8).is_multiple_of(8) {
         h.push(b' ');
     }
     let tmp = path.with_extension("safetensors.tmp");
