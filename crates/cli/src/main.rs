@@ -3,6 +3,7 @@
 
 mod bench;
 mod commands;
+mod hub;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -39,7 +40,8 @@ pub struct Sampling {
 enum Command {
     /// Generate a continuation of a prompt.
     Generate {
-        /// A Hugging Face model folder (config.json, safetensors, tokenizer.json).
+        /// A Hugging Face model folder (config.json, safetensors, tokenizer.json), or a Hub id
+        /// (`owner/name`) in a build with `--features dsv3-cli/hub`.
         #[arg(long)]
         model: PathBuf,
         #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
@@ -124,17 +126,19 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate { model, prompt, prompt_ids, sampling, mtp_speculative, json } => {
-            commands::generate(&model, prompt.as_deref(), prompt_ids.as_deref(), &sampling, mtp_speculative, json)
+        Command::Generate { model, prompt, prompt_ids, sampling, mtp_speculative, json } => hub::resolve_model(&model)
+            .and_then(|m| commands::generate(&m, prompt.as_deref(), prompt_ids.as_deref(), &sampling, mtp_speculative, json)),
+        Command::Chat { model, system, sampling } => {
+            hub::resolve_model(&model).and_then(|m| commands::chat(&m, system.as_deref(), &sampling))
         }
-        Command::Chat { model, system, sampling } => commands::chat(&model, system.as_deref(), &sampling),
-        Command::Score { model, ids, text, file, top_k, mtp, json } => {
-            commands::score(&model, ids.as_deref(), text.as_deref(), file.as_deref(), top_k, mtp, json)
-        }
+        Command::Score { model, ids, text, file, top_k, mtp, json } => hub::resolve_model(&model)
+            .and_then(|m| commands::score(&m, ids.as_deref(), text.as_deref(), file.as_deref(), top_k, mtp, json)),
         Command::Tokenize { tokenizer, text, chat, add_generation_prompt, json } => {
             commands::tokenize(&tokenizer, text.as_deref(), chat.as_deref(), add_generation_prompt, json)
         }
-        Command::Bench(args) => bench::run(&args),
+        Command::Bench(args) => {
+            hub::resolve_model(&args.model).and_then(|model| bench::run(&bench::BenchArgs { model, ..args }))
+        }
         Command::RandomModel { preset, dtype, out, seed } => commands::random_model(&preset, &dtype, &out, seed),
         Command::Demo => commands::demo(),
     };
