@@ -132,6 +132,32 @@ pub fn matmul_nn(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, y: &mut [f
     }
 }
 
+/// `dw[n, k] += dy[m, n]ᵀ · x[m, k]`: the weight gradient of `y = x·Wᵀ`, summed over the m tokens.
+/// Rows of `dw` are split over the threads; each row streams the tokens' inputs from cache.
+pub fn matmul_tn_acc(dy: &[f32], x: &[f32], m: usize, n: usize, k: usize, dw: &mut [f32]) {
+    assert!(dy.len() == m * n && x.len() == m * k && dw.len() == n * k, "matmul_tn_acc shape mismatch");
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let rows_per_task = (SERIAL_WORK / (m * k).max(1)).clamp(1, n);
+    let body = |(c, chunk): (usize, &mut [f32])| {
+        for (j, row) in chunk.chunks_exact_mut(k).enumerate() {
+            let o = c * rows_per_task + j;
+            for t in 0..m {
+                let a = dy[t * n + o];
+                if a != 0.0 {
+                    crate::dot::axpy_f32(row, a, &x[t * k..(t + 1) * k]);
+                }
+            }
+        }
+    };
+    if m * n * k >= SERIAL_WORK {
+        dw.par_chunks_mut(rows_per_task * k).enumerate().for_each(body);
+    } else {
+        dw.chunks_mut(rows_per_task * k).enumerate().for_each(body);
+    }
+}
+
 /// Scalar references: decode the whole slice and multiply naively.
 pub mod reference {
     use crate::matrix::MatRef;
@@ -159,6 +185,16 @@ pub mod reference {
             }
         }
         y
+    }
+
+    pub fn matmul_tn_acc(dy: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut dw = vec![0f32; n * k];
+        for o in 0..n {
+            for i in 0..k {
+                dw[o * k + i] = (0..m).map(|t| dy[t * n + o] as f64 * x[t * k + i] as f64).sum::<f64>() as f32;
+            }
+        }
+        dw
     }
 }
 
@@ -232,6 +268,19 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn weight_gradient_matches_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        for &(m, n, k) in &[(1usize, 1usize, 1usize), (3, 5, 7), (40, 130, 33), (64, 300, 128)] {
+            let dy: Vec<f32> = (0..m * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let mut dw = vec![0.5f32; n * k];
+            matmul_tn_acc(&dy, &x, m, n, k, &mut dw);
+            let want: Vec<f32> = reference::matmul_tn_acc(&dy, &x, m, n, k).iter().map(|v| v + 0.5).collect();
+            assert_close(&dw, &want, &format!("tn {m}x{n}x{k}"));
         }
     }
 

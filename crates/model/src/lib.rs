@@ -7,6 +7,7 @@
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod grad;
 pub mod init;
 pub mod layers;
 pub mod mla;

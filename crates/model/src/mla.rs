@@ -65,12 +65,12 @@ pub struct Mla {
     /// `[H·(dn+dv), C]`, head-major: rows `h·(dn+dv)..+dn` are W_UK(h), the next dv are W_UV(h).
     pub kv_b_proj: Linear,
     pub o_proj: Linear,
-    heads: usize,
-    dn: usize,
-    dr: usize,
-    dv: usize,
-    c: usize,
-    scale: f32,
+    pub(crate) heads: usize,
+    pub(crate) dn: usize,
+    pub(crate) dr: usize,
+    pub(crate) dv: usize,
+    pub(crate) c: usize,
+    pub(crate) scale: f32,
 }
 
 impl Mla {

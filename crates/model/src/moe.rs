@@ -23,13 +23,13 @@ pub struct Router {
     pub weight: Matrix,
     /// `e_score_correction_bias [E]`: added for selection only (V3).
     pub e_score_correction_bias: Option<Vec<f32>>,
-    scoring: ScoringFunc,
-    method: TopkMethod,
-    top_k: usize,
-    n_group: usize,
-    topk_group: usize,
-    norm_topk_prob: bool,
-    scale: f32,
+    pub(crate) scoring: ScoringFunc,
+    pub(crate) method: TopkMethod,
+    pub(crate) top_k: usize,
+    pub(crate) n_group: usize,
+    pub(crate) topk_group: usize,
+    pub(crate) norm_topk_prob: bool,
+    pub(crate) scale: f32,
 }
 
 impl Router {
@@ -77,7 +77,7 @@ impl Router {
     }
 
     /// Group-limited top-k over one token's scores.
-    fn select(&self, scores: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    pub(crate) fn select(&self, scores: &[f32]) -> (Vec<usize>, Vec<f32>) {
         let e = scores.len();
         let mut choice: Vec<f32> = match &self.e_score_correction_bias {
             Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),

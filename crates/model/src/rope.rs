@@ -59,12 +59,22 @@ impl Rope {
 
     /// Rotates one `[dim]` vector in place for absolute position `pos`.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
+        self.rotate(x, pos, 1.0);
+    }
+
+    /// The transpose of [`Self::apply`] (rotation by −θ, same attention factor): the backward of
+    /// RoPE.
+    pub fn apply_transpose(&self, x: &mut [f32], pos: usize) {
+        self.rotate(x, pos, -1.0);
+    }
+
+    fn rotate(&self, x: &mut [f32], pos: usize, sign: f32) {
         let half = self.inv_freq.len();
         for (j, &f) in self.inv_freq.iter().enumerate() {
             // transformers computes the angle in f32.
             let angle = pos as f32 * f;
             let (s, c) = angle.sin_cos();
-            let (c, s) = (c * self.attention_factor, s * self.attention_factor);
+            let (c, s) = (c * self.attention_factor, sign * s * self.attention_factor);
             let (a, b) = if self.interleave { (2 * j, 2 * j + 1) } else { (j, j + half) };
             let (xa, xb) = (x[a], x[b]);
             x[a] = xa * c - xb * s;

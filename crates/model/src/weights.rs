@@ -71,6 +71,17 @@ impl Matrix {
         Matrix { rows, cols, store: Store::Fp8 { data, scale_inv: Arc::new(scale_inv), block } }
     }
 
+    /// The values as trainable f32 (decoding a bf16/FP8 store once: training keeps f32 masters).
+    pub fn f32_mut(&mut self) -> &mut [f32] {
+        if !matches!(self.store, Store::F32(_)) {
+            self.store = Store::F32(Arc::new(self.view().to_f32()));
+        }
+        match &mut self.store {
+            Store::F32(d) => Arc::make_mut(d).as_mut_slice(),
+            _ => unreachable!("converted above"),
+        }
+    }
+
     pub fn view(&self) -> MatRef<'_> {
         let (rows, cols) = (self.rows, self.cols);
         match &self.store {

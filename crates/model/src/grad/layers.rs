@@ -1,0 +1,114 @@
+//! Gradients of `Linear`, `RmsNorm`, the SwiGLU `Mlp`, the embedding and the softmax cross-entropy.
+
+use super::{add_into, Grads};
+use crate::layers::{silu, Linear, Mlp, RmsNorm};
+use crate::weights::Matrix;
+use dsv3_kernels::matmul::{matmul_nn, matmul_tn_acc};
+
+impl Linear {
+    /// For `y = x·Wᵀ` with `x [m, in]` and `dy [m, out]`: adds `dyᵀ·x` to `{name}.weight`'s
+    /// gradient and returns `dx = dy·W`.
+    pub fn backward(&self, name: &str, x: &[f32], dy: &[f32], m: usize, g: &mut Grads) -> Vec<f32> {
+        let (out, inp) = (self.weight.rows, self.weight.cols);
+        matmul_tn_acc(dy, x, m, out, inp, g.slot(&format!("{name}.weight"), out * inp));
+        let mut dx = vec![0f32; m * inp];
+        matmul_nn(&self.weight.view(), 0..out, dy, m, &mut dx);
+        dx
+    }
+}
+
+impl RmsNorm {
+    /// For `y = w ⊙ x·r`, `r = (mean(x²) + eps)^-½`, rows of `x`: adds to `{name}.weight`'s gradient
+    /// and returns `dx = r·(w⊙dy) − x·r³·Σ(w⊙dy⊙x)/d`.
+    pub fn backward(&self, name: &str, x: &[f32], dy: &[f32], g: &mut Grads) -> Vec<f32> {
+        let d = self.weight.len();
+        let dw = g.slot(&format!("{name}.weight"), d);
+        let mut dx = vec![0f32; x.len()];
+        for ((xr, dyr), dxr) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + self.eps).sqrt();
+            let mut dot = 0f32;
+            for j in 0..d {
+                dw[j] += dyr[j] * xr[j] * r;
+                dot += self.weight[j] * dyr[j] * xr[j];
+            }
+            let c = r * r * r * dot / d as f32;
+            for j in 0..d {
+                dxr[j] = r * self.weight[j] * dyr[j] - xr[j] * c;
+            }
+        }
+        dx
+    }
+}
+
+/// What [`Mlp::backward`] needs from the forward.
+pub struct MlpSaved {
+    x: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    hidden: Vec<f32>,
+    m: usize,
+}
+
+impl Mlp {
+    /// The forward of [`Mlp::forward`], keeping its activations.
+    pub fn forward_train(&self, x: &[f32], m: usize) -> (Vec<f32>, MlpSaved) {
+        let mut gu = Linear::forward_many(&[(&self.gate_proj, x, m), (&self.up_proj, x, m)]);
+        let up = gu.pop().unwrap_or_default();
+        let gate = gu.pop().unwrap_or_default();
+        let hidden: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
+        let y = self.down_proj.forward(&hidden, m);
+        (y, MlpSaved { x: x.to_vec(), gate, up, hidden, m })
+    }
+
+    /// Parameter gradients under `{name}.{gate,up,down}_proj.weight`; returns `dx`.
+    pub fn backward(&self, name: &str, s: &MlpSaved, dy: &[f32], g: &mut Grads) -> Vec<f32> {
+        let dh = self.down_proj.backward(&format!("{name}.down_proj"), &s.hidden, dy, s.m, g);
+        let mut dgate = vec![0f32; dh.len()];
+        let mut dup = vec![0f32; dh.len()];
+        for i in 0..dh.len() {
+            let z = s.gate[i];
+            let sig = 1.0 / (1.0 + (-z).exp());
+            dup[i] = dh[i] * z * sig;
+            dgate[i] = dh[i] * s.up[i] * sig * (1.0 + z * (1.0 - sig));
+        }
+        let mut dx = self.gate_proj.backward(&format!("{name}.gate_proj"), &s.x, &dgate, s.m, g);
+        add_into(&mut dx, &self.up_proj.backward(&format!("{name}.up_proj"), &s.x, &dup, s.m, g));
+        dx
+    }
+}
+
+/// Adds the rows of `dy [t, D]` into the embedding gradient rows of `tokens`.
+pub fn embedding_backward(name: &str, table: &Matrix, tokens: &[u32], dy: &[f32], g: &mut Grads) {
+    let d = table.cols;
+    let dw = g.slot(&format!("{name}.weight"), table.rows * d);
+    for (&tok, row) in tokens.iter().zip(dy.chunks_exact(d)) {
+        add_into(&mut dw[tok as usize * d..(tok as usize + 1) * d], row);
+    }
+}
+
+/// Mean cross-entropy of `logits [t, V]` against `labels` over the positions where `mask` is set,
+/// and its gradient `(softmax − onehot)·scale / count` (zero at masked positions).
+pub fn cross_entropy(logits: &[f32], labels: &[u32], mask: &[bool], scale: f32) -> (f64, Vec<f32>) {
+    let t = labels.len();
+    let v = logits.len() / t.max(1);
+    let count = mask.iter().filter(|&&m| m).count().max(1);
+    let mut dl = vec![0f32; logits.len()];
+    let mut loss = 0f64;
+    for i in 0..t {
+        if !mask[i] {
+            continue;
+        }
+        let row = &logits[i * v..(i + 1) * v];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
+        let y = labels[i] as usize;
+        loss += z.ln() - (row[y] - max) as f64;
+        let c = scale / count as f32;
+        for (j, d) in dl[i * v..(i + 1) * v].iter_mut().enumerate() {
+            *d = (((row[j] - max) as f64).exp() / z) as f32 * c;
+        }
+        dl[i * v + y] -= c;
+    }
+    (loss / count as f64, dl)
+}

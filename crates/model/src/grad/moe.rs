@@ -1,0 +1,208 @@
+//! DeepSeekMoE for training: the router's gradient flows through the unbiased gate weights (the
+//! correction bias only selects), through the experts' outputs, and through the balance losses.
+//!
+//! Balance losses (spec §4, parallel §5), both `α·Σ_i f_i·P_i` with `s'_t = s_t / Σ_j s_tj`:
+//! - sequence-wise (the report's complementary loss): per sequence, `f_i = N/(K·T)·Σ_t 1[i ∈
+//!   TopK(s_t)]` on the plain scores (no bias, no group limit, as Megatron), `P_i = mean_t s'_ti`,
+//!   averaged over the sequences;
+//! - batch-wise (the classic auxiliary loss, `--balance aux-loss`): the same over all the batch's
+//!   tokens, with `f_i` counting the actual selections.
+//!
+//! Both depend on the forward only, so their score gradients are computed there and kept.
+
+use super::layers::MlpSaved;
+use super::{add_into, Grads};
+use crate::config::ScoringFunc;
+use crate::moe::{top_k_indices, Moe, Routing};
+use dsv3_kernels::matmul::{matmul_nn, matmul_nt, matmul_tn_acc};
+
+/// Coefficients of the balance losses (0 disables one).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Balance {
+    pub seq_alpha: f32,
+    pub batch_alpha: f32,
+}
+
+pub struct MoeSaved {
+    x: Vec<f32>,
+    n: usize,
+    /// `[n, E]` router scores (sigmoid or softmax of the logits).
+    scores: Vec<f32>,
+    routing: Routing,
+    /// Per active expert: its id, its `(token, slot)` pairs, its saved forward and its outputs.
+    experts: Vec<(usize, Vec<(usize, usize)>, MlpSaved, Vec<f32>)>,
+    shared: Option<MlpSaved>,
+    /// `[n, E]` gradient of the balance losses with respect to the scores.
+    d_scores_balance: Vec<f32>,
+}
+
+/// What a MoE layer reports per step.
+#[derive(Clone, Debug, Default)]
+pub struct MoeStats {
+    /// Tokens routed to each expert (the actual selections: bias and group limit applied).
+    pub load: Vec<usize>,
+    /// The balance losses' value (already scaled by their α).
+    pub balance_loss: f64,
+}
+
+impl Moe {
+    /// `x [seqs·t, D]` → `[seqs·t, D]`.
+    pub fn forward_train(&self, x: &[f32], seqs: usize, t: usize, bal: Balance) -> (Vec<f32>, MoeSaved, MoeStats) {
+        let n = seqs * t;
+        let d = x.len() / n.max(1);
+        let e = self.experts.len();
+        let r = &self.gate;
+        let mut logits = vec![0f32; n * e];
+        matmul_nt(&r.weight.view(), 0..e, x, n, &mut logits);
+        let mut scores = logits;
+        for row in scores.chunks_exact_mut(e) {
+            match r.scoring {
+                ScoringFunc::Sigmoid => row.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+                ScoringFunc::Softmax => dsv3_kernels::attention::softmax_in_place(row),
+            }
+        }
+        let mut routing = Routing { experts: vec![], weights: vec![], k: r.top_k };
+        for row in scores.chunks_exact(e) {
+            let (idx, w) = r.select(row);
+            routing.experts.extend(idx);
+            routing.weights.extend(w);
+        }
+        let k = r.top_k;
+        let mut load = vec![0usize; e];
+        routing.experts.iter().for_each(|&i| load[i] += 1);
+
+        let (balance_loss, d_scores_balance) = balance_losses(&scores, &load, seqs, t, k, bal);
+
+        let mut per: Vec<Vec<(usize, usize)>> = vec![vec![]; e];
+        for (j, &ex) in routing.experts.iter().enumerate() {
+            per[ex].push((j / k, j % k));
+        }
+        let mut out = vec![0f32; n * d];
+        let mut experts = vec![];
+        for (ex, toks) in per.into_iter().enumerate().filter(|(_, v)| !v.is_empty()) {
+            let xe: Vec<f32> = toks.iter().flat_map(|&(i, _)| x[i * d..(i + 1) * d].iter().copied()).collect();
+            let (ye, saved) = self.experts[ex].forward_train(&xe, toks.len());
+            for (row, &(i, slot)) in ye.chunks_exact(d).zip(&toks) {
+                let w = routing.weights[i * k + slot];
+                out[i * d..(i + 1) * d].iter_mut().zip(row).for_each(|(o, y)| *o += w * y);
+            }
+            experts.push((ex, toks, saved, ye));
+        }
+        let shared = self.shared_experts.as_ref().map(|s| {
+            let (ys, saved) = s.forward_train(x, n);
+            add_into(&mut out, &ys);
+            saved
+        });
+        let saved = MoeSaved { x: x.to_vec(), n, scores, routing, experts, shared, d_scores_balance };
+        (out, saved, MoeStats { load, balance_loss })
+    }
+
+    /// Parameter gradients under `{name}.*` (`gate.weight`, `experts.{i}.*`, `shared_experts.*`);
+    /// returns `dx`.
+    pub fn backward(&self, name: &str, s: &MoeSaved, dy: &[f32], g: &mut Grads) -> Vec<f32> {
+        let (n, e, k) = (s.n, self.experts.len(), s.routing.k);
+        let d = dy.len() / n.max(1);
+        let r = &self.gate;
+        let mut dx = match (&self.shared_experts, &s.shared) {
+            (Some(m), Some(saved)) => m.backward(&format!("{name}.shared_experts"), saved, dy, g),
+            _ => vec![0f32; n * d],
+        };
+        // d(gate weight) of each (token, slot), and each expert's backward.
+        let mut d_w = vec![0f32; n * k];
+        for (ex, toks, saved, ye) in &s.experts {
+            let mut dye = vec![0f32; toks.len() * d];
+            for ((row, dyr), &(i, slot)) in ye.chunks_exact(d).zip(dye.chunks_exact_mut(d)).zip(toks) {
+                let dyi = &dy[i * d..(i + 1) * d];
+                d_w[i * k + slot] = dyi.iter().zip(row).map(|(a, b)| a * b).sum();
+                let w = s.routing.weights[i * k + slot];
+                dyr.iter_mut().zip(dyi).for_each(|(o, g)| *o = w * g);
+            }
+            let dxe = self.experts[*ex].backward(&format!("{name}.experts.{ex}"), saved, &dye, g);
+            for (row, &(i, _)) in dxe.chunks_exact(d).zip(toks) {
+                add_into(&mut dx[i * d..(i + 1) * d], row);
+            }
+        }
+        // Gate weights → scores: w_k = c·s_k / Z (Z = Σ_selected s when normalized, else 1).
+        let mut d_scores = s.d_scores_balance.clone();
+        for i in 0..n {
+            let sel = &s.routing.experts[i * k..(i + 1) * k];
+            let sc = &s.scores[i * e..(i + 1) * e];
+            let dwi = &d_w[i * k..(i + 1) * k];
+            let ds = &mut d_scores[i * e..(i + 1) * e];
+            if r.norm_topk_prob {
+                let z: f32 = sel.iter().map(|&j| sc[j]).sum::<f32>() + 1e-20;
+                let dot: f32 = sel.iter().zip(dwi).map(|(&j, &dw)| dw * sc[j]).sum();
+                for (&j, &dw) in sel.iter().zip(dwi) {
+                    ds[j] += r.scale * (dw / z - dot / (z * z));
+                }
+            } else {
+                for (&j, &dw) in sel.iter().zip(dwi) {
+                    ds[j] += r.scale * dw;
+                }
+            }
+        }
+        // Scores → logits.
+        let mut d_logits = d_scores;
+        for (dl, sc) in d_logits.chunks_exact_mut(e).zip(s.scores.chunks_exact(e)) {
+            match r.scoring {
+                ScoringFunc::Sigmoid => dl.iter_mut().zip(sc).for_each(|(g, &p)| *g *= p * (1.0 - p)),
+                ScoringFunc::Softmax => {
+                    let dot: f32 = dl.iter().zip(sc).map(|(g, p)| g * p).sum();
+                    dl.iter_mut().zip(sc).for_each(|(g, &p)| *g = p * (*g - dot));
+                }
+            }
+        }
+        matmul_tn_acc(&d_logits, &s.x, n, e, d, g.slot(&format!("{name}.gate.weight"), e * d));
+        let mut dxr = vec![0f32; n * d];
+        matmul_nn(&r.weight.view(), 0..e, &d_logits, n, &mut dxr);
+        add_into(&mut dx, &dxr);
+        dx
+    }
+}
+
+/// Value and score gradient of the balance losses.
+fn balance_losses(
+    scores: &[f32],
+    load: &[usize],
+    seqs: usize,
+    t: usize,
+    k: usize,
+    bal: Balance,
+) -> (f64, Vec<f32>) {
+    let n = seqs * t;
+    let e = scores.len() / n.max(1);
+    let mut grad = vec![0f32; scores.len()];
+    let mut loss = 0f64;
+    // Adds α·Σ_i f_i·P_i over `tokens` (P over normalized scores) to loss and grad, scaled by w.
+    let mut add = |tokens: std::ops::Range<usize>, f: &[f32], alpha: f32, w: f32| {
+        let tt = tokens.len() as f32;
+        let mut p = vec![0f32; e];
+        for i in tokens.clone() {
+            let row = &scores[i * e..(i + 1) * e];
+            let z: f32 = row.iter().sum::<f32>() + 1e-20;
+            row.iter().zip(&mut p).for_each(|(s, p)| *p += s / z / tt);
+            // d/ds'_j = α·f_j/T; through s' = s/Z: (g_j − Σ_i g_i·s'_i)/Z.
+            let dot: f32 = row.iter().zip(f).map(|(s, f)| alpha * f / tt * s / z).sum();
+            for (j, gr) in grad[i * e..(i + 1) * e].iter_mut().enumerate() {
+                *gr += w * (alpha * f[j] / tt - dot) / z;
+            }
+        }
+        loss += (w * alpha) as f64 * f.iter().zip(&p).map(|(f, p)| (f * p) as f64).sum::<f64>();
+    };
+    if bal.seq_alpha > 0.0 {
+        for b in 0..seqs {
+            let mut f = vec![0f32; e];
+            for i in b * t..(b + 1) * t {
+                for j in top_k_indices(&scores[i * e..(i + 1) * e], k) {
+                    f[j] += e as f32 / (k as f32 * t as f32);
+                }
+            }
+            add(b * t..(b + 1) * t, &f, bal.seq_alpha, 1.0 / seqs as f32);
+        }
+    }
+    if bal.batch_alpha > 0.0 {
+        let f: Vec<f32> = load.iter().map(|&c| c as f32 * e as f32 / (k as f32 * n as f32)).collect();
+        add(0..n, &f, bal.batch_alpha, 1.0);
+    }
+    (loss, grad)
+}

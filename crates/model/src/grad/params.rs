@@ -1,0 +1,93 @@
+//! The model's trainable parameters by checkpoint name, in one fixed order (the optimizer's state,
+//! the gradients and the saved checkpoint all use these names).
+
+use crate::layers::{Linear, Mlp, RmsNorm};
+use crate::mla::{Mla, QProj};
+use crate::model::{DecoderLayer, DeepseekV3, Ffn};
+
+/// `(name, values)` of every trainable tensor.
+pub type ParamsMut<'a> = Vec<(String, &'a mut [f32])>;
+
+fn linear<'a>(out: &mut ParamsMut<'a>, name: String, l: &'a mut Linear) {
+    out.push((format!("{name}.weight"), l.weight.f32_mut()));
+}
+
+fn norm<'a>(out: &mut ParamsMut<'a>, name: String, n: &'a mut RmsNorm) {
+    out.push((format!("{name}.weight"), n.weight.as_mut_slice()));
+}
+
+fn mlp<'a>(out: &mut ParamsMut<'a>, name: &str, m: &'a mut Mlp) {
+    linear(out, format!("{name}.gate_proj"), &mut m.gate_proj);
+    linear(out, format!("{name}.up_proj"), &mut m.up_proj);
+    linear(out, format!("{name}.down_proj"), &mut m.down_proj);
+}
+
+fn mla<'a>(out: &mut ParamsMut<'a>, name: &str, a: &'a mut Mla) {
+    match &mut a.q {
+        QProj::LowRank { q_a_proj, q_a_layernorm, q_b_proj } => {
+            linear(out, format!("{name}.q_a_proj"), q_a_proj);
+            norm(out, format!("{name}.q_a_layernorm"), q_a_layernorm);
+            linear(out, format!("{name}.q_b_proj"), q_b_proj);
+        }
+        QProj::Direct { q_proj } => linear(out, format!("{name}.q_proj"), q_proj),
+    }
+    linear(out, format!("{name}.kv_a_proj_with_mqa"), &mut a.kv_a_proj_with_mqa);
+    norm(out, format!("{name}.kv_a_layernorm"), &mut a.kv_a_layernorm);
+    linear(out, format!("{name}.kv_b_proj"), &mut a.kv_b_proj);
+    linear(out, format!("{name}.o_proj"), &mut a.o_proj);
+}
+
+fn layer<'a>(out: &mut ParamsMut<'a>, name: &str, l: &'a mut DecoderLayer) {
+    norm(out, format!("{name}.input_layernorm"), &mut l.input_layernorm);
+    mla(out, &format!("{name}.self_attn"), &mut l.self_attn);
+    norm(out, format!("{name}.post_attention_layernorm"), &mut l.post_attention_layernorm);
+    match &mut l.mlp {
+        Ffn::Dense(m) => mlp(out, &format!("{name}.mlp"), m),
+        Ffn::Moe(m) => {
+            out.push((format!("{name}.mlp.gate.weight"), m.gate.weight.f32_mut()));
+            for (i, e) in m.experts.iter_mut().enumerate() {
+                mlp(out, &format!("{name}.mlp.experts.{i}"), e);
+            }
+            if let Some(s) = &mut m.shared_experts {
+                mlp(out, &format!("{name}.mlp.shared_experts"), s);
+            }
+        }
+    }
+}
+
+impl DeepseekV3 {
+    /// Every trainable tensor as mutable f32 (bf16/FP8 stores are decoded to f32 masters once).
+    pub fn params_mut(&mut self) -> ParamsMut<'_> {
+        let n = self.layers.len();
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.f32_mut())];
+        for (l, ly) in self.layers.iter_mut().enumerate() {
+            layer(&mut out, &format!("model.layers.{l}"), ly);
+        }
+        for (j, m) in self.mtp.iter_mut().enumerate() {
+            let name = format!("model.layers.{}", n + j);
+            norm(&mut out, format!("{name}.enorm"), &mut m.enorm);
+            norm(&mut out, format!("{name}.hnorm"), &mut m.hnorm);
+            linear(&mut out, format!("{name}.eh_proj"), &mut m.eh_proj);
+            layer(&mut out, &name, &mut m.block);
+            norm(&mut out, format!("{name}.shared_head.norm"), &mut m.shared_head_norm);
+        }
+        norm(&mut out, "model.norm".into(), &mut self.norm);
+        if let Some(h) = &mut self.lm_head {
+            out.push(("lm_head.weight".into(), h.f32_mut()));
+        }
+        out
+    }
+
+    /// Each MoE layer's `e_score_correction_bias` (a buffer the aux-loss-free balancing updates,
+    /// not a gradient parameter), by layer index (main layers, then MTP blocks).
+    pub fn routing_biases_mut(&mut self) -> Vec<(usize, &mut Vec<f32>)> {
+        let blocks = self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block));
+        blocks
+            .enumerate()
+            .filter_map(|(l, ly)| match &mut ly.mlp {
+                Ffn::Moe(m) => m.gate.e_score_correction_bias.as_mut().map(|b| (l, b)),
+                Ffn::Dense(_) => None,
+            })
+            .collect()
+    }
+}
