@@ -286,3 +286,33 @@ pub fn demo() -> Result<()> {
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }
+
+/// A greedy continuation and a speculative run from a trained model folder (after `dsv3 train`).
+pub fn sample(dir: &Path) -> Result<()> {
+    let model = load_model(dir)?;
+    let tok = Tokenizer::from_dir(dir)?;
+    let prompt = "pub fn ";
+    let ids = tok.encode(prompt, false)?;
+    let mut opts = GenerateOptions {
+        max_new_tokens: 48,
+        sampling: SamplingParams::default(),
+        eos_token_ids: vec![1],
+        ignore_eos: false,
+        mtp_speculative: 0,
+    };
+    let (out, plain) = run_generate(&model, &ids, &opts, |_| {})?;
+    println!("sample (greedy): {prompt}{}", tok.decode(&out, true)?);
+    if !model.mtp.is_empty() {
+        opts.mtp_speculative = 1;
+        let (spec_out, spec) = run_generate(&model, &ids, &opts, |_| {})?;
+        println!(
+            "MTP speculative decoding: {:.1}% of drafts accepted, {:.2} tokens per forward, {:.1} vs {:.1} tok/s plain (same tokens: {})",
+            100.0 * spec.acceptance_rate.unwrap_or(0.0),
+            spec.mean_accepted_length.unwrap_or(0.0),
+            spec.decode_tokens_per_second,
+            plain.decode_tokens_per_second,
+            spec_out == out
+        );
+    }
+    Ok(())
+}

@@ -4,6 +4,7 @@
 mod bench;
 mod commands;
 mod hub;
+mod train;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -104,6 +105,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train a DeepSeek-V3-architecture model (MLA + DeepSeekMoE + MTP) from text.
+    Train(Box<train::TrainCli>),
     /// Prefill and decode speed, peak memory and KV-cache size of a model.
     Bench(bench::BenchArgs),
     /// Write a random DeepSeek-V3 checkpoint (a preset shape) for benchmarks and experiments.
@@ -140,6 +143,7 @@ fn main() {
             hub::resolve_model(&args.model).and_then(|model| bench::run(&bench::BenchArgs { model, ..args }))
         }
         Command::RandomModel { preset, dtype, out, seed } => commands::random_model(&preset, &dtype, &out, seed),
+        Command::Train(args) => train::run(&args),
         Command::Demo => commands::demo(),
     };
     if let Err(e) = result {

@@ -98,6 +98,23 @@ fn fp8_table() -> Vec<u8> {
 
 /// Writes `config.json` and `model.safetensors` of a random model into `dir`.
 pub fn write_random_checkpoint(dir: &Path, config_json: &serde_json::Value, dtype: StoreDtype, seed: u64) -> Result<Config> {
+    write_init(dir, config_json, dtype, seed, Init::Bench)
+}
+
+/// A training start (f32): matrices N(0, std²) (`None`: 1/√fan_in), norms exactly 1, routing biases
+/// 0. The report uses std 0.006 at full width.
+pub fn write_training_init(dir: &Path, config_json: &serde_json::Value, seed: u64, std: Option<f32>) -> Result<Config> {
+    write_init(dir, config_json, StoreDtype::F32, seed, Init::Train { std })
+}
+
+#[derive(Clone, Copy)]
+enum Init {
+    /// Norms 1 ± 0.1 and biases ±0.1, so every code path sees non-trivial values.
+    Bench,
+    Train { std: Option<f32> },
+}
+
+fn write_init(dir: &Path, config_json: &serde_json::Value, dtype: StoreDtype, seed: u64, init: Init) -> Result<Config> {
     let mut cj = config_json.clone();
     if dtype == StoreDtype::Fp8 {
         cj["quantization_config"] = serde_json::json!({
@@ -113,11 +130,15 @@ pub fn write_random_checkpoint(dir: &Path, config_json: &serde_json::Value, dtyp
     let mut out: Vec<(String, &str, Vec<usize>, Vec<u8>)> = vec![];
     for (name, shape, kind) in tensors(&cfg) {
         let n: usize = shape.iter().product();
-        let std = 1.0 / (*shape.last().expect("shape") as f32).sqrt();
+        let fan_in_std = 1.0 / (*shape.last().expect("shape") as f32).sqrt();
+        let (std, noise) = match init {
+            Init::Bench => (fan_in_std, 0.1),
+            Init::Train { std } => (std.unwrap_or(fan_in_std), 0.0),
+        };
         let vals: Vec<f32> = match kind {
             Kind::Linear | Kind::Dense => (0..n).map(|_| normal(&mut rng) * std).collect(),
-            Kind::Norm => (0..n).map(|_| 1.0 + 0.1 * normal(&mut rng)).collect(),
-            Kind::Bias => (0..n).map(|_| 0.1 * normal(&mut rng)).collect(),
+            Kind::Norm => (0..n).map(|_| 1.0 + noise * normal(&mut rng)).collect(),
+            Kind::Bias => (0..n).map(|_| noise * normal(&mut rng)).collect(),
         };
         match (dtype, kind) {
             (_, Kind::Bias) | (StoreDtype::F32, _) => {

@@ -157,9 +157,14 @@ impl Checkpoint {
             return Err(ModelError::Safetensors { path: dir.into(), msg: "no .safetensors files in the folder".into() });
         }
         paths.dedup();
+        Self::open_files(&paths)
+    }
+
+    /// The tensors of the given safetensors files (e.g. a training run's optimizer state).
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
         let mut ck = Checkpoint { files: vec![], tensors: HashMap::new(), used: Mutex::new(HashSet::new()) };
         for p in paths {
-            ck.add_file(&p)?;
+            ck.add_file(p)?;
         }
         Ok(ck)
     }
@@ -223,6 +228,11 @@ impl Checkpoint {
 
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+
+    /// A tensor's shape, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {

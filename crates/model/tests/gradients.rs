@@ -41,7 +41,7 @@ fn check(case: &str, cfg: serde_json::Value) {
     let mut g = Grads::default();
     let base = model.train_step(&tokens, seqs, t, w, Some(&mut g)).unwrap();
     assert!(base.balance_loss > 0.0 && !base.mtp_losses.is_empty(), "{case}: every loss term is on");
-    let names: Vec<(String, usize)> = model.params_mut().into_iter().map(|(n, p)| (n, p.len())).collect();
+    let names: Vec<(String, usize)> = model.params_mut().into_iter().map(|p| (p.name, p.data.len())).collect();
     let (mut checked, mut skipped) = (0, 0);
     for (name, len) in names {
         // An expert no token reached has no gradient entry: zero.
@@ -51,8 +51,7 @@ fn check(case: &str, cfg: serde_json::Value) {
             let eps = 3e-3f32;
             let at = |delta: f32, model: &mut DeepseekV3| {
                 let mut ps = model.params_mut();
-                let p = &mut ps.iter_mut().find(|(n, _)| *n == name).unwrap().1;
-                p[i] += delta;
+                ps.iter_mut().find(|p| p.name == name).unwrap().data[i] += delta;
             };
             at(eps, &mut model);
             let plus = model.train_step(&tokens, seqs, t, w, None).unwrap();

@@ -4,16 +4,29 @@
 use crate::layers::{Linear, Mlp, RmsNorm};
 use crate::mla::{Mla, QProj};
 use crate::model::{DecoderLayer, DeepseekV3, Ffn};
+use crate::weights::Matrix;
 
-/// `(name, values)` of every trainable tensor.
-pub type ParamsMut<'a> = Vec<(String, &'a mut [f32])>;
+/// One trainable tensor: its checkpoint name, shape and values.
+pub struct Param<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: &'a mut [f32],
+}
+
+pub type ParamsMut<'a> = Vec<Param<'a>>;
+
+fn matrix<'a>(out: &mut ParamsMut<'a>, name: String, m: &'a mut Matrix) {
+    let shape = vec![m.rows, m.cols];
+    out.push(Param { name, shape, data: m.f32_mut() });
+}
 
 fn linear<'a>(out: &mut ParamsMut<'a>, name: String, l: &'a mut Linear) {
-    out.push((format!("{name}.weight"), l.weight.f32_mut()));
+    matrix(out, format!("{name}.weight"), &mut l.weight);
 }
 
 fn norm<'a>(out: &mut ParamsMut<'a>, name: String, n: &'a mut RmsNorm) {
-    out.push((format!("{name}.weight"), n.weight.as_mut_slice()));
+    let shape = vec![n.weight.len()];
+    out.push(Param { name: format!("{name}.weight"), shape, data: n.weight.as_mut_slice() });
 }
 
 fn mlp<'a>(out: &mut ParamsMut<'a>, name: &str, m: &'a mut Mlp) {
@@ -44,7 +57,7 @@ fn layer<'a>(out: &mut ParamsMut<'a>, name: &str, l: &'a mut DecoderLayer) {
     match &mut l.mlp {
         Ffn::Dense(m) => mlp(out, &format!("{name}.mlp"), m),
         Ffn::Moe(m) => {
-            out.push((format!("{name}.mlp.gate.weight"), m.gate.weight.f32_mut()));
+            matrix(out, format!("{name}.mlp.gate.weight"), &mut m.gate.weight);
             for (i, e) in m.experts.iter_mut().enumerate() {
                 mlp(out, &format!("{name}.mlp.experts.{i}"), e);
             }
@@ -59,7 +72,8 @@ impl DeepseekV3 {
     /// Every trainable tensor as mutable f32 (bf16/FP8 stores are decoded to f32 masters once).
     pub fn params_mut(&mut self) -> ParamsMut<'_> {
         let n = self.layers.len();
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.f32_mut())];
+        let mut out = vec![];
+        matrix(&mut out, "model.embed_tokens.weight".into(), &mut self.embed_tokens);
         for (l, ly) in self.layers.iter_mut().enumerate() {
             layer(&mut out, &format!("model.layers.{l}"), ly);
         }
@@ -73,7 +87,7 @@ impl DeepseekV3 {
         }
         norm(&mut out, "model.norm".into(), &mut self.norm);
         if let Some(h) = &mut self.lm_head {
-            out.push(("lm_head.weight".into(), h.f32_mut()));
+            matrix(&mut out, "lm_head.weight".into(), h);
         }
         out
     }

@@ -1,0 +1,145 @@
+//! Training checkpoints: the model in the Hugging Face layout (config.json, f32 model.safetensors
+//! with the MTP module as layer `num_hidden_layers` and the routing biases as
+//! `e_score_correction_bias`, tokenizer files), and beside it the optimizer moments
+//! (`optimizer.safetensors`) and the run state (`train_state.json`: step, loader position,
+//! arguments). The folder is written whole under a temporary name and swapped in by rename, so a
+//! crash or a full disk mid-save leaves the previous checkpoint intact.
+
+use crate::data::{LoaderState, BOS, EOS};
+use crate::optim::Optimizer;
+use crate::trainer::TrainArgs;
+use anyhow::{bail, Context, Result};
+use dsv3_model::weights::{write_safetensors, Checkpoint};
+use dsv3_model::DeepseekV3;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+/// Where a run is, beside its weights.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TrainState {
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub loader: LoaderState,
+    pub args: TrainArgs,
+}
+
+/// Files of the run that live in the output folder but are not part of a checkpoint (carried over
+/// when the folder is swapped).
+const CARRIED: [&str; 4] = ["metrics.jsonl", "loss.svg", "expert_load.svg", "maxvio.svg"];
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Writes the checkpoint into `dir` (replacing what is there).
+pub fn save(dir: &Path, model: &mut DeepseekV3, config: &Value, tok: &Tokenizer, opt: &Optimizer, state: &TrainState) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = dir.file_name().context("--out needs a folder name")?.to_string_lossy().to_string();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp)?;
+        write_folder(&tmp, model, config, tok, opt, state)?;
+        for f in CARRIED {
+            if dir.join(f).exists() {
+                std::fs::copy(dir.join(f), tmp.join(f))?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("writing the checkpoint {} (the previous one is untouched)", dir.display())));
+    }
+    if dir.exists() {
+        std::fs::rename(dir, &old).with_context(|| format!("moving the previous {} aside", dir.display()))?;
+    }
+    std::fs::rename(&tmp, dir).with_context(|| format!("moving the new checkpoint into {}", dir.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn write_folder(dir: &Path, model: &mut DeepseekV3, config: &Value, tok: &Tokenizer, opt: &Optimizer, state: &TrainState) -> Result<()> {
+    let n_layers = model.config.num_hidden_layers;
+    let n_mtp = model.mtp.len();
+    let mut tensors: Vec<(String, &str, Vec<usize>, Vec<u8>)> = vec![];
+    let mut embed = None;
+    let mut head = None;
+    for p in model.params_mut() {
+        if p.name == "model.embed_tokens.weight" {
+            embed = Some((p.shape.clone(), f32_bytes(p.data)));
+        }
+        if p.name == "lm_head.weight" {
+            head = Some((p.shape.clone(), f32_bytes(p.data)));
+        }
+        tensors.push((p.name, "F32", p.shape, f32_bytes(p.data)));
+    }
+    for (layer, bias) in model.routing_biases_mut() {
+        tensors.push((format!("model.layers.{layer}.mlp.gate.e_score_correction_bias"), "F32", vec![bias.len()], f32_bytes(bias)));
+    }
+    // The official layout repeats the shared embedding and head inside each MTP layer (vLLM and
+    // SGLang read them there); dsv3 and transformers skip them.
+    let embed = embed.context("no embedding")?;
+    let head = head.unwrap_or_else(|| embed.clone());
+    for j in 0..n_mtp {
+        let p = format!("model.layers.{}", n_layers + j);
+        tensors.push((format!("{p}.embed_tokens.weight"), "F32", embed.0.clone(), embed.1.clone()));
+        tensors.push((format!("{p}.shared_head.head.weight"), "F32", head.0.clone(), head.1.clone()));
+    }
+    write_safetensors(&dir.join("model.safetensors"), &tensors)?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config)?)?;
+    tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("saving the tokenizer: {e}"))?;
+    let tc = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+        "add_bos_token": false, "add_eos_token": false, "model_max_length": config["max_position_embeddings"],
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tc)?)?;
+    let mut moments: Vec<(String, &str, Vec<usize>, Vec<u8>)> = vec![];
+    for (k, v) in &opt.m {
+        moments.push((format!("m.{k}"), "F32", vec![v.len()], f32_bytes(v)));
+    }
+    for (k, v) in &opt.v {
+        moments.push((format!("v.{k}"), "F32", vec![v.len()], f32_bytes(v)));
+    }
+    write_safetensors(&dir.join("optimizer.safetensors"), &moments)?;
+    std::fs::write(dir.join("train_state.json"), serde_json::to_string_pretty(&json!({"optimizer_step": opt.step, "state": state}))?)?;
+    Ok(())
+}
+
+/// A saved run: model, config JSON, tokenizer, optimizer and state.
+pub struct Resumed {
+    pub model: DeepseekV3,
+    pub config: Value,
+    pub tokenizer: Tokenizer,
+    pub optimizer: Optimizer,
+    pub state: TrainState,
+}
+
+pub fn load(dir: &Path) -> Result<Resumed> {
+    let st = dir.join("train_state.json");
+    if !st.exists() {
+        let hint = dir.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."));
+        bail!("--resume {}: no train_state.json (not a dsv3 training checkpoint; look for a .*.old-* folder in {} if a save was interrupted)", dir.display(), hint.display());
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&st)?).with_context(|| format!("reading {}", st.display()))?;
+    let state: TrainState = serde_json::from_value(v["state"].clone()).context("train_state.json: state")?;
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+    let model = DeepseekV3::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+    let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let ck = Checkpoint::open_files(&[dir.join("optimizer.safetensors")])?;
+    let mut optimizer = Optimizer { step: v["optimizer_step"].as_u64().context("optimizer_step")?, ..Default::default() };
+    for name in ck.names().map(str::to_string).collect::<Vec<_>>() {
+        let (kind, param) = name.split_once('.').context("optimizer tensor name")?;
+        let len = ck.shape(&name).and_then(|s| s.first().copied()).context("optimizer tensor shape")?;
+        let data = ck.f32s(&name, &[len])?;
+        match kind {
+            "m" => optimizer.m.insert(param.to_string(), data),
+            "v" => optimizer.v.insert(param.to_string(), data),
+            _ => bail!("optimizer.safetensors: unexpected tensor {name}"),
+        };
+    }
+    Ok(Resumed { model, config, tokenizer, optimizer, state })
+}

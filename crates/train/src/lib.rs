@@ -1,0 +1,11 @@
+//! Training DeepSeek-V3-architecture models (issue 3): data, the optimizer and schedule,
+//! auxiliary-loss-free balancing, checkpoints with exact resume, metrics. The model and its
+//! gradients are the `dsv3-model` crate's (`grad`): this crate never defines a layer.
+
+pub mod data;
+pub mod balance;
+pub mod optim;
+pub mod checkpoint;
+pub mod trainer;
+
+pub use trainer::{run, BalanceMode, StepLog, Summary, TrainArgs};

@@ -1,0 +1,351 @@
+//! The training loop: data → `DeepseekV3::train_step` (LM + MTP + balance losses, backward) →
+//! clip + AdamW → aux-loss-free bias update → metrics, validation and checkpoints.
+
+use crate::balance::{max_vio, update_biases};
+use crate::checkpoint::{self, TrainState};
+use crate::data::{self, Loader, LoaderState, Split};
+use crate::optim::{OptimConfig, Optimizer, OptimizerKind};
+use anyhow::{bail, Context, Result};
+use dsv3_model::grad::model::{LossWeights, StepReport};
+use dsv3_model::grad::moe::Balance;
+use dsv3_model::grad::Grads;
+use dsv3_model::init::{preset, write_training_init};
+use dsv3_model::DeepseekV3;
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How experts are kept balanced (`--balance`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BalanceMode {
+    /// Routing bias nudged by γ each step, plus the tiny sequence-wise loss (the report).
+    AuxFree,
+    /// The classic auxiliary loss over the batch, no bias.
+    AuxLoss,
+    None,
+}
+
+/// Everything a run is made of (saved in its checkpoints; a resume continues with these).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TrainArgs {
+    /// Text files or folders; empty: the built-in corpus.
+    pub data: Vec<PathBuf>,
+    pub preset: String,
+    pub config: Option<PathBuf>,
+    /// An existing tokenizer folder (tokenizer.json); else one is trained on the data.
+    pub tokenizer: Option<PathBuf>,
+    pub vocab_size: usize,
+    pub steps: u64,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub lr: f32,
+    pub min_lr_ratio: f32,
+    pub warmup_steps: u64,
+    pub weight_decay: f32,
+    pub clip: f32,
+    pub optimizer: OptimizerKind,
+    pub seed: u64,
+    /// Std of the initial weights (None: 1/√fan_in).
+    pub init_std: Option<f32>,
+    pub mtp_depth: usize,
+    /// λ of the MTP loss, and the value it switches to after `mtp_lambda_switch` of the steps
+    /// (the report: 0.3 for the first 10T tokens, then 0.1).
+    pub mtp_lambda: f32,
+    pub mtp_lambda_final: f32,
+    pub mtp_lambda_switch: f32,
+    pub balance: BalanceMode,
+    /// γ of the bias update.
+    pub bias_update_rate: f32,
+    /// Subtract the mean of each bias update (torchtitan's variant).
+    pub bias_zero_mean: bool,
+    /// Step from which γ = 0 (the report freezes the bias for the last 500B tokens).
+    pub bias_freeze_step: Option<u64>,
+    /// α of the sequence-wise balance loss (aux-free mode).
+    pub seq_alpha: f32,
+    /// α of the classic auxiliary loss (aux-loss mode).
+    pub aux_alpha: f32,
+    pub out: PathBuf,
+    pub save_every: u64,
+    pub eval_every: u64,
+    /// Most validation windows per evaluation.
+    pub eval_windows: usize,
+    pub log_every: u64,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        TrainArgs {
+            data: vec![],
+            preset: "tiny".into(),
+            config: None,
+            tokenizer: None,
+            vocab_size: 2048,
+            steps: 300,
+            seq_len: 128,
+            batch_size: 8,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 30,
+            weight_decay: 0.1,
+            clip: 1.0,
+            optimizer: OptimizerKind::Adamw,
+            seed: 0,
+            init_std: None,
+            mtp_depth: 1,
+            mtp_lambda: 0.3,
+            mtp_lambda_final: 0.3,
+            mtp_lambda_switch: 1.0,
+            balance: BalanceMode::AuxFree,
+            bias_update_rate: 1e-3,
+            bias_zero_mean: false,
+            bias_freeze_step: None,
+            seq_alpha: 1e-4,
+            aux_alpha: 1e-3,
+            out: PathBuf::from("runs/tiny"),
+            save_every: 0,
+            eval_every: 50,
+            eval_windows: 32,
+            log_every: 1,
+        }
+    }
+}
+
+/// One logged step (a line of metrics.jsonl).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StepLog {
+    pub step: u64,
+    pub steps: u64,
+    pub loss: f64,
+    pub lm_loss: f64,
+    pub mtp_losses: Vec<f64>,
+    pub balance_loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    /// Global MaxVio over the validation windows (mean over MoE layers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_maxvio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_mtp_top1: Option<f64>,
+    pub lr: f32,
+    pub grad_norm: f64,
+    /// MaxVio of this batch: mean over MoE layers, and per layer.
+    pub maxvio: f64,
+    pub maxvio_per_layer: Vec<f64>,
+    /// Tokens per expert of each MoE layer this step.
+    pub expert_load: Vec<Vec<usize>>,
+    /// Smallest and largest routing bias over all MoE layers.
+    pub bias_range: (f32, f32),
+    pub mtp_top1: Option<f64>,
+    pub tokens_seen: u64,
+    pub tokens_per_second: f64,
+    pub elapsed_seconds: f64,
+    pub eta_seconds: f64,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Summary {
+    pub out: PathBuf,
+    pub steps: u64,
+    pub final_loss: f64,
+    pub final_lm_loss: f64,
+    pub val_loss: Option<f64>,
+    pub val_maxvio: Option<f64>,
+    pub val_mtp_top1: Option<f64>,
+    pub tokens_per_second: f64,
+    pub parameters: usize,
+}
+
+/// The model's config JSON for a run: the preset or file, with the tokenizer's vocabulary and the
+/// MTP depth.
+fn model_config(args: &TrainArgs, vocab: usize) -> Result<Value> {
+    let mut c = match &args.config {
+        Some(p) => serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+            .with_context(|| format!("{}: not JSON", p.display()))?,
+        None => preset(&args.preset).with_context(|| format!("--preset {}: unknown (tiny, bench-1b)", args.preset))?,
+    };
+    c["vocab_size"] = vocab.into();
+    c["num_nextn_predict_layers"] = args.mtp_depth.into();
+    c["architectures"] = serde_json::json!(["DeepseekV3ForCausalLM"]);
+    c["bos_token_id"] = 0.into();
+    c["eos_token_id"] = 1.into();
+    c["torch_dtype"] = "float32".into();
+    Ok(c)
+}
+
+fn loss_weights(args: &TrainArgs, step: u64) -> LossWeights {
+    let switch = (args.mtp_lambda_switch as f64 * args.steps as f64) as u64;
+    let mtp_lambda = if step > switch { args.mtp_lambda_final } else { args.mtp_lambda };
+    let balance = match args.balance {
+        BalanceMode::AuxFree => Balance { seq_alpha: args.seq_alpha, batch_alpha: 0.0 },
+        BalanceMode::AuxLoss => Balance { seq_alpha: 0.0, batch_alpha: args.aux_alpha },
+        BalanceMode::None => Balance::default(),
+    };
+    LossWeights { mtp_lambda, balance }
+}
+
+/// The validation loss, MTP top-1 agreement, and global MaxVio (loads summed over the windows).
+fn evaluate(model: &DeepseekV3, val: &Split, args: &TrainArgs, w: LossWeights) -> Result<Option<(f64, f64, Option<f64>)>> {
+    let n = val.windows().min(args.eval_windows);
+    if n == 0 {
+        return Ok(None);
+    }
+    let (mut loss, mut top1, mut tops) = (0f64, 0f64, 0usize);
+    let mut load: Vec<(usize, Vec<usize>)> = vec![];
+    for i in (0..n).step_by(args.batch_size) {
+        let b = args.batch_size.min(n - i);
+        let tokens: Vec<u32> = (i..i + b).flat_map(|j| val.window(j).iter().copied()).collect();
+        let r = model.train_step(&tokens, b, args.seq_len, w, None)?;
+        loss += r.lm_loss * b as f64;
+        if let Some(t) = r.mtp_top1 {
+            top1 += t * b as f64;
+            tops += b;
+        }
+        for (l, c) in r.load {
+            match load.iter_mut().find(|(x, _)| *x == l) {
+                Some((_, acc)) => acc.iter_mut().zip(&c).for_each(|(a, c)| *a += c),
+                None => load.push((l, c)),
+            }
+        }
+    }
+    let mv = load.iter().map(|(_, c)| max_vio(c)).sum::<f64>() / load.len().max(1) as f64;
+    Ok(Some((loss / n as f64, mv, (tops > 0).then(|| top1 / tops as f64))))
+}
+
+/// Trains (or resumes) a run, calling `on_log` for every logged step. `stop_at` ends it early
+/// (with a checkpoint) while the schedule still spans `args.steps`: an interrupted run.
+pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_log: impl FnMut(&StepLog)) -> Result<Summary> {
+    let (mut model, config, tok, mut opt, mut state) = match resume {
+        Some(dir) => {
+            let r = checkpoint::load(dir)?;
+            let mut state = r.state;
+            // A resume may extend the run (more steps) and write elsewhere; the rest is the run's.
+            state.args.steps = args.steps.max(state.step);
+            state.args.out = args.out.clone();
+            (r.model, r.config, r.tokenizer, r.optimizer, state)
+        }
+        None => {
+            let docs = if args.data.is_empty() { data::builtin_corpus() } else { data::read_documents(&args.data)? };
+            let tok = match &args.tokenizer {
+                Some(dir) => tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+                    .map_err(|e| anyhow::anyhow!("--tokenizer {}: {e}", dir.display()))?,
+                None => data::train_tokenizer(&docs, args.vocab_size)?,
+            };
+            let config = model_config(&args, tok.get_vocab_size(true))?;
+            let init_dir = std::env::temp_dir().join(format!("dsv3-train-init-{}", std::process::id()));
+            write_training_init(&init_dir, &config, args.seed, args.init_std)?;
+            let model = DeepseekV3::load(&init_dir);
+            std::fs::remove_dir_all(&init_dir).ok();
+            let state = TrainState { step: 0, tokens_seen: 0, loader: LoaderState::default(), args: args.clone() };
+            (model?, config, tok, Optimizer::default(), state)
+        }
+    };
+    let args = state.args.clone();
+    if args.seq_len == 0 || args.batch_size == 0 {
+        bail!("--seq-len and --batch-size must be positive");
+    }
+    let docs = if args.data.is_empty() { data::builtin_corpus() } else { data::read_documents(&args.data)? };
+    let (train, val) = data::pack(&tok, &docs, args.seq_len, 20)?;
+    let mut loader = Loader::new(&train, args.seed, state.loader);
+    let ocfg = OptimConfig {
+        kind: args.optimizer,
+        lr: args.lr,
+        min_lr_ratio: args.min_lr_ratio,
+        warmup_steps: args.warmup_steps,
+        total_steps: args.steps,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: args.weight_decay,
+        clip: args.clip,
+    };
+    let parameters: usize = model.params_mut().iter().map(|p| p.data.len()).sum();
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("metrics.jsonl"))?;
+    let mut grads = Grads::default();
+    let start = Instant::now();
+    let start_step = state.step;
+    let mut last = StepLog::default();
+    let mut last_report = StepReport::default();
+    let end = stop_at.unwrap_or(args.steps).min(args.steps);
+    while state.step < end {
+        let step = state.step + 1;
+        let w = loss_weights(&args, step);
+        let tokens = loader.next_batch(&train, args.batch_size);
+        grads.zero();
+        let report = model.train_step(&tokens, args.batch_size, args.seq_len, w, Some(&mut grads))?;
+        if !report.loss.is_finite() {
+            bail!("step {step}: the loss is {} (lower --lr?); the last checkpoint is intact", report.loss);
+        }
+        let info = opt.update(&ocfg, model.params_mut(), &mut grads);
+        let gamma = match (args.balance, args.bias_freeze_step) {
+            (BalanceMode::AuxFree, Some(f)) if step >= f => 0.0,
+            (BalanceMode::AuxFree, _) => args.bias_update_rate,
+            _ => 0.0,
+        };
+        update_biases(&mut model, &report.load, gamma, args.bias_zero_mean);
+        state.step = step;
+        state.tokens_seen += (args.batch_size * args.seq_len) as u64;
+        state.loader = loader.state;
+
+        let elapsed = start.elapsed().as_secs_f64();
+        let tps = (step - start_step) as f64 * (args.batch_size * args.seq_len) as f64 / elapsed.max(1e-9);
+        let biases: Vec<f32> = model.routing_biases_mut().iter().flat_map(|(_, b)| b.iter().copied()).collect();
+        let mut log = StepLog {
+            step,
+            steps: args.steps,
+            loss: report.loss,
+            lm_loss: report.lm_loss,
+            mtp_losses: report.mtp_losses.clone(),
+            balance_loss: report.balance_loss,
+            lr: info.lr,
+            grad_norm: info.grad_norm,
+            maxvio_per_layer: report.load.iter().map(|(_, c)| max_vio(c)).collect(),
+            expert_load: report.load.iter().map(|(_, c)| c.clone()).collect(),
+            bias_range: biases.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x))),
+            mtp_top1: report.mtp_top1,
+            tokens_seen: state.tokens_seen,
+            tokens_per_second: tps,
+            elapsed_seconds: elapsed,
+            eta_seconds: (args.steps - step) as f64 * elapsed / (step - start_step) as f64,
+            ..Default::default()
+        };
+        log.maxvio = log.maxvio_per_layer.iter().sum::<f64>() / log.maxvio_per_layer.len().max(1) as f64;
+        if biases.is_empty() {
+            log.bias_range = (0.0, 0.0);
+        }
+        let eval_now = (args.eval_every > 0 && step % args.eval_every == 0) || step == args.steps;
+        if eval_now {
+            if let Some((vl, mv, top1)) = evaluate(&model, &val, &args, w)? {
+                log.val_loss = Some(vl);
+                log.val_maxvio = Some(mv);
+                log.val_mtp_top1 = top1;
+            }
+        }
+        if args.log_every > 0 && (step % args.log_every == 0 || eval_now) {
+            writeln!(metrics, "{}", serde_json::to_string(&log)?)?;
+            on_log(&log);
+        }
+        if (args.save_every > 0 && step % args.save_every == 0) || step == end {
+            metrics.flush()?;
+            checkpoint::save(&args.out, &mut model, &config, &tok, &opt, &state)?;
+            metrics = std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("metrics.jsonl"))?;
+        }
+        last = log;
+        last_report = report;
+    }
+    let _ = last_report;
+    Ok(Summary {
+        out: args.out.clone(),
+        steps: state.step,
+        final_loss: last.loss,
+        final_lm_loss: last.lm_loss,
+        val_loss: last.val_loss,
+        val_maxvio: last.val_maxvio,
+        val_mtp_top1: last.val_mtp_top1,
+        tokens_per_second: last.tokens_per_second,
+        parameters,
+    })
+}
