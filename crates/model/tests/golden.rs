@@ -7,7 +7,8 @@ use dsv3_model::{AttnImpl, DeepseekV3};
 use serde_json::Value;
 use std::path::PathBuf;
 
-const CASES: [&str; 5] = ["v3_f32_sharded", "v3_bf16_noqlora", "v3_yarn_long", "v3_fp8", "v2_group_limited"];
+// `train_roundtrip` is a checkpoint written by `dsv3 train` (scripts/make_train_fixtures.py).
+const CASES: [&str; 6] = ["v3_f32_sharded", "v3_bf16_noqlora", "v3_yarn_long", "v3_fp8", "v2_group_limited", "train_roundtrip"];
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
