@@ -107,6 +107,11 @@ enum Command {
     },
     /// Train a DeepSeek-V3-architecture model (MLA + DeepSeekMoE + MTP) from text.
     Train(Box<train::TrainCli>),
+    /// (Re)draw a training run's plots (loss, expert load, MaxVio; SVG and PNG) from its metrics.jsonl.
+    Plot {
+        /// The run's output folder.
+        run: PathBuf,
+    },
     /// Prefill and decode speed, peak memory and KV-cache size of a model.
     Bench(bench::BenchArgs),
     /// Write a random DeepSeek-V3 checkpoint (a preset shape) for benchmarks and experiments.
@@ -144,6 +149,7 @@ fn main() {
         }
         Command::RandomModel { preset, dtype, out, seed } => commands::random_model(&preset, &dtype, &out, seed),
         Command::Train(args) => train::run(&args),
+        Command::Plot { run } => dsv3_train::plot::write_run_plots(&run),
         Command::Demo => commands::demo(),
     };
     if let Err(e) = result {

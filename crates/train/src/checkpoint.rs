@@ -26,7 +26,8 @@ pub struct TrainState {
 
 /// Files of the run that live in the output folder but are not part of a checkpoint (carried over
 /// when the folder is swapped).
-const CARRIED: [&str; 4] = ["metrics.jsonl", "loss.svg", "expert_load.svg", "maxvio.svg"];
+const CARRIED: [&str; 7] =
+    ["metrics.jsonl", "loss.svg", "loss.png", "expert_load.svg", "expert_load.png", "maxvio.svg", "maxvio.png"];
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()

@@ -9,3 +9,5 @@ pub mod checkpoint;
 pub mod trainer;
 
 pub use trainer::{run, BalanceMode, StepLog, Summary, TrainArgs};
+pub mod plot;
+pub mod raster;

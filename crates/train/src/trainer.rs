@@ -331,6 +331,9 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         if (args.save_every > 0 && step % args.save_every == 0) || step == end {
             metrics.flush()?;
             checkpoint::save(&args.out, &mut model, &config, &tok, &opt, &state)?;
+            if let Err(e) = crate::plot::write_run_plots(&args.out) {
+                eprintln!("warning: plots not written: {e:#}");
+            }
             metrics = std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("metrics.jsonl"))?;
         }
         last = log;
