@@ -133,29 +133,56 @@ pub fn matmul_nn(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, y: &mut [f
 }
 
 /// `dw[n, k] += dy[m, n]ᵀ · x[m, k]`: the weight gradient of `y = x·Wᵀ`, summed over the m tokens.
-/// Rows of `dw` are split over the threads; each row streams the tokens' inputs from cache.
+/// Computed as `(dyᵀ)·(xᵀ)ᵀ` through the GEMV kernel (rows of xᵀ against groups of dyᵀ rows), so
+/// it runs at the forward's speed; the two transposes are O(m·(n + k)) against O(m·n·k).
 pub fn matmul_tn_acc(dy: &[f32], x: &[f32], m: usize, n: usize, k: usize, dw: &mut [f32]) {
     assert!(dy.len() == m * n && x.len() == m * k && dw.len() == n * k, "matmul_tn_acc shape mismatch");
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    let rows_per_task = (SERIAL_WORK / (m * k).max(1)).clamp(1, n);
-    let body = |(c, chunk): (usize, &mut [f32])| {
-        for (j, row) in chunk.chunks_exact_mut(k).enumerate() {
-            let o = c * rows_per_task + j;
-            for t in 0..m {
-                let a = dy[t * n + o];
-                if a != 0.0 {
-                    crate::dot::axpy_f32(row, a, &x[t * k..(t + 1) * k]);
+    let (xt, dyt) = (transpose(x, m, k), transpose(dy, m, n));
+    let mut y = vec![0f32; n * k];
+    matmul_nt(&MatRef::F32 { data: &xt, rows: k, cols: m }, 0..k, &dyt, n, &mut y);
+    dw.iter_mut().zip(&y).for_each(|(d, v)| *d += v);
+}
+
+/// `y[m, k] = x[m, n] · W[n, k]` for an f32 `W` (the input gradient of `y = x·Wᵀ`), through the
+/// GEMV kernel over `Wᵀ`.
+pub fn matmul_nn_f32(w: &[f32], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32]) {
+    assert!(w.len() == n * k && x.len() == m * n && y.len() == m * k, "matmul_nn_f32 shape mismatch");
+    if m == 0 || n == 0 || k == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let wt = transpose(w, n, k);
+    matmul_nt(&MatRef::F32 { data: &wt, rows: k, cols: n }, 0..k, x, m, y);
+}
+
+/// `[rows, cols]` → `[cols, rows]`, in cache-sized tiles, bands of output rows in parallel.
+pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const T: usize = 32;
+    let mut out = vec![0f32; rows * cols];
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    let band = |(b, chunk): (usize, &mut [f32])| {
+        let c0 = b * T;
+        let cw = chunk.len() / rows;
+        for r0 in (0..rows).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                let src = &a[r * cols + c0..r * cols + c0 + cw];
+                for (j, &v) in src.iter().enumerate() {
+                    chunk[j * rows + r] = v;
                 }
             }
         }
     };
-    if m * n * k >= SERIAL_WORK {
-        dw.par_chunks_mut(rows_per_task * k).enumerate().for_each(body);
+    if rows * cols >= SERIAL_WORK {
+        out.par_chunks_mut(T * rows).enumerate().for_each(band);
     } else {
-        dw.chunks_mut(rows_per_task * k).enumerate().for_each(body);
+        out.chunks_mut(T * rows).enumerate().for_each(band);
     }
+    out
 }
 
 /// Scalar references: decode the whole slice and multiply naively.
@@ -281,6 +308,12 @@ mod tests {
             matmul_tn_acc(&dy, &x, m, n, k, &mut dw);
             let want: Vec<f32> = reference::matmul_tn_acc(&dy, &x, m, n, k).iter().map(|v| v + 0.5).collect();
             assert_close(&dw, &want, &format!("tn {m}x{n}x{k}"));
+            // The input gradient through the transposed weight equals the strided reference.
+            let w: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let mut y = vec![0f32; m * k];
+            matmul_nn_f32(&w, n, k, &dy, m, &mut y);
+            let wm = MatRef::F32 { data: &w, rows: n, cols: k };
+            assert_close(&y, &reference::matmul_nn(&wm, 0..n, &dy, m), &format!("nn_f32 {m}x{n}x{k}"));
         }
     }
 

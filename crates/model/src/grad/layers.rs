@@ -3,7 +3,7 @@
 use super::{add_into, Grads};
 use crate::layers::{silu, Linear, Mlp, RmsNorm};
 use crate::weights::Matrix;
-use dsv3_kernels::matmul::{matmul_nn, matmul_tn_acc};
+use dsv3_kernels::matmul::matmul_tn_acc;
 
 impl Linear {
     /// For `y = x·Wᵀ` with `x [m, in]` and `dy [m, out]`: adds `dyᵀ·x` to `{name}.weight`'s
@@ -11,9 +11,7 @@ impl Linear {
     pub fn backward(&self, name: &str, x: &[f32], dy: &[f32], m: usize, g: &mut Grads) -> Vec<f32> {
         let (out, inp) = (self.weight.rows, self.weight.cols);
         matmul_tn_acc(dy, x, m, out, inp, g.slot(&format!("{name}.weight"), out * inp));
-        let mut dx = vec![0f32; m * inp];
-        matmul_nn(&self.weight.view(), 0..out, dy, m, &mut dx);
-        dx
+        super::input_grad(&self.weight, dy, m)
     }
 }
 

@@ -45,6 +45,18 @@ impl Grads {
     }
 }
 
+/// `dx = dy·W` for `y = x·Wᵀ` (`dy [m, rows]` → `[m, cols]`): through `Wᵀ` and the GEMV kernel
+/// for f32 masters, the strided form otherwise.
+pub(crate) fn input_grad(w: &crate::weights::Matrix, dy: &[f32], m: usize) -> Vec<f32> {
+    use dsv3_kernels::matmul::{matmul_nn, matmul_nn_f32};
+    let mut dx = vec![0f32; m * w.cols];
+    match w.view() {
+        dsv3_kernels::MatRef::F32 { data, .. } => matmul_nn_f32(data, w.rows, w.cols, dy, m, &mut dx),
+        v => matmul_nn(&v, 0..w.rows, dy, m, &mut dx),
+    }
+    dx
+}
+
 /// Adds `b` into `a` element-wise.
 pub(crate) fn add_into(a: &mut [f32], b: &[f32]) {
     a.iter_mut().zip(b).for_each(|(a, b)| *a += b);

@@ -9,7 +9,7 @@ use super::{add_into, Grads};
 use crate::error::{ModelError, Result};
 use crate::model::{DecoderLayer, DeepseekV3, Ffn};
 use crate::rope::Rope;
-use dsv3_kernels::matmul::{matmul_nn, matmul_tn_acc};
+use dsv3_kernels::matmul::matmul_tn_acc;
 
 /// The loss terms' weights.
 #[derive(Clone, Copy, Debug)]
@@ -109,9 +109,7 @@ impl DeepseekV3 {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let (v, d) = (head.rows, head.cols);
         matmul_tn_acc(d_logits, hf, n, v, d, g.slot(&format!("{}.weight", self.head_name()), v * d));
-        let mut dh = vec![0f32; n * d];
-        matmul_nn(&head.view(), 0..v, d_logits, n, &mut dh);
-        dh
+        super::input_grad(head, d_logits, n)
     }
 
     /// Forward and backward over `tokens [seqs, t + 1]` (inputs `[.., ..t]`, labels shifted by one),
