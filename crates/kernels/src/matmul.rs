@@ -7,11 +7,15 @@
 //! and prefill decodes each weight m/8 times against 8·m multiply-adds. A task owns a range of
 //! rows and walks every token group over it while those rows sit in cache.
 
+use crate::gemm::{gemm_acc, Strided};
 use crate::gemv::{rows_dots, MAX_TOKENS};
 use crate::matrix::MatRef;
 use rayon::prelude::*;
 use std::ops::Range;
 
+/// From this many tokens, f32 weights go through [`gemm_acc`] (a transposed copy of the weight
+/// costs O(n·k) against O(m·n·k)); stored-format weights always use the GEMV kernel.
+const GEMM_M: usize = 32;
 /// Work (multiply-adds) under which a call stays on the calling thread.
 const SERIAL_WORK: usize = 1 << 15;
 
@@ -55,9 +59,17 @@ pub fn matmul_nt_batch(jobs: &mut [NtJob]) {
             j.rows.end <= j.w.rows() && j.x.len() == j.m * k && j.y.len() == j.m * n,
             "matmul_nt shape mismatch"
         );
-        if j.m > 0 && n > 0 {
-            live.push(Job { w: j.w, r0: j.rows.start, n, x: j.x, m: j.m, y: SharedOut(j.y.as_mut_ptr()) });
+        if j.m == 0 || n == 0 {
+            continue;
         }
+        if let (MatRef::F32 { data, .. }, true) = (j.w, j.m >= GEMM_M) {
+            // Many tokens on f32 weights (training): the register-blocked GEMM over Wᵀ.
+            let wt = transpose(&data[j.rows.start * k..j.rows.end * k], n, k);
+            j.y.fill(0.0);
+            gemm_acc(Strided { a: j.x, a_s: 1, a_p: k }, &wt, j.y, j.m, n, k);
+            continue;
+        }
+        live.push(Job { w: j.w, r0: j.rows.start, n, x: j.x, m: j.m, y: SharedOut(j.y.as_mut_ptr()) });
     }
     let work: usize = live.iter().map(|s| s.m * s.n * s.w.cols()).sum();
     // Row ranges of about an eighth of a thread's share, so stealing evens out the ends.
@@ -133,29 +145,16 @@ pub fn matmul_nn(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, y: &mut [f
 }
 
 /// `dw[n, k] += dy[m, n]ᵀ · x[m, k]`: the weight gradient of `y = x·Wᵀ`, summed over the m tokens.
-/// Computed as `(dyᵀ)·(xᵀ)ᵀ` through the GEMV kernel (rows of xᵀ against groups of dyᵀ rows), so
-/// it runs at the forward's speed; the two transposes are O(m·(n + k)) against O(m·n·k).
 pub fn matmul_tn_acc(dy: &[f32], x: &[f32], m: usize, n: usize, k: usize, dw: &mut [f32]) {
     assert!(dy.len() == m * n && x.len() == m * k && dw.len() == n * k, "matmul_tn_acc shape mismatch");
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    let (xt, dyt) = (transpose(x, m, k), transpose(dy, m, n));
-    let mut y = vec![0f32; n * k];
-    matmul_nt(&MatRef::F32 { data: &xt, rows: k, cols: m }, 0..k, &dyt, n, &mut y);
-    dw.iter_mut().zip(&y).for_each(|(d, v)| *d += v);
+    gemm_acc(Strided { a: dy, a_s: n, a_p: 1 }, x, dw, n, k, m);
 }
 
-/// `y[m, k] = x[m, n] · W[n, k]` for an f32 `W` (the input gradient of `y = x·Wᵀ`), through the
-/// GEMV kernel over `Wᵀ`.
+/// `y[m, k] = x[m, n] · W[n, k]` for an f32 `W` (the input gradient of `y = x·Wᵀ`).
 pub fn matmul_nn_f32(w: &[f32], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32]) {
     assert!(w.len() == n * k && x.len() == m * n && y.len() == m * k, "matmul_nn_f32 shape mismatch");
-    if m == 0 || n == 0 || k == 0 {
-        y.fill(0.0);
-        return;
-    }
-    let wt = transpose(w, n, k);
-    matmul_nt(&MatRef::F32 { data: &wt, rows: k, cols: n }, 0..k, x, m, y);
+    y.fill(0.0);
+    gemm_acc(Strided { a: x, a_s: 1, a_p: n }, w, y, m, k, n);
 }
 
 /// `[rows, cols]` → `[cols, rows]`, in cache-sized tiles, bands of output rows in parallel.

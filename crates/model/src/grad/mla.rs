@@ -5,6 +5,7 @@ use super::{add_into, Grads};
 use crate::layers::Linear;
 use crate::mla::{Mla, QProj};
 use crate::rope::Rope;
+use dsv3_kernels::dot::{axpy_f32, dot_f32};
 use rayon::prelude::*;
 
 /// What [`Mla::backward`] needs from [`Mla::forward_train`].
@@ -74,15 +75,14 @@ impl Mla {
                     for (j, pj) in row.iter_mut().enumerate() {
                         let kj = &kvb[((sq * t + j) * h + hh) * dkv..][..dn];
                         let pe = &kpe[(sq * t + j) * dr..][..dr];
-                        let dot: f32 = qi[..dn].iter().zip(kj).map(|(a, b)| a * b).sum::<f32>()
-                            + qi[dn..].iter().zip(pe).map(|(a, b)| a * b).sum::<f32>();
+                        let dot = dot_f32(&qi[..dn], kj) + dot_f32(&qi[dn..], pe);
                         *pj = dot * self.scale;
                     }
                     dsv3_kernels::attention::softmax_in_place(row);
                     let oi = &mut o[i * dv..(i + 1) * dv];
                     for (j, &pj) in row.iter().enumerate() {
                         let vj = &kvb[((sq * t + j) * h + hh) * dkv + dn..][..dv];
-                        oi.iter_mut().zip(vj).for_each(|(o, v)| *o += pj * v);
+                        axpy_f32(oi, pj, vj);
                     }
                 }
                 (p, o)
@@ -121,9 +121,9 @@ impl Mla {
                     let pi = &p[i * t..i * t + i + 1];
                     for j in 0..=i {
                         let vj = &s.kvb[((sq * t + j) * h + hh) * dkv + dn..][..dv];
-                        ds[j] = doi.iter().zip(vj).map(|(a, b)| a * b).sum();
+                        ds[j] = dot_f32(doi, vj);
                         // dv_j += P_ij·do_i
-                        gkv[j * dkv + dn..(j + 1) * dkv].iter_mut().zip(doi).for_each(|(g, d)| *g += pi[j] * d);
+                        axpy_f32(&mut gkv[j * dkv + dn..(j + 1) * dkv], pi[j], doi);
                     }
                     let mean: f32 = (0..=i).map(|j| pi[j] * ds[j]).sum();
                     let qi = &s.q[((sq * t + i) * h + hh) * dq..][..dq];
@@ -135,10 +135,10 @@ impl Mla {
                         let kj = &s.kvb[((sq * t + j) * h + hh) * dkv..][..dn];
                         let pej = &s.kpe[(sq * t + j) * dr..][..dr];
                         let gqi = &mut gq[i * dq..(i + 1) * dq];
-                        gqi[..dn].iter_mut().zip(kj).for_each(|(g, k)| *g += dsc * k);
-                        gqi[dn..].iter_mut().zip(pej).for_each(|(g, k)| *g += dsc * k);
-                        gkv[j * dkv..j * dkv + dn].iter_mut().zip(&qi[..dn]).for_each(|(g, q)| *g += dsc * q);
-                        gpe[j * dr..(j + 1) * dr].iter_mut().zip(&qi[dn..]).for_each(|(g, q)| *g += dsc * q);
+                        axpy_f32(&mut gqi[..dn], dsc, kj);
+                        axpy_f32(&mut gqi[dn..], dsc, pej);
+                        axpy_f32(&mut gkv[j * dkv..j * dkv + dn], dsc, &qi[..dn]);
+                        axpy_f32(&mut gpe[j * dr..(j + 1) * dr], dsc, &qi[dn..]);
                     }
                 }
                 (gq, gkv, gpe)
