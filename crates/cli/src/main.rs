@@ -1,6 +1,11 @@
 //! `dsv3`: the command line of the DeepSeek-V3 system. Thin: parsing, output formats and progress;
 //! the work is in the library crates.
 
+// Large activation buffers are allocated and freed every step; glibc returns them to the kernel
+// (mmap/munmap) and pays page faults and zeroing each time. mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod commands;
 mod hub;

@@ -3,7 +3,8 @@
 //! (β 0.9/0.95, weight decay 0.1, clip 1.0). Moments are kept in f32 (the report keeps them in
 //! bf16 to save memory at scale; at this size f32 costs little and keeps resume exact).
 
-use dsv3_model::grad::params::ParamsMut;
+use dsv3_model::grad::params::{Param, ParamsMut};
+use rayon::prelude::*;
 use dsv3_model::grad::Grads;
 use std::collections::BTreeMap;
 
@@ -71,20 +72,35 @@ impl Optimizer {
         }
         let t = self.step as i32;
         let (bc1, bc2) = (1.0 - cfg.beta1.powi(t), 1.0 - cfg.beta2.powi(t));
+        // Moments are created up front so the update below can run the parameters in parallel.
+        if cfg.kind == OptimizerKind::Adamw {
+            for p in &params {
+                self.m.entry(p.name.clone()).or_insert_with(|| vec![0f32; p.data.len()]);
+                self.v.entry(p.name.clone()).or_insert_with(|| vec![0f32; p.data.len()]);
+            }
+        }
+        let grads = &*grads;
+        let mut jobs: Vec<(Param, Option<(&mut Vec<f32>, &mut Vec<f32>)>)> = vec![];
+        let (mut ms, mut vs): (BTreeMap<&String, &mut Vec<f32>>, BTreeMap<&String, &mut Vec<f32>>) =
+            (self.m.iter_mut().collect(), self.v.iter_mut().collect());
         for p in params {
+            let mv = match cfg.kind {
+                OptimizerKind::Adamw => Some((ms.remove(&p.name).expect("moment"), vs.remove(&p.name).expect("moment"))),
+                OptimizerKind::Sgd => None,
+            };
+            jobs.push((p, mv));
+        }
+        jobs.into_par_iter().for_each(|(p, mv)| {
             let g = grads.get(&p.name);
             let decay = if p.shape.len() >= 2 { cfg.weight_decay } else { 0.0 };
-            match cfg.kind {
-                OptimizerKind::Sgd => {
+            match mv {
+                None => {
                     if let Some(g) = g {
                         p.data.iter_mut().zip(g).for_each(|(w, g)| *w -= lr * g);
                     }
                 }
-                OptimizerKind::Adamw => {
-                    let n = p.data.len();
-                    let m = self.m.entry(p.name.clone()).or_insert_with(|| vec![0f32; n]);
-                    let v = self.v.entry(p.name.clone()).or_insert_with(|| vec![0f32; n]);
-                    for i in 0..n {
+                Some((m, v)) => {
+                    for i in 0..p.data.len() {
                         let gi = g.map_or(0.0, |g| g[i]);
                         m[i] = cfg.beta1 * m[i] + (1.0 - cfg.beta1) * gi;
                         v[i] = cfg.beta2 * v[i] + (1.0 - cfg.beta2) * gi * gi;
@@ -93,7 +109,7 @@ impl Optimizer {
                     }
                 }
             }
-        }
+        });
         UpdateInfo { lr, grad_norm }
     }
 }

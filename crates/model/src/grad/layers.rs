@@ -86,27 +86,36 @@ pub fn embedding_backward(name: &str, table: &Matrix, tokens: &[u32], dy: &[f32]
 }
 
 /// Mean cross-entropy of `logits [t, V]` against `labels` over the positions where `mask` is set,
-/// and its gradient `(softmax − onehot)·scale / count` (zero at masked positions).
+/// and its gradient `(softmax − onehot)·scale / count` (zero at masked positions). Rows in
+/// parallel; each row's normalizer is summed in f64.
 pub fn cross_entropy(logits: &[f32], labels: &[u32], mask: &[bool], scale: f32) -> (f64, Vec<f32>) {
+    use rayon::prelude::*;
     let t = labels.len();
     let v = logits.len() / t.max(1);
     let count = mask.iter().filter(|&&m| m).count().max(1);
+    let c = scale / count as f32;
     let mut dl = vec![0f32; logits.len()];
-    let mut loss = 0f64;
-    for i in 0..t {
-        if !mask[i] {
-            continue;
-        }
-        let row = &logits[i * v..(i + 1) * v];
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let z: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
-        let y = labels[i] as usize;
-        loss += z.ln() - (row[y] - max) as f64;
-        let c = scale / count as f32;
-        for (j, d) in dl[i * v..(i + 1) * v].iter_mut().enumerate() {
-            *d = (((row[j] - max) as f64).exp() / z) as f32 * c;
-        }
-        dl[i * v + y] -= c;
-    }
+    let loss: f64 = dl
+        .par_chunks_mut(v.max(1))
+        .enumerate()
+        .map(|(i, d)| {
+            if !mask[i] {
+                return 0.0;
+            }
+            let row = &logits[i * v..(i + 1) * v];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut z = 0f64;
+            for (d, &l) in d.iter_mut().zip(row) {
+                let e = (l - max).exp();
+                *d = e;
+                z += e as f64;
+            }
+            let inv = (1.0 / z) as f32 * c;
+            d.iter_mut().for_each(|x| *x *= inv);
+            let y = labels[i] as usize;
+            d[y] -= c;
+            z.ln() - (row[y] - max) as f64
+        })
+        .sum();
     (loss / count as f64, dl)
 }
