@@ -1,11 +1,6 @@
 //! `dsv3`: the command line of the DeepSeek-V3 system. Thin: parsing, output formats and progress;
 //! the work is in the library crates.
 
-// Large activation buffers are allocated and freed every step; glibc returns them to the kernel
-// (mmap/munmap) and pays page faults and zeroing each time. mimalloc keeps them.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod bench;
 mod commands;
 mod hub;
@@ -136,7 +131,20 @@ enum Command {
     Demo,
 }
 
+/// Activation buffers of a few MB are allocated and freed every step. By default glibc serves
+/// them with mmap and returns them with munmap, so each step pays page faults and kernel zeroing
+/// (20% of a training step here); keeping them in the heap avoids that.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate { model, prompt, prompt_ids, sampling, mtp_speculative, json } => hub::resolve_model(&model)
