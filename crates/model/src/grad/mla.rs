@@ -5,7 +5,9 @@ use super::{add_into, Grads};
 use crate::layers::Linear;
 use crate::mla::{Mla, QProj};
 use crate::rope::Rope;
-use dsv3_kernels::dot::{axpy_f32, dot_f32};
+use dsv3_kernels::attention::softmax_in_place;
+use dsv3_kernels::gemm::{gemm_acc, Strided};
+use dsv3_kernels::matmul::transpose;
 use rayon::prelude::*;
 
 /// What [`Mla::backward`] needs from [`Mla::forward_train`].
@@ -29,11 +31,36 @@ pub struct MlaSaved {
     o: Vec<f32>,
 }
 
+/// One head's keys and values over one sequence, laid out for the GEMMs: `k [t, dn+dr]`
+/// (`[k_nope ; k_pe]`), `kt` its transpose, `v [t, dv]` and `vt` its transpose.
+struct HeadKv {
+    k: Vec<f32>,
+    kt: Vec<f32>,
+    v: Vec<f32>,
+    vt: Vec<f32>,
+}
+
+impl HeadKv {
+    #[allow(clippy::too_many_arguments)]
+    fn gather(kvb: &[f32], kpe: &[f32], sq: usize, hh: usize, t: usize, h: usize, dn: usize, dr: usize, dv: usize) -> Self {
+        let (dq, dkv) = (dn + dr, dn + dv);
+        let mut k = vec![0f32; t * dq];
+        let mut v = vec![0f32; t * dv];
+        for j in 0..t {
+            let r = sq * t + j;
+            k[j * dq..j * dq + dn].copy_from_slice(&kvb[(r * h + hh) * dkv..][..dn]);
+            k[j * dq + dn..(j + 1) * dq].copy_from_slice(&kpe[r * dr..(r + 1) * dr]);
+            v[j * dv..(j + 1) * dv].copy_from_slice(&kvb[(r * h + hh) * dkv + dn..][..dv]);
+        }
+        HeadKv { kt: transpose(&k, t, dq), vt: transpose(&v, t, dv), k, v }
+    }
+}
+
 impl Mla {
     /// `x [seqs·t, D]`, each sequence at positions `0..t` → `[seqs·t, D]`.
     pub fn forward_train(&self, x: &[f32], seqs: usize, t: usize, rope: &Rope) -> (Vec<f32>, MlaSaved) {
         let (h, dn, dr, dv, c) = (self.heads, self.dn, self.dr, self.dv, self.c);
-        let (dq, dkv, n) = (dn + dr, dn + dv, seqs * t);
+        let (dq, n) = (dn + dr, seqs * t);
         let first_proj = match &self.q {
             QProj::LowRank { q_a_proj, .. } => q_a_proj,
             QProj::Direct { q_proj } => q_proj,
@@ -62,29 +89,23 @@ impl Mla {
         let ckv = self.kv_a_layernorm.forward(&c_pre);
         let kvb = self.kv_b_proj.forward(&ckv, n);
 
-        // One task per (sequence, head): its T×T probabilities and its slice of the output.
+        // One task per (sequence, head): S = Q·Kᵀ·scale, causal softmax, O = P·V, as GEMMs.
         let per: Vec<(Vec<f32>, Vec<f32>)> = (0..seqs * h)
             .into_par_iter()
             .map(|sh| {
                 let (sq, hh) = (sh / h, sh % h);
+                let hk = HeadKv::gather(&kvb, &kpe, sq, hh, t, h, dn, dr, dv);
+                let q0 = (sq * t * h + hh) * dq;
                 let mut p = vec![0f32; t * t];
-                let mut o = vec![0f32; t * dv];
+                gemm_acc(Strided { a: &q[q0..], a_s: 1, a_p: h * dq }, &hk.kt, &mut p, t, t, dq);
                 for i in 0..t {
-                    let qi = &q[((sq * t + i) * h + hh) * dq..][..dq];
-                    let row = &mut p[i * t..i * t + i + 1];
-                    for (j, pj) in row.iter_mut().enumerate() {
-                        let kj = &kvb[((sq * t + j) * h + hh) * dkv..][..dn];
-                        let pe = &kpe[(sq * t + j) * dr..][..dr];
-                        let dot = dot_f32(&qi[..dn], kj) + dot_f32(&qi[dn..], pe);
-                        *pj = dot * self.scale;
-                    }
-                    dsv3_kernels::attention::softmax_in_place(row);
-                    let oi = &mut o[i * dv..(i + 1) * dv];
-                    for (j, &pj) in row.iter().enumerate() {
-                        let vj = &kvb[((sq * t + j) * h + hh) * dkv + dn..][..dv];
-                        axpy_f32(oi, pj, vj);
-                    }
+                    let row = &mut p[i * t..(i + 1) * t];
+                    row[..=i].iter_mut().for_each(|v| *v *= self.scale);
+                    softmax_in_place(&mut row[..=i]);
+                    row[i + 1..].fill(0.0);
                 }
+                let mut o = vec![0f32; t * dv];
+                gemm_acc(Strided { a: &p, a_s: 1, a_p: t }, &hk.v, &mut o, t, dv, t);
                 (p, o)
             })
             .collect();
@@ -108,38 +129,40 @@ impl Mla {
         let n = seqs * t;
         let d_o = self.o_proj.backward(&format!("{name}.o_proj"), &s.o, dy, n, g);
 
-        // Per (sequence, head): dq [t, dq], dk_nope|dv [t, dkv], dk_pe [t, dr].
+        // Per (sequence, head), as GEMMs: dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP))·scale,
+        // dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·dO. Returns dq [t, dq], dk_nope|dv [t, dkv], dk_pe [t, dr].
         let per: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..seqs * h)
             .into_par_iter()
             .map(|sh| {
                 let (sq, hh) = (sh / h, sh % h);
                 let p = &s.probs[sh * t * t..(sh + 1) * t * t];
-                let (mut gq, mut gkv, mut gpe) = (vec![0f32; t * dq], vec![0f32; t * dkv], vec![0f32; t * dr]);
-                let mut ds = vec![0f32; t];
+                let hk = HeadKv::gather(&s.kvb, &s.kpe, sq, hh, t, h, dn, dr, dv);
+                let o0 = (sq * t * h + hh) * dv;
+                let d_oh: Vec<f32> = (0..t).flat_map(|i| d_o[o0 + i * h * dv..][..dv].iter().copied()).collect();
+                let q0 = (sq * t * h + hh) * dq;
+                let qh: Vec<f32> = (0..t).flat_map(|i| s.q[q0 + i * h * dq..][..dq].iter().copied()).collect();
+                let mut ds = vec![0f32; t * t];
+                gemm_acc(Strided { a: &d_oh, a_s: 1, a_p: dv }, &hk.vt, &mut ds, t, t, dv);
                 for i in 0..t {
-                    let doi = &d_o[((sq * t + i) * h + hh) * dv..][..dv];
-                    let pi = &p[i * t..i * t + i + 1];
+                    let (pr, dr_) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
+                    let mean: f32 = pr[..=i].iter().zip(&dr_[..=i]).map(|(a, b)| a * b).sum();
                     for j in 0..=i {
-                        let vj = &s.kvb[((sq * t + j) * h + hh) * dkv + dn..][..dv];
-                        ds[j] = dot_f32(doi, vj);
-                        // dv_j += P_ij·do_i
-                        axpy_f32(&mut gkv[j * dkv + dn..(j + 1) * dkv], pi[j], doi);
+                        dr_[j] = pr[j] * (dr_[j] - mean) * self.scale;
                     }
-                    let mean: f32 = (0..=i).map(|j| pi[j] * ds[j]).sum();
-                    let qi = &s.q[((sq * t + i) * h + hh) * dq..][..dq];
-                    for j in 0..=i {
-                        let dsc = pi[j] * (ds[j] - mean) * self.scale;
-                        if dsc == 0.0 {
-                            continue;
-                        }
-                        let kj = &s.kvb[((sq * t + j) * h + hh) * dkv..][..dn];
-                        let pej = &s.kpe[(sq * t + j) * dr..][..dr];
-                        let gqi = &mut gq[i * dq..(i + 1) * dq];
-                        axpy_f32(&mut gqi[..dn], dsc, kj);
-                        axpy_f32(&mut gqi[dn..], dsc, pej);
-                        axpy_f32(&mut gkv[j * dkv..j * dkv + dn], dsc, &qi[..dn]);
-                        axpy_f32(&mut gpe[j * dr..(j + 1) * dr], dsc, &qi[dn..]);
-                    }
+                    dr_[i + 1..].fill(0.0);
+                }
+                let mut gq = vec![0f32; t * dq];
+                gemm_acc(Strided { a: &ds, a_s: 1, a_p: t }, &hk.k, &mut gq, t, dq, t);
+                let mut gk = vec![0f32; t * dq];
+                gemm_acc(Strided { a: &ds, a_s: t, a_p: 1 }, &qh, &mut gk, t, dq, t);
+                let mut gv = vec![0f32; t * dv];
+                gemm_acc(Strided { a: p, a_s: t, a_p: 1 }, &d_oh, &mut gv, t, dv, t);
+                let mut gkv = vec![0f32; t * dkv];
+                let mut gpe = vec![0f32; t * dr];
+                for j in 0..t {
+                    gkv[j * dkv..j * dkv + dn].copy_from_slice(&gk[j * dq..j * dq + dn]);
+                    gkv[j * dkv + dn..(j + 1) * dkv].copy_from_slice(&gv[j * dv..(j + 1) * dv]);
+                    gpe[j * dr..(j + 1) * dr].copy_from_slice(&gk[j * dq + dn..(j + 1) * dq]);
                 }
                 (gq, gkv, gpe)
             })
