@@ -109,8 +109,15 @@ enum Command {
     Train(Box<train::TrainCli>),
     /// (Re)draw a training run's plots (loss, expert load, MaxVio; SVG and PNG) from its metrics.jsonl.
     Plot {
-        /// The run's output folder.
-        run: PathBuf,
+        /// The run's output folder (several with --compare).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Compare the runs: charts of LM loss, validation loss and MaxVio, and a Markdown table.
+        #[arg(long)]
+        compare: bool,
+        /// Where the comparison goes.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
     },
     /// Prefill and decode speed, peak memory and KV-cache size of a model.
     Bench(bench::BenchArgs),
@@ -162,7 +169,13 @@ fn main() {
         }
         Command::RandomModel { preset, dtype, out, seed } => commands::random_model(&preset, &dtype, &out, seed),
         Command::Train(args) => train::run(&args),
-        Command::Plot { run } => dsv3_train::plot::write_run_plots(&run),
+        Command::Plot { runs, compare, out } => {
+            if compare {
+                dsv3_train::plot::write_compare_plots(&runs, &out).map(|table| print!("{table}"))
+            } else {
+                runs.iter().try_for_each(|r| dsv3_train::plot::write_run_plots(r))
+            }
+        }
         Command::Demo => commands::demo(),
     };
     if let Err(e) = result {

@@ -200,3 +200,55 @@ fn save(dir: &Path, name: &str, svg: &str) -> Result<()> {
     std::fs::write(dir.join(format!("{name}.svg")), svg)?;
     crate::raster::svg_to_png(svg, &dir.join(format!("{name}.png")))
 }
+
+/// Per-run summary rows and comparison charts of several runs (same steps), into `out`:
+/// compare_lm_loss, compare_val_loss, compare_maxvio (SVG + PNG). Returns a Markdown table.
+pub fn write_compare_plots(runs: &[std::path::PathBuf], out: &Path) -> Result<String> {
+    const COLORS: [&str; 8] = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
+    std::fs::create_dir_all(out)?;
+    let mut lm = vec![];
+    let mut val = vec![];
+    let mut mv = vec![];
+    let mut table = String::from(
+        "| run | train LM loss (last 20 steps) | validation loss | global MaxVio (validation) | MaxVio per batch (last 50 steps) | MTP top-1 (validation) |\n|---|---|---|---|---|---|\n",
+    );
+    for (i, run) in runs.iter().enumerate() {
+        let name = run.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).with_context(|| format!("{}: metrics.jsonl", run.display()))?;
+        let logs: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let pts = |k: &str| logs.iter().filter_map(|v| Some((v["step"].as_f64()?, v[k].as_f64()?))).collect::<Vec<_>>();
+        let color = COLORS[i % COLORS.len()];
+        lm.push(Series { name: name.clone(), color, points: smooth(&pts("lm_loss"), 10), markers: false });
+        val.push(Series { name: name.clone(), color, points: pts("val_loss"), markers: false });
+        mv.push(Series { name: name.clone(), color, points: smooth(&pts("maxvio"), 10), markers: false });
+        let tail = |k: &str, n: usize| {
+            let v = pts(k);
+            let s = &v[v.len().saturating_sub(n)..];
+            s.iter().map(|p| p.1).sum::<f64>() / s.len().max(1) as f64
+        };
+        let last = |k: &str| pts(k).last().map_or("–".to_string(), |p| format!("{:.3}", p.1));
+        let _ = writeln!(
+            table,
+            "| {name} | {:.3} | {} | {} | {:.3} | {} |",
+            tail("lm_loss", 20),
+            last("val_loss"),
+            last("val_maxvio"),
+            tail("maxvio", 50),
+            pts("val_mtp_top1").last().map_or("–".to_string(), |p| format!("{:.1}%", 100.0 * p.1))
+        );
+    }
+    save(out, "compare_lm_loss", &line_chart("Train LM loss (moving average of 10 steps)", "step", "cross-entropy (nats)", &lm))?;
+    save(out, "compare_val_loss", &line_chart("Validation LM loss", "step", "cross-entropy (nats)", &val))?;
+    save(out, "compare_maxvio", &line_chart("MaxVio per batch (moving average of 10 steps, mean over MoE layers)", "step", "MaxVio", &mv))?;
+    Ok(table)
+}
+
+fn smooth(p: &[(f64, f64)], w: usize) -> Vec<(f64, f64)> {
+    (0..p.len())
+        .map(|i| {
+            let lo = i.saturating_sub(w - 1);
+            let s = &p[lo..=i];
+            (p[i].0, s.iter().map(|x| x.1).sum::<f64>() / s.len() as f64)
+        })
+        .collect()
+}
