@@ -80,54 +80,56 @@ mod avx512 {
         std::arch::is_x86_feature_detected!("avx512f")
     }
 
-    /// Rows `p0..p0+n` of C (`c` holds exactly them).
+    /// Rows `p0..p0+n` of C (`c` holds exactly them). Column panels outermost, so a panel of B
+    /// (`depth × 32`) stays in cache across all the row blocks.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn band(a: Strided, b: &[f32], c: &mut [f32], p0: usize, n: usize, cols: usize, depth: usize) {
-        let mut r = 0;
-        while r < n {
-            let mr = (n - r).min(8);
-            match mr {
-                8 => block::<8>(a, b, c, p0, r, cols, depth),
-                7 => block::<7>(a, b, c, p0, r, cols, depth),
-                6 => block::<6>(a, b, c, p0, r, cols, depth),
-                5 => block::<5>(a, b, c, p0, r, cols, depth),
-                4 => block::<4>(a, b, c, p0, r, cols, depth),
-                3 => block::<3>(a, b, c, p0, r, cols, depth),
-                2 => block::<2>(a, b, c, p0, r, cols, depth),
-                _ => block::<1>(a, b, c, p0, r, cols, depth),
+        let mut q = 0;
+        while q < cols {
+            let mut r = 0;
+            while r < n {
+                let mr = (n - r).min(8);
+                match mr {
+                    8 => block::<8>(a, b, c, p0, r, q, cols, depth),
+                    7 => block::<7>(a, b, c, p0, r, q, cols, depth),
+                    6 => block::<6>(a, b, c, p0, r, q, cols, depth),
+                    5 => block::<5>(a, b, c, p0, r, q, cols, depth),
+                    4 => block::<4>(a, b, c, p0, r, q, cols, depth),
+                    3 => block::<3>(a, b, c, p0, r, q, cols, depth),
+                    2 => block::<2>(a, b, c, p0, r, q, cols, depth),
+                    _ => block::<1>(a, b, c, p0, r, q, cols, depth),
+                }
+                r += mr;
             }
-            r += mr;
+            q += 32;
         }
     }
 
-    /// `MR` rows (local row `r`) across all columns, 32 at a time.
+    /// `MR` rows (local row `r`) × columns `q..q+32` (masked at the edge).
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn block<const MR: usize>(a: Strided, b: &[f32], c: &mut [f32], p0: usize, r: usize, cols: usize, depth: usize) {
+    unsafe fn block<const MR: usize>(a: Strided, b: &[f32], c: &mut [f32], p0: usize, r: usize, q: usize, cols: usize, depth: usize) {
         let (ap, bp, cp) = (a.a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-        let mut q = 0;
-        while q < cols {
-            let w = (cols - q).min(32);
-            let m0: u16 = if w >= 16 { 0xffff } else { ((1u32 << w) - 1) as u16 };
-            let m1: u16 = if w >= 32 { 0xffff } else if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
-            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-            for s in 0..depth {
-                let brow = bp.add(s * cols + q);
-                let b0 = _mm512_maskz_loadu_ps(m0, brow);
-                let b1 = _mm512_maskz_loadu_ps(m1, brow.add(16));
-                let arow = ap.add(s * a.a_s + (p0 + r) * a.a_p);
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*arow.add(i * a.a_p));
-                    acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
-                    acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
-                }
+        let w = (cols - q).min(32);
+        let m0: u16 = if w >= 16 { 0xffff } else { ((1u32 << w) - 1) as u16 };
+        let m1: u16 = if w >= 32 { 0xffff } else if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for s in 0..depth {
+            let brow = bp.add(s * cols + q);
+            let b0 = _mm512_maskz_loadu_ps(m0, brow);
+            let b1 = _mm512_maskz_loadu_ps(m1, brow.add(16));
+            let arow = ap.add(s * a.a_s + (p0 + r) * a.a_p);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*arow.add(i * a.a_p));
+                acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
             }
-            for (i, acc) in acc.iter().enumerate() {
-                let crow = cp.add((r + i) * cols + q);
-                _mm512_mask_storeu_ps(crow, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, crow), acc[0]));
-                _mm512_mask_storeu_ps(crow.add(16), m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, crow.add(16)), acc[1]));
-            }
-            q += 32;
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            let crow = cp.add((r + i) * cols + q);
+            _mm512_mask_storeu_ps(crow, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, crow), acc[0]));
+            _mm512_mask_storeu_ps(crow.add(16), m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, crow.add(16)), acc[1]));
         }
     }
 }
