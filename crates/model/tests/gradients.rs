@@ -27,12 +27,11 @@ fn tiny(extra: serde_json::Value) -> serde_json::Value {
     c
 }
 
-fn check(case: &str, cfg: serde_json::Value) {
+fn check(case: &str, cfg: serde_json::Value, seqs: usize, t: usize) {
     let dir = std::env::temp_dir().join(format!("dsv3-gradcheck-{case}-{}", std::process::id()));
     write_random_checkpoint(&dir, &cfg, StoreDtype::F32, 1).unwrap();
     let mut model = DeepseekV3::load(&dir).unwrap();
     std::fs::remove_dir_all(&dir).ok();
-    let (seqs, t) = (2, 6);
     let v = model.config.vocab_size as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
     let tokens: Vec<u32> = (0..seqs * (t + 1)).map(|_| rng.gen_range(0..v)).collect();
@@ -77,7 +76,7 @@ fn check(case: &str, cfg: serde_json::Value) {
 
 #[test]
 fn gradients_match_finite_differences_q_lora_moe_mtp() {
-    check("qlora", tiny(json!({})));
+    check("qlora", tiny(json!({})), 2, 6);
 }
 
 #[test]
@@ -89,5 +88,13 @@ fn gradients_match_finite_differences_direct_q_yarn_tied() {
             "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4,
                              "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}
         })),
+        2,
+        6,
     );
+}
+
+#[test]
+fn gradients_match_finite_differences_with_enough_tokens_for_the_gemm_paths() {
+    // 2 × 24 tokens: the forward and both backward products of every linear take the GEMM path.
+    check("gemm", tiny(json!({})), 2, 24);
 }
