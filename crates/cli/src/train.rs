@@ -193,6 +193,12 @@ pub fn run(c: &TrainCli) -> Result<()> {
             summary.val_mtp_top1.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)),
             summary.out.display()
         );
+        eprintln!(
+            "{:.0} tokens/s × {:.1} MFLOP/token = {:.1} GFLOP/s of model FLOPs",
+            summary.tokens_per_second,
+            summary.flops_per_token / 1e6,
+            summary.model_gflops_per_second
+        );
     }
     if !c.no_sample && !json {
         crate::commands::sample(&summary.out)?;

@@ -156,6 +156,34 @@ pub struct Summary {
     pub val_mtp_top1: Option<f64>,
     pub tokens_per_second: f64,
     pub parameters: usize,
+    /// Model FLOPs per training token and the achieved rate (see [`train_flops_per_token`]).
+    pub flops_per_token: f64,
+    pub model_gflops_per_second: f64,
+}
+
+/// Model FLOPs of one training token (forward + backward = 3 × 2 × the forward's multiply-adds):
+/// every linear a token passes (top-k experts, not all), causal attention at the mean context
+/// `(T + 1)/2`, the head, and each MTP module. The figure MFU is quoted against.
+pub fn train_flops_per_token(c: &dsv3_model::Config, seq_len: usize) -> f64 {
+    let (d, h) = (c.hidden_size as f64, c.num_attention_heads as f64);
+    let (dn, dr, dv, kv) = (c.qk_nope_head_dim as f64, c.qk_rope_head_dim as f64, c.v_head_dim as f64, c.kv_lora_rank as f64);
+    let q = match c.q_lora_rank {
+        Some(r) => d * r as f64 + r as f64 * h * (dn + dr),
+        None => d * h * (dn + dr),
+    };
+    let attn = q + d * (kv + dr) + kv * h * (dn + dv) + h * dv * d + (seq_len as f64 + 1.0) / 2.0 * h * (dn + dr + dv);
+    let ffn = |l: usize| {
+        if c.is_moe_layer(l) {
+            let e = c.moe_intermediate_size as f64;
+            d * c.n_routed_experts as f64 + 3.0 * d * e * (c.num_experts_per_tok + c.n_shared_experts) as f64
+        } else {
+            3.0 * d * c.intermediate_size as f64
+        }
+    };
+    let head = d * c.vocab_size as f64;
+    let layers: f64 = (0..c.num_hidden_layers).map(|l| attn + ffn(l)).sum();
+    let mtp: f64 = (0..c.num_nextn_predict_layers).map(|j| 2.0 * d * d + attn + ffn(c.num_hidden_layers + j) + head).sum();
+    6.0 * (layers + head + mtp)
 }
 
 /// The model's config JSON for a run: the preset or file, with the tokenizer's vocabulary and the
@@ -262,6 +290,7 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         clip: args.clip,
     };
     let parameters: usize = model.params_mut().iter().map(|p| p.data.len()).sum();
+    let flops_per_token = train_flops_per_token(&model.config, args.seq_len);
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("metrics.jsonl"))?;
     let mut grads = Grads::default();
@@ -350,5 +379,7 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         val_mtp_top1: last.val_mtp_top1,
         tokens_per_second: last.tokens_per_second,
         parameters,
+        flops_per_token,
+        model_gflops_per_second: flops_per_token * last.tokens_per_second / 1e9,
     })
 }
