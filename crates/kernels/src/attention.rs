@@ -23,6 +23,7 @@ pub struct LatentShape {
 /// `q_lat [tokens, heads, latent]`, `q_pe [tokens, heads, rope]`, `c_kv [positions, latent]`,
 /// `k_pe [positions, rope]`; query token t sees cache positions `0..visible[t]`.
 /// Writes `out [tokens, heads, latent]`.
+#[allow(clippy::too_many_arguments)]
 pub fn latent_attention(
     shape: LatentShape,
     q_lat: &[f32],
@@ -96,10 +97,10 @@ pub mod reference {
     ) -> Vec<f32> {
         let LatentShape { tokens, heads, latent, rope } = shape;
         let mut out = vec![0f32; tokens * heads * latent];
-        for t in 0..tokens {
+        for (t, &vis) in visible.iter().enumerate().take(tokens) {
             for h in 0..heads {
                 let th = t * heads + h;
-                let scores: Vec<f64> = (0..visible[t])
+                let scores: Vec<f64> = (0..vis)
                     .map(|s| {
                         let a: f64 = (0..latent).map(|c| q_lat[th * latent + c] as f64 * c_kv[s * latent + c] as f64).sum();
                         let b: f64 = (0..rope).map(|c| q_pe[th * rope + c] as f64 * k_pe[s * rope + c] as f64).sum();

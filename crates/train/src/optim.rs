@@ -45,6 +45,9 @@ impl OptimConfig {
     }
 }
 
+/// A parameter's first and second moments, borrowed for one update.
+type Moments<'a> = (&'a mut Vec<f32>, &'a mut Vec<f32>);
+
 /// Optimizer state: the step count and the moments by parameter name.
 #[derive(Clone, Debug, Default)]
 pub struct Optimizer {
@@ -80,9 +83,9 @@ impl Optimizer {
             }
         }
         let grads = &*grads;
-        let mut jobs: Vec<(Param, Option<(&mut Vec<f32>, &mut Vec<f32>)>)> = vec![];
-        let (mut ms, mut vs): (BTreeMap<&String, &mut Vec<f32>>, BTreeMap<&String, &mut Vec<f32>>) =
-            (self.m.iter_mut().collect(), self.v.iter_mut().collect());
+        let mut jobs: Vec<(Param, Option<Moments>)> = vec![];
+        let mut ms: BTreeMap<&String, &mut Vec<f32>> = self.m.iter_mut().collect();
+        let mut vs: BTreeMap<&String, &mut Vec<f32>> = self.v.iter_mut().collect();
         for p in params {
             let mv = match cfg.kind {
                 OptimizerKind::Adamw => Some((ms.remove(&p.name).expect("moment"), vs.remove(&p.name).expect("moment"))),

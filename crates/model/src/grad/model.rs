@@ -49,6 +49,7 @@ struct LayerSaved {
 }
 
 impl DecoderLayer {
+    #[allow(clippy::too_many_arguments)]
     fn forward_train(
         &self,
         h: &mut [f32],

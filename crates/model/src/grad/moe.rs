@@ -23,14 +23,21 @@ pub struct Balance {
     pub batch_alpha: f32,
 }
 
+/// An active expert: its id, its `(token, slot)` pairs, its saved forward and its outputs.
+struct ExpertSaved {
+    id: usize,
+    toks: Vec<(usize, usize)>,
+    saved: MlpSaved,
+    out: Vec<f32>,
+}
+
 pub struct MoeSaved {
     x: Vec<f32>,
     n: usize,
     /// `[n, E]` router scores (sigmoid or softmax of the logits).
     scores: Vec<f32>,
     routing: Routing,
-    /// Per active expert: its id, its `(token, slot)` pairs, its saved forward and its outputs.
-    experts: Vec<(usize, Vec<(usize, usize)>, MlpSaved, Vec<f32>)>,
+    experts: Vec<ExpertSaved>,
     shared: Option<MlpSaved>,
     /// `[n, E]` gradient of the balance losses with respect to the scores.
     d_scores_balance: Vec<f32>,
@@ -86,7 +93,7 @@ impl Moe {
                 let w = routing.weights[i * k + slot];
                 out[i * d..(i + 1) * d].iter_mut().zip(row).for_each(|(o, y)| *o += w * y);
             }
-            experts.push((ex, toks, saved, ye));
+            experts.push(ExpertSaved { id: ex, toks, saved, out: ye });
         }
         let shared = self.shared_experts.as_ref().map(|s| {
             let (ys, saved) = s.forward_train(x, n);
@@ -109,7 +116,7 @@ impl Moe {
         };
         // d(gate weight) of each (token, slot), and each expert's backward.
         let mut d_w = vec![0f32; n * k];
-        for (ex, toks, saved, ye) in &s.experts {
+        for ExpertSaved { id: ex, toks, saved, out: ye } in &s.experts {
             let mut dye = vec![0f32; toks.len() * d];
             for ((row, dyr), &(i, slot)) in ye.chunks_exact(d).zip(dye.chunks_exact_mut(d)).zip(toks) {
                 let dyi = &dy[i * d..(i + 1) * d];
