@@ -28,4 +28,4 @@ run none --balance none
 run mtp0 --mtp-depth 0
 run freeze-half --bias-freeze-step $((STEPS / 2))
 "$DSV3" plot --compare --out "$OUT" \
-  "$OUT/aux-free" "$OUT/aux-loss-0.001" "$OUT/aux-loss-0.01" "$OUT/none" "$OUT/mtp0" "$OUT/freeze-half"
+  "$OUT/aux-free" "$OUT/aux-loss-0.001" "$OUT/aux-loss-0.01" "$OUT/none" "$OUT/mtp0" "$OUT/freeze-half" | tee "$OUT/table.md"

@@ -93,6 +93,21 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
 /// Expert load over steps, one band per MoE layer: colour = load / mean load (white 0, blue 1,
 /// red ≥ 2).
 pub fn load_heatmap(title: &str, loads: &[(u64, Vec<Vec<usize>>)]) -> String {
+    // At most 100 columns: consecutive steps are summed into one.
+    let per = loads.len().div_ceil(100).max(1);
+    let merged: Vec<(u64, Vec<Vec<usize>>)> = loads
+        .chunks(per)
+        .map(|ch| {
+            let mut acc = ch[0].1.clone();
+            for (_, l) in &ch[1..] {
+                for (a, b) in acc.iter_mut().zip(l) {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                }
+            }
+            (ch[0].0, acc)
+        })
+        .collect();
+    let loads = &merged[..];
     let layers = loads.first().map_or(0, |(_, l)| l.len());
     let experts = loads.first().and_then(|(_, l)| l.first()).map_or(0, |e| e.len());
     let (l, r, t, b) = PAD;
@@ -110,7 +125,7 @@ pub fn load_heatmap(title: &str, loads: &[(u64, Vec<Vec<usize>>)]) -> String {
                 let v = if mean > 0.0 { n as f64 / mean } else { 0.0 };
                 let _ = writeln!(
                     s,
-                    "<rect x=\"{:.2}\" y=\"{:.2}\" width=\"{:.2}\" height=\"{:.2}\" fill=\"{}\"/>",
+                    "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/>",
                     l + i as f64 * cw,
                     t + li as f64 * band + e as f64 * ch,
                     cw + 0.3,
