@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use dsv3_train::optim::OptimizerKind;
-use dsv3_train::{BalanceMode, StepLog, TrainArgs};
+use dsv3_train::{BalanceMode, Precision, StepLog, TrainArgs};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -44,6 +44,10 @@ pub struct TrainCli {
     /// adamw | sgd
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
+    /// Inputs of the matrix products: bf16 (f32 accumulation; on CPUs with AVX512-BF16, else
+    /// f32) or f32. Master weights, gradients and optimizer moments are f32 either way.
+    #[arg(long, default_value = "bf16")]
+    pub precision: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Std of the initial weights (default 1/√fan_in; the report uses 0.006 at full width).
@@ -112,6 +116,11 @@ impl TrainCli {
             "sgd" => OptimizerKind::Sgd,
             o => anyhow::bail!("--optimizer {o}: adamw or sgd"),
         };
+        let precision = match self.precision.as_str() {
+            "bf16" => Precision::Bf16,
+            "f32" => Precision::F32,
+            p => anyhow::bail!("--precision {p}: bf16 or f32"),
+        };
         let balance = match self.balance.as_str() {
             "aux-free" => BalanceMode::AuxFree,
             "aux-loss" => BalanceMode::AuxLoss,
@@ -133,6 +142,7 @@ impl TrainCli {
             weight_decay: self.weight_decay,
             clip: self.clip,
             optimizer,
+            precision,
             seed: self.seed,
             init_std: self.init_std,
             mtp_depth: self.mtp_depth,

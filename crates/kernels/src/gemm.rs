@@ -7,6 +7,26 @@
 //! of `A`, sixteen FMAs. Blocks of rows go to the threads.
 
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether [`gemm_acc`] rounds its inputs to bf16 (and multiplies pairs with AVX512-BF16,
+/// accumulating in f32) — training's "bf16 compute, f32 masters". Off: f32 throughout.
+static BF16: AtomicBool = AtomicBool::new(false);
+
+/// Switches [`gemm_acc`] to bf16 inputs where the CPU has AVX512-BF16 (a no-op elsewhere).
+/// Returns whether bf16 is now in use.
+pub fn set_bf16(on: bool) -> bool {
+    let on = on && bf16_available();
+    BF16.store(on, Ordering::Relaxed);
+    on
+}
+
+pub fn bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 /// `A(s, p) = a[s·a_s + p·a_p]`.
 #[derive(Clone, Copy, Debug)]
@@ -25,6 +45,12 @@ pub fn gemm_acc(a: Strided, b: &[f32], c: &mut [f32], rows: usize, cols: usize, 
     }
     let last = (depth - 1) * a.a_s + (rows - 1) * a.a_p;
     assert!(last < a.a.len(), "gemm_acc: A is too short");
+    #[cfg(target_arch = "x86_64")]
+    if BF16.load(Ordering::Relaxed) {
+        // SAFETY: set_bf16 enabled this only where the CPU has AVX512-BF16; shapes checked above.
+        unsafe { bf16::gemm_acc(a, b, c, rows, cols, depth) };
+        return;
+    }
     const MR: usize = 8;
     let work = rows * cols * depth;
     // Bands of rows (a multiple of MR) per task, about 4 per thread.
@@ -124,6 +150,164 @@ mod avx512 {
                 let av = _mm512_set1_ps(*arow.add(i * a.a_p));
                 acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
                 acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            let crow = cp.add((r + i) * cols + q);
+            _mm512_mask_storeu_ps(crow, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, crow), acc[0]));
+            _mm512_mask_storeu_ps(crow.add(16), m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, crow.add(16)), acc[1]));
+        }
+    }
+}
+
+/// bf16 inputs (round to nearest even), f32 accumulation: B packed as pairs of consecutive depth
+/// rows `[depth/2, cols]` of u32 (low half row 2s, high half row 2s+1), A as `[rows, depth/2]`
+/// pairs, so one `vdpbf16ps` does two depth steps of 16 columns.
+#[cfg(target_arch = "x86_64")]
+mod bf16 {
+    use super::Strided;
+    use crate::codec::f32_to_bf16;
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    fn pair(lo: f32, hi: f32) -> u32 {
+        f32_to_bf16(lo) as u32 | (f32_to_bf16(hi) as u32) << 16
+    }
+
+    /// Rows `2s` and `2s+1` of `src` (row stride `ld`, `width` values each; rows ≥ `depth` are 0)
+    /// interleaved into `out [depth/2, width]` bf16 pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn pack_row_pairs(src: &[f32], ld: usize, depth: usize, width: usize, out: &mut [u32]) {
+        out.par_chunks_mut(width).enumerate().for_each(|(s2, row)| {
+            // SAFETY: same features as the caller; reads stay within rows < depth of `src`.
+            unsafe {
+                let (r0, r1) = (2 * s2, 2 * s2 + 1);
+                let mut j = 0;
+                while j < width {
+                    let n = (width - j).min(16);
+                    let m: u16 = if n == 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
+                    let lo = _mm512_maskz_loadu_ps(m, src.as_ptr().add(r0 * ld + j));
+                    let hi = if r1 < depth { _mm512_maskz_loadu_ps(m, src.as_ptr().add(r1 * ld + j)) } else { _mm512_setzero_ps() };
+                    let lo = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(lo)));
+                    let hi = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(hi)));
+                    let v = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+                    _mm512_mask_storeu_epi32(row.as_mut_ptr().add(j) as *mut i32, m, v);
+                    j += 16;
+                }
+            }
+        });
+    }
+
+    /// Rows of `src` (stride `ld`, `depth` values each) to bf16 in order: `out [rows, depth/2]`
+    /// pairs (an odd last value pairs with 0).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn pack_rows(src: &[f32], ld: usize, depth: usize, out: &mut [u32]) {
+        let d2 = depth.div_ceil(2);
+        out.par_chunks_mut(d2).enumerate().for_each(|(p, row)| {
+            // SAFETY: as above; reads stay within `depth` values of row p.
+            unsafe {
+                let base = src.as_ptr().add(p * ld);
+                let mut s = 0;
+                while s < depth {
+                    let n0 = (depth - s).min(16);
+                    let n1 = (depth - s).saturating_sub(16).min(16);
+                    let m0: u16 = if n0 == 16 { 0xffff } else { ((1u32 << n0) - 1) as u16 };
+                    let m1: u16 = if n1 == 16 { 0xffff } else { ((1u32 << n1) - 1) as u16 };
+                    let a = _mm512_maskz_loadu_ps(m0, base.add(s));
+                    let b = _mm512_maskz_loadu_ps(m1, base.add(s + 16));
+                    let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+                    let pairs = (n0 + n1).div_ceil(2);
+                    let pm: u16 = if pairs == 16 { 0xffff } else { ((1u32 << pairs) - 1) as u16 };
+                    _mm512_mask_storeu_epi32(row.as_mut_ptr().add(s / 2) as *mut i32, pm, v);
+                    s += 32;
+                }
+            }
+        });
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn gemm_acc(a: Strided, b: &[f32], c: &mut [f32], rows: usize, cols: usize, depth: usize) {
+        let d2 = depth.div_ceil(2);
+        let mut bp = vec![0u32; d2 * cols];
+        pack_row_pairs(b, cols, depth, cols, &mut bp);
+        // A packed so that the pair (p, s2) sits at ap[p·ps + s2·ss].
+        let mut ap = vec![0u32; rows * d2];
+        let (ps, ss) = if a.a_p == 1 {
+            pack_row_pairs(a.a, a.a_s, depth, rows, &mut ap);
+            (1, rows)
+        } else if a.a_s == 1 {
+            pack_rows(a.a, a.a_p, depth, &mut ap);
+            (d2, 1)
+        } else {
+            let at = |s: usize, p: usize| if s < depth { a.a[s * a.a_s + p * a.a_p] } else { 0.0 };
+            ap.par_chunks_mut(d2).enumerate().for_each(|(p, row)| {
+                for (s2, v) in row.iter_mut().enumerate() {
+                    *v = pair(at(2 * s2, p), at(2 * s2 + 1, p));
+                }
+            });
+            (d2, 1)
+        };
+        const MR: usize = 8;
+        let per = (rows.div_ceil(4 * rayon::current_num_threads()).div_ceil(MR) * MR).max(MR);
+        let (ap, bp) = (&ap[..], &bp[..]);
+        c[..rows * cols].par_chunks_mut(per * cols).enumerate().for_each(|(i, cb)| {
+            let n = cb.len() / cols;
+            // SAFETY: this thread's features are the caller's (checked by set_bf16); indices stay
+            // within the packed arrays and this band of C.
+            unsafe { band(ap, (i * per, ps, ss), bp, cb, n, cols, d2) };
+        });
+    }
+
+    /// `at = (first row, row stride, pair stride)` of the packed A.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn band(ap: &[u32], at: (usize, usize, usize), bp: &[u32], c: &mut [f32], n: usize, cols: usize, d2: usize) {
+        let mut q = 0;
+        while q < cols {
+            let mut r = 0;
+            while r < n {
+                let mr = (n - r).min(8);
+                match mr {
+                    8 => block::<8>(ap, at, bp, c, r, q, cols, d2),
+                    7 => block::<7>(ap, at, bp, c, r, q, cols, d2),
+                    6 => block::<6>(ap, at, bp, c, r, q, cols, d2),
+                    5 => block::<5>(ap, at, bp, c, r, q, cols, d2),
+                    4 => block::<4>(ap, at, bp, c, r, q, cols, d2),
+                    3 => block::<3>(ap, at, bp, c, r, q, cols, d2),
+                    2 => block::<2>(ap, at, bp, c, r, q, cols, d2),
+                    _ => block::<1>(ap, at, bp, c, r, q, cols, d2),
+                }
+                r += mr;
+            }
+            q += 32;
+        }
+    }
+
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn block<const MR: usize>(
+        ap: &[u32],
+        (p0, ps, ss): (usize, usize, usize),
+        bp: &[u32],
+        c: &mut [f32],
+        r: usize,
+        q: usize,
+        cols: usize,
+        d2: usize,
+    ) {
+        let (app, bpp, cp) = (ap.as_ptr(), bp.as_ptr(), c.as_mut_ptr());
+        let w = (cols - q).min(32);
+        let m0: u16 = if w >= 16 { 0xffff } else { ((1u32 << w) - 1) as u16 };
+        let m1: u16 = if w >= 32 { 0xffff } else if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for s2 in 0..d2 {
+            let brow = bpp.add(s2 * cols + q) as *const i32;
+            let b0: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi32(m0, brow));
+            let b1: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi32(m1, brow.add(16)));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*app.add((p0 + r + i) * ps + s2 * ss) as i32));
+                acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
             }
         }
         for (i, acc) in acc.iter().enumerate() {

@@ -288,7 +288,7 @@ impl KvCache {
 /// Runs `f` on a thread of rayon's pool. The many small parallel jobs of a decode step are then
 /// forked from a worker (cheap local queue) instead of injected from outside the pool, which
 /// would wake a sleeping thread and park the caller once per matrix.
-fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let mut out = None;
     rayon::scope(|_| out = Some(f()));
     out.expect("rayon::scope runs its closure")

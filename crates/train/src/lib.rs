@@ -8,6 +8,6 @@ pub mod optim;
 pub mod checkpoint;
 pub mod trainer;
 
-pub use trainer::{run, BalanceMode, StepLog, Summary, TrainArgs};
+pub use trainer::{run, BalanceMode, Precision, StepLog, Summary, TrainArgs};
 pub mod plot;
 pub mod raster;

@@ -67,6 +67,13 @@ pub struct UpdateInfo {
 impl Optimizer {
     /// Clips `grads`, then updates every parameter (one without a gradient entry had gradient 0).
     pub fn update(&mut self, cfg: &OptimConfig, params: ParamsMut, grads: &mut Grads) -> UpdateInfo {
+        // On a pool thread: the parallel loop below then forks instead of being injected.
+        let mut out = UpdateInfo::default();
+        rayon::scope(|_| out = self.update_on_pool(cfg, params, grads));
+        out
+    }
+
+    fn update_on_pool(&mut self, cfg: &OptimConfig, params: ParamsMut, grads: &mut Grads) -> UpdateInfo {
         self.step += 1;
         let lr = cfg.lr_at(self.step);
         let grad_norm = grads.global_norm();

@@ -27,6 +27,16 @@ pub enum BalanceMode {
     None,
 }
 
+/// `--precision`: the inputs of training's matrix products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    /// bf16 inputs, f32 accumulation, where the CPU has AVX512-BF16 (f32 elsewhere).
+    #[default]
+    Bf16,
+}
+
 /// Everything a run is made of (saved in its checkpoints; a resume continues with these).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct TrainArgs {
@@ -46,6 +56,9 @@ pub struct TrainArgs {
     pub weight_decay: f32,
     pub clip: f32,
     pub optimizer: OptimizerKind,
+    /// Multiply precision of training's GEMMs (master weights, gradients and moments stay f32).
+    #[serde(default)]
+    pub precision: Precision,
     pub seed: u64,
     /// Std of the initial weights (None: 1/√fan_in).
     pub init_std: Option<f32>,
@@ -91,6 +104,7 @@ impl Default for TrainArgs {
             weight_decay: 0.1,
             clip: 1.0,
             optimizer: OptimizerKind::Adamw,
+            precision: Precision::Bf16,
             seed: 0,
             init_std: None,
             mtp_depth: 1,
@@ -271,6 +285,7 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         }
     };
     let args = state.args.clone();
+    dsv3_kernels::gemm::set_bf16(args.precision == Precision::Bf16);
     if args.seq_len == 0 || args.batch_size == 0 {
         bail!("--seq-len and --batch-size must be positive");
     }

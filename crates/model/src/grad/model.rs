@@ -117,6 +117,10 @@ impl DeepseekV3 {
     /// adding every parameter's gradient into `g`. With `g = None` only the losses are computed
     /// (validation).
     pub fn train_step(&self, tokens: &[u32], seqs: usize, t: usize, w: LossWeights, g: Option<&mut Grads>) -> Result<StepReport> {
+        crate::model::on_pool(|| self.train_step_on_pool(tokens, seqs, t, w, g))
+    }
+
+    fn train_step_on_pool(&self, tokens: &[u32], seqs: usize, t: usize, w: LossWeights, g: Option<&mut Grads>) -> Result<StepReport> {
         if seqs == 0 || t == 0 || tokens.len() != seqs * (t + 1) {
             return Err(ModelError::Input(format!("train_step: {} tokens is not {seqs} × ({t} + 1)", tokens.len())));
         }
