@@ -119,3 +119,65 @@ fn tokenize_json_matches_transformers() {
     assert_eq!(v["text"], chat["rendered"]);
     std::fs::remove_file(f).ok();
 }
+
+#[test]
+fn train_writes_a_model_folder_metrics_and_plots_and_rejects_bad_input() {
+    let tmp = std::env::temp_dir().join(format!("dsv3-cli-train-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    // A small corpus of its own, and a small shape.
+    let data = tmp.join("corpus");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..30 {
+        let text: String = (0..40).map(|j| format!("fn f{i}_{j}(x: u32) -> u32 {{ x + {j} }}\n")).collect();
+        std::fs::write(data.join(format!("d{i}.rs")), text).unwrap();
+    }
+    let cfg = tmp.join("config.json");
+    let c = serde_json::json!({
+        "model_type": "deepseek_v3", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 48,
+        "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "n_shared_experts": 1, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "q_lora_rank": 16, "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+        "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": true,
+        "max_position_embeddings": 128, "tie_word_embeddings": false
+    });
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let out = tmp.join("run");
+    let args = [
+        "train", "--data", data.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--vocab-size", "300", "--steps", "4",
+        "--seq-len", "16", "--batch-size", "2", "--eval-every", "2", "--out", out.to_str().unwrap(), "--json",
+    ];
+    let (code, stdout, err) = dsv3(&args);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 5, "one object per step and a summary");
+    assert!(lines[1]["val_loss"].as_f64().is_some() && lines[0]["expert_load"].as_array().unwrap().len() == 2);
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "optimizer.safetensors", "train_state.json", "metrics.jsonl", "loss.svg", "loss.png", "maxvio.svg", "expert_load.png"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    // The trained folder generates.
+    let (code, stdout, err) = dsv3(&["generate", "--model", out.to_str().unwrap(), "--prompt", "fn f1", "--max-new-tokens", "4", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["output_ids"].as_array().unwrap().len(), 4);
+
+    // Bad input: clear errors, nothing written.
+    let bad = tmp.join("bad");
+    let tiny = tmp.join("tiny.txt");
+    std::fs::write(&tiny, "hello world").unwrap();
+    for (flags, needle) in [
+        (vec!["--data", "/no/such/corpus"], "no such file"),
+        (vec!["--balance", "sometimes"], "aux-free"),
+        (vec!["--precision", "fp4"], "bf16 or f32"),
+        (vec!["--seq-len", "100000", "--data", data.to_str().unwrap()], "max_position_embeddings"),
+        (vec!["--seq-len", "120", "--data", tiny.to_str().unwrap()], "too few"),
+        (vec!["--resume", data.to_str().unwrap()], "train_state.json"),
+    ] {
+        let mut a = vec!["train", "--config", cfg.to_str().unwrap(), "--vocab-size", "300", "--steps", "1", "--out", bad.to_str().unwrap()];
+        a.extend(flags);
+        let (code, _, err) = dsv3(&a);
+        assert_eq!(code, 1, "{a:?}");
+        assert!(err.contains(needle) && !err.contains("panicked"), "{a:?}: {err}");
+    }
+    assert!(!bad.join("model.safetensors").exists());
+    std::fs::remove_dir_all(&tmp).ok();
+}

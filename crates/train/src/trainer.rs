@@ -289,6 +289,9 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
     if args.seq_len == 0 || args.batch_size == 0 {
         bail!("--seq-len and --batch-size must be positive");
     }
+    if args.seq_len > model.config.max_position_embeddings {
+        bail!("--seq-len {} exceeds the model's max_position_embeddings {}", args.seq_len, model.config.max_position_embeddings);
+    }
     let docs = if args.data.is_empty() { data::builtin_corpus() } else { data::read_documents(&args.data)? };
     let (train, val) = data::pack(&tok, &docs, args.seq_len, 20)?;
     let mut loader = Loader::new(&train, args.seed, state.loader);
