@@ -38,6 +38,12 @@ pub struct TrainCli {
     pub warmup_steps: u64,
     #[arg(long, default_value_t = 0.1)]
     pub weight_decay: f32,
+    /// AdamW β1.
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f32,
+    /// AdamW β2.
+    #[arg(long, default_value_t = 0.95)]
+    pub beta2: f32,
     /// Global gradient-norm clip (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f32,
@@ -140,6 +146,8 @@ impl TrainCli {
             min_lr_ratio: self.min_lr_ratio,
             warmup_steps: self.warmup_steps,
             weight_decay: self.weight_decay,
+            beta1: self.beta1,
+            beta2: self.beta2,
             clip: self.clip,
             optimizer,
             precision,

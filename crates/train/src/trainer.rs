@@ -27,6 +27,14 @@ pub enum BalanceMode {
     None,
 }
 
+fn default_beta1() -> f32 {
+    0.9
+}
+
+fn default_beta2() -> f32 {
+    0.95
+}
+
 /// `--precision`: the inputs of training's matrix products.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -54,6 +62,10 @@ pub struct TrainArgs {
     pub min_lr_ratio: f32,
     pub warmup_steps: u64,
     pub weight_decay: f32,
+    #[serde(default = "default_beta1")]
+    pub beta1: f32,
+    #[serde(default = "default_beta2")]
+    pub beta2: f32,
     pub clip: f32,
     pub optimizer: OptimizerKind,
     /// Multiply precision of training's GEMMs (master weights, gradients and moments stay f32).
@@ -102,6 +114,8 @@ impl Default for TrainArgs {
             min_lr_ratio: 0.1,
             warmup_steps: 30,
             weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
             clip: 1.0,
             optimizer: OptimizerKind::Adamw,
             precision: Precision::Bf16,
@@ -301,8 +315,8 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         min_lr_ratio: args.min_lr_ratio,
         warmup_steps: args.warmup_steps,
         total_steps: args.steps,
-        beta1: 0.9,
-        beta2: 0.95,
+        beta1: args.beta1,
+        beta2: args.beta2,
         eps: 1e-8,
         weight_decay: args.weight_decay,
         clip: args.clip,
