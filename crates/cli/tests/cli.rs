@@ -160,6 +160,15 @@ fn train_writes_a_model_folder_metrics_and_plots_and_rejects_bad_input() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["output_ids"].as_array().unwrap().len(), 4);
 
+    // An existing tokenizer instead of training one.
+    let out2 = tmp.join("run2");
+    let (code, _, err) = dsv3(&[
+        "train", "--data", data.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--tokenizer", out.to_str().unwrap(),
+        "--steps", "1", "--seq-len", "16", "--batch-size", "2", "--out", out2.to_str().unwrap(), "--no-sample",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), std::fs::read(out2.join("tokenizer.json")).unwrap());
+
     // Bad input: clear errors, nothing written.
     let bad = tmp.join("bad");
     let tiny = tmp.join("tiny.txt");
