@@ -2,20 +2,37 @@
 //! MLA's key up-projection), over a range of weight rows so one packed matrix can serve per-head
 //! slices.
 //!
-//! Each weight row is decoded in registers once per group of up to [`MAX_TOKENS`] tokens and
+//! Each weight row is decoded in registers once per group of up to 4 tokens and
 //! dotted with all of them ([`crate::gemv`]), so decode reads a matrix from memory once per call
-//! and prefill decodes each weight m/8 times against 8·m multiply-adds. A task owns a range of
+//! and prefill decodes each weight m/4 times against 4·m multiply-adds. A task owns a range of
 //! rows and walks every token group over it while those rows sit in cache.
 
 use crate::gemm::{gemm_acc, Strided};
-use crate::gemv::{rows_dots, MAX_TOKENS};
+use crate::gemv::rows_dots;
 use crate::matrix::MatRef;
 use rayon::prelude::*;
 use std::ops::Range;
 
 /// From this many tokens, f32 weights go through [`gemm_acc`] (a transposed copy of the weight
-/// costs O(n·k) against O(m·n·k)); stored-format weights always use the GEMV kernel.
+/// costs O(n·k) against O(m·n·k)) when the calling thread asked for it ([`with_many_token_gemm`]:
+/// training); otherwise everything uses the GEMV kernel, whose per-token result does not depend
+/// on which other tokens share the call.
 const GEMM_M: usize = 32;
+/// Tokens per GEMV group: the kernel's batch-invariant width.
+const GROUP: usize = 4;
+
+thread_local! {
+    static MANY_TOKEN_GEMM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with many-token f32 products on the GEMM (faster, but a token's result then depends on
+/// the token count). Products are issued from the calling thread, so the setting covers `f`.
+pub fn with_many_token_gemm<R>(f: impl FnOnce() -> R) -> R {
+    let before = MANY_TOKEN_GEMM.with(|g| g.replace(true));
+    let r = f();
+    MANY_TOKEN_GEMM.with(|g| g.set(before));
+    r
+}
 /// Work (multiply-adds) under which a call stays on the calling thread.
 const SERIAL_WORK: usize = 1 << 15;
 
@@ -62,7 +79,7 @@ pub fn matmul_nt_batch(jobs: &mut [NtJob]) {
         if j.m == 0 || n == 0 {
             continue;
         }
-        if let (MatRef::F32 { data, .. }, true) = (j.w, j.m >= GEMM_M) {
+        if let (MatRef::F32 { data, .. }, true) = (j.w, j.m >= GEMM_M && MANY_TOKEN_GEMM.with(|g| g.get())) {
             // Many tokens on f32 weights (training): the register-blocked GEMM over Wᵀ.
             let wt = transpose(&data[j.rows.start * k..j.rows.end * k], n, k);
             j.y.fill(0.0);
@@ -93,9 +110,9 @@ pub fn matmul_nt_batch(jobs: &mut [NtJob]) {
             rows_dots(&job.w, rows, job.x, 1, y);
             return;
         }
-        let mut dots = vec![0f32; range.len() * MAX_TOKENS];
-        for t0 in (0..m).step_by(MAX_TOKENS) {
-            let g = MAX_TOKENS.min(m - t0);
+        let mut dots = vec![0f32; range.len() * GROUP];
+        for t0 in (0..m).step_by(GROUP) {
+            let g = GROUP.min(m - t0);
             rows_dots(&job.w, rows.clone(), &job.x[t0 * k..(t0 + g) * k], g, &mut dots);
             for (i, d) in range.clone().zip(dots.chunks_exact(g)) {
                 for (t, &v) in d.iter().enumerate() {
@@ -285,6 +302,10 @@ mod tests {
                         matmul_nt(&w, range.clone(), &x, m, &mut y);
                         let want = reference::matmul_nt(&w, range.clone(), &x, m);
                         assert_close(&y, &want, &format!("nt {:?} {rows}x{cols} m={m}", w.format()));
+                        // The training GEMM path (f32 weights, many tokens) gives the same.
+                        let mut y = vec![0f32; m * range.len()];
+                        with_many_token_gemm(|| matmul_nt(&w, range.clone(), &x, m, &mut y));
+                        assert_close(&y, &want, &format!("nt gemm {:?} {rows}x{cols} m={m}", w.format()));
 
                         let x: Vec<f32> = (0..m * range.len()).map(|_| rng.gen_range(-1.0..1.0)).collect();
                         let mut y = vec![0f32; m * cols];

@@ -117,7 +117,9 @@ impl DeepseekV3 {
     /// adding every parameter's gradient into `g`. With `g = None` only the losses are computed
     /// (validation).
     pub fn train_step(&self, tokens: &[u32], seqs: usize, t: usize, w: LossWeights, g: Option<&mut Grads>) -> Result<StepReport> {
-        crate::model::on_pool(|| self.train_step_on_pool(tokens, seqs, t, w, g))
+        crate::model::on_pool(|| {
+            dsv3_kernels::matmul::with_many_token_gemm(|| self.train_step_on_pool(tokens, seqs, t, w, g))
+        })
     }
 
     fn train_step_on_pool(&self, tokens: &[u32], seqs: usize, t: usize, w: LossWeights, g: Option<&mut Grads>) -> Result<StepReport> {
