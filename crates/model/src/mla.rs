@@ -102,46 +102,61 @@ impl Mla {
 
     /// `x [t, D]` for positions `cache.len..cache.len+t` → `[t, D]`; appends the tokens' latents.
     pub fn forward(&self, x: &[f32], t: usize, cache: &mut LatentCache, rope: &Rope, imp: AttnImpl) -> Vec<f32> {
-        let (h, dn, dr, c) = (self.heads, self.dn, self.dr, self.c);
+        self.forward_segments(x, &[t], &mut [cache], rope, imp)
+    }
+
+    /// Several sequences at once: `x` holds `lens[s]` consecutive rows per sequence `s`, each after
+    /// what `caches[s]` holds. The projections run once over all rows (weights read once);
+    /// RoPE positions, the cache and attention are per sequence, so each sequence's rows equal
+    /// what [`Self::forward`] gives it alone.
+    pub fn forward_segments(&self, x: &[f32], lens: &[usize], caches: &mut [&mut LatentCache], rope: &Rope, imp: AttnImpl) -> Vec<f32> {
+        let (h, dn, dr, dv, c) = (self.heads, self.dn, self.dr, self.dv, self.c);
         let dq = dn + dr;
-        let start = cache.len;
-        // [t, H, dn+dr]
+        let n: usize = lens.iter().sum();
         // q_a (or q) and kv_a read the same input: one parallel job.
         let (first, kv_a) = match &self.q {
             QProj::LowRank { q_a_proj, .. } => (q_a_proj, &self.kv_a_proj_with_mqa),
             QProj::Direct { q_proj } => (q_proj, &self.kv_a_proj_with_mqa),
         };
-        let mut both = Linear::forward_many(&[(first, x, t), (kv_a, x, t)]);
-        // [t, C+R]
+        let mut both = Linear::forward_many(&[(first, x, n), (kv_a, x, n)]);
+        // [n, C+R]
         let kv = both.pop().unwrap_or_default();
         let first = both.pop().unwrap_or_default();
-        // [t, H, dn+dr]
+        // [n, H, dn+dr]
         let mut q = match &self.q {
             QProj::LowRank { q_a_layernorm, q_b_proj, .. } => {
                 let mut cq = first;
                 q_a_layernorm.forward_in_place(&mut cq);
-                q_b_proj.forward(&cq, t)
+                q_b_proj.forward(&cq, n)
             }
             QProj::Direct { .. } => first,
         };
-        for i in 0..t {
-            for hh in 0..h {
-                rope.apply(&mut q[(i * h + hh) * dq + dn..(i * h + hh + 1) * dq], start + i);
+        let mut o = vec![0f32; n * h * dv];
+        let mut row0 = 0;
+        for (&t, cache) in lens.iter().zip(caches.iter_mut()) {
+            let start = cache.len;
+            let qs = &mut q[row0 * h * dq..(row0 + t) * h * dq];
+            for i in 0..t {
+                for hh in 0..h {
+                    rope.apply(&mut qs[(i * h + hh) * dq + dn..(i * h + hh + 1) * dq], start + i);
+                }
+                let row = &kv[(row0 + i) * (c + dr)..(row0 + i + 1) * (c + dr)];
+                cache.c_kv.extend_from_slice(&self.kv_a_layernorm.forward(&row[..c]));
+                let mut pe = row[c..].to_vec();
+                rope.apply(&mut pe, start + i);
+                cache.k_pe.extend_from_slice(&pe);
             }
-            let row = &kv[i * (c + dr)..(i + 1) * (c + dr)];
-            cache.c_kv.extend_from_slice(&self.kv_a_layernorm.forward(&row[..c]));
-            let mut pe = row[c..].to_vec();
-            rope.apply(&mut pe, start + i);
-            cache.k_pe.extend_from_slice(&pe);
+            cache.len += t;
+            let absorbed = match imp {
+                AttnImpl::Naive => false,
+                AttnImpl::Absorbed => true,
+                AttnImpl::Auto => t <= MAX_ABSORBED_TOKENS,
+            };
+            let os = if absorbed { self.attend_absorbed(qs, t, start, cache) } else { self.attend_naive(qs, t, start, cache) };
+            o[row0 * h * dv..(row0 + t) * h * dv].copy_from_slice(&os);
+            row0 += t;
         }
-        cache.len += t;
-        let absorbed = match imp {
-            AttnImpl::Naive => false,
-            AttnImpl::Absorbed => true,
-            AttnImpl::Auto => t <= MAX_ABSORBED_TOKENS,
-        };
-        let o = if absorbed { self.attend_absorbed(&q, t, start, cache) } else { self.attend_naive(&q, t, start, cache) };
-        self.o_proj.forward(&o, t)
+        self.o_proj.forward(&o, n)
     }
 
     /// Per-head keys `[k_nope(h) ; k_pe]` and values from `kv_b_proj(c_kv)`. Returns `[t, H·dv]`.

@@ -46,12 +46,18 @@ impl DecoderLayer {
 
     /// `h [t, D]` in place.
     pub fn forward(&self, h: &mut [f32], t: usize, cache: &mut LatentCache, rope: &Rope, imp: AttnImpl) {
-        let a = self.self_attn.forward(&self.input_layernorm.forward(h), t, cache, rope, imp);
+        self.forward_segments(h, &[t], &mut [cache], rope, imp);
+    }
+
+    /// Several sequences' rows at once (see [`Mla::forward_segments`]); the FFN is per token.
+    pub fn forward_segments(&self, h: &mut [f32], lens: &[usize], caches: &mut [&mut LatentCache], rope: &Rope, imp: AttnImpl) {
+        let n: usize = lens.iter().sum();
+        let a = self.self_attn.forward_segments(&self.input_layernorm.forward(h), lens, caches, rope, imp);
         h.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
         let x = self.post_attention_layernorm.forward(h);
         let f = match &self.mlp {
-            Ffn::Dense(m) => m.forward(&x, t),
-            Ffn::Moe(m) => m.forward(&x, t).0,
+            Ffn::Dense(m) => m.forward(&x, n),
+            Ffn::Moe(m) => m.forward(&x, n).0,
         };
         h.iter_mut().zip(&f).for_each(|(h, f)| *h += f);
     }
@@ -220,6 +226,34 @@ impl DeepseekV3 {
         });
         self.norm.forward_in_place(&mut h);
         Ok(h)
+    }
+
+    /// Several sequences' new tokens in one pass (continuous batching): every weight is read once
+    /// for all of them, attention is per sequence over its own cache. Returns each sequence's
+    /// post-final-norm states, bit-identical to [`Self::forward`] on it alone (the GEMV kernel's
+    /// per-token sums do not depend on the other tokens).
+    pub fn forward_batch(&self, seqs: &mut [(&[u32], &mut KvCache)]) -> Result<Vec<Vec<f32>>> {
+        let d = self.config.hidden_size;
+        if seqs.iter().any(|(_, c)| c.layers.len() != self.layers.len()) {
+            return Err(ModelError::Input("cache was made for another model".into()));
+        }
+        let lens: Vec<usize> = seqs.iter().map(|(t, _)| t.len()).collect();
+        let tokens: Vec<u32> = seqs.iter().flat_map(|(t, _)| t.iter().copied()).collect();
+        let mut h = self.embed(&tokens)?;
+        on_pool(|| {
+            for (l, layer) in self.layers.iter().enumerate() {
+                let mut caches: Vec<&mut LatentCache> = seqs.iter_mut().map(|(_, c)| &mut c.layers[l]).collect();
+                layer.forward_segments(&mut h, &lens, &mut caches, &self.rope, self.attn_impl);
+            }
+        });
+        self.norm.forward_in_place(&mut h);
+        let mut out = vec![];
+        let mut r = 0;
+        for &t in &lens {
+            out.push(h[r * d..(r + t) * d].to_vec());
+            r += t;
+        }
+        Ok(out)
     }
 
     /// `h [m, D]` → logits `[m, vocab]`.

@@ -191,3 +191,41 @@ fn mtp_drafts_come_from_the_verified_states() {
         }
     }
 }
+
+#[test]
+fn batched_sequences_equal_each_alone_bit_for_bit() {
+    // Continuous batching: a decode step, a short chunk and a long prompt in one pass, each
+    // sequence after its own cached prefix, must give exactly what each gives alone.
+    for case in CASES {
+        let model = DeepseekV3::load(&fixture(case)).unwrap();
+        let ids = ids(&reference(case)["ids"]);
+        let n = ids.len();
+        let plan: [(&[u32], &[u32]); 3] = [(&ids[..n - 1], &ids[n - 1..]), (&ids[..3], &ids[3..8.min(n)]), (&[], &ids[..])];
+        let mut alone = vec![];
+        for (prefix, new) in plan {
+            let mut cache = model.new_cache();
+            if !prefix.is_empty() {
+                model.forward(prefix, &mut cache).unwrap();
+            }
+            alone.push(model.forward(new, &mut cache).unwrap());
+        }
+        let mut caches: Vec<_> = plan
+            .iter()
+            .map(|(prefix, _)| {
+                let mut c = model.new_cache();
+                if !prefix.is_empty() {
+                    model.forward(prefix, &mut c).unwrap();
+                }
+                c
+            })
+            .collect();
+        let mut seqs: Vec<(&[u32], &mut dsv3_model::KvCache)> = plan.iter().map(|(_, new)| *new).zip(caches.iter_mut()).collect();
+        let batched = model.forward_batch(&mut seqs).unwrap();
+        for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+            assert!(a == b, "{case}: sequence {i} differs when batched");
+        }
+        for (c, (prefix, new)) in caches.iter().zip(plan) {
+            assert_eq!(c.len(), prefix.len() + new.len(), "{case}: cache length");
+        }
+    }
+}
