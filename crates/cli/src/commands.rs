@@ -305,3 +305,52 @@ pub fn sample(dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// `512M`, `2G`, `1048576` → bytes.
+fn parse_size(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let (num, mul) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1usize << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let v: f64 = num.parse().map_err(|_| anyhow::anyhow!("--kv-memory {s}: a size like 512M or 2G"))?;
+    if !(v > 0.0) {
+        bail!("--kv-memory {s}: must be positive");
+    }
+    Ok((v * mul as f64) as usize)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn serve(
+    dir: &Path,
+    host: String,
+    port: u16,
+    api_key: Option<String>,
+    max_batch: usize,
+    kv_memory: &str,
+    max_queue: usize,
+    prefill_chunk: usize,
+    mtp_speculative: usize,
+) -> Result<()> {
+    if mtp_speculative > 0 {
+        bail!("--mtp-speculative is not available in the server yet (dsv3 generate --mtp-speculative is)");
+    }
+    let o = dsv3_serve::ServeOptions { host, port, api_key, max_batch, kv_memory: parse_size(kv_memory)?, max_queue, prefill_chunk };
+    let model = load_model(dir)?;
+    let tok = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(dir)?) } else { None };
+    let eos = eos_ids(dir, &model, tok.as_ref());
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dsv3".into());
+    let (state, engine) = dsv3_serve::build(&name, model, tok, eos, &o);
+    let addr: std::net::SocketAddr = format!("{}:{}", o.host, o.port).parse().context("--host/--port")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    eprintln!("dsv3 serve: {} on http://{addr} (max batch {}, KV budget {} tokens)", dir.display(), o.max_batch, state.engine.config.kv_tokens);
+    rt.block_on(dsv3_serve::serve(state, addr, async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("dsv3 serve: shutting down after in-flight requests");
+    }))?;
+    drop(rt);
+    let _ = engine.join();
+    Ok(())
+}

@@ -105,6 +105,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// An OpenAI-compatible server (completions, chat, streaming, continuous batching).
+    Serve {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Require `Authorization: Bearer KEY`.
+        #[arg(long)]
+        api_key: Option<String>,
+        /// Most sequences decoded together.
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+        /// Memory for the latent KV cache across running requests (e.g. 512M, 2G).
+        #[arg(long, default_value = "1G")]
+        kv_memory: String,
+        /// Requests waiting beyond the running ones before 429.
+        #[arg(long, default_value_t = 64)]
+        max_queue: usize,
+        /// Prompt tokens per sequence per step (long prompts are prefilled in chunks).
+        #[arg(long, default_value_t = 64)]
+        prefill_chunk: usize,
+        /// MTP speculative decoding in the server (not yet available; `generate --mtp-speculative` has it).
+        #[arg(long, default_value_t = 0)]
+        mtp_speculative: usize,
+    },
     /// Train a DeepSeek-V3-architecture model (MLA + DeepSeekMoE + MTP) from text.
     Train(Box<train::TrainCli>),
     /// (Re)draw a training run's plots (loss, expert load, MaxVio; SVG and PNG) from its metrics.jsonl.
@@ -168,6 +195,11 @@ fn main() {
             hub::resolve_model(&args.model).and_then(|model| bench::run(&bench::BenchArgs { model, ..args }))
         }
         Command::RandomModel { preset, dtype, out, seed } => commands::random_model(&preset, &dtype, &out, seed),
+        Command::Serve { model, host, port, api_key, max_batch, kv_memory, max_queue, prefill_chunk, mtp_speculative } => {
+            hub::resolve_model(&model).and_then(|m| {
+                commands::serve(&m, host, port, api_key, max_batch, &kv_memory, max_queue, prefill_chunk, mtp_speculative)
+            })
+        }
         Command::Train(args) => train::run(&args),
         Command::Plot { runs, compare, out } => {
             if compare {

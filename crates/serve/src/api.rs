@@ -1,0 +1,456 @@
+//! The OpenAI-compatible HTTP surface: request parsing and validation, SSE streaming, OpenAI-shaped
+//! errors, the API key, and the small endpoints (models, tokenize, detokenize, health, metrics).
+
+use crate::engine::{EngineHandle, Event, Finish, GenRequest, SubmitError, TokenOut};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dsv3_model::sampling::SamplingParams;
+use dsv3_model::{DeepseekV3, Tokenizer};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub model: Arc<DeepseekV3>,
+    pub tokenizer: Option<Tokenizer>,
+    pub model_name: String,
+    pub api_key: Option<String>,
+    /// Token ids that end a generation (generation_config.json, config.json, tokenizer).
+    pub eos_ids: Vec<u32>,
+}
+
+type Shared = Arc<AppState>;
+
+/// An OpenAI-shaped error.
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    fn bad(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status.as_u16()}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(4 << 20))
+        .with_state(state)
+}
+
+fn check_key(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &st.api_key else { return Ok(()) };
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError { status: StatusCode::UNAUTHORIZED, message: "invalid or missing API key".into(), kind: "authentication_error", param: None })
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|_| ApiError::bad("the body is not valid UTF-8", None))?;
+    serde_json::from_str(text).map_err(|e| ApiError::bad(format!("invalid request: {e}"), None))
+}
+
+/// Strings or a list of them.
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum Stop {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    fn list(&self) -> Vec<String> {
+        match self {
+            Stop::None => vec![],
+            Stop::One(s) => vec![s.clone()],
+            Stop::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// The sampling fields both endpoints share.
+#[derive(Deserialize)]
+struct Common {
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Stop,
+    #[serde(default)]
+    n: Option<usize>,
+    #[serde(default)]
+    stream: bool,
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    prompt: Value,
+    #[serde(default)]
+    logprobs: Option<usize>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    messages: Vec<Value>,
+    #[serde(default)]
+    logprobs: bool,
+    #[serde(default)]
+    top_logprobs: Option<usize>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Builds the engine request after validating everything a client can get wrong.
+fn gen_request(st: &AppState, prompt: Vec<u32>, c: &Common, logprobs: Option<usize>) -> Result<(GenRequest, Vec<String>), ApiError> {
+    let ctx = st.model.config.max_position_embeddings;
+    if prompt.is_empty() {
+        return Err(ApiError::bad("the prompt is empty", Some("prompt")));
+    }
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= st.model.config.vocab_size) {
+        return Err(ApiError::bad(format!("token id {bad} is outside the vocabulary"), Some("prompt")));
+    }
+    if prompt.len() >= ctx {
+        return Err(ApiError::bad(format!("the prompt has {} tokens; the context is {ctx}", prompt.len()), Some("prompt")));
+    }
+    let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(256.min(ctx - prompt.len()));
+    if max_tokens == 0 || prompt.len() + max_tokens > ctx {
+        return Err(ApiError::bad(format!("max_tokens {max_tokens} with a {}-token prompt exceeds the context of {ctx}", prompt.len()), Some("max_tokens")));
+    }
+    if prompt.len() + max_tokens > st.engine.config.kv_tokens {
+        return Err(ApiError::bad("prompt + max_tokens exceed the server's KV-cache budget (--kv-memory)", Some("max_tokens")));
+    }
+    let temperature = c.temperature.unwrap_or(1.0);
+    if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+        return Err(ApiError::bad("temperature must be in [0, 2]", Some("temperature")));
+    }
+    let top_p = c.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad("top_p must be in (0, 1]", Some("top_p")));
+    }
+    if c.n.unwrap_or(1) != 1 {
+        return Err(ApiError::bad("only n = 1 is supported", Some("n")));
+    }
+    if logprobs.is_some_and(|k| k > 20) {
+        return Err(ApiError::bad("at most 20 log-probs per token", Some("logprobs")));
+    }
+    let eos = st.eos_ids.clone();
+    let sampling = SamplingParams { temperature, top_p, top_k: 0, seed: c.seed.unwrap_or_else(|| now() ^ 0x5eed) };
+    Ok((GenRequest { prompt, max_tokens, sampling, stop_ids: eos, logprobs }, c.stop.list()))
+}
+
+fn submit(st: &AppState, req: GenRequest) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>, ApiError> {
+    let n = req.prompt.len() as u64;
+    match st.engine.submit(req) {
+        Ok(rx) => {
+            st.engine.metrics.requests.fetch_add(1, Ordering::Relaxed);
+            st.engine.metrics.prompt_tokens.fetch_add(n, Ordering::Relaxed);
+            Ok(rx)
+        }
+        Err(SubmitError::QueueFull) => Err(ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: "the server's queue is full; retry later".into(),
+            kind: "rate_limit_error",
+            param: None,
+        }),
+        Err(SubmitError::ShuttingDown) => Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the server is shutting down".into(),
+            kind: "server_error",
+            param: None,
+        }),
+    }
+}
+
+/// Turns the engine's token events into text deltas, applying stop strings (the text up to a stop
+/// string is kept, the rest dropped) with a UTF-8-safe incremental decode.
+struct Detok<'a> {
+    tok: Option<&'a Tokenizer>,
+    ids: Vec<u32>,
+    sent: usize,
+    stops: Vec<String>,
+    stopped: bool,
+}
+
+impl<'a> Detok<'a> {
+    fn push(&mut self, id: u32) -> String {
+        self.ids.push(id);
+        let Some(tok) = self.tok else { return String::new() };
+        let text = tok.decode(&self.ids, true).unwrap_or_default();
+        if text.ends_with('\u{fffd}') {
+            return String::new(); // wait for the rest of a multi-byte character
+        }
+        let mut end = text.len();
+        for s in &self.stops {
+            if let Some(i) = text[self.sent.min(text.len())..].find(s.as_str()).map(|i| i + self.sent) {
+                end = end.min(i);
+                self.stopped = true;
+            }
+        }
+        let out = if end > self.sent { text[self.sent..end].to_string() } else { String::new() };
+        self.sent = self.sent.max(end);
+        out
+    }
+}
+
+fn finish_reason(f: Finish) -> &'static str {
+    match f {
+        Finish::Stop => "stop",
+        Finish::Length => "length",
+    }
+}
+
+async fn completions(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    check_key(&st, &headers)?;
+    let b: CompletionBody = parse(&body)?;
+    let prompt = match &b.prompt {
+        Value::String(s) => st
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| ApiError::bad("this model has no tokenizer.json: send token ids", Some("prompt")))?
+            .encode(s, true)
+            .map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?,
+        Value::Array(a) if a.iter().all(|v| v.is_u64()) => a.iter().map(|v| v.as_u64().unwrap_or(0) as u32).collect(),
+        _ => return Err(ApiError::bad("prompt must be a string or an array of token ids", Some("prompt"))),
+    };
+    let (req, stops) = gen_request(&st, prompt, &b.common, b.logprobs)?;
+    run(st, req, stops, b.common.stream, false).await
+}
+
+async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    check_key(&st, &headers)?;
+    let b: ChatBody = parse(&body)?;
+    let tok = st.tokenizer.as_ref().filter(|t| t.has_chat_template()).ok_or_else(|| ApiError::bad("this model has no chat template", Some("messages")))?;
+    if b.messages.is_empty() {
+        return Err(ApiError::bad("messages is empty", Some("messages")));
+    }
+    if b.tools.as_ref().is_some_and(|t| !t.is_null()) {
+        return Err(ApiError::bad("tools are not supported by this server yet", Some("tools")));
+    }
+    let prompt = tok.encode_chat(&Value::Array(b.messages.clone()), true).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+    let lp = if b.logprobs { Some(b.top_logprobs.unwrap_or(0)) } else { None };
+    let (req, stops) = gen_request(&st, prompt, &b.common, lp)?;
+    run(st, req, stops, b.common.stream, true).await
+}
+
+fn logprob_entry(tok: Option<&Tokenizer>, t: &TokenOut, chat: bool) -> Value {
+    let text = |id: u32| tok.and_then(|k| k.decode(&[id], false).ok()).unwrap_or_else(|| id.to_string());
+    if chat {
+        json!({"token": text(t.id), "logprob": t.logprob, "top_logprobs": t.top.iter().map(|(i, l)| json!({"token": text(*i), "logprob": l})).collect::<Vec<_>>()})
+    } else {
+        json!({"token": text(t.id), "logprob": t.logprob, "top": t.top.iter().map(|(i, l)| (text(*i), *l)).collect::<std::collections::BTreeMap<_, _>>()})
+    }
+}
+
+/// Splits DeepSeek-R1-style output at `</think>`: (reasoning, answer).
+fn split_reasoning(text: &str) -> (Option<String>, String) {
+    match text.split_once("</think>") {
+        Some((r, a)) => (Some(r.trim_start_matches("<think>").trim().to_string()), a.trim_start().to_string()),
+        None => (None, text.to_string()),
+    }
+}
+
+async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, chat: bool) -> Result<Response, ApiError> {
+    let prompt_tokens = req.prompt.len();
+    let mut rx = submit(&st, req)?;
+    let id = format!("{}-{:x}", if chat { "chatcmpl" } else { "cmpl" }, now() ^ rx_id(&rx));
+    let model = st.model_name.clone();
+    let created = now();
+    if !stream {
+        let mut det = Detok { tok: st.tokenizer.as_ref(), ids: vec![], sent: 0, stops, stopped: false };
+        let (mut text, mut lps, mut ids) = (String::new(), vec![], vec![]);
+        let mut completion_tokens = 0;
+        let mut finish = "stop";
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Token(t) => {
+                    ids.push(t.id);
+                    text.push_str(&det.push(t.id));
+                    if t.logprob.is_some() {
+                        lps.push(logprob_entry(st.tokenizer.as_ref(), &t, chat));
+                    }
+                    if det.stopped {
+                        // A stop string: dropping rx ends the sequence in the engine.
+                        finish = "stop";
+                        completion_tokens = ids.len();
+                        break;
+                    }
+                }
+                Event::Done { finish: f, completion_tokens: n, .. } => {
+                    finish = finish_reason(f);
+                    completion_tokens = n;
+                }
+            }
+        }
+        let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
+        let choice = if chat {
+            let (reasoning, content) = split_reasoning(&text);
+            let mut message = json!({"role": "assistant", "content": content});
+            if let Some(r) = reasoning {
+                message["reasoning_content"] = json!(r);
+            }
+            json!({"index": 0, "message": message, "logprobs": if lps.is_empty() { Value::Null } else { json!({"content": lps}) }, "finish_reason": finish})
+        } else {
+            json!({"index": 0, "text": text, "token_ids": ids, "logprobs": if lps.is_empty() { Value::Null } else { json!({"content": lps}) }, "finish_reason": finish})
+        };
+        let obj = if chat { "chat.completion" } else { "text_completion" };
+        return Ok(Json(json!({"id": id, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage})).into_response());
+    }
+
+    let (tx, out) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
+    let st2 = st.clone();
+    tokio::spawn(async move {
+        let mut det = Detok { tok: st2.tokenizer.as_ref(), ids: vec![], sent: 0, stops, stopped: false };
+        let obj = if chat { "chat.completion.chunk" } else { "text_completion" };
+        let chunk = |choice: Value| json!({"id": id, "object": obj, "created": created, "model": model, "choices": [choice]});
+        if chat {
+            let first = chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}));
+            let _ = tx.send(Ok(SseEvent::default().data(first.to_string())));
+        }
+        let mut in_reasoning = false;
+        while let Some(ev) = rx.recv().await {
+            let (delta, finish, lp) = match ev {
+                Event::Token(t) => {
+                    let lp = t.logprob.map(|_| logprob_entry(st2.tokenizer.as_ref(), &t, chat));
+                    (det.push(t.id), if det.stopped { Some("stop") } else { None }, lp)
+                }
+                Event::Done { finish, .. } => (String::new(), Some(finish_reason(finish)), None),
+            };
+            let c = if chat {
+                let mut d = json!({});
+                let mut text = delta.as_str();
+                if text.contains("<think>") {
+                    in_reasoning = true;
+                    text = text.split("<think>").last().unwrap_or("");
+                }
+                if in_reasoning {
+                    match text.split_once("</think>") {
+                        Some((r, a)) => {
+                            in_reasoning = false;
+                            d["reasoning_content"] = json!(r);
+                            d["content"] = json!(a);
+                        }
+                        None => d["reasoning_content"] = json!(text),
+                    }
+                } else {
+                    d["content"] = json!(text);
+                }
+                json!({"index": 0, "delta": d, "logprobs": lp.map(|l| json!({"content": [l]})), "finish_reason": finish})
+            } else {
+                json!({"index": 0, "text": delta, "logprobs": lp.map(|l| json!({"content": [l]})), "finish_reason": finish})
+            };
+            if tx.send(Ok(SseEvent::default().data(chunk(c).to_string()))).is_err() {
+                return; // client gone: dropping rx makes the engine free the sequence
+            }
+            if finish.is_some() {
+                break;
+            }
+        }
+        let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
+    });
+    Ok(Sse::new(tokio_stream::wrappers::UnboundedReceiverStream::new(out)).into_response())
+}
+
+/// A per-request number for ids (the channel's address is unique while it lives).
+fn rx_id<T>(rx: &tokio::sync::mpsc::UnboundedReceiver<T>) -> u64 {
+    rx as *const _ as u64
+}
+
+async fn models(State(st): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+    check_key(&st, &headers)?;
+    Ok(Json(json!({"object": "list", "data": [{"id": st.model_name, "object": "model", "created": 0, "owned_by": "dsv3",
+        "max_model_len": st.model.config.max_position_embeddings}]}))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct TokenizeBody {
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    messages: Option<Vec<Value>>,
+    #[serde(default = "yes")]
+    add_special_tokens: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn tokenize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    check_key(&st, &headers)?;
+    let b: TokenizeBody = parse(&body)?;
+    let tok = st.tokenizer.as_ref().ok_or_else(|| ApiError::bad("this model has no tokenizer.json", None))?;
+    let ids = match (&b.prompt, &b.messages) {
+        (Some(p), None) => tok.encode(p, b.add_special_tokens),
+        (None, Some(m)) => tok.encode_chat(&Value::Array(m.clone()), true),
+        _ => return Err(ApiError::bad("give prompt or messages", None)),
+    }
+    .map_err(|e| ApiError::bad(e.to_string(), None))?;
+    Ok(Json(json!({"tokens": ids, "count": ids.len(), "max_model_len": st.model.config.max_position_embeddings})).into_response())
+}
+
+#[derive(Deserialize)]
+struct DetokenizeBody {
+    tokens: Vec<u32>,
+}
+
+async fn detokenize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    check_key(&st, &headers)?;
+    let b: DetokenizeBody = parse(&body)?;
+    let tok = st.tokenizer.as_ref().ok_or_else(|| ApiError::bad("this model has no tokenizer.json", None))?;
+    if let Some(&bad) = b.tokens.iter().find(|&&t| t as usize >= st.model.config.vocab_size) {
+        return Err(ApiError::bad(format!("token id {bad} is outside the vocabulary"), Some("tokens")));
+    }
+    let text = tok.decode(&b.tokens, false).map_err(|e| ApiError::bad(e.to_string(), None))?;
+    Ok(Json(json!({"prompt": text})).into_response())
+}
+
+async fn metrics(State(st): State<Shared>) -> Response {
+    st.engine.metrics.render(st.model.kv_bytes_per_token()).into_response()
+}

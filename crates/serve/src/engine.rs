@@ -1,0 +1,258 @@
+//! The scheduler: one thread owns the model and runs continuous batching. Every step it admits
+//! queued requests (within the batch limit and the KV-cache budget), takes one chunk of each
+//! prefilling prompt (so a long prompt does not stall the others) and the last token of each
+//! decoding sequence, runs them in one `forward_batch` (weights read once for all), samples, and
+//! streams each new token to its request. A request leaves as soon as it finishes, hits a stop,
+//! or its client goes away; its cache is freed at once.
+
+use crate::metrics::Metrics;
+use dsv3_model::sampling::{log_prob, top_k_logprobs, Sampler, SamplingParams};
+use dsv3_model::{DeepseekV3, KvCache};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What a request asks the engine for (already tokenized and validated).
+#[derive(Clone, Debug)]
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_ids: Vec<u32>,
+    /// Log-probs of the chosen token and this many alternatives per step (None: off).
+    pub logprobs: Option<usize>,
+}
+
+/// One generated token.
+#[derive(Clone, Debug)]
+pub struct TokenOut {
+    pub id: u32,
+    pub logprob: Option<f32>,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    Stop,
+    Length,
+}
+
+/// What the engine sends back, in order: tokens, then one `Done`.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Token(TokenOut),
+    Done { finish: Finish, prompt_tokens: usize, completion_tokens: usize },
+}
+
+/// A request on its way in: the work and where its events go.
+pub struct Job {
+    pub req: GenRequest,
+    pub events: tokio::sync::mpsc::UnboundedSender<Event>,
+    pub queued_at: Instant,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// Most sequences in one step.
+    pub max_batch: usize,
+    /// Prompt tokens of one sequence per step.
+    pub prefill_chunk: usize,
+    /// Tokens the KV cache may hold across all running sequences (from `--kv-memory`).
+    pub kv_tokens: usize,
+    /// Requests waiting beyond the running ones; more are refused (HTTP 429).
+    pub max_queue: usize,
+}
+
+/// The handle HTTP handlers submit through.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: SyncSender<Job>,
+    pub metrics: Arc<Metrics>,
+    pub config: EngineConfig,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    QueueFull,
+    ShuttingDown,
+}
+
+impl EngineHandle {
+    pub fn submit(&self, req: GenRequest) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>, SubmitError> {
+        let (etx, erx) = tokio::sync::mpsc::unbounded_channel();
+        match self.tx.try_send(Job { req, events: etx, queued_at: Instant::now() }) {
+            Ok(()) => {
+                self.metrics.queued.fetch_add(1, Ordering::Relaxed);
+                Ok(erx)
+            }
+            Err(TrySendError::Full(_)) => Err(SubmitError::QueueFull),
+            Err(TrySendError::Disconnected(_)) => Err(SubmitError::ShuttingDown),
+        }
+    }
+}
+
+struct Seq {
+    job: Job,
+    cache: KvCache,
+    sampler: Sampler,
+    /// Prompt tokens already run.
+    prefilled: usize,
+    /// The last chosen token, not yet run (decoding).
+    pending: Option<u32>,
+    generated: usize,
+    started: Instant,
+    last_token_at: Option<Instant>,
+}
+
+impl Seq {
+    fn reserved(&self) -> usize {
+        self.job.req.prompt.len() + self.job.req.max_tokens
+    }
+}
+
+/// Starts the engine thread. It runs until every handle is dropped and the running sequences end.
+pub fn start(model: Arc<DeepseekV3>, config: EngineConfig) -> (EngineHandle, std::thread::JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(config.max_queue.max(1));
+    let metrics = Arc::new(Metrics::default());
+    let m = metrics.clone();
+    let thread = std::thread::Builder::new()
+        .name("dsv3-engine".into())
+        .spawn(move || run(&model, config, rx, &m))
+        .expect("spawning the engine thread");
+    (EngineHandle { tx, metrics, config }, thread)
+}
+
+fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Metrics) {
+    let mut waiting: std::collections::VecDeque<Job> = Default::default();
+    let mut running: Vec<Seq> = vec![];
+    let mut closed = false;
+    loop {
+        // Take in what arrived; block only when there is nothing to do.
+        loop {
+            let next = if running.is_empty() && waiting.is_empty() && !closed {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(j) => Some(j),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        closed = true;
+                        None
+                    }
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(j) => Some(j),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => None,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        closed = true;
+                        None
+                    }
+                }
+            };
+            match next {
+                Some(j) => waiting.push_back(j),
+                None => break,
+            }
+        }
+        if closed && running.is_empty() && waiting.is_empty() {
+            return;
+        }
+        // Admit in arrival order while the batch and the cache budget allow.
+        let mut used: usize = running.iter().map(Seq::reserved).sum();
+        while running.len() < config.max_batch {
+            let Some(job) = waiting.front() else { break };
+            let need = job.req.prompt.len() + job.req.max_tokens;
+            if used + need > config.kv_tokens && !running.is_empty() {
+                break;
+            }
+            let job = waiting.pop_front().expect("front exists");
+            metrics.queued.fetch_sub(1, Ordering::Relaxed);
+            used += need;
+            let sampler = Sampler::new(job.req.sampling.clone());
+            running.push(Seq { job, cache: model.new_cache(), sampler, prefilled: 0, pending: None, generated: 0, started: Instant::now(), last_token_at: None });
+        }
+        if running.is_empty() {
+            continue;
+        }
+        metrics.batch_size.store(running.len(), Ordering::Relaxed);
+        metrics.kv_tokens.store(running.iter().map(|s| s.cache.len()).sum(), Ordering::Relaxed);
+
+        // This step's tokens per sequence.
+        let chunks: Vec<Vec<u32>> = running
+            .iter()
+            .map(|s| match s.pending {
+                Some(t) => vec![t],
+                None => {
+                    let p = &s.job.req.prompt;
+                    p[s.prefilled..(s.prefilled + config.prefill_chunk).min(p.len())].to_vec()
+                }
+            })
+            .collect();
+        let mut batch: Vec<(&[u32], &mut KvCache)> = chunks.iter().map(|c| c.as_slice()).zip(running.iter_mut().map(|s| &mut s.cache)).collect();
+        let states = match model.forward_batch(&mut batch) {
+            Ok(s) => s,
+            Err(e) => {
+                // Inputs were validated; an error here ends every running sequence cleanly.
+                eprintln!("engine: forward failed: {e}");
+                for s in running.drain(..) {
+                    let _ = s.job.events.send(Event::Done { finish: Finish::Stop, prompt_tokens: s.job.req.prompt.len(), completion_tokens: s.generated });
+                }
+                continue;
+            }
+        };
+        let d = model.config.hidden_size;
+        let mut keep = vec![true; running.len()];
+        for (i, (s, h)) in running.iter_mut().zip(&states).enumerate() {
+            if s.pending.is_none() {
+                s.prefilled += chunks[i].len();
+                if s.prefilled < s.job.req.prompt.len() {
+                    continue; // more prompt to go
+                }
+            }
+            let rows = h.len() / d;
+            let logits = model.logits(&h[(rows - 1) * d..], 1);
+            let id = s.sampler.sample(&logits);
+            let (logprob, top) = match s.job.req.logprobs {
+                Some(k) => (Some(log_prob(&logits, id as usize)), top_k_logprobs(&logits, k)),
+                None => (None, vec![]),
+            };
+            let now = Instant::now();
+            match s.last_token_at {
+                None => metrics.ttft.observe(now.duration_since(s.job.queued_at).as_secs_f64()),
+                Some(t) => metrics.tpot.observe(now.duration_since(t).as_secs_f64()),
+            }
+            s.last_token_at = Some(now);
+            s.generated += 1;
+            metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            let stop = s.job.req.stop_ids.contains(&id);
+            let sent = s.job.events.send(Event::Token(TokenOut { id, logprob, top })).is_ok();
+            let finish = if stop {
+                Some(Finish::Stop)
+            } else if s.generated >= s.job.req.max_tokens {
+                Some(Finish::Length)
+            } else {
+                None
+            };
+            if let Some(finish) = finish {
+                let _ = s.job.events.send(Event::Done { finish, prompt_tokens: s.job.req.prompt.len(), completion_tokens: s.generated });
+                keep[i] = false;
+            } else if !sent {
+                // The client went away: free its cache now.
+                metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                keep[i] = false;
+            }
+            s.pending = Some(id);
+        }
+        let mut i = 0;
+        running.retain(|s| {
+            let k = keep[i];
+            i += 1;
+            if !k {
+                metrics.request_seconds.observe(s.started.elapsed().as_secs_f64());
+            }
+            k
+        });
+    }
+}

@@ -1,0 +1,63 @@
+//! `dsv3 serve`: an OpenAI-compatible server over the model crate (issue 5).
+//!
+//! One engine thread owns the model and runs continuous batching over `forward_batch`
+//! ([`engine`]); axum handles HTTP on a tokio runtime and talks to the engine through a bounded
+//! queue and per-request event channels ([`api`]); [`metrics`] renders Prometheus text.
+
+pub mod api;
+pub mod engine;
+pub mod metrics;
+
+use anyhow::{Context, Result};
+use dsv3_model::{DeepseekV3, Tokenizer};
+use engine::EngineConfig;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub host: String,
+    pub port: u16,
+    pub api_key: Option<String>,
+    pub max_batch: usize,
+    /// Bytes the latent KV cache may use across running requests.
+    pub kv_memory: usize,
+    pub max_queue: usize,
+    pub prefill_chunk: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions { host: "127.0.0.1".into(), port: 8000, api_key: None, max_batch: 16, kv_memory: 1 << 30, max_queue: 64, prefill_chunk: 64 }
+    }
+}
+
+/// Builds the app state and starts the engine for a loaded model.
+pub fn build(
+    name: &str,
+    model: DeepseekV3,
+    tokenizer: Option<Tokenizer>,
+    eos_ids: Vec<u32>,
+    o: &ServeOptions,
+) -> (Arc<api::AppState>, std::thread::JoinHandle<()>) {
+    let model = Arc::new(model);
+    let kv_tokens = (o.kv_memory / model.kv_bytes_per_token().max(1)).max(1);
+    let cfg = EngineConfig { max_batch: o.max_batch.max(1), prefill_chunk: o.prefill_chunk.max(1), kv_tokens, max_queue: o.max_queue };
+    let (engine, thread) = engine::start(model.clone(), cfg);
+    let state = Arc::new(api::AppState { engine, model, tokenizer, model_name: name.to_string(), api_key: o.api_key.clone(), eos_ids });
+    (state, thread)
+}
+
+/// Serves until `shutdown` resolves; in-flight requests finish first.
+pub async fn serve(state: Arc<api::AppState>, addr: SocketAddr, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    serve_on(state, listener, shutdown).await
+}
+
+pub async fn serve_on(
+    state: Arc<api::AppState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown).await.context("serving")
+}
