@@ -316,7 +316,7 @@ fn parse_size(s: &str) -> Result<usize> {
         _ => (t, 1),
     };
     let v: f64 = num.parse().map_err(|_| anyhow::anyhow!("--kv-memory {s}: a size like 512M or 2G"))?;
-    if !(v > 0.0) {
+    if v.is_nan() || v <= 0.0 {
         bail!("--kv-memory {s}: must be positive");
     }
     Ok((v * mul as f64) as usize)

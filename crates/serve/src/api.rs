@@ -218,24 +218,51 @@ struct Detok<'a> {
 }
 
 impl<'a> Detok<'a> {
+    fn text(&self) -> String {
+        self.tok.and_then(|t| t.decode(&self.ids, true).ok()).unwrap_or_default()
+    }
+
+    /// The new text this token makes safe to send: a possible start of a stop string is held back
+    /// until it is known not to be one.
     fn push(&mut self, id: u32) -> String {
         self.ids.push(id);
-        let Some(tok) = self.tok else { return String::new() };
-        let text = tok.decode(&self.ids, true).unwrap_or_default();
+        let text = self.text();
         if text.ends_with('\u{fffd}') {
             return String::new(); // wait for the rest of a multi-byte character
         }
-        let mut end = text.len();
-        for s in &self.stops {
-            if let Some(i) = text[self.sent.min(text.len())..].find(s.as_str()).map(|i| i + self.sent) {
-                end = end.min(i);
+        let hold = self.stops.iter().map(|s| s.len()).max().unwrap_or(1).saturating_sub(1);
+        let from = floor_boundary(&text, self.sent.saturating_sub(hold));
+        let hit = self.stops.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| i + from)).min();
+        let end = match hit {
+            Some(i) => {
                 self.stopped = true;
+                i
             }
-        }
+            None => floor_boundary(&text, text.len().saturating_sub(hold)),
+        };
         let out = if end > self.sent { text[self.sent..end].to_string() } else { String::new() };
         self.sent = self.sent.max(end);
         out
     }
+
+    /// What was held back, once generation ended without a stop string.
+    fn flush(&mut self) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        let text = self.text();
+        let out = text.get(self.sent..).unwrap_or("").to_string();
+        self.sent = text.len();
+        out
+    }
+}
+
+fn floor_boundary(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }
 
 fn finish_reason(f: Finish) -> &'static str {
@@ -322,6 +349,7 @@ async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, chat
                     }
                 }
                 Event::Done { finish: f, completion_tokens: n, .. } => {
+                    text.push_str(&det.flush());
                     finish = finish_reason(f);
                     completion_tokens = n;
                 }
@@ -359,7 +387,7 @@ async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, chat
                     let lp = t.logprob.map(|_| logprob_entry(st2.tokenizer.as_ref(), &t, chat));
                     (det.push(t.id), if det.stopped { Some("stop") } else { None }, lp)
                 }
-                Event::Done { finish, .. } => (String::new(), Some(finish_reason(finish)), None),
+                Event::Done { finish, .. } => (det.flush(), Some(finish_reason(finish)), None),
             };
             let c = if chat {
                 let mut d = json!({});

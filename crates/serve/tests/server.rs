@@ -1,0 +1,179 @@
+//! A real server on a loopback port, driven by a real HTTP client: streaming and non-streaming
+//! agree, concurrent greedy requests give what each gives alone, errors are OpenAI-shaped 4xx.
+
+use dsv3_model::{DeepseekV3, Tokenizer};
+use dsv3_serve::{build, serve_on, ServeOptions};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train_roundtrip")
+}
+
+/// A copy of the dsv3-trained fixture with a small chat template, served on a free port.
+fn start(o: ServeOptions) -> String {
+    let dir = std::env::temp_dir().join(format!("dsv3-serve-{}-{}", std::process::id(), o.max_queue * 1000 + o.max_batch));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture().join(f), dir.join(f)).unwrap();
+    }
+    let mut tc: Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("tokenizer_config.json")).unwrap()).unwrap();
+    tc["chat_template"] = json!("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}");
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+    let model = DeepseekV3::load(&dir).unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let (state, _engine) = build("fixture", model, Some(tok), vec![1], &o);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            serve_on(state, listener, std::future::pending()).await.unwrap();
+        });
+    });
+    format!("http://{}", rx.recv().unwrap())
+}
+
+fn post(url: &str, body: Value) -> (u16, Value) {
+    match ureq::post(url).send_json(body) {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn stream_ids(url: &str, body: Value) -> (Vec<String>, String) {
+    let r = ureq::post(url).send_json(body).unwrap();
+    let text = r.into_string().unwrap();
+    let mut pieces = vec![];
+    let mut finish = String::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            return (pieces, finish);
+        }
+        let v: Value = serde_json::from_str(line).unwrap();
+        let c = &v["choices"][0];
+        pieces.push(c["text"].as_str().or(c["delta"]["content"].as_str()).unwrap_or("").to_string());
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    panic!("no [DONE] in the stream: {text}");
+}
+
+#[test]
+fn completions_stream_and_batch_consistently() {
+    let base = start(ServeOptions { max_batch: 8, ..ServeOptions::default() });
+    let url = format!("{base}/v1/completions");
+    let req = |p: &str, stream: bool| json!({"prompt": p, "max_tokens": 12, "temperature": 0, "stream": stream});
+    let (code, v) = post(&url, req("pub fn forward(", false));
+    assert_eq!(code, 200, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let (pieces, finish) = stream_ids(&url, req("pub fn forward(", true));
+    assert_eq!(pieces.concat(), text, "streaming and non-streaming give the same text");
+    assert_eq!(finish, "length");
+
+    // Concurrent greedy requests (different prompts and lengths) equal each one alone.
+    let prompts = ["pub fn forward(", "impl Mla {", "let x = ", "// The", "fn main() { let y = vec![", "use std::"];
+    let alone: Vec<Value> = prompts.iter().map(|p| post(&url, req(p, false)).1["choices"][0]["token_ids"].clone()).collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (url, body) = (url.clone(), req(p, false));
+            std::thread::spawn(move || post(&url, body).1["choices"][0]["token_ids"].clone())
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.join().unwrap(), alone[i], "request {i} changed when batched with the others");
+    }
+
+    // Token ids in, logprobs out; a stop string cuts the text.
+    let (code, v) = post(&url, json!({"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0, "logprobs": 2}));
+    assert_eq!(code, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"]["content"];
+    assert_eq!(lp.as_array().unwrap().len(), 3);
+    assert!(lp[0]["logprob"].as_f64().unwrap() <= 0.0);
+    let stop = text.chars().skip(3).take(2).collect::<String>();
+    if !stop.trim().is_empty() {
+        let (_, v) = post(&url, json!({"prompt": "pub fn forward(", "max_tokens": 12, "temperature": 0, "stop": [stop.clone()]}));
+        let t = v["choices"][0]["text"].as_str().unwrap();
+        assert!(!t.contains(&stop) && text.starts_with(t), "{t:?} vs {text:?} stop {stop:?}");
+    }
+
+    // Chat through the template.
+    let (code, v) = post(&format!("{base}/v1/chat/completions"), json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+
+    // The small endpoints.
+    let models: Value = ureq::get(&format!("{base}/v1/models")).call().unwrap().into_json().unwrap();
+    assert_eq!(models["data"][0]["id"], "fixture");
+    let (_, t) = post(&format!("{base}/tokenize"), json!({"prompt": "fn main"}));
+    let (_, d) = post(&format!("{base}/detokenize"), json!({"tokens": t["tokens"]}));
+    assert_eq!(d["prompt"], "fn main");
+    let m = ureq::get(&format!("{base}/metrics")).call().unwrap().into_string().unwrap();
+    assert!(m.contains("dsv3_generation_tokens_total") && m.contains("dsv3_time_to_first_token_seconds_bucket"));
+}
+
+#[test]
+fn bad_requests_are_openai_shaped_4xx() {
+    let base = start(ServeOptions { max_batch: 2, max_queue: 3, api_key: Some("k".into()), ..ServeOptions::default() });
+    let url = format!("{base}/v1/completions");
+    let send = |body: &str, key: Option<&str>| {
+        let mut r = ureq::post(&url).set("content-type", "application/json");
+        if let Some(k) = key {
+            r = r.set("authorization", &format!("Bearer {k}"));
+        }
+        match r.send_string(body) {
+            Ok(r) => (r.status(), Value::Null),
+            Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap_or(Value::Null)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(send(r#"{"prompt":"x","max_tokens":2}"#, None).0, 401);
+    assert_eq!(send(r#"{"prompt":"x","max_tokens":2}"#, Some("wrong")).0, 401);
+    assert_eq!(send(r#"{"prompt":"x","max_tokens":2}"#, Some("k")).0, 200);
+    for body in [
+        "{not json",
+        r#"{"prompt": 5}"#,
+        r#"{"prompt": "x", "max_tokens": "many"}"#,
+        r#"{"prompt": "x", "max_tokens": 100000}"#,
+        r#"{"prompt": "x", "n": 2}"#,
+        r#"{"prompt": "x", "temperature": -1}"#,
+        r#"{"prompt": [99999999]}"#,
+        r#"{"prompt": ""}"#,
+    ] {
+        let (code, v) = send(body, Some("k"));
+        assert_eq!(code, 400, "{body}: {v}");
+        assert!(v["error"]["message"].is_string() && v["error"]["type"] == "invalid_request_error", "{body}: {v}");
+    }
+    let (code, _) = {
+        let r = ureq::post(&url).set("authorization", "Bearer k").send_bytes(&[0xff, 0xfe, b'{']);
+        match r {
+            Ok(r) => (r.status(), ()),
+            Err(ureq::Error::Status(c, _)) => (c, ()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(code, 400, "invalid UTF-8");
+    // A flood beyond batch + queue: some requests are refused with 429, none fail otherwise.
+    let handles: Vec<_> = (0..16)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                match ureq::post(&url).set("authorization", "Bearer k").send_json(json!({"prompt": "fn", "max_tokens": 200, "temperature": 0})) {
+                    Ok(r) => r.status(),
+                    Err(ureq::Error::Status(c, _)) => c,
+                    Err(e) => panic!("{e}"),
+                }
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(codes.iter().all(|&c| c == 200 || c == 429), "{codes:?}");
+    assert!(codes.contains(&429) && codes.contains(&200), "{codes:?}");
+}
