@@ -334,11 +334,14 @@ pub fn serve(
     prefill_chunk: usize,
     mtp_speculative: usize,
 ) -> Result<()> {
-    if mtp_speculative > 0 {
-        bail!("--mtp-speculative is not available in the server yet (dsv3 generate --mtp-speculative is)");
-    }
-    let o = dsv3_serve::ServeOptions { host, port, api_key, max_batch, kv_memory: parse_size(kv_memory)?, max_queue, prefill_chunk };
+    let o = dsv3_serve::ServeOptions { host, port, api_key, max_batch, kv_memory: parse_size(kv_memory)?, max_queue, prefill_chunk, mtp_speculative };
     let model = load_model(dir)?;
+    if mtp_speculative > 0 && model.mtp.is_empty() {
+        bail!("--mtp-speculative: {} has no MTP module", dir.display());
+    }
+    if mtp_speculative >= dsv3_model::mla::MAX_ABSORBED_TOKENS {
+        bail!("--mtp-speculative {mtp_speculative}: at most {} drafts per step", dsv3_model::mla::MAX_ABSORBED_TOKENS - 1);
+    }
     let tok = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(dir)?) } else { None };
     let eos = eos_ids(dir, &model, tok.as_ref());
     let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dsv3".into());

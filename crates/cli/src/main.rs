@@ -128,7 +128,8 @@ enum Command {
         /// Prompt tokens per sequence per step (long prompts are prefilled in chunks).
         #[arg(long, default_value_t = 64)]
         prefill_chunk: usize,
-        /// MTP speculative decoding in the server (not yet available; `generate --mtp-speculative` has it).
+        /// MTP speculative decoding: K drafts per step from the checkpoint's MTP module (greedy
+        /// and sampled requests; requests asking for log-probs decode plainly).
         #[arg(long, default_value_t = 0)]
         mtp_speculative: usize,
     },

@@ -7,6 +7,7 @@
 
 use crate::metrics::Metrics;
 use dsv3_model::sampling::{log_prob, top_k_logprobs, Sampler, SamplingParams};
+use dsv3_model::speculative::Speculator;
 use dsv3_model::{DeepseekV3, KvCache};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -63,6 +64,9 @@ pub struct EngineConfig {
     pub kv_tokens: usize,
     /// Requests waiting beyond the running ones; more are refused (HTTP 429).
     pub max_queue: usize,
+    /// MTP drafts per step for each decoding sequence (0: off). Requests that ask for log-probs
+    /// decode plainly.
+    pub mtp_speculative: usize,
 }
 
 /// The handle HTTP handlers submit through.
@@ -105,9 +109,54 @@ struct Seq {
     generated: usize,
     started: Instant,
     last_token_at: Option<Instant>,
+    /// Speculative decoding: the prompt's states gathered over its chunks, then the drafter.
+    prompt_h: Vec<f32>,
+    spec: Option<Speculator>,
+}
+
+/// What emitting a token decided.
+enum Emit {
+    Continue,
+    /// Finished, or the client went away: drop the sequence.
+    End,
 }
 
 impl Seq {
+    fn speculative(&self, k: usize) -> bool {
+        k > 0 && self.job.req.logprobs.is_none()
+    }
+
+    fn emit(&mut self, tok: TokenOut, metrics: &Metrics) -> Emit {
+        let now = Instant::now();
+        match self.last_token_at {
+            None => metrics.ttft.observe(now.duration_since(self.job.queued_at).as_secs_f64()),
+            Some(t) => metrics.tpot.observe(now.duration_since(t).as_secs_f64()),
+        }
+        self.last_token_at = Some(now);
+        self.generated += 1;
+        metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        let id = tok.id;
+        let sent = self.job.events.send(Event::Token(tok)).is_ok();
+        let finish = if self.job.req.stop_ids.contains(&id) {
+            Some(Finish::Stop)
+        } else if self.generated >= self.job.req.max_tokens {
+            Some(Finish::Length)
+        } else {
+            None
+        };
+        self.pending = Some(id);
+        if let Some(finish) = finish {
+            let _ = self.job.events.send(Event::Done { finish, prompt_tokens: self.job.req.prompt.len(), completion_tokens: self.generated });
+            return Emit::End;
+        }
+        if !sent {
+            // The client went away: free its cache now.
+            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            return Emit::End;
+        }
+        Emit::Continue
+    }
+
     fn reserved(&self) -> usize {
         self.job.req.prompt.len() + self.job.req.max_tokens
     }
@@ -171,7 +220,18 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
             metrics.queued.fetch_sub(1, Ordering::Relaxed);
             used += need;
             let sampler = Sampler::new(job.req.sampling.clone());
-            running.push(Seq { job, cache: model.new_cache(), sampler, prefilled: 0, pending: None, generated: 0, started: Instant::now(), last_token_at: None });
+            running.push(Seq {
+                job,
+                cache: model.new_cache(),
+                sampler,
+                prefilled: 0,
+                pending: None,
+                generated: 0,
+                started: Instant::now(),
+                last_token_at: None,
+                prompt_h: vec![],
+                spec: None,
+            });
         }
         if running.is_empty() {
             continue;
@@ -179,34 +239,81 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
         metrics.batch_size.store(running.len(), Ordering::Relaxed);
         metrics.kv_tokens.store(running.iter().map(|s| s.cache.len()).sum(), Ordering::Relaxed);
 
-        // This step's tokens per sequence.
-        let chunks: Vec<Vec<u32>> = running
+        let mut keep = vec![true; running.len()];
+        // Speculative decoders verify their drafts alone (their forward is their own).
+        let k = config.mtp_speculative;
+        for (i, s) in running.iter_mut().enumerate() {
+            let Some(spec) = s.spec.as_mut() else { continue };
+            match spec.step(model, &mut s.cache, k, &mut s.sampler) {
+                Ok(step) => {
+                    metrics.draft_tokens.fetch_add(k as u64, Ordering::Relaxed);
+                    metrics.accepted_tokens.fetch_add(step.accepted as u64, Ordering::Relaxed);
+                    for &id in step.drafts[..step.accepted].iter().chain([&step.next]) {
+                        if let Emit::End = s.emit(TokenOut { id, logprob: None, top: vec![] }, metrics) {
+                            keep[i] = false;
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("engine: speculative step failed: {e}");
+                    let _ = s.job.events.send(Event::Done { finish: Finish::Stop, prompt_tokens: s.job.req.prompt.len(), completion_tokens: s.generated });
+                    keep[i] = false;
+                }
+            }
+        }
+        // Everything else in one pass: a chunk of each prefilling prompt, the last token of each
+        // plain decoder.
+        let batched: Vec<usize> = (0..running.len()).filter(|&i| running[i].spec.is_none() && keep[i]).collect();
+        let chunks: Vec<Vec<u32>> = batched
             .iter()
-            .map(|s| match s.pending {
-                Some(t) => vec![t],
-                None => {
-                    let p = &s.job.req.prompt;
-                    p[s.prefilled..(s.prefilled + config.prefill_chunk).min(p.len())].to_vec()
+            .map(|&i| {
+                let s = &running[i];
+                match s.pending {
+                    Some(t) => vec![t],
+                    None => {
+                        let p = &s.job.req.prompt;
+                        p[s.prefilled..(s.prefilled + config.prefill_chunk).min(p.len())].to_vec()
+                    }
                 }
             })
             .collect();
-        let mut batch: Vec<(&[u32], &mut KvCache)> = chunks.iter().map(|c| c.as_slice()).zip(running.iter_mut().map(|s| &mut s.cache)).collect();
-        let states = match model.forward_batch(&mut batch) {
+        let states = {
+            let mut caches: Vec<&mut KvCache> = vec![];
+            let mut rest = &mut running[..];
+            let mut offset = 0;
+            for &i in &batched {
+                let (_, tail) = rest.split_at_mut(i - offset);
+                let (one, tail) = tail.split_at_mut(1);
+                caches.push(&mut one[0].cache);
+                rest = tail;
+                offset = i + 1;
+            }
+            let mut batch: Vec<(&[u32], &mut KvCache)> = chunks.iter().map(|c| c.as_slice()).zip(caches).collect();
+            if batch.is_empty() { Ok(vec![]) } else { model.forward_batch(&mut batch) }
+        };
+        let states = match states {
             Ok(s) => s,
             Err(e) => {
-                // Inputs were validated; an error here ends every running sequence cleanly.
+                // Inputs were validated; an error here ends the batched sequences cleanly.
                 eprintln!("engine: forward failed: {e}");
-                for s in running.drain(..) {
+                for &i in &batched {
+                    let s = &running[i];
                     let _ = s.job.events.send(Event::Done { finish: Finish::Stop, prompt_tokens: s.job.req.prompt.len(), completion_tokens: s.generated });
+                    keep[i] = false;
                 }
-                continue;
+                vec![]
             }
         };
         let d = model.config.hidden_size;
-        let mut keep = vec![true; running.len()];
-        for (i, (s, h)) in running.iter_mut().zip(&states).enumerate() {
-            if s.pending.is_none() {
-                s.prefilled += chunks[i].len();
+        for ((&i, h), chunk) in batched.iter().zip(&states).zip(&chunks) {
+            let s = &mut running[i];
+            let prefilling = s.pending.is_none();
+            if prefilling {
+                s.prefilled += chunk.len();
+                if s.speculative(k) {
+                    s.prompt_h.extend_from_slice(h);
+                }
                 if s.prefilled < s.job.req.prompt.len() {
                     continue; // more prompt to go
                 }
@@ -215,35 +322,16 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
             let logits = model.logits(&h[(rows - 1) * d..], 1);
             let id = s.sampler.sample(&logits);
             let (logprob, top) = match s.job.req.logprobs {
-                Some(k) => (Some(log_prob(&logits, id as usize)), top_k_logprobs(&logits, k)),
+                Some(n) => (Some(log_prob(&logits, id as usize)), top_k_logprobs(&logits, n)),
                 None => (None, vec![]),
             };
-            let now = Instant::now();
-            match s.last_token_at {
-                None => metrics.ttft.observe(now.duration_since(s.job.queued_at).as_secs_f64()),
-                Some(t) => metrics.tpot.observe(now.duration_since(t).as_secs_f64()),
-            }
-            s.last_token_at = Some(now);
-            s.generated += 1;
-            metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            let stop = s.job.req.stop_ids.contains(&id);
-            let sent = s.job.events.send(Event::Token(TokenOut { id, logprob, top })).is_ok();
-            let finish = if stop {
-                Some(Finish::Stop)
-            } else if s.generated >= s.job.req.max_tokens {
-                Some(Finish::Length)
-            } else {
-                None
-            };
-            if let Some(finish) = finish {
-                let _ = s.job.events.send(Event::Done { finish, prompt_tokens: s.job.req.prompt.len(), completion_tokens: s.generated });
+            if let Emit::End = s.emit(TokenOut { id, logprob, top }, metrics) {
                 keep[i] = false;
-            } else if !sent {
-                // The client went away: free its cache now.
-                metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-                keep[i] = false;
+                continue;
             }
-            s.pending = Some(id);
+            if prefilling && s.speculative(k) && !model.mtp.is_empty() {
+                s.spec = Some(Speculator::new(&s.job.req.prompt, std::mem::take(&mut s.prompt_h), id));
+            }
         }
         let mut i = 0;
         running.retain(|s| {

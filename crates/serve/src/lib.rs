@@ -24,11 +24,13 @@ pub struct ServeOptions {
     pub kv_memory: usize,
     pub max_queue: usize,
     pub prefill_chunk: usize,
+    /// MTP drafts per step (0: plain decoding).
+    pub mtp_speculative: usize,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { host: "127.0.0.1".into(), port: 8000, api_key: None, max_batch: 16, kv_memory: 1 << 30, max_queue: 64, prefill_chunk: 64 }
+        ServeOptions { host: "127.0.0.1".into(), port: 8000, api_key: None, max_batch: 16, kv_memory: 1 << 30, max_queue: 64, prefill_chunk: 64, mtp_speculative: 0 }
     }
 }
 
@@ -42,7 +44,13 @@ pub fn build(
 ) -> (Arc<api::AppState>, std::thread::JoinHandle<()>) {
     let model = Arc::new(model);
     let kv_tokens = (o.kv_memory / model.kv_bytes_per_token().max(1)).max(1);
-    let cfg = EngineConfig { max_batch: o.max_batch.max(1), prefill_chunk: o.prefill_chunk.max(1), kv_tokens, max_queue: o.max_queue };
+    let cfg = EngineConfig {
+        max_batch: o.max_batch.max(1),
+        prefill_chunk: o.prefill_chunk.max(1),
+        kv_tokens,
+        max_queue: o.max_queue,
+        mtp_speculative: if model.mtp.is_empty() { 0 } else { o.mtp_speculative },
+    };
     let (engine, thread) = engine::start(model.clone(), cfg);
     let state = Arc::new(api::AppState { engine, model, tokenizer, model_name: name.to_string(), api_key: o.api_key.clone(), eos_ids });
     (state, thread)

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub cancelled: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
+    pub draft_tokens: AtomicU64,
+    pub accepted_tokens: AtomicU64,
     pub queued: AtomicUsize,
     pub batch_size: AtomicUsize,
     pub kv_tokens: AtomicUsize,
@@ -72,6 +74,14 @@ impl Metrics {
         c(&mut s, "dsv3_batch_size", "Sequences in the last step.", "gauge", self.batch_size.load(l) as u64);
         c(&mut s, "dsv3_kv_cache_tokens", "Tokens held in the latent KV cache.", "gauge", self.kv_tokens.load(l) as u64);
         c(&mut s, "dsv3_kv_cache_bytes", "Bytes held in the latent KV cache.", "gauge", (self.kv_tokens.load(l) * kv_bytes_per_token) as u64);
+        c(&mut s, "dsv3_mtp_draft_tokens_total", "MTP draft tokens proposed.", "counter", self.draft_tokens.load(l));
+        c(&mut s, "dsv3_mtp_accepted_tokens_total", "MTP draft tokens accepted.", "counter", self.accepted_tokens.load(l));
+        let (d, a) = (self.draft_tokens.load(l), self.accepted_tokens.load(l));
+        let _ = writeln!(
+            s,
+            "# HELP dsv3_mtp_acceptance_rate Accepted / proposed MTP drafts.\n# TYPE dsv3_mtp_acceptance_rate gauge\ndsv3_mtp_acceptance_rate {}",
+            if d > 0 { a as f64 / d as f64 } else { 0.0 }
+        );
         self.ttft.render("dsv3_time_to_first_token_seconds", "Queueing plus prefill until the first token.", &mut s);
         self.tpot.render("dsv3_time_per_output_token_seconds", "Time between consecutive tokens of a request.", &mut s);
         self.request_seconds.render("dsv3_request_seconds", "Time a request spent running.", &mut s);

@@ -177,3 +177,20 @@ fn bad_requests_are_openai_shaped_4xx() {
     assert!(codes.iter().all(|&c| c == 200 || c == 429), "{codes:?}");
     assert!(codes.contains(&429) && codes.contains(&200), "{codes:?}");
 }
+
+#[test]
+fn mtp_speculative_serving_gives_the_plain_tokens() {
+    let plain = start(ServeOptions { max_batch: 4, max_queue: 7, ..ServeOptions::default() });
+    let spec = start(ServeOptions { max_batch: 4, max_queue: 9, mtp_speculative: 2, ..ServeOptions::default() });
+    for p in ["pub fn forward(", "impl Mla {", "let x = "] {
+        let body = json!({"prompt": p, "max_tokens": 16, "temperature": 0});
+        let a = post(&format!("{plain}/v1/completions"), body.clone()).1;
+        let b = post(&format!("{spec}/v1/completions"), body).1;
+        assert_eq!(a["choices"][0]["token_ids"], b["choices"][0]["token_ids"], "{p}");
+        assert_eq!(b["usage"]["completion_tokens"], 16);
+    }
+    let m = ureq::get(&format!("{spec}/metrics")).call().unwrap().into_string().unwrap();
+    let drafts: f64 = m.lines().find_map(|l| l.strip_prefix("dsv3_mtp_draft_tokens_total ")).unwrap().parse().unwrap();
+    assert!(drafts > 0.0, "{m}");
+    assert!(m.contains("dsv3_mtp_acceptance_rate"));
+}
