@@ -95,7 +95,9 @@ pub fn cross_entropy(logits: &[f32], labels: &[u32], mask: &[bool], scale: f32) 
     let count = mask.iter().filter(|&&m| m).count().max(1);
     let c = scale / count as f32;
     let mut dl = vec![0f32; logits.len()];
-    let loss: f64 = dl
+    // Per-row losses are collected in order and summed serially: a parallel sum's order depends
+    // on work stealing, and resume must reproduce the loss bit for bit.
+    let losses: Vec<f64> = dl
         .par_chunks_mut(v.max(1))
         .enumerate()
         .map(|(i, d)| {
@@ -116,6 +118,7 @@ pub fn cross_entropy(logits: &[f32], labels: &[u32], mask: &[bool], scale: f32) 
             d[y] -= c;
             z.ln() - (row[y] - max) as f64
         })
-        .sum();
+        .collect();
+    let loss: f64 = losses.iter().sum();
     (loss / count as f64, dl)
 }
