@@ -266,24 +266,19 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn rows_dots(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, out: &mut [f32]) {
-        // Four accumulator chains per token whatever the token count, so a token's sums run in
+        // Two accumulator chains per token whatever the token count, so a token's sums run in
         // the same order alone or beside others: batching (MTP verification, continuous batching
-        // in a server, prefill chunks) never changes a result. More than 4 tokens: groups of 4.
+        // in a server, prefill chunks) never changes a result. Two chains keep 8 tokens' sums and
+        // block totals in registers, so each weight is decoded once per 8 tokens.
         match m {
-            1 => rows_m::<1, 1, 4>(w, rows, x, out),
-            2 => rows_m::<1, 2, 4>(w, rows, x, out),
-            3 => rows_m::<1, 3, 4>(w, rows, x, out),
-            4 => rows_m::<1, 4, 4>(w, rows, x, out),
-            5..=8 => {
-                let (k, n) = (w.cols(), rows.len());
-                let (mut a, mut b) = (vec![0f32; n * 4], vec![0f32; n * (m - 4)]);
-                rows_m::<1, 4, 4>(w, rows.clone(), x, &mut a);
-                rows_dots(w, rows, &x[4 * k..], m - 4, &mut b);
-                for j in 0..n {
-                    out[j * m..j * m + 4].copy_from_slice(&a[j * 4..j * 4 + 4]);
-                    out[j * m + 4..(j + 1) * m].copy_from_slice(&b[j * (m - 4)..(j + 1) * (m - 4)]);
-                }
-            }
+            1 => rows_m::<1, 1, 2>(w, rows, x, out),
+            2 => rows_m::<1, 2, 2>(w, rows, x, out),
+            3 => rows_m::<1, 3, 2>(w, rows, x, out),
+            4 => rows_m::<1, 4, 2>(w, rows, x, out),
+            5 => rows_m::<1, 5, 2>(w, rows, x, out),
+            6 => rows_m::<1, 6, 2>(w, rows, x, out),
+            7 => rows_m::<1, 7, 2>(w, rows, x, out),
+            8 => rows_m::<1, 8, 2>(w, rows, x, out),
             _ => {}
         }
     }

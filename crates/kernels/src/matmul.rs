@@ -2,9 +2,9 @@
 //! MLA's key up-projection), over a range of weight rows so one packed matrix can serve per-head
 //! slices.
 //!
-//! Each weight row is decoded in registers once per group of up to 4 tokens and
+//! Each weight row is decoded in registers once per group of up to 8 tokens and
 //! dotted with all of them ([`crate::gemv`]), so decode reads a matrix from memory once per call
-//! and prefill decodes each weight m/4 times against 4·m multiply-adds. A task owns a range of
+//! and prefill decodes each weight m/8 times against 8·m multiply-adds. A task owns a range of
 //! rows and walks every token group over it while those rows sit in cache.
 
 use crate::gemm::{gemm_acc, Strided};
@@ -19,7 +19,7 @@ use std::ops::Range;
 /// on which other tokens share the call.
 const GEMM_M: usize = 32;
 /// Tokens per GEMV group: the kernel's batch-invariant width.
-const GROUP: usize = 4;
+const GROUP: usize = 8;
 
 thread_local! {
     static MANY_TOKEN_GEMM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
