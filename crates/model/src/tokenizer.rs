@@ -91,6 +91,12 @@ impl Tokenizer {
 
     /// Renders `messages` (a JSON array of `{role, content, ...}`) with the chat template.
     pub fn apply_chat_template(&self, messages: &Value, add_generation_prompt: bool) -> Result<String> {
+        self.apply_chat_template_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// As [`Self::apply_chat_template`], with the request's `tools` (OpenAI function specs) in the
+    /// template's context, for templates that render them (DeepSeek-V3.1 and later).
+    pub fn apply_chat_template_with_tools(&self, messages: &Value, tools: Option<&Value>, add_generation_prompt: bool) -> Result<String> {
         let tpl = self.chat_template.as_deref().ok_or_else(|| ModelError::Template("tokenizer_config.json has no chat_template".into()))?;
         if !messages.is_array() {
             return Err(ModelError::Template("messages must be a JSON array".into()));
@@ -108,6 +114,7 @@ impl Tokenizer {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
+            tools => tools.map(minijinja::Value::from_serialize),
         };
         env.get_template("chat")
             .and_then(|t| t.render(ctx))

@@ -211,6 +211,7 @@ fn submit(st: &AppState, req: GenRequest) -> Result<tokio::sync::mpsc::Unbounded
 /// string is kept, the rest dropped) with a UTF-8-safe incremental decode.
 struct Detok<'a> {
     tok: Option<&'a Tokenizer>,
+    keep_special: bool,
     ids: Vec<u32>,
     sent: usize,
     stops: Vec<String>,
@@ -219,7 +220,7 @@ struct Detok<'a> {
 
 impl<'a> Detok<'a> {
     fn text(&self) -> String {
-        self.tok.and_then(|t| t.decode(&self.ids, true).ok()).unwrap_or_default()
+        self.tok.and_then(|t| t.decode(&self.ids, !self.keep_special).ok()).unwrap_or_default()
     }
 
     /// The new text this token makes safe to send: a possible start of a stop string is held back
@@ -286,7 +287,7 @@ async fn completions(State(st): State<Shared>, headers: HeaderMap, body: Bytes) 
         _ => return Err(ApiError::bad("prompt must be a string or an array of token ids", Some("prompt"))),
     };
     let (req, stops) = gen_request(&st, prompt, &b.common, b.logprobs)?;
-    run(st, req, stops, b.common.stream, false).await
+    run(st, req, stops, b.common.stream, Mode::Completion).await
 }
 
 async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
@@ -296,13 +297,27 @@ async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: By
     if b.messages.is_empty() {
         return Err(ApiError::bad("messages is empty", Some("messages")));
     }
-    if b.tools.as_ref().is_some_and(|t| !t.is_null()) {
-        return Err(ApiError::bad("tools are not supported by this server yet", Some("tools")));
+    let tools = b.tools.as_ref().filter(|t| !t.is_null());
+    if tools.is_some_and(|t| !t.is_array()) {
+        return Err(ApiError::bad("tools must be an array of function specs", Some("tools")));
     }
-    let prompt = tok.encode_chat(&Value::Array(b.messages.clone()), true).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+    let text = tok
+        .apply_chat_template_with_tools(&Value::Array(b.messages.clone()), tools, true)
+        .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+    let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
     let lp = if b.logprobs { Some(b.top_logprobs.unwrap_or(0)) } else { None };
     let (req, stops) = gen_request(&st, prompt, &b.common, lp)?;
-    run(st, req, stops, b.common.stream, true).await
+    run(st, req, stops, b.common.stream, if tools.is_some() { Mode::ChatTools } else { Mode::Chat }).await
+}
+
+/// What the response looks like.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Completion,
+    Chat,
+    /// Chat with `tools`: special tokens kept in the text so DeepSeek's tool-call markup can be
+    /// parsed; a stream sends the whole answer (content or tool_calls) at the end.
+    ChatTools,
 }
 
 fn logprob_entry(tok: Option<&Tokenizer>, t: &TokenOut, chat: bool) -> Value {
@@ -314,6 +329,28 @@ fn logprob_entry(tok: Option<&Tokenizer>, t: &TokenOut, chat: bool) -> Value {
     }
 }
 
+/// The assistant message of a chat answer: `reasoning_content` split at `</think>`, DeepSeek
+/// tool-call markup parsed into `tool_calls` (finish reason `tool_calls`), end-of-sequence text
+/// removed.
+fn chat_message(text: &str, eos_text: &[String], finish: &'static str) -> (Value, &'static str) {
+    let mut text = text.to_string();
+    for e in eos_text.iter().filter(|e| !e.is_empty()) {
+        text = text.replace(e.as_str(), "");
+    }
+    let (reasoning, rest) = split_reasoning(&text);
+    let mut message = json!({"role": "assistant", "content": rest});
+    let mut finish = finish;
+    if let Some((content, calls)) = crate::tools::parse_tool_calls(&rest) {
+        message["content"] = if content.is_empty() { Value::Null } else { json!(content) };
+        message["tool_calls"] = json!(calls);
+        finish = "tool_calls";
+    }
+    if let Some(r) = reasoning {
+        message["reasoning_content"] = json!(r);
+    }
+    (message, finish)
+}
+
 /// Splits DeepSeek-R1-style output at `</think>`: (reasoning, answer).
 fn split_reasoning(text: &str) -> (Option<String>, String) {
     match text.split_once("</think>") {
@@ -322,14 +359,21 @@ fn split_reasoning(text: &str) -> (Option<String>, String) {
     }
 }
 
-async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, chat: bool) -> Result<Response, ApiError> {
+async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, mode: Mode) -> Result<Response, ApiError> {
+    let chat = mode != Mode::Completion;
+    let keep_special = mode == Mode::ChatTools;
+    let eos_text: Vec<String> = if keep_special {
+        req.stop_ids.iter().filter_map(|&i| st.tokenizer.as_ref().and_then(|t| t.decode(&[i], false).ok())).collect()
+    } else {
+        vec![]
+    };
     let prompt_tokens = req.prompt.len();
     let mut rx = submit(&st, req)?;
     let id = format!("{}-{:x}", if chat { "chatcmpl" } else { "cmpl" }, now() ^ rx_id(&rx));
     let model = st.model_name.clone();
     let created = now();
     if !stream {
-        let mut det = Detok { tok: st.tokenizer.as_ref(), ids: vec![], sent: 0, stops, stopped: false };
+        let mut det = Detok { tok: st.tokenizer.as_ref(), keep_special, ids: vec![], sent: 0, stops, stopped: false };
         let (mut text, mut lps, mut ids) = (String::new(), vec![], vec![]);
         let mut completion_tokens = 0;
         let mut finish = "stop";
@@ -357,11 +401,7 @@ async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, chat
         }
         let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
         let choice = if chat {
-            let (reasoning, content) = split_reasoning(&text);
-            let mut message = json!({"role": "assistant", "content": content});
-            if let Some(r) = reasoning {
-                message["reasoning_content"] = json!(r);
-            }
+            let (message, finish) = chat_message(&text, &eos_text, finish);
             json!({"index": 0, "message": message, "logprobs": if lps.is_empty() { Value::Null } else { json!({"content": lps}) }, "finish_reason": finish})
         } else {
             json!({"index": 0, "text": text, "token_ids": ids, "logprobs": if lps.is_empty() { Value::Null } else { json!({"content": lps}) }, "finish_reason": finish})
@@ -373,8 +413,9 @@ async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, chat
     let (tx, out) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
     let st2 = st.clone();
     tokio::spawn(async move {
-        let mut det = Detok { tok: st2.tokenizer.as_ref(), ids: vec![], sent: 0, stops, stopped: false };
+        let mut det = Detok { tok: st2.tokenizer.as_ref(), keep_special, ids: vec![], sent: 0, stops, stopped: false };
         let obj = if chat { "chat.completion.chunk" } else { "text_completion" };
+        let mut whole = String::new();
         let chunk = |choice: Value| json!({"id": id, "object": obj, "created": created, "model": model, "choices": [choice]});
         if chat {
             let first = chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}));
@@ -389,7 +430,25 @@ async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, chat
                 }
                 Event::Done { finish, .. } => (det.flush(), Some(finish_reason(finish)), None),
             };
-            let c = if chat {
+            let c = if mode == Mode::ChatTools {
+                // The answer goes out whole at the end: tool-call markup is parsed from all of it.
+                whole.push_str(&delta);
+                if finish.is_none() {
+                    continue;
+                }
+                let (message, f) = chat_message(&whole, &eos_text, finish.unwrap_or("stop"));
+                let mut d = json!({});
+                if let Some(calls) = message.get("tool_calls") {
+                    d["tool_calls"] = calls.as_array().map(|a| {
+                        a.iter().enumerate().map(|(i, c)| { let mut c = c.clone(); c["index"] = json!(i); c }).collect::<Vec<_>>()
+                    }).map(Value::from).unwrap_or(Value::Null);
+                }
+                d["content"] = message["content"].clone();
+                if let Some(r) = message.get("reasoning_content") {
+                    d["reasoning_content"] = r.clone();
+                }
+                json!({"index": 0, "delta": d, "logprobs": Value::Null, "finish_reason": f})
+            } else if chat {
                 let mut d = json!({});
                 let mut text = delta.as_str();
                 if text.contains("<think>") {
@@ -481,4 +540,22 @@ async fn detokenize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -
 
 async fn metrics(State(st): State<Shared>) -> Response {
     st.engine.metrics.render(st.model.kv_bytes_per_token()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_messages_split_reasoning_and_tool_calls() {
+        let eos = vec!["<｜end▁of▁sentence｜>".to_string()];
+        let (m, f) = chat_message("<think>look it up</think>Sure.<｜end▁of▁sentence｜>", &eos, "stop");
+        assert_eq!((m["content"].as_str(), m["reasoning_content"].as_str(), f), (Some("Sure."), Some("look it up"), "stop"));
+        let text = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>";
+        let (m, f) = chat_message(text, &eos, "stop");
+        assert_eq!(f, "tool_calls");
+        assert!(m["content"].is_null());
+        assert_eq!(m["tool_calls"][0]["function"]["name"], "get_weather");
+        assert_eq!(m["tool_calls"][0]["type"], "function");
+    }
 }

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod engine;
 pub mod metrics;
+pub mod tools;
 
 use anyhow::{Context, Result};
 use dsv3_model::{DeepseekV3, Tokenizer};

@@ -109,6 +109,16 @@ fn completions_stream_and_batch_consistently() {
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
 
+    // Tools are accepted (rendered when the template uses them); a malformed list is a 400.
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let chat = format!("{base}/v1/chat/completions");
+    let (code, v) = post(&chat, json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "tools": tools}));
+    assert_eq!(code, 200, "{v}");
+    let (code, _) = post(&chat, json!({"messages": [{"role": "user", "content": "hi"}], "tools": "f"}));
+    assert_eq!(code, 400);
+    let (pieces, finish) = stream_ids(&chat, json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0, "tools": tools, "stream": true}));
+    assert!(!finish.is_empty() && pieces.len() >= 2);
+
     // The small endpoints.
     let models: Value = ureq::get(&format!("{base}/v1/models")).call().unwrap().into_json().unwrap();
     assert_eq!(models["data"][0]["id"], "fixture");
