@@ -131,10 +131,12 @@ impl Mla {
             }
             QProj::Direct { .. } => first,
         };
-        let mut o = vec![0f32; n * h * dv];
+        // RoPE and the cache, per sequence.
+        let mut starts = Vec::with_capacity(lens.len());
         let mut row0 = 0;
         for (&t, cache) in lens.iter().zip(caches.iter_mut()) {
             let start = cache.len;
+            starts.push(start);
             let qs = &mut q[row0 * h * dq..(row0 + t) * h * dq];
             for i in 0..t {
                 for hh in 0..h {
@@ -147,14 +149,32 @@ impl Mla {
                 cache.k_pe.extend_from_slice(&pe);
             }
             cache.len += t;
-            let absorbed = match imp {
-                AttnImpl::Naive => false,
-                AttnImpl::Absorbed => true,
-                AttnImpl::Auto => t <= MAX_ABSORBED_TOKENS,
-            };
-            let os = if absorbed { self.attend_absorbed(qs, t, start, cache) } else { self.attend_naive(qs, t, start, cache) };
-            o[row0 * h * dv..(row0 + t) * h * dv].copy_from_slice(&os);
             row0 += t;
+        }
+        let absorbed = |t: usize| match imp {
+            AttnImpl::Naive => false,
+            AttnImpl::Absorbed => true,
+            AttnImpl::Auto => t <= MAX_ABSORBED_TOKENS,
+        };
+        let offsets: Vec<usize> = lens.iter().scan(0, |acc, &t| { let o = *acc; *acc += t; Some(o) }).collect();
+        let mut o = vec![0f32; n * h * dv];
+        // Absorbed sequences together: the W_UK / W_UV products run once over all their tokens.
+        let abs: Vec<usize> = (0..lens.len()).filter(|&s| lens[s] > 0 && absorbed(lens[s])).collect();
+        if !abs.is_empty() {
+            let qa: Vec<f32> = abs.iter().flat_map(|&s| q[offsets[s] * h * dq..(offsets[s] + lens[s]) * h * dq].iter().copied()).collect();
+            let segs: Vec<(usize, usize, &LatentCache)> = abs.iter().map(|&s| (lens[s], starts[s], &*caches[s])).collect();
+            let oa = self.attend_absorbed(&qa, &segs);
+            let mut r = 0;
+            for &s in &abs {
+                let len = lens[s] * h * dv;
+                o[offsets[s] * h * dv..][..len].copy_from_slice(&oa[r..r + len]);
+                r += len;
+            }
+        }
+        for s in (0..lens.len()).filter(|&s| lens[s] > 0 && !absorbed(lens[s])) {
+            let (t, r0) = (lens[s], offsets[s]);
+            let os = self.attend_naive(&q[r0 * h * dq..(r0 + t) * h * dq], t, starts[s], caches[s]);
+            o[r0 * h * dv..(r0 + t) * h * dv].copy_from_slice(&os);
         }
         self.o_proj.forward(&o, n)
     }
@@ -184,10 +204,13 @@ impl Mla {
         o
     }
 
-    /// `q_lat(h) = q_nope(h)·W_UK(h)`, attention over the latent cache, `o(h) = o_lat(h)·W_UV(h)ᵀ`.
-    fn attend_absorbed(&self, q: &[f32], t: usize, start: usize, cache: &LatentCache) -> Vec<f32> {
+    /// `q_lat(h) = q_nope(h)·W_UK(h)`, attention over the latent cache, `o(h) = o_lat(h)·W_UV(h)ᵀ`,
+    /// for several sequences at once: `q` holds each segment's `t` rows in order, each segment is
+    /// `(t, start, cache)`; the two weight products run once over all rows.
+    fn attend_absorbed(&self, q: &[f32], segs: &[(usize, usize, &LatentCache)]) -> Vec<f32> {
         let (h, dn, dr, dv, c) = (self.heads, self.dn, self.dr, self.dv, self.c);
         let (dq, dkv) = (dn + dr, dn + dv);
+        let t: usize = segs.iter().map(|s| s.0).sum();
         let w = self.kv_b_proj.weight.view();
         // Per head: [t, C]
         let q_lat_h: Vec<Vec<f32>> = (0..h)
@@ -207,10 +230,24 @@ impl Mla {
                 q_pe[(i * h + hh) * dr..][..dr].copy_from_slice(&q[(i * h + hh) * dq + dn..][..dr]);
             }
         }
-        let visible: Vec<usize> = (0..t).map(|i| start + i + 1).collect();
         let mut o_lat = vec![0f32; t * h * c];
-        let shape = LatentShape { tokens: t, heads: h, latent: c, rope: dr };
-        latent_attention(shape, &q_lat, &q_pe, &cache.c_kv, &cache.k_pe, &visible, self.scale, &mut o_lat);
+        let mut r0 = 0;
+        for &(ts, start, cache) in segs {
+            let visible: Vec<usize> = (0..ts).map(|i| start + i + 1).collect();
+            let shape = LatentShape { tokens: ts, heads: h, latent: c, rope: dr };
+            let rows = r0 * h..(r0 + ts) * h;
+            latent_attention(
+                shape,
+                &q_lat[rows.start * c..rows.end * c],
+                &q_pe[rows.start * dr..rows.end * dr],
+                &cache.c_kv,
+                &cache.k_pe,
+                &visible,
+                self.scale,
+                &mut o_lat[rows.start * c..rows.end * c],
+            );
+            r0 += ts;
+        }
         let o_h: Vec<Vec<f32>> = (0..h)
             .into_par_iter()
             .map(|hh| {
