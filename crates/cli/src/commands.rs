@@ -269,7 +269,7 @@ pub fn demo() -> Result<()> {
     }
     println!(
         "dsv3 demo: trains a tiny DeepSeek-V3 (MLA, DeepSeekMoE with aux-loss-free balancing, MTP) on dsv3's own sources, \
-         then generates from it and benchmarks it (about 5 minutes on 2 cores)"
+         then generates from it and benchmarks it (a minute or two on 2 cores)"
     );
     let d = Defaults::parse_from(["demo", "--out", "runs/demo"]);
     crate::train::run(&d.train)?;
@@ -280,17 +280,21 @@ pub fn demo() -> Result<()> {
 pub fn sample(dir: &Path) -> Result<()> {
     let model = load_model(dir)?;
     let tok = Tokenizer::from_dir(dir)?;
-    let prompt = "pub fn ";
+    let prompt = "fn main() {";
     let ids = tok.encode(prompt, false)?;
-    let mut opts = GenerateOptions {
+    let sampled = GenerateOptions {
         max_new_tokens: 48,
-        sampling: SamplingParams::default(),
+        sampling: SamplingParams { temperature: 0.7, top_p: 0.9, top_k: 0, seed: 0 },
         eos_token_ids: vec![1],
         ignore_eos: false,
         mtp_speculative: 0,
     };
+    let (out, _) = run_generate(&model, &ids, &sampled, |_| {})?;
+    println!("sample (temperature 0.7, top-p 0.9): {prompt}{}", tok.decode(&out, true)?);
+    // Speculative against plain greedy decoding on the same prompt: same tokens, and the
+    // acceptance of the trained MTP module.
+    let mut opts = GenerateOptions { sampling: SamplingParams::default(), ..sampled };
     let (out, plain) = run_generate(&model, &ids, &opts, |_| {})?;
-    println!("sample (greedy): {prompt}{}", tok.decode(&out, true)?);
     if !model.mtp.is_empty() {
         opts.mtp_speculative = 1;
         let (spec_out, spec) = run_generate(&model, &ids, &opts, |_| {})?;
