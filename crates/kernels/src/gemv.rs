@@ -152,133 +152,93 @@ mod avx512 {
         }
     }
 
-    /// `R` rows against `M` tokens with `U` independent accumulator chains each; `out[r·M + t]`.
-    /// Blocks of `block` columns; with `scales`, each block's sum is multiplied by its row's scale
-    /// as it joins the total. Several rows share every activation load (prefill); several chains
-    /// hide the FMA latency when there are few tokens (decode).
+    /// Independent accumulator chains per token. The same at every token count, so a token's sums
+    /// run in the same order alone or beside others: batching (MTP verification, continuous
+    /// batching in a server, prefill chunks) never changes a result. Two chains keep 8 tokens'
+    /// sums and block totals in registers, so each weight is decoded once per 8 tokens.
+    const U: usize = 2;
+
+    /// One row against `M` tokens; `out[t]`. Blocks of `block` columns; with `scales`, each
+    /// block's sum is multiplied by its scale as it joins the total.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn dots<L: Load16, const R: usize, const M: usize, const U: usize>(
-        w: &[L; R],
-        k: usize,
-        block: usize,
-        scales: Option<[&[f32]; R]>,
-        x: *const f32,
-        out: &mut [f32],
-    ) {
-        debug_assert_eq!(out.len(), R * M);
-        let mut total = [[_mm512_setzero_ps(); M]; R];
+    unsafe fn dots<L: Load16, const M: usize>(w: &L, k: usize, block: usize, scales: Option<&[f32]>, x: *const f32, out: &mut [f32]) {
+        debug_assert_eq!(out.len(), M);
+        let mut total = [_mm512_setzero_ps(); M];
         let (mut c0, mut b) = (0, 0);
         while c0 < k {
             let c1 = (c0 + block).min(k);
-            let mut acc = [[[_mm512_setzero_ps(); M]; R]; U];
+            let mut acc = [[_mm512_setzero_ps(); M]; U];
             let mut i = c0;
             while i + 16 * U <= c1 {
                 for (u, acc) in acc.iter_mut().enumerate() {
-                    let mut wv = [_mm512_setzero_ps(); R];
-                    for (v, w) in wv.iter_mut().zip(w) {
-                        *v = w.load(i + 16 * u);
-                    }
-                    for t in 0..M {
-                        let xv = _mm512_loadu_ps(x.add(t * k + i + 16 * u));
-                        for (a, v) in acc.iter_mut().zip(&wv) {
-                            a[t] = _mm512_fmadd_ps(xv, *v, a[t]);
-                        }
+                    let wv = w.load(i + 16 * u);
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(t * k + i + 16 * u)), wv, *a);
                     }
                 }
                 i += 16 * U;
             }
             while i < c1 {
                 let n = (c1 - i).min(16);
-                let mut wv = [_mm512_setzero_ps(); R];
-                for (v, w) in wv.iter_mut().zip(w) {
-                    *v = if n == 16 { w.load(i) } else { w.load_tail(i, n) };
-                }
-                for t in 0..M {
-                    let xv = _mm512_maskz_loadu_ps(mask(n), x.add(t * k + i));
-                    for (a, v) in acc[0].iter_mut().zip(&wv) {
-                        a[t] = _mm512_fmadd_ps(xv, *v, a[t]);
-                    }
+                let wv = if n == 16 { w.load(i) } else { w.load_tail(i, n) };
+                for (t, a) in acc[0].iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask(n), x.add(t * k + i)), wv, *a);
                 }
                 i += n;
             }
-            for r in 0..R {
-                for t in 0..M {
-                    let mut s = acc[0][r][t];
-                    for a in &acc[1..] {
-                        s = _mm512_add_ps(s, a[r][t]);
-                    }
-                    total[r][t] = match scales {
-                        Some(sc) => _mm512_fmadd_ps(s, _mm512_set1_ps(sc[r][b]), total[r][t]),
-                        None => _mm512_add_ps(total[r][t], s),
-                    };
-                }
+            for (t, tot) in total.iter_mut().enumerate() {
+                let s = acc[1..].iter().fold(acc[0][t], |s, a| _mm512_add_ps(s, a[t]));
+                *tot = match scales {
+                    Some(sc) => _mm512_fmadd_ps(s, _mm512_set1_ps(sc[b]), *tot),
+                    None => _mm512_add_ps(*tot, s),
+                };
             }
             c0 = c1;
             b += 1;
         }
-        for (o, t) in out.iter_mut().zip(total.iter().flatten()) {
-            *o = _mm512_reduce_add_ps(*t);
+        for (o, t) in out.iter_mut().zip(total) {
+            *o = _mm512_reduce_add_ps(t);
         }
     }
 
-    /// Every row of `rows` against `M` tokens, `R` rows at a time (then one at a time).
+    /// Every row of `rows` against `M` tokens.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn rows_m<const R: usize, const M: usize, const U: usize>(w: &MatRef, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
+    unsafe fn rows_m<const M: usize>(w: &MatRef, rows: Range<usize>, x: &[f32], out: &mut [f32]) {
         let (k, xp) = (w.cols(), x.as_ptr());
-        let (mut r, mut o) = (rows.start, 0);
-        while r < rows.end {
-            let step = if r + R <= rows.end { R } else { 1 };
-            let out = &mut out[o..o + step * M];
-            match *w {
-                MatRef::F32 { data, .. } => {
-                    let row = |j: usize| F32s(data.as_ptr().add((r + j) * k));
-                    if step == R {
-                        dots::<_, R, M, U>(&std::array::from_fn(row), k, k.max(1), None, xp, out);
-                    } else {
-                        dots::<_, 1, M, U>(&[row(0)], k, k.max(1), None, xp, out);
-                    }
-                }
-                MatRef::Bf16 { data, .. } => {
-                    let row = |j: usize| Bf16s(data.as_ptr().add(2 * (r + j) * k));
-                    if step == R {
-                        dots::<_, R, M, U>(&std::array::from_fn(row), k, k.max(1), None, xp, out);
-                    } else {
-                        dots::<_, 1, M, U>(&[row(0)], k, k.max(1), None, xp, out);
-                    }
-                }
-                MatRef::Fp8 { data, scale_inv, block, .. } => {
-                    let nb = k.div_ceil(block[1]);
-                    let row = |j: usize| Fp8s(data.as_ptr().add((r + j) * k));
-                    let sc = |j: usize| &scale_inv[((r + j) / block[0]) * nb..][..nb];
-                    if step == R {
-                        let (ws, ss) = (std::array::from_fn(row), std::array::from_fn(sc));
-                        dots::<_, R, M, U>(&ws, k, block[1], Some(ss), xp, out);
-                    } else {
-                        dots::<_, 1, M, U>(&[row(0)], k, block[1], Some([sc(0)]), xp, out);
-                    }
+        let outs = out.chunks_exact_mut(M);
+        match *w {
+            MatRef::F32 { data, .. } => {
+                for (r, o) in rows.zip(outs) {
+                    dots::<_, M>(&F32s(data.as_ptr().add(r * k)), k, k.max(1), None, xp, o);
                 }
             }
-            r += step;
-            o += step * M;
+            MatRef::Bf16 { data, .. } => {
+                for (r, o) in rows.zip(outs) {
+                    dots::<_, M>(&Bf16s(data.as_ptr().add(2 * r * k)), k, k.max(1), None, xp, o);
+                }
+            }
+            MatRef::Fp8 { data, scale_inv, block, .. } => {
+                let nb = k.div_ceil(block[1]);
+                for (r, o) in rows.zip(outs) {
+                    let scales = &scale_inv[(r / block[0]) * nb..][..nb];
+                    dots::<_, M>(&Fp8s(data.as_ptr().add(r * k)), k, block[1], Some(scales), xp, o);
+                }
+            }
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn rows_dots(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, out: &mut [f32]) {
-        // Two accumulator chains per token whatever the token count, so a token's sums run in
-        // the same order alone or beside others: batching (MTP verification, continuous batching
-        // in a server, prefill chunks) never changes a result. Two chains keep 8 tokens' sums and
-        // block totals in registers, so each weight is decoded once per 8 tokens.
         match m {
-            1 => rows_m::<1, 1, 2>(w, rows, x, out),
-            2 => rows_m::<1, 2, 2>(w, rows, x, out),
-            3 => rows_m::<1, 3, 2>(w, rows, x, out),
-            4 => rows_m::<1, 4, 2>(w, rows, x, out),
-            5 => rows_m::<1, 5, 2>(w, rows, x, out),
-            6 => rows_m::<1, 6, 2>(w, rows, x, out),
-            7 => rows_m::<1, 7, 2>(w, rows, x, out),
-            8 => rows_m::<1, 8, 2>(w, rows, x, out),
+            1 => rows_m::<1>(w, rows, x, out),
+            2 => rows_m::<2>(w, rows, x, out),
+            3 => rows_m::<3>(w, rows, x, out),
+            4 => rows_m::<4>(w, rows, x, out),
+            5 => rows_m::<5>(w, rows, x, out),
+            6 => rows_m::<6>(w, rows, x, out),
+            7 => rows_m::<7>(w, rows, x, out),
+            8 => rows_m::<8>(w, rows, x, out),
             _ => {}
         }
     }
