@@ -97,6 +97,33 @@ pub fn reference(a: Strided, b: &[f32], rows: usize, cols: usize, depth: usize) 
     c
 }
 
+/// The 8×32 blocking both AVX-512 bodies share: column panels of 32 outermost, then blocks of up
+/// to 8 rows, each dispatched to `$block::<MR>(…, r, q, …)`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! panels {
+    ($n:expr, $cols:expr, |$r:ident, $q:ident| $block:ident($($pre:expr),*; $($post:expr),*)) => {{
+        let mut $q = 0;
+        while $q < $cols {
+            let mut $r = 0;
+            while $r < $n {
+                let mr = ($n - $r).min(8);
+                match mr {
+                    8 => $block::<8>($($pre),*, $r, $q, $($post),*),
+                    7 => $block::<7>($($pre),*, $r, $q, $($post),*),
+                    6 => $block::<6>($($pre),*, $r, $q, $($post),*),
+                    5 => $block::<5>($($pre),*, $r, $q, $($post),*),
+                    4 => $block::<4>($($pre),*, $r, $q, $($post),*),
+                    3 => $block::<3>($($pre),*, $r, $q, $($post),*),
+                    2 => $block::<2>($($pre),*, $r, $q, $($post),*),
+                    _ => $block::<1>($($pre),*, $r, $q, $($post),*),
+                }
+                $r += mr;
+            }
+            $q += 32;
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::Strided;
@@ -110,25 +137,7 @@ mod avx512 {
     /// (`depth × 32`) stays in cache across all the row blocks.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn band(a: Strided, b: &[f32], c: &mut [f32], p0: usize, n: usize, cols: usize, depth: usize) {
-        let mut q = 0;
-        while q < cols {
-            let mut r = 0;
-            while r < n {
-                let mr = (n - r).min(8);
-                match mr {
-                    8 => block::<8>(a, b, c, p0, r, q, cols, depth),
-                    7 => block::<7>(a, b, c, p0, r, q, cols, depth),
-                    6 => block::<6>(a, b, c, p0, r, q, cols, depth),
-                    5 => block::<5>(a, b, c, p0, r, q, cols, depth),
-                    4 => block::<4>(a, b, c, p0, r, q, cols, depth),
-                    3 => block::<3>(a, b, c, p0, r, q, cols, depth),
-                    2 => block::<2>(a, b, c, p0, r, q, cols, depth),
-                    _ => block::<1>(a, b, c, p0, r, q, cols, depth),
-                }
-                r += mr;
-            }
-            q += 32;
-        }
+        panels!(n, cols, |r, q| block(a, b, c, p0; cols, depth));
     }
 
     /// `MR` rows (local row `r`) × columns `q..q+32` (masked at the edge).
@@ -261,25 +270,7 @@ mod bf16 {
     /// `at = (first row, row stride, pair stride)` of the packed A.
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn band(ap: &[u32], at: (usize, usize, usize), bp: &[u32], c: &mut [f32], n: usize, cols: usize, d2: usize) {
-        let mut q = 0;
-        while q < cols {
-            let mut r = 0;
-            while r < n {
-                let mr = (n - r).min(8);
-                match mr {
-                    8 => block::<8>(ap, at, bp, c, r, q, cols, d2),
-                    7 => block::<7>(ap, at, bp, c, r, q, cols, d2),
-                    6 => block::<6>(ap, at, bp, c, r, q, cols, d2),
-                    5 => block::<5>(ap, at, bp, c, r, q, cols, d2),
-                    4 => block::<4>(ap, at, bp, c, r, q, cols, d2),
-                    3 => block::<3>(ap, at, bp, c, r, q, cols, d2),
-                    2 => block::<2>(ap, at, bp, c, r, q, cols, d2),
-                    _ => block::<1>(ap, at, bp, c, r, q, cols, d2),
-                }
-                r += mr;
-            }
-            q += 32;
-        }
+        panels!(n, cols, |r, q| block(ap, at, bp, c; cols, d2));
     }
 
     #[inline]
