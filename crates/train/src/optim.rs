@@ -68,9 +68,7 @@ impl Optimizer {
     /// Clips `grads`, then updates every parameter (one without a gradient entry had gradient 0).
     pub fn update(&mut self, cfg: &OptimConfig, params: ParamsMut, grads: &mut Grads) -> UpdateInfo {
         // On a pool thread: the parallel loop below then forks instead of being injected.
-        let mut out = UpdateInfo::default();
-        rayon::scope(|_| out = self.update_on_pool(cfg, params, grads));
-        out
+        dsv3_model::model::on_pool(|| self.update_on_pool(cfg, params, grads))
     }
 
     fn update_on_pool(&mut self, cfg: &OptimConfig, params: ParamsMut, grads: &mut Grads) -> UpdateInfo {
