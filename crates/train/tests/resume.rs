@@ -17,7 +17,15 @@ fn tiny_args(out: PathBuf, steps: u64) -> TrainArgs {
         "norm_topk_prob": true, "max_position_embeddings": 256, "tie_word_embeddings": false
     });
     std::fs::write(&cfg, c.to_string()).unwrap();
+    // A corpus of its own: the built-in one is the repository's text and changes with every commit.
+    let data = out.with_extension("corpus");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..40 {
+        let text: String = (0..30).map(|j| format!("fn f{i}_{j}(x: u32) -> u32 {{ x * {j} + {i} }}\n")).collect();
+        std::fs::write(data.join(format!("d{i}.rs")), text).unwrap();
+    }
     TrainArgs {
+        data: vec![data],
         config: Some(cfg),
         vocab_size: 300,
         steps,
