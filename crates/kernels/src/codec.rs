@@ -56,32 +56,10 @@ pub fn fp8_e4m3_to_f32(b: u8) -> f32 {
     }
 }
 
-/// f32 → FP8 E4M3FN byte, round to nearest even, saturating at ±448 (as torch's cast of values
-/// already clamped to the range, which is how checkpoints are made).
+/// f32 → FP8 E4M3FN byte, round to nearest even, saturating at ±448 (see [`crate::formats`]).
+#[inline]
 pub fn f32_to_fp8_e4m3(x: f32) -> u8 {
-    if x.is_nan() {
-        return 0x7f;
-    }
-    let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
-    let a = x.abs().min(FP8_E4M3_MAX);
-    // Codes 0..=0x7e are monotonic in value; find the nearest, ties to the even code (even
-    // mantissa).
-    let (mut lo, mut hi) = (0u8, 0x7eu8);
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if fp8_e4m3_to_f32(mid) <= a {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    let (vl, vh) = (fp8_e4m3_to_f32(lo), fp8_e4m3_to_f32(hi));
-    let code = if a - vl < vh - a || (a - vl == vh - a && lo % 2 == 0) || a < vl {
-        lo
-    } else {
-        hi
-    };
-    sign | code
+    crate::formats::E4M3.encode(x)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 pub mod attention;
 pub mod codec;
 pub mod dot;
+pub mod formats;
 pub mod gemm;
 pub mod gemv;
 pub mod matmul;
