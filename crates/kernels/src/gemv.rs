@@ -10,6 +10,7 @@
 
 use crate::dot;
 use crate::matrix::MatRef;
+use crate::quant::fp4_element;
 use std::ops::Range;
 
 /// Most tokens one call handles (the register budget of the AVX-512 body).
@@ -45,6 +46,9 @@ pub fn rows_dots(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, out: &mut 
                     let scales = &scale_inv[(r / block[0]) * nb..][..nb];
                     let chunks = xt.chunks(block[1]).zip(data[r * k..][..k].chunks(block[1]));
                     chunks.zip(scales).map(|((xb, wb), s)| dot::dot_fp8(xb, wb) * s).sum()
+                }
+                MatRef::Fp4 { data, scales, tensor_scale, kind, .. } => {
+                    (0..k).map(|c| xt[c] * fp4_element(data, scales, tensor_scale, k, kind, r, c)).sum()
                 }
             };
         }
@@ -89,6 +93,8 @@ mod avx512 {
     struct F32s(*const f32);
     struct Bf16s(*const u8);
     struct Fp8s(*const u8);
+    /// Packed E2M1 codes and the 16 values they stand for.
+    struct Fp4s(*const u8, __m512);
 
     #[inline]
     fn mask(n: usize) -> u16 {
@@ -149,6 +155,32 @@ mod avx512 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         unsafe fn load_tail(&self, i: usize, n: usize) -> __m512 {
             widen_fp8(_mm_maskz_loadu_epi8(mask(n), self.0.add(i) as *const i8))
+        }
+    }
+
+    /// 8 bytes of E2M1 pairs → 16 values: bytes widened to u16 lanes `lo | hi << 8` are the 16
+    /// nibbles in order, which index the value table with one permute.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn widen_fp4(b: __m128i, lut: __m512) -> __m512 {
+        let w = _mm_cvtepu8_epi16(b);
+        let lo = _mm_and_si128(w, _mm_set1_epi16(0x0f));
+        let hi = _mm_slli_epi16(_mm_srli_epi16(w, 4), 8);
+        _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_or_si128(lo, hi)), lut)
+    }
+
+    impl Load16 for Fp4s {
+        // Columns `i` are multiples of 16 (blocks are 16 or 32 wide), so byte `i/2` starts a pair.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn load(&self, i: usize) -> __m512 {
+            widen_fp4(_mm_loadl_epi64(self.0.add(i / 2) as *const __m128i), self.1)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn load_tail(&self, i: usize, n: usize) -> __m512 {
+            let b = _mm_maskz_loadu_epi8(mask(n.div_ceil(2)), self.0.add(i / 2) as *const i8);
+            _mm512_maskz_mov_ps(mask(n), widen_fp4(b, self.1))
         }
     }
 
@@ -225,6 +257,18 @@ mod avx512 {
                     dots::<_, M>(&Fp8s(data.as_ptr().add(r * k)), k, block[1], Some(scales), xp, o);
                 }
             }
+            MatRef::Fp4 { data, scales, tensor_scale, kind, .. } => {
+                let (bs, nb) = (kind.block(), k.div_ceil(kind.block()));
+                let table = crate::formats::E2M1.table();
+                let lut = _mm512_loadu_ps(table.as_ptr());
+                let mut row_scales = vec![0f32; nb];
+                for (r, o) in rows.zip(outs) {
+                    for (s, &c) in row_scales.iter_mut().zip(&scales[r * nb..(r + 1) * nb]) {
+                        *s = kind.scale(c, tensor_scale);
+                    }
+                    dots::<_, M>(&Fp4s(data.as_ptr().add(r * k.div_ceil(2)), lut), k, bs, Some(&row_scales), xp, o);
+                }
+            }
         }
     }
 
@@ -248,6 +292,7 @@ mod avx512 {
 mod tests {
     use super::*;
     use crate::codec::f32_to_bf16;
+    use crate::quant::{Fp4Blocks, Fp4Kind};
     use rand::{Rng, SeedableRng};
 
     #[test]
@@ -268,7 +313,11 @@ mod tests {
                 let ns = rows.div_ceil(block[0]) * k.div_ceil(block[1]);
                 let scale_inv: Vec<f32> = (0..ns).map(|_| rng.gen_range(0.001..2.0)).collect();
                 let fp8 = |data| MatRef::Fp8 { data, scale_inv: &scale_inv, rows, cols: k, block };
+                let (nv, nv_abs) = (Fp4Blocks::quantize(&wf, rows, k, Fp4Kind::Nv), Fp4Blocks::quantize(&wf_abs, rows, k, Fp4Kind::Nv));
+                let (mx, mx_abs) = (Fp4Blocks::quantize(&wf, rows, k, Fp4Kind::Mx), Fp4Blocks::quantize(&wf_abs, rows, k, Fp4Kind::Mx));
                 let mats = [
+                    (nv.view(), nv_abs.view()),
+                    (mx.view(), mx_abs.view()),
                     (MatRef::F32 { data: &wf, rows, cols: k }, MatRef::F32 { data: &wf_abs, rows, cols: k }),
                     (MatRef::Bf16 { data: &wb, rows, cols: k }, MatRef::Bf16 { data: &wb_abs, rows, cols: k }),
                     (fp8(&w8), fp8(&w8_abs)),

@@ -15,5 +15,6 @@ pub mod gemm;
 pub mod gemv;
 pub mod matmul;
 pub mod matrix;
+pub mod quant;
 
 pub use matrix::{MatRef, WeightFormat};

@@ -2,6 +2,7 @@
 //! format.
 
 use crate::dot;
+use crate::quant::{fp4_element, Fp4Kind};
 
 /// Storage format of a weight matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -10,6 +11,8 @@ pub enum WeightFormat {
     Bf16,
     /// FP8 E4M3FN with an f32 multiplier per `[block_rows, block_cols]` block.
     Fp8,
+    /// FP4 E2M1 packed two per byte, with block scales ([`Fp4Kind`]).
+    Fp4(Fp4Kind),
 }
 
 /// A weight matrix viewed in place: f32 values, bf16 little-endian bytes, or FP8 bytes with their
@@ -19,18 +22,20 @@ pub enum MatRef<'a> {
     F32 { data: &'a [f32], rows: usize, cols: usize },
     Bf16 { data: &'a [u8], rows: usize, cols: usize },
     Fp8 { data: &'a [u8], scale_inv: &'a [f32], rows: usize, cols: usize, block: [usize; 2] },
+    /// `data` is `[rows, ceil(cols/2)]` bytes, `scales` `[rows, ceil(cols/kind.block())]` codes.
+    Fp4 { data: &'a [u8], scales: &'a [u8], tensor_scale: f32, rows: usize, cols: usize, kind: Fp4Kind },
 }
 
 impl<'a> MatRef<'a> {
     pub fn rows(&self) -> usize {
         match *self {
-            MatRef::F32 { rows, .. } | MatRef::Bf16 { rows, .. } | MatRef::Fp8 { rows, .. } => rows,
+            MatRef::F32 { rows, .. } | MatRef::Bf16 { rows, .. } | MatRef::Fp8 { rows, .. } | MatRef::Fp4 { rows, .. } => rows,
         }
     }
 
     pub fn cols(&self) -> usize {
         match *self {
-            MatRef::F32 { cols, .. } | MatRef::Bf16 { cols, .. } | MatRef::Fp8 { cols, .. } => cols,
+            MatRef::F32 { cols, .. } | MatRef::Bf16 { cols, .. } | MatRef::Fp8 { cols, .. } | MatRef::Fp4 { cols, .. } => cols,
         }
     }
 
@@ -39,6 +44,7 @@ impl<'a> MatRef<'a> {
             MatRef::F32 { .. } => WeightFormat::F32,
             MatRef::Bf16 { .. } => WeightFormat::Bf16,
             MatRef::Fp8 { .. } => WeightFormat::Fp8,
+            MatRef::Fp4 { kind, .. } => WeightFormat::Fp4(*kind),
         }
     }
 
@@ -60,6 +66,13 @@ impl<'a> MatRef<'a> {
                 }
                 (data.len(), rows * cols)
             }
+            MatRef::Fp4 { data, scales, rows, cols, kind, .. } => {
+                let want_s = rows * cols.div_ceil(kind.block());
+                if scales.len() != want_s {
+                    return Err(format!("FP4 [{rows},{cols}] needs {want_s} block scales, found {}", scales.len()));
+                }
+                (data.len(), rows * cols.div_ceil(2))
+            }
         };
         if have != want {
             return Err(format!("weight data has {have} bytes/values, shape needs {want}"));
@@ -73,6 +86,7 @@ impl<'a> MatRef<'a> {
             MatRef::F32 { data, .. } => data.len() * 4,
             MatRef::Bf16 { data, .. } => data.len(),
             MatRef::Fp8 { data, scale_inv, .. } => data.len() + scale_inv.len() * 4,
+            MatRef::Fp4 { data, scales, .. } => data.len() + scales.len(),
         }
     }
 
@@ -112,6 +126,11 @@ impl<'a> MatRef<'a> {
                     let end = ((c / block[1] + 1) * block[1]).min(c0 + n);
                     dot::axpy_fp8(&mut y[c - c0..end - c0], a * srow[c / block[1]], &row[c..end]);
                     c = end;
+                }
+            }
+            MatRef::Fp4 { data, scales, tensor_scale, cols, kind, .. } => {
+                for (j, y) in y.iter_mut().enumerate() {
+                    *y += a * fp4_element(data, scales, tensor_scale, cols, kind, r, c0 + j);
                 }
             }
         }
