@@ -39,6 +39,13 @@ pub struct Strided<'a> {
 /// `c[p, q] += Σ_s A(s, p)·b[s, q]` for `p < rows`, `q < cols`, `s < depth`; `b` is `[depth, cols]`
 /// and `c` is `[rows, cols]`, both row-major.
 pub fn gemm_acc(a: Strided, b: &[f32], c: &mut [f32], rows: usize, cols: usize, depth: usize) {
+    gemm_acc_with(a, b, c, rows, cols, depth, BF16.load(Ordering::Relaxed));
+}
+
+/// [`gemm_acc`] with the input precision chosen by the caller rather than [`set_bf16`]: `bf16`
+/// rounds the inputs to bf16 where the CPU has AVX512-BF16, which is exact for inputs that are
+/// already bf16 values (FP8 codes are).
+pub fn gemm_acc_with(a: Strided, b: &[f32], c: &mut [f32], rows: usize, cols: usize, depth: usize, bf16: bool) {
     assert!(b.len() >= depth * cols && c.len() >= rows * cols, "gemm_acc shape mismatch");
     if rows == 0 || cols == 0 || depth == 0 {
         return;
@@ -46,8 +53,8 @@ pub fn gemm_acc(a: Strided, b: &[f32], c: &mut [f32], rows: usize, cols: usize, 
     let last = (depth - 1) * a.a_s + (rows - 1) * a.a_p;
     assert!(last < a.a.len(), "gemm_acc: A is too short");
     #[cfg(target_arch = "x86_64")]
-    if BF16.load(Ordering::Relaxed) {
-        // SAFETY: set_bf16 enabled this only where the CPU has AVX512-BF16; shapes checked above.
+    if bf16 && bf16_available() {
+        // SAFETY: the CPU has AVX512-BF16 (checked); shapes checked above.
         unsafe { bf16::gemm_acc(a, b, c, rows, cols, depth) };
         return;
     }

@@ -11,6 +11,7 @@ pub mod attention;
 pub mod codec;
 pub mod dot;
 pub mod formats;
+pub mod fp8_gemm;
 pub mod gemm;
 pub mod gemv;
 pub mod matmul;
