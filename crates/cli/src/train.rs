@@ -51,7 +51,9 @@ pub struct TrainCli {
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
     /// Inputs of the matrix products: bf16 (f32 accumulation; on CPUs with AVX512-BF16, else
-    /// f32) or f32. Master weights, gradients and optimizer moments are f32 either way.
+    /// f32), f32, fp8 (every Linear's three GEMMs on E4M3 with 1×128/128×128 scaling and
+    /// promotion, the rest bf16) or fp8-block-dgrad (fp8 with Dgrad's gradient in 128×128
+    /// blocks). Master weights, gradients and optimizer moments are f32 always.
     #[arg(long, default_value = "bf16")]
     pub precision: String,
     #[arg(long, default_value_t = 0)]
@@ -125,7 +127,9 @@ impl TrainCli {
         let precision = match self.precision.as_str() {
             "bf16" => Precision::Bf16,
             "f32" => Precision::F32,
-            p => anyhow::bail!("--precision {p}: bf16 or f32"),
+            "fp8" => Precision::Fp8,
+            "fp8-block-dgrad" => Precision::Fp8BlockDgrad,
+            p => anyhow::bail!("--precision {p}: bf16, f32, fp8 or fp8-block-dgrad"),
         };
         let balance = match self.balance.as_str() {
             "aux-free" => BalanceMode::AuxFree,

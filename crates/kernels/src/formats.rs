@@ -77,14 +77,21 @@ impl MiniFloat {
             return self.nan_code.map_or(0, |c| c | sign);
         }
         let a = x.abs().min(self.max());
-        // The quantum of `a`'s binade (the subnormal quantum below the smallest normal exponent);
-        // dividing by a power of two is exact, so one f32 rounding is the format's rounding.
-        let min_exp = 1 - self.bias;
-        let e = ((a.to_bits() >> 23) as i32 - 127).max(min_exp);
-        let q = (a / pow2(e - self.man_bits as i32)).round_ties_even() as u32;
-        // q ∈ [2^m, 2^(m+1)] for normals ([0, 2^m] for subnormals); a carry to 2^(m+1) lands on the
-        // next exponent's zero mantissa by plain addition.
-        let code = (((e - min_exp) as u32) << self.man_bits) + q;
+        let min_normal = pow2(1 - self.bias);
+        let code = if a >= min_normal {
+            // Round f32's mantissa to `man_bits` in the integer domain, ties to even (a carry moves
+            // into the exponent, which is the next code), then rebias the exponent.
+            let shift = 23 - self.man_bits;
+            let b = a.to_bits();
+            let r = b + ((1 << (shift - 1)) - 1) + ((b >> shift) & 1);
+            (r >> shift) - (((127 - self.bias) as u32) << self.man_bits)
+        } else {
+            // Subnormal quanta: scale to units of the smallest subnormal; adding 2²³ makes the
+            // FPU round to an integer (nearest even) — the code itself (the smallest normal's
+            // code when it rounds up to it).
+            let q = a * pow2(self.bias - 1 + self.man_bits as i32) + 8_388_608.0;
+            q.to_bits() - 0x4b00_0000
+        };
         code as u8 | sign
     }
 

@@ -2,8 +2,9 @@
 //!
 //! `D[m, n] = Σ_kb sa[m, kb]·sb[n/br, kb]·Σ_{k ∈ kb} qa[m, k]·qb[n, k]`
 //!
-//! with `A [M, K]` in 1×T tiles and `B [N, K]` in br×T blocks (T = 128, br = 128 for weights or 1
-//! for Wgrad's second operand). Each K block's products are summed in a fresh f32 tile and promoted
+//! with `A [M, K]` in ar×T tiles and `B [N, K]` in br×T blocks (T = 128; A: ar = 1, the report's
+//! activation tiles, or 128 for its Dgrad experiment; B: br = 128 for weights or 1 for Wgrad's
+//! second operand). `sa[m, kb]` stands for `sa[m/ar, kb]`. Each K block's products are summed in a fresh f32 tile and promoted
 //! into the f32 result with the two scales at the block's end: the report's "promotion to CUDA
 //! cores every N_C = 128". The per-block product of codes runs on [`gemm_acc_with`] with bf16
 //! inputs, which is exact for E4M3 values (4 significant bits in bf16's 8), so only the f32
@@ -19,8 +20,8 @@ use rayon::prelude::*;
 
 fn check(a: &Fp8Blocks, b: &Fp8Blocks) {
     assert!(
-        a.cols == b.cols && a.block[0] == 1 && a.block[1] == b.block[1],
-        "fp8 gemm: A must be [M, K] in 1×T tiles and B [N, K] with the same T (A {:?} {}x{}, B {:?} {}x{})",
+        a.cols == b.cols && a.block[1] == b.block[1],
+        "fp8 gemm: A [M, K] and B [N, K] need the same K and K tile (A {:?} {}x{}, B {:?} {}x{})",
         a.block,
         a.rows,
         a.cols,
@@ -75,7 +76,7 @@ pub fn gemm_nt(a: &Fp8Blocks, b: &Fp8Blocks) -> Vec<f32> {
             gemm_acc_with(ab, &bv[k0 * n..(k0 + kt) * n], tile, rows, n, kt, true);
             let sb = &sb[kb * n..(kb + 1) * n];
             dband.par_chunks_mut(n).zip(tile.par_chunks(n)).enumerate().for_each(|(r, (drow, trow))| {
-                let sa = a.scales[(p0 + r) * nb + kb];
+                let sa = a.scales[((p0 + r) / a.block[0]) * nb + kb];
                 for ((dv, &tv), &s) in drow.iter_mut().zip(trow).zip(sb) {
                     *dv += sa * s * tv;
                 }
@@ -89,6 +90,7 @@ pub fn gemm_nt(a: &Fp8Blocks, b: &Fp8Blocks) -> Vec<f32> {
 /// `m_indices` (−1: no expert, output row 0), each expert with its own `B [N, K]`.
 pub fn grouped_gemm_nt(a: &Fp8Blocks, m_indices: &[i32], bs: &[Fp8Blocks]) -> Vec<f32> {
     assert_eq!(m_indices.len(), a.rows, "grouped gemm: one index per row");
+    assert_eq!(a.block[0], 1, "grouped gemm: A in 1×T tiles (rows move between experts)");
     let n = bs.first().map_or(0, |b| b.rows);
     assert!(bs.iter().all(|b| b.rows == n), "grouped gemm: every expert's B has N rows");
     let (k, nb) = (a.cols, a.cols.div_ceil(a.block[1]));
@@ -144,7 +146,7 @@ pub mod reference {
     pub fn gemm_nt(a: &Fp8Blocks, b: &Fp8Blocks, acc: Accumulator) -> Vec<f32> {
         super::check(a, b);
         let (m, n, k, t, br) = (a.rows, b.rows, a.cols, a.block[1], b.block[0]);
-        let nb = k.div_ceil(t);
+    let nb = k.div_ceil(t);
         let mut d = vec![0f32; m * n];
         for p in 0..m {
             for q in 0..n {
@@ -159,7 +161,7 @@ pub mod reference {
                             idx.chunks(group).fold(0f64, |s, g| truncate(s + g.iter().map(|&i| prod(i)).sum::<f64>(), bits))
                         }
                     };
-                    total += a.scales[p * nb + kb] as f64 * b.scales[(q / br) * nb + kb] as f64 * sum;
+                    total += a.scales[(p / a.block[0]) * nb + kb] as f64 * b.scales[(q / br) * nb + kb] as f64 * sum;
                 }
                 d[p * n + q] = total as f32;
             }
@@ -182,8 +184,8 @@ mod tests {
     #[test]
     fn gemm_matches_the_exact_reference_on_ragged_shapes() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
-        for (m, n, k, br) in [(1, 1, 1, 128), (3, 5, 129, 128), (17, 130, 300, 128), (40, 33, 256, 1), (9, 260, 128, 128)] {
-            let a = Fp8Blocks::quantize(&random(m * k, &mut rng), m, k, [1, 128], ScaleFmt::F32);
+        for (m, n, k, ar, br) in [(1, 1, 1, 1, 128), (3, 5, 129, 1, 128), (17, 130, 300, 1, 128), (40, 33, 256, 1, 1), (9, 260, 128, 1, 128), (300, 20, 140, 128, 128)] {
+            let a = Fp8Blocks::quantize(&random(m * k, &mut rng), m, k, [ar, 128], ScaleFmt::F32);
             let b = Fp8Blocks::quantize(&random(n * k, &mut rng), n, k, [br, 128], ScaleFmt::F32);
             let got = gemm_nt(&a, &b);
             let want = reference::gemm_nt(&a, &b, Accumulator::Exact);

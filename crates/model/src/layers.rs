@@ -28,6 +28,9 @@ impl Linear {
     /// Several `Linear`s, each on its own `[m, in]` input, as one parallel job (decode-time
     /// matrices are small; waking the threads once for all of them is cheaper).
     pub fn forward_many(calls: &[(&Linear, &[f32], usize)]) -> Vec<Vec<f32>> {
+        if let Some(r) = crate::grad::fp8::recipe() {
+            return calls.iter().map(|&(l, x, m)| crate::grad::fp8::forward(r, &l.weight, x, m)).collect();
+        }
         let mut ys: Vec<Vec<f32>> = calls.iter().map(|(l, _, m)| vec![0f32; m * l.weight.rows]).collect();
         let mut jobs: Vec<NtJob> = calls
             .iter()

@@ -1,6 +1,7 @@
 //! The training loop: data → `DeepseekV3::train_step` (LM + MTP + balance losses, backward) →
 //! clip + AdamW → aux-loss-free bias update → metrics, validation and checkpoints.
 
+use dsv3_model::grad::fp8::with_recipe;
 use crate::balance::{max_vio, update_biases};
 use crate::checkpoint::{self, TrainState};
 use crate::data::{self, Loader, LoaderState, Split};
@@ -43,6 +44,24 @@ pub enum Precision {
     /// bf16 inputs, f32 accumulation, where the CPU has AVX512-BF16 (f32 elsewhere).
     #[default]
     Bf16,
+    /// The report's FP8 recipe: every `Linear`'s Fprop, Dgrad and Wgrad on E4M3 inputs (1×128
+    /// activation and gradient tiles, 128×128 weight blocks) with promotion; the rest as `Bf16`.
+    Fp8,
+    /// `Fp8` with Dgrad's output gradient in 128×128 blocks: the variant of the report's App. B.2.
+    #[serde(rename = "fp8-block-dgrad")]
+    Fp8BlockDgrad,
+}
+
+impl Precision {
+    /// The FP8 recipe of `Linear` GEMMs, if this precision has one.
+    pub fn fp8_recipe(self) -> Option<dsv3_model::grad::fp8::Fp8Recipe> {
+        use dsv3_model::grad::fp8::Fp8Recipe;
+        match self {
+            Precision::F32 | Precision::Bf16 => None,
+            Precision::Fp8 => Some(Fp8Recipe::default()),
+            Precision::Fp8BlockDgrad => Some(Fp8Recipe { dgrad_block: [128, 128], ..Fp8Recipe::default() }),
+        }
+    }
 }
 
 /// Everything a run is made of (saved in its checkpoints; a resume continues with these).
@@ -253,7 +272,7 @@ fn evaluate(model: &DeepseekV3, val: &Split, args: &TrainArgs, w: LossWeights) -
     for i in (0..n).step_by(args.batch_size) {
         let b = args.batch_size.min(n - i);
         let tokens: Vec<u32> = (i..i + b).flat_map(|j| val.window(j).iter().copied()).collect();
-        let r = model.train_step(&tokens, b, args.seq_len, w, None)?;
+        let r = with_recipe(args.precision.fp8_recipe(), || model.train_step(&tokens, b, args.seq_len, w, None))?;
         loss += r.lm_loss * b as f64;
         if let Some(t) = r.mtp_top1 {
             top1 += t * b as f64;
@@ -299,7 +318,8 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         }
     };
     let args = state.args.clone();
-    dsv3_kernels::gemm::set_bf16(args.precision == Precision::Bf16);
+    dsv3_kernels::gemm::set_bf16(args.precision != Precision::F32);
+    let fp8 = args.precision.fp8_recipe();
     if args.seq_len == 0 || args.batch_size == 0 {
         bail!("--seq-len and --batch-size must be positive");
     }
@@ -336,7 +356,7 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         let w = loss_weights(&args, step);
         let tokens = loader.next_batch(&train, args.batch_size);
         grads.zero();
-        let report = model.train_step(&tokens, args.batch_size, args.seq_len, w, Some(&mut grads))?;
+        let report = with_recipe(fp8, || model.train_step(&tokens, args.batch_size, args.seq_len, w, Some(&mut grads)))?;
         if !report.loss.is_finite() {
             bail!("step {step}: the loss is {} (lower --lr?); the last checkpoint is intact", report.loss);
         }

@@ -10,6 +10,9 @@ impl Linear {
     /// gradient and returns `dx = dy·W`.
     pub fn backward(&self, name: &str, x: &[f32], dy: &[f32], m: usize, g: &mut Grads) -> Vec<f32> {
         let (out, inp) = (self.weight.rows, self.weight.cols);
+        if let Some(r) = super::fp8::recipe() {
+            return super::fp8::backward(r, &self.weight, x, dy, m, g.slot(&format!("{name}.weight"), out * inp));
+        }
         matmul_tn_acc(dy, x, m, out, inp, g.slot(&format!("{name}.weight"), out * inp));
         super::input_grad(&self.weight, dy, m)
     }

@@ -3,8 +3,10 @@
 //! gradients under the parameter's checkpoint name). The modules are the inference ones: there is
 //! no second model definition.
 //!
-//! Training runs the naive MLA over whole sequences (no cache) in f32 with f32 master weights.
+//! Training runs the naive MLA over whole sequences (no cache) in f32 with f32 master weights;
+//! `Linear` GEMMs optionally in FP8 ([`fp8`]).
 
+pub mod fp8;
 pub mod layers;
 pub mod mla;
 pub mod model;

@@ -117,8 +117,12 @@ impl DeepseekV3 {
     /// adding every parameter's gradient into `g`. With `g = None` only the losses are computed
     /// (validation).
     pub fn train_step(&self, tokens: &[u32], seqs: usize, t: usize, w: LossWeights, g: Option<&mut Grads>) -> Result<StepReport> {
+        // The FP8 recipe is per thread; the step runs on a pool worker.
+        let fp8 = super::fp8::recipe();
         crate::model::on_pool(|| {
-            dsv3_kernels::matmul::with_many_token_gemm(|| self.train_step_on_pool(tokens, seqs, t, w, g))
+            super::fp8::with_recipe(fp8, || {
+                dsv3_kernels::matmul::with_many_token_gemm(|| self.train_step_on_pool(tokens, seqs, t, w, g))
+            })
         })
     }
 

@@ -1,0 +1,82 @@
+//! FP8 mixed-precision training (report §3.3): the three GEMMs of every `Linear` take E4M3 inputs
+//! with online max-abs scales and accumulate with promotion every 128 products
+//! ([`dsv3_kernels::fp8_gemm`]); everything else — embedding, output head, router, norms,
+//! attention, the optimizer's f32 masters — keeps its precision.
+//!
+//! | GEMM | computes | A (1×128 tiles) | B |
+//! |---|---|---|---|
+//! | Fprop | `y = x·Wᵀ` | `x [m, in]` | `W [out, in]`, 128×128 |
+//! | Dgrad | `dx = dy·W` | `dy [m, out]` | `Wᵀ [in, out]`, 128×128 |
+//! | Wgrad | `dW = dyᵀ·x` | `dyᵀ [out, m]` (tiles along tokens) | `xᵀ [in, m]`, 1×128 along tokens |
+//!
+//! The recipe is set per training step on the thread that runs it ([`with_recipe`]), like
+//! `with_many_token_gemm`: inference never sees it.
+
+use crate::weights::Matrix;
+use dsv3_kernels::fp8_gemm::gemm_nt;
+use dsv3_kernels::matmul::transpose;
+use dsv3_kernels::quant::{Fp8Blocks, ScaleFmt};
+use std::borrow::Cow;
+use std::cell::Cell;
+
+/// Which FP8 training variant runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fp8Recipe {
+    /// Tiles of the output gradient `dy` in Dgrad: `[1, 128]` (the report's) or `[128, 128]`, the
+    /// block-wise variant the report saw diverge (App. B.2).
+    pub dgrad_block: [usize; 2],
+    pub scale_fmt: ScaleFmt,
+}
+
+impl Default for Fp8Recipe {
+    fn default() -> Self {
+        Fp8Recipe { dgrad_block: [1, TILE], scale_fmt: ScaleFmt::F32 }
+    }
+}
+
+const TILE: usize = 128;
+
+thread_local! {
+    static RECIPE: Cell<Option<Fp8Recipe>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with every `Linear` GEMM issued from this thread in FP8 (`None`: in the usual precision).
+pub fn with_recipe<R>(recipe: Option<Fp8Recipe>, f: impl FnOnce() -> R) -> R {
+    let before = RECIPE.with(|r| r.replace(recipe));
+    let out = f();
+    RECIPE.with(|r| r.set(before));
+    out
+}
+
+/// The recipe in force on this thread.
+pub fn recipe() -> Option<Fp8Recipe> {
+    RECIPE.with(|r| r.get())
+}
+
+fn master(w: &Matrix) -> Cow<'_, [f32]> {
+    match w.view() {
+        dsv3_kernels::MatRef::F32 { data, .. } => Cow::Borrowed(data),
+        v => Cow::Owned(v.to_f32()),
+    }
+}
+
+/// Fprop: `x [m, in] → [m, out]`.
+pub(crate) fn forward(r: Fp8Recipe, w: &Matrix, x: &[f32], m: usize) -> Vec<f32> {
+    let xq = Fp8Blocks::quantize(x, m, w.cols, [1, TILE], r.scale_fmt);
+    let wq = Fp8Blocks::quantize(&master(w), w.rows, w.cols, [TILE, TILE], r.scale_fmt);
+    gemm_nt(&xq, &wq)
+}
+
+/// Wgrad into `dw [out, in]` (added) and Dgrad, returned as `dx [m, in]`.
+pub(crate) fn backward(r: Fp8Recipe, w: &Matrix, x: &[f32], dy: &[f32], m: usize, dw: &mut [f32]) -> Vec<f32> {
+    let (out, inp) = (w.rows, w.cols);
+    let dyq = Fp8Blocks::quantize(dy, m, out, r.dgrad_block, r.scale_fmt);
+    let wtq = Fp8Blocks::quantize(&transpose(&master(w), out, inp), inp, out, [TILE, TILE], r.scale_fmt);
+    let dx = gemm_nt(&dyq, &wtq);
+    let dytq = Fp8Blocks::quantize(&transpose(dy, m, out), out, m, [1, TILE], r.scale_fmt);
+    let xtq = Fp8Blocks::quantize(&transpose(x, m, inp), inp, m, [1, TILE], r.scale_fmt);
+    for (d, g) in dw.iter_mut().zip(gemm_nt(&dytq, &xtq)) {
+        *d += g;
+    }
+    dx
+}
