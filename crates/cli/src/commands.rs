@@ -310,6 +310,36 @@ pub fn sample(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+pub fn convert(from: &Path, to: &Path, format: &str, max_memory: &str, json: bool) -> Result<()> {
+    use dsv3_kernels::quant::Fp4Kind;
+    use dsv3_model::convert::Target;
+    let target = match format {
+        "fp8" => Target::Fp8,
+        "bf16" => Target::Bf16,
+        "f32" => Target::F32,
+        "fp4" | "nvfp4" => Target::Fp4(Fp4Kind::Nv),
+        "mxfp4" => Target::Fp4(Fp4Kind::Mx),
+        f => bail!("--format {f}: fp8, bf16, f32, fp4 (NVFP4) or mxfp4"),
+    };
+    let budget = parse_size(max_memory).context("--max-memory")?;
+    let t = std::time::Instant::now();
+    let r = dsv3_model::convert::convert(from, to, target, budget)?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "converted {} tensors in {} files to {format} in {:.1}s: {:.1} MB → {:.1} MB, peak buffers {:.1} MB (budget {max_memory})",
+            r.tensors,
+            r.files,
+            t.elapsed().as_secs_f64(),
+            r.bytes_in as f64 / 1e6,
+            r.bytes_out as f64 / 1e6,
+            r.peak_buffer_bytes as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
 /// `512M`, `2G`, `1048576` → bytes.
 fn parse_size(s: &str) -> Result<usize> {
     let t = s.trim();
@@ -319,9 +349,9 @@ fn parse_size(s: &str) -> Result<usize> {
         Some('G') => (&t[..t.len() - 1], 1 << 30),
         _ => (t, 1),
     };
-    let v: f64 = num.parse().map_err(|_| anyhow::anyhow!("--kv-memory {s}: a size like 512M or 2G"))?;
+    let v: f64 = num.parse().map_err(|_| anyhow::anyhow!("{s}: a size like 512M or 2G"))?;
     if v.is_nan() || v <= 0.0 {
-        bail!("--kv-memory {s}: must be positive");
+        bail!("{s}: a size must be positive");
     }
     Ok((v * mul as f64) as usize)
 }
@@ -338,7 +368,7 @@ pub fn serve(
     prefill_chunk: usize,
     mtp_speculative: usize,
 ) -> Result<()> {
-    let o = dsv3_serve::ServeOptions { host, port, api_key, max_batch, kv_memory: parse_size(kv_memory)?, max_queue, prefill_chunk, mtp_speculative };
+    let o = dsv3_serve::ServeOptions { host, port, api_key, max_batch, kv_memory: parse_size(kv_memory).context("--kv-memory")?, max_queue, prefill_chunk, mtp_speculative };
     let model = load_model(dir)?;
     if mtp_speculative > 0 && model.mtp.is_empty() {
         bail!("--mtp-speculative: {} has no MTP module", dir.display());

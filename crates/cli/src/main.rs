@@ -162,6 +162,22 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Convert a checkpoint folder's weights to another format (FP8 with 128×128 weight_scale_inv
+    /// blocks, FP4, bf16, f32), streamed under a memory budget, into a new folder.
+    Convert {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+        /// fp8 | bf16 | f32 | fp4 (NVFP4, ModelOpt layout) | mxfp4
+        #[arg(long)]
+        format: String,
+        /// Budget for conversion buffers (e.g. 512M, 4G); tensors are streamed in bands of rows.
+        #[arg(long, default_value = "1G")]
+        max_memory: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// The built-in default: a small random DeepSeek-V3, generated and benchmarked (no downloads).
     Demo,
 }
@@ -195,6 +211,7 @@ fn main() {
         Command::Bench(args) => {
             hub::resolve_model(&args.model).and_then(|model| bench::run(&bench::BenchArgs { model, ..args }))
         }
+        Command::Convert { from, to, format, max_memory, json } => commands::convert(&from, &to, &format, &max_memory, json),
         Command::RandomModel { preset, dtype, out, seed } => commands::random_model(&preset, &dtype, &out, seed),
         Command::Serve { model, host, port, api_key, max_batch, kv_memory, max_queue, prefill_chunk, mtp_speculative } => {
             hub::resolve_model(&model).and_then(|m| {

@@ -94,9 +94,25 @@ impl<'a> MatRef<'a> {
     pub fn decode_row(&self, r: usize, c0: usize, out: &mut [f32]) {
         match *self {
             MatRef::F32 { data, cols, .. } => out.copy_from_slice(&data[r * cols + c0..][..out.len()]),
-            _ => {
-                out.fill(0.0);
-                self.row_axpy(r, c0, 1.0, out);
+            // Each value written, not accumulated onto zero, so −0 stays −0 (checkpoint
+            // conversion compares bit for bit).
+            MatRef::Bf16 { data, cols, .. } => {
+                for (j, o) in out.iter_mut().enumerate() {
+                    let i = 2 * (r * cols + c0 + j);
+                    *o = crate::codec::bf16_to_f32(u16::from_le_bytes([data[i], data[i + 1]]));
+                }
+            }
+            MatRef::Fp8 { data, scale_inv, cols, block, .. } => {
+                let srow = &scale_inv[(r / block[0]) * cols.div_ceil(block[1])..];
+                for (j, o) in out.iter_mut().enumerate() {
+                    let c = c0 + j;
+                    *o = crate::codec::fp8_e4m3_to_f32(data[r * cols + c]) * srow[c / block[1]];
+                }
+            }
+            MatRef::Fp4 { data, scales, tensor_scale, cols, kind, .. } => {
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = fp4_element(data, scales, tensor_scale, cols, kind, r, c0 + j);
+                }
             }
         }
     }

@@ -123,11 +123,18 @@ impl Fp4Blocks {
     /// `2^(floor(log2 amax) − 2)`, would clip up to a quarter of a binade). NVFP4: tensor scale =
     /// amax_tensor/(448·6); block scale = E4M3(amax_block/6 / tensor scale).
     pub fn quantize(x: &[f32], rows: usize, cols: usize, kind: Fp4Kind) -> Self {
+        Self::quantize_with(x, rows, cols, kind, None)
+    }
+
+    /// [`Fp4Blocks::quantize`] with NVFP4's tensor scale given (a tensor quantized in bands shares
+    /// the whole tensor's).
+    pub fn quantize_with(x: &[f32], rows: usize, cols: usize, kind: Fp4Kind, tensor_scale: Option<f32>) -> Self {
         assert_eq!(x.len(), rows * cols, "Fp4Blocks::quantize shape mismatch");
         let bs = kind.block();
         let tensor_scale = match kind {
             Fp4Kind::Mx => 1.0,
-            Fp4Kind::Nv => x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30) / (E4M3.max() * E2M1.max()),
+            Fp4Kind::Nv => tensor_scale
+                .unwrap_or_else(|| x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30) / (E4M3.max() * E2M1.max())),
         };
         let nb = cols.div_ceil(bs);
         let per_row: Vec<(Vec<u8>, Vec<u8>)> = x

@@ -282,7 +282,13 @@ fn fp8_quant(q: &Value) -> Result<Fp8Quant> {
     let f = Fields(o);
     match f.str_or("quant_method", "fp8")? {
         "fp8" => {}
-        other => return Err(ModelError::config("quantization_config.quant_method", format!("`{other}` is unsupported (only fp8)"))),
+        // FP4 checkpoints (`dsv3 convert --format fp4`): the weights say their own layout.
+        "mxfp4" => return Ok(Fp8Quant { weight_block_size: [128, 128] }),
+        "modelopt" => match f.str_or("quant_algo", "NVFP4")? {
+            "NVFP4" => return Ok(Fp8Quant { weight_block_size: [128, 128] }),
+            other => return Err(ModelError::config("quantization_config.quant_algo", format!("`{other}` is unsupported (only NVFP4)"))),
+        },
+        other => return Err(ModelError::config("quantization_config.quant_method", format!("`{other}` is unsupported (fp8, mxfp4, modelopt NVFP4)"))),
     }
     match f.str_or("fmt", "e4m3")? {
         "e4m3" => {}

@@ -5,6 +5,7 @@
 //! Activations are f32 `Vec`s laid out `[tokens, features]`; weights stay in their stored format.
 
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod generate;
 pub mod grad;

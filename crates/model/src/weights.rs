@@ -6,6 +6,7 @@
 
 use crate::error::{ModelError, Result};
 use dsv3_kernels::codec::{bf16_to_f32, f16_to_f32};
+use dsv3_kernels::quant::Fp4Kind;
 use dsv3_kernels::MatRef;
 use memmap2::Mmap;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -54,6 +55,7 @@ enum Store {
     F32(Arc<Vec<f32>>),
     Bf16(Bytes),
     Fp8 { data: Bytes, scale_inv: Arc<Vec<f32>>, block: [usize; 2] },
+    Fp4 { data: Bytes, scales: Bytes, tensor_scale: f32, kind: Fp4Kind },
 }
 
 impl Matrix {
@@ -69,6 +71,11 @@ impl Matrix {
 
     pub fn from_fp8(rows: usize, cols: usize, data: Bytes, scale_inv: Vec<f32>, block: [usize; 2]) -> Self {
         Matrix { rows, cols, store: Store::Fp8 { data, scale_inv: Arc::new(scale_inv), block } }
+    }
+
+    /// Packed E2M1 pairs `[rows, ceil(cols/2)]` with block scale codes `[rows, ceil(cols/block)]`.
+    pub fn from_fp4(rows: usize, cols: usize, data: Bytes, scales: Bytes, tensor_scale: f32, kind: Fp4Kind) -> Self {
+        Matrix { rows, cols, store: Store::Fp4 { data, scales, tensor_scale, kind } }
     }
 
     /// The values as trainable f32 (decoding a bf16/FP8 store once: training keeps f32 masters).
@@ -90,6 +97,14 @@ impl Matrix {
             Store::Fp8 { data, scale_inv, block } => {
                 MatRef::Fp8 { data: data.as_slice(), scale_inv, rows, cols, block: *block }
             }
+            Store::Fp4 { data, scales, tensor_scale, kind } => MatRef::Fp4 {
+                data: data.as_slice(),
+                scales: scales.as_slice(),
+                tensor_scale: *tensor_scale,
+                rows,
+                cols,
+                kind: *kind,
+            },
         }
     }
 }
@@ -125,39 +140,7 @@ impl Checkpoint {
     /// Opens `model.safetensors.index.json` shards, else `model.safetensors`, else every
     /// `*.safetensors` file of the folder.
     pub fn open(dir: &Path) -> Result<Self> {
-        let index = dir.join("model.safetensors.index.json");
-        let mut paths: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.clone(), source })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Safetensors {
-                path: index.clone(),
-                msg: "no `weight_map` object".into(),
-            })?;
-            let mut files: Vec<PathBuf> = map
-                .values()
-                .map(|f| f.as_str().map(|s| dir.join(s)))
-                .collect::<Option<_>>()
-                .ok_or_else(|| ModelError::Safetensors { path: index.clone(), msg: "weight_map values must be file names".into() })?;
-            files.sort();
-            files.dedup();
-            files
-        } else if dir.join("model.safetensors").exists() {
-            vec![dir.join("model.safetensors")]
-        } else {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map_err(|e| ModelError::io(dir, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                .collect();
-            v.sort();
-            v
-        };
-        if paths.is_empty() {
-            return Err(ModelError::Safetensors { path: dir.into(), msg: "no .safetensors files in the folder".into() });
-        }
-        paths.dedup();
-        Self::open_files(&paths)
+        Self::open_files(&shard_paths(dir)?)
     }
 
     /// The tensors of the given safetensors files (e.g. a training run's optimizer state).
@@ -180,47 +163,12 @@ impl Checkpoint {
         if map.len() < 8 {
             return Err(bad(format!("{} bytes is too short for a header", map.len())));
         }
-        let n = u64::from_le_bytes(map[..8].try_into().expect("8 bytes")) as usize;
-        if n > map.len() - 8 {
-            return Err(bad(format!("header of {n} bytes runs past the end of the {}-byte file (truncated?)", map.len())));
-        }
-        let header: BTreeMap<String, serde_json::Value> =
-            serde_json::from_slice(&map[8..8 + n]).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-        let data_start = 8 + n;
-        let data_len = map.len() - data_start;
         let fi = self.files.len();
-        for (name, info) in header {
-            if name == "__metadata__" {
-                continue;
-            }
-            let dtype = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad(format!("`{name}` has no dtype")))?;
-            let size = dtype_size(dtype).ok_or_else(|| bad(format!("`{name}` has unknown dtype {dtype}")))?;
-            let shape: Vec<usize> = info
-                .get("shape")
-                .and_then(|s| s.as_array())
-                .and_then(|a| a.iter().map(|x| x.as_u64().map(|v| v as usize)).collect())
-                .ok_or_else(|| bad(format!("`{name}` has no valid shape")))?;
-            let offs: Vec<usize> = info
-                .get("data_offsets")
-                .and_then(|s| s.as_array())
-                .and_then(|a| a.iter().map(|x| x.as_u64().map(|v| v as usize)).collect())
-                .filter(|v: &Vec<usize>| v.len() == 2)
-                .ok_or_else(|| bad(format!("`{name}` has no valid data_offsets")))?;
-            let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad(format!("`{name}` shape overflows")))?;
-            if offs[0] > offs[1] || offs[1] > data_len {
-                return Err(bad(format!(
-                    "`{name}` data {}..{} lies outside the {data_len} data bytes (truncated file?)",
-                    offs[0], offs[1]
-                )));
-            }
-            if offs[1] - offs[0] != numel * size {
-                return Err(bad(format!("`{name}` holds {} bytes, shape {shape:?} of {dtype} needs {}", offs[1] - offs[0], numel * size)));
-            }
+        for (name, h) in parse_header(path, &map, map.len())? {
             if self.tensors.contains_key(&name) {
                 return Err(bad(format!("`{name}` appears in more than one file")));
             }
-            let t = TensorInfo { dtype: dtype.to_string(), shape, file: fi, start: data_start + offs[0], end: data_start + offs[1] };
-            self.tensors.insert(name, t);
+            self.tensors.insert(name, TensorInfo { dtype: h.dtype, shape: h.shape, file: fi, start: h.start, end: h.end });
         }
         self.files.push((path.to_path_buf(), Arc::new(map)));
         Ok(())
@@ -286,8 +234,14 @@ impl Checkpoint {
 
     /// A `[rows, cols]` weight. FP8 weights need their `<name>_scale_inv` sibling of shape
     /// `[ceil(rows/b0), ceil(cols/b1)]`.
+    /// FP4 weights are `U8` `[rows, ceil(cols/2)]` pairs with `<name>_scale`: E4M3 per 16
+    /// columns plus an f32 `<name>_scale_2` (NVFP4, NVIDIA ModelOpt's layout) or UE8M0 per 32
+    /// (MXFP4).
     pub fn matrix(&self, name: &str, rows: usize, cols: usize, block: [usize; 2]) -> Result<Matrix> {
         let t = self.info(name)?.clone();
+        if t.dtype == "U8" {
+            return self.fp4_matrix(name, &t, rows, cols);
+        }
         self.check_shape(name, &t, &[rows, cols])?;
         match t.dtype.as_str() {
             "BF16" => Ok(Matrix::from_bf16(rows, cols, self.bytes(&t))),
@@ -306,6 +260,30 @@ impl Checkpoint {
         }
     }
 
+    fn fp4_matrix(&self, name: &str, t: &TensorInfo, rows: usize, cols: usize) -> Result<Matrix> {
+        self.check_shape(name, t, &[rows, cols.div_ceil(2)])?;
+        let sname = format!("{name}_scale");
+        let st = self.info(&sname).map_err(|_| self.err(name, format!("is packed FP4 (U8) but `{sname}` is missing")))?.clone();
+        let kind = match st.dtype.as_str() {
+            "F8_E4M3" => Fp4Kind::Nv,
+            "U8" => Fp4Kind::Mx,
+            d => return Err(self.err(&sname, format!("dtype {d}: FP4 block scales are F8_E4M3 (NVFP4) or U8 (MXFP4)"))),
+        };
+        self.check_shape(&sname, &st, &[rows, cols.div_ceil(kind.block())])?;
+        let tensor_scale = match kind {
+            Fp4Kind::Mx => 1.0,
+            Fp4Kind::Nv => {
+                let s2 = format!("{name}_scale_2");
+                let v = self.f32s(&s2, &[]).or_else(|_| self.f32s(&s2, &[1]))?;
+                match v.first() {
+                    Some(&x) if x.is_finite() && x > 0.0 => x,
+                    _ => return Err(self.err(&s2, "must hold one positive finite scale".into())),
+                }
+            }
+        };
+        Ok(Matrix::from_fp4(rows, cols, self.bytes(t), self.bytes(&st), tensor_scale, kind))
+    }
+
     /// Tensors under `prefix` that no load read: in a module dsv3 knows, they mean the checkpoint
     /// and the config disagree.
     pub fn unused_under(&self, prefix: &str) -> Vec<String> {
@@ -315,6 +293,102 @@ impl Checkpoint {
         v.sort();
         v
     }
+}
+
+/// One tensor of a safetensors header: dtype, shape and its absolute byte range in the file.
+#[derive(Clone, Debug)]
+pub struct HeaderEntry {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Parses and checks a safetensors header from the file's first bytes (`head` holds at least the
+/// 8-byte length and the JSON), against the file's length: every range inside the file and of the
+/// size its shape and dtype need.
+pub fn parse_header(path: &Path, head: &[u8], file_len: usize) -> Result<Vec<(String, HeaderEntry)>> {
+    let bad = |msg: String| ModelError::Safetensors { path: path.into(), msg };
+    if head.len() < 8 || file_len < 8 {
+        return Err(bad(format!("{file_len} bytes is too short for a header")));
+    }
+    let n = u64::from_le_bytes(head[..8].try_into().expect("8 bytes")) as usize;
+    if n > file_len - 8 || n > head.len() - 8 {
+        return Err(bad(format!("header of {n} bytes runs past the end of the {file_len}-byte file (truncated?)")));
+    }
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&head[8..8 + n]).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let data_start = 8 + n;
+    let data_len = file_len - data_start;
+    let mut out = Vec::with_capacity(header.len());
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad(format!("`{name}` has no dtype")))?;
+        let size = dtype_size(dtype).ok_or_else(|| bad(format!("`{name}` has unknown dtype {dtype}")))?;
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|v| v as usize)).collect())
+            .ok_or_else(|| bad(format!("`{name}` has no valid shape")))?;
+        let offs: Vec<usize> = info
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|v| v as usize)).collect())
+            .filter(|v: &Vec<usize>| v.len() == 2)
+            .ok_or_else(|| bad(format!("`{name}` has no valid data_offsets")))?;
+        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad(format!("`{name}` shape overflows")))?;
+        if offs[0] > offs[1] || offs[1] > data_len {
+            return Err(bad(format!(
+                "`{name}` data {}..{} lies outside the {data_len} data bytes (truncated file?)",
+                offs[0], offs[1]
+            )));
+        }
+        if offs[1] - offs[0] != numel * size {
+            return Err(bad(format!("`{name}` holds {} bytes, shape {shape:?} of {dtype} needs {}", offs[1] - offs[0], numel * size)));
+        }
+        out.push((name, HeaderEntry { dtype: dtype.to_string(), shape, start: data_start + offs[0], end: data_start + offs[1] }));
+    }
+    Ok(out)
+}
+
+/// The safetensors files of a checkpoint folder: the shards of `model.safetensors.index.json`,
+/// else `model.safetensors`, else every `*.safetensors` file.
+pub fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+let mut paths: Vec<PathBuf> = if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.clone(), source })?;
+        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Safetensors {
+            path: index.clone(),
+            msg: "no `weight_map` object".into(),
+        })?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .map(|f| f.as_str().map(|s| dir.join(s)))
+            .collect::<Option<_>>()
+            .ok_or_else(|| ModelError::Safetensors { path: index.clone(), msg: "weight_map values must be file names".into() })?;
+        files.sort();
+        files.dedup();
+        files
+    } else if dir.join("model.safetensors").exists() {
+        vec![dir.join("model.safetensors")]
+    } else {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| ModelError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        v.sort();
+        v
+    };
+    if paths.is_empty() {
+        return Err(ModelError::Safetensors { path: dir.into(), msg: "no .safetensors files in the folder".into() });
+    }
+    paths.dedup();
+    Ok(paths)
 }
 
 /// Writes tensors as one safetensors file, atomically (temporary file in the same folder, then
