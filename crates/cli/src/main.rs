@@ -14,6 +14,10 @@ use std::path::PathBuf;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Inference activations: none (weight-only quantization, the default) or fp8 (each Linear's
+    /// input quantized per token in 1×128 E4M3 tiles, as FP8 serving does).
+    #[arg(long, global = true, default_value = "none")]
+    act_quant: String,
 }
 
 /// Sampling flags shared by `generate` and `chat`.
@@ -197,6 +201,14 @@ fn keep_freed_memory() {
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
+    match cli.act_quant.as_str() {
+        "none" => {}
+        "fp8" => dsv3_model::layers::set_act_quant_fp8(true),
+        a => {
+            eprintln!("error: --act-quant {a}: none or fp8");
+            std::process::exit(2);
+        }
+    }
     let result = match cli.command {
         Command::Generate { model, prompt, prompt_ids, sampling, mtp_speculative, json } => hub::resolve_model(&model)
             .and_then(|m| commands::generate(&m, prompt.as_deref(), prompt_ids.as_deref(), &sampling, mtp_speculative, json)),

@@ -1,6 +1,7 @@
 //! The small building blocks: `Linear` over a stored matrix, `RmsNorm`, and the SwiGLU `Mlp`
 //! (dense FFN, routed expert and shared expert alike).
 
+use dsv3_kernels::quant::{Fp8Blocks, ScaleFmt};
 use crate::error::Result;
 use crate::weights::{Checkpoint, Matrix};
 use dsv3_kernels::matmul::{matmul_nt_batch, NtJob};
@@ -31,6 +32,21 @@ impl Linear {
         if let Some(r) = crate::grad::fp8::recipe() {
             return calls.iter().map(|&(l, x, m)| crate::grad::fp8::forward(r, &l.weight, x, m)).collect();
         }
+        // Dynamic activation quantization: each token's 128-column tiles rounded to E4M3 with
+        // their own scale, then the weight kernel as usual. The products are those of an FP8×FP8
+        // GEMM with promotion (up to f32 rounding); a CPU has no FP8 arithmetic to gain speed from.
+        let quantized: Vec<Vec<f32>>;
+        let requantized: Vec<(&Linear, &[f32], usize)>;
+        let calls = if ACT_QUANT_FP8.load(std::sync::atomic::Ordering::Relaxed) {
+            quantized = calls
+                .iter()
+                .map(|&(l, x, m)| Fp8Blocks::quantize(x, m, l.weight.cols, [1, 128], ScaleFmt::F32).dequantize())
+                .collect();
+            requantized = calls.iter().zip(&quantized).map(|(&(l, _, m), q)| (l, q.as_slice(), m)).collect();
+            &requantized[..]
+        } else {
+            calls
+        };
         let mut ys: Vec<Vec<f32>> = calls.iter().map(|(l, _, m)| vec![0f32; m * l.weight.rows]).collect();
         let mut jobs: Vec<NtJob> = calls
             .iter()
@@ -40,6 +56,14 @@ impl Linear {
         matmul_nt_batch(&mut jobs);
         ys
     }
+}
+
+static ACT_QUANT_FP8: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--act-quant fp8`: every `Linear`'s input quantized per token in 1×128 E4M3 tiles (the official
+/// `activation_scheme: dynamic`); off (weight-only quantization) by default.
+pub fn set_act_quant_fp8(on: bool) {
+    ACT_QUANT_FP8.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// `y = w ⊙ x / sqrt(mean(x²) + eps)` per row, in f32.
