@@ -93,8 +93,15 @@ mod avx512 {
     struct F32s(*const f32);
     struct Bf16s(*const u8);
     struct Fp8s(*const u8);
-    /// Packed E2M1 codes and the 16 values they stand for.
-    struct Fp4s(*const u8, __m512);
+    /// Packed E2M1 codes, the 16 values they stand for, and the row's block scales (as f32; a
+    /// 16-column load lies inside one block, whose index is the column >> `shift`). The scale is
+    /// applied to the decoded weights, so blocks of 16 need no partial sums of their own.
+    struct Fp4s {
+        codes: *const u8,
+        lut: __m512,
+        scales: *const f32,
+        shift: u32,
+    }
 
     #[inline]
     fn mask(n: usize) -> u16 {
@@ -174,13 +181,15 @@ mod avx512 {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         unsafe fn load(&self, i: usize) -> __m512 {
-            widen_fp4(_mm_loadl_epi64(self.0.add(i / 2) as *const __m128i), self.1)
+            let v = widen_fp4(_mm_loadl_epi64(self.codes.add(i / 2) as *const __m128i), self.lut);
+            _mm512_mul_ps(v, _mm512_set1_ps(*self.scales.add(i >> self.shift)))
         }
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         unsafe fn load_tail(&self, i: usize, n: usize) -> __m512 {
-            let b = _mm_maskz_loadu_epi8(mask(n.div_ceil(2)), self.0.add(i / 2) as *const i8);
-            _mm512_maskz_mov_ps(mask(n), widen_fp4(b, self.1))
+            let b = _mm_maskz_loadu_epi8(mask(n.div_ceil(2)), self.codes.add(i / 2) as *const i8);
+            let v = _mm512_maskz_mov_ps(mask(n), widen_fp4(b, self.lut));
+            _mm512_mul_ps(v, _mm512_set1_ps(*self.scales.add(i >> self.shift)))
         }
     }
 
@@ -259,6 +268,7 @@ mod avx512 {
             }
             MatRef::Fp4 { data, scales, tensor_scale, kind, .. } => {
                 let (bs, nb) = (kind.block(), k.div_ceil(kind.block()));
+                debug_assert!(bs.is_power_of_two() && bs >= 16);
                 let table = crate::formats::E2M1.table();
                 let lut = _mm512_loadu_ps(table.as_ptr());
                 let mut row_scales = vec![0f32; nb];
@@ -266,7 +276,8 @@ mod avx512 {
                     for (s, &c) in row_scales.iter_mut().zip(&scales[r * nb..(r + 1) * nb]) {
                         *s = kind.scale(c, tensor_scale);
                     }
-                    dots::<_, M>(&Fp4s(data.as_ptr().add(r * k.div_ceil(2)), lut), k, bs, Some(&row_scales), xp, o);
+                    let w = Fp4s { codes: data.as_ptr().add(r * k.div_ceil(2)), lut, scales: row_scales.as_ptr(), shift: bs.trailing_zeros() };
+                    dots::<_, M>(&w, k, k.max(1), None, xp, o);
                 }
             }
         }
