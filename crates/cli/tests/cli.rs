@@ -160,6 +160,26 @@ fn train_writes_a_model_folder_metrics_and_plots_and_rejects_bad_input() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["output_ids"].as_array().unwrap().len(), 4);
 
+    // FP8 training from the CLI, then its checkpoint converted to FP8 and to NVFP4, both generate;
+    // a bad --format is a clear error.
+    let fp8 = tmp.join("run-fp8");
+    let (code, stdout, err) = dsv3(&[
+        "train", "--data", data.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--tokenizer", out.to_str().unwrap(),
+        "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--precision", "fp8", "--out", fp8.to_str().unwrap(), "--no-sample", "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.lines().next().and_then(|l| serde_json::from_str::<Value>(l).ok()).is_some_and(|v| v["loss"].as_f64().unwrap().is_finite()));
+    for format in ["fp8", "fp4"] {
+        let conv = tmp.join(format!("conv-{format}"));
+        let (code, stdout, err) = dsv3(&["convert", "--from", fp8.to_str().unwrap(), "--to", conv.to_str().unwrap(), "--format", format, "--json"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(serde_json::from_str::<Value>(&stdout).unwrap()["tensors"].as_u64().unwrap() > 10);
+        let (code, _, err) = dsv3(&["generate", "--model", conv.to_str().unwrap(), "--prompt", "fn f1", "--max-new-tokens", "2", "--act-quant", "fp8"]);
+        assert_eq!(code, 0, "{format}: {err}");
+    }
+    let (code, _, err) = dsv3(&["convert", "--from", fp8.to_str().unwrap(), "--to", tmp.join("x").to_str().unwrap(), "--format", "int3"]);
+    assert!(code != 0 && err.contains("--format int3"), "{err}");
+
     // An existing tokenizer instead of training one.
     let out2 = tmp.join("run2");
     let (code, _, err) = dsv3(&[
@@ -176,7 +196,7 @@ fn train_writes_a_model_folder_metrics_and_plots_and_rejects_bad_input() {
     for (flags, needle) in [
         (vec!["--data", "/no/such/corpus"], "no such file"),
         (vec!["--balance", "sometimes"], "aux-free"),
-        (vec!["--precision", "fp4"], "bf16 or f32"),
+        (vec!["--precision", "fp4"], "fp8 or fp8-block-dgrad"),
         (vec!["--seq-len", "100000", "--data", data.to_str().unwrap()], "max_position_embeddings"),
         (vec!["--seq-len", "120", "--data", tiny.to_str().unwrap()], "too few"),
         (vec!["--resume", data.to_str().unwrap()], "train_state.json"),
