@@ -158,7 +158,7 @@ pub fn chat(dir: &Path, system: Option<&str>, s: &Sampling) -> Result<()> {
         let ids = tok.encode_chat(&serde_json::Value::Array(messages.clone()), true)?;
         // Reuse the cache for the prefix this turn shares with what it holds.
         let common = cached.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
-        cache.truncate(common, &model.config);
+        cache.truncate(common);
         cached.truncate(common);
         let h = model.forward(&ids[common..], &mut cache)?;
         cached.extend_from_slice(&ids[common..]);

@@ -20,27 +20,57 @@ pub struct LatentShape {
     pub rope: usize,
 }
 
-/// `q_lat [tokens, heads, latent]`, `q_pe [tokens, heads, rope]`, `c_kv [positions, latent]`,
-/// `k_pe [positions, rope]`; query token t sees cache positions `0..visible[t]`.
-/// Writes `out [tokens, heads, latent]`.
-#[allow(clippy::too_many_arguments)]
-pub fn latent_attention(
-    shape: LatentShape,
-    q_lat: &[f32],
-    q_pe: &[f32],
-    c_kv: &[f32],
-    k_pe: &[f32],
-    visible: &[usize],
-    scale: f32,
-    out: &mut [f32],
-) {
+/// The latent cache as pages of `block` positions each (the last may hold fewer): page `i` holds
+/// positions `i·block..`, `c_kv[i]` their `[n, latent]` rows and `k_pe[i]` their `[n, rope]`
+/// rows. A contiguous cache is one page with `block = usize::MAX`.
+#[derive(Clone, Copy, Debug)]
+pub struct Pages<'a> {
+    pub c_kv: &'a [&'a [f32]],
+    pub k_pe: &'a [&'a [f32]],
+    pub block: usize,
+}
+
+impl Pages<'_> {
+    /// Calls `f(c_kv row, k_pe row)` for positions `0..n` in order, page by page.
+    #[inline]
+    fn for_rows(&self, n: usize, latent: usize, rope: usize, mut f: impl FnMut(&[f32], &[f32])) {
+        let mut left = n;
+        for (c, k) in self.c_kv.iter().zip(self.k_pe.iter()) {
+            let m = left.min(c.len() / latent.max(1));
+            for i in 0..m {
+                f(&c[i * latent..(i + 1) * latent], &k[i * rope..(i + 1) * rope]);
+            }
+            left -= m;
+            if left == 0 {
+                break;
+            }
+        }
+    }
+
+    fn positions(&self, latent: usize) -> usize {
+        match self.c_kv.split_last() {
+            None => 0,
+            Some((last, full)) => full.len().saturating_mul(self.block).saturating_add(last.len() / latent.max(1)),
+        }
+    }
+}
+
+/// `q_lat [tokens, heads, latent]`, `q_pe [tokens, heads, rope]`, the cache in `pages`; query token
+/// t sees cache positions `0..visible[t]`. Writes `out [tokens, heads, latent]`. Positions are
+/// summed in order whatever the paging, so a paged and a contiguous cache give the same bits.
+pub fn latent_attention(shape: LatentShape, q_lat: &[f32], q_pe: &[f32], pages: Pages, visible: &[usize], scale: f32, out: &mut [f32]) {
     let LatentShape { tokens, heads, latent, rope } = shape;
+    let full_pages_ok = pages.c_kv.len() <= 1
+        || pages.c_kv[..pages.c_kv.len() - 1].iter().zip(pages.k_pe.iter()).all(|(c, k)| c.len() == pages.block * latent && k.len() == pages.block * rope);
+    let held = pages.positions(latent);
     assert!(
         q_lat.len() == tokens * heads * latent
             && q_pe.len() == tokens * heads * rope
             && out.len() == tokens * heads * latent
             && visible.len() == tokens
-            && visible.iter().all(|&v| v * latent <= c_kv.len() && v * rope <= k_pe.len()),
+            && pages.c_kv.len() == pages.k_pe.len()
+            && full_pages_ok
+            && visible.iter().all(|&v| v <= held),
         "latent_attention shape mismatch"
     );
     let body = |(th, o): (usize, &mut [f32])| {
@@ -48,17 +78,15 @@ pub fn latent_attention(
         let ql = &q_lat[th * latent..(th + 1) * latent];
         let qp = &q_pe[th * rope..(th + 1) * rope];
         let n = visible[t];
-        let mut p: Vec<f32> = (0..n)
-            .map(|s| {
-                (dot_f32(ql, &c_kv[s * latent..(s + 1) * latent]) + dot_f32(qp, &k_pe[s * rope..(s + 1) * rope]))
-                    * scale
-            })
-            .collect();
+        let mut p: Vec<f32> = Vec::with_capacity(n);
+        pages.for_rows(n, latent, rope, |c, k| p.push((dot_f32(ql, c) + dot_f32(qp, k)) * scale));
         softmax_in_place(&mut p);
         o.fill(0.0);
-        for (s, &ps) in p.iter().enumerate() {
-            axpy_f32(o, ps, &c_kv[s * latent..(s + 1) * latent]);
-        }
+        let mut s = 0;
+        pages.for_rows(n, latent, rope, |c, _| {
+            axpy_f32(o, p[s], c);
+            s += 1;
+        });
     };
     if tokens * heads > 1 && visible.iter().sum::<usize>() * heads * latent > 1 << 14 {
         out.par_chunks_mut(latent).enumerate().for_each(body);
@@ -134,11 +162,18 @@ mod tests {
             let (c_kv, k_pe) = (r(positions * latent), r(positions * rope));
             let visible: Vec<usize> = (0..tokens).map(|t| positions - (tokens - 1 - t)).collect();
             let mut out = vec![0f32; tokens * heads * latent];
-            latent_attention(shape, &q_lat, &q_pe, &c_kv, &k_pe, &visible, 0.3, &mut out);
+            let whole = Pages { c_kv: &[&c_kv], k_pe: &[&k_pe], block: usize::MAX };
+            latent_attention(shape, &q_lat, &q_pe, whole, &visible, 0.3, &mut out);
             let want = reference::latent_attention(shape, &q_lat, &q_pe, &c_kv, &k_pe, &visible, 0.3);
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
+            // The same cache in pages of 4 positions: the same bits.
+            let ck: Vec<&[f32]> = c_kv.chunks(4 * latent).collect();
+            let kp: Vec<&[f32]> = k_pe.chunks(4 * rope).collect();
+            let mut paged = vec![0f32; out.len()];
+            latent_attention(shape, &q_lat, &q_pe, Pages { c_kv: &ck, k_pe: &kp, block: 4 }, &visible, 0.3, &mut paged);
+            assert_eq!(paged, out);
         }
     }
 }

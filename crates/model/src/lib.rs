@@ -13,6 +13,7 @@ pub mod init;
 pub mod layers;
 pub mod mla;
 pub mod model;
+pub mod paged;
 pub mod moe;
 pub mod rope;
 pub mod sampling;

@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::layers::{Linear, RmsNorm};
 use crate::rope::Rope;
 use crate::weights::Checkpoint;
-use dsv3_kernels::attention::{latent_attention, softmax_in_place, LatentShape};
+use dsv3_kernels::attention::{latent_attention, softmax_in_place, LatentShape, Pages};
 use dsv3_kernels::dot::{axpy_f32, dot_f32};
 use dsv3_kernels::matmul::{matmul_nn, matmul_nt};
 use rayon::prelude::*;
@@ -30,24 +30,7 @@ pub enum AttnImpl {
     Auto,
 }
 
-/// One layer's latent cache: `c_kv [len, C]` and rotated `k_pe [len, R]`.
-#[derive(Clone, Debug, Default)]
-pub struct LatentCache {
-    pub c_kv: Vec<f32>,
-    pub k_pe: Vec<f32>,
-    pub len: usize,
-}
-
-impl LatentCache {
-    /// Drops positions from `len` on (speculative decoding rolls back rejected drafts).
-    pub fn truncate(&mut self, len: usize, c: usize, r: usize) {
-        if len < self.len {
-            self.len = len;
-            self.c_kv.truncate(len * c);
-            self.k_pe.truncate(len * r);
-        }
-    }
-}
+pub use crate::paged::LatentCache;
 
 /// The query projection: low-rank (`q_a_proj → q_a_layernorm → q_b_proj`) or direct (`q_proj`,
 /// when `q_lora_rank` is null, as in V2-Lite).
@@ -100,7 +83,7 @@ impl Mla {
         })
     }
 
-    /// `x [t, D]` for positions `cache.len..cache.len+t` → `[t, D]`; appends the tokens' latents.
+    /// `x [t, D]` for positions `cache.len()..cache.len()+t` → `[t, D]`; appends the tokens' latents.
     pub fn forward(&self, x: &[f32], t: usize, cache: &mut LatentCache, rope: &Rope, imp: AttnImpl) -> Vec<f32> {
         self.forward_segments(x, &[t], &mut [cache], rope, imp)
     }
@@ -135,7 +118,7 @@ impl Mla {
         let mut starts = Vec::with_capacity(lens.len());
         let mut row0 = 0;
         for (&t, cache) in lens.iter().zip(caches.iter_mut()) {
-            let start = cache.len;
+            let start = cache.len();
             starts.push(start);
             let qs = &mut q[row0 * h * dq..(row0 + t) * h * dq];
             for i in 0..t {
@@ -143,12 +126,10 @@ impl Mla {
                     rope.apply(&mut qs[(i * h + hh) * dq + dn..(i * h + hh + 1) * dq], start + i);
                 }
                 let row = &kv[(row0 + i) * (c + dr)..(row0 + i + 1) * (c + dr)];
-                cache.c_kv.extend_from_slice(&self.kv_a_layernorm.forward(&row[..c]));
                 let mut pe = row[c..].to_vec();
                 rope.apply(&mut pe, start + i);
-                cache.k_pe.extend_from_slice(&pe);
+                cache.push(&self.kv_a_layernorm.forward(&row[..c]), &pe);
             }
-            cache.len += t;
             row0 += t;
         }
         let absorbed = |t: usize| match imp {
@@ -182,9 +163,10 @@ impl Mla {
     /// Per-head keys `[k_nope(h) ; k_pe]` and values from `kv_b_proj(c_kv)`. Returns `[t, H·dv]`.
     fn attend_naive(&self, q: &[f32], t: usize, start: usize, cache: &LatentCache) -> Vec<f32> {
         let (h, dn, dr, dv) = (self.heads, self.dn, self.dr, self.dv);
-        let (dq, dkv, s_all) = (dn + dr, dn + dv, cache.len);
+        let (dq, dkv, s_all) = (dn + dr, dn + dv, cache.len());
+        let (c_kv, k_pe) = cache.contiguous();
         // [S, H, dn+dv]
-        let kv = self.kv_b_proj.forward(&cache.c_kv, s_all);
+        let kv = self.kv_b_proj.forward(&c_kv, s_all);
         let mut o = vec![0f32; t * h * dv];
         o.par_chunks_mut(dv).enumerate().for_each(|(th, out)| {
             let (i, hh) = (th / h, th % h);
@@ -193,7 +175,7 @@ impl Mla {
             let mut p: Vec<f32> = (0..visible)
                 .map(|s| {
                     let k_nope = &kv[(s * h + hh) * dkv..][..dn];
-                    (dot_f32(&qh[..dn], k_nope) + dot_f32(&qh[dn..], &cache.k_pe[s * dr..(s + 1) * dr])) * self.scale
+                    (dot_f32(&qh[..dn], k_nope) + dot_f32(&qh[dn..], &k_pe[s * dr..(s + 1) * dr])) * self.scale
                 })
                 .collect();
             softmax_in_place(&mut p);
@@ -236,12 +218,12 @@ impl Mla {
             let visible: Vec<usize> = (0..ts).map(|i| start + i + 1).collect();
             let shape = LatentShape { tokens: ts, heads: h, latent: c, rope: dr };
             let rows = r0 * h..(r0 + ts) * h;
+            let (ck, kp) = cache.pages();
             latent_attention(
                 shape,
                 &q_lat[rows.start * c..rows.end * c],
                 &q_pe[rows.start * dr..rows.end * dr],
-                &cache.c_kv,
-                &cache.k_pe,
+                Pages { c_kv: &ck, k_pe: &kp, block: crate::paged::BLOCK_TOKENS },
                 &visible,
                 self.scale,
                 &mut o_lat[rows.start * c..rows.end * c],

@@ -2,6 +2,8 @@
 //! norm, LM head, and the MTP modules (layers `num_hidden_layers..`). One definition, loaded from a
 //! Hugging Face folder.
 
+use std::sync::Arc;
+use crate::paged::BlockPool;
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::layers::{Mlp, RmsNorm};
@@ -96,7 +98,7 @@ pub struct KvCache {
 impl KvCache {
     /// Positions held by the main model.
     pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |c| c.len)
+        self.layers.first().map_or(0, |c| c.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -190,7 +192,15 @@ impl DeepseekV3 {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache { layers: vec![LatentCache::default(); self.layers.len()], mtp: vec![LatentCache::default(); self.mtp.len()] }
+        self.new_cache_in(None)
+    }
+
+    /// A cache whose blocks count in `pool` (the server's budget).
+    pub fn new_cache_in(&self, pool: Option<Arc<BlockPool>>) -> KvCache {
+        KvCache {
+            layers: vec![LatentCache::in_pool(pool.clone()); self.layers.len()],
+            mtp: vec![LatentCache::in_pool(pool); self.mtp.len()],
+        }
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
@@ -300,22 +310,24 @@ impl DeepseekV3 {
 impl KvCache {
     /// Keeps the first `len` positions of every main layer (a chat turn that shares a prefix with
     /// the last one reuses it; the MTP caches are cleared).
-    pub fn truncate(&mut self, len: usize, cfg: &Config) {
-        let (c, r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
-        self.layers.iter_mut().for_each(|l| l.truncate(len, c, r));
-        self.mtp.iter_mut().for_each(|l| l.truncate(0, c, r));
+    pub fn truncate(&mut self, len: usize) {
+        self.layers.iter_mut().for_each(|l| l.truncate(len));
+        self.mtp.iter_mut().for_each(|l| l.truncate(0));
     }
 
     /// Keeps the first `len` positions of the main layers only (speculative rollback).
-    pub fn truncate_main(&mut self, len: usize, cfg: &Config) {
-        let (c, r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
-        self.layers.iter_mut().for_each(|l| l.truncate(len, c, r));
+    pub fn truncate_main(&mut self, len: usize) {
+        self.layers.iter_mut().for_each(|l| l.truncate(len));
     }
 
     /// Keeps the first `len` positions of every MTP module's cache.
-    pub fn truncate_mtp(&mut self, len: usize, cfg: &Config) {
-        let (c, r) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
-        self.mtp.iter_mut().for_each(|l| l.truncate(len, c, r));
+    pub fn truncate_mtp(&mut self, len: usize) {
+        self.mtp.iter_mut().for_each(|l| l.truncate(len));
+    }
+
+    /// Blocks the main layers hold (one per layer per 64 positions).
+    pub fn blocks(&self) -> usize {
+        self.layers.iter().chain(&self.mtp).map(|l| l.blocks().len()).sum()
     }
 }
 

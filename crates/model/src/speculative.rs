@@ -131,10 +131,9 @@ impl Speculator {
             None => sampler.sample(&lv[k * v..]),
         };
 
-        let cfg = &model.config;
-        cache.truncate_main(l + accepted + 1, cfg);
+        cache.truncate_main(l + accepted + 1);
         // Entries past l were made from draft states, not the main model's.
-        cache.truncate_mtp(l, cfg);
+        cache.truncate_mtp(l);
         self.pending_h = hv[..(accepted + 1) * d].to_vec();
         self.pending_tok = drafts[..accepted].iter().copied().chain([next]).collect();
         self.last = next;

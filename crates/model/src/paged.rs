@@ -1,0 +1,182 @@
+//! The latent KV cache in pages: each layer's cache is a block table of 64-position blocks holding
+//! only what MLA caches (`c_kv` and the rotated `k_pe`, `C + R` values per position). Blocks are
+//! reference-counted, so sequences with the same prompt prefix can share its full blocks (the
+//! server's prefix reuse); a shared block is never written — appends go to a block of one's own,
+//! and a rollback into a shared block copies it first. Blocks made in a [`BlockPool`] are counted
+//! there from creation to drop, which is the server's memory budget and its `/metrics` figure.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Positions per block.
+pub const BLOCK_TOKENS: usize = 64;
+
+/// Counts live blocks against a capacity.
+#[derive(Debug, Default)]
+pub struct BlockPool {
+    in_use: AtomicUsize,
+    /// Blocks the budget allows (one block = one layer's 64 positions).
+    pub capacity: usize,
+}
+
+impl BlockPool {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(BlockPool { in_use: AtomicUsize::new(0), capacity })
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
+    }
+}
+
+/// Up to [`BLOCK_TOKENS`] positions of one layer: `c_kv [n, C]`, `k_pe [n, R]`.
+#[derive(Debug)]
+pub struct LatentBlock {
+    pub c_kv: Vec<f32>,
+    pub k_pe: Vec<f32>,
+    pool: Option<Arc<BlockPool>>,
+}
+
+impl LatentBlock {
+    fn new(pool: Option<Arc<BlockPool>>, c: usize, r: usize) -> Self {
+        if let Some(p) = &pool {
+            p.in_use.fetch_add(1, Ordering::Relaxed);
+        }
+        LatentBlock { c_kv: Vec::with_capacity(BLOCK_TOKENS * c), k_pe: Vec::with_capacity(BLOCK_TOKENS * r), pool }
+    }
+}
+
+impl Clone for LatentBlock {
+    fn clone(&self) -> Self {
+        if let Some(p) = &self.pool {
+            p.in_use.fetch_add(1, Ordering::Relaxed);
+        }
+        LatentBlock { c_kv: self.c_kv.clone(), k_pe: self.k_pe.clone(), pool: self.pool.clone() }
+    }
+}
+
+impl Drop for LatentBlock {
+    fn drop(&mut self) {
+        if let Some(p) = &self.pool {
+            p.in_use.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One layer's latent cache: a block table and the number of positions held.
+#[derive(Clone, Debug, Default)]
+pub struct LatentCache {
+    blocks: Vec<Arc<LatentBlock>>,
+    len: usize,
+    pool: Option<Arc<BlockPool>>,
+}
+
+impl LatentCache {
+    /// An empty cache whose blocks count in `pool`.
+    pub fn in_pool(pool: Option<Arc<BlockPool>>) -> Self {
+        LatentCache { blocks: vec![], len: 0, pool }
+    }
+
+    /// A cache that starts with shared full blocks (a reused prompt prefix).
+    pub fn with_prefix(blocks: Vec<Arc<LatentBlock>>, pool: Option<Arc<BlockPool>>) -> Self {
+        let len = blocks.len() * BLOCK_TOKENS;
+        LatentCache { blocks, len, pool }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The block table.
+    pub fn blocks(&self) -> &[Arc<LatentBlock>] {
+        &self.blocks
+    }
+
+    /// Appends one position.
+    pub fn push(&mut self, c_kv: &[f32], k_pe: &[f32]) {
+        if self.len.is_multiple_of(BLOCK_TOKENS) {
+            self.blocks.push(Arc::new(LatentBlock::new(self.pool.clone(), c_kv.len(), k_pe.len())));
+        }
+        // Unique unless a rollback kept a shared block partly (then it is copied here).
+        let b = Arc::make_mut(self.blocks.last_mut().expect("a block was just ensured"));
+        b.c_kv.extend_from_slice(c_kv);
+        b.k_pe.extend_from_slice(k_pe);
+        self.len += 1;
+    }
+
+    /// Drops positions from `len` on (speculative rollback, a chat turn reusing the last one's
+    /// prefix). Blocks past the end are released.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        let last = len.div_ceil(BLOCK_TOKENS);
+        // Positions the block that becomes the last one holds now.
+        let held = if last == self.blocks.len() { self.len - (last - 1) * BLOCK_TOKENS } else { BLOCK_TOKENS };
+        self.blocks.truncate(last);
+        self.len = len;
+        let keep = len - len.saturating_sub(1) / BLOCK_TOKENS * BLOCK_TOKENS;
+        if len > 0 && keep < held {
+            let b = Arc::make_mut(self.blocks.last_mut().expect("len > 0 keeps a block"));
+            let (cw, rw) = (b.c_kv.len() / held, b.k_pe.len() / held);
+            b.c_kv.truncate(keep * cw);
+            b.k_pe.truncate(keep * rw);
+        }
+    }
+
+    /// The pages for the attention kernel: `(c_kv pages, k_pe pages)`.
+    pub fn pages(&self) -> (Vec<&[f32]>, Vec<&[f32]>) {
+        (self.blocks.iter().map(|b| b.c_kv.as_slice()).collect(), self.blocks.iter().map(|b| b.k_pe.as_slice()).collect())
+    }
+
+    /// The whole cache as contiguous `c_kv [len, C]` and `k_pe [len, R]` (the naive attention
+    /// expands every position through `kv_b_proj` at once).
+    pub fn contiguous(&self) -> (Vec<f32>, Vec<f32>) {
+        (self.blocks.iter().flat_map(|b| b.c_kv.iter().copied()).collect(), self.blocks.iter().flat_map(|b| b.k_pe.iter().copied()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(i: usize, w: usize) -> Vec<f32> {
+        (0..w).map(|j| (i * 100 + j) as f32).collect()
+    }
+
+    #[test]
+    fn blocks_fill_truncate_share_and_count_in_the_pool() {
+        let pool = BlockPool::new(100);
+        let (c, r) = (3, 2);
+        let mut a = LatentCache::in_pool(Some(pool.clone()));
+        for i in 0..150 {
+            a.push(&row(i, c), &row(i, r));
+        }
+        assert_eq!((a.len(), a.blocks().len(), pool.in_use()), (150, 3, 3));
+        let (ck, kp) = a.contiguous();
+        assert_eq!(ck, (0..150).flat_map(|i| row(i, c)).collect::<Vec<_>>());
+        assert_eq!(kp.len(), 150 * r);
+        // Truncation inside a block and onto a block boundary.
+        a.truncate(100);
+        assert_eq!((a.len(), a.blocks().len(), pool.in_use()), (100, 2, 2));
+        assert_eq!(a.blocks()[1].c_kv.len(), 36 * c);
+        a.truncate(64);
+        assert_eq!((a.blocks().len(), pool.in_use(), a.blocks()[0].c_kv.len()), (1, 1, 64 * c));
+        // A second cache shares the full block: appends and rollbacks never touch the shared one.
+        let mut b = LatentCache::with_prefix(a.blocks().to_vec(), Some(pool.clone()));
+        assert_eq!((b.len(), pool.in_use()), (64, 1));
+        b.push(&row(999, c), &row(999, r));
+        assert_eq!(pool.in_use(), 2);
+        b.truncate(10); // into the shared block: copied first
+        assert_eq!(pool.in_use(), 2);
+        assert_eq!(a.blocks()[0].c_kv.len(), 64 * c, "the shared block is intact");
+        assert_eq!(b.contiguous().0, (0..10).flat_map(|i| row(i, c)).collect::<Vec<_>>());
+        drop(a);
+        drop(b);
+        assert_eq!(pool.in_use(), 0);
+    }
+}
