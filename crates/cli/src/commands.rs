@@ -356,19 +356,9 @@ fn parse_size(s: &str) -> Result<usize> {
     Ok((v * mul as f64) as usize)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn serve(
-    dir: &Path,
-    host: String,
-    port: u16,
-    api_key: Option<String>,
-    max_batch: usize,
-    kv_memory: &str,
-    max_queue: usize,
-    prefill_chunk: usize,
-    mtp_speculative: usize,
-) -> Result<()> {
-    let o = dsv3_serve::ServeOptions { host, port, api_key, max_batch, kv_memory: parse_size(kv_memory).context("--kv-memory")?, max_queue, prefill_chunk, mtp_speculative };
+pub fn serve(dir: &Path, mut o: dsv3_serve::ServeOptions, kv_memory: &str) -> Result<()> {
+    o.kv_memory = parse_size(kv_memory).context("--kv-memory")?;
+    let mtp_speculative = o.mtp_speculative;
     let model = load_model(dir)?;
     if mtp_speculative > 0 && model.mtp.is_empty() {
         bail!("--mtp-speculative: {} has no MTP module", dir.display());
@@ -382,7 +372,15 @@ pub fn serve(
     let (state, engine) = dsv3_serve::build(&name, model, tok, eos, &o);
     let addr: std::net::SocketAddr = format!("{}:{}", o.host, o.port).parse().context("--host/--port")?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    eprintln!("dsv3 serve: {} on http://{addr} (max batch {}, KV budget {} tokens)", dir.display(), o.max_batch, state.engine.config.kv_tokens);
+    let c = &state.engine.config;
+    eprintln!(
+        "dsv3 serve: {} on http://{addr} (max batch {}, KV budget {} blocks of 64 positions = {} tokens per request at most{})",
+        dir.display(),
+        o.max_batch,
+        c.kv_blocks,
+        c.kv_tokens,
+        if c.prefix_cache { ", prefix cache on" } else { "" }
+    );
     rt.block_on(dsv3_serve::serve(state, addr, async {
         let _ = tokio::signal::ctrl_c().await;
         eprintln!("dsv3 serve: shutting down after in-flight requests");

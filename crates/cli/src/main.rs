@@ -136,6 +136,10 @@ enum Command {
         /// and sampled requests; requests asking for log-probs decode plainly).
         #[arg(long, default_value_t = 0)]
         mtp_speculative: usize,
+        /// Keep the full 64-token blocks of prompts and reuse them for later prompts with the
+        /// same prefix (outputs unchanged; speculative requests compute their prompt in full).
+        #[arg(long)]
+        prefix_cache: bool,
     },
     /// Train a DeepSeek-V3-architecture model (MLA + DeepSeekMoE + MTP) from text.
     Train(Box<train::TrainCli>),
@@ -225,9 +229,10 @@ fn main() {
         }
         Command::Convert { from, to, format, max_memory, json } => commands::convert(&from, &to, &format, &max_memory, json),
         Command::RandomModel { preset, dtype, out, seed } => commands::random_model(&preset, &dtype, &out, seed),
-        Command::Serve { model, host, port, api_key, max_batch, kv_memory, max_queue, prefill_chunk, mtp_speculative } => {
+        Command::Serve { model, host, port, api_key, max_batch, kv_memory, max_queue, prefill_chunk, mtp_speculative, prefix_cache } => {
             hub::resolve_model(&model).and_then(|m| {
-                commands::serve(&m, host, port, api_key, max_batch, &kv_memory, max_queue, prefill_chunk, mtp_speculative)
+                let o = dsv3_serve::ServeOptions { host, port, api_key, max_batch, kv_memory: 0, max_queue, prefill_chunk, mtp_speculative, prefix_cache };
+                commands::serve(&m, o, &kv_memory)
             })
         }
         Command::Train(args) => train::run(&args),

@@ -3,11 +3,14 @@
 //! prefilling prompt (so a long prompt does not stall the others) and the last token of each
 //! decoding sequence, runs them in one `forward_batch` (weights read once for all), samples, and
 //! streams each new token to its request. A request leaves as soon as it finishes, hits a stop,
-//! or its client goes away; its cache is freed at once.
+//! or its client goes away; its cache blocks are freed at once (shared prefix blocks live on in
+//! the prefix cache).
 
 use crate::metrics::Metrics;
 use dsv3_model::sampling::{log_prob, top_k_logprobs, Sampler, SamplingParams};
 use dsv3_model::speculative::Speculator;
+use crate::prefix::PrefixCache;
+use dsv3_model::paged::{BlockPool, LatentCache, BLOCK_TOKENS};
 use dsv3_model::{DeepseekV3, KvCache};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -60,8 +63,14 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Prompt tokens of one sequence per step.
     pub prefill_chunk: usize,
-    /// Tokens the KV cache may hold across all running sequences (from `--kv-memory`).
+    /// 64-position blocks (of one layer) the latent cache may hold: `--kv-memory` ÷ block bytes.
+    pub kv_blocks: usize,
+    /// Layer caches per sequence (main layers, plus the MTP modules when speculating).
+    pub cache_layers: usize,
+    /// The longest prompt + completion one request can have within the budget.
     pub kv_tokens: usize,
+    /// Share full prompt blocks across requests with the same prefix (`--prefix-cache`).
+    pub prefix_cache: bool,
     /// Requests waiting beyond the running ones; more are refused (HTTP 429).
     pub max_queue: usize,
     /// MTP drafts per step for each decoding sequence (0: off). Requests that ask for log-probs
@@ -157,9 +166,15 @@ impl Seq {
         Emit::Continue
     }
 
-    fn reserved(&self) -> usize {
-        self.job.req.prompt.len() + self.job.req.max_tokens
+    /// Blocks this sequence may still allocate before it ends.
+    fn growth(&self, cfg: &EngineConfig) -> usize {
+        blocks_for(self.job.req.prompt.len() + self.job.req.max_tokens, cfg).saturating_sub(self.cache.blocks())
     }
+}
+
+/// Blocks a sequence of `tokens` positions holds over all its layer caches.
+fn blocks_for(tokens: usize, cfg: &EngineConfig) -> usize {
+    tokens.div_ceil(BLOCK_TOKENS) * cfg.cache_layers
 }
 
 /// Starts the engine thread. It runs until every handle is dropped and the running sequences end.
@@ -169,14 +184,16 @@ pub fn start(model: Arc<DeepseekV3>, config: EngineConfig) -> (EngineHandle, std
     let m = metrics.clone();
     let thread = std::thread::Builder::new()
         .name("dsv3-engine".into())
-        .spawn(move || run(&model, config, rx, &m))
+        .spawn(move || run(&model, config, rx, &m, BlockPool::new(config.kv_blocks)))
         .expect("spawning the engine thread");
     (EngineHandle { tx, metrics, config }, thread)
 }
 
-fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Metrics) {
+fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Metrics, pool: Arc<BlockPool>) {
     let mut waiting: std::collections::VecDeque<Job> = Default::default();
     let mut running: Vec<Seq> = vec![];
+    let mut prefixes = PrefixCache::default();
+    metrics.kv_blocks_capacity.store(config.kv_blocks, Ordering::Relaxed);
     let mut closed = false;
     loop {
         // Take in what arrived; block only when there is nothing to do.
@@ -208,23 +225,38 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
         if closed && running.is_empty() && waiting.is_empty() {
             return;
         }
-        // Admit in arrival order while the batch and the cache budget allow.
-        let mut used: usize = running.iter().map(Seq::reserved).sum();
+        // Admit in arrival order while the batch and the cache budget allow: blocks alive now
+        // (running sequences and cached prefixes) plus what the running ones may still allocate
+        // plus what the newcomer needs beyond the prefix it reuses. Cached prefixes are evicted,
+        // least recently used first, to make room.
         while running.len() < config.max_batch {
             let Some(job) = waiting.front() else { break };
-            let need = job.req.prompt.len() + job.req.max_tokens;
-            if used + need > config.kv_tokens && !running.is_empty() {
-                break;
+            let speculative = config.mtp_speculative > 0 && job.req.logprobs.is_none();
+            let reuse = if config.prefix_cache && !speculative { prefixes.lookup(&job.req.prompt, config.prefill_chunk) } else { vec![] };
+            let need = blocks_for(job.req.prompt.len() + job.req.max_tokens, &config).saturating_sub(reuse.len() * model.layers.len());
+            let growth: usize = running.iter().map(|s| s.growth(&config)).sum();
+            if pool.in_use() + growth + need > config.kv_blocks && !running.is_empty() {
+                if !prefixes.evict_one() {
+                    break;
+                }
+                continue;
             }
             let job = waiting.pop_front().expect("front exists");
             metrics.queued.fetch_sub(1, Ordering::Relaxed);
-            used += need;
+            let mut cache = model.new_cache_in(Some(pool.clone()));
+            let prefilled = reuse.len() * BLOCK_TOKENS;
+            if prefilled > 0 {
+                for (l, layer) in cache.layers.iter_mut().enumerate() {
+                    *layer = LatentCache::with_prefix(reuse.iter().map(|b| b[l].clone()).collect(), Some(pool.clone()));
+                }
+                metrics.prefix_reused_tokens.fetch_add(prefilled as u64, Ordering::Relaxed);
+            }
             let sampler = Sampler::new(job.req.sampling.clone());
             running.push(Seq {
                 job,
-                cache: model.new_cache(),
+                cache,
                 sampler,
-                prefilled: 0,
+                prefilled,
                 pending: None,
                 generated: 0,
                 started: Instant::now(),
@@ -238,6 +270,8 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
         }
         metrics.batch_size.store(running.len(), Ordering::Relaxed);
         metrics.kv_tokens.store(running.iter().map(|s| s.cache.len()).sum(), Ordering::Relaxed);
+        metrics.kv_blocks.store(pool.in_use(), Ordering::Relaxed);
+        metrics.prefix_entries.store(prefixes.len(), Ordering::Relaxed);
 
         let mut keep = vec![true; running.len()];
         // Speculative decoders verify their drafts alone (their forward is their own).
@@ -317,6 +351,9 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
                 if s.prefilled < s.job.req.prompt.len() {
                     continue; // more prompt to go
                 }
+                if config.prefix_cache && !s.speculative(k) {
+                    prefixes.insert(&s.job.req.prompt, &s.cache);
+                }
             }
             let rows = h.len() / d;
             let logits = model.logits(&h[(rows - 1) * d..], 1);
@@ -342,5 +379,7 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
             }
             k
         });
+        // Ended sequences' blocks are gone now.
+        metrics.kv_blocks.store(pool.in_use(), Ordering::Relaxed);
     }
 }

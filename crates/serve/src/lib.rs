@@ -7,6 +7,7 @@
 pub mod api;
 pub mod engine;
 pub mod metrics;
+pub mod prefix;
 pub mod tools;
 
 use anyhow::{Context, Result};
@@ -27,11 +28,13 @@ pub struct ServeOptions {
     pub prefill_chunk: usize,
     /// MTP drafts per step (0: plain decoding).
     pub mtp_speculative: usize,
+    /// Reuse full 64-token prompt blocks across requests with the same prefix.
+    pub prefix_cache: bool,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { host: "127.0.0.1".into(), port: 8000, api_key: None, max_batch: 16, kv_memory: 1 << 30, max_queue: 64, prefill_chunk: 64, mtp_speculative: 0 }
+        ServeOptions { host: "127.0.0.1".into(), port: 8000, api_key: None, max_batch: 16, kv_memory: 1 << 30, max_queue: 64, prefill_chunk: 64, mtp_speculative: 0, prefix_cache: false }
     }
 }
 
@@ -44,13 +47,20 @@ pub fn build(
     o: &ServeOptions,
 ) -> (Arc<api::AppState>, std::thread::JoinHandle<()>) {
     let model = Arc::new(model);
-    let kv_tokens = (o.kv_memory / model.kv_bytes_per_token().max(1)).max(1);
+    let mtp_speculative = if model.mtp.is_empty() { 0 } else { o.mtp_speculative };
+    // One block: 64 positions of one layer's latent cache, f32.
+    let block_bytes = dsv3_model::paged::BLOCK_TOKENS * model.config.latent_cache_width() * std::mem::size_of::<f32>();
+    let kv_blocks = (o.kv_memory / block_bytes.max(1)).max(1);
+    let cache_layers = model.layers.len() + if mtp_speculative > 0 { model.mtp.len() } else { 0 };
     let cfg = EngineConfig {
         max_batch: o.max_batch.max(1),
         prefill_chunk: o.prefill_chunk.max(1),
-        kv_tokens,
+        kv_blocks,
+        cache_layers,
+        kv_tokens: (kv_blocks / cache_layers.max(1) * dsv3_model::paged::BLOCK_TOKENS).max(1),
+        prefix_cache: o.prefix_cache,
         max_queue: o.max_queue,
-        mtp_speculative: if model.mtp.is_empty() { 0 } else { o.mtp_speculative },
+        mtp_speculative,
     };
     let (engine, thread) = engine::start(model.clone(), cfg);
     let state = Arc::new(api::AppState { engine, model, tokenizer, model_name: name.to_string(), api_key: o.api_key.clone(), eos_ids });

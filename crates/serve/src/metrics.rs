@@ -53,6 +53,10 @@ pub struct Metrics {
     pub queued: AtomicUsize,
     pub batch_size: AtomicUsize,
     pub kv_tokens: AtomicUsize,
+    pub kv_blocks: AtomicUsize,
+    pub kv_blocks_capacity: AtomicUsize,
+    pub prefix_entries: AtomicUsize,
+    pub prefix_reused_tokens: AtomicU64,
     pub ttft: Histogram,
     pub tpot: Histogram,
     pub request_seconds: Histogram,
@@ -74,6 +78,10 @@ impl Metrics {
         c(&mut s, "dsv3_batch_size", "Sequences in the last step.", "gauge", self.batch_size.load(l) as u64);
         c(&mut s, "dsv3_kv_cache_tokens", "Tokens held in the latent KV cache.", "gauge", self.kv_tokens.load(l) as u64);
         c(&mut s, "dsv3_kv_cache_bytes", "Bytes held in the latent KV cache.", "gauge", (self.kv_tokens.load(l) * kv_bytes_per_token) as u64);
+        c(&mut s, "dsv3_kv_blocks_in_use", "64-position latent-cache blocks alive (one per layer), shared prefixes included.", "gauge", self.kv_blocks.load(l) as u64);
+        c(&mut s, "dsv3_kv_blocks_capacity", "Blocks the --kv-memory budget allows.", "gauge", self.kv_blocks_capacity.load(l) as u64);
+        c(&mut s, "dsv3_prefix_cache_entries", "Prompt-prefix blocks kept for reuse.", "gauge", self.prefix_entries.load(l) as u64);
+        c(&mut s, "dsv3_prefix_reused_tokens_total", "Prompt tokens taken from the prefix cache instead of computed.", "counter", self.prefix_reused_tokens.load(l));
         c(&mut s, "dsv3_mtp_draft_tokens_total", "MTP draft tokens proposed.", "counter", self.draft_tokens.load(l));
         c(&mut s, "dsv3_mtp_accepted_tokens_total", "MTP draft tokens accepted.", "counter", self.accepted_tokens.load(l));
         let (d, a) = (self.draft_tokens.load(l), self.accepted_tokens.load(l));

@@ -204,3 +204,67 @@ fn mtp_speculative_serving_gives_the_plain_tokens() {
     assert!(drafts > 0.0, "{m}");
     assert!(m.contains("dsv3_mtp_acceptance_rate"));
 }
+
+/// `/metrics` value of a counter or gauge.
+fn metric(base: &str, name: &str) -> f64 {
+    let m = ureq::get(&format!("{base}/metrics")).call().unwrap().into_string().unwrap();
+    m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap_or_else(|| panic!("{name} missing")).parse().unwrap()
+}
+
+/// The metric once it reads `want` (the engine updates it just after answering), or after 2 s.
+fn settled(base: &str, name: &str, want: f64) -> f64 {
+    for _ in 0..40 {
+        let v = metric(base, name);
+        if v == want {
+            return v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    metric(base, name)
+}
+
+#[test]
+fn paged_cache_with_prefix_reuse_changes_no_token_and_frees_its_blocks() {
+    let plain = start(ServeOptions { max_batch: 4, max_queue: 11, ..ServeOptions::default() });
+    let cached = start(ServeOptions { max_batch: 4, max_queue: 13, prefix_cache: true, ..ServeOptions::default() });
+    // Prompts of 150 tokens sharing their first 140: two full 64-token blocks to reuse.
+    fn body(tail: u32) -> Value {
+        let prompt: Vec<u32> = (0..140).map(|i| 2 + (i * 37) % 290).chain((0..10).map(|i| 2 + (tail * 13 + i) % 290)).collect();
+        json!({"prompt": prompt, "max_tokens": 20, "temperature": 0})
+    }
+    for tail in [1, 2, 3] {
+        let a = post(&format!("{plain}/v1/completions"), body(tail)).1;
+        let b = post(&format!("{cached}/v1/completions"), body(tail)).1;
+        assert_eq!(a["choices"][0]["token_ids"], b["choices"][0]["token_ids"], "tail {tail}: prefix reuse changed the output");
+    }
+    // The first request computed everything; the next two each took 128 tokens from the cache.
+    assert_eq!(metric(&cached, "dsv3_prefix_reused_tokens_total"), 256.0);
+    assert_eq!(metric(&plain, "dsv3_prefix_reused_tokens_total"), 0.0);
+    // Concurrent requests with the shared prefix also match their plain outputs.
+    let handles: Vec<_> = [4u32, 5, 6]
+        .into_iter()
+        .map(|t| {
+            let (p, c) = (plain.clone(), cached.clone());
+            std::thread::spawn(move || {
+                let a = post(&format!("{p}/v1/completions"), body(t)).1;
+                let b = post(&format!("{c}/v1/completions"), body(t)).1;
+                (a["choices"][0]["token_ids"].clone(), b["choices"][0]["token_ids"].clone())
+            })
+        })
+        .collect();
+    for h in handles {
+        let (a, b) = h.join().unwrap();
+        assert_eq!(a, b);
+    }
+    // Idle: the plain server has freed every block; the cached one keeps only its prefix entries
+    // (2 blocks per main layer).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    post(&format!("{plain}/v1/completions"), json!({"prompt": [3, 4], "max_tokens": 1}));
+    assert!(metric(&plain, "dsv3_kv_blocks_capacity") > 0.0);
+    assert_eq!(settled(&plain, "dsv3_kv_blocks_in_use", 0.0), 0.0, "every block freed when its request ended");
+    let layers = 2.0; // train_roundtrip's main layers
+    let entries = metric(&cached, "dsv3_prefix_cache_entries");
+    assert_eq!(entries, 2.0);
+    post(&format!("{cached}/v1/completions"), json!({"prompt": [3, 4], "max_tokens": 1}));
+    assert_eq!(settled(&cached, "dsv3_kv_blocks_in_use", entries * layers), entries * layers, "only the cached prefix blocks stay");
+}
