@@ -340,6 +340,32 @@ pub fn convert(from: &Path, to: &Path, format: &str, max_memory: &str, json: boo
     Ok(())
 }
 
+pub fn eplb(load: &Path, replicas: usize, groups: usize, nodes: usize, gpus: usize, json: bool) -> Result<()> {
+    use dsv3_dist::eplb::{imbalance, rebalance_experts};
+    let text = std::fs::read_to_string(load).with_context(|| format!("reading {}", load.display()))?;
+    let weight: Vec<Vec<f64>> =
+        serde_json::from_str(&text).with_context(|| format!("{}: expected [[load per logical expert] per layer]", load.display()))?;
+    let p = rebalance_experts(&weight, replicas, groups, nodes, gpus).map_err(|e| anyhow::anyhow!("eplb: {e}"))?;
+    if json {
+        println!("{}", serde_json::to_string(&p)?);
+        return Ok(());
+    }
+    // Without replicas: expert e on GPU e / (E / gpus) when the experts divide evenly.
+    let e = weight[0].len();
+    for (l, w) in weight.iter().enumerate() {
+        let before = (e % gpus == 0).then(|| {
+            let per = e / gpus;
+            imbalance(&(0..gpus).map(|g| w[g * per..(g + 1) * per].iter().sum()).collect::<Vec<f64>>())
+        });
+        let after = imbalance(&p.loads(l, w, gpus));
+        match before {
+            Some(b) => println!("layer {l}: GPU load max/mean {b:.3} with experts in order → {after:.3} placed with {replicas} slots"),
+            None => println!("layer {l}: GPU load max/mean {after:.3} placed with {replicas} slots"),
+        }
+    }
+    Ok(())
+}
+
 /// `512M`, `2G`, `1048576` → bytes.
 fn parse_size(s: &str) -> Result<usize> {
     let t = s.trim();

@@ -186,6 +186,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Place experts with redundant replicas (EPLB's rebalance_experts) from per-expert loads.
+    Eplb {
+        /// JSON `[[load per logical expert] per layer]`.
+        #[arg(long)]
+        load: PathBuf,
+        /// Physical expert slots (P ≥ experts; a multiple of --gpus).
+        #[arg(long)]
+        replicas: usize,
+        /// Expert groups (the routing groups; hierarchical placement when they divide among nodes).
+        #[arg(long, default_value_t = 1)]
+        groups: usize,
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        #[arg(long)]
+        gpus: usize,
+        /// Print `{"phy2log","log2phy","logcnt","phyrank"}`.
+        #[arg(long)]
+        json: bool,
+    },
     /// The built-in default: a small random DeepSeek-V3, generated and benchmarked (no downloads).
     Demo,
 }
@@ -227,6 +246,7 @@ fn main() {
         Command::Bench(args) => {
             hub::resolve_model(&args.model).and_then(|model| bench::run(&bench::BenchArgs { model, ..args }))
         }
+        Command::Eplb { load, replicas, groups, nodes, gpus, json } => commands::eplb(&load, replicas, groups, nodes, gpus, json),
         Command::Convert { from, to, format, max_memory, json } => commands::convert(&from, &to, &format, &max_memory, json),
         Command::RandomModel { preset, dtype, out, seed } => commands::random_model(&preset, &dtype, &out, seed),
         Command::Serve { model, host, port, api_key, max_batch, kv_memory, max_queue, prefill_chunk, mtp_speculative, prefix_cache } => {

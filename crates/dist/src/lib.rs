@@ -1,0 +1,6 @@
+//! Scale-out pieces of DeepSeek-V3 (spec `parallel.md`): expert placement with redundant replicas
+//! (EPLB, [`eplb`]).
+//!
+//! Pure computations on plain data; no model types and no transport.
+
+pub mod eplb;
