@@ -340,6 +340,34 @@ pub fn convert(from: &Path, to: &Path, format: &str, max_memory: &str, json: boo
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+pub fn schedule(kind: &str, pp: usize, chunks: usize, f: f64, b: f64, w: f64, fb: f64, json: bool) -> Result<()> {
+    use dsv3_dist::schedule::{bubble_formula, generate, simulate, Kind, Timing};
+    let k = match kind {
+        "1f1b" => Kind::OneFOneB,
+        "dualpipe" => Kind::DualPipe,
+        "dualpipev" => Kind::DualPipeV,
+        other => bail!("--kind {other}: 1f1b, dualpipe or dualpipev"),
+    };
+    if [f, b, w, fb].iter().any(|x| !x.is_finite() || *x < 0.0) || w > b {
+        bail!("--f/--b/--w/--fb must be non-negative, with --w at most --b");
+    }
+    let t = Timing { f, b, w, fb };
+    let ops = generate(k, pp, chunks).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sim = simulate(k, &ops, t).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let stages = if k == Kind::DualPipeV { 2 * pp } else { pp };
+    let ranks: Vec<Vec<String>> = ops.iter().map(|r| r.iter().map(|o| o.to_string()).collect()).collect();
+    if json {
+        println!("{}", serde_json::json!({"ranks": ranks, "makespan": sim.makespan, "bubble": sim.bubble, "formula": bubble_formula(k, stages, t)}));
+    } else {
+        for (r, ops) in ranks.iter().enumerate() {
+            println!("rank {r}: {}", ops.join(" "));
+        }
+        println!("makespan {} ; bubble per rank {:?} ; formula {}", sim.makespan, sim.bubble, bubble_formula(k, stages, t));
+    }
+    Ok(())
+}
+
 pub fn eplb(load: &Path, replicas: usize, groups: usize, nodes: usize, gpus: usize, json: bool) -> Result<()> {
     use dsv3_dist::eplb::{imbalance, rebalance_experts};
     let text = std::fs::read_to_string(load).with_context(|| format!("reading {}", load.display()))?;

@@ -205,6 +205,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pipeline schedules (1F1B, DualPipe, DualPipeV): each rank's ops, and the simulated makespan
+    /// and per-rank bubble.
+    Schedule {
+        /// 1f1b | dualpipe | dualpipev
+        #[arg(long)]
+        kind: String,
+        /// Pipeline ranks (devices); DualPipeV runs 2·pp stages on them.
+        #[arg(long)]
+        pp: usize,
+        /// Micro-batches per step.
+        #[arg(long)]
+        chunks: usize,
+        /// Forward chunk time.
+        #[arg(long, default_value_t = 1.0)]
+        f: f64,
+        /// Full backward chunk time.
+        #[arg(long, default_value_t = 2.0)]
+        b: f64,
+        /// Weight-gradient part of a backward.
+        #[arg(long, default_value_t = 1.0)]
+        w: f64,
+        /// A forward and a backward overlapped.
+        #[arg(long, default_value_t = 3.0)]
+        fb: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// The built-in default: a small random DeepSeek-V3, generated and benchmarked (no downloads).
     Demo,
 }
@@ -246,6 +273,7 @@ fn main() {
         Command::Bench(args) => {
             hub::resolve_model(&args.model).and_then(|model| bench::run(&bench::BenchArgs { model, ..args }))
         }
+        Command::Schedule { kind, pp, chunks, f, b, w, fb, json } => commands::schedule(&kind, pp, chunks, f, b, w, fb, json),
         Command::Eplb { load, replicas, groups, nodes, gpus, json } => commands::eplb(&load, replicas, groups, nodes, gpus, json),
         Command::Convert { from, to, format, max_memory, json } => commands::convert(&from, &to, &format, &max_memory, json),
         Command::RandomModel { preset, dtype, out, seed } => commands::random_model(&preset, &dtype, &out, seed),
