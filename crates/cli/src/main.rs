@@ -4,6 +4,7 @@
 mod bench;
 mod commands;
 mod hub;
+mod plan;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -232,6 +233,44 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The cost of a training run: FLOPs per token, GPU-hours and dollars, memory per device,
+    /// and the pipeline bubble of each schedule.
+    Plan {
+        /// A config.json, or `deepseek-v3` (the released 671B config, built in).
+        #[arg(long, default_value = "deepseek-v3")]
+        config: String,
+        /// Training tokens (e.g. 14.8T, 500B).
+        #[arg(long, default_value = "14.8T")]
+        tokens: String,
+        #[arg(long, default_value_t = 2048)]
+        gpus: usize,
+        /// h800 | h100 | h200 | a100
+        #[arg(long, default_value = "h800")]
+        gpu: String,
+        /// Pipeline ranks.
+        #[arg(long, default_value_t = 16)]
+        pp: usize,
+        /// Expert-parallel ranks.
+        #[arg(long, default_value_t = 64)]
+        ep: usize,
+        /// Utilization: achieved FLOP/s ÷ the GPU's dense bf16 peak (0.40 reproduces the report).
+        #[arg(long, default_value_t = 0.40)]
+        mfu: f64,
+        /// Dollars per GPU-hour.
+        #[arg(long, default_value_t = 2.0)]
+        price: f64,
+        #[arg(long, default_value_t = 4096)]
+        seq_len: usize,
+        /// Micro-batches per pipeline step (for the bubble).
+        #[arg(long, default_value_t = 32)]
+        chunks: usize,
+        /// Add the report's context extension (1000 steps of 1920 × 32K, 1000 of 480 × 128K
+        /// tokens, costed here) and post-training (5K GPU-hours, taken from the report).
+        #[arg(long)]
+        report_phases: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// The built-in default: a small random DeepSeek-V3, generated and benchmarked (no downloads).
     Demo,
 }
@@ -272,6 +311,9 @@ fn main() {
         }
         Command::Bench(args) => {
             hub::resolve_model(&args.model).and_then(|model| bench::run(&bench::BenchArgs { model, ..args }))
+        }
+        Command::Plan { config, tokens, gpus, gpu, pp, ep, mfu, price, seq_len, chunks, report_phases, json } => {
+            crate::plan::run(&crate::plan::PlanArgs { config, tokens, gpus, gpu, pp, ep, mfu, price, seq_len, chunks, report_phases, json })
         }
         Command::Schedule { kind, pp, chunks, f, b, w, fb, json } => commands::schedule(&kind, pp, chunks, f, b, w, fb, json),
         Command::Eplb { load, replicas, groups, nodes, gpus, json } => commands::eplb(&load, replicas, groups, nodes, gpus, json),

@@ -210,3 +210,41 @@ fn train_writes_a_model_folder_metrics_and_plots_and_rejects_bad_input() {
     assert!(!bad.join("model.safetensors").exists());
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+#[test]
+fn plan_schedule_and_eplb_reproduce_the_reports_figures() {
+    // The released config, 14.8T tokens on 2048 H800s: the report's 180K GPU-hours per trillion
+    // tokens and 2.788M GPU-hours / $5.576M in all, within 2%, at 40% of bf16 peak.
+    let (code, out, err) = dsv3(&["plan", "--config", "deepseek-v3", "--tokens", "14.8T", "--gpus", "2048", "--gpu", "h800", "--pp", "16", "--ep", "64", "--report-phases", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let near = |x: &Value, want: f64| (x.as_f64().unwrap() / want - 1.0).abs() < 0.02;
+    assert!(near(&v["gpu_hours_per_trillion_tokens"], 180e3), "{}", v["gpu_hours_per_trillion_tokens"]);
+    assert!(near(&v["total_gpu_hours"], 2.788e6) && near(&v["cost_usd"], 5.576e6), "{}", v["total_gpu_hours"]);
+    assert!(near(&v["active_params_per_token"], 36.6e9));
+    let dualpipe = v["schedules"].as_array().unwrap().iter().find(|s| s["schedule"] == "dualpipe").unwrap();
+    assert_eq!(dualpipe["bubble"], dualpipe["bubble_formula"]);
+    let (code, _, err) = dsv3(&["plan", "--gpu", "tpu"]);
+    assert!(code != 0 && err.contains("--gpu tpu"), "{err}");
+
+    let (code, out, err) = dsv3(&["schedule", "--kind", "dualpipe", "--pp", "4", "--chunks", "8", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["makespan"], 26.0);
+    assert_eq!(v["ranks"][0].as_array().unwrap().iter().map(|o| o.as_str().unwrap()).collect::<Vec<_>>().join(" "),
+        "F0.0 F0.1 F0.2 F1.0 b1.0 W1.0 F1.1 (F0.3|B1.1) (F1.2|B0.0) B1.2 (F1.3|B0.1) B1.3 b0.2 W0.2 b0.3 W0.3");
+    let (code, _, err) = dsv3(&["schedule", "--kind", "dualpipe", "--pp", "3", "--chunks", "8"]);
+    assert!(code != 0 && err.contains("even"), "{err}");
+
+    let load = std::env::temp_dir().join(format!("dsv3-eplb-{}.json", std::process::id()));
+    std::fs::write(&load, "[[90,132,40,61,104,165,39,4,73,56,183,86],[20,107,104,64,19,197,187,157,172,86,16,27]]").unwrap();
+    let (code, out, err) = dsv3(&["eplb", "--load", load.to_str().unwrap(), "--replicas", "16", "--groups", "4", "--nodes", "2", "--gpus", "8", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["phy2log"][0], serde_json::json!([5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]));
+    assert_eq!(v["logcnt"][1], serde_json::json!([1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]));
+    std::fs::write(&load, "[[1, 2], [3]]").unwrap();
+    let (code, _, err) = dsv3(&["eplb", "--load", load.to_str().unwrap(), "--replicas", "2", "--gpus", "1"]);
+    assert!(code != 0 && err.contains("equal length"), "{err}");
+    std::fs::remove_file(&load).ok();
+}

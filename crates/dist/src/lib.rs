@@ -4,4 +4,5 @@
 //! Pure computations on plain data; no model types and no transport.
 
 pub mod eplb;
+pub mod plan;
 pub mod schedule;
