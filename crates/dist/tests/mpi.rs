@@ -1,0 +1,17 @@
+//! The MPI checks under a real `mpirun` (feature `mpi`): dispatch/combine conformance on 2 and 4
+//! ranks (`dsv3-ep-check` exits non-zero on any failure).
+#![cfg(feature = "mpi")]
+
+use std::process::Command;
+
+#[test]
+fn dispatch_and_combine_hold_across_mpi_processes() {
+    for n in ["2", "4"] {
+        let out = Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", n, env!("CARGO_BIN_EXE_dsv3-ep-check")])
+            .output()
+            .expect("mpirun (OpenMPI) must be installed for the mpi feature's tests");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("ep-check: ok"), "{n} ranks:\n{text}");
+    }
+}
