@@ -16,6 +16,7 @@ cargo test --workspace --release "$@"
 # installs it; elsewhere: apt-get install libopenmpi-dev openmpi-bin clang).
 if command -v mpirun > /dev/null; then
   cargo test --release -p dsv3-dist --features mpi "$@"
+  cargo test --release -p dsv3-cli --features mpi --test ep "$@"
 else
   echo "test.sh: mpirun not found; skipping the MPI tests of crates/dist (feature mpi)"
 fi

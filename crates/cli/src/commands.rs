@@ -14,7 +14,38 @@ fn load_model(dir: &Path) -> Result<DeepseekV3> {
     if !dir.is_dir() {
         bail!("--model {}: not a folder (a Hugging Face model folder with config.json and safetensors)", dir.display());
     }
-    DeepseekV3::load(dir).with_context(|| format!("loading {}", dir.display()))
+    #[allow(unused_mut)]
+    let mut model = DeepseekV3::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+    #[cfg(feature = "mpi")]
+    if EXPERT_PARALLEL.load(std::sync::atomic::Ordering::Relaxed) {
+        crate::ep::attach(&mut model)?;
+    }
+    Ok(model)
+}
+
+#[cfg(feature = "mpi")]
+static EXPERT_PARALLEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--expert-parallel`: MPI up, and every rank but 0 silent on stdout.
+pub fn start_expert_parallel() -> Result<()> {
+    #[cfg(feature = "mpi")]
+    {
+        let (rank, _) = crate::ep::init()?;
+        EXPERT_PARALLEL.store(true, std::sync::atomic::Ordering::Relaxed);
+        if rank != 0 {
+            // SAFETY: plain POSIX calls on descriptors this process owns; stdout becomes /dev/null.
+            unsafe {
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+                if null >= 0 {
+                    libc::dup2(null, 1);
+                    libc::close(null);
+                }
+            }
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "mpi"))]
+    bail!("--expert-parallel needs a build with MPI: cargo build --release --features dsv3-cli/mpi (OpenMPI and clang installed)")
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {

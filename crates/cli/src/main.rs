@@ -3,6 +3,8 @@
 
 mod bench;
 mod commands;
+#[cfg(feature = "mpi")]
+mod ep;
 mod hub;
 mod plan;
 mod train;
@@ -19,6 +21,10 @@ struct Cli {
     /// input quantized per token in 1×128 E4M3 tiles, as FP8 serving does).
     #[arg(long, global = true, default_value = "none")]
     act_quant: String,
+    /// Under `mpirun -np N`: split the routed experts over the N processes (a build with
+    /// `--features dsv3-cli/mpi`); outputs are identical to one process. Rank 0 prints.
+    #[arg(long, global = true)]
+    expert_parallel: bool,
 }
 
 /// Sampling flags shared by `generate` and `chat`.
@@ -290,6 +296,12 @@ fn keep_freed_memory() {
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
+    if cli.expert_parallel {
+        if let Err(e) = commands::start_expert_parallel() {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
     match cli.act_quant.as_str() {
         "none" => {}
         "fp8" => dsv3_model::layers::set_act_quant_fp8(true),
@@ -335,6 +347,8 @@ fn main() {
         }
         Command::Demo => commands::demo(),
     };
+    #[cfg(feature = "mpi")]
+    ep::finish();
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -25,6 +25,22 @@ impl MpiExchange {
     }
 }
 
+impl MpiExchange {
+    /// Every rank's `bytes`, concatenated in rank order, and their sizes.
+    pub fn all_gather(&self, bytes: &[u8]) -> (Vec<u8>, Vec<usize>) {
+        let n = Count::try_from(bytes.len()).expect("a block over 2 GiB");
+        let mut counts = vec![0 as Count; self.comm.size() as usize];
+        self.comm.all_gather_into(&n, &mut counts[..]);
+        let displs: Vec<Count> = counts.iter().scan(0, |a, &x| { let d = *a; *a += x; Some(d) }).collect();
+        let mut out = vec![0u8; counts.iter().map(|&c| c as usize).sum()];
+        {
+            let mut p = PartitionMut::new(&mut out[..], &counts[..], &displs[..]);
+            self.comm.all_gather_varcount_into(bytes, &mut p);
+        }
+        (out, counts.iter().map(|&c| c as usize).collect())
+    }
+}
+
 impl Exchange for MpiExchange {
     fn rank(&self) -> usize {
         self.comm.rank() as usize

@@ -191,6 +191,16 @@ impl DeepseekV3 {
         Ok(())
     }
 
+    /// Spreads the routed experts of every MoE layer (the MTP modules' included) over processes.
+    pub fn set_expert_parallel(&mut self, ep: Arc<dyn crate::moe::ExpertParallel>) {
+        let blocks = self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block));
+        for l in blocks {
+            if let Ffn::Moe(m) = &mut l.mlp {
+                m.ep = Some(ep.clone());
+            }
+        }
+    }
+
     pub fn new_cache(&self) -> KvCache {
         self.new_cache_in(None)
     }

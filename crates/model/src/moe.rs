@@ -120,11 +120,25 @@ pub fn top_k_indices(v: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// Routed experts split over processes (expert parallelism). Every process runs the same tokens
+/// (attention replicated) and routes them identically; each computes the (token, slot) pairs of
+/// the experts it holds, and [`ExpertParallel::gather`] brings every pair's output row to every
+/// process. The transport lives outside the model (crate `dsv3-dist`).
+pub trait ExpertParallel: Send + Sync {
+    /// Whether this process computes expert `e`.
+    fn holds(&self, e: usize) -> bool;
+    /// `rows [n, D]`: this process's outputs for the pairs `slots` (indices into the `total`
+    /// (token, slot) pairs); returns all `total` rows `[total, D]`, each from its holder.
+    fn gather(&self, rows: &[f32], slots: &[usize], total: usize, d: usize) -> Vec<f32>;
+}
+
 #[derive(Clone)]
 pub struct Moe {
     pub gate: Router,
     pub experts: Vec<Mlp>,
     pub shared_experts: Option<Mlp>,
+    /// Set for expert-parallel inference; `None` computes every expert here.
+    pub ep: Option<std::sync::Arc<dyn ExpertParallel>>,
 }
 
 impl Moe {
@@ -137,7 +151,7 @@ impl Moe {
             0 => None,
             n => Some(Mlp::load(ck, &format!("{p}.shared_experts"), d, inter * n, block)?),
         };
-        Ok(Moe { gate: Router::load(ck, &format!("{p}.gate"), cfg, block)?, experts, shared_experts })
+        Ok(Moe { gate: Router::load(ck, &format!("{p}.gate"), cfg, block)?, experts, shared_experts, ep: None })
     }
 
     /// `x [t, D]` → `[t, D]`. Tokens are grouped by expert so each expert's weights are read once
@@ -145,6 +159,9 @@ impl Moe {
     pub fn forward(&self, x: &[f32], t: usize) -> (Vec<f32>, Routing) {
         let d = x.len() / t.max(1);
         let routing = self.gate.route(x, t);
+        if let Some(ep) = &self.ep {
+            return (self.forward_parallel(ep.as_ref(), x, t, &routing), routing);
+        }
         let mut per_expert: Vec<Vec<(usize, f32)>> = vec![vec![]; self.experts.len()];
         for (j, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
             per_expert[e].push((j / routing.k, w));
@@ -170,6 +187,43 @@ impl Moe {
             }
         }
         (out, routing)
+    }
+
+    /// [`Moe::forward`] with the routed experts spread over processes: the same sums in the same
+    /// order (shared expert first, then each token's experts by ascending id), so the result is
+    /// bit-identical to one process.
+    fn forward_parallel(&self, ep: &dyn ExpertParallel, x: &[f32], t: usize, routing: &Routing) -> Vec<f32> {
+        let d = x.len() / t.max(1);
+        let k = routing.k;
+        let mut per_expert: Vec<Vec<usize>> = vec![vec![]; self.experts.len()];
+        for (j, &e) in routing.experts.iter().enumerate() {
+            if ep.holds(e) {
+                per_expert[e].push(j);
+            }
+        }
+        let active: Vec<(usize, &Vec<usize>)> = per_expert.iter().enumerate().filter(|(_, v)| !v.is_empty()).collect();
+        let inputs: Vec<Vec<f32>> = active.iter().map(|(_, js)| js.iter().flat_map(|&j| x[(j / k) * d..(j / k + 1) * d].iter().copied()).collect()).collect();
+        let mut calls: Vec<(&Mlp, &[f32], usize)> = active.iter().zip(&inputs).map(|(&(e, js), xe)| (&self.experts[e], xe.as_slice(), js.len())).collect();
+        if let Some(s) = &self.shared_experts {
+            calls.push((s, x, t));
+        }
+        let mut ys = Mlp::forward_many(&calls);
+        let mut out = match self.shared_experts {
+            Some(_) => ys.pop().unwrap_or_default(),
+            None => vec![0f32; t * d],
+        };
+        let slots: Vec<usize> = active.iter().flat_map(|(_, js)| js.iter().copied()).collect();
+        let rows: Vec<f32> = ys.into_iter().flatten().collect();
+        let all = ep.gather(&rows, &slots, t * k, d);
+        for i in 0..t {
+            let mut js: Vec<usize> = (i * k..(i + 1) * k).collect();
+            js.sort_by_key(|&j| routing.experts[j]);
+            for j in js {
+                let w = routing.weights[j];
+                out[i * d..(i + 1) * d].iter_mut().zip(&all[j * d..(j + 1) * d]).for_each(|(o, y)| *o += w * y);
+            }
+        }
+        out
     }
 }
 

@@ -1,0 +1,31 @@
+//! Expert-parallel inference under `mpirun` (feature `mpi`): generation and scores are
+//! bit-identical to one process.
+#![cfg(feature = "mpi")]
+
+use std::process::Command;
+
+fn run(np: Option<&str>, args: &[&str]) -> String {
+    let exe = env!("CARGO_BIN_EXE_dsv3");
+    let out = match np {
+        None => Command::new(exe).args(args).output().unwrap(),
+        Some(n) => Command::new("mpirun").args(["--allow-run-as-root", "--oversubscribe", "-np", n, exe]).args(args).arg("--expert-parallel").output().unwrap(),
+    };
+    assert!(out.status.success(), "{np:?} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn experts_split_over_processes_change_no_bit() {
+    let dir = std::env::temp_dir().join(format!("dsv3-ep-{}", std::process::id()));
+    let d = dir.to_str().unwrap();
+    run(None, &["random-model", "--preset", "tiny", "--dtype", "fp8", "--out", d, "--seed", "5"]);
+    let gen = ["generate", "--model", d, "--prompt-ids", "5,9,13,17,21,25,29,33,37,41", "--max-new-tokens", "10", "--ignore-eos", "--json"];
+    let score = ["score", "--model", d, "--ids", "3,1,4,1,5,9,2,6,5,3,5", "--mtp", "--json"];
+    let (g1, s1) = (run(None, &gen), run(None, &score));
+    let ids = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["output_ids"].clone();
+    for n in ["2", "4"] {
+        assert_eq!(ids(&run(Some(n), &gen)), ids(&g1), "{n} processes: generated tokens");
+        assert_eq!(run(Some(n), &score), s1, "{n} processes: log-probs bit for bit");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
