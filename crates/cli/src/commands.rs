@@ -27,10 +27,10 @@ fn load_model(dir: &Path) -> Result<DeepseekV3> {
 static EXPERT_PARALLEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// `--expert-parallel`: MPI up, and every rank but 0 silent on stdout.
-pub fn start_expert_parallel() -> Result<()> {
+pub fn start_expert_parallel(redundant: usize, rebalance_every: usize) -> Result<()> {
     #[cfg(feature = "mpi")]
     {
-        let (rank, _) = crate::ep::init()?;
+        let (rank, _) = crate::ep::init(crate::ep::Options { redundant, rebalance_every })?;
         EXPERT_PARALLEL.store(true, std::sync::atomic::Ordering::Relaxed);
         if rank != 0 {
             // SAFETY: plain POSIX calls on descriptors this process owns; stdout becomes /dev/null.
@@ -45,7 +45,10 @@ pub fn start_expert_parallel() -> Result<()> {
         Ok(())
     }
     #[cfg(not(feature = "mpi"))]
-    bail!("--expert-parallel needs a build with MPI: cargo build --release --features dsv3-cli/mpi (OpenMPI and clang installed)")
+    {
+        let _ = (redundant, rebalance_every);
+        bail!("--expert-parallel needs a build with MPI: cargo build --release --features dsv3-cli/mpi (OpenMPI and clang installed)")
+    }
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {

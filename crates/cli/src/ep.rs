@@ -1,42 +1,24 @@
-//! `--expert-parallel` (feature `mpi`): under `mpirun -np N`, every process loads the model and
-//! runs the same tokens (attention replicated); process `r` computes the routed experts
-//! `e·N/E == r`, and each MoE layer all-gathers every (token, slot) output, so every process sums
-//! the same rows in the same order as one process would: outputs are bit-identical.
+//! `--expert-parallel` (feature `mpi`): under `mpirun -np N`, rank 0 runs the command (generate,
+//! score, bench, serve) and everything but the routed experts; ranks 1..N serve experts. In each
+//! MoE layer rank 0 broadcasts the layer's inputs and routing, every rank computes the (token,
+//! slot) pairs placed on it, and rank 0 gathers them (an all-gather). Placement starts static (expert `e` on rank
+//! `e·N/E`) and, with `--rebalance-every B`, is redone every B batches per layer by EPLB from the
+//! routing counts, with `--redundant-experts R` extra replicas whose pairs are split by token.
+//! Every rank observes the same routing, so all agree on the placement without exchanging it.
+//! Expert outputs do not depend on where they run, so results equal one process's bit for bit.
 
+use dsv3_dist::eplb::LiveBalancer;
 use dsv3_dist::transport::MpiExchange;
 use dsv3_model::moe::ExpertParallel;
+use dsv3_model::DeepseekV3;
 use mpi::traits::*;
 use std::sync::{Arc, Mutex, OnceLock};
 
-pub struct MpiExperts {
-    /// MPI is initialized "serialized": the forward calls it from a pool thread, one at a time.
-    ex: Mutex<MpiExchange>,
-    rank: usize,
-    ranks: usize,
-    experts: usize,
-}
-
-impl ExpertParallel for MpiExperts {
-    fn holds(&self, e: usize) -> bool {
-        e * self.ranks / self.experts.max(1) == self.rank
-    }
-
-    fn gather(&self, rows: &[f32], slots: &[usize], total: usize, d: usize) -> Vec<f32> {
-        let mut bytes = Vec::with_capacity(slots.len() * (8 + 4 * d));
-        for (i, &s) in slots.iter().enumerate() {
-            bytes.extend((s as u64).to_le_bytes());
-            bytes.extend(rows[i * d..(i + 1) * d].iter().flat_map(|v| v.to_le_bytes()));
-        }
-        let (all, _) = self.ex.lock().expect("MPI lock").all_gather(&bytes);
-        let mut out = vec![0f32; total * d];
-        for rec in all.chunks_exact(8 + 4 * d) {
-            let s = u64::from_le_bytes(rec[..8].try_into().expect("8 bytes")) as usize;
-            for (o, c) in out[s * d..(s + 1) * d].iter_mut().zip(rec[8..].chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        out
-    }
+/// Placement options from the command line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    pub redundant: usize,
+    pub rebalance_every: usize,
 }
 
 struct Ep {
@@ -45,49 +27,186 @@ struct Ep {
     rank: usize,
     ranks: usize,
     exchange: Mutex<Option<MpiExchange>>,
+    options: Options,
+    /// Rank 0's expert transport, to stop the workers at the end.
+    leader: Mutex<Option<Arc<Leader>>>,
 }
 
-// SAFETY: the universe is only kept alive (dropped at exit, finalizing MPI); the communicator is
-// used behind a mutex, with MPI initialized for serialized multi-threaded use.
+// SAFETY: MPI is initialized for serialized multi-threaded use, and every MPI call goes through
+// a mutex-guarded communicator; the universe is only kept alive and dropped at the end.
 unsafe impl Send for Ep {}
 unsafe impl Sync for Ep {}
-unsafe impl Send for MpiExperts {}
-unsafe impl Sync for MpiExperts {}
 
 static EP: OnceLock<Ep> = OnceLock::new();
 
+const RUN: u64 = 1;
+const STOP: u64 = 2;
+
+/// Per MoE layer placement, identical on every rank.
+struct Placements {
+    layers: Vec<LiveBalancer>,
+}
+
+impl Placements {
+    fn new(layers: usize, experts: usize, ranks: usize, o: Options) -> anyhow::Result<Self> {
+        let slots = (experts + o.redundant).next_multiple_of(ranks);
+        let b = LiveBalancer::new(experts, ranks, slots, o.rebalance_every).map_err(|e| anyhow::anyhow!("--expert-parallel: {e}"))?;
+        Ok(Placements { layers: vec![b; layers] })
+    }
+
+    /// The pairs of `experts [t, k]` this rank computes.
+    fn mine(&self, moe: usize, experts: &[usize], k: usize, rank: usize) -> Vec<usize> {
+        (0..experts.len()).filter(|&j| self.layers[moe].rank_of(experts[j], j / k) == rank).collect()
+    }
+}
+
+/// The MoE header and payload rank 0 broadcasts: (op, layer, d, k) then x and the experts.
+fn encode(moe: usize, x: &[f32], d: usize, experts: &[usize], k: usize) -> Vec<u8> {
+    let mut b = Vec::with_capacity(32 + 4 * x.len() + 4 * experts.len());
+    for v in [RUN, moe as u64, d as u64, k as u64, x.len() as u64] {
+        b.extend(v.to_le_bytes());
+    }
+    b.extend(x.iter().flat_map(|v| v.to_le_bytes()));
+    b.extend(experts.iter().flat_map(|&e| (e as u32).to_le_bytes()));
+    b
+}
+
+fn records(pairs: &[usize], rows: &[f32], d: usize) -> Vec<u8> {
+    let mut b = Vec::with_capacity(pairs.len() * (8 + 4 * d));
+    for (i, &j) in pairs.iter().enumerate() {
+        b.extend((j as u64).to_le_bytes());
+        b.extend(rows[i * d..(i + 1) * d].iter().flat_map(|v| v.to_le_bytes()));
+    }
+    b
+}
+
+struct Leader {
+    ex: Mutex<MpiExchange>,
+    placements: Mutex<Placements>,
+}
+
+// SAFETY: see `Ep`.
+unsafe impl Send for Leader {}
+unsafe impl Sync for Leader {}
+
+impl ExpertParallel for Leader {
+    fn expert_outputs(&self, moe: usize, x: &[f32], d: usize, experts: &[usize], k: usize, compute: &dyn Fn(&[usize]) -> Vec<f32>) -> Vec<f32> {
+        let ex = self.ex.lock().expect("MPI lock");
+        let mut msg = encode(moe, x, d, experts, k);
+        ex.broadcast(&mut msg);
+        let mut placements = self.placements.lock().expect("placement lock");
+        let mine = placements.mine(moe, experts, k, 0);
+        let rows = compute(&mine);
+        // (An all-gather: OpenMPI's Gatherv rejects the null arguments rsmpi passes off-root.)
+        let (all, _) = ex.all_gather(&records(&[], &[], d));
+        placements.layers[moe].observe(experts, k);
+        let mut out = vec![0f32; experts.len() * d];
+        for (i, &j) in mine.iter().enumerate() {
+            out[j * d..(j + 1) * d].copy_from_slice(&rows[i * d..(i + 1) * d]);
+        }
+        for rec in all.chunks_exact(8 + 4 * d) {
+            let j = u64::from_le_bytes(rec[..8].try_into().expect("8 bytes")) as usize;
+            for (o, c) in out[j * d..(j + 1) * d].iter_mut().zip(rec[8..].chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        out
+    }
+}
+
+/// A worker rank's life: compute the pairs placed here for every MoE layer rank 0 runs, until
+/// it says stop.
+fn serve_experts(model: &DeepseekV3, ex: MpiExchange, mut placements: Placements, rank: usize) {
+    let moes = model.moe_layers();
+    loop {
+        let mut msg = vec![];
+        ex.broadcast(&mut msg);
+        let u = |i: usize| u64::from_le_bytes(msg[8 * i..8 * i + 8].try_into().expect("header"));
+        if msg.len() < 40 || u(0) == STOP {
+            return;
+        }
+        let (moe, d, k, n) = (u(1) as usize, u(2) as usize, u(3) as usize, u(4) as usize);
+        let x: Vec<f32> = msg[40..40 + 4 * n].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let experts: Vec<usize> = msg[40 + 4 * n..].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize).collect();
+        let mine = placements.mine(moe, &experts, k, rank);
+        let rows = dsv3_model::model::on_pool(|| moes[moe].expert_rows(&x, d, &experts, k, &mine));
+        ex.all_gather(&records(&mine, &rows, d));
+        placements.layers[moe].observe(&experts, k);
+    }
+}
+
 /// Initializes MPI; returns (rank, ranks).
-pub fn init() -> anyhow::Result<(usize, usize)> {
+pub fn init(options: Options) -> anyhow::Result<(usize, usize)> {
     let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Serialized).ok_or_else(|| anyhow::anyhow!("MPI is already initialized"))?;
     if threading < mpi::Threading::Serialized {
         anyhow::bail!("--expert-parallel: this MPI does not support serialized multi-threaded calls");
     }
     let world = universe.world();
     let (rank, ranks) = (world.rank() as usize, world.size() as usize);
-    let _ = EP.set(Ep { universe: Mutex::new(Some(universe)), rank, ranks, exchange: Mutex::new(Some(MpiExchange { comm: world })) });
+    let _ = EP.set(Ep {
+        universe: Mutex::new(Some(universe)),
+        rank,
+        ranks,
+        exchange: Mutex::new(Some(MpiExchange { comm: world })),
+        options,
+        leader: Mutex::new(None),
+    });
     Ok((rank, ranks))
 }
 
-/// Finalizes MPI (all ranks reach it after the same work).
-pub fn finish() {
-    if let Some(ep) = EP.get() {
-        if let Ok(mut u) = ep.universe.lock() {
-            u.take();
-        }
-    }
-}
-
-/// Splits the model's routed experts over the MPI processes.
-pub fn attach(model: &mut dsv3_model::DeepseekV3) -> anyhow::Result<()> {
+/// Rank 0: routes the model's experts through the workers. Other ranks: serve experts until rank
+/// 0 is done, then exit (they never run the command itself).
+pub fn attach(model: &mut DeepseekV3) -> anyhow::Result<()> {
     let ep = EP.get().ok_or_else(|| anyhow::anyhow!("--expert-parallel: MPI not initialized"))?;
     let ex = ep.exchange.lock().expect("lock").take().ok_or_else(|| anyhow::anyhow!("--expert-parallel: one model per process"))?;
     let experts = model.config.n_routed_experts;
-    if experts < ep.ranks {
-        anyhow::bail!("--expert-parallel: {} processes for {experts} routed experts", ep.ranks);
+    let layers = model.moe_layers().len();
+    if layers == 0 || experts < ep.ranks {
+        anyhow::bail!("--expert-parallel: {} processes for {experts} routed experts in {layers} MoE layers", ep.ranks);
     }
-    if ep.rank == 0 {
-        eprintln!("expert parallel: {} processes, {experts} routed experts per MoE layer split {} to {} per process", ep.ranks, experts / ep.ranks, experts.div_ceil(ep.ranks));
+    let placements = Placements::new(layers, experts, ep.ranks, ep.options)?;
+    if ep.rank != 0 {
+        serve_experts(model, ex, placements, ep.rank);
+        finish();
+        std::process::exit(0);
     }
-    model.set_expert_parallel(Arc::new(MpiExperts { ex: Mutex::new(ex), rank: ep.rank, ranks: ep.ranks, experts }));
+    eprintln!(
+        "expert parallel: {} processes; {experts} routed experts per layer over {} slots{}",
+        ep.ranks,
+        (experts + ep.options.redundant).next_multiple_of(ep.ranks),
+        match ep.options.rebalance_every {
+            0 => String::new(),
+            b => format!(", re-placed by EPLB every {b} batches"),
+        }
+    );
+    let leader = Arc::new(Leader { ex: Mutex::new(ex), placements: Mutex::new(placements) });
+    *ep.leader.lock().expect("lock") = Some(leader.clone());
+    model.set_expert_parallel(leader);
     Ok(())
+}
+
+/// Per-rank load imbalance (max/mean pairs per rank) of the last full window, averaged over the
+/// MoE layers: (placement in force, static placement). None before a window completes.
+pub fn imbalance() -> Option<(f64, f64)> {
+    let leader = EP.get()?.leader.lock().ok()?.clone()?;
+    let p = leader.placements.lock().ok()?;
+    let v: Vec<(f64, f64)> = p.layers.iter().filter_map(|b| b.last_imbalance).collect();
+    (!v.is_empty()).then(|| (v.iter().map(|x| x.0).sum::<f64>() / v.len() as f64, v.iter().map(|x| x.1).sum::<f64>() / v.len() as f64))
+}
+
+/// Stops the workers (rank 0) and finalizes MPI.
+pub fn finish() {
+    let Some(ep) = EP.get() else { return };
+    let mut stop: Vec<u8> = [STOP, 0, 0, 0, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    if let Some(leader) = ep.leader.lock().ok().and_then(|mut l| l.take()) {
+        leader.ex.lock().expect("MPI lock").broadcast(&mut stop);
+    } else if ep.rank == 0 && ep.ranks > 1 {
+        // Rank 0 failed before loading its model: release the workers waiting for work.
+        if let Some(ex) = ep.exchange.lock().ok().and_then(|mut e| e.take()) {
+            ex.broadcast(&mut stop);
+        }
+    }
+    if let Ok(mut u) = ep.universe.lock() {
+        u.take();
+    }
 }

@@ -25,6 +25,13 @@ struct Cli {
     /// `--features dsv3-cli/mpi`); outputs are identical to one process. Rank 0 prints.
     #[arg(long, global = true)]
     expert_parallel: bool,
+    /// With --expert-parallel: extra expert replicas (EPLB's redundant experts) per MoE layer.
+    #[arg(long, global = true, default_value_t = 0)]
+    redundant_experts: usize,
+    /// With --expert-parallel: re-place the experts with EPLB every this many batches per layer,
+    /// from the routing counts of the window (0: static placement).
+    #[arg(long, global = true, default_value_t = 0)]
+    rebalance_every: usize,
 }
 
 /// Sampling flags shared by `generate` and `chat`.
@@ -297,7 +304,7 @@ fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
     if cli.expert_parallel {
-        if let Err(e) = commands::start_expert_parallel() {
+        if let Err(e) = commands::start_expert_parallel(cli.redundant_experts, cli.rebalance_every) {
             eprintln!("error: {e:#}");
             std::process::exit(1);
         }

@@ -1,14 +1,19 @@
 //! Expert-parallel inference under `mpirun` (feature `mpi`): generation and scores are
-//! bit-identical to one process.
+//! bit-identical to one process, with static placement and with redundant replicas re-placed
+//! by EPLB while generating.
 #![cfg(feature = "mpi")]
 
 use std::process::Command;
 
 fn run(np: Option<&str>, args: &[&str]) -> String {
+    run_with(np, args, &[])
+}
+
+fn run_with(np: Option<&str>, args: &[&str], ep: &[&str]) -> String {
     let exe = env!("CARGO_BIN_EXE_dsv3");
     let out = match np {
         None => Command::new(exe).args(args).output().unwrap(),
-        Some(n) => Command::new("mpirun").args(["--allow-run-as-root", "--oversubscribe", "-np", n, exe]).args(args).arg("--expert-parallel").output().unwrap(),
+        Some(n) => Command::new("mpirun").args(["--allow-run-as-root", "--oversubscribe", "-np", n, exe]).args(args).arg("--expert-parallel").args(ep).output().unwrap(),
     };
     assert!(out.status.success(), "{np:?} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
@@ -26,6 +31,10 @@ fn experts_split_over_processes_change_no_bit() {
     for n in ["2", "4"] {
         assert_eq!(ids(&run(Some(n), &gen)), ids(&g1), "{n} processes: generated tokens");
         assert_eq!(run(Some(n), &score), s1, "{n} processes: log-probs bit for bit");
+        // Redundant replicas (pairs split by token) and EPLB re-placement every 2 batches while
+        // generating: still the same tokens.
+        let eplb = ["--redundant-experts", "4", "--rebalance-every", "2"];
+        assert_eq!(ids(&run_with(Some(n), &gen, &eplb)), ids(&g1), "{n} processes with EPLB");
     }
     std::fs::remove_dir_all(&dir).ok();
 }

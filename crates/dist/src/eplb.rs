@@ -167,6 +167,82 @@ fn hierarchical(w: &[f64], p: usize, g: usize, nodes: usize, gpus: usize) -> (Ve
     (phy2log, phyrank, logcnt)
 }
 
+/// Live placement for expert-parallel serving: counts the (token, slot) pairs each logical expert
+/// receives and, every `period` batches, re-places the experts over `slots` physical slots on the
+/// ranks with [`rebalance_experts`] (global policy) from the window's counts. A function of the
+/// routing it observes, so every process that observes the same routing agrees on the placement
+/// without exchanging it; requests in flight never notice (every process can compute any expert).
+#[derive(Clone, Debug)]
+pub struct LiveBalancer {
+    experts: usize,
+    ranks: usize,
+    slots: usize,
+    period: usize,
+    counts: Vec<f64>,
+    calls: usize,
+    /// Ranks holding each logical expert's replicas; pairs are split among them by token.
+    replicas: Vec<Vec<usize>>,
+    window_current: Vec<f64>,
+    window_static: Vec<f64>,
+    /// Max/mean per-rank load of the last full window: (placement in force, static placement).
+    pub last_imbalance: Option<(f64, f64)>,
+    pub rebalances: usize,
+}
+
+impl LiveBalancer {
+    /// Starts with the static placement (expert `e` on rank `e·R/E`, one replica each).
+    pub fn new(experts: usize, ranks: usize, slots: usize, period: usize) -> Result<Self, String> {
+        if ranks == 0 || experts < ranks || slots < experts || !slots.is_multiple_of(ranks) {
+            return Err(format!("live placement: {experts} experts, {slots} slots on {ranks} ranks (slots ≥ experts, a multiple of the ranks)"));
+        }
+        Ok(LiveBalancer {
+            experts,
+            ranks,
+            slots,
+            period,
+            counts: vec![0.0; experts],
+            calls: 0,
+            replicas: (0..experts).map(|e| vec![e * ranks / experts]).collect(),
+            window_current: vec![0.0; ranks],
+            window_static: vec![0.0; ranks],
+            last_imbalance: None,
+            rebalances: 0,
+        })
+    }
+
+    /// The rank that computes `token`'s pair with expert `e`.
+    pub fn rank_of(&self, e: usize, token: usize) -> usize {
+        let r = &self.replicas[e];
+        r[token % r.len()]
+    }
+
+    /// Records one batch's routing (`experts [t, k]`); at the end of a window re-places.
+    pub fn observe(&mut self, experts: &[usize], k: usize) {
+        for (j, &e) in experts.iter().enumerate() {
+            self.counts[e] += 1.0;
+            let r = self.rank_of(e, j / k.max(1));
+            self.window_current[r] += 1.0;
+            self.window_static[e * self.ranks / self.experts] += 1.0;
+        }
+        self.calls += 1;
+        if self.period > 0 && self.calls.is_multiple_of(self.period) {
+            self.last_imbalance = Some((imbalance(&self.window_current), imbalance(&self.window_static)));
+            if let Ok(p) = rebalance_experts(&[self.counts.clone()], self.slots, 1, 1, self.ranks) {
+                let per = self.slots / self.ranks;
+                let mut replicas = vec![vec![]; self.experts];
+                for (slot, &e) in p.phy2log[0].iter().enumerate() {
+                    replicas[e].push(slot / per);
+                }
+                self.replicas = replicas;
+                self.rebalances += 1;
+            }
+            self.counts.iter_mut().for_each(|c| *c = 0.0);
+            self.window_current.iter_mut().for_each(|c| *c = 0.0);
+            self.window_static.iter_mut().for_each(|c| *c = 0.0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +276,24 @@ mod tests {
         assert_eq!(p.loads(0, &w[0], 8), [130.5, 95.5, 130., 138., 138.5, 134.5, 134., 132.]);
         // Groups that do not divide among the nodes fall back to the global policy.
         assert_eq!(rebalance_experts(&w, 16, 3, 2, 8).unwrap().phy2log, p.phy2log);
+    }
+
+    #[test]
+    fn live_placement_follows_skewed_routing_and_evens_the_ranks() {
+        // 8 experts on 4 ranks with 4 redundant slots; experts 0 and 1 get most tokens.
+        let mut b = LiveBalancer::new(8, 4, 12, 10).unwrap();
+        assert_eq!((0..8).map(|e| b.rank_of(e, 0)).collect::<Vec<_>>(), [0, 0, 1, 1, 2, 2, 3, 3]);
+        let batch: Vec<usize> = (0..64).flat_map(|t| [t % 2, 2 + t % 6]).collect(); // top-2
+        for _ in 0..20 {
+            b.observe(&batch, 2);
+        }
+        assert_eq!(b.rebalances, 2);
+        let (current, stat) = b.last_imbalance.unwrap();
+        assert!(stat > 1.5 && current < 1.2, "static {stat}, placed {current}");
+        // The hot experts got replicas on different ranks, and pairs are split between them.
+        let ranks0: Vec<usize> = (0..4).map(|t| b.rank_of(0, t)).collect();
+        assert!(ranks0.iter().collect::<std::collections::BTreeSet<_>>().len() > 1, "{ranks0:?}");
+        assert!(LiveBalancer::new(8, 4, 10, 1).is_err());
     }
 
     #[test]

@@ -12,6 +12,18 @@ pub struct MpiExchange {
     pub comm: SimpleCommunicator,
 }
 
+/// An empty Rust slice points at address 1, which OpenMPI reads as `MPI_IN_PLACE`: empty buffers
+/// get a real address.
+static EMPTY: [u8; 1] = [0];
+
+fn real(b: &[u8]) -> &[u8] {
+    if b.is_empty() {
+        &EMPTY[..0]
+    } else {
+        b
+    }
+}
+
 impl MpiExchange {
     /// Counts received from each source for `counts` sent to each destination, and the
     /// displacements of both.
@@ -32,13 +44,27 @@ impl MpiExchange {
         let mut counts = vec![0 as Count; self.comm.size() as usize];
         self.comm.all_gather_into(&n, &mut counts[..]);
         let displs: Vec<Count> = counts.iter().scan(0, |a, &x| { let d = *a; *a += x; Some(d) }).collect();
-        let mut out = vec![0u8; counts.iter().map(|&c| c as usize).sum()];
+        let total: usize = counts.iter().map(|&c| c as usize).sum();
+        let mut out = vec![0u8; total + 1];
         {
-            let mut p = PartitionMut::new(&mut out[..], &counts[..], &displs[..]);
-            self.comm.all_gather_varcount_into(bytes, &mut p);
+            let mut p = PartitionMut::new(&mut out[..total], &counts[..], &displs[..]);
+            self.comm.all_gather_varcount_into(real(bytes), &mut p);
         }
+        out.truncate(total);
         (out, counts.iter().map(|&c| c as usize).collect())
     }
+}
+
+impl MpiExchange {
+    /// Rank 0's `bytes` on every rank (the length goes first).
+    pub fn broadcast(&self, bytes: &mut Vec<u8>) {
+        let root = self.comm.process_at_rank(0);
+        let mut n = bytes.len() as u64;
+        root.broadcast_into(&mut n);
+        bytes.resize(n as usize, 0);
+        root.broadcast_into(&mut bytes[..]);
+    }
+
 }
 
 impl Exchange for MpiExchange {
@@ -52,21 +78,24 @@ impl Exchange for MpiExchange {
 
     fn all_to_all(&self, send: &[u8], counts: &[usize]) -> (Vec<u8>, Vec<usize>) {
         let (sc, sd, rc, rd) = self.sizes(counts);
-        let mut recv = vec![0u8; rc.iter().map(|&c| c as usize).sum()];
+        let total: usize = rc.iter().map(|&c| c as usize).sum();
+        let mut recv = vec![0u8; total + 1];
         {
-            let sp = Partition::new(send, &sc[..], &sd[..]);
-            let mut rp = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);
+            let sp = Partition::new(real(send), &sc[..], &sd[..]);
+            let mut rp = PartitionMut::new(&mut recv[..total], &rc[..], &rd[..]);
             self.comm.all_to_all_varcount_into(&sp, &mut rp);
         }
+        recv.truncate(total);
         (recv, rc.iter().map(|&c| c as usize).collect())
     }
 
     fn all_to_all_overlapped(&self, send: &[u8], counts: &[usize], work: &mut dyn FnMut() -> bool) -> (Vec<u8>, Vec<usize>) {
         let (sc, sd, rc, rd) = self.sizes(counts);
-        let mut recv = vec![0u8; rc.iter().map(|&c| c as usize).sum()];
+        let total: usize = rc.iter().map(|&c| c as usize).sum();
+        let mut recv = vec![0u8; total + 1];
         {
-            let sp = Partition::new(send, &sc[..], &sd[..]);
-            let mut rp = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);
+            let sp = Partition::new(real(send), &sc[..], &sd[..]);
+            let mut rp = PartitionMut::new(&mut recv[..total], &rc[..], &rd[..]);
             mpi::request::scope(|scope| {
                 // OpenMPI progresses a non-blocking collective only inside MPI calls: test it
                 // between slices of work.
@@ -81,6 +110,7 @@ impl Exchange for MpiExchange {
                 }
             });
         }
+        recv.truncate(total);
         (recv, rc.iter().map(|&c| c as usize).collect())
     }
 }

@@ -191,12 +191,22 @@ impl DeepseekV3 {
         Ok(())
     }
 
-    /// Spreads the routed experts of every MoE layer (the MTP modules' included) over processes.
+    /// The MoE layers, main model first, then the MTP modules'.
+    pub fn moe_layers(&self) -> Vec<&crate::moe::Moe> {
+        self.layers.iter().chain(self.mtp.iter().map(|m| &m.block)).filter_map(|l| match &l.mlp {
+            Ffn::Moe(m) => Some(m),
+            Ffn::Dense(_) => None,
+        }).collect()
+    }
+
+    /// Computes the routed experts of every MoE layer through `ep` (expert parallelism).
     pub fn set_expert_parallel(&mut self, ep: Arc<dyn crate::moe::ExpertParallel>) {
         let blocks = self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block));
+        let mut id = 0;
         for l in blocks {
             if let Ffn::Moe(m) = &mut l.mlp {
-                m.ep = Some(ep.clone());
+                m.ep = Some((id, ep.clone()));
+                id += 1;
             }
         }
     }

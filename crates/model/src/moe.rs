@@ -120,16 +120,14 @@ pub fn top_k_indices(v: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-/// Routed experts split over processes (expert parallelism). Every process runs the same tokens
-/// (attention replicated) and routes them identically; each computes the (token, slot) pairs of
-/// the experts it holds, and [`ExpertParallel::gather`] brings every pair's output row to every
-/// process. The transport lives outside the model (crate `dsv3-dist`).
+/// Routed experts computed across processes (expert parallelism; the transport lives outside the
+/// model, in the CLI over `dsv3-dist`). Given this MoE layer's inputs and routing, returns the
+/// routed expert's output for every (token, slot) pair, `[t·k, D]` in pair order; `compute`
+/// evaluates a list of pairs on this process (other processes do the same with their copy of
+/// the weights). Expert outputs do not depend on which pairs share a call, so the result is the
+/// same wherever a pair runs.
 pub trait ExpertParallel: Send + Sync {
-    /// Whether this process computes expert `e`.
-    fn holds(&self, e: usize) -> bool;
-    /// `rows [n, D]`: this process's outputs for the pairs `slots` (indices into the `total`
-    /// (token, slot) pairs); returns all `total` rows `[total, D]`, each from its holder.
-    fn gather(&self, rows: &[f32], slots: &[usize], total: usize, d: usize) -> Vec<f32>;
+    fn expert_outputs(&self, moe: usize, x: &[f32], d: usize, experts: &[usize], k: usize, compute: &dyn Fn(&[usize]) -> Vec<f32>) -> Vec<f32>;
 }
 
 #[derive(Clone)]
@@ -137,8 +135,9 @@ pub struct Moe {
     pub gate: Router,
     pub experts: Vec<Mlp>,
     pub shared_experts: Option<Mlp>,
-    /// Set for expert-parallel inference; `None` computes every expert here.
-    pub ep: Option<std::sync::Arc<dyn ExpertParallel>>,
+    /// Set for expert-parallel inference (this layer's index among the MoE layers, and the
+    /// transport); `None` computes every expert here.
+    pub ep: Option<(usize, std::sync::Arc<dyn ExpertParallel>)>,
 }
 
 impl Moe {
@@ -159,8 +158,8 @@ impl Moe {
     pub fn forward(&self, x: &[f32], t: usize) -> (Vec<f32>, Routing) {
         let d = x.len() / t.max(1);
         let routing = self.gate.route(x, t);
-        if let Some(ep) = &self.ep {
-            return (self.forward_parallel(ep.as_ref(), x, t, &routing), routing);
+        if let Some((id, ep)) = &self.ep {
+            return (self.forward_parallel(*id, ep.as_ref(), x, t, &routing), routing);
         }
         let mut per_expert: Vec<Vec<(usize, f32)>> = vec![vec![]; self.experts.len()];
         for (j, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
@@ -189,32 +188,38 @@ impl Moe {
         (out, routing)
     }
 
-    /// [`Moe::forward`] with the routed experts spread over processes: the same sums in the same
-    /// order (shared expert first, then each token's experts by ascending id), so the result is
-    /// bit-identical to one process.
-    fn forward_parallel(&self, ep: &dyn ExpertParallel, x: &[f32], t: usize, routing: &Routing) -> Vec<f32> {
-        let d = x.len() / t.max(1);
-        let k = routing.k;
+    /// The routed experts' outputs for the (token, slot) `pairs` of `experts [t, k]`, in `pairs`
+    /// order: each expert runs once over its pairs' tokens.
+    pub fn expert_rows(&self, x: &[f32], d: usize, experts: &[usize], k: usize, pairs: &[usize]) -> Vec<f32> {
         let mut per_expert: Vec<Vec<usize>> = vec![vec![]; self.experts.len()];
-        for (j, &e) in routing.experts.iter().enumerate() {
-            if ep.holds(e) {
-                per_expert[e].push(j);
-            }
+        for (i, &j) in pairs.iter().enumerate() {
+            per_expert[experts[j]].push(i);
         }
         let active: Vec<(usize, &Vec<usize>)> = per_expert.iter().enumerate().filter(|(_, v)| !v.is_empty()).collect();
-        let inputs: Vec<Vec<f32>> = active.iter().map(|(_, js)| js.iter().flat_map(|&j| x[(j / k) * d..(j / k + 1) * d].iter().copied()).collect()).collect();
-        let mut calls: Vec<(&Mlp, &[f32], usize)> = active.iter().zip(&inputs).map(|(&(e, js), xe)| (&self.experts[e], xe.as_slice(), js.len())).collect();
-        if let Some(s) = &self.shared_experts {
-            calls.push((s, x, t));
+        let inputs: Vec<Vec<f32>> =
+            active.iter().map(|(_, is)| is.iter().flat_map(|&i| x[(pairs[i] / k) * d..(pairs[i] / k + 1) * d].iter().copied()).collect()).collect();
+        let calls: Vec<(&Mlp, &[f32], usize)> = active.iter().zip(&inputs).map(|(&(e, is), xe)| (&self.experts[e], xe.as_slice(), is.len())).collect();
+        let ys = Mlp::forward_many(&calls);
+        let mut out = vec![0f32; pairs.len() * d];
+        for ((_, is), y) in active.iter().zip(&ys) {
+            for (&i, row) in is.iter().zip(y.chunks_exact(d)) {
+                out[i * d..(i + 1) * d].copy_from_slice(row);
+            }
         }
-        let mut ys = Mlp::forward_many(&calls);
-        let mut out = match self.shared_experts {
-            Some(_) => ys.pop().unwrap_or_default(),
+        out
+    }
+
+    /// [`Moe::forward`] with the routed experts computed across processes: the same sums in the
+    /// same order (shared expert first, then each token's experts by ascending id), so the result
+    /// is bit-identical to one process.
+    fn forward_parallel(&self, id: usize, ep: &dyn ExpertParallel, x: &[f32], t: usize, routing: &Routing) -> Vec<f32> {
+        let d = x.len() / t.max(1);
+        let k = routing.k;
+        let mut out = match &self.shared_experts {
+            Some(s) => s.forward(x, t),
             None => vec![0f32; t * d],
         };
-        let slots: Vec<usize> = active.iter().flat_map(|(_, js)| js.iter().copied()).collect();
-        let rows: Vec<f32> = ys.into_iter().flatten().collect();
-        let all = ep.gather(&rows, &slots, t * k, d);
+        let all = ep.expert_outputs(id, x, d, &routing.experts, k, &|pairs| self.expert_rows(x, d, &routing.experts, k, pairs));
         for i in 0..t {
             let mut js: Vec<usize> = (i * k..(i + 1) * k).collect();
             js.sort_by_key(|&j| routing.experts[j]);
