@@ -26,6 +26,24 @@ fn load_model(dir: &Path) -> Result<DeepseekV3> {
 #[cfg(feature = "mpi")]
 static EXPERT_PARALLEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// `/metrics` lines of expert parallelism: per-rank load imbalance (max/mean pairs per rank) of
+/// the last placement window, with the placement in force and with the static one.
+pub fn ep_metrics() -> Option<dsv3_serve::MetricsHook> {
+    #[cfg(feature = "mpi")]
+    if EXPERT_PARALLEL.load(std::sync::atomic::Ordering::Relaxed) {
+        return Some(dsv3_serve::MetricsHook(std::sync::Arc::new(|| {
+            let (now, stat) = crate::ep::imbalance().unwrap_or((1.0, 1.0));
+            format!(
+                "# HELP dsv3_ep_rank_load_imbalance Max/mean routed pairs per expert-parallel rank over the last placement window.\n\
+                 # TYPE dsv3_ep_rank_load_imbalance gauge\n\
+                 dsv3_ep_rank_load_imbalance{{placement=\"current\"}} {now}\n\
+                 dsv3_ep_rank_load_imbalance{{placement=\"static\"}} {stat}\n"
+            )
+        })));
+    }
+    None
+}
+
 /// `--expert-parallel`: MPI up, and every rank but 0 silent on stdout.
 pub fn start_expert_parallel(redundant: usize, rebalance_every: usize) -> Result<()> {
     #[cfg(feature = "mpi")]

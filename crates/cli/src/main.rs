@@ -340,7 +340,7 @@ fn main() {
         Command::RandomModel { preset, dtype, out, seed } => commands::random_model(&preset, &dtype, &out, seed),
         Command::Serve { model, host, port, api_key, max_batch, kv_memory, max_queue, prefill_chunk, mtp_speculative, prefix_cache } => {
             hub::resolve_model(&model).and_then(|m| {
-                let o = dsv3_serve::ServeOptions { host, port, api_key, max_batch, kv_memory: 0, max_queue, prefill_chunk, mtp_speculative, prefix_cache };
+                let o = dsv3_serve::ServeOptions { host, port, api_key, max_batch, kv_memory: 0, max_queue, prefill_chunk, mtp_speculative, prefix_cache, extra_metrics: commands::ep_metrics() };
                 commands::serve(&m, o, &kv_memory)
             })
         }

@@ -26,6 +26,8 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// Token ids that end a generation (generation_config.json, config.json, tokenizer).
     pub eos_ids: Vec<u32>,
+    /// More Prometheus text for `/metrics` (expert-parallel placement, from the CLI).
+    pub extra_metrics: Option<crate::MetricsHook>,
 }
 
 type Shared = Arc<AppState>;
@@ -539,7 +541,11 @@ async fn detokenize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -
 }
 
 async fn metrics(State(st): State<Shared>) -> Response {
-    st.engine.metrics.render(st.model.kv_bytes_per_token()).into_response()
+    let mut text = st.engine.metrics.render(st.model.kv_bytes_per_token());
+    if let Some(hook) = &st.extra_metrics {
+        text.push_str(&(hook.0)());
+    }
+    text.into_response()
 }
 
 #[cfg(test)]

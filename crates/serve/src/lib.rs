@@ -30,11 +30,22 @@ pub struct ServeOptions {
     pub mtp_speculative: usize,
     /// Reuse full 64-token prompt blocks across requests with the same prefix.
     pub prefix_cache: bool,
+    pub extra_metrics: Option<MetricsHook>,
+}
+
+/// Extra Prometheus lines appended to `/metrics`.
+#[derive(Clone)]
+pub struct MetricsHook(pub Arc<dyn Fn() -> String + Send + Sync>);
+
+impl std::fmt::Debug for MetricsHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("MetricsHook")
+    }
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { host: "127.0.0.1".into(), port: 8000, api_key: None, max_batch: 16, kv_memory: 1 << 30, max_queue: 64, prefill_chunk: 64, mtp_speculative: 0, prefix_cache: false }
+        ServeOptions { host: "127.0.0.1".into(), port: 8000, api_key: None, max_batch: 16, kv_memory: 1 << 30, max_queue: 64, prefill_chunk: 64, mtp_speculative: 0, prefix_cache: false, extra_metrics: None }
     }
 }
 
@@ -63,7 +74,7 @@ pub fn build(
         mtp_speculative,
     };
     let (engine, thread) = engine::start(model.clone(), cfg);
-    let state = Arc::new(api::AppState { engine, model, tokenizer, model_name: name.to_string(), api_key: o.api_key.clone(), eos_ids });
+    let state = Arc::new(api::AppState { engine, model, tokenizer, model_name: name.to_string(), api_key: o.api_key.clone(), eos_ids, extra_metrics: o.extra_metrics.clone() });
     (state, thread)
 }
 
