@@ -7,6 +7,7 @@
 
 pub mod ep;
 pub mod eplb;
+pub mod pipeline;
 pub mod plan;
 pub mod schedule;
 #[cfg(feature = "mpi")]

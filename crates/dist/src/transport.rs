@@ -114,3 +114,48 @@ impl Exchange for MpiExchange {
         (recv, rc.iter().map(|&c| c as usize).collect())
     }
 }
+
+/// Point-to-point messages for the pipeline executor: sends are posted at once (`MPI_Isend`, the
+/// buffer kept alive until [`P2p::flush`]), receives block on (source, tag).
+pub struct MpiPeers<'a> {
+    pub comm: &'a SimpleCommunicator,
+    pending: Vec<(mpi::request::Request<'static, [f64], mpi::request::StaticScope>, *mut [f64])>,
+}
+
+impl<'a> MpiPeers<'a> {
+    pub fn new(comm: &'a SimpleCommunicator) -> Self {
+        MpiPeers { comm, pending: vec![] }
+    }
+}
+
+impl crate::pipeline::P2p for MpiPeers<'_> {
+    fn rank(&self) -> usize {
+        self.comm.rank() as usize
+    }
+
+    fn send(&mut self, to: usize, tag: u64, data: Vec<f64>) {
+        // The buffer must outlive the request: leaked here, reclaimed in flush after the wait.
+        let buf: &'static mut [f64] = Box::leak(data.into_boxed_slice());
+        let ptr: *mut [f64] = buf;
+        let req = self.comm.process_at_rank(to as i32).immediate_send_with_tag(mpi::request::StaticScope, &*buf, tag as i32);
+        self.pending.push((req, ptr));
+    }
+
+    fn recv(&mut self, from: usize, tag: u64, _len: usize) -> Vec<f64> {
+        self.comm.process_at_rank(from as i32).receive_vec_with_tag::<f64>(tag as i32).0
+    }
+
+    fn flush(&mut self) {
+        for (req, ptr) in self.pending.drain(..) {
+            req.wait();
+            // SAFETY: `ptr` came from Box::leak in `send`, and the send using it has completed.
+            drop(unsafe { Box::from_raw(ptr) });
+        }
+    }
+}
+
+impl Drop for MpiPeers<'_> {
+    fn drop(&mut self) {
+        crate::pipeline::P2p::flush(self);
+    }
+}

@@ -1,0 +1,443 @@
+//! A pipeline executor for the schedules of [`crate::schedule`], over point-to-point messages
+//! ([`P2p`]; MPI in [`crate::transport`]), on the stage model DualPipe's own examples use
+//! (`Linear(h,4h) → GELU → Linear(4h,h)` per stage, MSE loss at the last stage, f64). Each rank
+//! runs its op list: `F` receives its input from the previous stage (or takes the micro-batch),
+//! runs the stage and sends the output on (or computes the loss); `B` receives the output
+//! gradient, sends the input gradient back and computes the weight gradients — or, for `b`,
+//! queues them for a later `W`; `(F|B)` runs both in one slot. Losses and gradients can then be
+//! compared with the sequential run of the same micro-batches ([`reference`]).
+
+use crate::schedule::{Kind, Op};
+use std::collections::{HashMap, VecDeque};
+
+/// Point-to-point messages between ranks: non-blocking sends, blocking receives by tag.
+pub trait P2p {
+    fn rank(&self) -> usize;
+    fn send(&mut self, to: usize, tag: u64, data: Vec<f64>);
+    fn recv(&mut self, from: usize, tag: u64, len: usize) -> Vec<f64>;
+    /// Waits for every send posted so far.
+    fn flush(&mut self);
+}
+
+/// One stage: `y = W2·gelu(W1·x)`, rows of `h`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stage {
+    pub h: usize,
+    /// `[4h, h]`
+    pub w1: Vec<f64>,
+    /// `[h, 4h]`
+    pub w2: Vec<f64>,
+}
+
+fn gelu(z: f64) -> (f64, f64) {
+    // tanh approximation and its derivative.
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let u = c * (z + 0.044715 * z * z * z);
+    let t = u.tanh();
+    let du = c * (1.0 + 3.0 * 0.044715 * z * z);
+    (0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du)
+}
+
+/// `a [m, k] · bᵀ` with `b [n, k]` → `[m, n]`, summed in index order.
+fn mm_nt(a: &[f64], b: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut out = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k).map(|s| a[i * k + s] * b[j * k + s]).sum();
+        }
+    }
+    out
+}
+
+/// `a [m, k] · b` with `b [k, n]` → `[m, n]`.
+fn mm_nn(a: &[f64], b: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut out = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k).map(|s| a[i * k + s] * b[s * n + j]).sum();
+        }
+    }
+    out
+}
+
+/// `aᵀ · b` with `a [m, p]`, `b [m, q]` → `[p, q]`.
+fn mm_tn(a: &[f64], b: &[f64], m: usize, p: usize, q: usize) -> Vec<f64> {
+    let mut out = vec![0f64; p * q];
+    for i in 0..p {
+        for j in 0..q {
+            out[i * q + j] = (0..m).map(|s| a[s * p + i] * b[s * q + j]).sum();
+        }
+    }
+    out
+}
+
+/// What a stage's backward needs from its forward.
+#[derive(Clone, Debug)]
+pub struct Saved {
+    x: Vec<f64>,
+    z: Vec<f64>,
+    a: Vec<f64>,
+}
+
+/// The deferred weight-gradient work of a `b`.
+#[derive(Clone, Debug)]
+struct WeightGrad {
+    x: Vec<f64>,
+    a: Vec<f64>,
+    dy: Vec<f64>,
+    dz: Vec<f64>,
+}
+
+impl Stage {
+    /// A deterministic stage (the same on every rank).
+    pub fn new(h: usize, seed: u64) -> Self {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut next = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64 - 0.5) / (h as f64).sqrt()
+        };
+        Stage { h, w1: (0..4 * h * h).map(|_| next()).collect(), w2: (0..4 * h * h).map(|_| next()).collect() }
+    }
+
+    pub fn forward(&self, x: &[f64]) -> (Vec<f64>, Saved) {
+        let (h, m) = (self.h, x.len() / self.h);
+        let z = mm_nt(x, &self.w1, m, 4 * h, h);
+        let a: Vec<f64> = z.iter().map(|&v| gelu(v).0).collect();
+        let y = mm_nt(&a, &self.w2, m, h, 4 * h);
+        (y, Saved { x: x.to_vec(), z, a })
+    }
+
+    /// Input gradient, and the inputs of the weight gradients.
+    fn backward_input(&self, s: &Saved, dy: &[f64]) -> (Vec<f64>, WeightGrad) {
+        let (h, m) = (self.h, dy.len() / self.h);
+        let da = mm_nn(dy, &self.w2, m, 4 * h, h);
+        let dz: Vec<f64> = da.iter().zip(&s.z).map(|(&g, &z)| g * gelu(z).1).collect();
+        let dx = mm_nn(&dz, &self.w1, m, h, 4 * h);
+        (dx, WeightGrad { x: s.x.clone(), a: s.a.clone(), dy: dy.to_vec(), dz })
+    }
+}
+
+/// Gradients of one stage's weights.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Grads {
+    pub w1: Vec<f64>,
+    pub w2: Vec<f64>,
+}
+
+impl Grads {
+    fn add(&mut self, st: &Stage, w: &WeightGrad) {
+        let (h, m) = (st.h, w.dy.len() / st.h);
+        let g2 = mm_tn(&w.dy, &w.a, m, h, 4 * h);
+        let g1 = mm_tn(&w.dz, &w.x, m, 4 * h, h);
+        if self.w1.is_empty() {
+            (self.w1, self.w2) = (vec![0.0; g1.len()], vec![0.0; g2.len()]);
+        }
+        self.w1.iter_mut().zip(&g1).for_each(|(a, b)| *a += b);
+        self.w2.iter_mut().zip(&g2).for_each(|(a, b)| *a += b);
+    }
+}
+
+/// MSE loss `mean((y − label)²)` and its gradient.
+fn mse(y: &[f64], label: &[f64]) -> (f64, Vec<f64>) {
+    let n = y.len() as f64;
+    let loss = y.iter().zip(label).map(|(a, b)| (a - b) * (a - b)).sum::<f64>() / n;
+    (loss, y.iter().zip(label).map(|(a, b)| 2.0 * (a - b) / n).collect())
+}
+
+/// The batch: micro-batch `i`'s input and label, `[rows, h]` each.
+pub struct Batch {
+    pub inputs: Vec<Vec<f64>>,
+    pub labels: Vec<Vec<f64>>,
+}
+
+/// The sequential reference: every micro-batch through all stages, loss, backward. Returns the
+/// losses and each stage's gradients.
+pub fn reference(stages: &[Stage], batch: &Batch) -> (Vec<f64>, Vec<Grads>) {
+    let mut grads = vec![Grads::default(); stages.len()];
+    let mut losses = vec![];
+    for (x, label) in batch.inputs.iter().zip(&batch.labels) {
+        let mut saved = vec![];
+        let mut h = x.clone();
+        for st in stages {
+            let (y, s) = st.forward(&h);
+            saved.push(s);
+            h = y;
+        }
+        let (loss, mut dy) = mse(&h, label);
+        losses.push(loss);
+        for (i, st) in stages.iter().enumerate().rev() {
+            let (dx, w) = st.backward_input(&saved[i], &dy);
+            grads[i].add(st, &w);
+            dy = dx;
+        }
+    }
+    (losses, grads)
+}
+
+/// A micro-batch's path: `(rank, direction)` of each stage position, and the micro-batch's
+/// index in the batch.
+struct Placement {
+    kind: Kind,
+    ranks: usize,
+    chunks: usize,
+}
+
+impl Placement {
+    /// (flow, position) of the op `(rank, dir)`, and the number of positions of the flow.
+    fn position(&self, rank: usize, dir: u8) -> (usize, usize, usize) {
+        let n = self.ranks;
+        match self.kind {
+            Kind::OneFOneB => (0, rank, n),
+            Kind::DualPipe => (dir as usize, if dir == 0 { rank } else { n - 1 - rank }, n),
+            Kind::DualPipeV => (0, if dir == 0 { rank } else { 2 * n - 1 - rank }, 2 * n),
+        }
+    }
+
+    /// `(rank, dir)` at `pos` of `flow`.
+    fn at(&self, flow: usize, pos: usize) -> (usize, u8) {
+        let n = self.ranks;
+        match self.kind {
+            Kind::OneFOneB => (pos, 0),
+            Kind::DualPipe => {
+                if flow == 0 {
+                    (pos, 0)
+                } else {
+                    (n - 1 - pos, 1)
+                }
+            }
+            Kind::DualPipeV => {
+                if pos < n {
+                    (pos, 0)
+                } else {
+                    (2 * n - 1 - pos, 1)
+                }
+            }
+        }
+    }
+
+    /// The batch index of micro-batch `mb` of `flow` (DualPipe: direction 0 takes the first half).
+    fn batch_index(&self, flow: usize, mb: usize) -> usize {
+        match self.kind {
+            Kind::DualPipe => flow * (self.chunks / 2) + mb,
+            _ => mb,
+        }
+    }
+}
+
+/// A message tag below 2³¹ (MPI's guaranteed range with OpenMPI): activation or gradient, flow,
+/// micro-batch (< 2¹⁹), stage position (< 2¹⁰).
+fn tag(kind: u64, flow: usize, mb: usize, pos: usize) -> u64 {
+    assert!(mb < 1 << 19 && pos < 1 << 10, "pipeline: too many micro-batches or stages for a message tag");
+    (kind << 30) | ((flow as u64) << 29) | ((mb as u64) << 10) | pos as u64
+}
+
+/// What a rank's part of a pipelined step produced.
+#[derive(Debug, Default)]
+pub struct RankResult {
+    /// `(batch index, loss)` of the micro-batches whose loss this rank computed.
+    pub losses: Vec<(usize, f64)>,
+    /// `(stage index, gradients)` of the stage copies this rank holds.
+    pub grads: Vec<(usize, Grads)>,
+}
+
+/// One rank's state while it runs its ops.
+struct Exec<'a> {
+    me: usize,
+    pl: Placement,
+    stages: &'a [Stage],
+    batch: &'a Batch,
+    rows: usize,
+    saved: HashMap<(usize, usize, usize), Saved>,
+    /// Loss gradients of the micro-batches whose last stage runs here.
+    loss_grads: HashMap<(usize, usize, usize), Vec<f64>>,
+    /// Same-rank handoffs (DualPipeV's turn at the last rank).
+    local: HashMap<u64, Vec<f64>>,
+    w_queue: VecDeque<(usize, WeightGrad)>,
+    grads: HashMap<usize, Grads>,
+    result: RankResult,
+}
+
+impl Exec<'_> {
+    fn take(&mut self, p2p: &mut dyn P2p, from: usize, t: u64) -> Vec<f64> {
+        if from == self.me {
+            self.local.remove(&t).expect("a local handoff precedes its use")
+        } else {
+            p2p.recv(from, t, self.rows * self.stages[0].h)
+        }
+    }
+
+    fn give(&mut self, p2p: &mut dyn P2p, to: usize, t: u64, data: Vec<f64>) {
+        if to == self.me {
+            self.local.insert(t, data);
+        } else {
+            p2p.send(to, t, data);
+        }
+    }
+
+    fn forward(&mut self, p2p: &mut dyn P2p, dir: u8, mb: usize) {
+        let (flow, pos, len) = self.pl.position(self.me, dir);
+        let bi = self.pl.batch_index(flow, mb);
+        let x = if pos == 0 { self.batch.inputs[bi].clone() } else { self.take(p2p, self.pl.at(flow, pos - 1).0, tag(0, flow, mb, pos)) };
+        let (y, s) = self.stages[pos].forward(&x);
+        self.saved.insert((flow, mb, pos), s);
+        if pos + 1 == len {
+            let (loss, dy) = mse(&y, &self.batch.labels[bi]);
+            self.result.losses.push((bi, loss));
+            self.loss_grads.insert((flow, mb, pos), dy);
+        } else {
+            self.give(p2p, self.pl.at(flow, pos + 1).0, tag(0, flow, mb, pos + 1), y);
+        }
+    }
+
+    fn backward(&mut self, p2p: &mut dyn P2p, dir: u8, mb: usize, zb: bool) {
+        let (flow, pos, len) = self.pl.position(self.me, dir);
+        let dy = if pos + 1 == len {
+            self.loss_grads.remove(&(flow, mb, pos)).expect("the loss gradient of this micro-batch")
+        } else {
+            self.take(p2p, self.pl.at(flow, pos + 1).0, tag(1, flow, mb, pos))
+        };
+        let s = self.saved.remove(&(flow, mb, pos)).expect("the forward of this micro-batch");
+        let (dx, w) = self.stages[pos].backward_input(&s, &dy);
+        if pos > 0 {
+            self.give(p2p, self.pl.at(flow, pos - 1).0, tag(1, flow, mb, pos - 1), dx);
+        }
+        if zb {
+            self.w_queue.push_back((pos, w));
+        } else {
+            self.grads.entry(pos).or_default().add(&self.stages[pos], &w);
+        }
+    }
+}
+
+/// Runs `ops` (this rank's list of a `kind` schedule over `ranks` ranks and `chunks`
+/// micro-batches) on `stages` (all of the model's stages; this rank uses the ones it holds).
+pub fn run(p2p: &mut dyn P2p, kind: Kind, ranks: usize, chunks: usize, ops: &[Op], stages: &[Stage], batch: &Batch) -> RankResult {
+    let mut ex = Exec {
+        me: p2p.rank(),
+        pl: Placement { kind, ranks, chunks },
+        stages,
+        batch,
+        rows: batch.inputs[0].len() / stages[0].h,
+        saved: HashMap::new(),
+        loss_grads: HashMap::new(),
+        local: HashMap::new(),
+        w_queue: VecDeque::new(),
+        grads: HashMap::new(),
+        result: RankResult::default(),
+    };
+    for op in ops {
+        match *op {
+            Op::F { dir, mb } => ex.forward(p2p, dir, mb),
+            Op::B { dir, mb, zb } => ex.backward(p2p, dir, mb, zb),
+            Op::W { .. } => {
+                let (pos, w) = ex.w_queue.pop_front().expect("a deferred weight gradient");
+                ex.grads.entry(pos).or_default().add(&stages[pos], &w);
+            }
+            Op::FB { f, b } => {
+                ex.forward(p2p, f.0, f.1);
+                ex.backward(p2p, b.0, b.1, false);
+            }
+        }
+    }
+    p2p.flush();
+    let mut result = ex.result;
+    result.grads = ex.grads.into_iter().collect();
+    result.grads.sort_by_key(|(s, _)| *s);
+    result
+}
+
+/// `1 − 2Σxy / Σ(x² + y²)`: 0 for equal vectors (DualPipe's gradient check).
+pub fn calc_diff(x: &[f64], y: &[f64]) -> f64 {
+    let xy: f64 = x.iter().zip(y).map(|(a, b)| a * b).sum();
+    let sq: f64 = x.iter().zip(y).map(|(a, b)| a * a + b * b).sum();
+    if sq == 0.0 {
+        0.0
+    } else {
+        1.0 - 2.0 * xy / sq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::generate;
+    use std::sync::mpsc::{channel, Receiver, Sender};
+
+    /// Ranks as threads with channels: the same executor, no MPI.
+    struct Threads {
+        rank: usize,
+        tx: Vec<Sender<(usize, u64, Vec<f64>)>>,
+        rx: Receiver<(usize, u64, Vec<f64>)>,
+        early: Vec<(usize, u64, Vec<f64>)>,
+    }
+
+    impl P2p for Threads {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn send(&mut self, to: usize, tag: u64, data: Vec<f64>) {
+            self.tx[to].send((self.rank, tag, data)).expect("peer alive");
+        }
+        fn recv(&mut self, from: usize, tag: u64, _len: usize) -> Vec<f64> {
+            if let Some(i) = self.early.iter().position(|(f, t, _)| *f == from && *t == tag) {
+                return self.early.remove(i).2;
+            }
+            loop {
+                let (f, t, d) = self.rx.recv().expect("peer alive");
+                if f == from && t == tag {
+                    return d;
+                }
+                self.early.push((f, t, d));
+            }
+        }
+        fn flush(&mut self) {}
+    }
+
+    fn batch(chunks: usize, rows: usize, h: usize) -> Batch {
+        let v = |i: usize, j: usize| ((i * 131 + j * 17) % 97) as f64 / 97.0 - 0.5;
+        Batch {
+            inputs: (0..chunks).map(|c| (0..rows * h).map(|j| v(c, j)).collect()).collect(),
+            labels: (0..chunks).map(|c| (0..rows * h).map(|j| v(c + 1000, j)).collect()).collect(),
+        }
+    }
+
+    #[test]
+    fn every_schedule_reproduces_sequential_training() {
+        let h = 8;
+        for (kind, ranks, chunks) in [(Kind::OneFOneB, 4, 6), (Kind::DualPipe, 4, 8), (Kind::DualPipe, 2, 6), (Kind::DualPipeV, 2, 4), (Kind::DualPipeV, 3, 7)] {
+            let n_stages = if kind == Kind::DualPipeV { 2 * ranks } else { ranks };
+            let stages: Vec<Stage> = (0..n_stages).map(|s| Stage::new(h, s as u64)).collect();
+            let b = batch(chunks, 3, h);
+            let (ref_losses, ref_grads) = reference(&stages, &b);
+            let schedule = generate(kind, ranks, chunks).unwrap();
+            let (txs, rxs): (Vec<_>, Vec<_>) = (0..ranks).map(|_| channel()).unzip();
+            let results: Vec<RankResult> = std::thread::scope(|s| {
+                let handles: Vec<_> = rxs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, rx)| {
+                        let (tx, ops, stages, b) = (txs.clone(), &schedule[r], &stages, &b);
+                        s.spawn(move || run(&mut Threads { rank: r, tx, rx, early: vec![] }, kind, ranks, chunks, ops, stages, b))
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let mut losses: Vec<(usize, f64)> = results.iter().flat_map(|r| r.losses.clone()).collect();
+            losses.sort_by_key(|l| l.0);
+            assert_eq!(losses.iter().map(|l| l.1).collect::<Vec<_>>(), ref_losses, "{kind:?}: losses bit for bit");
+            let mut sum = vec![Grads::default(); n_stages];
+            for (s, g) in results.iter().flat_map(|r| r.grads.iter()) {
+                if sum[*s].w1.is_empty() {
+                    sum[*s] = g.clone();
+                } else {
+                    sum[*s].w1.iter_mut().zip(&g.w1).for_each(|(a, b)| *a += b);
+                    sum[*s].w2.iter_mut().zip(&g.w2).for_each(|(a, b)| *a += b);
+                }
+            }
+            for (s, (g, r)) in sum.iter().zip(&ref_grads).enumerate() {
+                let d = calc_diff(&g.w1, &r.w1).max(calc_diff(&g.w2, &r.w2));
+                assert!(d < 1e-13, "{kind:?} stage {s}: gradient diff {d}");
+            }
+        }
+    }
+}
