@@ -44,12 +44,19 @@ pub fn ep_metrics() -> Option<dsv3_serve::MetricsHook> {
     None
 }
 
-/// `--expert-parallel`: MPI up, and every rank but 0 silent on stdout.
-pub fn start_expert_parallel(redundant: usize, rebalance_every: usize) -> Result<()> {
+/// `--expert-parallel` / `--data-parallel`: MPI up, and every rank but 0 silent on stdout.
+pub fn start_parallel(expert: bool, data: bool, redundant: usize, rebalance_every: usize) -> Result<()> {
     #[cfg(feature = "mpi")]
     {
+        if expert && data {
+            bail!("--expert-parallel and --data-parallel do not combine yet");
+        }
         let (rank, _) = crate::ep::init(crate::ep::Options { redundant, rebalance_every })?;
-        EXPERT_PARALLEL.store(true, std::sync::atomic::Ordering::Relaxed);
+        if expert {
+            EXPERT_PARALLEL.store(true, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            crate::ep::data_parallel()?;
+        }
         if rank != 0 {
             // SAFETY: plain POSIX calls on descriptors this process owns; stdout becomes /dev/null.
             unsafe {
@@ -64,8 +71,8 @@ pub fn start_expert_parallel(redundant: usize, rebalance_every: usize) -> Result
     }
     #[cfg(not(feature = "mpi"))]
     {
-        let _ = (redundant, rebalance_every);
-        bail!("--expert-parallel needs a build with MPI: cargo build --release --features dsv3-cli/mpi (OpenMPI and clang installed)")
+        let _ = (expert, data, redundant, rebalance_every);
+        bail!("--expert-parallel and --data-parallel need a build with MPI: cargo build --release --features dsv3-cli/mpi (OpenMPI and clang installed)")
     }
 }
 

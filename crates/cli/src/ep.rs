@@ -210,3 +210,36 @@ pub fn finish() {
         u.take();
     }
 }
+
+/// The data-parallel sum of `dsv3 train --data-parallel`.
+struct MpiSum {
+    ex: Mutex<MpiExchange>,
+    rank: usize,
+    size: usize,
+}
+
+// SAFETY: see `Ep`.
+unsafe impl Send for MpiSum {}
+unsafe impl Sync for MpiSum {}
+
+impl dsv3_train::parallel::AllReduce for MpiSum {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn sum_f64(&self, v: &mut [f64]) {
+        let ex = self.ex.lock().expect("MPI lock");
+        let send = v.to_vec();
+        ex.comm.all_reduce_into(&send[..], v, mpi::collective::SystemOperation::sum());
+    }
+}
+
+/// Makes the trainer data-parallel over the MPI processes.
+pub fn data_parallel() -> anyhow::Result<()> {
+    let ep = EP.get().ok_or_else(|| anyhow::anyhow!("--data-parallel: MPI not initialized"))?;
+    let ex = ep.exchange.lock().expect("lock").take().ok_or_else(|| anyhow::anyhow!("--data-parallel and --expert-parallel do not combine yet"))?;
+    dsv3_train::parallel::set_data_parallel(Arc::new(MpiSum { ex: Mutex::new(ex), rank: ep.rank, size: ep.ranks }));
+    Ok(())
+}

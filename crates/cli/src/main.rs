@@ -25,6 +25,10 @@ struct Cli {
     /// `--features dsv3-cli/mpi`); outputs are identical to one process. Rank 0 prints.
     #[arg(long, global = true)]
     expert_parallel: bool,
+    /// `dsv3 train` under `mpirun -np N` (a build with `--features dsv3-cli/mpi`): each process
+    /// trains on 1/N of every batch; gradients, losses and expert loads are summed across them.
+    #[arg(long, global = true)]
+    data_parallel: bool,
     /// With --expert-parallel: extra expert replicas (EPLB's redundant experts) per MoE layer.
     #[arg(long, global = true, default_value_t = 0)]
     redundant_experts: usize,
@@ -303,8 +307,8 @@ fn keep_freed_memory() {
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
-    if cli.expert_parallel {
-        if let Err(e) = commands::start_expert_parallel(cli.redundant_experts, cli.rebalance_every) {
+    if cli.expert_parallel || cli.data_parallel {
+        if let Err(e) = commands::start_parallel(cli.expert_parallel, cli.data_parallel, cli.redundant_experts, cli.rebalance_every) {
             eprintln!("error: {e:#}");
             std::process::exit(1);
         }

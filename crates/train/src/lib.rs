@@ -5,6 +5,7 @@
 pub mod data;
 pub mod balance;
 pub mod optim;
+pub mod parallel;
 pub mod checkpoint;
 pub mod trainer;
 

@@ -291,6 +291,46 @@ fn evaluate(model: &DeepseekV3, val: &Split, args: &TrainArgs, w: LossWeights) -
 
 /// Trains (or resumes) a run, calling `on_log` for every logged step. `stop_at` ends it early
 /// (with a checkpoint) while the schedule still spans `args.steps`: an interrupted run.
+/// Data parallelism: the mean gradient over every process's shard (each shard's gradient is of its
+/// mean loss, and the shards are equal), the mean losses, and the summed expert loads.
+fn all_reduce_step(dp: &dyn crate::parallel::AllReduce, model: &mut DeepseekV3, grads: &mut Grads, report: &mut StepReport) {
+    // Every parameter gets a slot, so the flattened buffers line up on every process (an expert
+    // no local token reached has no gradient entry yet).
+    for p in model.params_mut() {
+        grads.slot(&p.name, p.data.len());
+    }
+    let scale = 1.0 / dp.size() as f64;
+    let mut flat: Vec<f64> = grads.map.values().flat_map(|g| g.iter().map(|&v| v as f64)).collect();
+    let n_mtp = report.mtp_losses.len();
+    flat.extend([report.loss, report.lm_loss, report.balance_loss, report.mtp_top1.unwrap_or(0.0)]);
+    flat.extend(&report.mtp_losses);
+    flat.extend(report.load.iter().flat_map(|(_, c)| c.iter().map(|&v| v as f64)));
+    dp.sum_f64(&mut flat);
+    let mut at = 0;
+    for g in grads.map.values_mut() {
+        for v in g.iter_mut() {
+            *v = (flat[at] * scale) as f32;
+            at += 1;
+        }
+    }
+    report.loss = flat[at] * scale;
+    report.lm_loss = flat[at + 1] * scale;
+    report.balance_loss = flat[at + 2] * scale;
+    report.mtp_top1 = report.mtp_top1.map(|_| flat[at + 3] * scale);
+    at += 4;
+    for l in report.mtp_losses.iter_mut().take(n_mtp) {
+        *l = flat[at] * scale;
+        at += 1;
+    }
+    for (_, c) in report.load.iter_mut() {
+        for v in c.iter_mut() {
+            *v = flat[at] as usize;
+            at += 1;
+        }
+    }
+    report.tokens *= dp.size();
+}
+
 pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_log: impl FnMut(&StepLog)) -> Result<Summary> {
     let (mut model, config, tok, mut opt, mut state) = match resume {
         Some(dir) => {
@@ -351,12 +391,25 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
     let mut last = StepLog::default();
     let mut last_report = StepReport::default();
     let end = stop_at.unwrap_or(args.steps).min(args.steps);
+    let dp = crate::parallel::get();
+    let (dp_rank, dp_size) = dp.map_or((0, 1), |d| (d.rank(), d.size()));
+    if !args.batch_size.is_multiple_of(dp_size) {
+        bail!("--batch-size {} does not divide among {dp_size} data-parallel processes", args.batch_size);
+    }
+    let shard = args.batch_size / dp_size;
+    let writer = dp_rank == 0;
     while state.step < end {
         let step = state.step + 1;
         let w = loss_weights(&args, step);
         let tokens = loader.next_batch(&train, args.batch_size);
         grads.zero();
-        let report = with_recipe(fp8, || model.train_step(&tokens, args.batch_size, args.seq_len, w, Some(&mut grads)))?;
+        // This process's share of the batch: sequences dp_rank·shard .. (dp_rank+1)·shard.
+        let row = args.seq_len + 1;
+        let mine = &tokens[dp_rank * shard * row..(dp_rank + 1) * shard * row];
+        let mut report = with_recipe(fp8, || model.train_step(mine, shard, args.seq_len, w, Some(&mut grads)))?;
+        if let Some(dp) = dp {
+            all_reduce_step(dp.as_ref(), &mut model, &mut grads, &mut report);
+        }
         if !report.loss.is_finite() {
             bail!("step {step}: the loss is {} (lower --lr?); the last checkpoint is intact", report.loss);
         }
@@ -405,11 +458,11 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
                 log.val_mtp_top1 = top1;
             }
         }
-        if args.log_every > 0 && (step % args.log_every == 0 || eval_now) {
+        if writer && args.log_every > 0 && (step % args.log_every == 0 || eval_now) {
             writeln!(metrics, "{}", serde_json::to_string(&log)?)?;
             on_log(&log);
         }
-        if (args.save_every > 0 && step % args.save_every == 0) || step == end {
+        if writer && ((args.save_every > 0 && step % args.save_every == 0) || step == end) {
             metrics.flush()?;
             checkpoint::save(&args.out, &mut model, &config, &tok, &opt, &state)?;
             if let Err(e) = crate::plot::write_run_plots(&args.out) {
