@@ -62,6 +62,22 @@ pub fn layout(topk_idx: &[i64], k: usize, experts: usize, ranks: usize) -> Resul
     Ok(l)
 }
 
+/// Node-limited routing (report §2.1.2): with the experts of each node contiguous (`nodes` equal
+/// ranges), the number of distinct nodes each token's top-k slots reach — what bounds its
+/// inter-node traffic. DeepSeek-V3 routes over `n_group` = 8 groups keeping `topk_group` = 4, so
+/// with one group per node a token reaches at most 4 nodes.
+pub fn nodes_per_token(topk_idx: &[i64], k: usize, experts: usize, nodes: usize) -> Vec<usize> {
+    topk_idx
+        .chunks(k.max(1))
+        .map(|slots| {
+            let mut seen: Vec<usize> = slots.iter().filter(|&&e| e >= 0).map(|&e| e as usize * nodes / experts.max(1)).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            seen.len()
+        })
+        .collect()
+}
+
 /// Rows of `h` values as bytes: f32, or FP8 codes then one f32 scale per 128 values of each row.
 fn encode_rows(x: &[f32], h: usize, fp8: bool) -> Vec<u8> {
     if !fp8 {
