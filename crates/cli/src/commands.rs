@@ -440,7 +440,7 @@ pub fn eplb(load: &Path, replicas: usize, groups: usize, nodes: usize, gpus: usi
     // Without replicas: expert e on GPU e / (E / gpus) when the experts divide evenly.
     let e = weight[0].len();
     for (l, w) in weight.iter().enumerate() {
-        let before = (e % gpus == 0).then(|| {
+        let before = e.is_multiple_of(gpus).then(|| {
             let per = e / gpus;
             imbalance(&(0..gpus).map(|g| w[g * per..(g + 1) * per].iter().sum()).collect::<Vec<f64>>())
         });

@@ -310,14 +310,15 @@ pub fn ll_dispatch(ex: &dyn Exchange, x: &[f32], h: usize, topk_idx: &[i64], k: 
             fill[le] += 1;
             row += 1;
         }
-        for le in 0..per {
-            out.layout_range[le][src] = (((src * max_tokens) as u64) << 32) | fill[le] as u64;
-            out.recv_count[le] += fill[le];
+        for (le, &n) in fill.iter().enumerate() {
+            out.layout_range[le][src] = (((src * max_tokens) as u64) << 32) | n as u64;
+            out.recv_count[le] += n;
         }
     }
     Ok(out)
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Low-latency combine: `y [E/R, R·M, H]` (the experts' outputs in the dispatch layout) back to
 /// the sources, which return `out[t] = Σ_{k: idx ≠ −1} w[t,k]·y_{idx}[t]`, summed in slot order.
 pub fn ll_combine(ex: &dyn Exchange, y: &[f32], h: usize, d: &LlDispatched, topk_idx: &[i64], topk_weights: &[f32], k: usize, experts: usize) -> Vec<f32> {

@@ -58,11 +58,11 @@ pub fn rebalance_experts(weight: &[Vec<f64>], num_replicas: usize, num_groups: u
         return Err("groups, nodes and GPUs must be positive".into());
     }
     // Groups that divide among the nodes: hierarchical; otherwise global (one group, one node).
-    let (groups, nodes) = if num_groups % num_nodes == 0 { (num_groups, num_nodes) } else { (1, 1) };
+    let (groups, nodes) = if num_groups.is_multiple_of(num_nodes) { (num_groups, num_nodes) } else { (1, 1) };
     for (ok, what) in [
-        (e % groups == 0, "the experts must divide into the groups"),
-        (num_gpus % nodes == 0, "the GPUs must divide among the nodes"),
-        (num_replicas % num_gpus == 0, "the replicas must divide among the GPUs"),
+        (e.is_multiple_of(groups), "the experts must divide into the groups"),
+        (num_gpus.is_multiple_of(nodes), "the GPUs must divide among the nodes"),
+        (num_replicas.is_multiple_of(num_gpus), "the replicas must divide among the GPUs"),
         (num_replicas >= e, "there must be at least one replica per expert"),
     ] {
         if !ok {
@@ -227,7 +227,7 @@ impl LiveBalancer {
         self.calls += 1;
         if self.period > 0 && self.calls.is_multiple_of(self.period) {
             self.last_imbalance = Some((imbalance(&self.window_current), imbalance(&self.window_static)));
-            if let Ok(p) = rebalance_experts(&[self.counts.clone()], self.slots, 1, 1, self.ranks) {
+            if let Ok(p) = rebalance_experts(std::slice::from_ref(&self.counts), self.slots, 1, 1, self.ranks) {
                 let per = self.slots / self.ranks;
                 let mut replicas = vec![vec![]; self.experts];
                 for (slot, &e) in p.phy2log[0].iter().enumerate() {

@@ -174,11 +174,11 @@ impl Dual {
         }
         let mut zb = false;
         for i in 0..h + 1 {
-            if i == (h + 1) / 2 && h % 2 == 1 {
+            if i == h.div_ceil(2) && h % 2 == 1 {
                 zb = true;
             }
             self.b(1, zb);
-            if i == (h + 1) / 2 && h % 2 == 0 {
+            if i == h.div_ceil(2) && h % 2 == 0 {
                 zb = true;
             }
             self.b(0, zb);

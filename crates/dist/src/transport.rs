@@ -119,8 +119,11 @@ impl Exchange for MpiExchange {
 /// buffer kept alive until [`P2p::flush`]), receives block on (source, tag).
 pub struct MpiPeers<'a> {
     pub comm: &'a SimpleCommunicator,
-    pending: Vec<(mpi::request::Request<'static, [f64], mpi::request::StaticScope>, *mut [f64])>,
+    pending: Vec<PendingSend>,
 }
+
+/// A posted send and its leaked buffer (freed once the send completes).
+type PendingSend = (mpi::request::Request<'static, [f64], mpi::request::StaticScope>, *mut [f64]);
 
 impl<'a> MpiPeers<'a> {
     pub fn new(comm: &'a SimpleCommunicator) -> Self {

@@ -118,7 +118,8 @@ pub fn ue8m0_decode(code: u8) -> f32 {
 /// The smallest UE8M0 power of two ≥ `s` (a scale rounded up never clips its block's max), for
 /// positive finite `s`; clamped to the code range.
 pub fn ue8m0_encode_ceil(s: f32) -> u8 {
-    if !(s > f32::from_bits(1 << 22)) {
+    // (`!(s > …)` also sends NaN to the smallest code.)
+    if s.partial_cmp(&f32::from_bits(1 << 22)) != Some(std::cmp::Ordering::Greater) {
         return 0;
     }
     let b = s.to_bits();

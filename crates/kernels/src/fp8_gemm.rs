@@ -170,6 +170,23 @@ pub mod reference {
     }
 }
 
+/// Relative errors `|D − D_exact| / |D_exact|` of every output of `x [m, K]·w [n, K]ᵀ` with a
+/// `bits`-bit accumulator (`group` products per step): first without promotion (one scale per row over
+/// all of K, as a tensor core must without promotion), then with 1×128 / 128×128 scaling and
+/// promotion every 128. Positive inputs avoid cancellation, so the error is the accumulator's.
+pub fn promotion_experiment(x: &[f32], w: &[f32], k: usize, bits: u32, group: usize) -> (Vec<f64>, Vec<f64>) {
+    use reference::{gemm_nt as refgemm, Accumulator};
+    let (m, n) = (x.len() / k, w.len() / k);
+    let run = |t: usize, br: usize| {
+        let a = Fp8Blocks::quantize(x, m, k, [1, t], crate::quant::ScaleFmt::F32);
+        let b = Fp8Blocks::quantize(w, n, k, [br, t], crate::quant::ScaleFmt::F32);
+        let exact = refgemm(&a, &b, Accumulator::Exact);
+        let got = refgemm(&a, &b, Accumulator::Limited { bits, group });
+        got.iter().zip(&exact).map(|(&g, &e)| ((g as f64 - e as f64) / e as f64).abs()).collect::<Vec<f64>>()
+    };
+    (run(k, n.max(1)), run(128, 128))
+}
+
 #[cfg(test)]
 mod tests {
     use super::reference::Accumulator;
@@ -237,21 +254,4 @@ mod tests {
         assert!(worst(&errs_promoted) < bf16_eps, "promoted: {}", worst(&errs_promoted));
         assert!(worst(&errs_plain) > 4.0 * worst(&errs_promoted), "plain {} vs promoted {}", worst(&errs_plain), worst(&errs_promoted));
     }
-}
-
-/// Relative errors `|D − D_exact| / |D_exact|` of every output of `x [m, K]·w [n, K]ᵀ` with a
-/// `bits`-bit accumulator (`group` products per step): first without promotion (one scale per row over
-/// all of K, as a tensor core must without promotion), then with 1×128 / 128×128 scaling and
-/// promotion every 128. Positive inputs avoid cancellation, so the error is the accumulator's.
-pub fn promotion_experiment(x: &[f32], w: &[f32], k: usize, bits: u32, group: usize) -> (Vec<f64>, Vec<f64>) {
-    use reference::{gemm_nt as refgemm, Accumulator};
-    let (m, n) = (x.len() / k, w.len() / k);
-    let run = |t: usize, br: usize| {
-        let a = Fp8Blocks::quantize(x, m, k, [1, t], crate::quant::ScaleFmt::F32);
-        let b = Fp8Blocks::quantize(w, n, k, [br, t], crate::quant::ScaleFmt::F32);
-        let exact = refgemm(&a, &b, Accumulator::Exact);
-        let got = refgemm(&a, &b, Accumulator::Limited { bits, group });
-        got.iter().zip(&exact).map(|(&g, &e)| ((g as f64 - e as f64) / e as f64).abs()).collect::<Vec<f64>>()
-    };
-    (run(k, n.max(1)), run(128, 128))
 }
