@@ -48,6 +48,22 @@ struct LayerSaved {
     ffn: FfnSaved,
 }
 
+/// What the head's backward needs (the last stage).
+struct TailSaved {
+    h_last: Vec<f32>,
+    hf: Vec<f32>,
+    d_logits: Vec<f32>,
+    #[allow(clippy::type_complexity)]
+    mtp_saved: Vec<(Vec<u32>, Vec<f32>, Vec<f32>, Vec<f32>, LayerSaved, Vec<f32>, Vec<f32>)>,
+}
+
+/// What [`DeepseekV3::stage_backward`] needs from [`DeepseekV3::stage_forward`].
+pub struct StageSaved {
+    inputs: Vec<u32>,
+    layers: Vec<LayerSaved>,
+    tail: Option<TailSaved>,
+}
+
 impl DecoderLayer {
     #[allow(clippy::too_many_arguments)]
     fn forward_train(
@@ -131,17 +147,48 @@ impl DeepseekV3 {
             return Err(ModelError::Input(format!("train_step: {} tokens is not {seqs} × ({t} + 1)", tokens.len())));
         }
         self.embed(tokens)?; // vocabulary check
+        let mut report = StepReport { tokens: seqs * t, ..Default::default() };
+        let all = 0..self.layers.len();
+        let (_, saved) = self.stage_forward(all.clone(), tokens, seqs, t, w, None, &mut report)?;
+        report.loss = report.lm_loss
+            + report.mtp_losses.iter().sum::<f64>() * (w.mtp_lambda / self.mtp.len().max(1) as f32) as f64
+            + report.balance_loss;
+        let Some(g) = g else { return Ok(report) };
+        self.stage_backward(all, saved, vec![], seqs, t, g)?;
+        Ok(report)
+    }
+
+    /// One pipeline stage's forward: the decoder layers `layers` (after the embedding of the
+    /// micro-batch's inputs when the range starts at 0, else on `input`), and when it ends at the
+    /// last layer also the head: final norm, LM loss and the MTP modules. Returns the output
+    /// hidden states (empty at the last stage) and what [`DeepseekV3::stage_backward`] needs.
+    /// Losses and expert loads go into `report`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn stage_forward(
+        &self,
+        layers: std::ops::Range<usize>,
+        tokens: &[u32],
+        seqs: usize,
+        t: usize,
+        w: LossWeights,
+        input: Option<Vec<f32>>,
+        report: &mut StepReport,
+    ) -> Result<(Vec<f32>, StageSaved)> {
         let (n, d, v) = (seqs * t, self.config.hidden_size, self.config.vocab_size);
         let at = |b: usize, i: usize| tokens[b * (t + 1) + i];
         let inputs: Vec<u32> = (0..seqs).flat_map(|b| (0..t).map(move |i| at(b, i))).collect();
-        let labels: Vec<u32> = (0..seqs).flat_map(|b| (0..t).map(move |i| at(b, i + 1))).collect();
-        let mut report = StepReport { tokens: n, ..Default::default() };
-
-        let mut h = self.embed(&inputs)?;
-        let mut saved = Vec::with_capacity(self.layers.len());
-        for (l, layer) in self.layers.iter().enumerate() {
-            saved.push(layer.forward_train(&mut h, seqs, t, &self.rope, w.balance, &mut report, l));
+        let mut h = match input {
+            Some(h) if layers.start > 0 => h,
+            _ => self.embed(&inputs)?,
+        };
+        let mut saved = Vec::with_capacity(layers.len());
+        for l in layers.clone() {
+            saved.push(self.layers[l].forward_train(&mut h, seqs, t, &self.rope, w.balance, report, l));
         }
+        if layers.end < self.layers.len() {
+            return Ok((h, StageSaved { inputs, layers: saved, tail: None }));
+        }
+        let labels: Vec<u32> = (0..seqs).flat_map(|b| (0..t).map(move |i| at(b, i + 1))).collect();
         let h_last = h;
         let hf = self.norm.forward(&h_last);
         let logits = self.logits(&hf, n);
@@ -162,7 +209,7 @@ impl DeepseekV3 {
             let hn = m.hnorm.forward(&h_prev);
             let cat: Vec<f32> = (0..n).flat_map(|r| e[r * d..(r + 1) * d].iter().chain(&hn[r * d..(r + 1) * d]).copied()).collect();
             let mut z = m.eh_proj.forward(&cat, n);
-            let block = m.block.forward_train(&mut z, seqs, t, &self.rope, w.balance, &mut report, self.layers.len() + j);
+            let block = m.block.forward_train(&mut z, seqs, t, &self.rope, w.balance, report, self.layers.len() + j);
             let hk = m.shared_head_norm.forward(&z);
             let lk = self.logits(&hk, n);
             let scale = w.mtp_lambda / depth as f32;
@@ -180,42 +227,54 @@ impl DeepseekV3 {
             let next = hk.clone();
             mtp_saved.push((ids, std::mem::replace(&mut h_prev, next), cat, z, block, hk, dl));
         }
-        report.loss = report.lm_loss
-            + report.mtp_losses.iter().sum::<f64>() * (w.mtp_lambda / depth.max(1) as f32) as f64
-            + report.balance_loss;
-        let Some(g) = g else { return Ok(report) };
+        let tail = TailSaved { h_last, hf, d_logits, mtp_saved };
+        Ok((vec![], StageSaved { inputs, layers: saved, tail: Some(tail) }))
+    }
 
-        // Backward: MTP modules last to first, each handing a gradient to its h_prev.
-        let mut d_next: Option<Vec<f32>> = None;
-        for (j, (ids, h_prev, cat, z, block, hk, dl)) in mtp_saved.iter().enumerate().rev() {
-            let m = &self.mtp[j];
-            let name = format!("model.layers.{}", self.layers.len() + j);
-            let mut dhk = self.head_backward(hk, dl, n, g);
-            if let Some(dn) = d_next.take() {
-                add_into(&mut dhk, &dn);
+    /// The backward of [`DeepseekV3::stage_forward`]: `d_out` is the gradient of the stage's
+    /// output (ignored at the last stage, whose losses start the backward). Adds the stage's
+    /// parameter gradients into `g`; returns the gradient of its input (empty at the first stage).
+    pub fn stage_backward(&self, layers: std::ops::Range<usize>, s: StageSaved, d_out: Vec<f32>, seqs: usize, t: usize, g: &mut Grads) -> Result<Vec<f32>> {
+        let (n, d) = (seqs * t, self.config.hidden_size);
+        let mut dh = match s.tail {
+            None => d_out,
+            Some(TailSaved { h_last, hf, d_logits, mtp_saved }) => {
+                // Backward: MTP modules last to first, each handing a gradient to its h_prev.
+                let mut d_next: Option<Vec<f32>> = None;
+                for (j, (ids, h_prev, cat, z, block, hk, dl)) in mtp_saved.iter().enumerate().rev() {
+                    let m = &self.mtp[j];
+                    let name = format!("model.layers.{}", self.layers.len() + j);
+                    let mut dhk = self.head_backward(hk, dl, n, g);
+                    if let Some(dn) = d_next.take() {
+                        add_into(&mut dhk, &dn);
+                    }
+                    let dz = m.shared_head_norm.backward(&format!("{name}.shared_head.norm"), z, &dhk, g);
+                    let dz = m.block.backward(&name, block, &dz, &self.rope, g);
+                    let dcat = m.eh_proj.backward(&format!("{name}.eh_proj"), cat, &dz, n, g);
+                    let (mut de, mut dhn) = (vec![0f32; n * d], vec![0f32; n * d]);
+                    for r in 0..n {
+                        de[r * d..(r + 1) * d].copy_from_slice(&dcat[r * 2 * d..r * 2 * d + d]);
+                        dhn[r * d..(r + 1) * d].copy_from_slice(&dcat[r * 2 * d + d..(r + 1) * 2 * d]);
+                    }
+                    let emb = self.embed(ids)?;
+                    let demb = m.enorm.backward(&format!("{name}.enorm"), &emb, &de, g);
+                    embedding_backward("model.embed_tokens", &self.embed_tokens, ids, &demb, g);
+                    d_next = Some(m.hnorm.backward(&format!("{name}.hnorm"), h_prev, &dhn, g));
+                }
+                let mut dhf = self.head_backward(&hf, &d_logits, n, g);
+                if let Some(dn) = d_next {
+                    add_into(&mut dhf, &dn);
+                }
+                self.norm.backward("model.norm", &h_last, &dhf, g)
             }
-            let dz = m.shared_head_norm.backward(&format!("{name}.shared_head.norm"), z, &dhk, g);
-            let dz = m.block.backward(&name, block, &dz, &self.rope, g);
-            let dcat = m.eh_proj.backward(&format!("{name}.eh_proj"), cat, &dz, n, g);
-            let (mut de, mut dhn) = (vec![0f32; n * d], vec![0f32; n * d]);
-            for r in 0..n {
-                de[r * d..(r + 1) * d].copy_from_slice(&dcat[r * 2 * d..r * 2 * d + d]);
-                dhn[r * d..(r + 1) * d].copy_from_slice(&dcat[r * 2 * d + d..(r + 1) * 2 * d]);
-            }
-            let emb = self.embed(ids)?;
-            let demb = m.enorm.backward(&format!("{name}.enorm"), &emb, &de, g);
-            embedding_backward("model.embed_tokens", &self.embed_tokens, ids, &demb, g);
-            d_next = Some(m.hnorm.backward(&format!("{name}.hnorm"), h_prev, &dhn, g));
+        };
+        for (l, sv) in layers.clone().zip(&s.layers).rev() {
+            dh = self.layers[l].backward(&format!("model.layers.{l}"), sv, &dh, &self.rope, g);
         }
-        let mut dhf = self.head_backward(&hf, &d_logits, n, g);
-        if let Some(dn) = d_next {
-            add_into(&mut dhf, &dn);
+        if layers.start > 0 {
+            return Ok(dh);
         }
-        let mut dh = self.norm.backward("model.norm", &h_last, &dhf, g);
-        for (l, (layer, s)) in self.layers.iter().zip(&saved).enumerate().rev() {
-            dh = layer.backward(&format!("model.layers.{l}"), s, &dh, &self.rope, g);
-        }
-        embedding_backward("model.embed_tokens", &self.embed_tokens, &inputs, &dh, g);
-        Ok(report)
+        embedding_backward("model.embed_tokens", &self.embed_tokens, &s.inputs, &dh, g);
+        Ok(vec![])
     }
 }
