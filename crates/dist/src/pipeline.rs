@@ -9,6 +9,7 @@
 
 use crate::schedule::{Kind, Op};
 use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc::{channel, Receiver, Sender};
 
 /// Point-to-point messages between ranks: non-blocking sends, blocking receives by tag.
 pub trait P2p {
@@ -17,6 +18,22 @@ pub trait P2p {
     fn recv(&mut self, from: usize, tag: u64, len: usize) -> Vec<f64>;
     /// Waits for every send posted so far.
     fn flush(&mut self);
+}
+
+/// The model a pipeline runs, as stage positions along each micro-batch's path (the executor
+/// knows which rank and direction hold a position; the model knows what a position computes).
+/// Activations and gradients travel as f64 (f32 models convert exactly).
+pub trait StageCompute {
+    type Saved;
+    type Deferred;
+    /// Forward of position `pos` for batch micro-batch `bi`; `input` is `None` at position 0.
+    /// Returns the output (empty at the last position) and, at the last position, the loss.
+    fn forward(&self, pos: usize, bi: usize, input: Option<Vec<f64>>) -> (Vec<f64>, Option<f64>, Self::Saved);
+    /// Backward from the output gradient (`None` at the last position, where the loss starts
+    /// it): returns the input gradient (empty at position 0) and the weight-gradient work, run
+    /// now or by a later `W`.
+    fn backward(&self, pos: usize, bi: usize, saved: Self::Saved, dy: Option<Vec<f64>>) -> (Vec<f64>, Self::Deferred);
+    fn weight(&self, pos: usize, work: Self::Deferred);
 }
 
 /// One stage: `y = W2·gelu(W1·x)`, rows of `h`.
@@ -77,11 +94,13 @@ pub struct Saved {
     x: Vec<f64>,
     z: Vec<f64>,
     a: Vec<f64>,
+    /// At the last stage: the loss gradient, for the backward.
+    loss_grad: Option<Vec<f64>>,
 }
 
 /// The deferred weight-gradient work of a `b`.
 #[derive(Clone, Debug)]
-struct WeightGrad {
+pub struct WeightGrad {
     x: Vec<f64>,
     a: Vec<f64>,
     dy: Vec<f64>,
@@ -104,7 +123,7 @@ impl Stage {
         let z = mm_nt(x, &self.w1, m, 4 * h, h);
         let a: Vec<f64> = z.iter().map(|&v| gelu(v).0).collect();
         let y = mm_nt(&a, &self.w2, m, h, 4 * h);
-        (y, Saved { x: x.to_vec(), z, a })
+        (y, Saved { x: x.to_vec(), z, a, loss_grad: None })
     }
 
     /// Input gradient, and the inputs of the weight gradients.
@@ -231,38 +250,33 @@ fn tag(kind: u64, flow: usize, mb: usize, pos: usize) -> u64 {
     (kind << 30) | ((flow as u64) << 29) | ((mb as u64) << 10) | pos as u64
 }
 
-/// What a rank's part of a pipelined step produced.
-#[derive(Debug, Default)]
-pub struct RankResult {
-    /// `(batch index, loss)` of the micro-batches whose loss this rank computed.
-    pub losses: Vec<(usize, f64)>,
-    /// `(stage index, gradients)` of the stage copies this rank holds.
-    pub grads: Vec<(usize, Grads)>,
+/// Stage positions along a micro-batch's path: `ranks` for 1F1B and DualPipe, `2·ranks` for
+/// DualPipeV.
+pub fn positions(kind: Kind, ranks: usize) -> usize {
+    Placement { kind, ranks, chunks: 0 }.position(0, 0).2
 }
+
+/// The losses this rank computed: `(batch index, loss)`.
+pub type Losses = Vec<(usize, f64)>;
 
 /// One rank's state while it runs its ops.
-struct Exec<'a> {
+struct Exec<'a, M: StageCompute> {
     me: usize,
     pl: Placement,
-    stages: &'a [Stage],
-    batch: &'a Batch,
-    rows: usize,
-    saved: HashMap<(usize, usize, usize), Saved>,
-    /// Loss gradients of the micro-batches whose last stage runs here.
-    loss_grads: HashMap<(usize, usize, usize), Vec<f64>>,
+    model: &'a M,
+    saved: HashMap<(usize, usize, usize), M::Saved>,
     /// Same-rank handoffs (DualPipeV's turn at the last rank).
     local: HashMap<u64, Vec<f64>>,
-    w_queue: VecDeque<(usize, WeightGrad)>,
-    grads: HashMap<usize, Grads>,
-    result: RankResult,
+    w_queue: VecDeque<(usize, M::Deferred)>,
+    losses: Losses,
 }
 
-impl Exec<'_> {
+impl<M: StageCompute> Exec<'_, M> {
     fn take(&mut self, p2p: &mut dyn P2p, from: usize, t: u64) -> Vec<f64> {
         if from == self.me {
             self.local.remove(&t).expect("a local handoff precedes its use")
         } else {
-            p2p.recv(from, t, self.rows * self.stages[0].h)
+            p2p.recv(from, t, 0)
         }
     }
 
@@ -277,61 +291,45 @@ impl Exec<'_> {
     fn forward(&mut self, p2p: &mut dyn P2p, dir: u8, mb: usize) {
         let (flow, pos, len) = self.pl.position(self.me, dir);
         let bi = self.pl.batch_index(flow, mb);
-        let x = if pos == 0 { self.batch.inputs[bi].clone() } else { self.take(p2p, self.pl.at(flow, pos - 1).0, tag(0, flow, mb, pos)) };
-        let (y, s) = self.stages[pos].forward(&x);
+        let input = (pos > 0).then(|| self.take(p2p, self.pl.at(flow, pos - 1).0, tag(0, flow, mb, pos)));
+        let (y, loss, s) = self.model.forward(pos, bi, input);
         self.saved.insert((flow, mb, pos), s);
-        if pos + 1 == len {
-            let (loss, dy) = mse(&y, &self.batch.labels[bi]);
-            self.result.losses.push((bi, loss));
-            self.loss_grads.insert((flow, mb, pos), dy);
-        } else {
+        if let Some(l) = loss {
+            self.losses.push((bi, l));
+        }
+        if pos + 1 < len {
             self.give(p2p, self.pl.at(flow, pos + 1).0, tag(0, flow, mb, pos + 1), y);
         }
     }
 
     fn backward(&mut self, p2p: &mut dyn P2p, dir: u8, mb: usize, zb: bool) {
         let (flow, pos, len) = self.pl.position(self.me, dir);
-        let dy = if pos + 1 == len {
-            self.loss_grads.remove(&(flow, mb, pos)).expect("the loss gradient of this micro-batch")
-        } else {
-            self.take(p2p, self.pl.at(flow, pos + 1).0, tag(1, flow, mb, pos))
-        };
+        let bi = self.pl.batch_index(flow, mb);
+        let dy = (pos + 1 < len).then(|| self.take(p2p, self.pl.at(flow, pos + 1).0, tag(1, flow, mb, pos)));
         let s = self.saved.remove(&(flow, mb, pos)).expect("the forward of this micro-batch");
-        let (dx, w) = self.stages[pos].backward_input(&s, &dy);
+        let (dx, work) = self.model.backward(pos, bi, s, dy);
         if pos > 0 {
             self.give(p2p, self.pl.at(flow, pos - 1).0, tag(1, flow, mb, pos - 1), dx);
         }
         if zb {
-            self.w_queue.push_back((pos, w));
+            self.w_queue.push_back((pos, work));
         } else {
-            self.grads.entry(pos).or_default().add(&self.stages[pos], &w);
+            self.model.weight(pos, work);
         }
     }
 }
 
 /// Runs `ops` (this rank's list of a `kind` schedule over `ranks` ranks and `chunks`
-/// micro-batches) on `stages` (all of the model's stages; this rank uses the ones it holds).
-pub fn run(p2p: &mut dyn P2p, kind: Kind, ranks: usize, chunks: usize, ops: &[Op], stages: &[Stage], batch: &Batch) -> RankResult {
-    let mut ex = Exec {
-        me: p2p.rank(),
-        pl: Placement { kind, ranks, chunks },
-        stages,
-        batch,
-        rows: batch.inputs[0].len() / stages[0].h,
-        saved: HashMap::new(),
-        loss_grads: HashMap::new(),
-        local: HashMap::new(),
-        w_queue: VecDeque::new(),
-        grads: HashMap::new(),
-        result: RankResult::default(),
-    };
+/// micro-batches) on `model`; gradients stay in the model. Returns the losses computed here.
+pub fn execute<M: StageCompute>(p2p: &mut dyn P2p, kind: Kind, ranks: usize, chunks: usize, ops: &[Op], model: &M) -> Losses {
+    let mut ex = Exec { me: p2p.rank(), pl: Placement { kind, ranks, chunks }, model, saved: HashMap::new(), local: HashMap::new(), w_queue: VecDeque::new(), losses: vec![] };
     for op in ops {
         match *op {
             Op::F { dir, mb } => ex.forward(p2p, dir, mb),
             Op::B { dir, mb, zb } => ex.backward(p2p, dir, mb, zb),
             Op::W { .. } => {
-                let (pos, w) = ex.w_queue.pop_front().expect("a deferred weight gradient");
-                ex.grads.entry(pos).or_default().add(&stages[pos], &w);
+                let (pos, work) = ex.w_queue.pop_front().expect("a deferred weight gradient");
+                model.weight(pos, work);
             }
             Op::FB { f, b } => {
                 ex.forward(p2p, f.0, f.1);
@@ -340,10 +338,97 @@ pub fn run(p2p: &mut dyn P2p, kind: Kind, ranks: usize, chunks: usize, ops: &[Op
         }
     }
     p2p.flush();
-    let mut result = ex.result;
-    result.grads = ex.grads.into_iter().collect();
-    result.grads.sort_by_key(|(s, _)| *s);
-    result
+    ex.losses
+}
+
+/// DualPipe's example model as a [`StageCompute`]: MLP stages, MSE loss on the batch's labels,
+/// gradients per stage position.
+pub struct MlpPipeline<'a> {
+    pub stages: &'a [Stage],
+    pub batch: &'a Batch,
+    pub grads: std::cell::RefCell<HashMap<usize, Grads>>,
+}
+
+impl StageCompute for MlpPipeline<'_> {
+    type Saved = Saved;
+    type Deferred = WeightGrad;
+
+    fn forward(&self, pos: usize, bi: usize, input: Option<Vec<f64>>) -> (Vec<f64>, Option<f64>, Saved) {
+        let x = input.unwrap_or_else(|| self.batch.inputs[bi].clone());
+        let (y, s) = self.stages[pos].forward(&x);
+        if pos + 1 == self.stages.len() {
+            let (loss, dy) = mse(&y, &self.batch.labels[bi]);
+            // The loss gradient rides in the saved state to the backward of this position.
+            return (vec![], Some(loss), Saved { loss_grad: Some(dy), ..s });
+        }
+        (y, None, s)
+    }
+
+    fn backward(&self, pos: usize, _bi: usize, mut saved: Saved, dy: Option<Vec<f64>>) -> (Vec<f64>, WeightGrad) {
+        let dy = dy.or_else(|| saved.loss_grad.take()).expect("an output gradient or the loss");
+        let (dx, w) = self.stages[pos].backward_input(&saved, &dy);
+        (if pos > 0 { dx } else { vec![] }, w)
+    }
+
+    fn weight(&self, pos: usize, work: WeightGrad) {
+        self.grads.borrow_mut().entry(pos).or_default().add(&self.stages[pos], &work);
+    }
+}
+
+/// What a rank's part of a pipelined step of [`MlpPipeline`] produced.
+#[derive(Debug, Default)]
+pub struct RankResult {
+    /// `(batch index, loss)` of the micro-batches whose loss this rank computed.
+    pub losses: Losses,
+    /// `(stage index, gradients)` of the stage copies this rank holds.
+    pub grads: Vec<(usize, Grads)>,
+}
+
+/// [`execute`] on DualPipe's example model.
+pub fn run(p2p: &mut dyn P2p, kind: Kind, ranks: usize, chunks: usize, ops: &[Op], stages: &[Stage], batch: &Batch) -> RankResult {
+    let model = MlpPipeline { stages, batch, grads: Default::default() };
+    let losses = execute(p2p, kind, ranks, chunks, ops, &model);
+    let mut grads: Vec<(usize, Grads)> = model.grads.into_inner().into_iter().collect();
+    grads.sort_by_key(|(s, _)| *s);
+    RankResult { losses, grads }
+}
+
+/// Ranks as threads with channels: the executor without MPI (tests, one-machine pipelines).
+pub struct ThreadPeers {
+    rank: usize,
+    tx: Vec<Sender<(usize, u64, Vec<f64>)>>,
+    rx: Receiver<(usize, u64, Vec<f64>)>,
+    early: Vec<(usize, u64, Vec<f64>)>,
+}
+
+impl ThreadPeers {
+    /// One endpoint per rank.
+    pub fn group(ranks: usize) -> Vec<ThreadPeers> {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..ranks).map(|_| channel()).unzip();
+        rxs.into_iter().enumerate().map(|(rank, rx)| ThreadPeers { rank, tx: txs.clone(), rx, early: vec![] }).collect()
+    }
+}
+
+impl P2p for ThreadPeers {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn send(&mut self, to: usize, tag: u64, data: Vec<f64>) {
+        self.tx[to].send((self.rank, tag, data)).expect("peer alive");
+    }
+    fn recv(&mut self, from: usize, tag: u64, _len: usize) -> Vec<f64> {
+        if let Some(i) = self.early.iter().position(|(f, t, _)| *f == from && *t == tag) {
+            return self.early.remove(i).2;
+        }
+        loop {
+            let (f, t, d) = self.rx.recv().expect("peer alive");
+            if f == from && t == tag {
+                return d;
+            }
+            self.early.push((f, t, d));
+        }
+    }
+    fn flush(&mut self) {}
 }
 
 /// `1 − 2Σxy / Σ(x² + y²)`: 0 for equal vectors (DualPipe's gradient check).
@@ -361,37 +446,6 @@ pub fn calc_diff(x: &[f64], y: &[f64]) -> f64 {
 mod tests {
     use super::*;
     use crate::schedule::generate;
-    use std::sync::mpsc::{channel, Receiver, Sender};
-
-    /// Ranks as threads with channels: the same executor, no MPI.
-    struct Threads {
-        rank: usize,
-        tx: Vec<Sender<(usize, u64, Vec<f64>)>>,
-        rx: Receiver<(usize, u64, Vec<f64>)>,
-        early: Vec<(usize, u64, Vec<f64>)>,
-    }
-
-    impl P2p for Threads {
-        fn rank(&self) -> usize {
-            self.rank
-        }
-        fn send(&mut self, to: usize, tag: u64, data: Vec<f64>) {
-            self.tx[to].send((self.rank, tag, data)).expect("peer alive");
-        }
-        fn recv(&mut self, from: usize, tag: u64, _len: usize) -> Vec<f64> {
-            if let Some(i) = self.early.iter().position(|(f, t, _)| *f == from && *t == tag) {
-                return self.early.remove(i).2;
-            }
-            loop {
-                let (f, t, d) = self.rx.recv().expect("peer alive");
-                if f == from && t == tag {
-                    return d;
-                }
-                self.early.push((f, t, d));
-            }
-        }
-        fn flush(&mut self) {}
-    }
 
     fn batch(chunks: usize, rows: usize, h: usize) -> Batch {
         let v = |i: usize, j: usize| ((i * 131 + j * 17) % 97) as f64 / 97.0 - 0.5;
@@ -410,14 +464,13 @@ mod tests {
             let b = batch(chunks, 3, h);
             let (ref_losses, ref_grads) = reference(&stages, &b);
             let schedule = generate(kind, ranks, chunks).unwrap();
-            let (txs, rxs): (Vec<_>, Vec<_>) = (0..ranks).map(|_| channel()).unzip();
             let results: Vec<RankResult> = std::thread::scope(|s| {
-                let handles: Vec<_> = rxs
+                let handles: Vec<_> = ThreadPeers::group(ranks)
                     .into_iter()
                     .enumerate()
-                    .map(|(r, rx)| {
-                        let (tx, ops, stages, b) = (txs.clone(), &schedule[r], &stages, &b);
-                        s.spawn(move || run(&mut Threads { rank: r, tx, rx, early: vec![] }, kind, ranks, chunks, ops, stages, b))
+                    .map(|(r, mut peers)| {
+                        let (ops, stages, b) = (&schedule[r], &stages, &b);
+                        s.spawn(move || run(&mut peers, kind, ranks, chunks, ops, stages, b))
                     })
                     .collect();
                 handles.into_iter().map(|h| h.join().unwrap()).collect()

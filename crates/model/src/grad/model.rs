@@ -133,13 +133,16 @@ impl DeepseekV3 {
     /// adding every parameter's gradient into `g`. With `g = None` only the losses are computed
     /// (validation).
     pub fn train_step(&self, tokens: &[u32], seqs: usize, t: usize, w: LossWeights, g: Option<&mut Grads>) -> Result<StepReport> {
+        Self::training(|| self.train_step_on_pool(tokens, seqs, t, w, g))
+    }
+
+    /// Runs `f` as a training step runs: on a pool worker, with the caller's FP8 recipe and the
+    /// many-token GEMM (pipeline stages call [`DeepseekV3::stage_forward`] through this, so a
+    /// stage computes exactly what `train_step` does).
+    pub fn training<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         // The FP8 recipe is per thread; the step runs on a pool worker.
         let fp8 = super::fp8::recipe();
-        crate::model::on_pool(|| {
-            super::fp8::with_recipe(fp8, || {
-                dsv3_kernels::matmul::with_many_token_gemm(|| self.train_step_on_pool(tokens, seqs, t, w, g))
-            })
-        })
+        crate::model::on_pool(|| super::fp8::with_recipe(fp8, || dsv3_kernels::matmul::with_many_token_gemm(f)))
     }
 
     fn train_step_on_pool(&self, tokens: &[u32], seqs: usize, t: usize, w: LossWeights, g: Option<&mut Grads>) -> Result<StepReport> {

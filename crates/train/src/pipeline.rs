@@ -1,0 +1,144 @@
+//! The DeepSeek-V3 model as pipeline stages for `dsv3_dist::pipeline` (1F1B, DualPipe,
+//! DualPipeV): position `p` of `P` runs a contiguous share of the decoder layers — the first also
+//! the embedding, the last also the final norm, the LM head, the losses and the MTP modules
+//! ([`DeepseekV3::stage_forward`]). A micro-batch's loss is the one `train_step` reports for it, and
+//! the stages' gradients add up to `train_step`'s over the same micro-batches. Weight gradients
+//! are computed with the input gradients (a `W` op has nothing left to do).
+
+use dsv3_dist::pipeline::StageCompute;
+use dsv3_model::grad::model::{LossWeights, StageSaved, StepReport};
+use dsv3_model::grad::Grads;
+use dsv3_model::DeepseekV3;
+use std::cell::RefCell;
+use std::ops::Range;
+
+pub struct DeepSeekStages<'a> {
+    pub model: &'a DeepseekV3,
+    /// Micro-batch `i`: `[seqs, t + 1]` tokens.
+    pub micro_batches: &'a [Vec<u32>],
+    pub seqs: usize,
+    pub t: usize,
+    pub weights: LossWeights,
+    positions: usize,
+    /// The gradients of the stages this process ran.
+    pub grads: RefCell<Grads>,
+    /// Expert loads and losses of the stages this process ran.
+    pub report: RefCell<StepReport>,
+}
+
+impl<'a> DeepSeekStages<'a> {
+    pub fn new(model: &'a DeepseekV3, micro_batches: &'a [Vec<u32>], seqs: usize, t: usize, weights: LossWeights, positions: usize) -> anyhow::Result<Self> {
+        if positions == 0 || positions > model.layers.len() {
+            anyhow::bail!("{positions} pipeline stages for {} decoder layers", model.layers.len());
+        }
+        Ok(DeepSeekStages { model, micro_batches, seqs, t, weights, positions, grads: Default::default(), report: Default::default() })
+    }
+
+    /// The decoder layers of position `pos`: an even split, the earlier positions taking one
+    /// more when it does not divide.
+    pub fn layers(&self, pos: usize) -> Range<usize> {
+        let (l, p) = (self.model.layers.len(), self.positions);
+        let start = pos * (l / p) + pos.min(l % p);
+        start..start + l / p + usize::from(pos < l % p)
+    }
+}
+
+fn to_f32(v: Vec<f64>) -> Vec<f32> {
+    v.into_iter().map(|x| x as f32).collect()
+}
+
+fn to_f64(v: Vec<f32>) -> Vec<f64> {
+    v.into_iter().map(f64::from).collect()
+}
+
+impl StageCompute for DeepSeekStages<'_> {
+    type Saved = StageSaved;
+    type Deferred = ();
+
+    fn forward(&self, pos: usize, bi: usize, input: Option<Vec<f64>>) -> (Vec<f64>, Option<f64>, StageSaved) {
+        let mut report = StepReport::default();
+        let (model, tokens, layers, (seqs, t, w)) = (self.model, &self.micro_batches[bi], self.layers(pos), (self.seqs, self.t, self.weights));
+        let (y, saved) = DeepseekV3::training(|| model.stage_forward(layers, tokens, seqs, t, w, input.map(to_f32), &mut report))
+        .expect("micro-batches were checked against the vocabulary");
+        let last = pos + 1 == self.positions;
+        // The last stage holds the LM and MTP losses; each stage holds its layers' balance loss.
+        let loss = last.then(|| report.lm_loss + report.mtp_losses.iter().sum::<f64>() * (self.weights.mtp_lambda / self.model.mtp.len().max(1) as f32) as f64);
+        let mut total = self.report.borrow_mut();
+        total.balance_loss += report.balance_loss;
+        total.load.extend(report.load);
+        (to_f64(y), loss, saved)
+    }
+
+    fn backward(&self, pos: usize, _bi: usize, saved: StageSaved, dy: Option<Vec<f64>>) -> (Vec<f64>, ()) {
+        let mut g = self.grads.borrow_mut();
+        let g: &mut Grads = &mut g;
+        let (model, layers, seqs, t) = (self.model, self.layers(pos), self.seqs, self.t);
+        let dx = DeepseekV3::training(|| model.stage_backward(layers, saved, dy.map(to_f32).unwrap_or_default(), seqs, t, g))
+        .expect("the stage's own forward state");
+        (to_f64(dx), ())
+    }
+
+    fn weight(&self, _pos: usize, _work: ()) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dsv3_dist::pipeline::{calc_diff, execute, positions, ThreadPeers};
+    use dsv3_dist::schedule::{generate, Kind};
+    use dsv3_model::grad::moe::Balance;
+    use dsv3_model::init::{preset, write_training_init};
+
+    #[test]
+    fn pipelined_deepseek_training_equals_train_step() {
+        let dir = std::env::temp_dir().join(format!("dsv3-pipe-{}", std::process::id()));
+        let mut cfg = preset("tiny").unwrap();
+        cfg["vocab_size"] = serde_json::json!(512);
+        write_training_init(&dir, &cfg, 4, None).unwrap();
+        let model = DeepseekV3::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        let (seqs, t) = (2, 24);
+        // Balance loss off: a micro-batch's loss then lives entirely on the last stage.
+        let w = LossWeights { mtp_lambda: 0.3, balance: Balance { seq_alpha: 0.0, batch_alpha: 0.0 } };
+        for (kind, ranks, chunks) in [(Kind::OneFOneB, 1, 2), (Kind::OneFOneB, 2, 4), (Kind::DualPipe, 2, 4), (Kind::DualPipe, 4, 8), (Kind::DualPipeV, 2, 5)] {
+            let mbs: Vec<Vec<u32>> = (0..chunks).map(|c| (0..seqs * (t + 1)).map(|i| ((i * 37 + c * 101) % 509 + 2) as u32).collect()).collect();
+            let mut want_g = Grads::default();
+            let want: Vec<f64> = mbs.iter().map(|m| model.train_step(m, seqs, t, w, Some(&mut want_g)).unwrap().loss).collect();
+            let schedule = generate(kind, ranks, chunks).unwrap();
+            let per_rank: Vec<(Vec<(usize, f64)>, Grads)> = std::thread::scope(|s| {
+                let handles: Vec<_> = ThreadPeers::group(ranks)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, mut peers)| {
+                        let (ops, model, mbs) = (&schedule[r], &model, &mbs);
+                        s.spawn(move || {
+                            let stages = DeepSeekStages::new(model, mbs, seqs, t, w, positions(kind, ranks)).unwrap();
+                            let losses = execute(&mut peers, kind, ranks, chunks, ops, &stages);
+                            (losses, stages.grads.into_inner())
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let mut got = vec![f64::NAN; chunks];
+            let mut g = Grads::default();
+            for (losses, grads) in per_rank {
+                for (i, l) in losses {
+                    got[i] = l;
+                }
+                for (name, v) in grads.map {
+                    let slot = g.slot(&name, v.len());
+                    slot.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
+                }
+            }
+            assert_eq!(got, want, "{kind:?} on {ranks}: losses bit for bit");
+            for (name, a) in &want_g.map {
+                let b = g.get(name).unwrap_or_else(|| panic!("{kind:?}: no gradient for {name}"));
+                let a64: Vec<f64> = a.iter().map(|&x| x as f64).collect();
+                let b64: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+                let d = calc_diff(&a64, &b64);
+                assert!(d < 1e-10, "{kind:?} on {ranks}: {name} differs by {d}");
+            }
+        }
+    }
+}
