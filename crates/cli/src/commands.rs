@@ -45,17 +45,25 @@ pub fn ep_metrics() -> Option<dsv3_serve::MetricsHook> {
 }
 
 /// `--expert-parallel` / `--data-parallel`: MPI up, and every rank but 0 silent on stdout.
-pub fn start_parallel(expert: bool, data: bool, redundant: usize, rebalance_every: usize) -> Result<()> {
+pub fn start_parallel(expert: bool, data: bool, pipeline: Option<(&str, Option<usize>)>, redundant: usize, rebalance_every: usize) -> Result<()> {
     #[cfg(feature = "mpi")]
     {
-        if expert && data {
-            bail!("--expert-parallel and --data-parallel do not combine yet");
+        if [expert, data, pipeline.is_some()].iter().filter(|&&b| b).count() > 1 {
+            bail!("--expert-parallel, --data-parallel and --pipeline do not combine yet");
         }
-        let (rank, _) = crate::ep::init(crate::ep::Options { redundant, rebalance_every })?;
+        let kind = match pipeline.map(|p| p.0) {
+            None => None,
+            Some("1f1b") => Some(dsv3_dist::schedule::Kind::OneFOneB),
+            Some("dualpipe") => Some(dsv3_dist::schedule::Kind::DualPipe),
+            Some("dualpipev") => Some(dsv3_dist::schedule::Kind::DualPipeV),
+            Some(k) => bail!("--pipeline {k}: 1f1b, dualpipe or dualpipev"),
+        };
+        let (rank, ranks) = crate::ep::init(crate::ep::Options { redundant, rebalance_every })?;
         if expert {
             EXPERT_PARALLEL.store(true, std::sync::atomic::Ordering::Relaxed);
         } else {
-            crate::ep::data_parallel()?;
+            let chunks = pipeline.and_then(|p| p.1).unwrap_or(2 * ranks);
+            crate::ep::data_parallel(kind.map(|k| (k, chunks)))?;
         }
         if rank != 0 {
             // SAFETY: plain POSIX calls on descriptors this process owns; stdout becomes /dev/null.
@@ -71,8 +79,8 @@ pub fn start_parallel(expert: bool, data: bool, redundant: usize, rebalance_ever
     }
     #[cfg(not(feature = "mpi"))]
     {
-        let _ = (expert, data, redundant, rebalance_every);
-        bail!("--expert-parallel and --data-parallel need a build with MPI: cargo build --release --features dsv3-cli/mpi (OpenMPI and clang installed)")
+        let _ = (expert, data, pipeline, redundant, rebalance_every);
+        bail!("--expert-parallel, --data-parallel and --pipeline need a build with MPI: cargo build --release --features dsv3-cli/mpi (OpenMPI and clang installed)")
     }
 }
 

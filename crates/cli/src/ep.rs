@@ -234,12 +234,22 @@ impl dsv3_train::parallel::AllReduce for MpiSum {
         let send = v.to_vec();
         ex.comm.all_reduce_into(&send[..], v, mpi::collective::SystemOperation::sum());
     }
+    fn with_peers(&self, f: &mut dyn FnMut(&mut dyn dsv3_dist::pipeline::P2p)) {
+        let ex = self.ex.lock().expect("MPI lock");
+        let mut peers = dsv3_dist::transport::MpiPeers::new(&ex.comm);
+        f(&mut peers);
+    }
 }
 
-/// Makes the trainer data-parallel over the MPI processes.
-pub fn data_parallel() -> anyhow::Result<()> {
+/// Makes the trainer data-parallel over the MPI processes, or pipelined with `pipeline`'s
+/// schedule and micro-batch count.
+pub fn data_parallel(pipeline: Option<(dsv3_dist::schedule::Kind, usize)>) -> anyhow::Result<()> {
     let ep = EP.get().ok_or_else(|| anyhow::anyhow!("--data-parallel: MPI not initialized"))?;
     let ex = ep.exchange.lock().expect("lock").take().ok_or_else(|| anyhow::anyhow!("--data-parallel and --expert-parallel do not combine yet"))?;
-    dsv3_train::parallel::set_data_parallel(Arc::new(MpiSum { ex: Mutex::new(ex), rank: ep.rank, size: ep.ranks }));
+    let sum = Arc::new(MpiSum { ex: Mutex::new(ex), rank: ep.rank, size: ep.ranks });
+    match pipeline {
+        Some((kind, chunks)) => dsv3_train::parallel::set_pipeline(sum, kind, chunks),
+        None => dsv3_train::parallel::set_data_parallel(sum),
+    }
     Ok(())
 }

@@ -29,6 +29,13 @@ struct Cli {
     /// trains on 1/N of every batch; gradients, losses and expert loads are summed across them.
     #[arg(long, global = true)]
     data_parallel: bool,
+    /// `dsv3 train` under `mpirun -np N`: pipeline the model over the N processes with this
+    /// schedule (1f1b | dualpipe | dualpipev) and `--chunks` micro-batches per batch.
+    #[arg(long, global = true)]
+    pipeline: Option<String>,
+    /// Micro-batches per batch with --pipeline (default 2·N, DualPipe's minimum).
+    #[arg(long, global = true)]
+    chunks: Option<usize>,
     /// With --expert-parallel: extra expert replicas (EPLB's redundant experts) per MoE layer.
     #[arg(long, global = true, default_value_t = 0)]
     redundant_experts: usize,
@@ -307,8 +314,9 @@ fn keep_freed_memory() {
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
-    if cli.expert_parallel || cli.data_parallel {
-        if let Err(e) = commands::start_parallel(cli.expert_parallel, cli.data_parallel, cli.redundant_experts, cli.rebalance_every) {
+    if cli.expert_parallel || cli.data_parallel || cli.pipeline.is_some() {
+        let pipeline = cli.pipeline.as_deref().map(|k| (k, cli.chunks));
+        if let Err(e) = commands::start_parallel(cli.expert_parallel, cli.data_parallel, pipeline, cli.redundant_experts, cli.rebalance_every) {
             eprintln!("error: {e:#}");
             std::process::exit(1);
         }

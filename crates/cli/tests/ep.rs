@@ -1,4 +1,5 @@
-//! Expert-parallel inference and data-parallel training under `mpirun` (feature `mpi`).
+//! Expert-parallel inference, and data-parallel and pipelined training, under `mpirun` (feature
+//! `mpi`).
 //! Inference: generation and scores are
 //! bit-identical to one process, with static placement and with redundant replicas re-placed
 //! by EPLB while generating.
@@ -42,7 +43,19 @@ fn experts_split_over_processes_change_no_bit() {
 
 #[test]
 fn data_parallel_training_equals_one_process_up_to_summation_order() {
-    let out = |tag: &str| std::env::temp_dir().join(format!("dsv3-dp-{tag}-{}", std::process::id()));
+    parallel_training_matches(&["--data-parallel"]);
+}
+
+#[test]
+fn pipelined_training_equals_one_process_for_every_schedule() {
+    for kind in ["dualpipe", "dualpipev", "1f1b"] {
+        parallel_training_matches(&["--pipeline", kind, "--chunks", "4"]);
+    }
+}
+
+/// 3 steps of the tiny preset (f32 GEMMs) on 2 processes with `mode`, against one process.
+fn parallel_training_matches(mode: &[&str]) {
+    let out = |tag: &str| std::env::temp_dir().join(format!("dsv3-dp-{tag}-{}-{}", mode.join(""), std::process::id()));
     let args = |o: &std::path::Path| -> Vec<String> {
         ["train", "--preset", "tiny", "--steps", "3", "--batch-size", "4", "--seq-len", "64", "--precision", "f32", "--no-sample", "--json", "--out", o.to_str().unwrap()]
             .iter()
@@ -54,7 +67,7 @@ fn data_parallel_training_equals_one_process_up_to_summation_order() {
     let a2: Vec<String> = args(&two);
     let single = run(None, &a1.iter().map(|s| s.as_str()).collect::<Vec<_>>());
     let exe = env!("CARGO_BIN_EXE_dsv3");
-    let o = Command::new("mpirun").args(["--allow-run-as-root", "--oversubscribe", "-np", "2", exe]).args(&a2).arg("--data-parallel").output().unwrap();
+    let o = Command::new("mpirun").args(["--allow-run-as-root", "--oversubscribe", "-np", "2", exe]).args(&a2).args(mode).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let parallel = String::from_utf8(o.stdout).unwrap();
     let steps = |s: &str| -> Vec<serde_json::Value> { s.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v.get("loss").is_some()).collect() };
@@ -65,7 +78,7 @@ fn data_parallel_training_equals_one_process_up_to_summation_order() {
     assert_eq!(s1[0]["expert_load"], s2[0]["expert_load"]);
     for (a, b) in s1.iter().zip(&s2) {
         let (x, y) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
-        assert!((x - y).abs() <= 1e-6 * x.abs(), "step {}: {x} vs {y}", a["step"]);
+        assert!((x - y).abs() <= 1e-6 * x.abs(), "{mode:?} step {}: {x} vs {y}", a["step"]);
     }
     assert!(two.join("model.safetensors").exists());
     for d in [one, two] {

@@ -66,6 +66,14 @@ impl StageCompute for DeepSeekStages<'_> {
         let mut total = self.report.borrow_mut();
         total.balance_loss += report.balance_loss;
         total.load.extend(report.load);
+        if last {
+            total.lm_loss += report.lm_loss;
+            if total.mtp_losses.len() < report.mtp_losses.len() {
+                total.mtp_losses.resize(report.mtp_losses.len(), 0.0);
+            }
+            total.mtp_losses.iter_mut().zip(&report.mtp_losses).for_each(|(a, b)| *a += b);
+            total.mtp_top1 = Some(total.mtp_top1.unwrap_or(0.0) + report.mtp_top1.unwrap_or(0.0));
+        }
         (to_f64(y), loss, saved)
     }
 

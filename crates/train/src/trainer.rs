@@ -291,15 +291,64 @@ fn evaluate(model: &DeepseekV3, val: &Split, args: &TrainArgs, w: LossWeights) -
 
 /// Trains (or resumes) a run, calling `on_log` for every logged step. `stop_at` ends it early
 /// (with a checkpoint) while the schedule still spans `args.steps`: an interrupted run.
+/// One pipelined step: the batch's `chunks` micro-batches through the schedule; this process
+/// keeps the gradients of the stages it ran, and its report holds what they computed (summed over
+/// micro-batches; [`all_reduce_step`] turns them into the batch's means).
+#[allow(clippy::too_many_arguments)]
+fn pipeline_step(
+    dp: &dyn crate::parallel::AllReduce,
+    kind: dsv3_dist::schedule::Kind,
+    chunks: usize,
+    model: &DeepseekV3,
+    tokens: &[u32],
+    args: &TrainArgs,
+    w: LossWeights,
+    grads: &mut Grads,
+) -> Result<StepReport> {
+    let (ranks, rank) = (dp.size(), dp.rank());
+    let per = args.batch_size / chunks;
+    let row = args.seq_len + 1;
+    let mbs: Vec<Vec<u32>> = tokens.chunks(per * row).map(|c| c.to_vec()).collect();
+    let stages = crate::pipeline::DeepSeekStages::new(model, &mbs, per, args.seq_len, w, dsv3_dist::pipeline::positions(kind, ranks))?;
+    let ops = dsv3_dist::schedule::generate(kind, ranks, chunks).map_err(|e| anyhow::anyhow!("{e}"))?;
+    dp.with_peers(&mut |peers| {
+        dsv3_dist::pipeline::execute(peers, kind, ranks, chunks, &ops[rank], &stages);
+    });
+    let mut report = stages.report.into_inner();
+    // Expert loads per MoE layer (summed over the micro-batches this process ran), in layer order
+    // with zeros for the layers it does not hold, so the sums line up across processes.
+    let moe_layers: Vec<usize> = (0..model.layers.len() + model.mtp.len()).filter(|&l| model.config.is_moe_layer(l)).collect();
+    let experts = model.config.n_routed_experts;
+    let mut load: Vec<(usize, Vec<usize>)> = moe_layers.iter().map(|&l| (l, vec![0; experts])).collect();
+    for (l, c) in &report.load {
+        if let Some(slot) = load.iter_mut().find(|(ll, _)| ll == l) {
+            slot.1.iter_mut().zip(c).for_each(|(a, b)| *a += b);
+        }
+    }
+    report.load = load;
+    report.mtp_losses.resize(model.mtp.len(), 0.0);
+    if !model.mtp.is_empty() && report.mtp_top1.is_none() {
+        report.mtp_top1 = Some(0.0);
+    }
+    report.loss = report.lm_loss
+        + report.mtp_losses.iter().sum::<f64>() * (w.mtp_lambda / model.mtp.len().max(1) as f32) as f64
+        + report.balance_loss;
+    report.tokens = args.batch_size * args.seq_len / ranks;
+    *grads = stages.grads.into_inner();
+    Ok(report)
+}
+
 /// Data parallelism: the mean gradient over every process's shard (each shard's gradient is of its
-/// mean loss, and the shards are equal), the mean losses, and the summed expert loads.
-fn all_reduce_step(dp: &dyn crate::parallel::AllReduce, model: &mut DeepseekV3, grads: &mut Grads, report: &mut StepReport) {
+/// mean loss, and the shards are equal), the mean losses, and the summed expert loads. Pipelined
+/// (`chunks`): every process holds sums over micro-batches of the stages it ran, so the sums are
+/// divided by the micro-batch count instead.
+fn all_reduce_step(dp: &dyn crate::parallel::AllReduce, model: &mut DeepseekV3, grads: &mut Grads, report: &mut StepReport, chunks: Option<usize>) {
     // Every parameter gets a slot, so the flattened buffers line up on every process (an expert
     // no local token reached has no gradient entry yet).
     for p in model.params_mut() {
         grads.slot(&p.name, p.data.len());
     }
-    let scale = 1.0 / dp.size() as f64;
+    let scale = 1.0 / chunks.unwrap_or(dp.size()) as f64;
     let mut flat: Vec<f64> = grads.map.values().flat_map(|g| g.iter().map(|&v| v as f64)).collect();
     let n_mtp = report.mtp_losses.len();
     flat.extend([report.loss, report.lm_loss, report.balance_loss, report.mtp_top1.unwrap_or(0.0)]);
@@ -393,22 +442,39 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
     let end = stop_at.unwrap_or(args.steps).min(args.steps);
     let dp = crate::parallel::get();
     let (dp_rank, dp_size) = dp.map_or((0, 1), |d| (d.rank(), d.size()));
-    if !args.batch_size.is_multiple_of(dp_size) {
+    let pipelined = crate::parallel::pipeline();
+    let shard_count = if pipelined.is_some() { 1 } else { dp_size };
+    if !args.batch_size.is_multiple_of(shard_count) {
         bail!("--batch-size {} does not divide among {dp_size} data-parallel processes", args.batch_size);
     }
-    let shard = args.batch_size / dp_size;
+    if let Some((kind, chunks)) = pipelined {
+        if !args.batch_size.is_multiple_of(chunks) {
+            bail!("--batch-size {} does not divide into {chunks} micro-batches", args.batch_size);
+        }
+        dsv3_dist::schedule::generate(kind, dp_size, chunks).map_err(|e| anyhow::anyhow!("--pipeline: {e}"))?;
+        let stages = dsv3_dist::pipeline::positions(kind, dp_size);
+        if stages > model.layers.len() {
+            bail!("--pipeline: {stages} stages for {} decoder layers", model.layers.len());
+        }
+    }
+    let shard = args.batch_size / shard_count;
     let writer = dp_rank == 0;
     while state.step < end {
         let step = state.step + 1;
         let w = loss_weights(&args, step);
         let tokens = loader.next_batch(&train, args.batch_size);
         grads.zero();
-        // This process's share of the batch: sequences dp_rank·shard .. (dp_rank+1)·shard.
         let row = args.seq_len + 1;
-        let mine = &tokens[dp_rank * shard * row..(dp_rank + 1) * shard * row];
-        let mut report = with_recipe(fp8, || model.train_step(mine, shard, args.seq_len, w, Some(&mut grads)))?;
+        let mut report = match (dp, crate::parallel::pipeline()) {
+            (Some(dp), Some((kind, chunks))) => pipeline_step(dp.as_ref(), kind, chunks, &model, &tokens, &args, w, &mut grads)?,
+            _ => {
+                // This process's share of the batch: sequences dp_rank·shard .. (dp_rank+1)·shard.
+                let mine = &tokens[dp_rank * shard * row..(dp_rank + 1) * shard * row];
+                with_recipe(fp8, || model.train_step(mine, shard, args.seq_len, w, Some(&mut grads)))?
+            }
+        };
         if let Some(dp) = dp {
-            all_reduce_step(dp.as_ref(), &mut model, &mut grads, &mut report);
+            all_reduce_step(dp.as_ref(), &mut model, &mut grads, &mut report, crate::parallel::pipeline().map(|(_, c)| c));
         }
         if !report.loss.is_finite() {
             bail!("step {step}: the loss is {} (lower --lr?); the last checkpoint is intact", report.loss);
