@@ -36,6 +36,7 @@ struct Cli {
     /// Micro-batches per batch with --pipeline (default 2·N, DualPipe's minimum).
     #[arg(long, global = true)]
     chunks: Option<usize>,
+
     /// With --expert-parallel: extra expert replicas (EPLB's redundant experts) per MoE layer.
     #[arg(long, global = true, default_value_t = 0)]
     redundant_experts: usize,

@@ -115,6 +115,9 @@ pub struct TrainCli {
     /// Skip the sample generated after training.
     #[arg(long)]
     pub no_sample: bool,
+    /// With --pipeline under mpirun: the pipeline ranks, checked against the process count.
+    #[arg(long)]
+    pub pp: Option<usize>,
 }
 
 impl TrainCli {
@@ -194,6 +197,9 @@ fn progress(l: &StepLog) {
 
 pub fn run(c: &TrainCli) -> Result<()> {
     let args = c.args()?;
+    if let Some(pp) = c.pp.filter(|&pp| pp != dsv3_train::parallel::processes()) {
+        anyhow::bail!("--pp {pp}: this run has {} processes (mpirun -np {pp} with --pipeline)", dsv3_train::parallel::processes());
+    }
     let json = c.json;
     let summary = dsv3_train::run(args, c.resume.as_deref(), c.stop_at, |l| {
         if json {

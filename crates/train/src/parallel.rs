@@ -39,6 +39,11 @@ pub fn set_data_parallel(dp: Arc<dyn AllReduce>) {
     let _ = DP.set(dp);
 }
 
+/// Processes training together (1 without data or pipeline parallelism).
+pub fn processes() -> usize {
+    DP.get().map_or(1, |d| d.size())
+}
+
 pub(crate) fn get() -> Option<&'static Arc<dyn AllReduce>> {
     DP.get()
 }
