@@ -138,7 +138,9 @@ impl DeepseekV3 {
 
     /// Runs `f` as a training step runs: on a pool worker, with the caller's FP8 recipe and the
     /// many-token GEMM (pipeline stages call [`DeepseekV3::stage_forward`] through this, so a
-    /// stage computes exactly what `train_step` does).
+    /// stage computes exactly what `train_step` does). It matters: `logits` hops onto the pool
+    /// itself, and from a thread outside the pool that hop would lose the thread-local GEMM
+    /// setting and take the GEMV path for the head (1e-9 apart).
     pub fn training<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         // The FP8 recipe is per thread; the step runs on a pool worker.
         let fp8 = super::fp8::recipe();
