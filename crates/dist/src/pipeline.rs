@@ -55,34 +55,14 @@ fn gelu(z: f64) -> (f64, f64) {
     (0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du)
 }
 
-/// `a [m, k] · bᵀ` with `b [n, k]` → `[m, n]`, summed in index order.
-fn mm_nt(a: &[f64], b: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
+/// `[m, n]` products `Σ_s A(i, s)·B(s, j)` summed in index order, with `A(i, s) = a[i·ai + s·as]`
+/// and `B(s, j) = b[s·bs + j·bj]` (so one loop serves x·Wᵀ, x·W and xᵀ·y).
+#[allow(clippy::too_many_arguments)]
+fn mm(a: &[f64], (ai, as_): (usize, usize), b: &[f64], (bs, bj): (usize, usize), m: usize, n: usize, k: usize) -> Vec<f64> {
     let mut out = vec![0f64; m * n];
     for i in 0..m {
         for j in 0..n {
-            out[i * n + j] = (0..k).map(|s| a[i * k + s] * b[j * k + s]).sum();
-        }
-    }
-    out
-}
-
-/// `a [m, k] · b` with `b [k, n]` → `[m, n]`.
-fn mm_nn(a: &[f64], b: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
-    let mut out = vec![0f64; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            out[i * n + j] = (0..k).map(|s| a[i * k + s] * b[s * n + j]).sum();
-        }
-    }
-    out
-}
-
-/// `aᵀ · b` with `a [m, p]`, `b [m, q]` → `[p, q]`.
-fn mm_tn(a: &[f64], b: &[f64], m: usize, p: usize, q: usize) -> Vec<f64> {
-    let mut out = vec![0f64; p * q];
-    for i in 0..p {
-        for j in 0..q {
-            out[i * q + j] = (0..m).map(|s| a[s * p + i] * b[s * q + j]).sum();
+            out[i * n + j] = (0..k).map(|s| a[i * ai + s * as_] * b[s * bs + j * bj]).sum();
         }
     }
     out
@@ -120,18 +100,18 @@ impl Stage {
 
     pub fn forward(&self, x: &[f64]) -> (Vec<f64>, Saved) {
         let (h, m) = (self.h, x.len() / self.h);
-        let z = mm_nt(x, &self.w1, m, 4 * h, h);
+        let z = mm(x, (h, 1), &self.w1, (1, h), m, 4 * h, h);
         let a: Vec<f64> = z.iter().map(|&v| gelu(v).0).collect();
-        let y = mm_nt(&a, &self.w2, m, h, 4 * h);
+        let y = mm(&a, (4 * h, 1), &self.w2, (1, 4 * h), m, h, 4 * h);
         (y, Saved { x: x.to_vec(), z, a, loss_grad: None })
     }
 
     /// Input gradient, and the inputs of the weight gradients.
     fn backward_input(&self, s: &Saved, dy: &[f64]) -> (Vec<f64>, WeightGrad) {
         let (h, m) = (self.h, dy.len() / self.h);
-        let da = mm_nn(dy, &self.w2, m, 4 * h, h);
+        let da = mm(dy, (h, 1), &self.w2, (4 * h, 1), m, 4 * h, h);
         let dz: Vec<f64> = da.iter().zip(&s.z).map(|(&g, &z)| g * gelu(z).1).collect();
-        let dx = mm_nn(&dz, &self.w1, m, h, 4 * h);
+        let dx = mm(&dz, (4 * h, 1), &self.w1, (h, 1), m, h, 4 * h);
         (dx, WeightGrad { x: s.x.clone(), a: s.a.clone(), dy: dy.to_vec(), dz })
     }
 }
@@ -146,8 +126,8 @@ pub struct Grads {
 impl Grads {
     fn add(&mut self, st: &Stage, w: &WeightGrad) {
         let (h, m) = (st.h, w.dy.len() / st.h);
-        let g2 = mm_tn(&w.dy, &w.a, m, h, 4 * h);
-        let g1 = mm_tn(&w.dz, &w.x, m, 4 * h, h);
+        let g2 = mm(&w.dy, (1, h), &w.a, (4 * h, 1), h, 4 * h, m);
+        let g1 = mm(&w.dz, (1, 4 * h), &w.x, (h, 1), 4 * h, h, m);
         if self.w1.is_empty() {
             (self.w1, self.w2) = (vec![0.0; g1.len()], vec![0.0; g2.len()]);
         }
@@ -167,6 +147,17 @@ fn mse(y: &[f64], label: &[f64]) -> (f64, Vec<f64>) {
 pub struct Batch {
     pub inputs: Vec<Vec<f64>>,
     pub labels: Vec<Vec<f64>>,
+}
+
+impl Batch {
+    /// A fixed batch of `chunks` micro-batches for the checks (the same on every process).
+    pub fn synthetic(chunks: usize, rows: usize, h: usize) -> Self {
+        let v = |i: usize, j: usize| ((i * 131 + j * 17) % 97) as f64 / 97.0 - 0.5;
+        Batch {
+            inputs: (0..chunks).map(|c| (0..rows * h).map(|j| v(c, j)).collect()).collect(),
+            labels: (0..chunks).map(|c| (0..rows * h).map(|j| v(c + 1000, j)).collect()).collect(),
+        }
+    }
 }
 
 /// The sequential reference: every micro-batch through all stages, loss, backward. Returns the
@@ -447,21 +438,13 @@ mod tests {
     use super::*;
     use crate::schedule::generate;
 
-    fn batch(chunks: usize, rows: usize, h: usize) -> Batch {
-        let v = |i: usize, j: usize| ((i * 131 + j * 17) % 97) as f64 / 97.0 - 0.5;
-        Batch {
-            inputs: (0..chunks).map(|c| (0..rows * h).map(|j| v(c, j)).collect()).collect(),
-            labels: (0..chunks).map(|c| (0..rows * h).map(|j| v(c + 1000, j)).collect()).collect(),
-        }
-    }
-
     #[test]
     fn every_schedule_reproduces_sequential_training() {
         let h = 8;
         for (kind, ranks, chunks) in [(Kind::OneFOneB, 4, 6), (Kind::DualPipe, 4, 8), (Kind::DualPipe, 2, 6), (Kind::DualPipeV, 2, 4), (Kind::DualPipeV, 3, 7)] {
             let n_stages = if kind == Kind::DualPipeV { 2 * ranks } else { ranks };
             let stages: Vec<Stage> = (0..n_stages).map(|s| Stage::new(h, s as u64)).collect();
-            let b = batch(chunks, 3, h);
+            let b = Batch::synthetic(chunks, 3, h);
             let (ref_losses, ref_grads) = reference(&stages, &b);
             let schedule = generate(kind, ranks, chunks).unwrap();
             let results: Vec<RankResult> = std::thread::scope(|s| {

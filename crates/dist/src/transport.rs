@@ -16,6 +16,15 @@ pub struct MpiExchange {
 /// get a real address.
 static EMPTY: [u8; 1] = [0];
 
+/// Where each block starts: the running sum of the counts before it.
+fn displs(counts: &[Count]) -> Vec<Count> {
+    counts.iter().scan(0, |a, &x| {
+        let d = *a;
+        *a += x;
+        Some(d)
+    }).collect()
+}
+
 fn real(b: &[u8]) -> &[u8] {
     if b.is_empty() {
         &EMPTY[..0]
@@ -31,7 +40,6 @@ impl MpiExchange {
         let sc: Vec<Count> = counts.iter().map(|&c| Count::try_from(c).expect("a block over 2 GiB")).collect();
         let mut rc = vec![0 as Count; sc.len()];
         self.comm.all_to_all_into(&sc[..], &mut rc[..]);
-        let displs = |c: &[Count]| c.iter().scan(0, |a, &x| { let d = *a; *a += x; Some(d) }).collect::<Vec<Count>>();
         let (sd, rd) = (displs(&sc), displs(&rc));
         (sc, sd, rc, rd)
     }
@@ -43,7 +51,7 @@ impl MpiExchange {
         let n = Count::try_from(bytes.len()).expect("a block over 2 GiB");
         let mut counts = vec![0 as Count; self.comm.size() as usize];
         self.comm.all_gather_into(&n, &mut counts[..]);
-        let displs: Vec<Count> = counts.iter().scan(0, |a, &x| { let d = *a; *a += x; Some(d) }).collect();
+        let displs = displs(&counts);
         let total: usize = counts.iter().map(|&c| c as usize).sum();
         let mut out = vec![0u8; total + 1];
         {

@@ -5,26 +5,24 @@
 
 use std::process::Command;
 
-#[test]
-fn dispatch_and_combine_hold_across_mpi_processes() {
+/// Runs `exe` under `mpirun -np 2` and `-np 4`; each run must succeed and print `marker`.
+fn under_mpirun(exe: &str, marker: &str) {
     for n in ["2", "4"] {
         let out = Command::new("mpirun")
-            .args(["--allow-run-as-root", "--oversubscribe", "-np", n, env!("CARGO_BIN_EXE_dsv3-ep-check")])
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", n, exe])
             .output()
             .expect("mpirun (OpenMPI) must be installed for the mpi feature's tests");
         let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && text.contains("ep-check: ok"), "{n} ranks:\n{text}");
+        assert!(out.status.success() && text.contains(marker), "{n} ranks:\n{text}");
     }
 }
 
 #[test]
+fn dispatch_and_combine_hold_across_mpi_processes() {
+    under_mpirun(env!("CARGO_BIN_EXE_dsv3-ep-check"), "ep-check: ok");
+}
+
+#[test]
 fn pipelined_training_equals_sequential_training_across_mpi_processes() {
-    for n in ["2", "4"] {
-        let out = Command::new("mpirun")
-            .args(["--allow-run-as-root", "--oversubscribe", "-np", n, env!("CARGO_BIN_EXE_dsv3-pipeline-check")])
-            .output()
-            .expect("mpirun (OpenMPI) must be installed for the mpi feature's tests");
-        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && text.contains("pipeline-check: ok"), "{n} ranks:\n{text}");
-    }
+    under_mpirun(env!("CARGO_BIN_EXE_dsv3-pipeline-check"), "pipeline-check: ok");
 }

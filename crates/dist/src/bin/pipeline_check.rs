@@ -8,14 +8,6 @@ use dsv3_dist::schedule::{generate, Kind};
 use dsv3_dist::transport::{MpiExchange, MpiPeers};
 use mpi::traits::*;
 
-fn batch(chunks: usize, rows: usize, h: usize) -> Batch {
-    let v = |i: usize, j: usize| ((i * 131 + j * 17) % 97) as f64 / 97.0 - 0.5;
-    Batch {
-        inputs: (0..chunks).map(|c| (0..rows * h).map(|j| v(c, j)).collect()).collect(),
-        labels: (0..chunks).map(|c| (0..rows * h).map(|j| v(c + 1000, j)).collect()).collect(),
-    }
-}
-
 fn main() {
     let universe = mpi::initialize().expect("MPI initializes once");
     let world = universe.world();
@@ -28,7 +20,7 @@ fn main() {
     for (kind, chunks) in kinds {
         let n_stages = if kind == Kind::DualPipeV { 2 * ranks } else { ranks };
         let stages: Vec<Stage> = (0..n_stages).map(|s| Stage::new(h, 7 + s as u64)).collect();
-        let b = batch(chunks, 4, h);
+        let b = Batch::synthetic(chunks, 4, h);
         let ops = generate(kind, ranks, chunks).expect("a valid shape");
         let me = world.rank() as usize;
         let result = {
