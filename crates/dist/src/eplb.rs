@@ -21,11 +21,6 @@ pub struct Placement {
 
 impl Placement {
     /// Load of each GPU in layer `l`: every slot carries its expert's load divided by the replicas.
-    pub fn gpu_loads(&self, weight: &[f64], num_gpus: usize) -> Vec<f64> {
-        self.loads(0, weight, num_gpus)
-    }
-
-    /// [`Placement::gpu_loads`] for layer `l`.
     pub fn loads(&self, l: usize, weight: &[f64], num_gpus: usize) -> Vec<f64> {
         let p = self.phy2log[l].len();
         let per = p / num_gpus.max(1);

@@ -195,12 +195,7 @@ struct Placement {
 impl Placement {
     /// (flow, position) of the op `(rank, dir)`, and the number of positions of the flow.
     fn position(&self, rank: usize, dir: u8) -> (usize, usize, usize) {
-        let n = self.ranks;
-        match self.kind {
-            Kind::OneFOneB => (0, rank, n),
-            Kind::DualPipe => (dir as usize, if dir == 0 { rank } else { n - 1 - rank }, n),
-            Kind::DualPipeV => (0, if dir == 0 { rank } else { 2 * n - 1 - rank }, 2 * n),
-        }
+        crate::schedule::stage_position(self.kind, self.ranks, rank, dir)
     }
 
     /// `(rank, dir)` at `pos` of `flow`.

@@ -223,12 +223,14 @@ pub struct Simulation {
     pub times: Vec<Vec<(f64, f64)>>,
 }
 
-/// Stage placement: where direction `dir`'s stages run, in order.
-fn path(kind: Kind, ranks: usize, dir: u8) -> Vec<usize> {
-    match (kind, dir) {
-        (Kind::DualPipe, 1) => (0..ranks).rev().collect(),
-        (Kind::DualPipeV, 0) => (0..ranks).chain((0..ranks).rev()).collect(),
-        _ => (0..ranks).collect(),
+/// Where an op of `(rank, dir)` sits: its flow (a micro-batch stream: DualPipe has one per
+/// direction), its position along the flow's stages, and the flow's number of positions.
+/// DualPipeV's rank `r` holds positions `r` (going out) and `2N−1−r` (coming back) of one flow.
+pub fn stage_position(kind: Kind, ranks: usize, rank: usize, dir: u8) -> (usize, usize, usize) {
+    match kind {
+        Kind::OneFOneB => (0, rank, ranks),
+        Kind::DualPipe => (dir as usize, if dir == 0 { rank } else { ranks - 1 - rank }, ranks),
+        Kind::DualPipeV => (0, if dir == 0 { rank } else { 2 * ranks - 1 - rank }, 2 * ranks),
     }
 }
 
@@ -239,21 +241,7 @@ fn path(kind: Kind, ranks: usize, dir: u8) -> Vec<usize> {
 pub fn simulate(kind: Kind, ops: &[Vec<Op>], t: Timing) -> Result<Simulation, String> {
     let ranks = ops.len();
     use std::collections::HashMap;
-    // Stage index of (rank, dir): DualPipeV's rank r holds stages r (dir 0 of the path) and
-    // 2N−1−r (the return leg); a micro-batch is one flow along the stage path.
-    let stages: Vec<Vec<usize>> = match kind {
-        Kind::DualPipeV => vec![path(kind, ranks, 0)],
-        Kind::DualPipe => vec![path(kind, ranks, 0), path(kind, ranks, 1)],
-        Kind::OneFOneB => vec![path(kind, ranks, 0)],
-    };
-    // The stage a (rank, dir) op belongs to, as (flow, position along its path).
-    let stage_of = |rank: usize, dir: u8| -> (usize, usize) {
-        match kind {
-            Kind::DualPipeV => (0, if dir == 0 { rank } else { 2 * ranks - 1 - rank }),
-            Kind::DualPipe => (dir as usize, if dir == 0 { rank } else { ranks - 1 - rank }),
-            Kind::OneFOneB => (0, rank),
-        }
-    };
+    let stage_of = |rank: usize, dir: u8| stage_position(kind, ranks, rank, dir);
     // Finish times: ('F' | 'B', flow, micro-batch, stage position) and ('b', rank, dir, mb) for W.
     let mut done: HashMap<(char, usize, usize, usize), f64> = HashMap::new();
     let mut next = vec![0usize; ranks];
@@ -266,12 +254,12 @@ pub fn simulate(kind: Kind, ops: &[Vec<Op>], t: Timing) -> Result<Simulation, St
             while next[r] < ops[r].len() {
                 let op = ops[r][next[r]];
                 let f_dep = |dir: u8, mb: usize| -> Option<f64> {
-                    let (flow, pos) = stage_of(r, dir);
+                    let (flow, pos, _) = stage_of(r, dir);
                     if pos == 0 { Some(0.0) } else { done.get(&('F', flow, mb, pos - 1)).copied() }
                 };
                 let b_dep = |dir: u8, mb: usize| -> Option<f64> {
-                    let (flow, pos) = stage_of(r, dir);
-                    if pos + 1 == stages[flow].len() { done.get(&('F', flow, mb, pos)).copied() } else { done.get(&('B', flow, mb, pos + 1)).copied() }
+                    let (flow, pos, len) = stage_of(r, dir);
+                    if pos + 1 == len { done.get(&('F', flow, mb, pos)).copied() } else { done.get(&('B', flow, mb, pos + 1)).copied() }
                 };
                 let (ready, dur) = match op {
                     Op::F { dir, mb } => (f_dep(dir, mb), t.f),
@@ -286,7 +274,7 @@ pub fn simulate(kind: Kind, ops: &[Vec<Op>], t: Timing) -> Result<Simulation, St
                 busy[r] += dur;
                 times[r].push((start, end));
                 let mut finish = |kind: char, dir: u8, mb: usize| {
-                    let (flow, pos) = stage_of(r, dir);
+                    let (flow, pos, _) = stage_of(r, dir);
                     done.insert((kind, flow, mb, pos), end);
                 };
                 match op {
