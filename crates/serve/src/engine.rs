@@ -196,8 +196,13 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
     metrics.kv_blocks_capacity.store(config.kv_blocks, Ordering::Relaxed);
     let mut closed = false;
     loop {
-        // Take in what arrived; block only when there is nothing to do.
+        // Take in what arrived, but no more than the batch can admit: the rest waits in the
+        // bounded channel, which is what makes a flood answer 429 instead of queueing without
+        // limit. Block only when there is nothing to do.
         loop {
+            if running.len() + waiting.len() >= config.max_batch {
+                break;
+            }
             let next = if running.is_empty() && waiting.is_empty() && !closed {
                 match rx.recv_timeout(Duration::from_millis(200)) {
                     Ok(j) => Some(j),
