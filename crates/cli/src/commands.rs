@@ -44,26 +44,58 @@ pub fn ep_metrics() -> Option<dsv3_serve::MetricsHook> {
     None
 }
 
-/// `--expert-parallel` / `--data-parallel`: MPI up, and every rank but 0 silent on stdout.
-pub fn start_parallel(expert: bool, data: bool, pipeline: Option<(&str, Option<usize>)>, redundant: usize, rebalance_every: usize) -> Result<()> {
+/// What a command asks of the MPI processes it runs in.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub struct Parallel<'a> {
+    pub expert: bool,
+    pub data: bool,
+    pub pipeline: Option<&'a str>,
+    pub chunks: Option<usize>,
+    /// The command is `dsv3 train`, with its `--pp`.
+    pub train: Option<Option<usize>>,
+    pub redundant: usize,
+    pub rebalance_every: usize,
+}
+
+/// `--expert-parallel` / `--data-parallel` / `--pipeline`: MPI up, and every rank but 0 silent
+/// on stdout.
+pub fn start_parallel(p: Parallel) -> Result<()> {
+    let pp = p.train.flatten();
+    if pp.is_some() && p.pipeline.is_none() {
+        bail!("--pp needs --pipeline");
+    }
+    if p.train.is_none() && (p.data || p.pipeline.is_some()) {
+        bail!("--data-parallel and --pipeline are for dsv3 train");
+    }
     #[cfg(feature = "mpi")]
     {
-        if [expert, data, pipeline.is_some()].iter().filter(|&&b| b).count() > 1 {
-            bail!("--expert-parallel, --data-parallel and --pipeline do not combine yet");
+        use crate::ep::Training;
+        if p.pipeline.is_some() && (p.expert || p.data) {
+            bail!("--pipeline does not combine with --expert-parallel yet; its groups are data-parallel already (mpirun -np D·P with --pp P)");
         }
-        let kind = match pipeline.map(|p| p.0) {
+        let kind = match p.pipeline {
             None => None,
             Some("1f1b") => Some(dsv3_dist::schedule::Kind::OneFOneB),
             Some("dualpipe") => Some(dsv3_dist::schedule::Kind::DualPipe),
             Some("dualpipev") => Some(dsv3_dist::schedule::Kind::DualPipeV),
             Some(k) => bail!("--pipeline {k}: 1f1b, dualpipe or dualpipev"),
         };
-        let (rank, ranks) = crate::ep::init(crate::ep::Options { redundant, rebalance_every })?;
-        if expert {
+        let (rank, ranks) = crate::ep::init(crate::ep::Options { redundant: p.redundant, rebalance_every: p.rebalance_every })?;
+        if p.train.is_some() {
+            let how = match kind {
+                Some(kind) => {
+                    let stages = pp.unwrap_or(ranks);
+                    if stages == 0 || !ranks.is_multiple_of(stages) {
+                        bail!("--pp {stages}: not a divisor of the {ranks} processes (mpirun -np D·P runs D data-parallel pipelines of P)");
+                    }
+                    Training::Pipeline { kind, chunks: p.chunks.unwrap_or(2 * stages), stages }
+                }
+                None if p.expert => Training::ExpertParallel,
+                None => Training::DataParallel,
+            };
+            crate::ep::training(how)?;
+        } else if p.expert {
             EXPERT_PARALLEL.store(true, std::sync::atomic::Ordering::Relaxed);
-        } else {
-            let chunks = pipeline.and_then(|p| p.1).unwrap_or(2 * ranks);
-            crate::ep::data_parallel(kind.map(|k| (k, chunks)))?;
         }
         if rank != 0 {
             // SAFETY: plain POSIX calls on descriptors this process owns; stdout becomes /dev/null.
@@ -79,7 +111,7 @@ pub fn start_parallel(expert: bool, data: bool, pipeline: Option<(&str, Option<u
     }
     #[cfg(not(feature = "mpi"))]
     {
-        let _ = (expert, data, pipeline, redundant, rebalance_every);
+        let _ = p;
         bail!("--expert-parallel, --data-parallel and --pipeline need a build with MPI: cargo build --release --features dsv3-cli/mpi (OpenMPI and clang installed)")
     }
 }

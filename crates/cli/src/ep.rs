@@ -241,15 +241,49 @@ impl dsv3_train::parallel::AllReduce for MpiSum {
     }
 }
 
-/// Makes the trainer data-parallel over the MPI processes, or pipelined with `pipeline`'s
-/// schedule and micro-batch count.
-pub fn data_parallel(pipeline: Option<(dsv3_dist::schedule::Kind, usize)>) -> anyhow::Result<()> {
-    let ep = EP.get().ok_or_else(|| anyhow::anyhow!("--data-parallel: MPI not initialized"))?;
-    let ex = ep.exchange.lock().expect("lock").take().ok_or_else(|| anyhow::anyhow!("--data-parallel and --expert-parallel do not combine yet"))?;
+impl dsv3_model::grad::moe::ExpertExchange for MpiSum {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn ranks(&self) -> usize {
+        self.size
+    }
+    fn all_to_all(&self, send: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+        use dsv3_dist::ep::Exchange;
+        let counts: Vec<usize> = send.iter().map(|b| 4 * b.len()).collect();
+        let bytes: Vec<u8> = send.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+        let (recv, sizes) = self.ex.lock().expect("MPI lock").all_to_all(&bytes, &counts);
+        let mut at = 0;
+        sizes
+            .iter()
+            .map(|&n| {
+                let block = &recv[at..at + n];
+                at += n;
+                block.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+            })
+            .collect()
+    }
+}
+
+/// How `dsv3 train` runs over the MPI processes.
+pub enum Training {
+    /// Each process trains on its share of every batch.
+    DataParallel,
+    /// Data parallelism with the routed experts split over the processes.
+    ExpertParallel,
+    /// Pipeline groups of `stages` processes running the schedule; the groups are data-parallel.
+    Pipeline { kind: dsv3_dist::schedule::Kind, chunks: usize, stages: usize },
+}
+
+/// Makes the trainer parallel over the MPI processes.
+pub fn training(how: Training) -> anyhow::Result<()> {
+    let ep = EP.get().ok_or_else(|| anyhow::anyhow!("parallel training: MPI not initialized"))?;
+    let ex = ep.exchange.lock().expect("lock").take().ok_or_else(|| anyhow::anyhow!("parallel training: one trainer per process"))?;
     let sum = Arc::new(MpiSum { ex: Mutex::new(ex), rank: ep.rank, size: ep.ranks });
-    match pipeline {
-        Some((kind, chunks)) => dsv3_train::parallel::set_pipeline(sum, kind, chunks),
-        None => dsv3_train::parallel::set_data_parallel(sum),
+    match how {
+        Training::DataParallel => dsv3_train::parallel::set_data_parallel(sum),
+        Training::ExpertParallel => dsv3_train::parallel::set_expert_parallel(sum.clone(), sum),
+        Training::Pipeline { kind, chunks, stages } => dsv3_train::parallel::set_pipeline(sum, kind, chunks, stages),
     }
     Ok(())
 }

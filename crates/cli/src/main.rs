@@ -315,9 +315,21 @@ fn keep_freed_memory() {
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
-    if cli.expert_parallel || cli.data_parallel || cli.pipeline.is_some() {
-        let pipeline = cli.pipeline.as_deref().map(|k| (k, cli.chunks));
-        if let Err(e) = commands::start_parallel(cli.expert_parallel, cli.data_parallel, pipeline, cli.redundant_experts, cli.rebalance_every) {
+    let train = match &cli.command {
+        Command::Train(a) => Some(a.pp),
+        _ => None,
+    };
+    if cli.expert_parallel || cli.data_parallel || cli.pipeline.is_some() || train.flatten().is_some() {
+        let p = commands::Parallel {
+            expert: cli.expert_parallel,
+            data: cli.data_parallel,
+            pipeline: cli.pipeline.as_deref(),
+            chunks: cli.chunks,
+            train,
+            redundant: cli.redundant_experts,
+            rebalance_every: cli.rebalance_every,
+        };
+        if let Err(e) = commands::start_parallel(p) {
             eprintln!("error: {e:#}");
             std::process::exit(1);
         }

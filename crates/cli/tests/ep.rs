@@ -1,5 +1,5 @@
-//! Expert-parallel inference, and data-parallel and pipelined training, under `mpirun` (feature
-//! `mpi`).
+//! Expert-parallel inference, and data-parallel, expert-parallel and pipelined training, under
+//! `mpirun` (feature `mpi`).
 //! Inference: generation and scores are
 //! bit-identical to one process, with static placement and with redundant replicas re-placed
 //! by EPLB while generating.
@@ -43,21 +43,44 @@ fn experts_split_over_processes_change_no_bit() {
 
 #[test]
 fn data_parallel_training_equals_one_process_up_to_summation_order() {
-    parallel_training_matches(&["--data-parallel"]);
+    remove(parallel_training_matches("2", 4, &["--data-parallel"]));
+}
+
+fn remove((a, b): (std::path::PathBuf, std::path::PathBuf)) {
+    std::fs::remove_dir_all(a).ok();
+    std::fs::remove_dir_all(b).ok();
+}
+
+#[test]
+fn expert_parallel_training_equals_one_process_and_saves_every_expert() {
+    let (one, two) = parallel_training_matches("2", 4, &["--expert-parallel"]);
+    // Rank 0 gathered the experts the other process trained: the checkpoint scores as one
+    // process's does.
+    let score = |d: &std::path::Path| -> f64 {
+        let out = run(None, &["score", "--model", d.to_str().unwrap(), "--ids", "3,1,4,1,5,9,2,6,5,3,5", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["nll"].as_f64().unwrap()
+    };
+    let (a, b) = (score(&one), score(&two));
+    assert!((a - b).abs() <= 1e-5 * a.abs(), "NLL {a} vs {b}");
+    remove((one, two));
 }
 
 #[test]
 fn pipelined_training_equals_one_process_for_every_schedule() {
     for kind in ["dualpipe", "dualpipev", "1f1b"] {
-        parallel_training_matches(&["--pipeline", kind, "--chunks", "4"]);
+        remove(parallel_training_matches("2", 4, &["--pipeline", kind, "--chunks", "4"]));
     }
+    // Two data-parallel pipelines of two processes.
+    remove(parallel_training_matches("4", 8, &["--pipeline", "dualpipe", "--pp", "2", "--chunks", "4"]));
 }
 
-/// 3 steps of the tiny preset (f32 GEMMs) on 2 processes with `mode`, against one process.
-fn parallel_training_matches(mode: &[&str]) {
-    let out = |tag: &str| std::env::temp_dir().join(format!("dsv3-dp-{tag}-{}-{}", mode.join(""), std::process::id()));
+/// 3 steps of the tiny preset (f32 GEMMs) on `np` processes with `mode`, against one process;
+/// returns both output folders.
+fn parallel_training_matches(np: &str, batch: usize, mode: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+    let out = |tag: &str| std::env::temp_dir().join(format!("dsv3-dp-{tag}-{np}{}-{}", mode.join(""), std::process::id()));
+    let batch = batch.to_string();
     let args = |o: &std::path::Path| -> Vec<String> {
-        ["train", "--preset", "tiny", "--steps", "3", "--batch-size", "4", "--seq-len", "64", "--precision", "f32", "--no-sample", "--json", "--out", o.to_str().unwrap()]
+        ["train", "--preset", "tiny", "--steps", "3", "--batch-size", &batch, "--seq-len", "64", "--precision", "f32", "--no-sample", "--json", "--out", o.to_str().unwrap()]
             .iter()
             .map(|s| s.to_string())
             .collect()
@@ -67,7 +90,7 @@ fn parallel_training_matches(mode: &[&str]) {
     let a2: Vec<String> = args(&two);
     let single = run(None, &a1.iter().map(|s| s.as_str()).collect::<Vec<_>>());
     let exe = env!("CARGO_BIN_EXE_dsv3");
-    let o = Command::new("mpirun").args(["--allow-run-as-root", "--oversubscribe", "-np", "2", exe]).args(&a2).args(mode).output().unwrap();
+    let o = Command::new("mpirun").args(["--allow-run-as-root", "--oversubscribe", "-np", np, exe]).args(&a2).args(mode).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let parallel = String::from_utf8(o.stdout).unwrap();
     let steps = |s: &str| -> Vec<serde_json::Value> { s.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v.get("loss").is_some()).collect() };
@@ -77,11 +100,13 @@ fn parallel_training_matches(mode: &[&str]) {
     // The first step's expert loads are the global counts, equal exactly.
     assert_eq!(s1[0]["expert_load"], s2[0]["expert_load"]);
     for (a, b) in s1.iter().zip(&s2) {
-        let (x, y) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
-        assert!((x - y).abs() <= 1e-6 * x.abs(), "{mode:?} step {}: {x} vs {y}", a["step"]);
+        for key in ["loss", "grad_norm"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-6 * x.abs(), "{mode:?} step {} {key}: {x} vs {y}", a["step"]);
+        }
     }
+    let (v1, v2) = (s1[2]["val_loss"].as_f64().unwrap(), s2[2]["val_loss"].as_f64().unwrap());
+    assert!((v1 - v2).abs() <= 1e-5 * v1.abs(), "{mode:?} validation {v1} vs {v2}");
     assert!(two.join("model.safetensors").exists());
-    for d in [one, two] {
-        std::fs::remove_dir_all(d).ok();
-    }
+    (one, two)
 }

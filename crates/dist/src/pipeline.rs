@@ -379,6 +379,28 @@ pub fn run(p2p: &mut dyn P2p, kind: Kind, ranks: usize, chunks: usize, ops: &[Op
     RankResult { losses, grads }
 }
 
+/// One pipeline among several: ranks `base..base + P` of `inner` seen as `0..P` (pipelines that
+/// train data-parallel side by side).
+pub struct Group<'a> {
+    pub inner: &'a mut dyn P2p,
+    pub base: usize,
+}
+
+impl P2p for Group<'_> {
+    fn rank(&self) -> usize {
+        self.inner.rank() - self.base
+    }
+    fn send(&mut self, to: usize, tag: u64, data: Vec<f64>) {
+        self.inner.send(self.base + to, tag, data)
+    }
+    fn recv(&mut self, from: usize, tag: u64, len: usize) -> Vec<f64> {
+        self.inner.recv(self.base + from, tag, len)
+    }
+    fn flush(&mut self) {
+        self.inner.flush()
+    }
+}
+
 /// Ranks as threads with channels: the executor without MPI (tests, one-machine pipelines).
 pub struct ThreadPeers {
     rank: usize,

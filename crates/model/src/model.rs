@@ -15,6 +15,7 @@ use dsv3_kernels::matmul::matmul_nt;
 use std::path::Path;
 
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // one per layer
 pub enum Ffn {
     Dense(Mlp),
     Moe(Moe),
@@ -199,15 +200,38 @@ impl DeepseekV3 {
         }).collect()
     }
 
+    /// The MoE layers with their layer index (main layers, then MTP blocks as `L + j`).
+    pub fn moe_layers_mut(&mut self) -> Vec<(usize, &mut Moe)> {
+        let blocks = self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block));
+        blocks
+            .enumerate()
+            .filter_map(|(l, ly)| match &mut ly.mlp {
+                Ffn::Moe(m) => Some((l, m)),
+                Ffn::Dense(_) => None,
+            })
+            .collect()
+    }
+
+    /// Expert-parallel training: every MoE layer exchanges its rows through `ex`, and the routed
+    /// experts other processes own are dropped here (their weights, gradients and optimizer
+    /// state live with their owners). Idempotent.
+    pub fn set_expert_exchange(&mut self, ex: Arc<dyn crate::grad::moe::ExpertExchange>) {
+        let (rank, ranks) = (ex.rank(), ex.ranks());
+        for (_, m) in self.moe_layers_mut() {
+            let n = m.experts.len();
+            for (e, mlp) in m.experts.iter_mut().enumerate() {
+                if crate::grad::moe::expert_owner(e, n, ranks) != rank {
+                    *mlp = Mlp::absent();
+                }
+            }
+            m.ep_train = Some(ex.clone());
+        }
+    }
+
     /// Computes the routed experts of every MoE layer through `ep` (expert parallelism).
     pub fn set_expert_parallel(&mut self, ep: Arc<dyn crate::moe::ExpertParallel>) {
-        let blocks = self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block));
-        let mut id = 0;
-        for l in blocks {
-            if let Ffn::Moe(m) = &mut l.mlp {
-                m.ep = Some((id, ep.clone()));
-                id += 1;
-            }
+        for (id, (_, m)) in self.moe_layers_mut().into_iter().enumerate() {
+            m.ep = Some((id, ep.clone()));
         }
     }
 

@@ -138,6 +138,9 @@ pub struct Moe {
     /// Set for expert-parallel inference (this layer's index among the MoE layers, and the
     /// transport); `None` computes every expert here.
     pub ep: Option<(usize, std::sync::Arc<dyn ExpertParallel>)>,
+    /// Set for expert-parallel training: the routed experts this process does not own are not
+    /// held ([`crate::grad::moe::expert_owner`]).
+    pub ep_train: Option<std::sync::Arc<dyn crate::grad::moe::ExpertExchange>>,
 }
 
 impl Moe {
@@ -150,7 +153,7 @@ impl Moe {
             0 => None,
             n => Some(Mlp::load(ck, &format!("{p}.shared_experts"), d, inter * n, block)?),
         };
-        Ok(Moe { gate: Router::load(ck, &format!("{p}.gate"), cfg, block)?, experts, shared_experts, ep: None })
+        Ok(Moe { gate: Router::load(ck, &format!("{p}.gate"), cfg, block)?, experts, shared_experts, ep: None, ep_train: None })
     }
 
     /// `x [t, D]` → `[t, D]`. Tokens are grouped by expert so each expert's weights are read once

@@ -65,16 +65,17 @@ pub struct UpdateInfo {
 }
 
 impl Optimizer {
-    /// Clips `grads`, then updates every parameter (one without a gradient entry had gradient 0).
-    pub fn update(&mut self, cfg: &OptimConfig, params: ParamsMut, grads: &mut Grads) -> UpdateInfo {
+    /// Clips `grads` by their global norm `grad_norm` (all of the model's gradients, also those
+    /// other processes hold), then updates every parameter (one without a gradient entry had
+    /// gradient 0).
+    pub fn update(&mut self, cfg: &OptimConfig, params: ParamsMut, grads: &mut Grads, grad_norm: f64) -> UpdateInfo {
         // On a pool thread: the parallel loop below then forks instead of being injected.
-        dsv3_model::model::on_pool(|| self.update_on_pool(cfg, params, grads))
+        dsv3_model::model::on_pool(|| self.update_on_pool(cfg, params, grads, grad_norm))
     }
 
-    fn update_on_pool(&mut self, cfg: &OptimConfig, params: ParamsMut, grads: &mut Grads) -> UpdateInfo {
+    fn update_on_pool(&mut self, cfg: &OptimConfig, params: ParamsMut, grads: &mut Grads, grad_norm: f64) -> UpdateInfo {
         self.step += 1;
         let lr = cfg.lr_at(self.step);
-        let grad_norm = grads.global_norm();
         if cfg.clip > 0.0 && grad_norm > cfg.clip as f64 {
             grads.scale((cfg.clip as f64 / (grad_norm + 1e-6)) as f32);
         }

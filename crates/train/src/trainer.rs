@@ -291,29 +291,33 @@ fn evaluate(model: &DeepseekV3, val: &Split, args: &TrainArgs, w: LossWeights) -
 
 /// Trains (or resumes) a run, calling `on_log` for every logged step. `stop_at` ends it early
 /// (with a checkpoint) while the schedule still spans `args.steps`: an interrupted run.
-/// One pipelined step: the batch's `chunks` micro-batches through the schedule; this process
-/// keeps the gradients of the stages it ran, and its report holds what they computed (summed over
-/// micro-batches; [`all_reduce_step`] turns them into the batch's means).
-#[allow(clippy::too_many_arguments)]
+/// One pipelined step: this process's pipeline takes its share of the batch as `p.chunks`
+/// micro-batches through the schedule; this process keeps the gradients of the stages it ran, and
+/// its report holds what they computed (summed over micro-batches; [`all_reduce_step`] turns them
+/// into the batch's means).
 fn pipeline_step(
     dp: &dyn crate::parallel::AllReduce,
-    kind: dsv3_dist::schedule::Kind,
-    chunks: usize,
+    p: crate::parallel::Pipeline,
     model: &DeepseekV3,
     tokens: &[u32],
     args: &TrainArgs,
     w: LossWeights,
     grads: &mut Grads,
 ) -> Result<StepReport> {
-    let (ranks, rank) = (dp.size(), dp.rank());
-    let per = args.batch_size / chunks;
+    let (kind, chunks, stages) = (p.kind, p.chunks, p.stages);
+    let (group, rank) = (dp.rank() / stages, dp.rank() % stages);
+    let shard = args.batch_size / (dp.size() / stages);
+    let per = shard / chunks;
     let row = args.seq_len + 1;
-    let mbs: Vec<Vec<u32>> = tokens.chunks(per * row).map(|c| c.to_vec()).collect();
-    let stages = crate::pipeline::DeepSeekStages::new(model, &mbs, per, args.seq_len, w, dsv3_dist::pipeline::positions(kind, ranks))?;
-    let ops = dsv3_dist::schedule::generate(kind, ranks, chunks).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mine = &tokens[group * shard * row..(group + 1) * shard * row];
+    let mbs: Vec<Vec<u32>> = mine.chunks(per * row).map(|c| c.to_vec()).collect();
+    let stages_here = crate::pipeline::DeepSeekStages::new(model, &mbs, per, args.seq_len, w, dsv3_dist::pipeline::positions(kind, stages))?;
+    let ops = dsv3_dist::schedule::generate(kind, stages, chunks).map_err(|e| anyhow::anyhow!("{e}"))?;
     dp.with_peers(&mut |peers| {
-        dsv3_dist::pipeline::execute(peers, kind, ranks, chunks, &ops[rank], &stages);
+        let mut peers = dsv3_dist::pipeline::Group { inner: peers, base: group * stages };
+        dsv3_dist::pipeline::execute(&mut peers, kind, stages, chunks, &ops[rank], &stages_here);
     });
+    let stages = stages_here;
     let mut report = stages.report.into_inner();
     // Expert loads per MoE layer (summed over the micro-batches this process ran), in layer order
     // with zeros for the layers it does not hold, so the sums line up across processes.
@@ -333,35 +337,50 @@ fn pipeline_step(
     report.loss = report.lm_loss
         + report.mtp_losses.iter().sum::<f64>() * (w.mtp_lambda / model.mtp.len().max(1) as f32) as f64
         + report.balance_loss;
-    report.tokens = args.batch_size * args.seq_len / ranks;
+    report.tokens = args.batch_size * args.seq_len / dp.size();
     *grads = stages.grads.into_inner();
     Ok(report)
 }
 
 /// Data parallelism: the mean gradient over every process's shard (each shard's gradient is of its
 /// mean loss, and the shards are equal), the mean losses, and the summed expert loads. Pipelined
-/// (`chunks`): every process holds sums over micro-batches of the stages it ran, so the sums are
-/// divided by the micro-batch count instead.
-fn all_reduce_step(dp: &dyn crate::parallel::AllReduce, model: &mut DeepseekV3, grads: &mut Grads, report: &mut StepReport, chunks: Option<usize>) {
+/// (`micro_batches`, over all pipelines): every process holds sums over micro-batches of the
+/// stages it ran, so the sums are divided by the micro-batch count instead.
+///
+/// Returns the global gradient norm. Under expert parallelism a routed expert's gradient, held by
+/// its owner only, already sums every process's tokens: it is scaled, not summed, and enters the
+/// norm through the summed squares.
+fn all_reduce_step(dp: &dyn crate::parallel::AllReduce, model: &mut DeepseekV3, grads: &mut Grads, report: &mut StepReport, micro_batches: Option<usize>) -> f64 {
     // Every parameter gets a slot, so the flattened buffers line up on every process (an expert
     // no local token reached has no gradient entry yet).
     for p in model.params_mut() {
         grads.slot(&p.name, p.data.len());
     }
-    let scale = 1.0 / chunks.unwrap_or(dp.size()) as f64;
-    let mut flat: Vec<f64> = grads.map.values().flat_map(|g| g.iter().map(|&v| v as f64)).collect();
+    let scale = 1.0 / micro_batches.unwrap_or(dp.size()) as f64;
+    let local = |name: &String| crate::parallel::is_routed_expert(name);
+    let mut flat: Vec<f64> = grads.map.iter().filter(|(n, _)| !local(n)).flat_map(|(_, g)| g.iter().map(|&v| v as f64)).collect();
+    let local_sq: f64 = grads.map.iter().filter(|(n, _)| local(n)).flat_map(|(_, g)| g.iter().map(|&v| v as f64 * v as f64)).sum();
+    flat.push(local_sq);
     let n_mtp = report.mtp_losses.len();
     flat.extend([report.loss, report.lm_loss, report.balance_loss, report.mtp_top1.unwrap_or(0.0)]);
     flat.extend(&report.mtp_losses);
     flat.extend(report.load.iter().flat_map(|(_, c)| c.iter().map(|&v| v as f64)));
     dp.sum_f64(&mut flat);
     let mut at = 0;
-    for g in grads.map.values_mut() {
+    let mut norm_sq = 0f64;
+    for (name, g) in grads.map.iter_mut() {
+        if local(name) {
+            g.iter_mut().for_each(|v| *v = (*v as f64 * scale) as f32);
+            continue;
+        }
         for v in g.iter_mut() {
             *v = (flat[at] * scale) as f32;
+            norm_sq += *v as f64 * *v as f64;
             at += 1;
         }
     }
+    norm_sq += flat[at] * scale * scale;
+    at += 1;
     report.loss = flat[at] * scale;
     report.lm_loss = flat[at + 1] * scale;
     report.balance_loss = flat[at + 2] * scale;
@@ -378,6 +397,7 @@ fn all_reduce_step(dp: &dyn crate::parallel::AllReduce, model: &mut DeepseekV3, 
         }
     }
     report.tokens *= dp.size();
+    norm_sq.sqrt()
 }
 
 pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_log: impl FnMut(&StepLog)) -> Result<Summary> {
@@ -431,6 +451,14 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         clip: args.clip,
     };
     let parameters: usize = model.params_mut().iter().map(|p| p.data.len()).sum();
+    if let Some(ex) = crate::parallel::experts() {
+        let experts = model.config.n_routed_experts;
+        if model.moe_layers().is_empty() || experts < ex.ranks() {
+            bail!("--expert-parallel: {} processes for {experts} routed experts in {} MoE layers", ex.ranks(), model.moe_layers().len());
+        }
+        model.set_expert_exchange(ex.clone());
+        crate::parallel::drop_foreign_moments(&mut model, &mut opt);
+    }
     let flops_per_token = train_flops_per_token(&model.config, args.seq_len);
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("metrics.jsonl"))?;
@@ -443,18 +471,19 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
     let dp = crate::parallel::get();
     let (dp_rank, dp_size) = dp.map_or((0, 1), |d| (d.rank(), d.size()));
     let pipelined = crate::parallel::pipeline();
-    let shard_count = if pipelined.is_some() { 1 } else { dp_size };
+    // Data-parallel shares of each batch: one per process, or one per pipeline.
+    let shard_count = pipelined.map_or(dp_size, |p| dp_size / p.stages);
     if !args.batch_size.is_multiple_of(shard_count) {
-        bail!("--batch-size {} does not divide among {dp_size} data-parallel processes", args.batch_size);
+        bail!("--batch-size {} does not divide among {shard_count} data-parallel shares", args.batch_size);
     }
-    if let Some((kind, chunks)) = pipelined {
-        if !args.batch_size.is_multiple_of(chunks) {
-            bail!("--batch-size {} does not divide into {chunks} micro-batches", args.batch_size);
+    if let Some(p) = pipelined {
+        if !(args.batch_size / shard_count).is_multiple_of(p.chunks) {
+            bail!("--batch-size {}: {} sequences per pipeline do not divide into {} micro-batches", args.batch_size, args.batch_size / shard_count, p.chunks);
         }
-        dsv3_dist::schedule::generate(kind, dp_size, chunks).map_err(|e| anyhow::anyhow!("--pipeline: {e}"))?;
-        let stages = dsv3_dist::pipeline::positions(kind, dp_size);
-        if stages > model.layers.len() {
-            bail!("--pipeline: {stages} stages for {} decoder layers", model.layers.len());
+        dsv3_dist::schedule::generate(p.kind, p.stages, p.chunks).map_err(|e| anyhow::anyhow!("--pipeline: {e}"))?;
+        let positions = dsv3_dist::pipeline::positions(p.kind, p.stages);
+        if positions > model.layers.len() {
+            bail!("--pipeline: {positions} stages for {} decoder layers", model.layers.len());
         }
     }
     let shard = args.batch_size / shard_count;
@@ -465,21 +494,22 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         let tokens = loader.next_batch(&train, args.batch_size);
         grads.zero();
         let row = args.seq_len + 1;
-        let mut report = match (dp, crate::parallel::pipeline()) {
-            (Some(dp), Some((kind, chunks))) => pipeline_step(dp.as_ref(), kind, chunks, &model, &tokens, &args, w, &mut grads)?,
+        let mut report = match (dp, pipelined) {
+            (Some(dp), Some(p)) => pipeline_step(dp.as_ref(), p, &model, &tokens, &args, w, &mut grads)?,
             _ => {
                 // This process's share of the batch: sequences dp_rank·shard .. (dp_rank+1)·shard.
                 let mine = &tokens[dp_rank * shard * row..(dp_rank + 1) * shard * row];
                 with_recipe(fp8, || model.train_step(mine, shard, args.seq_len, w, Some(&mut grads)))?
             }
         };
-        if let Some(dp) = dp {
-            all_reduce_step(dp.as_ref(), &mut model, &mut grads, &mut report, crate::parallel::pipeline().map(|(_, c)| c));
-        }
+        let grad_norm = match dp {
+            Some(dp) => all_reduce_step(dp.as_ref(), &mut model, &mut grads, &mut report, pipelined.map(|p| p.chunks * dp.size() / p.stages)),
+            None => grads.global_norm(),
+        };
         if !report.loss.is_finite() {
             bail!("step {step}: the loss is {} (lower --lr?); the last checkpoint is intact", report.loss);
         }
-        let info = opt.update(&ocfg, model.params_mut(), &mut grads);
+        let info = opt.update(&ocfg, model.params_mut(), &mut grads, grad_norm);
         let gamma = match (args.balance, args.bias_freeze_step) {
             (BalanceMode::AuxFree, Some(f)) if step >= f => 0.0,
             (BalanceMode::AuxFree, _) => args.bias_update_rate,
@@ -528,13 +558,24 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
             writeln!(metrics, "{}", serde_json::to_string(&log)?)?;
             on_log(&log);
         }
-        if writer && ((args.save_every > 0 && step % args.save_every == 0) || step == end) {
-            metrics.flush()?;
-            checkpoint::save(&args.out, &mut model, &config, &tok, &opt, &state)?;
-            if let Err(e) = crate::plot::write_run_plots(&args.out) {
-                eprintln!("warning: plots not written: {e:#}");
+        if (args.save_every > 0 && step % args.save_every == 0) || step == end {
+            // Under expert parallelism rank 0 first collects the experts the others hold.
+            let ep = dp.zip(crate::parallel::experts());
+            if let Some((dp, _)) = ep {
+                crate::parallel::gather_experts(dp.as_ref(), &mut model, &mut opt);
             }
-            metrics = std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("metrics.jsonl"))?;
+            if writer {
+                metrics.flush()?;
+                checkpoint::save(&args.out, &mut model, &config, &tok, &opt, &state)?;
+                if let Err(e) = crate::plot::write_run_plots(&args.out) {
+                    eprintln!("warning: plots not written: {e:#}");
+                }
+                metrics = std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("metrics.jsonl"))?;
+            }
+            if let Some((_, ex)) = ep {
+                model.set_expert_exchange(ex.clone());
+                crate::parallel::drop_foreign_moments(&mut model, &mut opt);
+            }
         }
         last = log;
         last_report = report;

@@ -36,6 +36,7 @@ pub struct StepReport {
     pub tokens: usize,
 }
 
+#[allow(clippy::large_enum_variant)] // one per layer and step
 enum FfnSaved {
     Dense(MlpSaved),
     Moe(MoeSaved),

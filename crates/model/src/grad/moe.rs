@@ -23,12 +23,29 @@ pub struct Balance {
     pub batch_alpha: f32,
 }
 
-/// An active expert: its id, its `(token, slot)` pairs, its saved forward and its outputs.
+/// Expert parallelism in training (the report's EP, attention data-parallel): each process holds
+/// the routed experts it owns ([`expert_owner`]) and the rest of the model whole. In every MoE
+/// layer the processes send each (token, slot) row to its expert's owner and get the outputs
+/// back (forward), then the output gradients out and the input gradients back (backward); every
+/// process therefore runs the same MoE layers in the same order.
+pub trait ExpertExchange: Send + Sync {
+    fn rank(&self) -> usize;
+    fn ranks(&self) -> usize;
+    /// `send[r]` goes to rank `r`; returns what each rank sent here, in rank order.
+    fn all_to_all(&self, send: Vec<Vec<f32>>) -> Vec<Vec<f32>>;
+}
+
+/// The process holding routed expert `e` of `experts` over `ranks`: contiguous blocks, as DeepEP
+/// and the static inference placement.
+pub fn expert_owner(e: usize, experts: usize, ranks: usize) -> usize {
+    e * ranks / experts
+}
+
+/// An expert this process ran: its id, the (source rank, row) of each input, its saved forward.
 struct ExpertSaved {
     id: usize,
-    toks: Vec<(usize, usize)>,
+    rows: Vec<(usize, usize)>,
     saved: MlpSaved,
-    out: Vec<f32>,
 }
 
 pub struct MoeSaved {
@@ -37,6 +54,11 @@ pub struct MoeSaved {
     /// `[n, E]` router scores (sigmoid or softmax of the logits).
     scores: Vec<f32>,
     routing: Routing,
+    /// The (token, slot) pairs (`i·k + slot`) sent to each rank, in the order sent.
+    sent: Vec<Vec<usize>>,
+    /// `[n·k, D]` each pair's expert output.
+    pair_out: Vec<f32>,
+    /// The experts this process ran, for whichever process sent their rows.
     experts: Vec<ExpertSaved>,
     shared: Option<MlpSaved>,
     /// `[n, E]` gradient of the balance losses with respect to the scores.
@@ -80,27 +102,55 @@ impl Moe {
 
         let (balance_loss, d_scores_balance) = balance_losses(&scores, &load, seqs, t, k, bal);
 
-        let mut per: Vec<Vec<(usize, usize)>> = vec![vec![]; e];
+        // Dispatch each pair's row (expert id first) to the expert's owner, run the experts held
+        // here over what arrived (rows in source-rank order: the batch order of one process),
+        // and combine the outputs back.
+        let ranks = self.ep_train.as_ref().map_or(1, |x| x.ranks());
+        let mut sent: Vec<Vec<usize>> = vec![vec![]; ranks];
         for (j, &ex) in routing.experts.iter().enumerate() {
-            per[ex].push((j / k, j % k));
+            sent[expert_owner(ex, e, ranks)].push(j);
+        }
+        let send = sent
+            .iter()
+            .map(|js| js.iter().flat_map(|&j| std::iter::once(routing.experts[j] as f32).chain(x[j / k * d..(j / k + 1) * d].iter().copied())).collect())
+            .collect();
+        let recv = self.exchange(send);
+        let mut per: Vec<Vec<(usize, usize)>> = vec![vec![]; e];
+        for (src, buf) in recv.iter().enumerate() {
+            for (row, r) in buf.chunks_exact(d + 1).enumerate() {
+                per[r[0] as usize].push((src, row));
+            }
+        }
+        let mut back: Vec<Vec<f32>> = recv.iter().map(|b| vec![0f32; b.len() / (d + 1) * d]).collect();
+        let mut experts = vec![];
+        for (ex, rows) in per.into_iter().enumerate().filter(|(_, v)| !v.is_empty()) {
+            let xe: Vec<f32> = rows.iter().flat_map(|&(s, r)| recv[s][r * (d + 1) + 1..(r + 1) * (d + 1)].iter().copied()).collect();
+            let (ye, saved) = self.experts[ex].forward_train(&xe, rows.len());
+            for (y, &(s, r)) in ye.chunks_exact(d).zip(&rows) {
+                back[s][r * d..(r + 1) * d].copy_from_slice(y);
+            }
+            experts.push(ExpertSaved { id: ex, rows, saved });
+        }
+        let outs = self.exchange(back);
+        let mut pair_out = vec![0f32; n * k * d];
+        for (js, buf) in sent.iter().zip(&outs) {
+            for (&j, y) in js.iter().zip(buf.chunks_exact(d)) {
+                pair_out[j * d..(j + 1) * d].copy_from_slice(y);
+            }
         }
         let mut out = vec![0f32; n * d];
-        let mut experts = vec![];
-        for (ex, toks) in per.into_iter().enumerate().filter(|(_, v)| !v.is_empty()) {
-            let xe: Vec<f32> = toks.iter().flat_map(|&(i, _)| x[i * d..(i + 1) * d].iter().copied()).collect();
-            let (ye, saved) = self.experts[ex].forward_train(&xe, toks.len());
-            for (row, &(i, slot)) in ye.chunks_exact(d).zip(&toks) {
-                let w = routing.weights[i * k + slot];
-                out[i * d..(i + 1) * d].iter_mut().zip(row).for_each(|(o, y)| *o += w * y);
+        for (i, o) in out.chunks_exact_mut(d).enumerate() {
+            for j in by_expert(&routing, i) {
+                let w = routing.weights[j];
+                o.iter_mut().zip(&pair_out[j * d..(j + 1) * d]).for_each(|(o, y)| *o += w * y);
             }
-            experts.push(ExpertSaved { id: ex, toks, saved, out: ye });
         }
         let shared = self.shared_experts.as_ref().map(|s| {
             let (ys, saved) = s.forward_train(x, n);
             add_into(&mut out, &ys);
             saved
         });
-        let saved = MoeSaved { x: x.to_vec(), n, scores, routing, experts, shared, d_scores_balance };
+        let saved = MoeSaved { x: x.to_vec(), n, scores, routing, sent, pair_out, experts, shared, d_scores_balance };
         (out, saved, MoeStats { load, balance_loss })
     }
 
@@ -114,19 +164,42 @@ impl Moe {
             (Some(m), Some(saved)) => m.backward(&format!("{name}.shared_experts"), saved, dy, g),
             _ => vec![0f32; n * d],
         };
-        // d(gate weight) of each (token, slot), and each expert's backward.
+        // d(gate weight) of each (token, slot); the output gradients go to the experts' owners,
+        // which return the input gradients.
         let mut d_w = vec![0f32; n * k];
-        for ExpertSaved { id: ex, toks, saved, out: ye } in &s.experts {
-            let mut dye = vec![0f32; toks.len() * d];
-            for ((row, dyr), &(i, slot)) in ye.chunks_exact(d).zip(dye.chunks_exact_mut(d)).zip(toks) {
-                let dyi = &dy[i * d..(i + 1) * d];
-                d_w[i * k + slot] = dyi.iter().zip(row).map(|(a, b)| a * b).sum();
-                let w = s.routing.weights[i * k + slot];
-                dyr.iter_mut().zip(dyi).for_each(|(o, g)| *o = w * g);
-            }
+        let send = s
+            .sent
+            .iter()
+            .map(|js| {
+                js.iter()
+                    .flat_map(|&j| {
+                        let dyi = &dy[j / k * d..(j / k + 1) * d];
+                        d_w[j] = dyi.iter().zip(&s.pair_out[j * d..(j + 1) * d]).map(|(a, b)| a * b).sum();
+                        let w = s.routing.weights[j];
+                        dyi.iter().map(move |g| w * g)
+                    })
+                    .collect()
+            })
+            .collect();
+        let recv = self.exchange(send);
+        let mut back: Vec<Vec<f32>> = recv.iter().map(|b| vec![0f32; b.len()]).collect();
+        for ExpertSaved { id: ex, rows, saved } in &s.experts {
+            let dye: Vec<f32> = rows.iter().flat_map(|&(src, r)| recv[src][r * d..(r + 1) * d].iter().copied()).collect();
             let dxe = self.experts[*ex].backward(&format!("{name}.experts.{ex}"), saved, &dye, g);
-            for (row, &(i, _)) in dxe.chunks_exact(d).zip(toks) {
-                add_into(&mut dx[i * d..(i + 1) * d], row);
+            for (row, &(src, r)) in dxe.chunks_exact(d).zip(rows) {
+                back[src][r * d..(r + 1) * d].copy_from_slice(row);
+            }
+        }
+        let dxs = self.exchange(back);
+        let mut pair_dx = vec![0f32; n * k * d];
+        for (js, buf) in s.sent.iter().zip(&dxs) {
+            for (&j, row) in js.iter().zip(buf.chunks_exact(d)) {
+                pair_dx[j * d..(j + 1) * d].copy_from_slice(row);
+            }
+        }
+        for i in 0..n {
+            for j in by_expert(&s.routing, i) {
+                add_into(&mut dx[i * d..(i + 1) * d], &pair_dx[j * d..(j + 1) * d]);
             }
         }
         // Gate weights → scores: w_k = c·s_k / Z (Z = Σ_selected s when normalized, else 1).
@@ -163,6 +236,24 @@ impl Moe {
         add_into(&mut dx, &super::input_grad(&r.weight, &d_logits, n));
         dx
     }
+}
+
+impl Moe {
+    /// The all-to-all of expert parallelism; with one process what is sent arrives.
+    fn exchange(&self, send: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+        match &self.ep_train {
+            Some(x) => x.all_to_all(send),
+            None => send,
+        }
+    }
+}
+
+/// Token `i`'s pairs by ascending expert id: the order one process sums the experts in.
+fn by_expert(routing: &Routing, i: usize) -> Vec<usize> {
+    let k = routing.k;
+    let mut js: Vec<usize> = (i * k..(i + 1) * k).collect();
+    js.sort_by_key(|&j| routing.experts[j]);
+    js
 }
 
 /// Value and score gradient of the balance losses.

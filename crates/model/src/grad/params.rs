@@ -58,7 +58,8 @@ fn layer<'a>(out: &mut ParamsMut<'a>, name: &str, l: &'a mut DecoderLayer) {
         Ffn::Dense(m) => mlp(out, &format!("{name}.mlp"), m),
         Ffn::Moe(m) => {
             matrix(out, format!("{name}.mlp.gate.weight"), &mut m.gate.weight);
-            for (i, e) in m.experts.iter_mut().enumerate() {
+            // (Experts another process holds in expert-parallel training are not parameters here.)
+            for (i, e) in m.experts.iter_mut().enumerate().filter(|(_, e)| !e.is_absent()) {
                 mlp(out, &format!("{name}.mlp.experts.{i}"), e);
             }
             if let Some(s) = &mut m.shared_experts {
