@@ -234,6 +234,10 @@ impl dsv3_train::parallel::AllReduce for MpiSum {
         let send = v.to_vec();
         ex.comm.all_reduce_into(&send[..], v, mpi::collective::SystemOperation::sum());
     }
+    fn all_gather_f32(&self, mine: &[f32]) -> Vec<Vec<f32>> {
+        let (all, sizes) = self.ex.lock().expect("MPI lock").all_gather(&le_bytes(mine));
+        f32_blocks(&all, &sizes)
+    }
     fn with_peers(&self, f: &mut dyn FnMut(&mut dyn dsv3_dist::pipeline::P2p)) {
         let ex = self.ex.lock().expect("MPI lock");
         let mut peers = dsv3_dist::transport::MpiPeers::new(&ex.comm);
@@ -251,18 +255,26 @@ impl dsv3_model::grad::moe::ExpertExchange for MpiSum {
     fn all_to_all(&self, send: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
         use dsv3_dist::ep::Exchange;
         let counts: Vec<usize> = send.iter().map(|b| 4 * b.len()).collect();
-        let bytes: Vec<u8> = send.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
-        let (recv, sizes) = self.ex.lock().expect("MPI lock").all_to_all(&bytes, &counts);
-        let mut at = 0;
-        sizes
-            .iter()
-            .map(|&n| {
-                let block = &recv[at..at + n];
-                at += n;
-                block.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-            })
-            .collect()
+        let (recv, sizes) = self.ex.lock().expect("MPI lock").all_to_all(&le_bytes(&send.concat()), &counts);
+        f32_blocks(&recv, &sizes)
     }
+}
+
+fn le_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Received bytes, `sizes[r]` from rank `r`, as f32 blocks per rank.
+fn f32_blocks(bytes: &[u8], sizes: &[usize]) -> Vec<Vec<f32>> {
+    let mut at = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            let block = &bytes[at..at + n];
+            at += n;
+            block.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        })
+        .collect()
 }
 
 /// How `dsv3 train` runs over the MPI processes.

@@ -115,6 +115,10 @@ pub struct TrainCli {
     /// Skip the sample generated after training.
     #[arg(long)]
     pub no_sample: bool,
+    /// Under mpirun with data, expert or pipeline parallelism: split the optimizer moments of the
+    /// replicated parameters over the processes (ZeRO stage 1; bit-identical updates).
+    #[arg(long)]
+    pub zero1: bool,
     /// With --pipeline under `mpirun -np N`: the processes per pipeline (default N); N/P
     /// pipelines then train data-parallel.
     #[arg(long)]
@@ -198,6 +202,12 @@ fn progress(l: &StepLog) {
 
 pub fn run(c: &TrainCli) -> Result<()> {
     let args = c.args()?;
+    if c.zero1 {
+        if dsv3_train::parallel::processes() < 2 {
+            anyhow::bail!("--zero1 shards the optimizer over data-parallel processes: run under mpirun with --data-parallel, --expert-parallel or --pipeline");
+        }
+        dsv3_train::parallel::set_zero1();
+    }
     let json = c.json;
     let summary = dsv3_train::run(args, c.resume.as_deref(), c.stop_at, |l| {
         if json {

@@ -18,6 +18,8 @@ pub trait AllReduce: Send + Sync {
     fn size(&self) -> usize;
     /// Element-wise sum of `v` over the processes, in place (the same result everywhere).
     fn sum_f64(&self, v: &mut [f64]);
+    /// Every process's `mine`, in rank order (the same everywhere).
+    fn all_gather_f32(&self, mine: &[f32]) -> Vec<Vec<f32>>;
     /// Runs `f` with point-to-point messages among the processes (pipeline training).
     fn with_peers(&self, f: &mut dyn FnMut(&mut dyn dsv3_dist::pipeline::P2p));
 }
@@ -90,10 +92,11 @@ pub(crate) fn is_routed_expert(name: &str) -> bool {
     experts().is_some() && name.contains(".mlp.experts.")
 }
 
-/// Drops the optimizer moments of routed experts this process does not hold (after a resume).
-pub(crate) fn drop_foreign_moments(model: &mut DeepseekV3, opt: &mut Optimizer) {
+/// Drops the optimizer moments this process does not keep: routed experts it does not hold, and
+/// under ZeRO-1 the parameters other processes own (after a resume or a checkpoint).
+pub(crate) fn drop_foreign_moments(model: &mut DeepseekV3, opt: &mut Optimizer, zero: Option<&Zero1>) {
     let held: HashSet<String> = model.params_mut().into_iter().map(|p| p.name).collect();
-    let keep = |name: &String| !is_routed_expert(name) || held.contains(name);
+    let keep = |name: &String| (!is_routed_expert(name) || held.contains(name)) && zero.is_none_or(|z| z.owns(name));
     opt.m.retain(|k, _| keep(k));
     opt.v.retain(|k, _| keep(k));
 }
@@ -141,6 +144,90 @@ pub(crate) fn gather_experts(dp: &dyn AllReduce, model: &mut DeepseekV3, opt: &m
                     opt.v.insert(name.clone(), part(6 + i));
                 }
             }
+        }
+    }
+}
+
+static ZERO1: OnceLock<()> = OnceLock::new();
+
+/// ZeRO stage 1 (`dsv3 train --zero1`): the optimizer moments of the replicated parameters are
+/// split over the data-parallel processes. Each process updates the parameters it owns
+/// ([`Zero1::owners`]) from the all-reduced gradients, then the updated parameters are
+/// all-gathered: the same arithmetic as every process updating everything, so the run is
+/// bit-identical to plain data parallelism, with 1/N of the moments per process.
+pub fn set_zero1() {
+    let _ = ZERO1.set(());
+}
+
+/// The ZeRO-1 partition of the replicated parameters.
+pub(crate) struct Zero1 {
+    rank: usize,
+    /// Owner of each replicated parameter (routed experts under expert parallelism are not here:
+    /// their owner holds their state already).
+    owners: std::collections::HashMap<String, usize>,
+}
+
+impl Zero1 {
+    /// `None` without `--zero1` or data parallelism. Parameters go, largest first, to the
+    /// least-loaded process (whole tensors: the update needs no cross-process step), which every
+    /// process computes alike.
+    pub(crate) fn new(model: &mut DeepseekV3) -> Option<Zero1> {
+        ZERO1.get()?;
+        let dp = get()?;
+        let mut load = vec![0usize; dp.size()];
+        let mut owners = std::collections::HashMap::new();
+        let mut params: Vec<(usize, String)> = model.params_mut().into_iter().filter(|p| !is_routed_expert(&p.name)).map(|p| (p.data.len(), p.name)).collect();
+        params.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        for (len, name) in params {
+            let r = (0..load.len()).min_by_key(|&r| load[r]).expect("a process");
+            load[r] += len;
+            owners.insert(name, r);
+        }
+        Some(Zero1 { rank: dp.rank(), owners })
+    }
+
+    /// Whether this process updates `name` and keeps its moments.
+    pub(crate) fn owns(&self, name: &str) -> bool {
+        self.owners.get(name).is_none_or(|&r| r == self.rank)
+    }
+
+    /// After the update: each replicated parameter from its owner to every process.
+    pub(crate) fn share_params(&self, dp: &dyn AllReduce, model: &mut DeepseekV3) {
+        let mut params = model.params_mut();
+        params.retain(|p| self.owners.contains_key(&p.name));
+        let mine: Vec<f32> = params.iter().filter(|p| self.owns(&p.name)).flat_map(|p| p.data.iter().copied()).collect();
+        let blocks = dp.all_gather_f32(&mine);
+        let mut at = vec![0usize; blocks.len()];
+        for p in params {
+            let r = self.owners[&p.name];
+            if r != self.rank {
+                p.data.copy_from_slice(&blocks[r][at[r]..at[r] + p.data.len()]);
+            }
+            at[r] += p.data.len();
+        }
+    }
+
+    /// Before rank 0 writes a checkpoint: the moments the others own come to every process
+    /// (only rank 0 keeps them; [`drop_foreign_moments`] drops them again after the save).
+    pub(crate) fn gather_moments(&self, dp: &dyn AllReduce, model: &mut DeepseekV3, opt: &mut Optimizer) {
+        if opt.m.is_empty() {
+            return; // SGD keeps none
+        }
+        let mut params = model.params_mut();
+        params.retain(|p| self.owners.contains_key(&p.name));
+        let mine: Vec<f32> = params.iter().filter(|p| self.owns(&p.name)).flat_map(|p| opt.m[&p.name].iter().chain(&opt.v[&p.name]).copied()).collect();
+        let blocks = dp.all_gather_f32(&mine);
+        if self.rank != 0 {
+            return;
+        }
+        let mut at = vec![0usize; blocks.len()];
+        for p in params {
+            let (r, n) = (self.owners[&p.name], p.data.len());
+            if r != 0 {
+                opt.m.insert(p.name.clone(), blocks[r][at[r]..at[r] + n].to_vec());
+                opt.v.insert(p.name.clone(), blocks[r][at[r] + n..at[r] + 2 * n].to_vec());
+            }
+            at[r] += 2 * n;
         }
     }
 }

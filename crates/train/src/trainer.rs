@@ -457,7 +457,14 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
             bail!("--expert-parallel: {} processes for {experts} routed experts in {} MoE layers", ex.ranks(), model.moe_layers().len());
         }
         model.set_expert_exchange(ex.clone());
-        crate::parallel::drop_foreign_moments(&mut model, &mut opt);
+    }
+    let zero = crate::parallel::Zero1::new(&mut model);
+    crate::parallel::drop_foreign_moments(&mut model, &mut opt, zero.as_ref());
+    if let Some(dp) = crate::parallel::get() {
+        let held = model.params_mut();
+        let mine: usize = held.iter().filter(|p| zero.as_ref().is_none_or(|z| z.owns(&p.name))).map(|p| p.data.len()).sum();
+        let held: usize = held.iter().map(|p| p.data.len()).sum();
+        eprintln!("process {}/{}: holds {held} of the model's {parameters} parameters, updates (and keeps optimizer moments for) {mine}", dp.rank(), dp.size());
     }
     let flops_per_token = train_flops_per_token(&model.config, args.seq_len);
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
@@ -509,7 +516,14 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         if !report.loss.is_finite() {
             bail!("step {step}: the loss is {} (lower --lr?); the last checkpoint is intact", report.loss);
         }
-        let info = opt.update(&ocfg, model.params_mut(), &mut grads, grad_norm);
+        let mut params = model.params_mut();
+        if let Some(z) = &zero {
+            params.retain(|p| z.owns(&p.name));
+        }
+        let info = opt.update(&ocfg, params, &mut grads, grad_norm);
+        if let (Some(z), Some(dp)) = (&zero, dp) {
+            z.share_params(dp.as_ref(), &mut model);
+        }
         let gamma = match (args.balance, args.bias_freeze_step) {
             (BalanceMode::AuxFree, Some(f)) if step >= f => 0.0,
             (BalanceMode::AuxFree, _) => args.bias_update_rate,
@@ -559,10 +573,14 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
             on_log(&log);
         }
         if (args.save_every > 0 && step % args.save_every == 0) || step == end {
-            // Under expert parallelism rank 0 first collects the experts the others hold.
+            // Rank 0 first collects the experts (expert parallelism) and the moments (ZeRO-1)
+            // the others hold.
             let ep = dp.zip(crate::parallel::experts());
             if let Some((dp, _)) = ep {
                 crate::parallel::gather_experts(dp.as_ref(), &mut model, &mut opt);
+            }
+            if let (Some(z), Some(dp)) = (&zero, dp) {
+                z.gather_moments(dp.as_ref(), &mut model, &mut opt);
             }
             if writer {
                 metrics.flush()?;
@@ -574,8 +592,8 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
             }
             if let Some((_, ex)) = ep {
                 model.set_expert_exchange(ex.clone());
-                crate::parallel::drop_foreign_moments(&mut model, &mut opt);
             }
+            crate::parallel::drop_foreign_moments(&mut model, &mut opt, zero.as_ref());
         }
         last = log;
         last_report = report;
