@@ -106,7 +106,9 @@ fn parallel_training_matches(np: &str, batch: usize, mode: &[&str]) -> (std::pat
         }
     }
     let (v1, v2) = (s1[2]["val_loss"].as_f64().unwrap(), s2[2]["val_loss"].as_f64().unwrap());
-    assert!((v1 - v2).abs() <= 1e-5 * v1.abs(), "{mode:?} validation {v1} vs {v2}");
+    // After three AdamW updates (which turn gradients a rounding apart into steps of ±lr where they
+    // are tiny), validation agrees to ~1e-5; a wrong update moves it by 1e-2.
+    assert!((v1 - v2).abs() <= 1e-4 * v1.abs(), "{mode:?} validation {v1} vs {v2}");
     assert!(two.join("model.safetensors").exists());
     (one, two)
 }
