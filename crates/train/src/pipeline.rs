@@ -2,12 +2,14 @@
 //! DualPipeV): position `p` of `P` runs a contiguous share of the decoder layers — the first also
 //! the embedding, the last also the final norm, the LM head, the losses and the MTP modules
 //! ([`DeepseekV3::stage_forward`]). A micro-batch's loss is the one `train_step` reports for it, and
-//! the stages' gradients add up to `train_step`'s over the same micro-batches. Weight gradients
-//! are computed with the input gradients (a `W` op has nothing left to do).
+//! the stages' gradients add up to `train_step`'s over the same micro-batches. A backward computes
+//! the input gradient and keeps every weight-gradient GEMM (`dyᵀ·x` of each Linear, the router
+//! and the head) for the `W` op the schedule places later: run right away for `B`, deferred for
+//! zero-bubble `b`.
 
 use dsv3_dist::pipeline::StageCompute;
 use dsv3_model::grad::model::{LossWeights, StageSaved, StepReport};
-use dsv3_model::grad::Grads;
+use dsv3_model::grad::{Grads, WeightGrad};
 use dsv3_model::DeepseekV3;
 use std::cell::RefCell;
 use std::ops::Range;
@@ -53,7 +55,7 @@ fn to_f64(v: Vec<f32>) -> Vec<f64> {
 
 impl StageCompute for DeepSeekStages<'_> {
     type Saved = StageSaved;
-    type Deferred = ();
+    type Deferred = Vec<WeightGrad>;
 
     fn forward(&self, pos: usize, bi: usize, input: Option<Vec<f64>>) -> (Vec<f64>, Option<f64>, StageSaved) {
         let mut report = StepReport::default();
@@ -77,16 +79,22 @@ impl StageCompute for DeepSeekStages<'_> {
         (to_f64(y), loss, saved)
     }
 
-    fn backward(&self, pos: usize, _bi: usize, saved: StageSaved, dy: Option<Vec<f64>>) -> (Vec<f64>, ()) {
+    /// The input gradient now; the weight gradients (every GEMM's `dyᵀ·x`) are kept for `W`.
+    fn backward(&self, pos: usize, _bi: usize, saved: StageSaved, dy: Option<Vec<f64>>) -> (Vec<f64>, Vec<WeightGrad>) {
         let mut g = self.grads.borrow_mut();
         let g: &mut Grads = &mut g;
         let (model, layers, seqs, t) = (self.model, self.layers(pos), self.seqs, self.t);
+        g.defer_weight_grads();
         let dx = DeepseekV3::training(|| model.stage_backward(layers, saved, dy.map(to_f32).unwrap_or_default(), seqs, t, g))
         .expect("the stage's own forward state");
-        (to_f64(dx), ())
+        (to_f64(dx), g.take_deferred())
     }
 
-    fn weight(&self, _pos: usize, _work: ()) {}
+    fn weight(&self, _pos: usize, work: Vec<WeightGrad>) {
+        let mut g = self.grads.borrow_mut();
+        let g: &mut Grads = &mut g;
+        DeepseekV3::training(|| g.apply(work));
+    }
 }
 
 #[cfg(test)]
@@ -96,6 +104,37 @@ mod tests {
     use dsv3_dist::schedule::{generate, Kind};
     use dsv3_model::grad::moe::Balance;
     use dsv3_model::init::{preset, write_training_init};
+
+    /// A backward with weight gradients deferred leaves them out until they are applied, and then
+    /// equals the plain backward bit for bit (the same GEMMs into the same slots in the same order).
+    #[test]
+    fn deferred_weight_gradients_equal_the_plain_backward() {
+        let dir = std::env::temp_dir().join(format!("dsv3-defer-{}", std::process::id()));
+        let mut cfg = preset("tiny").unwrap();
+        cfg["vocab_size"] = serde_json::json!(512);
+        write_training_init(&dir, &cfg, 3, None).unwrap();
+        let model = DeepseekV3::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        let (seqs, t) = (2, 16);
+        let tokens: Vec<u32> = (0..seqs * (t + 1)).map(|i| ((i * 53) % 509 + 2) as u32).collect();
+        let w = LossWeights { mtp_lambda: 0.3, balance: Balance { seq_alpha: 1e-4, batch_alpha: 0.0 } };
+        let mut want = Grads::default();
+        model.train_step(&tokens, seqs, t, w, Some(&mut want)).unwrap();
+        let all = 0..model.layers.len();
+        let mut g = Grads::default();
+        let jobs = DeepseekV3::training(|| {
+            let (_, saved) = model.stage_forward(all.clone(), &tokens, seqs, t, w, None, &mut StepReport::default()).unwrap();
+            g.defer_weight_grads();
+            model.stage_backward(all, saved, vec![], seqs, t, &mut g).unwrap();
+            g.take_deferred()
+        });
+        for name in ["model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.gate.weight", "lm_head.weight"] {
+            assert!(g.get(name).is_none(), "{name} was computed in the backward");
+        }
+        assert!(g.get("model.layers.0.input_layernorm.weight").is_some(), "norm weights are cheap and stay in the backward");
+        DeepseekV3::training(|| g.apply(jobs));
+        assert_eq!(g.map, want.map);
+    }
 
     #[test]
     fn pipelined_deepseek_training_equals_train_step() {

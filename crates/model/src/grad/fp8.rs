@@ -67,16 +67,19 @@ pub(crate) fn forward(r: Fp8Recipe, w: &Matrix, x: &[f32], m: usize) -> Vec<f32>
     gemm_nt(&xq, &wq)
 }
 
-/// Wgrad into `dw [out, in]` (added) and Dgrad, returned as `dx [m, in]`.
-pub(crate) fn backward(r: Fp8Recipe, w: &Matrix, x: &[f32], dy: &[f32], m: usize, dw: &mut [f32]) -> Vec<f32> {
+/// Dgrad: `dx [m, in]` from `dy [m, out]`.
+pub(crate) fn dgrad(r: Fp8Recipe, w: &Matrix, dy: &[f32], m: usize) -> Vec<f32> {
     let (out, inp) = (w.rows, w.cols);
     let dyq = Fp8Blocks::quantize(dy, m, out, r.dgrad_block, r.scale_fmt);
     let wtq = Fp8Blocks::quantize(&transpose(&master(w), out, inp), inp, out, [TILE, TILE], r.scale_fmt);
-    let dx = gemm_nt(&dyq, &wtq);
+    gemm_nt(&dyq, &wtq)
+}
+
+/// Wgrad: `dw [out, in] += dyᵀ·x`.
+pub(crate) fn wgrad(r: Fp8Recipe, dy: &[f32], x: &[f32], m: usize, out: usize, inp: usize, dw: &mut [f32]) {
     let dytq = Fp8Blocks::quantize(&transpose(dy, m, out), out, m, [1, TILE], r.scale_fmt);
     let xtq = Fp8Blocks::quantize(&transpose(x, m, inp), inp, m, [1, TILE], r.scale_fmt);
     for (d, g) in dw.iter_mut().zip(gemm_nt(&dytq, &xtq)) {
         *d += g;
     }
-    dx
 }

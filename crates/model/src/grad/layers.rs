@@ -3,18 +3,18 @@
 use super::{add_into, Grads};
 use crate::layers::{silu, Linear, Mlp, RmsNorm};
 use crate::weights::Matrix;
-use dsv3_kernels::matmul::matmul_tn_acc;
 
 impl Linear {
     /// For `y = x·Wᵀ` with `x [m, in]` and `dy [m, out]`: adds `dyᵀ·x` to `{name}.weight`'s
     /// gradient and returns `dx = dy·W`.
     pub fn backward(&self, name: &str, x: &[f32], dy: &[f32], m: usize, g: &mut Grads) -> Vec<f32> {
         let (out, inp) = (self.weight.rows, self.weight.cols);
-        if let Some(r) = super::fp8::recipe() {
-            return super::fp8::backward(r, &self.weight, x, dy, m, g.slot(&format!("{name}.weight"), out * inp));
+        let fp8 = super::fp8::recipe();
+        g.weight_grad(format!("{name}.weight"), dy, x, m, out, inp, fp8);
+        match fp8 {
+            Some(r) => super::fp8::dgrad(r, &self.weight, dy, m),
+            None => super::input_grad(&self.weight, dy, m),
         }
-        matmul_tn_acc(dy, x, m, out, inp, g.slot(&format!("{name}.weight"), out * inp));
-        super::input_grad(&self.weight, dy, m)
     }
 }
 

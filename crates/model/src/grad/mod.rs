@@ -19,6 +19,22 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, Default)]
 pub struct Grads {
     pub map: BTreeMap<String, Vec<f32>>,
+    /// Weight gradients kept for later ([`Grads::defer_weight_grads`]).
+    deferred: Option<Vec<WeightGrad>>,
+}
+
+/// A weight gradient `dW += dyᵀ·x` (`dy [m, out]`, `x [m, in]`) kept for later: zero-bubble
+/// pipeline schedules split a backward into `b`, the input gradient the previous stage waits
+/// for, and `W`, the weight gradients, which fill a bubble.
+#[derive(Clone, Debug)]
+pub struct WeightGrad {
+    name: String,
+    dy: Vec<f32>,
+    x: Vec<f32>,
+    m: usize,
+    out: usize,
+    inp: usize,
+    fp8: Option<fp8::Fp8Recipe>,
 }
 
 impl Grads {
@@ -27,6 +43,39 @@ impl Grads {
         let g = self.map.entry(name.to_string()).or_insert_with(|| vec![0f32; len]);
         debug_assert_eq!(g.len(), len, "gradient {name} changed size");
         g
+    }
+
+    /// `name`'s gradient `+= dyᵀ·x` (Wgrad in FP8 under a recipe), now or, while deferring,
+    /// later.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn weight_grad(&mut self, name: String, dy: &[f32], x: &[f32], m: usize, out: usize, inp: usize, fp8: Option<fp8::Fp8Recipe>) {
+        match &mut self.deferred {
+            Some(q) => q.push(WeightGrad { name, dy: dy.to_vec(), x: x.to_vec(), m, out, inp, fp8 }),
+            None => {
+                let dw = self.slot(&name, out * inp);
+                match fp8 {
+                    Some(r) => fp8::wgrad(r, dy, x, m, out, inp, dw),
+                    None => dsv3_kernels::matmul::matmul_tn_acc(dy, x, m, out, inp, dw),
+                }
+            }
+        }
+    }
+
+    /// From now on weight gradients are kept, not computed, until [`Grads::take_deferred`].
+    pub fn defer_weight_grads(&mut self) {
+        self.deferred.get_or_insert_with(Vec::new);
+    }
+
+    /// The weight gradients kept since [`Grads::defer_weight_grads`]; computing them resumes.
+    pub fn take_deferred(&mut self) -> Vec<WeightGrad> {
+        self.deferred.take().unwrap_or_default()
+    }
+
+    /// Computes kept weight gradients (a pipeline's `W`).
+    pub fn apply(&mut self, jobs: Vec<WeightGrad>) {
+        for j in jobs {
+            self.weight_grad(j.name, &j.dy, &j.x, j.m, j.out, j.inp, j.fp8);
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&[f32]> {

@@ -9,7 +9,6 @@ use super::{add_into, Grads};
 use crate::error::{ModelError, Result};
 use crate::model::{DecoderLayer, DeepseekV3, Ffn};
 use crate::rope::Rope;
-use dsv3_kernels::matmul::matmul_tn_acc;
 
 /// The loss terms' weights.
 #[derive(Clone, Copy, Debug)]
@@ -126,7 +125,7 @@ impl DeepseekV3 {
     fn head_backward(&self, hf: &[f32], d_logits: &[f32], n: usize, g: &mut Grads) -> Vec<f32> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let (v, d) = (head.rows, head.cols);
-        matmul_tn_acc(d_logits, hf, n, v, d, g.slot(&format!("{}.weight", self.head_name()), v * d));
+        g.weight_grad(format!("{}.weight", self.head_name()), d_logits, hf, n, v, d, None);
         super::input_grad(head, d_logits, n)
     }
 

@@ -14,7 +14,7 @@ use super::layers::MlpSaved;
 use super::{add_into, Grads};
 use crate::config::ScoringFunc;
 use crate::moe::{top_k_indices, Moe, Routing};
-use dsv3_kernels::matmul::{matmul_nt, matmul_tn_acc};
+use dsv3_kernels::matmul::matmul_nt;
 
 /// Coefficients of the balance losses (0 disables one).
 #[derive(Clone, Copy, Debug, Default)]
@@ -232,7 +232,7 @@ impl Moe {
                 }
             }
         }
-        matmul_tn_acc(&d_logits, &s.x, n, e, d, g.slot(&format!("{name}.gate.weight"), e * d));
+        g.weight_grad(format!("{name}.gate.weight"), &d_logits, &s.x, n, e, d, None);
         add_into(&mut dx, &super::input_grad(&r.weight, &d_logits, n));
         dx
     }
