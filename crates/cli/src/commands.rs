@@ -70,9 +70,6 @@ pub fn start_parallel(p: Parallel) -> Result<()> {
     #[cfg(feature = "mpi")]
     {
         use crate::ep::Training;
-        if p.pipeline.is_some() && (p.expert || p.data) {
-            bail!("--pipeline does not combine with --expert-parallel yet; its groups are data-parallel already (mpirun -np D·P with --pp P)");
-        }
         let kind = match p.pipeline {
             None => None,
             Some("1f1b") => Some(dsv3_dist::schedule::Kind::OneFOneB),
@@ -88,7 +85,7 @@ pub fn start_parallel(p: Parallel) -> Result<()> {
                     if stages == 0 || !ranks.is_multiple_of(stages) {
                         bail!("--pp {stages}: not a divisor of the {ranks} processes (mpirun -np D·P runs D data-parallel pipelines of P)");
                     }
-                    Training::Pipeline { kind, chunks: p.chunks.unwrap_or(2 * stages), stages }
+                    Training::Pipeline { kind, chunks: p.chunks.unwrap_or(2 * stages), stages, experts: p.expert }
                 }
                 None if p.expert => Training::ExpertParallel,
                 None => Training::DataParallel,

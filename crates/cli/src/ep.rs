@@ -283,8 +283,9 @@ pub enum Training {
     DataParallel,
     /// Data parallelism with the routed experts split over the processes.
     ExpertParallel,
-    /// Pipeline groups of `stages` processes running the schedule; the groups are data-parallel.
-    Pipeline { kind: dsv3_dist::schedule::Kind, chunks: usize, stages: usize },
+    /// Pipeline groups of `stages` processes running the schedule; the groups are data-parallel,
+    /// and with `experts` they split the routed experts among them.
+    Pipeline { kind: dsv3_dist::schedule::Kind, chunks: usize, stages: usize, experts: bool },
 }
 
 /// Makes the trainer parallel over the MPI processes.
@@ -295,7 +296,22 @@ pub fn training(how: Training) -> anyhow::Result<()> {
     match how {
         Training::DataParallel => dsv3_train::parallel::set_data_parallel(sum),
         Training::ExpertParallel => dsv3_train::parallel::set_expert_parallel(sum.clone(), sum),
-        Training::Pipeline { kind, chunks, stages } => dsv3_train::parallel::set_pipeline(sum, kind, chunks, stages),
+        Training::Pipeline { kind, chunks, stages, experts } => {
+            let experts = experts.then(|| {
+                // Same pipeline rank across pipelines: the expert exchange; same pipeline: the
+                // sum of its expert gradients (ranks ordered as in the world).
+                let world = &sum.ex.lock().expect("MPI lock").comm;
+                let (g, s) = (ep.rank / stages, ep.rank % stages);
+                let split = |color: usize, rank: usize, size: usize| {
+                    let comm = world.split_by_color(mpi::topology::Color::with_value(color as i32)).expect("a member of its own color");
+                    Arc::new(MpiSum { ex: Mutex::new(MpiExchange { comm }), rank, size })
+                };
+                let across = split(s, g, ep.ranks / stages);
+                let within = split(ep.ranks + g, s, stages);
+                (across as Arc<dyn dsv3_model::grad::moe::ExpertExchange>, within as Arc<dyn dsv3_train::parallel::AllReduce>)
+            });
+            dsv3_train::parallel::set_pipeline(sum, kind, chunks, stages, experts)
+        }
     }
     Ok(())
 }

@@ -70,8 +70,10 @@ fn pipelined_training_equals_one_process_for_every_schedule() {
     for kind in ["dualpipe", "dualpipev", "1f1b"] {
         remove(parallel_training_matches("2", 4, &["--pipeline", kind, "--chunks", "4"]));
     }
-    // Two data-parallel pipelines of two processes.
+    // Two data-parallel pipelines of two processes, and the same splitting the routed experts
+    // between the pipelines.
     remove(parallel_training_matches("4", 8, &["--pipeline", "dualpipe", "--pp", "2", "--chunks", "4"]));
+    remove(parallel_training_matches("4", 8, &["--pipeline", "dualpipev", "--pp", "2", "--chunks", "4", "--expert-parallel"]));
 }
 
 /// 3 steps of the tiny preset (f32 GEMMs) on `np` processes with `mode`, against one process;

@@ -42,9 +42,28 @@ pub struct Pipeline {
 /// gradients are summed across all processes as in data parallelism (the two copies of a
 /// DualPipe stage, the embedding used by the first and last stages, and the D pipelines add up
 /// there).
-pub fn set_pipeline(dp: Arc<dyn AllReduce>, kind: dsv3_dist::schedule::Kind, chunks: usize, stages: usize) {
-    set_data_parallel(dp);
+///
+/// With `experts` (an exchange among the processes at the same pipeline rank, and a sum within
+/// this process's pipeline) the routed experts are also split, over the D pipelines: pipeline
+/// `g` holds the experts [`expert_owner`] gives `g`, its stage at rank `s` computes them for the
+/// tokens of every pipeline's rank `s` (those processes run the same ops in the same order),
+/// and the expert gradients are summed within the pipeline.
+pub fn set_pipeline(dp: Arc<dyn AllReduce>, kind: dsv3_dist::schedule::Kind, chunks: usize, stages: usize, experts: Option<(Arc<dyn ExpertExchange>, Arc<dyn AllReduce>)>) {
+    match experts {
+        Some((ex, pipe)) => {
+            set_expert_parallel(dp, ex);
+            let _ = PIPELINE_SUM.set(pipe);
+        }
+        None => set_data_parallel(dp),
+    }
     let _ = PIPELINE.set(Pipeline { kind, chunks, stages });
+}
+
+static PIPELINE_SUM: OnceLock<Arc<dyn AllReduce>> = OnceLock::new();
+
+/// The sum within this process's pipeline (expert parallelism across pipelines).
+pub(crate) fn pipeline_sum() -> Option<&'static Arc<dyn AllReduce>> {
+    PIPELINE_SUM.get()
 }
 
 pub(crate) fn pipeline() -> Option<Pipeline> {
@@ -106,7 +125,11 @@ pub(crate) fn drop_foreign_moments(model: &mut DeepseekV3, opt: &mut Optimizer, 
 /// Every process calls it; afterwards rank 0 holds the whole model until [`DeepseekV3::set_expert_exchange`]
 /// drops the foreign experts again.
 pub(crate) fn gather_experts(dp: &dyn AllReduce, model: &mut DeepseekV3, opt: &mut Optimizer) {
-    let (rank, ranks) = (dp.rank(), dp.size());
+    let Some(ex) = experts() else { return };
+    // The expert-parallel rank and group size; in a pipeline its first process contributes.
+    let (rank, ranks) = (ex.rank(), ex.ranks());
+    let contributes = pipeline_sum().is_none_or(|p| p.rank() == 0);
+    let writer = dp.rank() == 0;
     let c = &model.config;
     let (d, inter, n) = (c.hidden_size, c.moe_intermediate_size, c.n_routed_experts);
     let size = d * inter;
@@ -117,7 +140,7 @@ pub(crate) fn gather_experts(dp: &dyn AllReduce, model: &mut DeepseekV3, opt: &m
             let names = ["gate_proj", "up_proj", "down_proj"].map(|p| format!("model.layers.{l}.mlp.experts.{e}.{p}.weight"));
             // [gate, up, down] weights, then their first and second moments.
             let mut buf = vec![0f64; 9 * size];
-            if expert_owner(e, n, ranks) == rank {
+            if expert_owner(e, n, ranks) == rank && contributes {
                 let mut moes = model.moe_layers_mut();
                 let m = &mut moes.iter_mut().find(|(ll, _)| *ll == l).expect("MoE layer").1.experts[e];
                 for (i, w) in [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj].into_iter().enumerate() {
@@ -132,7 +155,7 @@ pub(crate) fn gather_experts(dp: &dyn AllReduce, model: &mut DeepseekV3, opt: &m
                 }
             }
             dp.sum_f64(&mut buf);
-            if rank != 0 {
+            if !writer {
                 continue;
             }
             let part = |i: usize| buf[i * size..(i + 1) * size].iter().map(|&v| v as f32).collect::<Vec<f32>>();

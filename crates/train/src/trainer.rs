@@ -359,7 +359,22 @@ fn all_reduce_step(dp: &dyn crate::parallel::AllReduce, model: &mut DeepseekV3, 
     let scale = 1.0 / micro_batches.unwrap_or(dp.size()) as f64;
     let local = |name: &String| crate::parallel::is_routed_expert(name);
     let mut flat: Vec<f64> = grads.map.iter().filter(|(n, _)| !local(n)).flat_map(|(_, g)| g.iter().map(|&v| v as f64)).collect();
-    let local_sq: f64 = grads.map.iter().filter(|(n, _)| local(n)).flat_map(|(_, g)| g.iter().map(|&v| v as f64 * v as f64)).sum();
+    if let Some(pipe) = crate::parallel::pipeline_sum() {
+        // Expert parallelism across pipelines: the stages of this pipeline computed its experts'
+        // gradients for different layers (DualPipe: for the same layers twice).
+        let mut local: Vec<f64> = grads.map.iter().filter(|(n, _)| local(n)).flat_map(|(_, g)| g.iter().map(|&v| v as f64)).collect();
+        pipe.sum_f64(&mut local);
+        let mut at = 0;
+        for g in grads.map.iter_mut().filter(|(n, _)| crate::parallel::is_routed_expert(n)).map(|(_, g)| g) {
+            g.iter_mut().for_each(|v| {
+                *v = local[at] as f32;
+                at += 1;
+            });
+        }
+    }
+    // Each expert's squares once: from the first process of its pipeline.
+    let first = crate::parallel::pipeline_sum().is_none_or(|p| p.rank() == 0);
+    let local_sq: f64 = grads.map.iter().filter(|(n, _)| first && local(n)).flat_map(|(_, g)| g.iter().map(|&v| v as f64 * v as f64)).sum();
     flat.push(local_sq);
     let n_mtp = report.mtp_losses.len();
     flat.extend([report.loss, report.lm_loss, report.balance_loss, report.mtp_top1.unwrap_or(0.0)]);
