@@ -298,17 +298,12 @@ pub fn training(how: Training) -> anyhow::Result<()> {
         Training::ExpertParallel => dsv3_train::parallel::set_expert_parallel(sum.clone(), sum),
         Training::Pipeline { kind, chunks, stages, experts } => {
             let experts = experts.then(|| {
-                // Same pipeline rank across pipelines: the expert exchange; same pipeline: the
-                // sum of its expert gradients (ranks ordered as in the world).
+                // The processes at the same pipeline rank exchange expert rows (ranks ordered as
+                // in the world: the pipeline index).
                 let world = &sum.ex.lock().expect("MPI lock").comm;
                 let (g, s) = (ep.rank / stages, ep.rank % stages);
-                let split = |color: usize, rank: usize, size: usize| {
-                    let comm = world.split_by_color(mpi::topology::Color::with_value(color as i32)).expect("a member of its own color");
-                    Arc::new(MpiSum { ex: Mutex::new(MpiExchange { comm }), rank, size })
-                };
-                let across = split(s, g, ep.ranks / stages);
-                let within = split(ep.ranks + g, s, stages);
-                (across as Arc<dyn dsv3_model::grad::moe::ExpertExchange>, within as Arc<dyn dsv3_train::parallel::AllReduce>)
+                let comm = world.split_by_color(mpi::topology::Color::with_value(s as i32)).expect("a member of its own color");
+                Arc::new(MpiSum { ex: Mutex::new(MpiExchange { comm }), rank: g, size: ep.ranks / stages }) as Arc<dyn dsv3_model::grad::moe::ExpertExchange>
             });
             dsv3_train::parallel::set_pipeline(sum, kind, chunks, stages, experts)
         }

@@ -111,21 +111,6 @@ impl Mlp {
         })
     }
 
-    /// An MLP from f32 weights (`gate`, `up` `[inter, hidden]`, `down` `[hidden, inter]`).
-    pub fn from_f32(hidden: usize, inter: usize, gate: Vec<f32>, up: Vec<f32>, down: Vec<f32>) -> Self {
-        let lin = |r, c, w| Linear { weight: Matrix::from_f32(r, c, w) };
-        Mlp { gate_proj: lin(inter, hidden, gate), up_proj: lin(inter, hidden, up), down_proj: lin(hidden, inter, down) }
-    }
-
-    /// A routed expert another process holds (expert-parallel training): no weights here.
-    pub fn absent() -> Self {
-        Mlp::from_f32(0, 0, vec![], vec![], vec![])
-    }
-
-    pub fn is_absent(&self) -> bool {
-        self.gate_proj.weight.rows == 0
-    }
-
     /// `x [m, hidden]` → `[m, hidden]`.
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
         Mlp::forward_many(&[(self, x, m)]).pop().unwrap_or_default()

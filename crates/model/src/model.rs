@@ -212,18 +212,10 @@ impl DeepseekV3 {
             .collect()
     }
 
-    /// Expert-parallel training: every MoE layer exchanges its rows through `ex`, and the routed
-    /// experts other processes own are dropped here (their weights, gradients and optimizer
-    /// state live with their owners). Idempotent.
+    /// Expert-parallel training: every MoE layer exchanges its rows through `ex`; the routed
+    /// experts other processes own should then be dropped ([`DeepseekV3::drop_params`]).
     pub fn set_expert_exchange(&mut self, ex: Arc<dyn crate::grad::moe::ExpertExchange>) {
-        let (rank, ranks) = (ex.rank(), ex.ranks());
         for (_, m) in self.moe_layers_mut() {
-            let n = m.experts.len();
-            for (e, mlp) in m.experts.iter_mut().enumerate() {
-                if crate::grad::moe::expert_owner(e, n, ranks) != rank {
-                    *mlp = Mlp::absent();
-                }
-            }
             m.ep_train = Some(ex.clone());
         }
     }

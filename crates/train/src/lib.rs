@@ -6,6 +6,7 @@ pub mod data;
 pub mod balance;
 pub mod optim;
 pub mod parallel;
+mod placement;
 pub mod pipeline;
 pub mod checkpoint;
 pub mod trainer;

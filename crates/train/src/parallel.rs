@@ -1,15 +1,12 @@
-//! Data-parallel and pipeline training (`dsv3 train --data-parallel` under `mpirun`): every process holds the
-//! whole model, trains on its share of each batch's sequences, and the gradients, losses and
-//! expert loads are summed across processes before the update — so every process applies the
-//! same update (the aux-free bias included, from the global expert counts) and the run equals one
-//! process training on the whole batch up to the order of the sums. The transport is outside
-//! this crate (MPI in the CLI).
+//! Parallel training under `mpirun` (`dsv3 train --data-parallel | --expert-parallel |
+//! --pipeline KIND [--pp P] [--zero1]`): how the processes are arranged. Every process trains on
+//! its share of each batch; gradients are summed over the processes holding each parameter
+//! ([`crate::placement`]), losses and expert loads over all of them, so every holder applies the
+//! same update (the aux-free bias included, from the global expert counts) and the run equals
+//! one process training on the whole batch up to the order of the sums. The transport is
+//! outside this crate (MPI in the CLI).
 
-use crate::optim::Optimizer;
-use dsv3_model::grad::moe::{expert_owner, ExpertExchange};
-use dsv3_model::layers::Mlp;
-use dsv3_model::DeepseekV3;
-use std::collections::HashSet;
+use dsv3_model::grad::moe::ExpertExchange;
 use std::sync::{Arc, OnceLock};
 
 /// A sum over the data-parallel processes.
@@ -35,35 +32,23 @@ pub struct Pipeline {
     pub stages: usize,
 }
 
-/// Pipeline training (`dsv3 train --pipeline KIND --pp P --chunks C` under `mpirun -np D·P`): every
-/// process holds the model; the processes form D pipelines of P consecutive ranks, each taking
-/// 1/D of every batch as C micro-batches through the schedule (each process runs its stages'
-/// forwards and backwards, activations and gradients travel point to point), then the stage
-/// gradients are summed across all processes as in data parallelism (the two copies of a
-/// DualPipe stage, the embedding used by the first and last stages, and the D pipelines add up
-/// there).
+/// Pipeline training (`dsv3 train --pipeline KIND --pp P --chunks C` under `mpirun -np D·P`): the
+/// processes form D pipelines of P consecutive ranks, each taking 1/D of every batch as C
+/// micro-batches through the schedule (each process runs its stages' forwards and backwards and
+/// holds only their parameters; activations and gradients travel point to point). A parameter's
+/// gradient is summed over its holders: the D pipelines, the two copies of a DualPipe stage, the
+/// embedding at the first and last positions.
 ///
-/// With `experts` (an exchange among the processes at the same pipeline rank, and a sum within
-/// this process's pipeline) the routed experts are also split, over the D pipelines: pipeline
-/// `g` holds the experts [`expert_owner`] gives `g`, its stage at rank `s` computes them for the
-/// tokens of every pipeline's rank `s` (those processes run the same ops in the same order),
-/// and the expert gradients are summed within the pipeline.
-pub fn set_pipeline(dp: Arc<dyn AllReduce>, kind: dsv3_dist::schedule::Kind, chunks: usize, stages: usize, experts: Option<(Arc<dyn ExpertExchange>, Arc<dyn AllReduce>)>) {
+/// With `experts` (an exchange among the processes at the same pipeline rank) the routed experts
+/// are also split, over the D pipelines: pipeline `g` holds the experts
+/// [`dsv3_model::grad::moe::expert_owner`] gives `g`, and its stage at rank `s` computes them for
+/// the tokens of every pipeline's rank `s` (those processes run the same ops in the same order).
+pub fn set_pipeline(dp: Arc<dyn AllReduce>, kind: dsv3_dist::schedule::Kind, chunks: usize, stages: usize, experts: Option<Arc<dyn ExpertExchange>>) {
     match experts {
-        Some((ex, pipe)) => {
-            set_expert_parallel(dp, ex);
-            let _ = PIPELINE_SUM.set(pipe);
-        }
+        Some(ex) => set_expert_parallel(dp, ex),
         None => set_data_parallel(dp),
     }
     let _ = PIPELINE.set(Pipeline { kind, chunks, stages });
-}
-
-static PIPELINE_SUM: OnceLock<Arc<dyn AllReduce>> = OnceLock::new();
-
-/// The sum within this process's pipeline (expert parallelism across pipelines).
-pub(crate) fn pipeline_sum() -> Option<&'static Arc<dyn AllReduce>> {
-    PIPELINE_SUM.get()
 }
 
 pub(crate) fn pipeline() -> Option<Pipeline> {
@@ -93,9 +78,9 @@ static EP: OnceLock<Arc<dyn ExpertExchange>> = OnceLock::new();
 
 /// Expert-parallel training (`dsv3 train --expert-parallel` under `mpirun`): data parallelism as
 /// [`set_data_parallel`] for everything but the routed experts, which are split over the
-/// processes ([`expert_owner`]): in each MoE layer every process sends its tokens' rows to the
-/// experts' owners through `ex`. An expert's weights, gradient and optimizer moments live on its
-/// owner only; its gradient there already sums every process's tokens, so it is not all-reduced.
+/// processes ([`dsv3_model::grad::moe::expert_owner`]): in each MoE layer every process sends its
+/// tokens' rows to the experts' owners through `ex`. An expert's weights, gradient and optimizer
+/// moments live on its owner only; its gradient there already sums every process's tokens.
 pub fn set_expert_parallel(dp: Arc<dyn AllReduce>, ex: Arc<dyn ExpertExchange>) {
     set_data_parallel(dp);
     let _ = EP.set(ex);
@@ -105,160 +90,25 @@ pub(crate) fn experts() -> Option<&'static Arc<dyn ExpertExchange>> {
     EP.get()
 }
 
-/// Whether `name` is a routed expert's parameter (`….mlp.experts.{e}.…`), held by its owner only
-/// under expert parallelism.
-pub(crate) fn is_routed_expert(name: &str) -> bool {
-    experts().is_some() && name.contains(".mlp.experts.")
-}
-
-/// Drops the optimizer moments this process does not keep: routed experts it does not hold, and
-/// under ZeRO-1 the parameters other processes own (after a resume or a checkpoint).
-pub(crate) fn drop_foreign_moments(model: &mut DeepseekV3, opt: &mut Optimizer, zero: Option<&Zero1>) {
-    let held: HashSet<String> = model.params_mut().into_iter().map(|p| p.name).collect();
-    let keep = |name: &String| (!is_routed_expert(name) || held.contains(name)) && zero.is_none_or(|z| z.owns(name));
-    opt.m.retain(|k, _| keep(k));
-    opt.v.retain(|k, _| keep(k));
-}
-
-/// Before rank 0 writes a checkpoint under expert parallelism: every routed expert's weights and
-/// moments come to rank 0 from their owners (a sum to which only the owner contributes: exact).
-/// Every process calls it; afterwards rank 0 holds the whole model until [`DeepseekV3::set_expert_exchange`]
-/// drops the foreign experts again.
-pub(crate) fn gather_experts(dp: &dyn AllReduce, model: &mut DeepseekV3, opt: &mut Optimizer) {
-    let Some(ex) = experts() else { return };
-    // The expert-parallel rank and group size; in a pipeline its first process contributes.
-    let (rank, ranks) = (ex.rank(), ex.ranks());
-    let contributes = pipeline_sum().is_none_or(|p| p.rank() == 0);
-    let writer = dp.rank() == 0;
-    let c = &model.config;
-    let (d, inter, n) = (c.hidden_size, c.moe_intermediate_size, c.n_routed_experts);
-    let size = d * inter;
-    let layers: Vec<usize> = model.moe_layers_mut().into_iter().map(|(l, _)| l).collect();
-    let adam = !opt.m.is_empty();
-    for l in layers {
-        for e in (0..n).filter(|&e| expert_owner(e, n, ranks) != 0) {
-            let names = ["gate_proj", "up_proj", "down_proj"].map(|p| format!("model.layers.{l}.mlp.experts.{e}.{p}.weight"));
-            // [gate, up, down] weights, then their first and second moments.
-            let mut buf = vec![0f64; 9 * size];
-            if expert_owner(e, n, ranks) == rank && contributes {
-                let mut moes = model.moe_layers_mut();
-                let m = &mut moes.iter_mut().find(|(ll, _)| *ll == l).expect("MoE layer").1.experts[e];
-                for (i, w) in [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj].into_iter().enumerate() {
-                    buf[i * size..(i + 1) * size].iter_mut().zip(w.weight.f32_mut().iter()).for_each(|(b, &v)| *b = v as f64);
-                }
-                for (i, name) in names.iter().enumerate() {
-                    for (slot, moments) in [(3, &opt.m), (6, &opt.v)] {
-                        if let Some(v) = moments.get(name) {
-                            buf[(slot + i) * size..(slot + i + 1) * size].iter_mut().zip(v).for_each(|(b, &v)| *b = v as f64);
-                        }
-                    }
-                }
-            }
-            dp.sum_f64(&mut buf);
-            if !writer {
-                continue;
-            }
-            let part = |i: usize| buf[i * size..(i + 1) * size].iter().map(|&v| v as f32).collect::<Vec<f32>>();
-            let mut moes = model.moe_layers_mut();
-            moes.iter_mut().find(|(ll, _)| *ll == l).expect("MoE layer").1.experts[e] = Mlp::from_f32(d, inter, part(0), part(1), part(2));
-            if adam {
-                for (i, name) in names.iter().enumerate() {
-                    opt.m.insert(name.clone(), part(3 + i));
-                    opt.v.insert(name.clone(), part(6 + i));
-                }
-            }
-        }
-    }
-}
-
 static ZERO1: OnceLock<()> = OnceLock::new();
 
-/// ZeRO stage 1 (`dsv3 train --zero1`): the optimizer moments of the replicated parameters are
-/// split over the data-parallel processes. Each process updates the parameters it owns
-/// ([`Zero1::owners`]) from the all-reduced gradients, then the updated parameters are
-/// all-gathered: the same arithmetic as every process updating everything, so the run is
-/// bit-identical to plain data parallelism, with 1/N of the moments per process.
+/// ZeRO stage 1 (`dsv3 train --zero1`): of the processes holding a parameter, one updates it and
+/// keeps its optimizer moments, then sends it to the others: the same arithmetic as every holder
+/// updating, so the run is bit-identical to plain data parallelism, with 1/N of the moments.
 pub fn set_zero1() {
     let _ = ZERO1.set(());
 }
 
-/// The ZeRO-1 partition of the replicated parameters.
-pub(crate) struct Zero1 {
-    rank: usize,
-    /// Owner of each replicated parameter (routed experts under expert parallelism are not here:
-    /// their owner holds their state already).
-    owners: std::collections::HashMap<String, usize>,
-}
-
-impl Zero1 {
-    /// `None` without `--zero1` or data parallelism. Parameters go, largest first, to the
-    /// least-loaded process (whole tensors: the update needs no cross-process step), which every
-    /// process computes alike.
-    pub(crate) fn new(model: &mut DeepseekV3) -> Option<Zero1> {
-        ZERO1.get()?;
-        let dp = get()?;
-        let mut load = vec![0usize; dp.size()];
-        let mut owners = std::collections::HashMap::new();
-        let mut params: Vec<(usize, String)> = model.params_mut().into_iter().filter(|p| !is_routed_expert(&p.name)).map(|p| (p.data.len(), p.name)).collect();
-        params.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        for (len, name) in params {
-            let r = (0..load.len()).min_by_key(|&r| load[r]).expect("a process");
-            load[r] += len;
-            owners.insert(name, r);
-        }
-        Some(Zero1 { rank: dp.rank(), owners })
-    }
-
-    /// Whether this process updates `name` and keeps its moments.
-    pub(crate) fn owns(&self, name: &str) -> bool {
-        self.owners.get(name).is_none_or(|&r| r == self.rank)
-    }
-
-    /// After the update: each replicated parameter from its owner to every process.
-    pub(crate) fn share_params(&self, dp: &dyn AllReduce, model: &mut DeepseekV3) {
-        let mut params = model.params_mut();
-        params.retain(|p| self.owners.contains_key(&p.name));
-        let mine: Vec<f32> = params.iter().filter(|p| self.owns(&p.name)).flat_map(|p| p.data.iter().copied()).collect();
-        let blocks = dp.all_gather_f32(&mine);
-        let mut at = vec![0usize; blocks.len()];
-        for p in params {
-            let r = self.owners[&p.name];
-            if r != self.rank {
-                p.data.copy_from_slice(&blocks[r][at[r]..at[r] + p.data.len()]);
-            }
-            at[r] += p.data.len();
-        }
-    }
-
-    /// Before rank 0 writes a checkpoint: the moments the others own come to every process
-    /// (only rank 0 keeps them; [`drop_foreign_moments`] drops them again after the save).
-    pub(crate) fn gather_moments(&self, dp: &dyn AllReduce, model: &mut DeepseekV3, opt: &mut Optimizer) {
-        if opt.m.is_empty() {
-            return; // SGD keeps none
-        }
-        let mut params = model.params_mut();
-        params.retain(|p| self.owners.contains_key(&p.name));
-        let mine: Vec<f32> = params.iter().filter(|p| self.owns(&p.name)).flat_map(|p| opt.m[&p.name].iter().chain(&opt.v[&p.name]).copied()).collect();
-        let blocks = dp.all_gather_f32(&mine);
-        if self.rank != 0 {
-            return;
-        }
-        let mut at = vec![0usize; blocks.len()];
-        for p in params {
-            let (r, n) = (self.owners[&p.name], p.data.len());
-            if r != 0 {
-                opt.m.insert(p.name.clone(), blocks[r][at[r]..at[r] + n].to_vec());
-                opt.v.insert(p.name.clone(), blocks[r][at[r] + n..at[r] + 2 * n].to_vec());
-            }
-            at[r] += 2 * n;
-        }
-    }
+pub(crate) fn zero1() -> bool {
+    ZERO1.get().is_some()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use dsv3_dist::pipeline::calc_diff;
+    use dsv3_model::grad::moe::expert_owner;
+    use dsv3_model::DeepseekV3;
     use dsv3_model::grad::model::{LossWeights, StepReport};
     use dsv3_model::grad::moe::Balance;
     use dsv3_model::grad::Grads;
@@ -328,6 +178,7 @@ mod tests {
                             let rank = ex.rank;
                             let mut m = DeepseekV3::load(dir).unwrap();
                             m.set_expert_exchange(Arc::new(ex));
+                            m.drop_params(|n| n.split(".mlp.experts.").nth(1).is_none_or(|e| expert_owner(e.split('.').next().unwrap().parse().unwrap(), 16, ranks) == rank));
                             let shard = seqs / ranks;
                             let mine = &tokens[rank * shard * (t + 1)..(rank + 1) * shard * (t + 1)];
                             let mut g = Grads::default();

@@ -7,7 +7,9 @@
 //! and the head) for the `W` op the schedule places later: run right away for `B`, deferred for
 //! zero-bubble `b`.
 
-use dsv3_dist::pipeline::StageCompute;
+use crate::parallel::{AllReduce, Pipeline};
+use crate::placement::positions_of;
+use dsv3_dist::pipeline::{P2p, StageCompute};
 use dsv3_model::grad::model::{LossWeights, StageSaved, StepReport};
 use dsv3_model::grad::{Grads, WeightGrad};
 use dsv3_model::DeepseekV3;
@@ -39,9 +41,7 @@ impl<'a> DeepSeekStages<'a> {
     /// The decoder layers of position `pos`: an even split, the earlier positions taking one
     /// more when it does not divide.
     pub fn layers(&self, pos: usize) -> Range<usize> {
-        let (l, p) = (self.model.layers.len(), self.positions);
-        let start = pos * (l / p) + pos.min(l % p);
-        start..start + l / p + usize::from(pos < l % p)
+        crate::placement::stage_layers(pos, self.positions, self.model.layers.len())
     }
 }
 
@@ -95,6 +95,46 @@ impl StageCompute for DeepSeekStages<'_> {
         let g: &mut Grads = &mut g;
         DeepseekV3::training(|| g.apply(work));
     }
+}
+
+/// A forward without backward (validation) through this process's pipeline: position by
+/// position, each on the process of the pipeline holding it (activations passed point to point).
+/// Returns what this process's positions computed; the losses are at the last position's.
+pub(crate) fn forward_only(dp: &dyn AllReduce, p: Pipeline, model: &DeepseekV3, tokens: &[u32], seqs: usize, t: usize, w: LossWeights) -> anyhow::Result<StepReport> {
+    let positions = dsv3_dist::pipeline::positions(p.kind, p.stages);
+    let holder = |pos: usize| (0..p.stages).find(|&s| positions_of(p, s).contains(&pos)).expect("every position is held");
+    let mut report = StepReport::default();
+    let mut result = Ok(());
+    dp.with_peers(&mut |peers| {
+        let mut peers = dsv3_dist::pipeline::Group { inner: peers, base: dp.rank() / p.stages * p.stages };
+        let me = peers.rank();
+        let mut carry = None;
+        for pos in (0..positions).filter(|&pos| holder(pos) == me) {
+            let input = match pos {
+                0 => None,
+                _ if holder(pos - 1) == me => carry.take(),
+                _ => Some(to_f32(peers.recv(holder(pos - 1), pos as u64, 0))),
+            };
+            let layers = crate::placement::stage_layers(pos, positions, model.layers.len());
+            let out = DeepseekV3::training(|| model.stage_forward(layers, tokens, seqs, t, w, input, &mut report));
+            let y = match out {
+                Ok((y, _)) => y,
+                Err(e) => {
+                    result = Err(e);
+                    return; // (the vocabulary was checked when the data was packed)
+                }
+            };
+            if pos + 1 < positions {
+                match holder(pos + 1) {
+                    h if h == me => carry = Some(y),
+                    h => peers.send(h, pos as u64 + 1, to_f64(y)),
+                }
+            }
+        }
+        peers.flush();
+    });
+    result?;
+    Ok(report)
 }
 
 #[cfg(test)]

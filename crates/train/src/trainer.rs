@@ -6,6 +6,7 @@ use crate::balance::{max_vio, update_biases};
 use crate::checkpoint::{self, TrainState};
 use crate::data::{self, Loader, LoaderState, Split};
 use crate::optim::{OptimConfig, Optimizer, OptimizerKind};
+use crate::placement::Placement;
 use anyhow::{bail, Context, Result};
 use dsv3_model::grad::model::{LossWeights, StepReport};
 use dsv3_model::grad::moe::Balance;
@@ -267,26 +268,44 @@ fn evaluate(model: &DeepseekV3, val: &Split, args: &TrainArgs, w: LossWeights) -
     if n == 0 {
         return Ok(None);
     }
-    let (mut loss, mut top1, mut tops) = (0f64, 0f64, 0usize);
-    let mut load: Vec<(usize, Vec<usize>)> = vec![];
+    // Pipelined, a process holds only its stages: the windows go through every pipeline
+    // position by position, and the sums below add up what each process computed (pipeline 0's:
+    // the others ran the same windows, which expert parallelism across pipelines needs).
+    let pipelined = crate::parallel::get().zip(crate::parallel::pipeline());
+    let counted = pipelined.is_none_or(|(dp, p)| dp.rank() < p.stages);
+    let (mut loss, mut top1, mut tops) = (0f64, 0f64, 0f64);
+    let moe_layers: Vec<usize> = (0..model.layers.len() + model.mtp.len()).filter(|&l| model.config.is_moe_layer(l)).collect();
+    let mut load: Vec<Vec<f64>> = vec![vec![0.0; model.config.n_routed_experts]; moe_layers.len()];
     for i in (0..n).step_by(args.batch_size) {
         let b = args.batch_size.min(n - i);
         let tokens: Vec<u32> = (i..i + b).flat_map(|j| val.window(j).iter().copied()).collect();
-        let r = with_recipe(args.precision.fp8_recipe(), || model.train_step(&tokens, b, args.seq_len, w, None))?;
+        let r = with_recipe(args.precision.fp8_recipe(), || match pipelined {
+            Some((dp, p)) => crate::pipeline::forward_only(dp.as_ref(), p, model, &tokens, b, args.seq_len, w),
+            None => Ok(model.train_step(&tokens, b, args.seq_len, w, None)?),
+        })?;
+        if !counted {
+            continue;
+        }
         loss += r.lm_loss * b as f64;
         if let Some(t) = r.mtp_top1 {
             top1 += t * b as f64;
-            tops += b;
+            tops += b as f64;
         }
         for (l, c) in r.load {
-            match load.iter_mut().find(|(x, _)| *x == l) {
-                Some((_, acc)) => acc.iter_mut().zip(&c).for_each(|(a, c)| *a += c),
-                None => load.push((l, c)),
-            }
+            let slot = moe_layers.iter().position(|&x| x == l).expect("a MoE layer");
+            load[slot].iter_mut().zip(&c).for_each(|(a, &c)| *a += c as f64);
         }
     }
-    let mv = load.iter().map(|(_, c)| max_vio(c)).sum::<f64>() / load.len().max(1) as f64;
-    Ok(Some((loss / n as f64, mv, (tops > 0).then(|| top1 / tops as f64))))
+    if let Some((dp, _)) = pipelined {
+        let mut flat = vec![loss, top1, tops];
+        flat.extend(load.iter().flatten());
+        dp.sum_f64(&mut flat);
+        (loss, top1, tops) = (flat[0], flat[1], flat[2]);
+        load.iter_mut().flatten().zip(&flat[3..]).for_each(|(a, &b)| *a = b);
+    }
+    let load: Vec<Vec<usize>> = load.into_iter().map(|c| c.into_iter().map(|v| v as usize).collect()).collect();
+    let mv = load.iter().map(|c| max_vio(c)).sum::<f64>() / load.len().max(1) as f64;
+    Ok(Some((loss / n as f64, mv, (tops > 0.0).then(|| top1 / tops))))
 }
 
 /// Trains (or resumes) a run, calling `on_log` for every logged step. `stop_at` ends it early
@@ -347,60 +366,22 @@ fn pipeline_step(
 /// (`micro_batches`, over all pipelines): every process holds sums over micro-batches of the
 /// stages it ran, so the sums are divided by the micro-batch count instead.
 ///
-/// Returns the global gradient norm. Under expert parallelism a routed expert's gradient, held by
-/// its owner only, already sums every process's tokens: it is scaled, not summed, and enters the
-/// norm through the summed squares.
-fn all_reduce_step(dp: &dyn crate::parallel::AllReduce, model: &mut DeepseekV3, grads: &mut Grads, report: &mut StepReport, micro_batches: Option<usize>) -> f64 {
-    // Every parameter gets a slot, so the flattened buffers line up on every process (an expert
-    // no local token reached has no gradient entry yet).
-    for p in model.params_mut() {
-        grads.slot(&p.name, p.data.len());
-    }
+/// Returns the global gradient norm. Each gradient is summed over the processes holding its
+/// parameter (all of them in plain data parallelism; a routed expert's owner alone, whose
+/// gradient already sums every process's tokens).
+fn all_reduce_step(dp: &dyn crate::parallel::AllReduce, placement: &Placement, grads: &mut Grads, report: &mut StepReport, micro_batches: Option<usize>) -> f64 {
     let scale = 1.0 / micro_batches.unwrap_or(dp.size()) as f64;
-    let local = |name: &String| crate::parallel::is_routed_expert(name);
-    let mut flat: Vec<f64> = grads.map.iter().filter(|(n, _)| !local(n)).flat_map(|(_, g)| g.iter().map(|&v| v as f64)).collect();
-    if let Some(pipe) = crate::parallel::pipeline_sum() {
-        // Expert parallelism across pipelines: the stages of this pipeline computed its experts'
-        // gradients for different layers (DualPipe: for the same layers twice).
-        let mut local: Vec<f64> = grads.map.iter().filter(|(n, _)| local(n)).flat_map(|(_, g)| g.iter().map(|&v| v as f64)).collect();
-        pipe.sum_f64(&mut local);
-        let mut at = 0;
-        for g in grads.map.iter_mut().filter(|(n, _)| crate::parallel::is_routed_expert(n)).map(|(_, g)| g) {
-            g.iter_mut().for_each(|v| {
-                *v = local[at] as f32;
-                at += 1;
-            });
-        }
-    }
-    // Each expert's squares once: from the first process of its pipeline.
-    let first = crate::parallel::pipeline_sum().is_none_or(|p| p.rank() == 0);
-    let local_sq: f64 = grads.map.iter().filter(|(n, _)| first && local(n)).flat_map(|(_, g)| g.iter().map(|&v| v as f64 * v as f64)).sum();
-    flat.push(local_sq);
+    let norm_sq = placement.reduce_grads(dp, grads, scale);
     let n_mtp = report.mtp_losses.len();
-    flat.extend([report.loss, report.lm_loss, report.balance_loss, report.mtp_top1.unwrap_or(0.0)]);
+    let mut flat = vec![norm_sq, report.loss, report.lm_loss, report.balance_loss, report.mtp_top1.unwrap_or(0.0)];
     flat.extend(&report.mtp_losses);
     flat.extend(report.load.iter().flat_map(|(_, c)| c.iter().map(|&v| v as f64)));
     dp.sum_f64(&mut flat);
-    let mut at = 0;
-    let mut norm_sq = 0f64;
-    for (name, g) in grads.map.iter_mut() {
-        if local(name) {
-            g.iter_mut().for_each(|v| *v = (*v as f64 * scale) as f32);
-            continue;
-        }
-        for v in g.iter_mut() {
-            *v = (flat[at] * scale) as f32;
-            norm_sq += *v as f64 * *v as f64;
-            at += 1;
-        }
-    }
-    norm_sq += flat[at] * scale * scale;
-    at += 1;
-    report.loss = flat[at] * scale;
-    report.lm_loss = flat[at + 1] * scale;
-    report.balance_loss = flat[at + 2] * scale;
-    report.mtp_top1 = report.mtp_top1.map(|_| flat[at + 3] * scale);
-    at += 4;
+    report.loss = flat[1] * scale;
+    report.lm_loss = flat[2] * scale;
+    report.balance_loss = flat[3] * scale;
+    report.mtp_top1 = report.mtp_top1.map(|_| flat[4] * scale);
+    let mut at = 5;
     for l in report.mtp_losses.iter_mut().take(n_mtp) {
         *l = flat[at] * scale;
         at += 1;
@@ -412,7 +393,7 @@ fn all_reduce_step(dp: &dyn crate::parallel::AllReduce, model: &mut DeepseekV3, 
         }
     }
     report.tokens *= dp.size();
-    norm_sq.sqrt()
+    flat[0].sqrt()
 }
 
 pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_log: impl FnMut(&StepLog)) -> Result<Summary> {
@@ -473,14 +454,14 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         }
         model.set_expert_exchange(ex.clone());
     }
-    let zero = crate::parallel::Zero1::new(&mut model);
-    crate::parallel::drop_foreign_moments(&mut model, &mut opt, zero.as_ref());
-    if let Some(dp) = crate::parallel::get() {
-        let held = model.params_mut();
-        let mine: usize = held.iter().filter(|p| zero.as_ref().is_none_or(|z| z.owns(&p.name))).map(|p| p.data.len()).sum();
-        let held: usize = held.iter().map(|p| p.data.len()).sum();
-        eprintln!("process {}/{}: holds {held} of the model's {parameters} parameters, updates (and keeps optimizer moments for) {mine}", dp.rank(), dp.size());
-    }
+    // Who holds and updates what; this process then frees the rest.
+    let placement = crate::parallel::get().map(|dp| {
+        let p = Placement::new(&mut model, dp.as_ref(), crate::parallel::pipeline(), crate::parallel::experts().is_some(), crate::parallel::zero1());
+        p.drop_foreign(&mut model, &mut opt);
+        let (held, total, updated) = p.sizes();
+        eprintln!("process {}/{}: holds {held} of the model's {total} parameters, updates (and keeps optimizer moments for) {updated}", dp.rank(), dp.size());
+        p
+    });
     let flops_per_token = train_flops_per_token(&model.config, args.seq_len);
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("metrics.jsonl"))?;
@@ -525,19 +506,22 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
             }
         };
         let grad_norm = match dp {
-            Some(dp) => all_reduce_step(dp.as_ref(), &mut model, &mut grads, &mut report, pipelined.map(|p| p.chunks * dp.size() / p.stages)),
+            Some(dp) => {
+                let placement = placement.as_ref().expect("a placement under data parallelism");
+                all_reduce_step(dp.as_ref(), placement, &mut grads, &mut report, pipelined.map(|p| p.chunks * dp.size() / p.stages))
+            }
             None => grads.global_norm(),
         };
         if !report.loss.is_finite() {
             bail!("step {step}: the loss is {} (lower --lr?); the last checkpoint is intact", report.loss);
         }
         let mut params = model.params_mut();
-        if let Some(z) = &zero {
-            params.retain(|p| z.owns(&p.name));
+        if let Some(p) = &placement {
+            params.retain(|x| p.updates(&x.name));
         }
         let info = opt.update(&ocfg, params, &mut grads, grad_norm);
-        if let (Some(z), Some(dp)) = (&zero, dp) {
-            z.share_params(dp.as_ref(), &mut model);
+        if let (Some(p), Some(dp)) = (&placement, dp) {
+            p.share_params(dp.as_ref(), &mut model);
         }
         let gamma = match (args.balance, args.bias_freeze_step) {
             (BalanceMode::AuxFree, Some(f)) if step >= f => 0.0,
@@ -588,14 +572,9 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
             on_log(&log);
         }
         if (args.save_every > 0 && step % args.save_every == 0) || step == end {
-            // Rank 0 first collects the experts (expert parallelism) and the moments (ZeRO-1)
-            // the others hold.
-            let ep = dp.zip(crate::parallel::experts());
-            if let Some((dp, _)) = ep {
-                crate::parallel::gather_experts(dp.as_ref(), &mut model, &mut opt);
-            }
-            if let (Some(z), Some(dp)) = (&zero, dp) {
-                z.gather_moments(dp.as_ref(), &mut model, &mut opt);
+            // Rank 0 first collects what the others hold.
+            if let (Some(p), Some(dp)) = (&placement, dp) {
+                p.gather_to_rank0(dp.as_ref(), &mut model, &mut opt, args.optimizer == OptimizerKind::Adamw);
             }
             if writer {
                 metrics.flush()?;
@@ -605,10 +584,9 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
                 }
                 metrics = std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("metrics.jsonl"))?;
             }
-            if let Some((_, ex)) = ep {
-                model.set_expert_exchange(ex.clone());
+            if let Some(p) = &placement {
+                p.drop_foreign(&mut model, &mut opt);
             }
-            crate::parallel::drop_foreign_moments(&mut model, &mut opt, zero.as_ref());
         }
         last = log;
         last_report = report;

@@ -15,27 +15,33 @@ pub struct Param<'a> {
 
 pub type ParamsMut<'a> = Vec<Param<'a>>;
 
-fn matrix<'a>(out: &mut ParamsMut<'a>, name: String, m: &'a mut Matrix) {
-    let shape = vec![m.rows, m.cols];
-    out.push(Param { name, shape, data: m.f32_mut() });
+/// A trainable tensor's storage: a weight matrix or a norm's vector.
+enum Slot<'a> {
+    Matrix(&'a mut Matrix),
+    Vector(&'a mut Vec<f32>),
 }
 
-fn linear<'a>(out: &mut ParamsMut<'a>, name: String, l: &'a mut Linear) {
+type Slots<'a> = Vec<(String, Slot<'a>)>;
+
+fn matrix<'a>(out: &mut Slots<'a>, name: String, m: &'a mut Matrix) {
+    out.push((name, Slot::Matrix(m)));
+}
+
+fn linear<'a>(out: &mut Slots<'a>, name: String, l: &'a mut Linear) {
     matrix(out, format!("{name}.weight"), &mut l.weight);
 }
 
-fn norm<'a>(out: &mut ParamsMut<'a>, name: String, n: &'a mut RmsNorm) {
-    let shape = vec![n.weight.len()];
-    out.push(Param { name: format!("{name}.weight"), shape, data: n.weight.as_mut_slice() });
+fn norm<'a>(out: &mut Slots<'a>, name: String, n: &'a mut RmsNorm) {
+    out.push((format!("{name}.weight"), Slot::Vector(&mut n.weight)));
 }
 
-fn mlp<'a>(out: &mut ParamsMut<'a>, name: &str, m: &'a mut Mlp) {
+fn mlp<'a>(out: &mut Slots<'a>, name: &str, m: &'a mut Mlp) {
     linear(out, format!("{name}.gate_proj"), &mut m.gate_proj);
     linear(out, format!("{name}.up_proj"), &mut m.up_proj);
     linear(out, format!("{name}.down_proj"), &mut m.down_proj);
 }
 
-fn mla<'a>(out: &mut ParamsMut<'a>, name: &str, a: &'a mut Mla) {
+fn mla<'a>(out: &mut Slots<'a>, name: &str, a: &'a mut Mla) {
     match &mut a.q {
         QProj::LowRank { q_a_proj, q_a_layernorm, q_b_proj } => {
             linear(out, format!("{name}.q_a_proj"), q_a_proj);
@@ -50,7 +56,7 @@ fn mla<'a>(out: &mut ParamsMut<'a>, name: &str, a: &'a mut Mla) {
     linear(out, format!("{name}.o_proj"), &mut a.o_proj);
 }
 
-fn layer<'a>(out: &mut ParamsMut<'a>, name: &str, l: &'a mut DecoderLayer) {
+fn layer<'a>(out: &mut Slots<'a>, name: &str, l: &'a mut DecoderLayer) {
     norm(out, format!("{name}.input_layernorm"), &mut l.input_layernorm);
     mla(out, &format!("{name}.self_attn"), &mut l.self_attn);
     norm(out, format!("{name}.post_attention_layernorm"), &mut l.post_attention_layernorm);
@@ -58,8 +64,7 @@ fn layer<'a>(out: &mut ParamsMut<'a>, name: &str, l: &'a mut DecoderLayer) {
         Ffn::Dense(m) => mlp(out, &format!("{name}.mlp"), m),
         Ffn::Moe(m) => {
             matrix(out, format!("{name}.mlp.gate.weight"), &mut m.gate.weight);
-            // (Experts another process holds in expert-parallel training are not parameters here.)
-            for (i, e) in m.experts.iter_mut().enumerate().filter(|(_, e)| !e.is_absent()) {
+            for (i, e) in m.experts.iter_mut().enumerate() {
                 mlp(out, &format!("{name}.mlp.experts.{i}"), e);
             }
             if let Some(s) = &mut m.shared_experts {
@@ -70,8 +75,7 @@ fn layer<'a>(out: &mut ParamsMut<'a>, name: &str, l: &'a mut DecoderLayer) {
 }
 
 impl DeepseekV3 {
-    /// Every trainable tensor as mutable f32 (bf16/FP8 stores are decoded to f32 masters once).
-    pub fn params_mut(&mut self) -> ParamsMut<'_> {
+    fn slots(&mut self) -> Slots<'_> {
         let n = self.layers.len();
         let mut out = vec![];
         matrix(&mut out, "model.embed_tokens.weight".into(), &mut self.embed_tokens);
@@ -91,6 +95,50 @@ impl DeepseekV3 {
             matrix(&mut out, "lm_head.weight".into(), h);
         }
         out
+    }
+
+    /// Every trainable tensor this process holds, as mutable f32 (bf16/FP8 stores are decoded
+    /// to f32 masters once). Tensors dropped by [`DeepseekV3::drop_params`] are not listed.
+    pub fn params_mut(&mut self) -> ParamsMut<'_> {
+        self.slots()
+            .into_iter()
+            .filter_map(|(name, slot)| match slot {
+                Slot::Matrix(m) if m.rows * m.cols > 0 => Some(Param { name, shape: vec![m.rows, m.cols], data: m.f32_mut() }),
+                Slot::Vector(v) if !v.is_empty() => Some(Param { name, shape: vec![v.len()], data: v.as_mut_slice() }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every trainable tensor's name and shape, held here or not (as loaded: call before
+    /// dropping any).
+    pub fn param_shapes(&mut self) -> Vec<(String, Vec<usize>)> {
+        self.params_mut().into_iter().map(|p| (p.name, p.shape)).collect()
+    }
+
+    /// Frees the tensors `keep` rejects: parallel training, where other processes hold them
+    /// (routed experts under expert parallelism, other stages' layers in a pipeline). The
+    /// forward and backward of what remains never read them.
+    pub fn drop_params(&mut self, keep: impl Fn(&str) -> bool) {
+        for (name, slot) in self.slots() {
+            if !keep(&name) {
+                match slot {
+                    Slot::Matrix(m) => *m = Matrix::from_f32(0, 0, vec![]),
+                    Slot::Vector(v) => *v = vec![],
+                }
+            }
+        }
+    }
+
+    /// Sets tensor `name` (held or dropped) to `data` of `shape`; false if there is no such
+    /// tensor.
+    pub fn set_param(&mut self, name: &str, shape: &[usize], data: Vec<f32>) -> bool {
+        match self.slots().into_iter().find(|(n, _)| n == name) {
+            Some((_, Slot::Matrix(m))) => *m = Matrix::from_f32(shape[0], shape[1], data),
+            Some((_, Slot::Vector(v))) => *v = data,
+            None => return false,
+        }
+        true
     }
 
     /// Each MoE layer's `e_score_correction_bias` (a buffer the aux-loss-free balancing updates,

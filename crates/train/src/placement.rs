@@ -1,0 +1,273 @@
+//! Which process holds, updates and saves each parameter in parallel training, and the
+//! collective steps that follow from it.
+//!
+//! - Data parallelism: every process holds everything.
+//! - Expert parallelism: a routed expert lives in one data-parallel replica ([`expert_owner`]).
+//! - Pipelines: a process holds only the parameters of its stages' positions — its decoder
+//!   layers, the embedding at the first position, the final norm, head and MTP modules (and the
+//!   embedding again, for the MTP modules or a tied head) at the last.
+//! - ZeRO-1: of the processes holding a parameter, one updates it and keeps its moments.
+//!
+//! Each gradient is summed over the processes holding that parameter, so every holder applies
+//! the same update; before a checkpoint rank 0 collects whatever it does not hold.
+
+use crate::optim::Optimizer;
+use crate::parallel::{AllReduce, Pipeline};
+use dsv3_dist::pipeline::P2p;
+use dsv3_dist::schedule::stage_position;
+use dsv3_model::grad::moe::expert_owner;
+use dsv3_model::grad::Grads;
+use dsv3_model::DeepseekV3;
+use std::ops::Range;
+
+/// One trainable tensor and who has it.
+struct Entry {
+    name: String,
+    shape: Vec<usize>,
+    /// Processes holding it, ascending.
+    holders: Vec<usize>,
+    /// The holder that updates it and keeps its moments (ZeRO-1); `None`: every holder.
+    updater: Option<usize>,
+}
+
+impl Entry {
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+pub(crate) struct Placement {
+    rank: usize,
+    world: usize,
+    entries: Vec<Entry>,
+    /// The distinct holder sets, in one order every process shares, with their entries.
+    sets: Vec<(Vec<usize>, Vec<usize>)>,
+}
+
+/// The decoder layers at pipeline position `pos` of `positions`: an even split, the earlier
+/// positions taking one more when it does not divide.
+pub(crate) fn stage_layers(pos: usize, positions: usize, layers: usize) -> Range<usize> {
+    let start = pos * (layers / positions) + pos.min(layers % positions);
+    start..start + layers / positions + usize::from(pos < layers % positions)
+}
+
+/// The positions pipeline rank `s` runs (one, or two for DualPipe and DualPipeV).
+pub(crate) fn positions_of(p: Pipeline, s: usize) -> [usize; 2] {
+    [0, 1].map(|dir| stage_position(p.kind, p.stages, s, dir).1)
+}
+
+/// Whether the stage at `pos` (of `positions`) reads parameter `name`.
+fn uses(model: &DeepseekV3, name: &str, pos: usize, positions: usize) -> bool {
+    let (layers, last) = (model.layers.len(), pos + 1 == positions);
+    if let Some(rest) = name.strip_prefix("model.layers.") {
+        let l: usize = rest.split('.').next().and_then(|x| x.parse().ok()).expect("a layer index");
+        return if l < layers { stage_layers(pos, positions, layers).contains(&l) } else { last };
+    }
+    if name == "model.embed_tokens.weight" {
+        return pos == 0 || (last && (!model.mtp.is_empty() || model.lm_head.is_none()));
+    }
+    last // the final norm and the head
+}
+
+/// The routed expert a parameter belongs to.
+fn routed_expert(name: &str) -> Option<usize> {
+    name.split(".mlp.experts.").nth(1)?.split('.').next()?.parse().ok()
+}
+
+impl Placement {
+    /// The placement of `model`'s parameters (call on the whole model, before dropping any).
+    pub(crate) fn new(model: &mut DeepseekV3, dp: &dyn AllReduce, pipeline: Option<Pipeline>, expert_parallel: bool, zero1: bool) -> Placement {
+        let (rank, world) = (dp.rank(), dp.size());
+        let stages = pipeline.map_or(1, |p| p.stages);
+        let replicas = world / stages;
+        let experts = model.config.n_routed_experts;
+        let shapes = model.param_shapes();
+        let mut entries: Vec<Entry> = shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                let groups: Vec<usize> = match routed_expert(&name) {
+                    Some(e) if expert_parallel => vec![expert_owner(e, experts, replicas)],
+                    _ => (0..replicas).collect(),
+                };
+                let in_stage: Vec<usize> = match pipeline {
+                    None => vec![0],
+                    Some(p) => {
+                        let positions = dsv3_dist::pipeline::positions(p.kind, p.stages);
+                        (0..stages).filter(|&s| positions_of(p, s).iter().any(|&pos| uses(model, &name, pos, positions))).collect()
+                    }
+                };
+                let mut holders: Vec<usize> = groups.iter().flat_map(|g| in_stage.iter().map(move |s| g * stages + s)).collect();
+                holders.sort_unstable();
+                Entry { name, shape, holders, updater: None }
+            })
+            .collect();
+        let mut sets: Vec<(Vec<usize>, Vec<usize>)> = vec![];
+        for (i, e) in entries.iter().enumerate() {
+            match sets.iter_mut().find(|(h, _)| *h == e.holders) {
+                Some((_, list)) => list.push(i),
+                None => sets.push((e.holders.clone(), vec![i])),
+            }
+        }
+        sets.sort_by(|a, b| a.0.cmp(&b.0));
+        if zero1 {
+            // Within each holder set: largest first to the least-loaded holder (whole tensors, so
+            // an update needs nothing from another process).
+            for (holders, list) in &sets {
+                let mut order = list.clone();
+                order.sort_by(|&a, &b| entries[b].len().cmp(&entries[a].len()).then_with(|| entries[a].name.cmp(&entries[b].name)));
+                let mut load = vec![0usize; holders.len()];
+                for i in order {
+                    let h = (0..holders.len()).min_by_key(|&h| load[h]).expect("a holder");
+                    load[h] += entries[i].len();
+                    entries[i].updater = Some(holders[h]);
+                }
+            }
+        }
+        Placement { rank, world, entries, sets }
+    }
+
+    fn entry(&self, name: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+
+    pub(crate) fn holds(&self, name: &str) -> bool {
+        self.entry(name).is_some_and(|e| e.holders.contains(&self.rank))
+    }
+
+    /// Whether this process updates `name` and keeps its optimizer moments.
+    pub(crate) fn updates(&self, name: &str) -> bool {
+        self.entry(name).is_some_and(|e| e.holders.contains(&self.rank) && e.updater.is_none_or(|u| u == self.rank))
+    }
+
+    /// Frees what this process does not hold and the moments it does not keep.
+    pub(crate) fn drop_foreign(&self, model: &mut DeepseekV3, opt: &mut Optimizer) {
+        model.drop_params(|n| self.holds(n));
+        opt.m.retain(|k, _| self.updates(k));
+        opt.v.retain(|k, _| self.updates(k));
+    }
+
+    /// Parameters (held, total) and the values this process updates.
+    pub(crate) fn sizes(&self) -> (usize, usize, usize) {
+        let held = self.entries.iter().filter(|e| e.holders.contains(&self.rank));
+        let total = self.entries.iter().map(Entry::len).sum();
+        let updated = held.clone().filter(|e| e.updater.is_none_or(|u| u == self.rank)).map(Entry::len).sum();
+        (held.map(Entry::len).sum(), total, updated)
+    }
+
+    /// Element-wise sum of `v` over the processes `set` (ascending, this one among them).
+    fn sum_among(&self, dp: &dyn AllReduce, set: &[usize], v: &mut [f64]) {
+        if set.len() == self.world {
+            return dp.sum_f64(v);
+        }
+        if set.len() < 2 {
+            return;
+        }
+        // The lowest rank adds the others' in rank order and sends the sum back.
+        const TAG: u64 = 1;
+        dp.with_peers(&mut |peers: &mut dyn P2p| {
+            if self.rank == set[0] {
+                for &r in &set[1..] {
+                    let other = peers.recv(r, TAG, v.len());
+                    v.iter_mut().zip(other).for_each(|(a, b)| *a += b);
+                }
+                for &r in &set[1..] {
+                    peers.send(r, TAG, v.to_vec());
+                }
+            } else {
+                peers.send(set[0], TAG, v.to_vec());
+                let sum = peers.recv(set[0], TAG, v.len());
+                v.copy_from_slice(&sum);
+            }
+        });
+    }
+
+    /// Sums every gradient over the processes holding its parameter and multiplies by `scale`;
+    /// returns this process's share of the squared global norm (each parameter counted at its
+    /// first holder).
+    pub(crate) fn reduce_grads(&self, dp: &dyn AllReduce, grads: &mut Grads, scale: f64) -> f64 {
+        let mut norm_sq = 0f64;
+        for (set, list) in self.sets.iter().filter(|(h, _)| h.contains(&self.rank)) {
+            let mut flat: Vec<f64> = vec![];
+            for &i in list {
+                let e = &self.entries[i];
+                flat.extend(grads.slot(&e.name, e.len()).iter().map(|&v| v as f64));
+            }
+            self.sum_among(dp, set, &mut flat);
+            let mut at = 0;
+            for &i in list {
+                let e = &self.entries[i];
+                for v in grads.slot(&e.name, e.len()) {
+                    *v = (flat[at] * scale) as f32;
+                    if set[0] == self.rank {
+                        norm_sq += *v as f64 * *v as f64;
+                    }
+                    at += 1;
+                }
+            }
+        }
+        norm_sq
+    }
+
+    /// ZeRO-1, after the update: each parameter from its updater to the other holders (a sum to
+    /// which only the updater contributes: exact).
+    pub(crate) fn share_params(&self, dp: &dyn AllReduce, model: &mut DeepseekV3) {
+        let mut params = model.params_mut();
+        for (set, list) in self.sets.iter().filter(|(h, _)| h.len() > 1 && h.contains(&self.rank)) {
+            let mut flat: Vec<f64> = vec![];
+            for &i in list {
+                let e = &self.entries[i];
+                let p = params.iter().find(|p| p.name == e.name).expect("a held parameter");
+                let mine = e.updater.is_none_or(|u| u == self.rank);
+                flat.extend(p.data.iter().map(|&v| if mine { v as f64 } else { 0.0 }));
+            }
+            if self.entries[list[0]].updater.is_none() {
+                continue; // every holder updated everything
+            }
+            self.sum_among(dp, set, &mut flat);
+            let mut at = 0;
+            for &i in list {
+                let e = &self.entries[i];
+                let p = params.iter_mut().find(|p| p.name == e.name).expect("a held parameter");
+                p.data.iter_mut().for_each(|v| {
+                    *v = flat[at] as f32;
+                    at += 1;
+                });
+            }
+        }
+    }
+
+    /// Before rank 0 writes a checkpoint: every parameter it does not hold, and the moments of
+    /// those it does not update (`adam`), come from a process that has them. Every process
+    /// calls it; [`Placement::drop_foreign`] undoes it on rank 0 after the save.
+    pub(crate) fn gather_to_rank0(&self, dp: &dyn AllReduce, model: &mut DeepseekV3, opt: &mut Optimizer, adam: bool) {
+        for e in &self.entries {
+            let n = e.len();
+            if !e.holders.contains(&0) {
+                let mut buf = vec![0f64; n];
+                if self.rank == e.holders[0] {
+                    let p = model.params_mut().into_iter().find(|p| p.name == e.name).expect("a held parameter");
+                    buf.iter_mut().zip(p.data.iter()).for_each(|(b, &v)| *b = v as f64);
+                }
+                dp.sum_f64(&mut buf);
+                if self.rank == 0 {
+                    model.set_param(&e.name, &e.shape, buf.into_iter().map(|v| v as f32).collect());
+                }
+            }
+            let updater = e.updater.unwrap_or(e.holders[0]);
+            let rank0_has = e.holders.contains(&0) && e.updater.is_none_or(|u| u == 0);
+            if adam && !rank0_has {
+                let mut buf = vec![0f64; 2 * n];
+                if self.rank == updater {
+                    if let (Some(m), Some(v)) = (opt.m.get(&e.name), opt.v.get(&e.name)) {
+                        buf.iter_mut().zip(m.iter().chain(v)).for_each(|(b, &x)| *b = x as f64);
+                    }
+                }
+                dp.sum_f64(&mut buf);
+                if self.rank == 0 {
+                    opt.m.insert(e.name.clone(), buf[..n].iter().map(|&x| x as f32).collect());
+                    opt.v.insert(e.name.clone(), buf[n..].iter().map(|&x| x as f32).collect());
+                }
+            }
+        }
+    }
+}
