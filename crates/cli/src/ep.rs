@@ -255,9 +255,19 @@ impl dsv3_model::grad::moe::ExpertExchange for MpiSum {
     fn all_to_all(&self, send: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
         use dsv3_dist::ep::Exchange;
         let counts: Vec<usize> = send.iter().map(|b| 4 * b.len()).collect();
+        let remote: usize = counts.iter().enumerate().filter(|&(r, _)| r != self.rank).map(|(_, c)| c).sum();
+        EXPERT_BYTES.fetch_add(remote as u64, std::sync::atomic::Ordering::Relaxed);
         let (recv, sizes) = self.ex.lock().expect("MPI lock").all_to_all(&le_bytes(&send.concat()), &counts);
         f32_blocks(&recv, &sizes)
     }
+}
+
+/// Bytes this process sent to others in expert-parallel training's exchanges.
+static EXPERT_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes this process sent to other processes in expert-parallel training's exchanges.
+pub fn expert_exchange_bytes() -> u64 {
+    EXPERT_BYTES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn le_bytes(v: &[f32]) -> Vec<u8> {

@@ -41,11 +41,14 @@ pub fn expert_owner(e: usize, experts: usize, ranks: usize) -> usize {
     e * ranks / experts
 }
 
-/// An expert this process ran: its id, the (source rank, row) of each input, its saved forward.
+/// An expert this process ran: its id, each input's (source rank, row, top-k slot) and gate
+/// weight, its saved forward and its outputs.
 struct ExpertSaved {
     id: usize,
-    rows: Vec<(usize, usize)>,
+    rows: Vec<(usize, usize, usize)>,
+    weights: Vec<f32>,
     saved: MlpSaved,
+    out: Vec<f32>,
 }
 
 pub struct MoeSaved {
@@ -54,10 +57,10 @@ pub struct MoeSaved {
     /// `[n, E]` router scores (sigmoid or softmax of the logits).
     scores: Vec<f32>,
     routing: Routing,
-    /// The (token, slot) pairs (`i·k + slot`) sent to each rank, in the order sent.
+    /// The tokens sent to each rank (once per rank, however many of its experts they chose).
     sent: Vec<Vec<usize>>,
-    /// `[n·k, D]` each pair's expert output.
-    pair_out: Vec<f32>,
+    /// Rows received from each rank.
+    received: Vec<usize>,
     /// The experts this process ran, for whichever process sent their rows.
     experts: Vec<ExpertSaved>,
     shared: Option<MlpSaved>,
@@ -102,47 +105,60 @@ impl Moe {
 
         let (balance_loss, d_scores_balance) = balance_losses(&scores, &load, seqs, t, k, bal);
 
-        // Dispatch each pair's row (expert id first) to the expert's owner, run the experts held
-        // here over what arrived (rows in source-rank order: the batch order of one process),
-        // and combine the outputs back.
+        // Dispatch (DeepEP's normal mode): each token once to every rank holding one of its
+        // experts, with its k slots' expert ids there (−1 elsewhere) and gate weights. The owner
+        // runs its experts over what arrived (rows in source-rank order: the batch order of one
+        // process) and returns per row the weighted sum of its experts' outputs (ascending ids,
+        // one process's order), which the combine adds up.
         let ranks = self.ep_train.as_ref().map_or(1, |x| x.ranks());
+        let owner = |ex: usize| expert_owner(ex, e, ranks);
         let mut sent: Vec<Vec<usize>> = vec![vec![]; ranks];
-        for (j, &ex) in routing.experts.iter().enumerate() {
-            sent[expert_owner(ex, e, ranks)].push(j);
+        for i in 0..n {
+            let mut dests: Vec<usize> = routing.experts[i * k..(i + 1) * k].iter().map(|&ex| owner(ex)).collect();
+            dests.sort_unstable();
+            dests.dedup();
+            dests.into_iter().for_each(|r| sent[r].push(i));
         }
+        let row = 2 * k + d;
         let send = sent
             .iter()
-            .map(|js| js.iter().flat_map(|&j| std::iter::once(routing.experts[j] as f32).chain(x[j / k * d..(j / k + 1) * d].iter().copied())).collect())
+            .enumerate()
+            .map(|(r, toks)| {
+                toks.iter()
+                    .flat_map(|&i| {
+                        let slots = i * k..(i + 1) * k;
+                        let ids = slots.clone().map(|j| if owner(routing.experts[j]) == r { routing.experts[j] as f32 } else { -1.0 });
+                        ids.chain(slots.map(|j| routing.weights[j])).chain(x[i * d..(i + 1) * d].iter().copied())
+                    })
+                    .collect()
+            })
             .collect();
         let recv = self.exchange(send);
-        let mut per: Vec<Vec<(usize, usize)>> = vec![vec![]; e];
+        let received: Vec<usize> = recv.iter().map(|b| b.len() / row).collect();
+        let mut per: Vec<Vec<(usize, usize, usize)>> = vec![vec![]; e];
         for (src, buf) in recv.iter().enumerate() {
-            for (row, r) in buf.chunks_exact(d + 1).enumerate() {
-                per[r[0] as usize].push((src, row));
+            for (r, rv) in buf.chunks_exact(row).enumerate() {
+                for (slot, &id) in rv[..k].iter().enumerate().filter(|(_, &id)| id >= 0.0) {
+                    per[id as usize].push((src, r, slot));
+                }
             }
         }
-        let mut back: Vec<Vec<f32>> = recv.iter().map(|b| vec![0f32; b.len() / (d + 1) * d]).collect();
+        let mut back: Vec<Vec<f32>> = received.iter().map(|&m| vec![0f32; m * d]).collect();
         let mut experts = vec![];
         for (ex, rows) in per.into_iter().enumerate().filter(|(_, v)| !v.is_empty()) {
-            let xe: Vec<f32> = rows.iter().flat_map(|&(s, r)| recv[s][r * (d + 1) + 1..(r + 1) * (d + 1)].iter().copied()).collect();
+            let xe: Vec<f32> = rows.iter().flat_map(|&(s, r, _)| recv[s][r * row + 2 * k..(r + 1) * row].iter().copied()).collect();
+            let weights: Vec<f32> = rows.iter().map(|&(s, r, slot)| recv[s][r * row + k + slot]).collect();
             let (ye, saved) = self.experts[ex].forward_train(&xe, rows.len());
-            for (y, &(s, r)) in ye.chunks_exact(d).zip(&rows) {
-                back[s][r * d..(r + 1) * d].copy_from_slice(y);
+            for ((y, &(s, r, _)), &w) in ye.chunks_exact(d).zip(&rows).zip(&weights) {
+                back[s][r * d..(r + 1) * d].iter_mut().zip(y).for_each(|(o, y)| *o += w * y);
             }
-            experts.push(ExpertSaved { id: ex, rows, saved });
+            experts.push(ExpertSaved { id: ex, rows, weights, saved, out: ye });
         }
         let outs = self.exchange(back);
-        let mut pair_out = vec![0f32; n * k * d];
-        for (js, buf) in sent.iter().zip(&outs) {
-            for (&j, y) in js.iter().zip(buf.chunks_exact(d)) {
-                pair_out[j * d..(j + 1) * d].copy_from_slice(y);
-            }
-        }
         let mut out = vec![0f32; n * d];
-        for (i, o) in out.chunks_exact_mut(d).enumerate() {
-            for j in by_expert(&routing, i) {
-                let w = routing.weights[j];
-                o.iter_mut().zip(&pair_out[j * d..(j + 1) * d]).for_each(|(o, y)| *o += w * y);
+        for (toks, buf) in sent.iter().zip(&outs) {
+            for (&i, y) in toks.iter().zip(buf.chunks_exact(d)) {
+                add_into(&mut out[i * d..(i + 1) * d], y);
             }
         }
         let shared = self.shared_experts.as_ref().map(|s| {
@@ -150,7 +166,7 @@ impl Moe {
             add_into(&mut out, &ys);
             saved
         });
-        let saved = MoeSaved { x: x.to_vec(), n, scores, routing, sent, pair_out, experts, shared, d_scores_balance };
+        let saved = MoeSaved { x: x.to_vec(), n, scores, routing, sent, received, experts, shared, d_scores_balance };
         (out, saved, MoeStats { load, balance_loss })
     }
 
@@ -164,42 +180,31 @@ impl Moe {
             (Some(m), Some(saved)) => m.backward(&format!("{name}.shared_experts"), saved, dy, g),
             _ => vec![0f32; n * d],
         };
-        // d(gate weight) of each (token, slot); the output gradients go to the experts' owners,
-        // which return the input gradients.
-        let mut d_w = vec![0f32; n * k];
-        let send = s
-            .sent
-            .iter()
-            .map(|js| {
-                js.iter()
-                    .flat_map(|&j| {
-                        let dyi = &dy[j / k * d..(j / k + 1) * d];
-                        d_w[j] = dyi.iter().zip(&s.pair_out[j * d..(j + 1) * d]).map(|(a, b)| a * b).sum();
-                        let w = s.routing.weights[j];
-                        dyi.iter().map(move |g| w * g)
-                    })
-                    .collect()
-            })
-            .collect();
+        // The output gradients go where the tokens went; each rank returns per row its pairs'
+        // gate-weight gradients (`dy·y`, in their slots) and the input gradient summed over its
+        // experts.
+        let send = s.sent.iter().map(|toks| toks.iter().flat_map(|&i| dy[i * d..(i + 1) * d].iter().copied()).collect()).collect();
         let recv = self.exchange(send);
-        let mut back: Vec<Vec<f32>> = recv.iter().map(|b| vec![0f32; b.len()]).collect();
-        for ExpertSaved { id: ex, rows, saved } in &s.experts {
-            let dye: Vec<f32> = rows.iter().flat_map(|&(src, r)| recv[src][r * d..(r + 1) * d].iter().copied()).collect();
+        let row = k + d;
+        let mut back: Vec<Vec<f32>> = s.received.iter().map(|&m| vec![0f32; m * row]).collect();
+        for ExpertSaved { id: ex, rows, weights, saved, out: ye } in &s.experts {
+            let mut dye = vec![0f32; rows.len() * d];
+            for (((y, dyr), &(src, r, slot)), &w) in ye.chunks_exact(d).zip(dye.chunks_exact_mut(d)).zip(rows).zip(weights) {
+                let dyi = &recv[src][r * d..(r + 1) * d];
+                back[src][r * row + slot] = dyi.iter().zip(y).map(|(a, b)| a * b).sum();
+                dyr.iter_mut().zip(dyi).for_each(|(o, g)| *o = w * g);
+            }
             let dxe = self.experts[*ex].backward(&format!("{name}.experts.{ex}"), saved, &dye, g);
-            for (row, &(src, r)) in dxe.chunks_exact(d).zip(rows) {
-                back[src][r * d..(r + 1) * d].copy_from_slice(row);
+            for (dxr, &(src, r, _)) in dxe.chunks_exact(d).zip(rows) {
+                add_into(&mut back[src][r * row + k..(r + 1) * row], dxr);
             }
         }
-        let dxs = self.exchange(back);
-        let mut pair_dx = vec![0f32; n * k * d];
-        for (js, buf) in s.sent.iter().zip(&dxs) {
-            for (&j, row) in js.iter().zip(buf.chunks_exact(d)) {
-                pair_dx[j * d..(j + 1) * d].copy_from_slice(row);
-            }
-        }
-        for i in 0..n {
-            for j in by_expert(&s.routing, i) {
-                add_into(&mut dx[i * d..(i + 1) * d], &pair_dx[j * d..(j + 1) * d]);
+        let rets = self.exchange(back);
+        let mut d_w = vec![0f32; n * k];
+        for (toks, buf) in s.sent.iter().zip(&rets) {
+            for (&i, rv) in toks.iter().zip(buf.chunks_exact(row)) {
+                d_w[i * k..(i + 1) * k].iter_mut().zip(&rv[..k]).for_each(|(a, b)| *a += b);
+                add_into(&mut dx[i * d..(i + 1) * d], &rv[k..]);
             }
         }
         // Gate weights → scores: w_k = c·s_k / Z (Z = Σ_selected s when normalized, else 1).
@@ -246,14 +251,6 @@ impl Moe {
             None => send,
         }
     }
-}
-
-/// Token `i`'s pairs by ascending expert id: the order one process sums the experts in.
-fn by_expert(routing: &Routing, i: usize) -> Vec<usize> {
-    let k = routing.k;
-    let mut js: Vec<usize> = (i * k..(i + 1) * k).collect();
-    js.sort_by_key(|&j| routing.experts[j]);
-    js
 }
 
 /// Value and score gradient of the balance losses.
