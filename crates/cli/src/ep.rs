@@ -253,11 +253,15 @@ impl dsv3_model::grad::moe::ExpertExchange for MpiSum {
         self.size
     }
     fn all_to_all(&self, send: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+        self.all_to_all_overlapped(send, &mut || false)
+    }
+    /// `MPI_Ialltoallv` posted, `work` between tests, then the wait.
+    fn all_to_all_overlapped(&self, send: Vec<Vec<f32>>, work: &mut dyn FnMut() -> bool) -> Vec<Vec<f32>> {
         use dsv3_dist::ep::Exchange;
         let counts: Vec<usize> = send.iter().map(|b| 4 * b.len()).collect();
         let remote: usize = counts.iter().enumerate().filter(|&(r, _)| r != self.rank).map(|(_, c)| c).sum();
         EXPERT_BYTES.fetch_add(remote as u64, std::sync::atomic::Ordering::Relaxed);
-        let (recv, sizes) = self.ex.lock().expect("MPI lock").all_to_all(&le_bytes(&send.concat()), &counts);
+        let (recv, sizes) = self.ex.lock().expect("MPI lock").all_to_all_overlapped(&le_bytes(&send.concat()), &counts, work);
         f32_blocks(&recv, &sizes)
     }
 }

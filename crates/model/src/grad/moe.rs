@@ -33,6 +33,13 @@ pub trait ExpertExchange: Send + Sync {
     fn ranks(&self) -> usize;
     /// `send[r]` goes to rank `r`; returns what each rank sent here, in rank order.
     fn all_to_all(&self, send: Vec<Vec<f32>>) -> Vec<Vec<f32>>;
+    /// The same with `work` run while the transfer is in flight (called until it returns false;
+    /// the transport may progress between calls). Default: not overlapped.
+    fn all_to_all_overlapped(&self, send: Vec<Vec<f32>>, work: &mut dyn FnMut() -> bool) -> Vec<Vec<f32>> {
+        let r = self.all_to_all(send);
+        while work() {}
+        r
+    }
 }
 
 /// The process holding routed expert `e` of `experts` over `ranks`: contiguous blocks, as DeepEP
@@ -133,7 +140,12 @@ impl Moe {
                     .collect()
             })
             .collect();
-        let recv = self.exchange(send);
+        // The shared expert runs while the rows travel (as the report overlaps it with dispatch).
+        let mut shared = None;
+        let recv = self.exchange_overlapped(send, &mut || {
+            shared = self.shared_experts.as_ref().map(|s| s.forward_train(x, n));
+            false
+        });
         let received: Vec<usize> = recv.iter().map(|b| b.len() / row).collect();
         let mut per: Vec<Vec<(usize, usize, usize)>> = vec![vec![]; e];
         for (src, buf) in recv.iter().enumerate() {
@@ -161,8 +173,7 @@ impl Moe {
                 add_into(&mut out[i * d..(i + 1) * d], y);
             }
         }
-        let shared = self.shared_experts.as_ref().map(|s| {
-            let (ys, saved) = s.forward_train(x, n);
+        let shared = shared.map(|(ys, saved)| {
             add_into(&mut out, &ys);
             saved
         });
@@ -176,15 +187,20 @@ impl Moe {
         let (n, e, k) = (s.n, self.experts.len(), s.routing.k);
         let d = dy.len() / n.max(1);
         let r = &self.gate;
-        let mut dx = match (&self.shared_experts, &s.shared) {
-            (Some(m), Some(saved)) => m.backward(&format!("{name}.shared_experts"), saved, dy, g),
-            _ => vec![0f32; n * d],
-        };
+
         // The output gradients go where the tokens went; each rank returns per row its pairs'
         // gate-weight gradients (`dy·y`, in their slots) and the input gradient summed over its
         // experts.
         let send = s.sent.iter().map(|toks| toks.iter().flat_map(|&i| dy[i * d..(i + 1) * d].iter().copied()).collect()).collect();
-        let recv = self.exchange(send);
+        // The shared expert's backward runs while the gradients travel.
+        let mut dx = vec![];
+        let recv = self.exchange_overlapped(send, &mut || {
+            dx = match (&self.shared_experts, &s.shared) {
+                (Some(m), Some(saved)) => m.backward(&format!("{name}.shared_experts"), saved, dy, g),
+                _ => vec![0f32; n * d],
+            };
+            false
+        });
         let row = k + d;
         let mut back: Vec<Vec<f32>> = s.received.iter().map(|&m| vec![0f32; m * row]).collect();
         for ExpertSaved { id: ex, rows, weights, saved, out: ye } in &s.experts {
@@ -246,9 +262,16 @@ impl Moe {
 impl Moe {
     /// The all-to-all of expert parallelism; with one process what is sent arrives.
     fn exchange(&self, send: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+        self.exchange_overlapped(send, &mut || false)
+    }
+
+    fn exchange_overlapped(&self, send: Vec<Vec<f32>>, work: &mut dyn FnMut() -> bool) -> Vec<Vec<f32>> {
         match &self.ep_train {
-            Some(x) => x.all_to_all(send),
-            None => send,
+            Some(x) => x.all_to_all_overlapped(send, work),
+            None => {
+                while work() {}
+                send
+            }
         }
     }
 }
