@@ -234,10 +234,6 @@ impl dsv3_train::parallel::AllReduce for MpiSum {
         let send = v.to_vec();
         ex.comm.all_reduce_into(&send[..], v, mpi::collective::SystemOperation::sum());
     }
-    fn all_gather_f32(&self, mine: &[f32]) -> Vec<Vec<f32>> {
-        let (all, sizes) = self.ex.lock().expect("MPI lock").all_gather(&le_bytes(mine));
-        f32_blocks(&all, &sizes)
-    }
     fn with_peers(&self, f: &mut dyn FnMut(&mut dyn dsv3_dist::pipeline::P2p)) {
         let ex = self.ex.lock().expect("MPI lock");
         let mut peers = dsv3_dist::transport::MpiPeers::new(&ex.comm);

@@ -15,8 +15,6 @@ pub trait AllReduce: Send + Sync {
     fn size(&self) -> usize;
     /// Element-wise sum of `v` over the processes, in place (the same result everywhere).
     fn sum_f64(&self, v: &mut [f64]);
-    /// Every process's `mine`, in rank order (the same everywhere).
-    fn all_gather_f32(&self, mine: &[f32]) -> Vec<Vec<f32>>;
     /// Runs `f` with point-to-point messages among the processes (pipeline training).
     fn with_peers(&self, f: &mut dyn FnMut(&mut dyn dsv3_dist::pipeline::P2p));
 }

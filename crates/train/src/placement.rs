@@ -18,6 +18,7 @@ use dsv3_dist::schedule::stage_position;
 use dsv3_model::grad::moe::expert_owner;
 use dsv3_model::grad::Grads;
 use dsv3_model::DeepseekV3;
+use std::collections::HashMap;
 use std::ops::Range;
 
 /// One trainable tensor and who has it.
@@ -40,6 +41,7 @@ pub(crate) struct Placement {
     rank: usize,
     world: usize,
     entries: Vec<Entry>,
+    index: HashMap<String, usize>,
     /// The distinct holder sets, in one order every process shares, with their entries.
     sets: Vec<(Vec<usize>, Vec<usize>)>,
 }
@@ -123,11 +125,12 @@ impl Placement {
                 }
             }
         }
-        Placement { rank, world, entries, sets }
+        let index = entries.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
+        Placement { rank, world, entries, index, sets }
     }
 
     fn entry(&self, name: &str) -> Option<&Entry> {
-        self.entries.iter().find(|e| e.name == name)
+        self.index.get(name).map(|&i| &self.entries[i])
     }
 
     pub(crate) fn holds(&self, name: &str) -> bool {
@@ -211,63 +214,127 @@ impl Placement {
     /// ZeRO-1, after the update: each parameter from its updater to the other holders (a sum to
     /// which only the updater contributes: exact).
     pub(crate) fn share_params(&self, dp: &dyn AllReduce, model: &mut DeepseekV3) {
-        let mut params = model.params_mut();
-        for (set, list) in self.sets.iter().filter(|(h, _)| h.len() > 1 && h.contains(&self.rank)) {
+        let mut params: HashMap<String, &mut [f32]> = model.params_mut().into_iter().map(|p| (p.name, p.data)).collect();
+        for (set, list) in self.sets.iter().filter(|(h, l)| h.len() > 1 && h.contains(&self.rank) && self.entries[l[0]].updater.is_some()) {
             let mut flat: Vec<f64> = vec![];
             for &i in list {
                 let e = &self.entries[i];
-                let p = params.iter().find(|p| p.name == e.name).expect("a held parameter");
-                let mine = e.updater.is_none_or(|u| u == self.rank);
-                flat.extend(p.data.iter().map(|&v| if mine { v as f64 } else { 0.0 }));
-            }
-            if self.entries[list[0]].updater.is_none() {
-                continue; // every holder updated everything
+                let mine = e.updater == Some(self.rank);
+                flat.extend(params[&e.name].iter().map(|&v| if mine { v as f64 } else { 0.0 }));
             }
             self.sum_among(dp, set, &mut flat);
             let mut at = 0;
             for &i in list {
-                let e = &self.entries[i];
-                let p = params.iter_mut().find(|p| p.name == e.name).expect("a held parameter");
-                p.data.iter_mut().for_each(|v| {
+                for v in params.get_mut(&self.entries[i].name).expect("a held parameter").iter_mut() {
                     *v = flat[at] as f32;
                     at += 1;
-                });
+                }
             }
         }
     }
 
     /// Before rank 0 writes a checkpoint: every parameter it does not hold, and the moments of
-    /// those it does not update (`adam`), come from a process that has them. Every process
-    /// calls it; [`Placement::drop_foreign`] undoes it on rank 0 after the save.
+    /// those it does not update (`adam`), come from a process that has them (a sum to which only
+    /// that process contributes). Every process calls it; [`Placement::drop_foreign`] undoes it
+    /// on rank 0 after the save.
     pub(crate) fn gather_to_rank0(&self, dp: &dyn AllReduce, model: &mut DeepseekV3, opt: &mut Optimizer, adam: bool) {
-        for e in &self.entries {
-            let n = e.len();
-            if !e.holders.contains(&0) {
-                let mut buf = vec![0f64; n];
-                if self.rank == e.holders[0] {
-                    let p = model.params_mut().into_iter().find(|p| p.name == e.name).expect("a held parameter");
-                    buf.iter_mut().zip(p.data.iter()).for_each(|(b, &v)| *b = v as f64);
-                }
-                dp.sum_f64(&mut buf);
-                if self.rank == 0 {
-                    model.set_param(&e.name, &e.shape, buf.into_iter().map(|v| v as f32).collect());
-                }
-            }
-            let updater = e.updater.unwrap_or(e.holders[0]);
-            let rank0_has = e.holders.contains(&0) && e.updater.is_none_or(|u| u == 0);
-            if adam && !rank0_has {
-                let mut buf = vec![0f64; 2 * n];
-                if self.rank == updater {
-                    if let (Some(m), Some(v)) = (opt.m.get(&e.name), opt.v.get(&e.name)) {
-                        buf.iter_mut().zip(m.iter().chain(v)).for_each(|(b, &x)| *b = x as f64);
+        let mut install = vec![];
+        {
+            let params: HashMap<String, &mut [f32]> = model.params_mut().into_iter().map(|p| (p.name, p.data)).collect();
+            for e in &self.entries {
+                let n = e.len();
+                if !e.holders.contains(&0) {
+                    let mut buf = vec![0f64; n];
+                    if self.rank == e.holders[0] {
+                        buf.iter_mut().zip(params[&e.name].iter()).for_each(|(b, &v)| *b = v as f64);
+                    }
+                    dp.sum_f64(&mut buf);
+                    if self.rank == 0 {
+                        install.push((e.name.clone(), e.shape.clone(), buf.into_iter().map(|v| v as f32).collect()));
                     }
                 }
-                dp.sum_f64(&mut buf);
-                if self.rank == 0 {
-                    opt.m.insert(e.name.clone(), buf[..n].iter().map(|&x| x as f32).collect());
-                    opt.v.insert(e.name.clone(), buf[n..].iter().map(|&x| x as f32).collect());
+                let updater = e.updater.unwrap_or(e.holders[0]);
+                let rank0_has = e.holders.contains(&0) && e.updater.is_none_or(|u| u == 0);
+                if adam && !rank0_has {
+                    let mut buf = vec![0f64; 2 * n];
+                    if self.rank == updater {
+                        if let (Some(m), Some(v)) = (opt.m.get(&e.name), opt.v.get(&e.name)) {
+                            buf.iter_mut().zip(m.iter().chain(v)).for_each(|(b, &x)| *b = x as f64);
+                        }
+                    }
+                    dp.sum_f64(&mut buf);
+                    if self.rank == 0 {
+                        opt.m.insert(e.name.clone(), buf[..n].iter().map(|&x| x as f32).collect());
+                        opt.v.insert(e.name.clone(), buf[n..].iter().map(|&x| x as f32).collect());
+                    }
                 }
             }
         }
+        let unknown = model.set_params(install);
+        debug_assert!(unknown.is_empty(), "{unknown:?}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dsv3_dist::schedule::Kind;
+    use dsv3_model::init::{preset, write_training_init};
+
+    /// Only a process's place in the world: placement never communicates.
+    struct At(usize, usize);
+
+    impl AllReduce for At {
+        fn rank(&self) -> usize {
+            self.0
+        }
+        fn size(&self) -> usize {
+            self.1
+        }
+        fn sum_f64(&self, _: &mut [f64]) {
+            unreachable!("placement does not communicate")
+        }
+        fn with_peers(&self, _: &mut dyn FnMut(&mut dyn P2p)) {
+            unreachable!("placement does not communicate")
+        }
+    }
+
+    /// Two DualPipe pipelines of two processes (ranks 0,1 and 2,3), experts split between the
+    /// pipelines, ZeRO-1: who holds and updates what.
+    #[test]
+    fn holders_follow_stages_replicas_and_experts() {
+        let dir = std::env::temp_dir().join(format!("dsv3-placement-{}", std::process::id()));
+        let mut cfg = preset("tiny").unwrap();
+        cfg["vocab_size"] = serde_json::json!(512);
+        write_training_init(&dir, &cfg, 1, None).unwrap();
+        let mut model = DeepseekV3::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        let p = Pipeline { kind: Kind::DualPipe, chunks: 4, stages: 2 };
+        let mut at = |rank| Placement::new(&mut model, &At(rank, 4), Some(p), true, true);
+        let pl = at(1);
+        let holders = |name: &str| pl.entry(name).unwrap().holders.clone();
+        // DualPipe(2): rank 0 runs positions 0 and 1, rank 1 positions 1 and 0: both hold all.
+        assert_eq!(holders("model.layers.0.input_layernorm.weight"), [0, 1, 2, 3]);
+        assert_eq!(holders("lm_head.weight"), [0, 1, 2, 3]);
+        // Expert 3 of 16 belongs to pipeline 0, expert 12 to pipeline 1.
+        assert_eq!(holders("model.layers.1.mlp.experts.3.up_proj.weight"), [0, 1]);
+        assert_eq!(holders("model.layers.1.mlp.experts.12.up_proj.weight"), [2, 3]);
+        // ZeRO-1: exactly one holder updates each parameter, and every process agrees on which.
+        let all: Vec<Placement> = (0..4).map(at).collect();
+        for e in &pl.entries {
+            let updaters: Vec<usize> = (0..4).filter(|&r| all[r].updates(&e.name)).collect();
+            assert_eq!(updaters.len(), 1, "{}: {updaters:?}", e.name);
+            assert!(e.holders.contains(&updaters[0]));
+        }
+        // 1F1B over 4 ranks: each rank holds its layer; the embedding sits at both ends (the MTP
+        // module embeds its input tokens), the head at the last.
+        let p = Pipeline { kind: Kind::OneFOneB, chunks: 4, stages: 4 };
+        let pl = Placement::new(&mut model, &At(0, 4), Some(p), false, false);
+        let holders = |name: &str| pl.entry(name).unwrap().holders.clone();
+        assert_eq!(holders("model.embed_tokens.weight"), [0, 3]);
+        assert_eq!(holders("model.layers.2.self_attn.o_proj.weight"), [2]);
+        assert_eq!(holders("model.layers.4.eh_proj.weight"), [3]);
+        assert_eq!(holders("model.norm.weight"), [3]);
+        assert!(pl.updates("model.layers.0.mlp.gate_proj.weight") && !pl.updates("lm_head.weight"));
     }
 }

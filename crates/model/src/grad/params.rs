@@ -130,15 +130,19 @@ impl DeepseekV3 {
         }
     }
 
-    /// Sets tensor `name` (held or dropped) to `data` of `shape`; false if there is no such
-    /// tensor.
-    pub fn set_param(&mut self, name: &str, shape: &[usize], data: Vec<f32>) -> bool {
-        match self.slots().into_iter().find(|(n, _)| n == name) {
-            Some((_, Slot::Matrix(m))) => *m = Matrix::from_f32(shape[0], shape[1], data),
-            Some((_, Slot::Vector(v))) => *v = data,
-            None => return false,
+    /// Sets each named tensor (held or dropped) to its `data` of `shape`; returns the names that
+    /// are not this model's.
+    pub fn set_params(&mut self, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Vec<String> {
+        let mut by_name: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> = tensors.into_iter().map(|(n, s, d)| (n, (s, d))).collect();
+        for (name, slot) in self.slots() {
+            if let Some((shape, data)) = by_name.remove(&name) {
+                match slot {
+                    Slot::Matrix(m) => *m = Matrix::from_f32(shape[0], shape[1], data),
+                    Slot::Vector(v) => *v = data,
+                }
+            }
         }
-        true
+        by_name.into_keys().collect()
     }
 
     /// Each MoE layer's `e_score_correction_bias` (a buffer the aux-loss-free balancing updates,
