@@ -268,17 +268,24 @@ fn evaluate(model: &DeepseekV3, val: &Split, args: &TrainArgs, w: LossWeights) -
     if n == 0 {
         return Ok(None);
     }
-    // Pipelined, a process holds only its stages: the windows go through every pipeline
-    // position by position, and the sums below add up what each process computed (pipeline 0's:
-    // the others ran the same windows, which expert parallelism across pipelines needs).
-    let pipelined = crate::parallel::get().zip(crate::parallel::pipeline());
-    let counted = pipelined.is_none_or(|(dp, p)| dp.rank() < p.stages);
+    // In parallel, each data-parallel replica (a process, or a pipeline) takes its share of every
+    // batch; one with no share runs the batch's first window uncounted, since expert parallelism
+    // needs every replica in every MoE layer. The sums below add up what each process computed.
+    let dp = crate::parallel::get();
+    let pipelined = dp.zip(crate::parallel::pipeline());
+    let stages = pipelined.map_or(1, |(_, p)| p.stages);
+    let (replica, replicas) = dp.map_or((0, 1), |dp| (dp.rank() / stages, dp.size() / stages));
     let (mut loss, mut top1, mut tops) = (0f64, 0f64, 0f64);
     let moe_layers: Vec<usize> = (0..model.layers.len() + model.mtp.len()).filter(|&l| model.config.is_moe_layer(l)).collect();
     let mut load: Vec<Vec<f64>> = vec![vec![0.0; model.config.n_routed_experts]; moe_layers.len()];
     for i in (0..n).step_by(args.batch_size) {
         let b = args.batch_size.min(n - i);
-        let tokens: Vec<u32> = (i..i + b).flat_map(|j| val.window(j).iter().copied()).collect();
+        let per = b.div_ceil(replicas);
+        let mine = (replica * per).min(b)..((replica + 1) * per).min(b);
+        let counted = !mine.is_empty();
+        let windows = if counted { i + mine.start..i + mine.end } else { i..i + 1 };
+        let b = windows.len();
+        let tokens: Vec<u32> = windows.flat_map(|j| val.window(j).iter().copied()).collect();
         let r = with_recipe(args.precision.fp8_recipe(), || match pipelined {
             Some((dp, p)) => crate::pipeline::forward_only(dp.as_ref(), p, model, &tokens, b, args.seq_len, w),
             None => Ok(model.train_step(&tokens, b, args.seq_len, w, None)?),
@@ -296,7 +303,7 @@ fn evaluate(model: &DeepseekV3, val: &Split, args: &TrainArgs, w: LossWeights) -
             load[slot].iter_mut().zip(&c).for_each(|(a, &c)| *a += c as f64);
         }
     }
-    if let Some((dp, _)) = pipelined {
+    if let Some(dp) = dp {
         let mut flat = vec![loss, top1, tops];
         flat.extend(load.iter().flatten());
         dp.sum_f64(&mut flat);
