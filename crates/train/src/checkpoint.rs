@@ -110,15 +110,15 @@ fn write_folder(dir: &Path, model: &mut DeepseekV3, config: &Value, tok: &Tokeni
     Ok(())
 }
 
-/// A saved run: model, config JSON, tokenizer, optimizer and state.
+/// A saved run: model, config JSON, tokenizer and state ([`load_optimizer`] reads the moments).
 pub struct Resumed {
     pub model: DeepseekV3,
     pub config: Value,
     pub tokenizer: Tokenizer,
-    pub optimizer: Optimizer,
     pub state: TrainState,
 }
 
+/// The run saved in `dir`, with a clear error when it is not a dsv3 training checkpoint.
 pub fn load(dir: &Path) -> Result<Resumed> {
     let st = dir.join("train_state.json");
     if !st.exists() {
@@ -130,10 +130,21 @@ pub fn load(dir: &Path) -> Result<Resumed> {
     let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
     let model = DeepseekV3::load(dir).with_context(|| format!("loading {}", dir.display()))?;
     let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    Ok(Resumed { model, config, tokenizer, state })
+}
+
+/// The optimizer state of the checkpoint in `dir`, with the moments of the parameters `keep`
+/// accepts (in parallel training, those this process updates: the rest is never read).
+pub fn load_optimizer(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Optimizer> {
+    let st = dir.join("train_state.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&st)?).with_context(|| format!("reading {}", st.display()))?;
     let ck = Checkpoint::open_files(&[dir.join("optimizer.safetensors")])?;
     let mut optimizer = Optimizer { step: v["optimizer_step"].as_u64().context("optimizer_step")?, ..Default::default() };
     for name in ck.names().map(str::to_string).collect::<Vec<_>>() {
         let (kind, param) = name.split_once('.').context("optimizer tensor name")?;
+        if !keep(param) {
+            continue;
+        }
         let len = ck.shape(&name).and_then(|s| s.first().copied()).context("optimizer tensor shape")?;
         let data = ck.f32s(&name, &[len])?;
         match kind {
@@ -142,5 +153,5 @@ pub fn load(dir: &Path) -> Result<Resumed> {
             _ => bail!("optimizer.safetensors: unexpected tensor {name}"),
         };
     }
-    Ok(Resumed { model, config, tokenizer, optimizer, state })
+    Ok(optimizer)
 }

@@ -411,7 +411,8 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
             // A resume may extend the run (more steps) and write elsewhere; the rest is the run's.
             state.args.steps = args.steps.max(state.step);
             state.args.out = args.out.clone();
-            (r.model, r.config, r.tokenizer, r.optimizer, state)
+            // (The optimizer's moments are read below, once it is known which this process keeps.)
+            (r.model, r.config, r.tokenizer, Optimizer::default(), state)
         }
         None => {
             let docs = if args.data.is_empty() { data::builtin_corpus() } else { data::read_documents(&args.data)? };
@@ -469,6 +470,9 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         eprintln!("process {}/{}: holds {held} of the model's {total} parameters, updates (and keeps optimizer moments for) {updated}", dp.rank(), dp.size());
         p
     });
+    if let Some(dir) = resume {
+        opt = checkpoint::load_optimizer(dir, &|n| placement.as_ref().is_none_or(|p| p.updates(n)))?;
+    }
     let flops_per_token = train_flops_per_token(&model.config, args.seq_len);
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("metrics.jsonl"))?;
