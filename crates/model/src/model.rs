@@ -127,6 +127,14 @@ impl DeepseekV3 {
         Self::from_checkpoint(config, &ck)
     }
 
+    /// [`DeepseekV3::load`] leaving the weights `skip` names on disk ([`Matrix::absent`]): a process
+    /// of a parallel training run loads what it holds.
+    pub fn load_skipping(dir: &Path, skip: impl Fn(&str) -> bool + Send + Sync + 'static) -> Result<Self> {
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let ck = Checkpoint::open(dir)?.skipping(skip);
+        Self::from_checkpoint(config, &ck)
+    }
+
     pub fn from_checkpoint(config: Config, ck: &Checkpoint) -> Result<Self> {
         let cfg = &config;
         let block = cfg.quantization.as_ref().map_or([128, 128], |q| q.weight_block_size);

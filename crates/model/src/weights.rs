@@ -56,6 +56,8 @@ enum Store {
     Bf16(Bytes),
     Fp8 { data: Bytes, scale_inv: Arc<Vec<f32>>, block: [usize; 2] },
     Fp4 { data: Bytes, scales: Bytes, tensor_scale: f32, kind: Fp4Kind },
+    /// Held by another process (parallel training): the shape only.
+    Absent,
 }
 
 impl Matrix {
@@ -79,6 +81,16 @@ impl Matrix {
     }
 
     /// The values as trainable f32 (decoding a bf16/FP8 store once: training keeps f32 masters).
+    /// A tensor another process holds (parallel training): its shape, no values. Reading it is
+    /// a bug, and panics.
+    pub fn absent(rows: usize, cols: usize) -> Self {
+        Matrix { rows, cols, store: Store::Absent }
+    }
+
+    pub fn is_absent(&self) -> bool {
+        matches!(self.store, Store::Absent)
+    }
+
     pub fn f32_mut(&mut self) -> &mut [f32] {
         if !matches!(self.store, Store::F32(_)) {
             self.store = Store::F32(Arc::new(self.view().to_f32()));
@@ -97,6 +109,7 @@ impl Matrix {
             Store::Fp8 { data, scale_inv, block } => {
                 MatRef::Fp8 { data: data.as_slice(), scale_inv, rows, cols, block: *block }
             }
+            Store::Absent => panic!("a {rows}×{cols} weight held by another process was read"),
             Store::Fp4 { data, scales, tensor_scale, kind } => MatRef::Fp4 {
                 data: data.as_slice(),
                 scales: scales.as_slice(),
@@ -124,7 +137,12 @@ pub struct Checkpoint {
     files: Vec<(PathBuf, Arc<Mmap>)>,
     tensors: HashMap<String, TensorInfo>,
     used: Mutex<HashSet<String>>,
+    /// Weights to leave on disk ([`Checkpoint::skipping`]).
+    skip: Option<Skip>,
 }
+
+/// Which weights a load leaves on disk.
+type Skip = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 fn dtype_size(dtype: &str) -> Option<usize> {
     Some(match dtype {
@@ -145,7 +163,7 @@ impl Checkpoint {
 
     /// The tensors of the given safetensors files (e.g. a training run's optimizer state).
     pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
-        let mut ck = Checkpoint { files: vec![], tensors: HashMap::new(), used: Mutex::new(HashSet::new()) };
+        let mut ck = Checkpoint { files: vec![], tensors: HashMap::new(), used: Mutex::new(HashSet::new()), skip: None };
         for p in paths {
             ck.add_file(p)?;
         }
@@ -172,6 +190,13 @@ impl Checkpoint {
         }
         self.files.push((path.to_path_buf(), Arc::new(map)));
         Ok(())
+    }
+
+    /// Loads the weights `skip` names as [`Matrix::absent`] (their shape only): a process of a
+    /// parallel run reads only what it holds.
+    pub fn skipping(mut self, skip: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        self.skip = Some(Box::new(skip));
+        self
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -239,6 +264,13 @@ impl Checkpoint {
     /// (MXFP4).
     pub fn matrix(&self, name: &str, rows: usize, cols: usize, block: [usize; 2]) -> Result<Matrix> {
         let t = self.info(name)?.clone();
+        if self.skip.as_ref().is_some_and(|skip| skip(name)) {
+            let mut used = self.used.lock().expect("used set");
+            for sibling in ["_scale_inv", "_scale", "_scale_2"].map(|x| format!("{name}{x}")).into_iter().filter(|n| self.contains(n)) {
+                used.insert(sibling);
+            }
+            return Ok(Matrix::absent(rows, cols));
+        }
         if t.dtype == "U8" {
             return self.fp4_matrix(name, &t, rows, cols);
         }

@@ -118,8 +118,9 @@ pub struct Resumed {
     pub state: TrainState,
 }
 
-/// The run saved in `dir`, with a clear error when it is not a dsv3 training checkpoint.
-pub fn load(dir: &Path) -> Result<Resumed> {
+/// The run saved in `dir`, with a clear error when it is not a dsv3 training checkpoint; the
+/// weights `skip` names stay on disk ([`DeepseekV3::load_skipping`]).
+pub fn load(dir: &Path, skip: impl Fn(&str) -> bool + Send + Sync + 'static) -> Result<Resumed> {
     let st = dir.join("train_state.json");
     if !st.exists() {
         let hint = dir.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."));
@@ -128,7 +129,7 @@ pub fn load(dir: &Path) -> Result<Resumed> {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&st)?).with_context(|| format!("reading {}", st.display()))?;
     let state: TrainState = serde_json::from_value(v["state"].clone()).context("train_state.json: state")?;
     let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
-    let model = DeepseekV3::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+    let model = DeepseekV3::load_skipping(dir, skip).with_context(|| format!("loading {}", dir.display()))?;
     let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     Ok(Resumed { model, config, tokenizer, state })
 }

@@ -197,6 +197,8 @@ pub struct StepLog {
 pub struct Summary {
     pub out: PathBuf,
     pub steps: u64,
+    /// Steps this invocation ran (fewer than `steps` after a resume).
+    pub steps_run: u64,
     pub final_loss: f64,
     pub final_lm_loss: f64,
     pub val_loss: Option<f64>,
@@ -403,10 +405,23 @@ fn all_reduce_step(dp: &dyn crate::parallel::AllReduce, placement: &Placement, g
     flat[0].sqrt()
 }
 
+/// A folder removed when dropped (the initial weights a fresh run loads from).
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
 pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_log: impl FnMut(&StepLog)) -> Result<Summary> {
+    // In parallel the first load reads no weight (shapes only): once it is known which tensors this
+    // process holds, only those are read.
+    let parallel = crate::parallel::get().is_some();
+    let mut init_dir = None;
     let (mut model, config, tok, mut opt, mut state) = match resume {
         Some(dir) => {
-            let r = checkpoint::load(dir)?;
+            let r = checkpoint::load(dir, move |_| parallel)?;
             let mut state = r.state;
             // A resume may extend the run (more steps) and write elsewhere; the rest is the run's.
             state.args.steps = args.steps.max(state.step);
@@ -422,10 +437,10 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
                 None => data::train_tokenizer(&docs, args.vocab_size)?,
             };
             let config = model_config(&args, tok.get_vocab_size(true))?;
-            let init_dir = std::env::temp_dir().join(format!("dsv3-train-init-{}", std::process::id()));
-            write_training_init(&init_dir, &config, args.seed, args.init_std)?;
-            let model = DeepseekV3::load(&init_dir);
-            std::fs::remove_dir_all(&init_dir).ok();
+            let dir = TempDir(std::env::temp_dir().join(format!("dsv3-train-init-{}", std::process::id())));
+            write_training_init(&dir.0, &config, args.seed, args.init_std)?;
+            let model = DeepseekV3::load_skipping(&dir.0, move |_| parallel);
+            init_dir = Some(dir);
             let state = TrainState { step: 0, tokens_seen: 0, loader: LoaderState::default(), args: args.clone() };
             (model?, config, tok, Optimizer::default(), state)
         }
@@ -454,22 +469,30 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         weight_decay: args.weight_decay,
         clip: args.clip,
     };
-    let parameters: usize = model.params_mut().iter().map(|p| p.data.len()).sum();
+    let parameters: usize = model.param_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     if let Some(ex) = crate::parallel::experts() {
         let experts = model.config.n_routed_experts;
         if model.moe_layers().is_empty() || experts < ex.ranks() {
             bail!("--expert-parallel: {} processes for {experts} routed experts in {} MoE layers", ex.ranks(), model.moe_layers().len());
         }
-        model.set_expert_exchange(ex.clone());
     }
-    // Who holds and updates what; this process then frees the rest.
+    // Who holds and updates what; this process then reads what it holds.
     let placement = crate::parallel::get().map(|dp| {
         let p = Placement::new(&mut model, dp.as_ref(), crate::parallel::pipeline(), crate::parallel::experts().is_some(), crate::parallel::zero1());
-        p.drop_foreign(&mut model, &mut opt);
         let (held, total, updated) = p.sizes();
         eprintln!("process {}/{}: holds {held} of the model's {total} parameters, updates (and keeps optimizer moments for) {updated}", dp.rank(), dp.size());
         p
     });
+    if let Some(p) = &placement {
+        let held: std::collections::HashSet<String> = model.param_shapes().into_iter().map(|(n, _)| n).filter(|n| p.holds(n)).collect();
+        let dir = init_dir.as_ref().map(|d| d.0.as_path()).or(resume).expect("a fresh or resumed run");
+        model = DeepseekV3::load_skipping(dir, move |n| !held.contains(n)).with_context(|| format!("loading {}", dir.display()))?;
+        p.drop_foreign(&mut model, &mut opt);
+    }
+    drop(init_dir);
+    if let Some(ex) = crate::parallel::experts() {
+        model.set_expert_exchange(ex.clone());
+    }
     if let Some(dir) = resume {
         opt = checkpoint::load_optimizer(dir, &|n| placement.as_ref().is_none_or(|p| p.updates(n)))?;
     }
@@ -606,6 +629,7 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
     Ok(Summary {
         out: args.out.clone(),
         steps: state.step,
+        steps_run: state.step - start_step,
         final_loss: last.loss,
         final_lm_loss: last.lm_loss,
         val_loss: last.val_loss,

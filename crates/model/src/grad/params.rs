@@ -103,17 +103,23 @@ impl DeepseekV3 {
         self.slots()
             .into_iter()
             .filter_map(|(name, slot)| match slot {
-                Slot::Matrix(m) if m.rows * m.cols > 0 => Some(Param { name, shape: vec![m.rows, m.cols], data: m.f32_mut() }),
+                Slot::Matrix(m) if !m.is_absent() => Some(Param { name, shape: vec![m.rows, m.cols], data: m.f32_mut() }),
                 Slot::Vector(v) if !v.is_empty() => Some(Param { name, shape: vec![v.len()], data: v.as_mut_slice() }),
                 _ => None,
             })
             .collect()
     }
 
-    /// Every trainable tensor's name and shape, held here or not (as loaded: call before
-    /// dropping any).
+    /// Every trainable tensor's name and shape, held here or not (norm vectors as loaded: call
+    /// before dropping any). Reads no weight.
     pub fn param_shapes(&mut self) -> Vec<(String, Vec<usize>)> {
-        self.params_mut().into_iter().map(|p| (p.name, p.shape)).collect()
+        self.slots()
+            .into_iter()
+            .map(|(name, slot)| match slot {
+                Slot::Matrix(m) => (name, vec![m.rows, m.cols]),
+                Slot::Vector(v) => (name, vec![v.len()]),
+            })
+            .collect()
     }
 
     /// Frees the tensors `keep` rejects: parallel training, where other processes hold them
@@ -123,7 +129,7 @@ impl DeepseekV3 {
         for (name, slot) in self.slots() {
             if !keep(&name) {
                 match slot {
-                    Slot::Matrix(m) => *m = Matrix::from_f32(0, 0, vec![]),
+                    Slot::Matrix(m) => *m = Matrix::absent(m.rows, m.cols),
                     Slot::Vector(v) => *v = vec![],
                 }
             }
