@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::error::Result;
-use crate::weights::write_safetensors;
+use crate::weights::SafetensorsWriter;
 use dsv3_kernels::codec::{f32_to_bf16, f32_to_fp8_e4m3, FP8_E4M3_MAX};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -127,8 +127,11 @@ fn write_init(dir: &Path, config_json: &serde_json::Value, dtype: StoreDtype, se
     std::fs::write(&cpath, serde_json::to_string_pretty(&cj).expect("JSON")).map_err(|e| crate::error::ModelError::io(&cpath, e))?;
     let mut rng = StdRng::seed_from_u64(seed);
     let table = if dtype == StoreDtype::Fp8 { fp8_table() } else { vec![] };
-    let mut out: Vec<(String, &str, Vec<usize>, Vec<u8>)> = vec![];
+    // The header first, then each tensor as it is drawn: one tensor in memory at a time.
+    let entries: Vec<(String, &str, Vec<usize>, usize)> = tensors(&cfg).into_iter().flat_map(|(name, shape, kind)| stored_as(name, shape, kind, dtype)).collect();
+    let mut file = SafetensorsWriter::create(&dir.join("model.safetensors"), &entries)?;
     for (name, shape, kind) in tensors(&cfg) {
+        let mut out: Vec<(String, &str, Vec<usize>, Vec<u8>)> = vec![];
         let n: usize = shape.iter().product();
         let fan_in_std = 1.0 / (*shape.last().expect("shape") as f32).sqrt();
         let (std, noise) = match init {
@@ -165,9 +168,26 @@ fn write_init(dir: &Path, config_json: &serde_json::Value, dtype: StoreDtype, se
             }
             _ => out.push((name, "BF16", shape, vals.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect())),
         }
+        for (_, _, _, bytes) in out {
+            file.write(&bytes)?;
+        }
     }
-    write_safetensors(&dir.join("model.safetensors"), &out)?;
+    file.finish()?;
     Ok(cfg)
+}
+
+/// The safetensors entries (name, dtype, shape, bytes) `write_init` stores a tensor as.
+fn stored_as(name: String, shape: Vec<usize>, kind: Kind, dtype: StoreDtype) -> Vec<(String, &'static str, Vec<usize>, usize)> {
+    let n: usize = shape.iter().product();
+    match (dtype, kind) {
+        (_, Kind::Bias) | (StoreDtype::F32, _) => vec![(name, "F32", shape, 4 * n)],
+        (StoreDtype::Fp8, Kind::Linear) => {
+            let scales = vec![shape[0].div_ceil(128), shape[1].div_ceil(128)];
+            let s = 4 * scales[0] * scales[1];
+            vec![(format!("{name}_scale_inv"), "F32", scales, s), (name, "F8_E4M3", shape, n)]
+        }
+        _ => vec![(name, "BF16", shape, 2 * n)],
+    }
 }
 
 /// Named model shapes.

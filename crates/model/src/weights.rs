@@ -426,40 +426,110 @@ let mut paths: Vec<PathBuf> = if index.exists() {
 /// Writes tensors as one safetensors file, atomically (temporary file in the same folder, then
 /// rename). Each entry: name, dtype string, shape, little-endian bytes.
 pub fn write_safetensors(path: &Path, tensors: &[(String, &str, Vec<usize>, Vec<u8>)]) -> Result<()> {
-    let mut header = serde_json::Map::new();
-    let mut off = 0usize;
-    for (name, dtype, shape, bytes) in tensors {
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + bytes.len()]}),
-        );
-        off += bytes.len();
+    let entries: Vec<(String, &str, Vec<usize>, usize)> = tensors.iter().map(|(n, d, s, b)| (n.clone(), *d, s.clone(), b.len())).collect();
+    let mut w = SafetensorsWriter::create(path, &entries)?;
+    for (_, _, _, b) in tensors {
+        w.write(b)?;
     }
-    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON of a map");
-    while !(h.len() + 8).is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let tmp = path.with_extension("safetensors.tmp");
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        f.write_all(&(h.len() as u64).to_le_bytes())?;
-        f.write_all(&h)?;
-        for (_, _, _, b) in tensors {
-            f.write_all(b)?;
+    w.finish()
+}
+
+/// A safetensors file written tensor by tensor: the header (names, dtypes, shapes, byte sizes)
+/// first, then each tensor's bytes in that order, so no more than one tensor need be in memory.
+/// Written under a temporary name and renamed by [`SafetensorsWriter::finish`].
+pub struct SafetensorsWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    /// The byte sizes the header announced, and how many tensors were written.
+    lens: Vec<usize>,
+    written: usize,
+}
+
+impl SafetensorsWriter {
+    pub fn create(path: &Path, entries: &[(String, &str, Vec<usize>, usize)]) -> Result<Self> {
+        let mut header = serde_json::Map::new();
+        let mut off = 0usize;
+        for (name, dtype, shape, len) in entries {
+            header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + len]}));
+            off += len;
         }
-        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        ModelError::io(path, e)
-    })
+        let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON of a map");
+        while !(h.len() + 8).is_multiple_of(8) {
+            h.push(b' ');
+        }
+        let tmp = path.with_extension("safetensors.tmp");
+        let open = || -> std::io::Result<std::io::BufWriter<std::fs::File>> {
+            use std::io::Write;
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            f.write_all(&(h.len() as u64).to_le_bytes())?;
+            f.write_all(&h)?;
+            Ok(f)
+        };
+        let file = open().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            ModelError::io(path, e)
+        })?;
+        let lens = entries.iter().map(|e| e.3).collect();
+        Ok(SafetensorsWriter { path: path.to_path_buf(), tmp, file, lens, written: 0 })
+    }
+
+    /// The next tensor's bytes (as many as the header announced).
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        if self.lens.get(self.written) != Some(&bytes.len()) {
+            let msg = format!("tensor {} has {} bytes; the header announced {:?}", self.written, bytes.len(), self.lens.get(self.written));
+            return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+        }
+        self.written += 1;
+        self.file.write_all(bytes).map_err(|e| self.fail(e))
+    }
+
+    pub fn finish(self) -> Result<()> {
+        if self.written != self.lens.len() {
+            let msg = format!("{} of {} tensors written", self.written, self.lens.len());
+            return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+        }
+        let SafetensorsWriter { path, tmp, file, .. } = self;
+        let done = file.into_inner().map_err(|e| e.into_error()).and_then(|f| f.sync_all()).and_then(|_| std::fs::rename(&tmp, &path));
+        done.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            ModelError::io(&path, e)
+        })
+    }
+
+    fn fail(&self, e: std::io::Error) -> ModelError {
+        let _ = std::fs::remove_file(&self.tmp);
+        ModelError::io(&self.path, e)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The streamed writer holds the header to its word: a tensor of the wrong size, or too few,
+    /// is an error and leaves no file.
+    #[test]
+    fn streamed_writer_checks_what_the_header_announced() {
+        let d = tmpdir("stream");
+        let path = d.join("t.safetensors");
+        let entries = vec![("a".to_string(), "F32", vec![2], 8), ("b".to_string(), "F32", vec![1], 4)];
+        let mut w = SafetensorsWriter::create(&path, &entries).unwrap();
+        w.write(&[0u8; 8]).unwrap();
+        assert!(w.write(&[0u8; 8]).is_err());
+        assert!(!path.exists() && !path.with_extension("safetensors.tmp").exists());
+        let mut w = SafetensorsWriter::create(&path, &entries).unwrap();
+        w.write(&1f32.to_le_bytes().repeat(2)).unwrap();
+        assert!(w.finish().is_err(), "one tensor short");
+        let mut w = SafetensorsWriter::create(&path, &entries).unwrap();
+        w.write(&1f32.to_le_bytes().repeat(2)).unwrap();
+        w.write(&2f32.to_le_bytes()).unwrap();
+        w.finish().unwrap();
+        let ck = Checkpoint::open_files(&[path]).unwrap();
+        assert_eq!(ck.f32s("b", &[1]).unwrap(), [2.0]);
+        std::fs::remove_dir_all(d).ok();
+    }
 
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("dsv3-weights-{tag}-{}", std::process::id()));
