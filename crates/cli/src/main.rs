@@ -21,19 +21,22 @@ struct Cli {
     /// input quantized per token in 1×128 E4M3 tiles, as FP8 serving does).
     #[arg(long, global = true, default_value = "none")]
     act_quant: String,
-    /// Under `mpirun -np N`: split the routed experts over the N processes (a build with
-    /// `--features dsv3-cli/mpi`); outputs are identical to one process. Rank 0 prints.
+    /// Under `mpirun -np N` (a build with `--features dsv3-cli/mpi`): split the routed experts
+    /// over the N processes. generate/score/bench/serve: rank 0 runs the command and attention,
+    /// outputs identical to one process. train: data parallel with each expert on one process
+    /// (with --pipeline: split between the pipelines). Rank 0 prints.
     #[arg(long, global = true)]
     expert_parallel: bool,
     /// `dsv3 train` under `mpirun -np N` (a build with `--features dsv3-cli/mpi`): each process
     /// trains on 1/N of every batch; gradients, losses and expert loads are summed across them.
     #[arg(long, global = true)]
     data_parallel: bool,
-    /// `dsv3 train` under `mpirun -np N`: pipeline the model over the N processes with this
-    /// schedule (1f1b | dualpipe | dualpipev) and `--chunks` micro-batches per batch.
+    /// `dsv3 train` under `mpirun -np N`: pipeline the model with this schedule (1f1b | dualpipe
+    /// | dualpipev) over `--pp P` processes (default N; N/P pipelines train data-parallel), each
+    /// holding only its stages, with `--chunks` micro-batches per batch.
     #[arg(long, global = true)]
     pipeline: Option<String>,
-    /// Micro-batches per batch with --pipeline (default 2·N, DualPipe's minimum).
+    /// Micro-batches per pipeline and batch with --pipeline (default 2·P, DualPipe's minimum).
     #[arg(long, global = true)]
     chunks: Option<usize>,
 
