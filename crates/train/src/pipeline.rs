@@ -23,7 +23,8 @@ pub struct DeepSeekStages<'a> {
     pub seqs: usize,
     pub t: usize,
     pub weights: LossWeights,
-    positions: usize,
+    /// The decoder layers of each position ([`crate::placement::stage_split`]).
+    split: Vec<Range<usize>>,
     /// The gradients of the stages this process ran.
     pub grads: RefCell<Grads>,
     /// Expert loads and losses of the stages this process ran.
@@ -35,13 +36,13 @@ impl<'a> DeepSeekStages<'a> {
         if positions == 0 || positions > model.layers.len() {
             anyhow::bail!("{positions} pipeline stages for {} decoder layers", model.layers.len());
         }
-        Ok(DeepSeekStages { model, micro_batches, seqs, t, weights, positions, grads: Default::default(), report: Default::default() })
+        let split = crate::placement::stage_split(model, positions);
+        Ok(DeepSeekStages { model, micro_batches, seqs, t, weights, split, grads: Default::default(), report: Default::default() })
     }
 
-    /// The decoder layers of position `pos`: an even split, the earlier positions taking one
-    /// more when it does not divide.
+    /// The decoder layers of position `pos`.
     pub fn layers(&self, pos: usize) -> Range<usize> {
-        crate::placement::stage_layers(pos, self.positions, self.model.layers.len())
+        self.split[pos].clone()
     }
 }
 
@@ -62,7 +63,7 @@ impl StageCompute for DeepSeekStages<'_> {
         let (model, tokens, layers, (seqs, t, w)) = (self.model, &self.micro_batches[bi], self.layers(pos), (self.seqs, self.t, self.weights));
         let (y, saved) = DeepseekV3::training(|| model.stage_forward(layers, tokens, seqs, t, w, input.map(to_f32), &mut report))
         .expect("micro-batches were checked against the vocabulary");
-        let last = pos + 1 == self.positions;
+        let last = pos + 1 == self.split.len();
         // The last stage holds the LM and MTP losses; each stage holds its layers' balance loss.
         let loss = last.then(|| report.lm_loss + report.mtp_losses.iter().sum::<f64>() * (self.weights.mtp_lambda / self.model.mtp.len().max(1) as f32) as f64);
         let mut total = self.report.borrow_mut();
@@ -102,6 +103,7 @@ impl StageCompute for DeepSeekStages<'_> {
 /// Returns what this process's positions computed; the losses are at the last position's.
 pub(crate) fn forward_only(dp: &dyn AllReduce, p: Pipeline, model: &DeepseekV3, tokens: &[u32], seqs: usize, t: usize, w: LossWeights) -> anyhow::Result<StepReport> {
     let positions = dsv3_dist::pipeline::positions(p.kind, p.stages);
+    let split = crate::placement::stage_split(model, positions);
     let holder = |pos: usize| (0..p.stages).find(|&s| positions_of(p, s).contains(&pos)).expect("every position is held");
     let mut report = StepReport::default();
     let mut result = Ok(());
@@ -115,7 +117,7 @@ pub(crate) fn forward_only(dp: &dyn AllReduce, p: Pipeline, model: &DeepseekV3, 
                 _ if holder(pos - 1) == me => carry.take(),
                 _ => Some(to_f32(peers.recv(holder(pos - 1), pos as u64, 0))),
             };
-            let layers = crate::placement::stage_layers(pos, positions, model.layers.len());
+            let layers = split[pos].clone();
             let out = DeepseekV3::training(|| model.stage_forward(layers, tokens, seqs, t, w, input, &mut report));
             let y = match out {
                 Ok((y, _)) => y,

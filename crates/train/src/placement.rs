@@ -46,11 +46,43 @@ pub(crate) struct Placement {
     sets: Vec<(Vec<usize>, Vec<usize>)>,
 }
 
-/// The decoder layers at pipeline position `pos` of `positions`: an even split, the earlier
-/// positions taking one more when it does not divide.
-pub(crate) fn stage_layers(pos: usize, positions: usize, layers: usize) -> Range<usize> {
-    let start = pos * (layers / positions) + pos.min(layers % positions);
-    start..start + layers / positions + usize::from(pos < layers % positions)
+/// The decoder layers of each of `positions` pipeline positions: contiguous, at least one each,
+/// split so that the costliest position costs least — by a token's multiply-adds, the last
+/// position also running the head and the MTP modules (on a small model worth several layers).
+/// Ties go to the earliest boundaries, so every process computes the same split.
+pub(crate) fn stage_split(model: &DeepseekV3, positions: usize) -> Vec<Range<usize>> {
+    let m = crate::trainer::macs_per_token(&model.config, 0);
+    let n = m.layers.len();
+    let tail = m.head + m.mtp.iter().sum::<f64>();
+    // best[p][i]: the least max-cost of splitting layers i.. over positions p.. (∞ if impossible).
+    let prefix: Vec<f64> = std::iter::once(0.0).chain(m.layers.iter().scan(0.0, |a, &c| {
+        *a += c;
+        Some(*a)
+    })).collect();
+    let cost = |i: usize, j: usize, last: bool| prefix[j] - prefix[i] + if last { tail } else { 0.0 };
+    let mut best = vec![vec![f64::INFINITY; n + 1]; positions + 1];
+    let mut cut = vec![vec![n; n + 1]; positions + 1];
+    for i in 0..n {
+        best[positions - 1][i] = cost(i, n, true);
+    }
+    for p in (0..positions.saturating_sub(1)).rev() {
+        for i in 0..n {
+            for j in i + 1..n {
+                let c = cost(i, j, false).max(best[p + 1][j]);
+                if c < best[p][i] {
+                    (best[p][i], cut[p][i]) = (c, j);
+                }
+            }
+        }
+    }
+    let mut out = vec![];
+    let mut i = 0;
+    for p in 0..positions {
+        let j = if p + 1 == positions { n } else { cut[p][i] };
+        out.push(i..j);
+        i = j;
+    }
+    out
 }
 
 /// The positions pipeline rank `s` runs (one, or two for DualPipe and DualPipeV).
@@ -58,12 +90,12 @@ pub(crate) fn positions_of(p: Pipeline, s: usize) -> [usize; 2] {
     [0, 1].map(|dir| stage_position(p.kind, p.stages, s, dir).1)
 }
 
-/// Whether the stage at `pos` (of `positions`) reads parameter `name`.
-fn uses(model: &DeepseekV3, name: &str, pos: usize, positions: usize) -> bool {
-    let (layers, last) = (model.layers.len(), pos + 1 == positions);
+/// Whether the stage at `pos` (of `split.len()`) reads parameter `name`.
+fn uses(model: &DeepseekV3, name: &str, pos: usize, split: &[Range<usize>]) -> bool {
+    let (layers, last) = (model.layers.len(), pos + 1 == split.len());
     if let Some(rest) = name.strip_prefix("model.layers.") {
         let l: usize = rest.split('.').next().and_then(|x| x.parse().ok()).expect("a layer index");
-        return if l < layers { stage_layers(pos, positions, layers).contains(&l) } else { last };
+        return if l < layers { split[pos].contains(&l) } else { last };
     }
     if name == "model.embed_tokens.weight" {
         return pos == 0 || (last && (!model.mtp.is_empty() || model.lm_head.is_none()));
@@ -84,6 +116,7 @@ impl Placement {
         let replicas = world / stages;
         let experts = model.config.n_routed_experts;
         let shapes = model.param_shapes();
+        let split = pipeline.map(|p| stage_split(model, dsv3_dist::pipeline::positions(p.kind, p.stages)));
         let mut entries: Vec<Entry> = shapes
             .into_iter()
             .map(|(name, shape)| {
@@ -91,12 +124,9 @@ impl Placement {
                     Some(e) if expert_parallel => vec![expert_owner(e, experts, replicas)],
                     _ => (0..replicas).collect(),
                 };
-                let in_stage: Vec<usize> = match pipeline {
-                    None => vec![0],
-                    Some(p) => {
-                        let positions = dsv3_dist::pipeline::positions(p.kind, p.stages);
-                        (0..stages).filter(|&s| positions_of(p, s).iter().any(|&pos| uses(model, &name, pos, positions))).collect()
-                    }
+                let in_stage: Vec<usize> = match (pipeline, &split) {
+                    (Some(p), Some(split)) => (0..stages).filter(|&s| positions_of(p, s).iter().any(|&pos| uses(model, &name, pos, split))).collect(),
+                    _ => vec![0],
                 };
                 let mut holders: Vec<usize> = groups.iter().flat_map(|g| in_stage.iter().map(move |s| g * stages + s)).collect();
                 holders.sort_unstable();
@@ -336,5 +366,18 @@ mod tests {
         assert_eq!(holders("model.layers.4.eh_proj.weight"), [3]);
         assert_eq!(holders("model.norm.weight"), [3]);
         assert!(pl.updates("model.layers.0.mlp.gate_proj.weight") && !pl.updates("lm_head.weight"));
+    }
+
+    /// The tiny model's head and MTP module cost more than two of its layers, so two positions
+    /// split its four layers 3 + 1; with as many positions as layers each gets one.
+    #[test]
+    fn stages_balance_the_head_and_mtp_against_layers() {
+        let dir = std::env::temp_dir().join(format!("dsv3-split-{}", std::process::id()));
+        write_training_init(&dir, &preset("tiny").unwrap(), 1, None).unwrap();
+        let model = DeepseekV3::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(stage_split(&model, 2), [0..3, 3..4]);
+        assert_eq!(stage_split(&model, 4), [0..1, 1..2, 2..3, 3..4]);
+        assert_eq!(stage_split(&model, 1), [0..4]);
     }
 }

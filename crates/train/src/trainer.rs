@@ -215,6 +215,22 @@ pub struct Summary {
 /// every linear a token passes (top-k experts, not all), causal attention at the mean context
 /// `(T + 1)/2`, the head, and each MTP module. The figure MFU is quoted against.
 pub fn train_flops_per_token(c: &dsv3_model::Config, seq_len: usize) -> f64 {
+    let m = macs_per_token(c, seq_len);
+    6.0 * (m.layers.iter().sum::<f64>() + m.head + m.mtp.iter().sum::<f64>())
+}
+
+/// A token's forward multiply-adds by part.
+pub(crate) struct Macs {
+    /// Each decoder layer (attention and its FFN).
+    pub layers: Vec<f64>,
+    /// The output head.
+    pub head: f64,
+    /// Each MTP module (its projection, block and head).
+    pub mtp: Vec<f64>,
+}
+
+/// A token's forward multiply-adds by part, attention at the mean context of `seq_len`.
+pub(crate) fn macs_per_token(c: &dsv3_model::Config, seq_len: usize) -> Macs {
     let (d, h) = (c.hidden_size as f64, c.num_attention_heads as f64);
     let (dn, dr, dv, kv) = (c.qk_nope_head_dim as f64, c.qk_rope_head_dim as f64, c.v_head_dim as f64, c.kv_lora_rank as f64);
     let q = match c.q_lora_rank {
@@ -231,9 +247,9 @@ pub fn train_flops_per_token(c: &dsv3_model::Config, seq_len: usize) -> f64 {
         }
     };
     let head = d * c.vocab_size as f64;
-    let layers: f64 = (0..c.num_hidden_layers).map(|l| attn + ffn(l)).sum();
-    let mtp: f64 = (0..c.num_nextn_predict_layers).map(|j| 2.0 * d * d + attn + ffn(c.num_hidden_layers + j) + head).sum();
-    6.0 * (layers + head + mtp)
+    let layers = (0..c.num_hidden_layers).map(|l| attn + ffn(l)).collect();
+    let mtp = (0..c.num_nextn_predict_layers).map(|j| 2.0 * d * d + attn + ffn(c.num_hidden_layers + j) + head).collect();
+    Macs { layers, head, mtp }
 }
 
 /// The model's config JSON for a run: the preset or file, with the tokenizer's vocabulary and the
