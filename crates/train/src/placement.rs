@@ -62,8 +62,8 @@ pub(crate) fn stage_split(model: &DeepseekV3, positions: usize) -> Vec<Range<usi
     let cost = |i: usize, j: usize, last: bool| prefix[j] - prefix[i] + if last { tail } else { 0.0 };
     let mut best = vec![vec![f64::INFINITY; n + 1]; positions + 1];
     let mut cut = vec![vec![n; n + 1]; positions + 1];
-    for i in 0..n {
-        best[positions - 1][i] = cost(i, n, true);
+    for (i, b) in best[positions - 1].iter_mut().enumerate().take(n) {
+        *b = cost(i, n, true);
     }
     for p in (0..positions.saturating_sub(1)).rev() {
         for i in 0..n {
@@ -75,14 +75,17 @@ pub(crate) fn stage_split(model: &DeepseekV3, positions: usize) -> Vec<Range<usi
             }
         }
     }
-    let mut out = vec![];
     let mut i = 0;
-    for p in 0..positions {
-        let j = if p + 1 == positions { n } else { cut[p][i] };
-        out.push(i..j);
-        i = j;
-    }
-    out
+    cut.iter()
+        .take(positions)
+        .enumerate()
+        .map(|(p, c)| {
+            let j = if p + 1 == positions { n } else { c[i] };
+            let range = i..j;
+            i = j;
+            range
+        })
+        .collect()
 }
 
 /// The positions pipeline rank `s` runs (one, or two for DualPipe and DualPipeV).
