@@ -381,6 +381,6 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
         assert_eq!(stage_split(&model, 2), [0..3, 3..4]);
         assert_eq!(stage_split(&model, 4), [0..1, 1..2, 2..3, 3..4]);
-        assert_eq!(stage_split(&model, 1), [0..4]);
+        assert_eq!(stage_split(&model, 1), vec![Range { start: 0, end: 4 }]);
     }
 }
