@@ -126,6 +126,7 @@ impl Moe {
             dests.dedup();
             dests.into_iter().for_each(|r| sent[r].push(i));
         }
+        // A dispatched row: [k expert ids (−1: held elsewhere), k gate weights, x (D)].
         let row = 2 * k + d;
         let send = sent
             .iter()
@@ -201,6 +202,7 @@ impl Moe {
             };
             false
         });
+        // A returned row: [k gate-weight gradients (0 for slots held elsewhere), dx (D)].
         let row = k + d;
         let mut back: Vec<Vec<f32>> = s.received.iter().map(|&m| vec![0f32; m * row]).collect();
         for ExpertSaved { id: ex, rows, weights, saved, out: ye } in &s.experts {
