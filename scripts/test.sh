@@ -26,3 +26,5 @@ if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c "import open
 fi
 cargo build --release -p dsv3-cli
 target/pyenv/bin/python scripts/test_openai_client.py target/release/dsv3
+# The README's main command resolves to the dsv3 binary (`cargo run --release -- demo`).
+cargo run --release -q -- --help > /dev/null
