@@ -110,7 +110,6 @@ mod tests {
     use dsv3_model::grad::model::{LossWeights, StepReport};
     use dsv3_model::grad::moe::Balance;
     use dsv3_model::grad::Grads;
-    use dsv3_model::init::{preset, write_training_init};
     use std::sync::mpsc::{channel, Receiver, Sender};
     use std::sync::Mutex;
 
@@ -156,10 +155,7 @@ mod tests {
     /// process's, as do the loss and the global expert loads.
     #[test]
     fn expert_parallel_step_equals_one_process() {
-        let dir = std::env::temp_dir().join(format!("dsv3-ep-train-{}", std::process::id()));
-        let mut cfg = preset("tiny").unwrap();
-        cfg["vocab_size"] = serde_json::json!(512);
-        write_training_init(&dir, &cfg, 7, None).unwrap();
+        let dir = crate::testing::tiny_init("ep-train", 7);
         let (seqs, t) = (4, 24);
         let tokens: Vec<u32> = (0..seqs * (t + 1)).map(|i| ((i * 37) % 509 + 2) as u32).collect();
         let w = LossWeights { mtp_lambda: 0.3, balance: Balance { seq_alpha: 1e-4, batch_alpha: 0.0 } };

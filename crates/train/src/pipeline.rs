@@ -145,18 +145,12 @@ mod tests {
     use dsv3_dist::pipeline::{calc_diff, execute, positions, ThreadPeers};
     use dsv3_dist::schedule::{generate, Kind};
     use dsv3_model::grad::moe::Balance;
-    use dsv3_model::init::{preset, write_training_init};
 
     /// A backward with weight gradients deferred leaves them out until they are applied, and then
     /// equals the plain backward bit for bit (the same GEMMs into the same slots in the same order).
     #[test]
     fn deferred_weight_gradients_equal_the_plain_backward() {
-        let dir = std::env::temp_dir().join(format!("dsv3-defer-{}", std::process::id()));
-        let mut cfg = preset("tiny").unwrap();
-        cfg["vocab_size"] = serde_json::json!(512);
-        write_training_init(&dir, &cfg, 3, None).unwrap();
-        let model = DeepseekV3::load(&dir).unwrap();
-        std::fs::remove_dir_all(&dir).ok();
+        let model = crate::testing::tiny_model("defer", 3);
         let (seqs, t) = (2, 16);
         let tokens: Vec<u32> = (0..seqs * (t + 1)).map(|i| ((i * 53) % 509 + 2) as u32).collect();
         let w = LossWeights { mtp_lambda: 0.3, balance: Balance { seq_alpha: 1e-4, batch_alpha: 0.0 } };
@@ -180,12 +174,7 @@ mod tests {
 
     #[test]
     fn pipelined_deepseek_training_equals_train_step() {
-        let dir = std::env::temp_dir().join(format!("dsv3-pipe-{}", std::process::id()));
-        let mut cfg = preset("tiny").unwrap();
-        cfg["vocab_size"] = serde_json::json!(512);
-        write_training_init(&dir, &cfg, 4, None).unwrap();
-        let model = DeepseekV3::load(&dir).unwrap();
-        std::fs::remove_dir_all(&dir).ok();
+        let model = crate::testing::tiny_model("pipe", 4);
         let (seqs, t) = (2, 24);
         // Balance loss off: a micro-batch's loss then lives entirely on the last stage.
         let w = LossWeights { mtp_lambda: 0.3, balance: Balance { seq_alpha: 0.0, batch_alpha: 0.0 } };

@@ -336,12 +336,7 @@ mod tests {
     /// pipelines, ZeRO-1: who holds and updates what.
     #[test]
     fn holders_follow_stages_replicas_and_experts() {
-        let dir = std::env::temp_dir().join(format!("dsv3-placement-{}", std::process::id()));
-        let mut cfg = preset("tiny").unwrap();
-        cfg["vocab_size"] = serde_json::json!(512);
-        write_training_init(&dir, &cfg, 1, None).unwrap();
-        let mut model = DeepseekV3::load(&dir).unwrap();
-        std::fs::remove_dir_all(&dir).ok();
+        let mut model = crate::testing::tiny_model("placement", 1);
         let p = Pipeline { kind: Kind::DualPipe, chunks: 4, stages: 2 };
         let mut at = |rank| Placement::new(&mut model, &At(rank, 4), Some(p), true, true);
         let pl = at(1);

@@ -333,8 +333,6 @@ fn evaluate(model: &DeepseekV3, val: &Split, args: &TrainArgs, w: LossWeights) -
     Ok(Some((loss / n as f64, mv, (tops > 0.0).then(|| top1 / tops))))
 }
 
-/// Trains (or resumes) a run, calling `on_log` for every logged step. `stop_at` ends it early
-/// (with a checkpoint) while the schedule still spans `args.steps`: an interrupted run.
 /// One pipelined step: this process's pipeline takes its share of the batch as `p.chunks`
 /// micro-batches through the schedule; this process keeps the gradients of the stages it ran, and
 /// its report holds what they computed (summed over micro-batches; [`all_reduce_step`] turns them
@@ -355,14 +353,13 @@ fn pipeline_step(
     let row = args.seq_len + 1;
     let mine = &tokens[group * shard * row..(group + 1) * shard * row];
     let mbs: Vec<Vec<u32>> = mine.chunks(per * row).map(|c| c.to_vec()).collect();
-    let stages_here = crate::pipeline::DeepSeekStages::new(model, &mbs, per, args.seq_len, w, dsv3_dist::pipeline::positions(kind, stages))?;
+    let model_stages = crate::pipeline::DeepSeekStages::new(model, &mbs, per, args.seq_len, w, dsv3_dist::pipeline::positions(kind, stages))?;
     let ops = dsv3_dist::schedule::generate(kind, stages, chunks).map_err(|e| anyhow::anyhow!("{e}"))?;
     dp.with_peers(&mut |peers| {
         let mut peers = dsv3_dist::pipeline::Group { inner: peers, base: group * stages };
-        dsv3_dist::pipeline::execute(&mut peers, kind, stages, chunks, &ops[rank], &stages_here);
+        dsv3_dist::pipeline::execute(&mut peers, kind, stages, chunks, &ops[rank], &model_stages);
     });
-    let stages = stages_here;
-    let mut report = stages.report.into_inner();
+    let mut report = model_stages.report.into_inner();
     // Expert loads per MoE layer (summed over the micro-batches this process ran), in layer order
     // with zeros for the layers it does not hold, so the sums line up across processes.
     let moe_layers: Vec<usize> = (0..model.layers.len() + model.mtp.len()).filter(|&l| model.config.is_moe_layer(l)).collect();
@@ -382,7 +379,7 @@ fn pipeline_step(
         + report.mtp_losses.iter().sum::<f64>() * (w.mtp_lambda / model.mtp.len().max(1) as f32) as f64
         + report.balance_loss;
     report.tokens = args.batch_size * args.seq_len / dp.size();
-    *grads = stages.grads.into_inner();
+    *grads = model_stages.grads.into_inner();
     Ok(report)
 }
 
@@ -430,6 +427,8 @@ impl Drop for TempDir {
     }
 }
 
+/// Trains (or resumes) a run, calling `on_log` for every logged step. `stop_at` ends it early
+/// (with a checkpoint) while the schedule still spans `args.steps`: an interrupted run.
 pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_log: impl FnMut(&StepLog)) -> Result<Summary> {
     // In parallel the first load reads no weight (shapes only): once it is known which tensors this
     // process holds, only those are read.
