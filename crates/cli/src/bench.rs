@@ -1,10 +1,9 @@
 //! `dsv3 bench`: prefill and decode tokens/s at batch 1, peak memory, latent KV bytes per token,
 //! and the decode memory-bandwidth floor (active weight bytes per token ÷ measured copy bandwidth).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use dsv3_model::generate::{generate, GenerateOptions};
 use dsv3_model::sampling::SamplingParams;
-use dsv3_model::DeepseekV3;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -51,7 +50,7 @@ fn read_bandwidth() -> f64 {
 
 pub fn run(a: &BenchArgs) -> Result<()> {
     let t = Instant::now();
-    let model = DeepseekV3::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let model = crate::commands::load_model(&a.model)?;
     let load_s = t.elapsed().as_secs_f64();
     let v = model.config.vocab_size as u32;
     let prompt: Vec<u32> = (0..a.prompt_len.max(1)).map(|i| 2 + (i as u32 * 7919) % (v - 2).max(1)).collect();

@@ -10,17 +10,17 @@ use serde_json::json;
 use std::io::{BufRead, Write};
 use std::path::Path;
 
-fn load_model(dir: &Path) -> Result<DeepseekV3> {
+/// The model of a folder; with `--expert-parallel`, its routed experts split over the processes.
+pub fn load_model(dir: &Path) -> Result<std::sync::Arc<DeepseekV3>> {
     if !dir.is_dir() {
         bail!("--model {}: not a folder (a Hugging Face model folder with config.json and safetensors)", dir.display());
     }
-    #[allow(unused_mut)]
-    let mut model = DeepseekV3::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+    let model = DeepseekV3::load(dir).with_context(|| format!("loading {}", dir.display()))?;
     #[cfg(feature = "mpi")]
     if EXPERT_PARALLEL.load(std::sync::atomic::Ordering::Relaxed) {
-        crate::ep::attach(&mut model)?;
+        return crate::ep::attach(model);
     }
-    Ok(model)
+    Ok(std::sync::Arc::new(model))
 }
 
 #[cfg(feature = "mpi")]
@@ -53,6 +53,8 @@ pub struct Parallel<'a> {
     pub chunks: Option<usize>,
     /// The command is `dsv3 train`, with its `--pp`.
     pub train: Option<Option<usize>>,
+    /// The command is `dsv3 serve`.
+    pub serve: bool,
     pub redundant: usize,
     pub rebalance_every: usize,
 }
@@ -64,8 +66,11 @@ pub fn start_parallel(p: Parallel) -> Result<()> {
     if pp.is_some() && p.pipeline.is_none() {
         bail!("--pp needs --pipeline");
     }
-    if p.train.is_none() && (p.data || p.pipeline.is_some()) {
-        bail!("--data-parallel and --pipeline are for dsv3 train");
+    if p.train.is_none() && p.pipeline.is_some() {
+        bail!("--pipeline is for dsv3 train");
+    }
+    if p.train.is_none() && p.data && !(p.serve && p.expert) {
+        bail!("--data-parallel is for dsv3 train, and for dsv3 serve with --expert-parallel");
     }
     #[cfg(feature = "mpi")]
     {
@@ -77,7 +82,12 @@ pub fn start_parallel(p: Parallel) -> Result<()> {
             Some("dualpipev") => Some(dsv3_dist::schedule::Kind::DualPipeV),
             Some(k) => bail!("--pipeline {k}: 1f1b, dualpipe or dualpipev"),
         };
-        let (rank, ranks) = crate::ep::init(crate::ep::Options { redundant: p.redundant, rebalance_every: p.rebalance_every })?;
+        let (rank, ranks) = crate::ep::init(crate::ep::Options {
+            inference: p.expert && p.train.is_none(),
+            data_parallel: p.data,
+            redundant: p.redundant,
+            rebalance_every: p.rebalance_every,
+        })?;
         if p.train.is_some() {
             let how = match kind {
                 Some(kind) => {
@@ -510,6 +520,11 @@ pub fn serve(dir: &Path, mut o: dsv3_serve::ServeOptions, kv_memory: &str) -> Re
     o.kv_memory = parse_size(kv_memory).context("--kv-memory")?;
     let mtp_speculative = o.mtp_speculative;
     let model = load_model(dir)?;
+    #[cfg(feature = "mpi")]
+    if let Some((rank, ranks)) = crate::ep::data_parallel_rank() {
+        // Attention data-parallel: each process its own server (put a load balancer in front).
+        o.port = o.port.checked_add(rank as u16).with_context(|| format!("--port {}: no room for {ranks} ports", o.port))?;
+    }
     if mtp_speculative > 0 && model.mtp.is_empty() {
         bail!("--mtp-speculative: {} has no MTP module", dir.display());
     }

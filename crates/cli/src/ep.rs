@@ -1,22 +1,30 @@
-//! `--expert-parallel` (feature `mpi`): under `mpirun -np N`, rank 0 runs the command (generate,
-//! score, bench, serve) and everything but the routed experts; ranks 1..N serve experts. In each
-//! MoE layer rank 0 broadcasts the layer's inputs and routing, every rank computes the (token,
-//! slot) pairs placed on it, and rank 0 gathers them (an all-gather). Placement starts static (expert `e` on rank
-//! `e·N/E`) and, with `--rebalance-every B`, is redone every B batches per layer by EPLB from the
-//! routing counts, with `--redundant-experts R` extra replicas whose pairs are split by token.
-//! Every rank observes the same routing, so all agree on the placement without exchanging it.
-//! Expert outputs do not depend on where they run, so results equal one process's bit for bit.
+//! `--expert-parallel` (feature `mpi`): under `mpirun -np N` the routed experts are split over
+//! the processes. Inference (generate, score, chat, bench, serve): every process loads the model
+//! and runs an expert service ([`dsv3_model::expert_service`]): rounds of all-to-alls in which
+//! each process sends each of its MoE layer calls' tokens to the processes placed their experts.
+//! Rank 0 runs the command; the others serve experts — or, with `serve --data-parallel`, each
+//! process serves its own requests on port `P + rank` (attention data-parallel). Placement starts
+//! static (expert `e` on rank `e·N/E`) and, with `--rebalance-every B`, is redone every B calls
+//! per layer by EPLB from the routing counts, with `--redundant-experts R` extra replicas whose
+//! pairs are split by token. Every process observes every call, so all agree on the placement
+//! without exchanging it. Expert outputs do not depend on where they run, so results equal one
+//! process's bit for bit. Training: see [`training`].
 
 use dsv3_dist::eplb::LiveBalancer;
 use dsv3_dist::transport::MpiExchange;
-use dsv3_model::moe::ExpertParallel;
+use dsv3_model::expert_service::{ExpertService, Placement};
 use dsv3_model::DeepseekV3;
 use mpi::traits::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// Placement options from the command line.
+/// Options from the command line.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Options {
+    /// Expert-parallel inference (not `dsv3 train`).
+    pub inference: bool,
+    /// Inference: every process runs the command on its own requests (`serve --data-parallel`).
+    pub data_parallel: bool,
     pub redundant: usize,
     pub rebalance_every: usize,
 }
@@ -28,8 +36,11 @@ struct Ep {
     ranks: usize,
     exchange: Mutex<Option<MpiExchange>>,
     options: Options,
-    /// Rank 0's expert transport, to stop the workers at the end.
-    leader: Mutex<Option<Arc<Leader>>>,
+    /// Inference: this process's expert service, and the placement it keeps.
+    service: Mutex<Option<ExpertService>>,
+    placements: Mutex<Option<Arc<Mutex<Placements>>>>,
+    /// Inference: this process has told the others whether it loaded its model.
+    reported: AtomicBool,
 }
 
 // SAFETY: MPI is initialized for serialized multi-threaded use, and every MPI call goes through
@@ -39,99 +50,31 @@ unsafe impl Sync for Ep {}
 
 static EP: OnceLock<Ep> = OnceLock::new();
 
-const RUN: u64 = 1;
-const STOP: u64 = 2;
-
-/// Per MoE layer placement, identical on every rank.
+/// Per MoE layer placement, identical on every process.
 struct Placements {
     layers: Vec<LiveBalancer>,
 }
 
 impl Placements {
     fn new(layers: usize, experts: usize, ranks: usize, o: Options) -> anyhow::Result<Self> {
+        if o.redundant > experts * (ranks - 1) {
+            anyhow::bail!("--redundant-experts {}: at most {} for {experts} experts on {ranks} processes (every expert on every process)", o.redundant, experts * (ranks - 1));
+        }
         let slots = (experts + o.redundant).next_multiple_of(ranks);
         let b = LiveBalancer::new(experts, ranks, slots, o.rebalance_every).map_err(|e| anyhow::anyhow!("--expert-parallel: {e}"))?;
         Ok(Placements { layers: vec![b; layers] })
     }
+}
 
-    /// The pairs of `experts [t, k]` this rank computes.
-    fn mine(&self, moe: usize, experts: &[usize], k: usize, rank: usize) -> Vec<usize> {
-        (0..experts.len()).filter(|&j| self.layers[moe].rank_of(experts[j], j / k) == rank).collect()
+/// The service's view of the placement, shared with `/metrics`.
+struct Live(Arc<Mutex<Placements>>);
+
+impl Placement for Live {
+    fn rank_of(&self, moe: usize, e: usize, token: usize) -> usize {
+        self.0.lock().expect("placement lock").layers[moe].rank_of(e, token)
     }
-}
-
-/// The MoE header and payload rank 0 broadcasts: (op, layer, d, k) then x and the experts.
-fn encode(moe: usize, x: &[f32], d: usize, experts: &[usize], k: usize) -> Vec<u8> {
-    let mut b = Vec::with_capacity(32 + 4 * x.len() + 4 * experts.len());
-    for v in [RUN, moe as u64, d as u64, k as u64, x.len() as u64] {
-        b.extend(v.to_le_bytes());
-    }
-    b.extend(x.iter().flat_map(|v| v.to_le_bytes()));
-    b.extend(experts.iter().flat_map(|&e| (e as u32).to_le_bytes()));
-    b
-}
-
-fn records(pairs: &[usize], rows: &[f32], d: usize) -> Vec<u8> {
-    let mut b = Vec::with_capacity(pairs.len() * (8 + 4 * d));
-    for (i, &j) in pairs.iter().enumerate() {
-        b.extend((j as u64).to_le_bytes());
-        b.extend(rows[i * d..(i + 1) * d].iter().flat_map(|v| v.to_le_bytes()));
-    }
-    b
-}
-
-struct Leader {
-    ex: Mutex<MpiExchange>,
-    placements: Mutex<Placements>,
-}
-
-// SAFETY: see `Ep`.
-unsafe impl Send for Leader {}
-unsafe impl Sync for Leader {}
-
-impl ExpertParallel for Leader {
-    fn expert_outputs(&self, moe: usize, x: &[f32], d: usize, experts: &[usize], k: usize, compute: &dyn Fn(&[usize]) -> Vec<f32>) -> Vec<f32> {
-        let ex = self.ex.lock().expect("MPI lock");
-        let mut msg = encode(moe, x, d, experts, k);
-        ex.broadcast(&mut msg);
-        let mut placements = self.placements.lock().expect("placement lock");
-        let mine = placements.mine(moe, experts, k, 0);
-        let rows = compute(&mine);
-        // (An all-gather: OpenMPI's Gatherv rejects the null arguments rsmpi passes off-root.)
-        let (all, _) = ex.all_gather(&records(&[], &[], d));
-        placements.layers[moe].observe(experts, k);
-        let mut out = vec![0f32; experts.len() * d];
-        for (i, &j) in mine.iter().enumerate() {
-            out[j * d..(j + 1) * d].copy_from_slice(&rows[i * d..(i + 1) * d]);
-        }
-        for rec in all.chunks_exact(8 + 4 * d) {
-            let j = u64::from_le_bytes(rec[..8].try_into().expect("8 bytes")) as usize;
-            for (o, c) in out[j * d..(j + 1) * d].iter_mut().zip(rec[8..].chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        out
-    }
-}
-
-/// A worker rank's life: compute the pairs placed here for every MoE layer rank 0 runs, until
-/// it says stop.
-fn serve_experts(model: &DeepseekV3, ex: MpiExchange, mut placements: Placements, rank: usize) {
-    let moes = model.moe_layers();
-    loop {
-        let mut msg = vec![];
-        ex.broadcast(&mut msg);
-        let u = |i: usize| u64::from_le_bytes(msg[8 * i..8 * i + 8].try_into().expect("header"));
-        if msg.len() < 40 || u(0) == STOP {
-            return;
-        }
-        let (moe, d, k, n) = (u(1) as usize, u(2) as usize, u(3) as usize, u(4) as usize);
-        let x: Vec<f32> = msg[40..40 + 4 * n].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        let experts: Vec<usize> = msg[40 + 4 * n..].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize).collect();
-        let mine = placements.mine(moe, &experts, k, rank);
-        let rows = dsv3_model::model::on_pool(|| moes[moe].expert_rows(&x, d, &experts, k, &mine));
-        ex.all_gather(&records(&mine, &rows, d));
-        placements.layers[moe].observe(&experts, k);
+    fn observe(&mut self, moe: usize, experts: &[usize], k: usize) {
+        self.0.lock().expect("placement lock").layers[moe].observe(experts, k)
     }
 }
 
@@ -149,61 +92,89 @@ pub fn init(options: Options) -> anyhow::Result<(usize, usize)> {
         ranks,
         exchange: Mutex::new(Some(MpiExchange { comm: world })),
         options,
-        leader: Mutex::new(None),
+        service: Mutex::new(None),
+        placements: Mutex::new(None),
+        reported: AtomicBool::new(false),
     });
     Ok((rank, ranks))
 }
 
-/// Rank 0: routes the model's experts through the workers. Other ranks: serve experts until rank
-/// 0 is done, then exit (they never run the command itself).
-pub fn attach(model: &mut DeepseekV3) -> anyhow::Result<()> {
+/// How many processes have their model: each says whether it has (a sum over all).
+fn report(ex: &MpiExchange, loaded: bool) -> usize {
+    let mut n = 0i32;
+    ex.comm.all_reduce_into(&(loaded as i32), &mut n, mpi::collective::SystemOperation::sum());
+    n as usize
+}
+
+/// Splits the model's routed experts over the processes and starts this process's expert
+/// service. Rank 0 (every rank with `serve --data-parallel`) goes on to run the command with the
+/// model returned; the others serve experts until the command is done everywhere, then exit.
+pub fn attach(model: DeepseekV3) -> anyhow::Result<Arc<DeepseekV3>> {
     let ep = EP.get().ok_or_else(|| anyhow::anyhow!("--expert-parallel: MPI not initialized"))?;
     let ex = ep.exchange.lock().expect("lock").take().ok_or_else(|| anyhow::anyhow!("--expert-parallel: one model per process"))?;
     let experts = model.config.n_routed_experts;
     let layers = model.moe_layers().len();
-    if layers == 0 || experts < ep.ranks {
-        anyhow::bail!("--expert-parallel: {} processes for {experts} routed experts in {layers} MoE layers", ep.ranks);
+    let placements = match layers == 0 || experts < ep.ranks {
+        true => Err(anyhow::anyhow!("--expert-parallel: {} processes for {experts} routed experts in {layers} MoE layers", ep.ranks)),
+        false => Placements::new(layers, experts, ep.ranks, ep.options),
+    };
+    let ready = report(&ex, placements.is_ok());
+    ep.reported.store(true, Ordering::Relaxed);
+    let placements = placements?;
+    if ready < ep.ranks {
+        anyhow::bail!("--expert-parallel: {} of {} processes could not load the model (their errors say why)", ep.ranks - ready, ep.ranks);
     }
-    let placements = Placements::new(layers, experts, ep.ranks, ep.options)?;
-    if ep.rank != 0 {
-        serve_experts(model, ex, placements, ep.rank);
+    if ep.rank == 0 {
+        eprintln!(
+            "expert parallel: {} processes{}; {experts} routed experts per layer over {} slots{}",
+            ep.ranks,
+            if ep.options.data_parallel { ", attention data-parallel" } else { "" },
+            (experts + ep.options.redundant).next_multiple_of(ep.ranks),
+            match ep.options.rebalance_every {
+                0 => String::new(),
+                b => format!(", re-placed by EPLB every {b} calls per layer"),
+            }
+        );
+    }
+    let placements = Arc::new(Mutex::new(placements));
+    let exchange = Arc::new(MpiSum { ex: Mutex::new(ex), rank: ep.rank, size: ep.ranks });
+    let (model, service) = ExpertService::start(model, exchange, Box::new(Live(placements.clone())));
+    *ep.service.lock().expect("lock") = Some(service);
+    *ep.placements.lock().expect("lock") = Some(placements);
+    if ep.rank != 0 && !ep.options.data_parallel {
         finish();
         std::process::exit(0);
     }
-    eprintln!(
-        "expert parallel: {} processes; {experts} routed experts per layer over {} slots{}",
-        ep.ranks,
-        (experts + ep.options.redundant).next_multiple_of(ep.ranks),
-        match ep.options.rebalance_every {
-            0 => String::new(),
-            b => format!(", re-placed by EPLB every {b} batches"),
-        }
-    );
-    let leader = Arc::new(Leader { ex: Mutex::new(ex), placements: Mutex::new(placements) });
-    *ep.leader.lock().expect("lock") = Some(leader.clone());
-    model.set_expert_parallel(leader);
-    Ok(())
+    Ok(model)
+}
+
+/// With attention data-parallel inference (`serve --data-parallel`): this process's rank and
+/// the number of processes.
+pub fn data_parallel_rank() -> Option<(usize, usize)> {
+    EP.get().filter(|ep| ep.options.inference && ep.options.data_parallel).map(|ep| (ep.rank, ep.ranks))
 }
 
 /// Per-rank load imbalance (max/mean pairs per rank) of the last full window, averaged over the
 /// MoE layers: (placement in force, static placement). None before a window completes.
 pub fn imbalance() -> Option<(f64, f64)> {
-    let leader = EP.get()?.leader.lock().ok()?.clone()?;
-    let p = leader.placements.lock().ok()?;
+    let p = EP.get()?.placements.lock().ok()?.clone()?;
+    let p = p.lock().ok()?;
     let v: Vec<(f64, f64)> = p.layers.iter().filter_map(|b| b.last_imbalance).collect();
     (!v.is_empty()).then(|| (v.iter().map(|x| x.0).sum::<f64>() / v.len() as f64, v.iter().map(|x| x.1).sum::<f64>() / v.len() as f64))
 }
 
-/// Stops the workers (rank 0) and finalizes MPI.
+/// Ends this process's part: serves the other processes' experts until all are done (a
+/// process that never loaded its model tells the others so), then finalizes MPI.
 pub fn finish() {
     let Some(ep) = EP.get() else { return };
-    let mut stop: Vec<u8> = [STOP, 0, 0, 0, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
-    if let Some(leader) = ep.leader.lock().ok().and_then(|mut l| l.take()) {
-        leader.ex.lock().expect("MPI lock").broadcast(&mut stop);
-    } else if ep.rank == 0 && ep.ranks > 1 {
-        // Rank 0 failed before loading its model: release the workers waiting for work.
-        if let Some(ex) = ep.exchange.lock().ok().and_then(|mut e| e.take()) {
-            ex.broadcast(&mut stop);
+    if ep.options.inference {
+        let service = ep.service.lock().ok().and_then(|mut s| s.take());
+        if let Some(service) = service {
+            service.finish();
+        } else if !ep.reported.swap(true, Ordering::Relaxed) {
+            if let Some(ex) = ep.exchange.lock().ok().and_then(|mut e| e.take()) {
+                report(&ex, false);
+            }
         }
     }
     if let Ok(mut u) = ep.universe.lock() {
@@ -258,6 +229,11 @@ impl dsv3_model::grad::moe::ExpertExchange for MpiSum {
         let remote: usize = counts.iter().enumerate().filter(|&(r, _)| r != self.rank).map(|(_, c)| c).sum();
         EXPERT_BYTES.fetch_add(remote as u64, std::sync::atomic::Ordering::Relaxed);
         let (recv, sizes) = self.ex.lock().expect("MPI lock").all_to_all_overlapped(&le_bytes(&send.concat()), &counts, work);
+        f32_blocks(&recv, &sizes)
+    }
+    fn all_to_all_waiting(&self, send: Vec<Vec<f32>>, idle: &mut dyn FnMut()) -> Vec<Vec<f32>> {
+        let counts: Vec<usize> = send.iter().map(|b| 4 * b.len()).collect();
+        let (recv, sizes) = self.ex.lock().expect("MPI lock").all_to_all_waiting(&le_bytes(&send.concat()), &counts, idle);
         f32_blocks(&recv, &sizes)
     }
 }

@@ -22,13 +22,16 @@ struct Cli {
     #[arg(long, global = true, default_value = "none")]
     act_quant: String,
     /// Under `mpirun -np N` (a build with `--features dsv3-cli/mpi`): split the routed experts
-    /// over the N processes. generate/score/bench/serve: rank 0 runs the command and attention,
-    /// outputs identical to one process. train: data parallel with each expert on one process
-    /// (with --pipeline: split between the pipelines). Rank 0 prints.
+    /// over the N processes. generate/score/chat/bench/serve: rank 0 runs the command, the others
+    /// serve experts (serve --data-parallel: every rank serves), outputs identical to one
+    /// process. train: data parallel with each expert on one process (with --pipeline: split
+    /// between the pipelines). Rank 0 prints.
     #[arg(long, global = true)]
     expert_parallel: bool,
     /// `dsv3 train` under `mpirun -np N` (a build with `--features dsv3-cli/mpi`): each process
     /// trains on 1/N of every batch; gradients, losses and expert loads are summed across them.
+    /// `dsv3 serve --expert-parallel`: attention data-parallel, each rank r serving its own
+    /// requests on --port + r.
     #[arg(long, global = true)]
     data_parallel: bool,
     /// `dsv3 train` under `mpirun -np N`: pipeline the model with this schedule (1f1b | dualpipe
@@ -329,6 +332,7 @@ fn main() {
             pipeline: cli.pipeline.as_deref(),
             chunks: cli.chunks,
             train,
+            serve: matches!(cli.command, Command::Serve { .. }),
             redundant: cli.redundant_experts,
             rebalance_every: cli.rebalance_every,
         };

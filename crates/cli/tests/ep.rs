@@ -2,7 +2,7 @@
 //! `mpirun` (feature `mpi`).
 //! Inference: generation and scores are
 //! bit-identical to one process, with static placement and with redundant replicas re-placed
-//! by EPLB while generating.
+//! by EPLB while generating, and with attention data-parallel (a server per process).
 #![cfg(feature = "mpi")]
 
 use std::process::Command;
@@ -39,6 +39,64 @@ fn experts_split_over_processes_change_no_bit() {
         assert_eq!(ids(&run_with(Some(n), &gen, &eplb)), ids(&g1), "{n} processes with EPLB");
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `serve --expert-parallel --data-parallel`: each process serves its own port, its attention on
+/// its own requests, the experts split over both. Concurrent greedy requests to the two ports each
+/// continue as one process generates, and both report the placement's load imbalance.
+#[test]
+fn data_parallel_attention_serves_from_every_process() {
+    let dir = std::env::temp_dir().join(format!("dsv3-ep-serve-{}", std::process::id()));
+    let d = dir.to_str().unwrap();
+    run(None, &["random-model", "--preset", "tiny", "--dtype", "fp8", "--out", d, "--seed", "6"]);
+    let prompts = ["5,9,13,17,21", "3,1,4,1,5,9,2,6", "7,7,7", "100,200,300,400", "11,22"];
+    let want: Vec<Vec<u64>> = prompts
+        .iter()
+        .map(|p| {
+            let out = run(None, &["generate", "--model", d, "--prompt-ids", p, "--max-new-tokens", "12", "--ignore-eos", "--json"]);
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()["output_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
+        })
+        .collect();
+    let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+    let port = (20000 + (std::process::id() % 20000) as u16..60000).find(|&p| free(p) && free(p + 1)).unwrap();
+    let exe = env!("CARGO_BIN_EXE_dsv3");
+    let server = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", exe, "serve", "--model", d, "--port", &port.to_string()])
+        .args(["--expert-parallel", "--data-parallel", "--redundant-experts", "2", "--rebalance-every", "3"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = |rank: u16, path: &str| format!("http://127.0.0.1:{}{path}", port + rank);
+    let up = |rank| (0..600).any(|_| ureq::get(&url(rank, "/health")).call().is_ok() || { std::thread::sleep(std::time::Duration::from_millis(100)); false });
+    assert!(up(0) && up(1), "both processes serve");
+    let got: Vec<Vec<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (url, ids) = (url((i % 2) as u16, "/v1/completions"), p.split(',').map(|x| x.parse::<u32>().unwrap()).collect::<Vec<_>>());
+                s.spawn(move || {
+                    let v: serde_json::Value = ureq::post(&url).send_json(serde_json::json!({"prompt": ids, "max_tokens": 12, "temperature": 0})).unwrap().into_json().unwrap();
+                    v["choices"][0]["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for rank in [0, 1] {
+        let m = ureq::get(&url(rank, "/metrics")).call().unwrap().into_string().unwrap();
+        assert!(m.contains("dsv3_ep_rank_load_imbalance{placement=\"static\"}"), "rank {rank} /metrics: {m}");
+    }
+    // SIGINT to each server (mpirun would kill them on its own): each drains, then serves
+    // experts until the other is done too, and both exit cleanly.
+    Command::new("pkill").args(["-INT", "-P", &server.id().to_string()]).status().unwrap();
+    let out = server.wait_with_output().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        // The server stops at an end-of-sequence token; `generate --ignore-eos` goes on.
+        assert!(!g.is_empty() && w.starts_with(g), "prompt {i}: served {g:?}, one process {w:?}");
+    }
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -98,17 +98,41 @@ impl Exchange for MpiExchange {
     }
 
     fn all_to_all_overlapped(&self, send: &[u8], counts: &[usize], work: &mut dyn FnMut() -> bool) -> (Vec<u8>, Vec<usize>) {
-        let (sc, sd, rc, rd) = self.sizes(counts);
+        let sizes = self.sizes(counts);
+        // OpenMPI progresses a non-blocking collective only inside MPI calls: test it between
+        // slices of work.
+        self.posted(send, sizes, &mut |_| work())
+    }
+}
+
+impl MpiExchange {
+    /// [`Exchange::all_to_all`] for a thread with nothing else to do meanwhile: both steps (the
+    /// counts, then the blocks) are posted and tested with `idle` between tests, since OpenMPI's
+    /// blocking calls spin on a core that others may need.
+    pub fn all_to_all_waiting(&self, send: &[u8], counts: &[usize], idle: &mut dyn FnMut()) -> (Vec<u8>, Vec<usize>) {
+        let sc: Vec<Count> = counts.iter().map(|&c| Count::try_from(c).expect("a block over 2 GiB")).collect();
+        let mut rc = vec![0 as Count; sc.len()];
+        mpi::request::scope(|scope| poll(self.comm.immediate_all_to_all_into(scope, &sc[..], &mut rc[..]), idle));
+        let (sd, rd) = (displs(&sc), displs(&rc));
+        self.posted(send, (sc, sd, rc, rd), &mut |done| {
+            if !done {
+                idle();
+            }
+            !done
+        })
+    }
+
+    /// The blocks' all-to-all posted (`MPI_Ialltoallv`), tested after each `between(done)` until
+    /// that returns false, then waited for.
+    fn posted(&self, send: &[u8], (sc, sd, rc, rd): (Vec<Count>, Vec<Count>, Vec<Count>, Vec<Count>), between: &mut dyn FnMut(bool) -> bool) -> (Vec<u8>, Vec<usize>) {
         let total: usize = rc.iter().map(|&c| c as usize).sum();
         let mut recv = vec![0u8; total + 1];
         {
             let sp = Partition::new(real(send), &sc[..], &sd[..]);
             let mut rp = PartitionMut::new(&mut recv[..total], &rc[..], &rd[..]);
             mpi::request::scope(|scope| {
-                // OpenMPI progresses a non-blocking collective only inside MPI calls: test it
-                // between slices of work.
                 let mut req = Some(self.comm.immediate_all_to_all_varcount_into(scope, &sp, &mut rp));
-                while work() {
+                while between(req.is_none()) {
                     if let Some(r) = req.take() {
                         req = r.test().err();
                     }
@@ -120,6 +144,19 @@ impl Exchange for MpiExchange {
         }
         recv.truncate(total);
         (recv, rc.iter().map(|&c| c as usize).collect())
+    }
+}
+
+/// Tests `req` until it completes, running `idle` between tests.
+fn poll<'a, D: ?Sized, S: mpi::request::Scope<'a>>(mut req: mpi::request::Request<'a, D, S>, idle: &mut dyn FnMut()) {
+    loop {
+        match req.test() {
+            Ok(_) => return,
+            Err(r) => {
+                req = r;
+                idle();
+            }
+        }
     }
 }
 

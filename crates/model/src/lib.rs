@@ -7,6 +7,7 @@
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod expert_service;
 pub mod generate;
 pub mod grad;
 pub mod init;

@@ -120,14 +120,13 @@ pub fn top_k_indices(v: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-/// Routed experts computed across processes (expert parallelism; the transport lives outside the
-/// model, in the CLI over `dsv3-dist`). Given this MoE layer's inputs and routing, returns the
-/// routed expert's output for every (token, slot) pair, `[t·k, D]` in pair order; `compute`
-/// evaluates a list of pairs on this process (other processes do the same with their copy of
-/// the weights). Expert outputs do not depend on which pairs share a call, so the result is the
-/// same wherever a pair runs.
+/// Routed experts computed across processes (expert parallelism; [`crate::expert_service`] over
+/// a transport the CLI supplies). Given this MoE layer's inputs and routing, returns the routed
+/// expert's output for every (token, slot) pair, `[t·k, D]` in pair order, running `during`
+/// (the shared expert) while they are computed elsewhere. Expert outputs do not depend on which
+/// pairs share a call, so the result is the same wherever a pair runs.
 pub trait ExpertParallel: Send + Sync {
-    fn expert_outputs(&self, moe: usize, x: &[f32], d: usize, experts: &[usize], k: usize, compute: &dyn Fn(&[usize]) -> Vec<f32>) -> Vec<f32>;
+    fn expert_outputs(&self, moe: usize, x: &[f32], d: usize, experts: &[usize], k: usize, during: &mut dyn FnMut()) -> Vec<f32>;
 }
 
 #[derive(Clone)]
@@ -218,11 +217,13 @@ impl Moe {
     fn forward_parallel(&self, id: usize, ep: &dyn ExpertParallel, x: &[f32], t: usize, routing: &Routing) -> Vec<f32> {
         let d = x.len() / t.max(1);
         let k = routing.k;
-        let mut out = match &self.shared_experts {
-            Some(s) => s.forward(x, t),
-            None => vec![0f32; t * d],
-        };
-        let all = ep.expert_outputs(id, x, d, &routing.experts, k, &|pairs| self.expert_rows(x, d, &routing.experts, k, pairs));
+        let mut out = vec![0f32; t * d];
+        // The shared expert runs while the routed pairs travel.
+        let all = ep.expert_outputs(id, x, d, &routing.experts, k, &mut || {
+            if let Some(s) = &self.shared_experts {
+                out = s.forward(x, t);
+            }
+        });
         for i in 0..t {
             let mut js: Vec<usize> = (i * k..(i + 1) * k).collect();
             js.sort_by_key(|&j| routing.experts[j]);

@@ -52,12 +52,12 @@ impl Default for ServeOptions {
 /// Builds the app state and starts the engine for a loaded model.
 pub fn build(
     name: &str,
-    model: DeepseekV3,
+    model: impl Into<Arc<DeepseekV3>>,
     tokenizer: Option<Tokenizer>,
     eos_ids: Vec<u32>,
     o: &ServeOptions,
 ) -> (Arc<api::AppState>, std::thread::JoinHandle<()>) {
-    let model = Arc::new(model);
+    let model = model.into();
     let mtp_speculative = if model.mtp.is_empty() { 0 } else { o.mtp_speculative };
     // One block: 64 positions of one layer's latent cache, f32.
     let block_bytes = dsv3_model::paged::BLOCK_TOKENS * model.config.latent_cache_width() * std::mem::size_of::<f32>();

@@ -105,50 +105,11 @@ pub(crate) fn zero1() -> bool {
 mod tests {
     use super::*;
     use dsv3_dist::pipeline::calc_diff;
-    use dsv3_model::grad::moe::expert_owner;
+    use dsv3_model::grad::moe::{expert_owner, ThreadExchange};
     use dsv3_model::DeepseekV3;
     use dsv3_model::grad::model::{LossWeights, StepReport};
     use dsv3_model::grad::moe::Balance;
     use dsv3_model::grad::Grads;
-    use std::sync::mpsc::{channel, Receiver, Sender};
-    use std::sync::Mutex;
-
-    /// An all-to-all among threads: one FIFO channel per (source, destination).
-    struct ThreadExchange {
-        rank: usize,
-        to: Vec<Sender<Vec<f32>>>,
-        from: Mutex<Vec<Receiver<Vec<f32>>>>,
-    }
-
-    impl ThreadExchange {
-        fn group(ranks: usize) -> Vec<ThreadExchange> {
-            let mut to: Vec<Vec<Sender<Vec<f32>>>> = (0..ranks).map(|_| vec![]).collect();
-            let mut from: Vec<Vec<Receiver<Vec<f32>>>> = (0..ranks).map(|_| vec![]).collect();
-            for tx_list in to.iter_mut() {
-                for rx_list in from.iter_mut() {
-                    let (tx, rx) = channel();
-                    tx_list.push(tx);
-                    rx_list.push(rx);
-                }
-            }
-            to.into_iter().zip(from).enumerate().map(|(rank, (to, from))| ThreadExchange { rank, to, from: Mutex::new(from) }).collect()
-        }
-    }
-
-    impl ExpertExchange for ThreadExchange {
-        fn rank(&self) -> usize {
-            self.rank
-        }
-        fn ranks(&self) -> usize {
-            self.to.len()
-        }
-        fn all_to_all(&self, send: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
-            for (tx, buf) in self.to.iter().zip(send) {
-                tx.send(buf).expect("peer alive");
-            }
-            self.from.lock().unwrap().iter().map(|rx| rx.recv().expect("peer alive")).collect()
-        }
-    }
 
     /// Each process runs its share of the sequences with the experts split over the processes:
     /// the data-parallel sum of the dense gradients and each owner's expert gradients equal one
@@ -169,7 +130,7 @@ mod tests {
                     .map(|ex| {
                         let (dir, tokens) = (&dir, &tokens);
                         s.spawn(move || {
-                            let rank = ex.rank;
+                            let rank = ex.rank();
                             let mut m = DeepseekV3::load(dir).unwrap();
                             m.set_expert_exchange(Arc::new(ex));
                             m.drop_params(|n| n.split(".mlp.experts.").nth(1).is_none_or(|e| expert_owner(e.split('.').next().unwrap().parse().unwrap(), 16, ranks) == rank));

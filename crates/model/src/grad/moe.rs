@@ -15,6 +15,8 @@ use super::{add_into, Grads};
 use crate::config::ScoringFunc;
 use crate::moe::{top_k_indices, Moe, Routing};
 use dsv3_kernels::matmul::matmul_nt;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Mutex;
 
 /// Coefficients of the balance losses (0 disables one).
 #[derive(Clone, Copy, Debug, Default)]
@@ -39,6 +41,50 @@ pub trait ExpertExchange: Send + Sync {
         let r = self.all_to_all(send);
         while work() {}
         r
+    }
+    /// The same for a thread with nothing else to do: `idle` runs between checks of the transfer
+    /// (to sleep rather than spin on a core others need). Default: the blocking all-to-all.
+    fn all_to_all_waiting(&self, send: Vec<Vec<f32>>, idle: &mut dyn FnMut()) -> Vec<Vec<f32>> {
+        let _ = idle;
+        self.all_to_all(send)
+    }
+}
+
+/// An all-to-all among the threads of one process (tests, or ranks emulated in one process):
+/// one FIFO channel per (source, destination).
+pub struct ThreadExchange {
+    rank: usize,
+    to: Vec<Sender<Vec<f32>>>,
+    from: Mutex<Vec<Receiver<Vec<f32>>>>,
+}
+
+impl ThreadExchange {
+    pub fn group(ranks: usize) -> Vec<ThreadExchange> {
+        let mut to: Vec<Vec<Sender<Vec<f32>>>> = (0..ranks).map(|_| vec![]).collect();
+        let mut from: Vec<Vec<Receiver<Vec<f32>>>> = (0..ranks).map(|_| vec![]).collect();
+        for tx_list in to.iter_mut() {
+            for rx_list in from.iter_mut() {
+                let (tx, rx) = channel();
+                tx_list.push(tx);
+                rx_list.push(rx);
+            }
+        }
+        to.into_iter().zip(from).enumerate().map(|(rank, (to, from))| ThreadExchange { rank, to, from: Mutex::new(from) }).collect()
+    }
+}
+
+impl ExpertExchange for ThreadExchange {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn ranks(&self) -> usize {
+        self.to.len()
+    }
+    fn all_to_all(&self, send: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+        for (tx, buf) in self.to.iter().zip(send) {
+            tx.send(buf).expect("peer alive");
+        }
+        self.from.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|rx| rx.recv().expect("peer alive")).collect()
     }
 }
 

@@ -1,0 +1,304 @@
+//! Expert-parallel inference in rounds, so that processes need not run the same layer at the same
+//! time: each process serves its own requests (data-parallel attention) or none (an idle process
+//! still serves its experts to the others).
+//!
+//! Every process runs a service thread taking part in a stream of rounds over an
+//! [`ExpertExchange`]. In a round each process contributes the MoE layer call its model is
+//! waiting on, if any:
+//! 1. an all-to-all sends every process a header — done?, the call's MoE layer and its routing
+//!    `experts [t, k]` — and, to each process placed one of a token's experts, that token's row
+//!    once (DeepEP's normal mode);
+//! 2. each process runs the pairs placed on it, for every caller with the caller's layer;
+//! 3. an all-to-all returns each pair's output row, in pair order; the caller sums them as one
+//!    process would ([`crate::moe::Moe`]'s parallel forward), so outputs are bit-identical.
+//!
+//! Every process sees every header in rank order and observes them into its [`Placement`] after
+//! the round, so all processes agree on the placement without exchanging it. Rounds go on until
+//! every process is done. A process with nothing to send waits between polls of the transfer
+//! ([`ExpertExchange::all_to_all_waiting`]) instead of spinning on cores the model needs.
+
+use crate::grad::moe::ExpertExchange;
+use crate::moe::ExpertParallel;
+use crate::DeepseekV3;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// Where each (token, expert) pair of a MoE layer runs; every process must hold the same one.
+pub trait Placement: Send {
+    /// The process that runs `token`'s pair with expert `e` in MoE layer `moe`.
+    fn rank_of(&self, moe: usize, e: usize, token: usize) -> usize;
+    /// Records one call's routing `experts [t, k]` (every process, every call, in round order).
+    fn observe(&mut self, moe: usize, experts: &[usize], k: usize);
+}
+
+/// A MoE layer call waiting for its routed experts.
+struct Call {
+    moe: usize,
+    x: Vec<f32>, // [t, D]
+    d: usize,
+    experts: Vec<usize>, // [t, k]
+    k: usize,
+}
+
+#[derive(Default)]
+struct State {
+    call: Option<Call>,
+    result: Option<Vec<f32>>,
+    /// This process will make no more calls.
+    done: bool,
+    /// The service thread has ended.
+    stopped: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The model's side: hands each MoE layer call to the service thread.
+struct Rounds {
+    shared: Arc<Shared>,
+    one_call: Mutex<()>,
+}
+
+impl ExpertParallel for Rounds {
+    fn expert_outputs(&self, moe: usize, x: &[f32], d: usize, experts: &[usize], k: usize, during: &mut dyn FnMut()) -> Vec<f32> {
+        let _one = self.one_call.lock().unwrap_or_else(|e| e.into_inner());
+        self.shared.lock().call = Some(Call { moe, x: x.to_vec(), d, experts: experts.to_vec(), k });
+        self.shared.changed.notify_all();
+        during();
+        let mut s = self.shared.lock();
+        loop {
+            if let Some(r) = s.result.take() {
+                return r;
+            }
+            assert!(!s.stopped, "the expert service stopped during a call");
+            s = self.shared.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// The running service thread of one process.
+pub struct ExpertService {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ExpertService {
+    /// Routes `model`'s experts through rounds over `ex` and starts the service thread, which
+    /// keeps the model alive until every process is [`finish`](ExpertService::finish)ed.
+    pub fn start(mut model: DeepseekV3, ex: Arc<dyn ExpertExchange>, mut placement: Box<dyn Placement>) -> (Arc<DeepseekV3>, ExpertService) {
+        let shared = Arc::new(Shared::default());
+        model.set_expert_parallel(Arc::new(Rounds { shared: shared.clone(), one_call: Mutex::new(()) }));
+        let model = Arc::new(model);
+        let (m, s) = (model.clone(), shared.clone());
+        let thread = std::thread::spawn(move || {
+            // Marks the end even on a panic, so a waiting caller fails instead of hanging.
+            struct Stopped(Arc<Shared>);
+            impl Drop for Stopped {
+                fn drop(&mut self) {
+                    self.0.lock().stopped = true;
+                    self.0.changed.notify_all();
+                }
+            }
+            let _stopped = Stopped(s.clone());
+            serve(&m, ex.as_ref(), placement.as_mut(), &s);
+        });
+        (model, ExpertService { shared, thread: Some(thread) })
+    }
+
+    /// This process makes no more calls: serves the others' until all are done, then returns.
+    pub fn finish(mut self) {
+        self.shared.lock().done = true;
+        self.shared.changed.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Header fields, each an f32 carrying a u32's bits: flags, MoE layer, D, k, t; then `experts`.
+const HEADER: usize = 5;
+const DONE: u32 = 1;
+const CALLING: u32 = 2;
+
+fn word(v: usize) -> f32 {
+    f32::from_bits(u32::try_from(v).expect("a header field over 2^32"))
+}
+
+fn unword(v: f32) -> usize {
+    v.to_bits() as usize
+}
+
+/// One process's call as seen by the others.
+struct Header<'a> {
+    moe: usize,
+    d: usize,
+    k: usize,
+    experts: Vec<usize>,
+    rows: &'a [f32],
+}
+
+fn parse(block: &[f32]) -> (bool, Option<Header<'_>>) {
+    let flags = unword(block[0]) as u32;
+    if flags & CALLING == 0 {
+        return (flags & DONE != 0, None);
+    }
+    let (moe, d, k, t) = (unword(block[1]), unword(block[2]), unword(block[3]), unword(block[4]));
+    let experts = block[HEADER..HEADER + t * k].iter().map(|&v| unword(v)).collect();
+    (false, Some(Header { moe, d, k, experts, rows: &block[HEADER + t * k..] }))
+}
+
+/// How long a process without a call sleeps between polls of a round, after `quiet` rounds in a
+/// row without any call: none at first (yield), then short, then idle-server long.
+fn poll_pause(quiet: usize, polls: usize) -> Option<Duration> {
+    match (quiet, polls) {
+        (q, _) if q > 2000 => Some(Duration::from_millis(1)),
+        (_, p) if p < 200 => None,
+        _ => Some(Duration::from_micros(50)),
+    }
+}
+
+fn serve(model: &DeepseekV3, ex: &dyn ExpertExchange, placement: &mut dyn Placement, shared: &Shared) {
+    let (me, ranks) = (ex.rank(), ex.ranks());
+    // Its own threads: the model's forward waits for this service on a thread of the global
+    // pool, which may have no other.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(rayon::current_num_threads()).build().expect("the expert service's threads");
+    let moes = model.moe_layers();
+    let mut quiet = 0usize;
+    loop {
+        let (call, done) = {
+            let mut s = shared.lock();
+            if s.call.is_none() && !s.done && quiet > 2000 {
+                // An idle server: a call here wakes the round at once; the others join within
+                // their pause.
+                s = shared.changed.wait_timeout(s, Duration::from_millis(1)).unwrap_or_else(|e| e.into_inner()).0;
+            }
+            (s.call.take(), s.done)
+        };
+        // 1. Headers everywhere, each token's row to the processes placed one of its pairs.
+        let mut send: Vec<Vec<f32>> = vec![vec![]; ranks];
+        let mut dest = vec![];
+        match &call {
+            None => send.iter_mut().for_each(|b| b.push(word(if done { DONE as usize } else { 0 }))),
+            Some(c) => {
+                let t = c.experts.len() / c.k.max(1);
+                dest = (0..c.experts.len()).map(|j| placement.rank_of(c.moe, c.experts[j], j / c.k)).collect::<Vec<_>>();
+                for (r, b) in send.iter_mut().enumerate() {
+                    b.extend([word(CALLING as usize), word(c.moe), word(c.d), word(c.k), word(t)]);
+                    b.extend(c.experts.iter().map(|&e| word(e)));
+                    for i in (0..t).filter(|&i| dest[i * c.k..(i + 1) * c.k].contains(&r)) {
+                        b.extend_from_slice(&c.x[i * c.d..(i + 1) * c.d]);
+                    }
+                }
+            }
+        }
+        let mut polls = 0;
+        let recv = ex.all_to_all_waiting(send, &mut || {
+            polls += 1;
+            match poll_pause(if call.is_some() { 0 } else { quiet }, polls) {
+                Some(p) => std::thread::sleep(p),
+                None => std::thread::yield_now(),
+            }
+        });
+        let parsed: Vec<(bool, Option<Header>)> = recv.iter().map(|b| parse(b)).collect();
+        if parsed.iter().all(|(_, h)| h.is_none()) {
+            if parsed.iter().all(|&(done, _)| done) {
+                return;
+            }
+            quiet += 1;
+            continue;
+        }
+        quiet = 0;
+        // 2. The pairs placed here, for each caller.
+        let outputs: Vec<Vec<f32>> = parsed
+            .iter()
+            .map(|(_, h)| match h {
+                None => vec![],
+                Some(h) => {
+                    let t = h.experts.len() / h.k.max(1);
+                    let here = |i: usize, s: usize| placement.rank_of(h.moe, h.experts[i * h.k + s], i) == me;
+                    let tokens: Vec<usize> = (0..t).filter(|&i| (0..h.k).any(|s| here(i, s))).collect();
+                    // The received tokens' rows and routing, with this process's pairs among them.
+                    let experts: Vec<usize> = tokens.iter().flat_map(|&i| h.experts[i * h.k..(i + 1) * h.k].iter().copied()).collect();
+                    let pairs: Vec<usize> =
+                        tokens.iter().enumerate().flat_map(|(n, &i)| (0..h.k).filter(move |&s| here(i, s)).map(move |s| n * h.k + s)).collect::<Vec<_>>();
+                    pool.install(|| moes[h.moe].expert_rows(h.rows, h.d, &experts, h.k, &pairs))
+                }
+            })
+            .collect();
+        for (_, h) in &parsed {
+            if let Some(h) = h {
+                placement.observe(h.moe, &h.experts, h.k);
+            }
+        }
+        // 3. Each pair's row back to its caller, in pair order.
+        let back = ex.all_to_all_waiting(outputs, &mut || std::thread::yield_now());
+        if let Some(c) = call {
+            let mut out = vec![0f32; c.experts.len() * c.d];
+            let mut next = vec![0usize; ranks];
+            for (j, &r) in dest.iter().enumerate() {
+                out[j * c.d..(j + 1) * c.d].copy_from_slice(&back[r][next[r] * c.d..(next[r] + 1) * c.d]);
+                next[r] += 1;
+            }
+            shared.lock().result = Some(out);
+            shared.changed.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::{generate, GenerateOptions};
+    use crate::grad::moe::ThreadExchange;
+    use crate::init::{preset, write_random_checkpoint, StoreDtype};
+
+    /// Static placement with the experts of one process on another: pair (token, e) on
+    /// `(e + token) % ranks`, so tokens split across processes too.
+    struct Spread(usize);
+
+    impl Placement for Spread {
+        fn rank_of(&self, _moe: usize, e: usize, token: usize) -> usize {
+            (e + token) % self.0
+        }
+        fn observe(&mut self, _moe: usize, _experts: &[usize], _k: usize) {}
+    }
+
+    /// Three processes, each generating its own prompt at its own pace (one finishes early and
+    /// serves the others' experts): every sequence equals one process's, token for token.
+    #[test]
+    fn data_parallel_attention_generates_as_one_process() {
+        let dir = std::env::temp_dir().join(format!("dsv3-expert-service-{}", std::process::id()));
+        write_random_checkpoint(&dir, &preset("tiny").unwrap(), StoreDtype::Fp8, 3).unwrap();
+        let opts = |n| GenerateOptions { max_new_tokens: n, sampling: Default::default(), eos_token_ids: vec![], ignore_eos: true, mtp_speculative: 0 };
+        let prompts: Vec<(Vec<u32>, usize)> = vec![(vec![5, 9, 13, 17], 12), (vec![2, 4], 3), (vec![7, 7, 7, 7, 7, 7, 7, 7, 1], 8)];
+        let one = DeepseekV3::load(&dir).unwrap();
+        let want: Vec<Vec<u32>> = prompts.iter().map(|(p, n)| generate(&one, p, &opts(*n), |_| {}).unwrap().0).collect();
+        let got: Vec<Vec<u32>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ThreadExchange::group(3)
+                .into_iter()
+                .zip(&prompts)
+                .map(|(ex, (p, n))| {
+                    let dir = &dir;
+                    s.spawn(move || {
+                        let (model, service) = ExpertService::start(DeepseekV3::load(dir).unwrap(), Arc::new(ex), Box::new(Spread(3)));
+                        let out = generate(&model, p, &opts(*n), |_| {}).unwrap().0;
+                        service.finish();
+                        out
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(got, want);
+    }
+}
