@@ -15,11 +15,11 @@ pub fn load_model(dir: &Path) -> Result<std::sync::Arc<DeepseekV3>> {
     if !dir.is_dir() {
         bail!("--model {}: not a folder (a Hugging Face model folder with config.json and safetensors)", dir.display());
     }
-    let model = DeepseekV3::load(dir).with_context(|| format!("loading {}", dir.display()))?;
     #[cfg(feature = "mpi")]
     if EXPERT_PARALLEL.load(std::sync::atomic::Ordering::Relaxed) {
-        return crate::ep::attach(model);
+        return crate::ep::load(dir);
     }
+    let model = DeepseekV3::load(dir).with_context(|| format!("loading {}", dir.display()))?;
     Ok(std::sync::Arc::new(model))
 }
 

@@ -53,6 +53,8 @@ static EP: OnceLock<Ep> = OnceLock::new();
 /// Per MoE layer placement, identical on every process.
 struct Placements {
     layers: Vec<LiveBalancer>,
+    /// Tokens × MoE layers called, over all processes.
+    token_layers: u64,
 }
 
 impl Placements {
@@ -62,7 +64,7 @@ impl Placements {
         }
         let slots = (experts + o.redundant).next_multiple_of(ranks);
         let b = LiveBalancer::new(experts, ranks, slots, o.rebalance_every).map_err(|e| anyhow::anyhow!("--expert-parallel: {e}"))?;
-        Ok(Placements { layers: vec![b; layers] })
+        Ok(Placements { layers: vec![b; layers], token_layers: 0 })
     }
 }
 
@@ -74,7 +76,9 @@ impl Placement for Live {
         self.0.lock().expect("placement lock").layers[moe].rank_of(e, token)
     }
     fn observe(&mut self, moe: usize, experts: &[usize], k: usize) {
-        self.0.lock().expect("placement lock").layers[moe].observe(experts, k)
+        let mut p = self.0.lock().expect("placement lock");
+        p.layers[moe].observe(experts, k);
+        p.token_layers += (experts.len() / k.max(1)) as u64;
     }
 }
 
@@ -106,10 +110,28 @@ fn report(ex: &MpiExchange, loaded: bool) -> usize {
     n as usize
 }
 
+/// Loads a model folder for expert-parallel inference and [`attach`]es it. With the static
+/// placement (no `--redundant-experts`, no `--rebalance-every`) a process loads only its own
+/// routed experts (`e·N/E`), so the experts' memory is split too; with EPLB any expert may be
+/// placed anywhere, so each process loads them all.
+pub fn load(dir: &std::path::Path) -> anyhow::Result<Arc<DeepseekV3>> {
+    use anyhow::Context;
+    use dsv3_model::grad::moe::{expert_owner, routed_expert};
+    let ep = EP.get().ok_or_else(|| anyhow::anyhow!("--expert-parallel: MPI not initialized"))?;
+    let model = if ep.options.redundant == 0 && ep.options.rebalance_every == 0 {
+        let experts = dsv3_model::Config::from_file(&dir.join("config.json"))?.n_routed_experts;
+        let (rank, ranks) = (ep.rank, ep.ranks);
+        DeepseekV3::load_skipping(dir, move |name| routed_expert(name).is_some_and(|e| expert_owner(e, experts, ranks) != rank))
+    } else {
+        DeepseekV3::load(dir)
+    };
+    attach(model.with_context(|| format!("loading {}", dir.display()))?)
+}
+
 /// Splits the model's routed experts over the processes and starts this process's expert
 /// service. Rank 0 (every rank with `serve --data-parallel`) goes on to run the command with the
 /// model returned; the others serve experts until the command is done everywhere, then exit.
-pub fn attach(model: DeepseekV3) -> anyhow::Result<Arc<DeepseekV3>> {
+fn attach(model: DeepseekV3) -> anyhow::Result<Arc<DeepseekV3>> {
     let ep = EP.get().ok_or_else(|| anyhow::anyhow!("--expert-parallel: MPI not initialized"))?;
     let ex = ep.exchange.lock().expect("lock").take().ok_or_else(|| anyhow::anyhow!("--expert-parallel: one model per process"))?;
     let experts = model.config.n_routed_experts;
@@ -171,6 +193,11 @@ pub fn finish() {
         let service = ep.service.lock().ok().and_then(|mut s| s.take());
         if let Some(service) = service {
             service.finish();
+            let calls = ep.placements.lock().ok().and_then(|p| p.clone()).map_or(0, |p| p.lock().map_or(0, |p| p.token_layers));
+            if calls > 0 {
+                let sent = EXPERT_BYTES.load(Ordering::Relaxed);
+                eprintln!("expert parallel: rank {} sent {:.2} MB to other processes, {:.0} bytes per token and MoE layer of all processes' calls ({calls})", ep.rank, sent as f64 / 1e6, sent as f64 / calls as f64);
+            }
         } else if !ep.reported.swap(true, Ordering::Relaxed) {
             if let Some(ex) = ep.exchange.lock().ok().and_then(|mut e| e.take()) {
                 report(&ex, false);
@@ -233,12 +260,14 @@ impl dsv3_model::grad::moe::ExpertExchange for MpiSum {
     }
     fn all_to_all_waiting(&self, send: Vec<Vec<f32>>, idle: &mut dyn FnMut()) -> Vec<Vec<f32>> {
         let counts: Vec<usize> = send.iter().map(|b| 4 * b.len()).collect();
+        let remote: usize = counts.iter().enumerate().filter(|&(r, _)| r != self.rank).map(|(_, c)| c).sum();
+        EXPERT_BYTES.fetch_add(remote as u64, std::sync::atomic::Ordering::Relaxed);
         let (recv, sizes) = self.ex.lock().expect("MPI lock").all_to_all_waiting(&le_bytes(&send.concat()), &counts, idle);
         f32_blocks(&recv, &sizes)
     }
 }
 
-/// Bytes this process sent to others in expert-parallel training's exchanges.
+/// Bytes this process sent to others in expert-parallel exchanges.
 static EXPERT_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Bytes this process sent to other processes in expert-parallel training's exchanges.

@@ -174,10 +174,9 @@ impl Checkpoint {
         let bad = |msg: String| ModelError::Safetensors { path: path.into(), msg };
         let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
         // SAFETY: the map is read-only; a checkpoint modified while mapped is outside our contract
-        // (as for every mmap-based loader). Populated up front (as llama.cpp does): otherwise the
-        // first step to touch each expert pays its page faults, and a first prompt runs 2-3×
-        // slower than the next.
-        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        // (as for every mmap-based loader). Each tensor's pages are read when it is loaded
+        // ([`Checkpoint::bytes`]), so a process loading a share of the tensors reads only those.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
         if map.len() < 8 {
             return Err(bad(format!("{} bytes is too short for a header", map.len())));
         }
@@ -232,7 +231,18 @@ impl Checkpoint {
     }
 
     fn bytes(&self, t: &TensorInfo) -> Bytes {
-        Bytes { src: ByteSource::Mapped(self.files[t.file].1.clone()), start: t.start, len: t.end - t.start }
+        let map = &self.files[t.file].1;
+        // Read and mapped in now (as llama.cpp populates its maps): otherwise the first step to
+        // touch each expert pays its page faults, and a first prompt runs 2-3× slower than the
+        // next. Advice only: an older kernel without MADV_POPULATE_READ reads ahead instead.
+        #[cfg(target_os = "linux")]
+        let populated = map.advise_range(memmap2::Advice::PopulateRead, t.start, t.end - t.start).is_ok();
+        #[cfg(not(target_os = "linux"))]
+        let populated = false;
+        if !populated {
+            let _ = map.advise_range(memmap2::Advice::WillNeed, t.start, t.end - t.start);
+        }
+        Bytes { src: ByteSource::Mapped(map.clone()), start: t.start, len: t.end - t.start }
     }
 
     fn check_shape(&self, name: &str, t: &TensorInfo, want: &[usize]) -> Result<()> {

@@ -15,7 +15,7 @@ use crate::optim::Optimizer;
 use crate::parallel::{AllReduce, Pipeline};
 use dsv3_dist::pipeline::P2p;
 use dsv3_dist::schedule::stage_position;
-use dsv3_model::grad::moe::expert_owner;
+use dsv3_model::grad::moe::{expert_owner, routed_expert};
 use dsv3_model::grad::Grads;
 use dsv3_model::DeepseekV3;
 use std::collections::HashMap;
@@ -106,10 +106,6 @@ fn uses(model: &DeepseekV3, name: &str, pos: usize, split: &[Range<usize>]) -> b
     last // the final norm and the head
 }
 
-/// The routed expert a parameter belongs to.
-fn routed_expert(name: &str) -> Option<usize> {
-    name.split(".mlp.experts.").nth(1)?.split('.').next()?.parse().ok()
-}
 
 impl Placement {
     /// The placement of `model`'s parameters (call on the whole model, before dropping any).

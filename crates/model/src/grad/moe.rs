@@ -88,6 +88,11 @@ impl ExpertExchange for ThreadExchange {
     }
 }
 
+/// The routed expert a checkpoint tensor belongs to (`…mlp.experts.{e}.…`).
+pub fn routed_expert(name: &str) -> Option<usize> {
+    name.split(".mlp.experts.").nth(1)?.split('.').next()?.parse().ok()
+}
+
 /// The process holding routed expert `e` of `experts` over `ranks`: contiguous blocks, as DeepEP
 /// and the static inference placement.
 pub fn expert_owner(e: usize, experts: usize, ranks: usize) -> usize {
