@@ -100,10 +100,16 @@ impl ExpertService {
         let model = Arc::new(model);
         let (m, s) = (model.clone(), shared.clone());
         let thread = std::thread::spawn(move || {
-            // Marks the end even on a panic, so a waiting caller fails instead of hanging.
+            // Marks the end, so a waiting caller fails instead of hanging. A panic here is a bug;
+            // the other processes would wait for this one's rounds forever, so the process ends
+            // (and `mpirun` ends the job).
             struct Stopped(Arc<Shared>);
             impl Drop for Stopped {
                 fn drop(&mut self) {
+                    if std::thread::panicking() {
+                        eprintln!("error: the expert service failed; ending this process so the others do not wait for it");
+                        std::process::abort();
+                    }
                     self.0.lock().stopped = true;
                     self.0.changed.notify_all();
                 }
