@@ -36,6 +36,8 @@ struct Ep {
     ranks: usize,
     exchange: Mutex<Option<MpiExchange>>,
     options: Options,
+    /// MPI may be called from several threads at once.
+    concurrent: bool,
     /// Inference: this process's expert service, and the placement it keeps.
     service: Mutex<Option<ExpertService>>,
     placements: Mutex<Option<Arc<Mutex<Placements>>>>,
@@ -84,7 +86,9 @@ impl Placement for Live {
 
 /// Initializes MPI; returns (rank, ranks).
 pub fn init(options: Options) -> anyhow::Result<(usize, usize)> {
-    let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Serialized).ok_or_else(|| anyhow::anyhow!("MPI is already initialized"))?;
+    // Multiple: DualPipe's (F|B) runs a forward and a backward on two threads, each with its own
+    // expert exchange; with less, they run one after the other.
+    let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Multiple).ok_or_else(|| anyhow::anyhow!("MPI is already initialized"))?;
     if threading < mpi::Threading::Serialized {
         anyhow::bail!("--expert-parallel: this MPI does not support serialized multi-threaded calls");
     }
@@ -96,6 +100,7 @@ pub fn init(options: Options) -> anyhow::Result<(usize, usize)> {
         ranks,
         exchange: Mutex::new(Some(MpiExchange { comm: world })),
         options,
+        concurrent: threading == mpi::Threading::Multiple,
         service: Mutex::new(None),
         placements: Mutex::new(None),
         reported: AtomicBool::new(false),
@@ -314,11 +319,15 @@ pub fn training(how: Training) -> anyhow::Result<()> {
         Training::Pipeline { kind, chunks, stages, experts } => {
             let experts = experts.then(|| {
                 // The processes at the same pipeline rank exchange expert rows (ranks ordered as
-                // in the world: the pipeline index).
+                // in the world: the pipeline index), the backward's on a duplicate communicator
+                // when a forward and a backward may run at once.
                 let world = &sum.ex.lock().expect("MPI lock").comm;
                 let (g, s) = (ep.rank / stages, ep.rank % stages);
                 let comm = world.split_by_color(mpi::topology::Color::with_value(s as i32)).expect("a member of its own color");
-                Arc::new(MpiSum { ex: Mutex::new(MpiExchange { comm }), rank: g, size: ep.ranks / stages }) as Arc<dyn dsv3_model::grad::moe::ExpertExchange>
+                let exchange = |comm| Arc::new(MpiSum { ex: Mutex::new(MpiExchange { comm }), rank: g, size: ep.ranks / stages }) as Arc<dyn dsv3_model::grad::moe::ExpertExchange>;
+                let backward = ep.concurrent.then(|| exchange(comm.duplicate()));
+                let forward = exchange(comm);
+                dsv3_model::grad::moe::Exchanges { backward: backward.unwrap_or_else(|| forward.clone()), forward }
             });
             dsv3_train::parallel::set_pipeline(sum, kind, chunks, stages, experts)
         }

@@ -7,6 +7,14 @@
 
 use std::process::Command;
 
+/// `mpirun`, oversubscribing the cores, under a time limit: a hang fails the test instead of the
+/// whole run.
+fn mpirun() -> Command {
+    let mut c = Command::new("timeout");
+    c.args(["600", "mpirun", "--allow-run-as-root", "--oversubscribe"]);
+    c
+}
+
 fn run(np: Option<&str>, args: &[&str]) -> String {
     run_with(np, args, &[])
 }
@@ -15,7 +23,7 @@ fn run_with(np: Option<&str>, args: &[&str], ep: &[&str]) -> String {
     let exe = env!("CARGO_BIN_EXE_dsv3");
     let out = match np {
         None => Command::new(exe).args(args).output().unwrap(),
-        Some(n) => Command::new("mpirun").args(["--allow-run-as-root", "--oversubscribe", "-np", n, exe]).args(args).arg("--expert-parallel").args(ep).output().unwrap(),
+        Some(n) => mpirun().args(["-np", n, exe]).args(args).arg("--expert-parallel").args(ep).output().unwrap(),
     };
     assert!(out.status.success(), "{np:?} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
@@ -60,7 +68,7 @@ fn data_parallel_attention_serves_from_every_process() {
     let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
     let port = (20000 + (std::process::id() % 20000) as u16..60000).find(|&p| free(p) && free(p + 1)).unwrap();
     let exe = env!("CARGO_BIN_EXE_dsv3");
-    let server = Command::new("mpirun")
+    let mut server = Command::new("mpirun")
         .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", exe, "serve", "--model", d, "--port", &port.to_string()])
         .args(["--expert-parallel", "--data-parallel", "--redundant-experts", "2", "--rebalance-every", "3"])
         .stderr(std::process::Stdio::piped())
@@ -90,13 +98,19 @@ fn data_parallel_attention_serves_from_every_process() {
     // SIGINT to each server (mpirun would kill them on its own): each drains, then serves
     // experts until the other is done too, and both exit cleanly.
     Command::new("pkill").args(["-INT", "-P", &server.id().to_string()]).status().unwrap();
-    let out = server.wait_with_output().unwrap();
+    let status = (0..600).find_map(|_| server.try_wait().unwrap().or_else(|| { std::thread::sleep(std::time::Duration::from_millis(100)); None }));
+    let Some(status) = status else {
+        server.kill().ok();
+        panic!("the servers did not stop within 60 s of SIGINT");
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut stderr).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         // The server stops at an end-of-sequence token; `generate --ignore-eos` goes on.
         assert!(!g.is_empty() && w.starts_with(g), "prompt {i}: served {g:?}, one process {w:?}");
     }
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(status.success(), "{stderr}");
 }
 
 #[test]
@@ -150,7 +164,7 @@ fn parallel_training_matches(np: &str, batch: usize, mode: &[&str]) -> (std::pat
     let a2: Vec<String> = args(&two);
     let single = run(None, &a1.iter().map(|s| s.as_str()).collect::<Vec<_>>());
     let exe = env!("CARGO_BIN_EXE_dsv3");
-    let o = Command::new("mpirun").args(["--allow-run-as-root", "--oversubscribe", "-np", np, exe]).args(&a2).args(mode).output().unwrap();
+    let o = mpirun().args(["-np", np, exe]).args(&a2).args(mode).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let parallel = String::from_utf8(o.stdout).unwrap();
     let steps = |s: &str| -> Vec<serde_json::Value> { s.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v.get("loss").is_some()).collect() };
@@ -182,7 +196,7 @@ fn zero1_is_bit_identical_to_plain_data_parallelism() {
     let train = |out: &std::path::Path, extra: &[&str]| {
         let exe = env!("CARGO_BIN_EXE_dsv3");
         let args = ["train", "--preset", "tiny", "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--no-sample", "--json", "--out", out.to_str().unwrap()];
-        let o = Command::new("mpirun").args(["--allow-run-as-root", "--oversubscribe", "-np", "2", exe]).args(args).args(extra).output().unwrap();
+        let o = mpirun().args(["-np", "2", exe]).args(args).args(extra).output().unwrap();
         assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
     };
     let same = |a: &std::path::Path, b: &std::path::Path| {

@@ -4,8 +4,10 @@
 //! runs its op list: `F` receives its input from the previous stage (or takes the micro-batch),
 //! runs the stage and sends the output on (or computes the loss); `B` receives the output
 //! gradient, sends the input gradient back and computes the weight gradients — or, for `b`,
-//! queues them for a later `W`; `(F|B)` runs both in one slot. Losses and gradients can then be
-//! compared with the sequential run of the same micro-batches ([`reference`]).
+//! queues them for a later `W`; `(F|B)` runs both in one slot, at the same time on two threads
+//! (DualPipe's overlap: one's communication — the expert all-to-alls inside a stage — hides
+//! behind the other's computation). Losses and gradients can then be compared with the
+//! sequential run of the same micro-batches ([`reference`]).
 
 use crate::schedule::{Kind, Op};
 use std::collections::{HashMap, VecDeque};
@@ -23,9 +25,9 @@ pub trait P2p {
 /// The model a pipeline runs, as stage positions along each micro-batch's path (the executor
 /// knows which rank and direction hold a position; the model knows what a position computes).
 /// Activations and gradients travel as f64 (f32 models convert exactly).
-pub trait StageCompute {
-    type Saved;
-    type Deferred;
+pub trait StageCompute: Sync {
+    type Saved: Send;
+    type Deferred: Send;
     /// Forward of position `pos` for batch micro-batch `bi`; `input` is `None` at position 0.
     /// Returns the output (empty at the last position) and, at the last position, the loss.
     fn forward(&self, pos: usize, bi: usize, input: Option<Vec<f64>>) -> (Vec<f64>, Option<f64>, Self::Saved);
@@ -34,6 +36,11 @@ pub trait StageCompute {
     /// now or by a later `W`.
     fn backward(&self, pos: usize, bi: usize, saved: Self::Saved, dy: Option<Vec<f64>>) -> (Vec<f64>, Self::Deferred);
     fn weight(&self, pos: usize, work: Self::Deferred);
+    /// Whether a forward and a backward may run at the same time (each on its own thread; any
+    /// communication inside them on separate channels). Otherwise `(F|B)` runs F, then B.
+    fn overlap(&self) -> bool {
+        true
+    }
 }
 
 /// One stage: `y = W2·gelu(W1·x)`, rows of `h`.
@@ -274,35 +281,93 @@ impl<M: StageCompute> Exec<'_, M> {
         }
     }
 
-    fn forward(&mut self, p2p: &mut dyn P2p, dir: u8, mb: usize) {
+    /// A forward's input, received (or the micro-batch at position 0).
+    fn forward_input(&mut self, p2p: &mut dyn P2p, dir: u8, mb: usize) -> ForwardCall {
         let (flow, pos, len) = self.pl.position(self.me, dir);
-        let bi = self.pl.batch_index(flow, mb);
         let input = (pos > 0).then(|| self.take(p2p, self.pl.at(flow, pos - 1).0, tag(0, flow, mb, pos)));
-        let (y, loss, s) = self.model.forward(pos, bi, input);
-        self.saved.insert((flow, mb, pos), s);
+        ForwardCall { flow, pos, len, mb, bi: self.pl.batch_index(flow, mb), input }
+    }
+
+    /// A forward's output, kept and sent on.
+    fn forward_output(&mut self, p2p: &mut dyn P2p, c: &ForwardCall, (y, loss, s): (Vec<f64>, Option<f64>, M::Saved)) {
+        self.saved.insert((c.flow, c.mb, c.pos), s);
         if let Some(l) = loss {
-            self.losses.push((bi, l));
+            self.losses.push((c.bi, l));
         }
-        if pos + 1 < len {
-            self.give(p2p, self.pl.at(flow, pos + 1).0, tag(0, flow, mb, pos + 1), y);
+        if c.pos + 1 < c.len {
+            self.give(p2p, self.pl.at(c.flow, c.pos + 1).0, tag(0, c.flow, c.mb, c.pos + 1), y);
+        }
+    }
+
+    fn forward(&mut self, p2p: &mut dyn P2p, dir: u8, mb: usize) {
+        let mut c = self.forward_input(p2p, dir, mb);
+        let out = self.model.forward(c.pos, c.bi, c.input.take());
+        self.forward_output(p2p, &c, out);
+    }
+
+    /// A backward's output gradient, received, and its forward's saved state.
+    fn backward_input(&mut self, p2p: &mut dyn P2p, dir: u8, mb: usize) -> (BackwardCall, M::Saved) {
+        let (flow, pos, len) = self.pl.position(self.me, dir);
+        let dy = (pos + 1 < len).then(|| self.take(p2p, self.pl.at(flow, pos + 1).0, tag(1, flow, mb, pos)));
+        let s = self.saved.remove(&(flow, mb, pos)).expect("the forward of this micro-batch");
+        (BackwardCall { flow, pos, mb, bi: self.pl.batch_index(flow, mb), dy }, s)
+    }
+
+    /// A backward's input gradient, sent back; its weight gradients now or queued for `W`.
+    fn backward_output(&mut self, p2p: &mut dyn P2p, c: &BackwardCall, (dx, work): (Vec<f64>, M::Deferred), zb: bool) {
+        if c.pos > 0 {
+            self.give(p2p, self.pl.at(c.flow, c.pos - 1).0, tag(1, c.flow, c.mb, c.pos - 1), dx);
+        }
+        if zb {
+            self.w_queue.push_back((c.pos, work));
+        } else {
+            self.model.weight(c.pos, work);
         }
     }
 
     fn backward(&mut self, p2p: &mut dyn P2p, dir: u8, mb: usize, zb: bool) {
-        let (flow, pos, len) = self.pl.position(self.me, dir);
-        let bi = self.pl.batch_index(flow, mb);
-        let dy = (pos + 1 < len).then(|| self.take(p2p, self.pl.at(flow, pos + 1).0, tag(1, flow, mb, pos)));
-        let s = self.saved.remove(&(flow, mb, pos)).expect("the forward of this micro-batch");
-        let (dx, work) = self.model.backward(pos, bi, s, dy);
-        if pos > 0 {
-            self.give(p2p, self.pl.at(flow, pos - 1).0, tag(1, flow, mb, pos - 1), dx);
-        }
-        if zb {
-            self.w_queue.push_back((pos, work));
-        } else {
-            self.model.weight(pos, work);
-        }
+        let (mut c, s) = self.backward_input(p2p, dir, mb);
+        let out = self.model.backward(c.pos, c.bi, s, c.dy.take());
+        self.backward_output(p2p, &c, out, zb);
     }
+
+    /// `(F|B)`: both inputs received, the forward on a second thread while the backward runs
+    /// here, then both outputs sent. The two touch disjoint state (the forward its saved
+    /// activations and losses, the backward its gradients), so the results equal F then B.
+    fn forward_backward(&mut self, p2p: &mut dyn P2p, (fdir, fmb): (u8, usize), (bdir, bmb): (u8, usize)) {
+        if !self.model.overlap() {
+            self.forward(p2p, fdir, fmb);
+            return self.backward(p2p, bdir, bmb, false);
+        }
+        let mut f = self.forward_input(p2p, fdir, fmb);
+        let (mut b, s) = self.backward_input(p2p, bdir, bmb);
+        let model = self.model;
+        let (f_out, b_out) = std::thread::scope(|scope| {
+            let input = f.input.take();
+            let forward = scope.spawn(move || model.forward(f.pos, f.bi, input));
+            let b_out = model.backward(b.pos, b.bi, s, b.dy.take());
+            (forward.join().unwrap_or_else(|e| std::panic::resume_unwind(e)), b_out)
+        });
+        self.forward_output(p2p, &f, f_out);
+        self.backward_output(p2p, &b, b_out, false);
+    }
+}
+
+struct ForwardCall {
+    flow: usize,
+    pos: usize,
+    len: usize,
+    mb: usize,
+    bi: usize,
+    input: Option<Vec<f64>>,
+}
+
+struct BackwardCall {
+    flow: usize,
+    pos: usize,
+    mb: usize,
+    bi: usize,
+    dy: Option<Vec<f64>>,
 }
 
 /// Runs `ops` (this rank's list of a `kind` schedule over `ranks` ranks and `chunks`
@@ -317,10 +382,7 @@ pub fn execute<M: StageCompute>(p2p: &mut dyn P2p, kind: Kind, ranks: usize, chu
                 let (pos, work) = ex.w_queue.pop_front().expect("a deferred weight gradient");
                 model.weight(pos, work);
             }
-            Op::FB { f, b } => {
-                ex.forward(p2p, f.0, f.1);
-                ex.backward(p2p, b.0, b.1, false);
-            }
+            Op::FB { f, b } => ex.forward_backward(p2p, f, b),
         }
     }
     p2p.flush();
@@ -332,7 +394,7 @@ pub fn execute<M: StageCompute>(p2p: &mut dyn P2p, kind: Kind, ranks: usize, chu
 pub struct MlpPipeline<'a> {
     pub stages: &'a [Stage],
     pub batch: &'a Batch,
-    pub grads: std::cell::RefCell<HashMap<usize, Grads>>,
+    pub grads: std::sync::Mutex<HashMap<usize, Grads>>,
 }
 
 impl StageCompute for MlpPipeline<'_> {
@@ -357,7 +419,7 @@ impl StageCompute for MlpPipeline<'_> {
     }
 
     fn weight(&self, pos: usize, work: WeightGrad) {
-        self.grads.borrow_mut().entry(pos).or_default().add(&self.stages[pos], &work);
+        self.grads.lock().expect("gradients").entry(pos).or_default().add(&self.stages[pos], &work);
     }
 }
 
@@ -374,7 +436,7 @@ pub struct RankResult {
 pub fn run(p2p: &mut dyn P2p, kind: Kind, ranks: usize, chunks: usize, ops: &[Op], stages: &[Stage], batch: &Batch) -> RankResult {
     let model = MlpPipeline { stages, batch, grads: Default::default() };
     let losses = execute(p2p, kind, ranks, chunks, ops, &model);
-    let mut grads: Vec<(usize, Grads)> = model.grads.into_inner().into_iter().collect();
+    let mut grads: Vec<(usize, Grads)> = model.grads.into_inner().expect("gradients").into_iter().collect();
     grads.sort_by_key(|(s, _)| *s);
     RankResult { losses, grads }
 }

@@ -28,7 +28,17 @@ thread_local! {
 /// Runs `f` with many-token f32 products on the GEMM (faster, but a token's result then depends on
 /// the token count). Products are issued from the calling thread, so the setting covers `f`.
 pub fn with_many_token_gemm<R>(f: impl FnOnce() -> R) -> R {
-    let before = MANY_TOKEN_GEMM.with(|g| g.replace(true));
+    with_many_token_gemm_set(true, f)
+}
+
+/// Whether [`with_many_token_gemm`] is in force on this thread.
+pub fn many_token_gemm() -> bool {
+    MANY_TOKEN_GEMM.with(|g| g.get())
+}
+
+/// Runs `f` with the many-token setting `on` (to carry one thread's setting onto another).
+pub fn with_many_token_gemm_set<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let before = MANY_TOKEN_GEMM.with(|g| g.replace(on));
     let r = f();
     MANY_TOKEN_GEMM.with(|g| g.set(before));
     r

@@ -223,9 +223,23 @@ impl DeepseekV3 {
     /// Expert-parallel training: every MoE layer exchanges its rows through `ex`; the routed
     /// experts other processes own should then be dropped ([`DeepseekV3::drop_params`]).
     pub fn set_expert_exchange(&mut self, ex: Arc<dyn crate::grad::moe::ExpertExchange>) {
+        self.set_expert_exchanges(ex.clone(), ex);
+    }
+
+    /// [`DeepseekV3::set_expert_exchange`] with the backward's exchanges on a channel of their
+    /// own, so that a forward and a backward may run at the same time ([`DeepseekV3::exchanges_apart`]).
+    pub fn set_expert_exchanges(&mut self, forward: Arc<dyn crate::grad::moe::ExpertExchange>, backward: Arc<dyn crate::grad::moe::ExpertExchange>) {
         for (_, m) in self.moe_layers_mut() {
-            m.ep_train = Some(ex.clone());
+            m.ep_train = Some(crate::grad::moe::Exchanges { forward: forward.clone(), backward: backward.clone() });
         }
+    }
+
+    /// Whether training exchanges expert rows, the forward's and the backward's on different
+    /// channels: a forward and a backward may then run at the same time, one's exchanges hidden
+    /// behind the other's computation.
+    pub fn exchanges_apart(&self) -> bool {
+        let moes = self.moe_layers();
+        !moes.is_empty() && moes.iter().all(|m| m.ep_train.as_ref().is_some_and(|x| !Arc::ptr_eq(&x.forward, &x.backward)))
     }
 
     /// Computes the routed experts of every MoE layer through `ep` (expert parallelism).
@@ -379,7 +393,10 @@ impl KvCache {
 /// forked from a worker (cheap local queue) instead of injected from outside the pool, which
 /// would wake a sleeping thread and park the caller once per matrix.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // The calling thread's GEMM settings go along (from outside the pool, `f` runs on another
+    // thread), so where `f` runs does not change a result.
+    let (many, fp8) = (dsv3_kernels::matmul::many_token_gemm(), crate::grad::fp8::recipe());
     let mut out = None;
-    rayon::scope(|_| out = Some(f()));
+    rayon::scope(|_| out = Some(crate::grad::fp8::with_recipe(fp8, || dsv3_kernels::matmul::with_many_token_gemm_set(many, f))));
     out.expect("rayon::scope runs its closure")
 }

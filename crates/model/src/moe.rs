@@ -139,7 +139,7 @@ pub struct Moe {
     pub ep: Option<(usize, std::sync::Arc<dyn ExpertParallel>)>,
     /// Set for expert-parallel training: the routed experts this process does not own are not
     /// held ([`crate::grad::moe::expert_owner`]).
-    pub ep_train: Option<std::sync::Arc<dyn crate::grad::moe::ExpertExchange>>,
+    pub ep_train: Option<crate::grad::moe::Exchanges>,
 }
 
 impl Moe {

@@ -6,7 +6,7 @@
 //! one process training on the whole batch up to the order of the sums. The transport is
 //! outside this crate (MPI in the CLI).
 
-use dsv3_model::grad::moe::ExpertExchange;
+use dsv3_model::grad::moe::{ExpertExchange, Exchanges};
 use std::sync::{Arc, OnceLock};
 
 /// A sum over the data-parallel processes.
@@ -41,10 +41,11 @@ pub struct Pipeline {
 /// are also split, over the D pipelines: pipeline `g` holds the experts
 /// [`dsv3_model::grad::moe::expert_owner`] gives `g`, and its stage at rank `s` computes them for
 /// the tokens of every pipeline's rank `s` (those processes run the same ops in the same order).
-pub fn set_pipeline(dp: Arc<dyn AllReduce>, kind: dsv3_dist::schedule::Kind, chunks: usize, stages: usize, experts: Option<Arc<dyn ExpertExchange>>) {
-    match experts {
-        Some(ex) => set_expert_parallel(dp, ex),
-        None => set_data_parallel(dp),
+/// A backward exchange apart from the forward's lets DualPipe's `(F|B)` run both at once.
+pub fn set_pipeline(dp: Arc<dyn AllReduce>, kind: dsv3_dist::schedule::Kind, chunks: usize, stages: usize, experts: Option<Exchanges>) {
+    set_data_parallel(dp);
+    if let Some(x) = experts {
+        let _ = EP.set(x);
     }
     let _ = PIPELINE.set(Pipeline { kind, chunks, stages });
 }
@@ -72,7 +73,7 @@ pub(crate) fn get() -> Option<&'static Arc<dyn AllReduce>> {
     DP.get()
 }
 
-static EP: OnceLock<Arc<dyn ExpertExchange>> = OnceLock::new();
+static EP: OnceLock<Exchanges> = OnceLock::new();
 
 /// Expert-parallel training (`dsv3 train --expert-parallel` under `mpirun`): data parallelism as
 /// [`set_data_parallel`] for everything but the routed experts, which are split over the
@@ -81,10 +82,10 @@ static EP: OnceLock<Arc<dyn ExpertExchange>> = OnceLock::new();
 /// moments live on its owner only; its gradient there already sums every process's tokens.
 pub fn set_expert_parallel(dp: Arc<dyn AllReduce>, ex: Arc<dyn ExpertExchange>) {
     set_data_parallel(dp);
-    let _ = EP.set(ex);
+    let _ = EP.set(Exchanges { forward: ex.clone(), backward: ex });
 }
 
-pub(crate) fn experts() -> Option<&'static Arc<dyn ExpertExchange>> {
+pub(crate) fn experts() -> Option<&'static Exchanges> {
     EP.get()
 }
 

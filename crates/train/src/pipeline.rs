@@ -13,7 +13,7 @@ use dsv3_dist::pipeline::{P2p, StageCompute};
 use dsv3_model::grad::model::{LossWeights, StageSaved, StepReport};
 use dsv3_model::grad::{Grads, WeightGrad};
 use dsv3_model::DeepseekV3;
-use std::cell::RefCell;
+use std::sync::Mutex;
 use std::ops::Range;
 
 pub struct DeepSeekStages<'a> {
@@ -26,9 +26,14 @@ pub struct DeepSeekStages<'a> {
     /// The decoder layers of each position ([`crate::placement::stage_split`]).
     split: Vec<Range<usize>>,
     /// The gradients of the stages this process ran.
-    pub grads: RefCell<Grads>,
+    pub grads: Mutex<Grads>,
     /// Expert loads and losses of the stages this process ran.
-    pub report: RefCell<StepReport>,
+    pub report: Mutex<StepReport>,
+    /// The FP8 recipe of the step (thread-local where it is set; stages may run on other threads).
+    fp8: Option<dsv3_model::grad::fp8::Fp8Recipe>,
+    /// Run `(F|B)`'s forward and backward at once: by default when there are expert exchanges to
+    /// hide (on separate channels); without them the two would only compete for the cores.
+    pub overlap: bool,
 }
 
 impl<'a> DeepSeekStages<'a> {
@@ -37,12 +42,22 @@ impl<'a> DeepSeekStages<'a> {
             anyhow::bail!("{positions} pipeline stages for {} decoder layers", model.layers.len());
         }
         let split = crate::placement::stage_split(model, positions);
-        Ok(DeepSeekStages { model, micro_batches, seqs, t, weights, split, grads: Default::default(), report: Default::default() })
+        Ok(DeepSeekStages { model, micro_batches, seqs, t, weights, split, grads: Default::default(), report: Default::default(), fp8: dsv3_model::grad::fp8::recipe(), overlap: model.exchanges_apart() })
     }
 
     /// The decoder layers of position `pos`.
     pub fn layers(&self, pos: usize) -> Range<usize> {
         self.split[pos].clone()
+    }
+
+    /// Runs a stage's forward or backward: on a pool thread (cheapest for its many parallel
+    /// jobs), or — when a forward and a backward run at once and may wait on expert exchanges —
+    /// on the calling thread, so that neither waits while holding one of the pool's threads.
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match self.overlap {
+            true => DeepseekV3::training_here(self.fp8, f),
+            false => dsv3_model::grad::fp8::with_recipe(self.fp8, || DeepseekV3::training(f)),
+        }
     }
 }
 
@@ -61,12 +76,12 @@ impl StageCompute for DeepSeekStages<'_> {
     fn forward(&self, pos: usize, bi: usize, input: Option<Vec<f64>>) -> (Vec<f64>, Option<f64>, StageSaved) {
         let mut report = StepReport::default();
         let (model, tokens, layers, (seqs, t, w)) = (self.model, &self.micro_batches[bi], self.layers(pos), (self.seqs, self.t, self.weights));
-        let (y, saved) = DeepseekV3::training(|| model.stage_forward(layers, tokens, seqs, t, w, input.map(to_f32), &mut report))
+        let (y, saved) = self.run(|| model.stage_forward(layers, tokens, seqs, t, w, input.map(to_f32), &mut report))
         .expect("micro-batches were checked against the vocabulary");
         let last = pos + 1 == self.split.len();
         // The last stage holds the LM and MTP losses; each stage holds its layers' balance loss.
         let loss = last.then(|| report.lm_loss + report.mtp_losses.iter().sum::<f64>() * (self.weights.mtp_lambda / self.model.mtp.len().max(1) as f32) as f64);
-        let mut total = self.report.borrow_mut();
+        let mut total = self.report.lock().expect("report");
         total.balance_loss += report.balance_loss;
         total.load.extend(report.load);
         if last {
@@ -82,19 +97,23 @@ impl StageCompute for DeepSeekStages<'_> {
 
     /// The input gradient now; the weight gradients (every GEMM's `dyᵀ·x`) are kept for `W`.
     fn backward(&self, pos: usize, _bi: usize, saved: StageSaved, dy: Option<Vec<f64>>) -> (Vec<f64>, Vec<WeightGrad>) {
-        let mut g = self.grads.borrow_mut();
+        let mut g = self.grads.lock().expect("gradients");
         let g: &mut Grads = &mut g;
         let (model, layers, seqs, t) = (self.model, self.layers(pos), self.seqs, self.t);
         g.defer_weight_grads();
-        let dx = DeepseekV3::training(|| model.stage_backward(layers, saved, dy.map(to_f32).unwrap_or_default(), seqs, t, g))
+        let dx = self.run(|| model.stage_backward(layers, saved, dy.map(to_f32).unwrap_or_default(), seqs, t, g))
         .expect("the stage's own forward state");
         (to_f64(dx), g.take_deferred())
     }
 
     fn weight(&self, _pos: usize, work: Vec<WeightGrad>) {
-        let mut g = self.grads.borrow_mut();
+        let mut g = self.grads.lock().expect("gradients");
         let g: &mut Grads = &mut g;
         DeepseekV3::training(|| g.apply(work));
+    }
+
+    fn overlap(&self) -> bool {
+        self.overlap
     }
 }
 
@@ -190,9 +209,11 @@ mod tests {
                     .map(|(r, mut peers)| {
                         let (ops, model, mbs) = (&schedule[r], &model, &mbs);
                         s.spawn(move || {
-                            let stages = DeepSeekStages::new(model, mbs, seqs, t, w, positions(kind, ranks)).unwrap();
+                            let mut stages = DeepSeekStages::new(model, mbs, seqs, t, w, positions(kind, ranks)).unwrap();
+                            // (F|B) on two threads, as with expert exchanges to hide.
+                            stages.overlap = true;
                             let losses = execute(&mut peers, kind, ranks, chunks, ops, &stages);
-                            (losses, stages.grads.into_inner())
+                            (losses, stages.grads.into_inner().expect("gradients"))
                         })
                     })
                     .collect();

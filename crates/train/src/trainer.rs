@@ -359,7 +359,7 @@ fn pipeline_step(
         let mut peers = dsv3_dist::pipeline::Group { inner: peers, base: group * stages };
         dsv3_dist::pipeline::execute(&mut peers, kind, stages, chunks, &ops[rank], &model_stages);
     });
-    let mut report = model_stages.report.into_inner();
+    let mut report = model_stages.report.into_inner().expect("report");
     // Expert loads per MoE layer (summed over the micro-batches this process ran), in layer order
     // with zeros for the layers it does not hold, so the sums line up across processes.
     let moe_layers: Vec<usize> = (0..model.layers.len() + model.mtp.len()).filter(|&l| model.config.is_moe_layer(l)).collect();
@@ -379,7 +379,7 @@ fn pipeline_step(
         + report.mtp_losses.iter().sum::<f64>() * (w.mtp_lambda / model.mtp.len().max(1) as f32) as f64
         + report.balance_loss;
     report.tokens = args.batch_size * args.seq_len / dp.size();
-    *grads = model_stages.grads.into_inner();
+    *grads = model_stages.grads.into_inner().expect("gradients");
     Ok(report)
 }
 
@@ -487,8 +487,8 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
     let parameters: usize = model.param_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     if let Some(ex) = crate::parallel::experts() {
         let experts = model.config.n_routed_experts;
-        if model.moe_layers().is_empty() || experts < ex.ranks() {
-            bail!("--expert-parallel: {} processes for {experts} routed experts in {} MoE layers", ex.ranks(), model.moe_layers().len());
+        if model.moe_layers().is_empty() || experts < ex.forward.ranks() {
+            bail!("--expert-parallel: {} processes for {experts} routed experts in {} MoE layers", ex.forward.ranks(), model.moe_layers().len());
         }
     }
     // Who holds and updates what; this process then reads what it holds.
@@ -506,7 +506,7 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
     }
     drop(init_dir);
     if let Some(ex) = crate::parallel::experts() {
-        model.set_expert_exchange(ex.clone());
+        model.set_expert_exchanges(ex.forward.clone(), ex.backward.clone());
     }
     if let Some(dir) = resume {
         opt = checkpoint::load_optimizer(dir, &|n| placement.as_ref().is_none_or(|p| p.updates(n)))?;
@@ -547,7 +547,7 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         grads.zero();
         let row = args.seq_len + 1;
         let mut report = match (dp, pipelined) {
-            (Some(dp), Some(p)) => pipeline_step(dp.as_ref(), p, &model, &tokens, &args, w, &mut grads)?,
+            (Some(dp), Some(p)) => with_recipe(fp8, || pipeline_step(dp.as_ref(), p, &model, &tokens, &args, w, &mut grads))?,
             _ => {
                 // This process's share of the batch: sequences dp_rank·shard .. (dp_rank+1)·shard.
                 let mine = &tokens[dp_rank * shard * row..(dp_rank + 1) * shard * row];

@@ -147,6 +147,14 @@ impl DeepseekV3 {
         crate::model::on_pool(|| super::fp8::with_recipe(fp8, || dsv3_kernels::matmul::with_many_token_gemm(f)))
     }
 
+    /// [`DeepseekV3::training`] on the calling thread, with the FP8 recipe given (a thread may be
+    /// new): for work that may wait on other processes (a pipeline stage's expert exchanges),
+    /// which must not hold one of the pool's threads while it waits — with a forward and a
+    /// backward at once, each waiting on a worker, a one-thread pool would deadlock.
+    pub fn training_here<R>(fp8: Option<super::fp8::Fp8Recipe>, f: impl FnOnce() -> R) -> R {
+        super::fp8::with_recipe(fp8, || dsv3_kernels::matmul::with_many_token_gemm(f))
+    }
+
     fn train_step_on_pool(&self, tokens: &[u32], seqs: usize, t: usize, w: LossWeights, g: Option<&mut Grads>) -> Result<StepReport> {
         if seqs == 0 || t == 0 || tokens.len() != seqs * (t + 1) {
             return Err(ModelError::Input(format!("train_step: {} tokens is not {seqs} × ({t} + 1)", tokens.len())));

@@ -16,7 +16,7 @@ use crate::config::ScoringFunc;
 use crate::moe::{top_k_indices, Moe, Routing};
 use dsv3_kernels::matmul::matmul_nt;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Coefficients of the balance losses (0 disables one).
 #[derive(Clone, Copy, Debug, Default)]
@@ -86,6 +86,14 @@ impl ExpertExchange for ThreadExchange {
         }
         self.from.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|rx| rx.recv().expect("peer alive")).collect()
     }
+}
+
+/// A MoE layer's exchanges in expert-parallel training: the forward's and the backward's
+/// (the same one, or two channels when a forward and a backward run at the same time).
+#[derive(Clone)]
+pub struct Exchanges {
+    pub forward: Arc<dyn ExpertExchange>,
+    pub backward: Arc<dyn ExpertExchange>,
 }
 
 /// The routed expert a checkpoint tensor belongs to (`…mlp.experts.{e}.…`).
@@ -168,7 +176,7 @@ impl Moe {
         // runs its experts over what arrived (rows in source-rank order: the batch order of one
         // process) and returns per row the weighted sum of its experts' outputs (ascending ids,
         // one process's order), which the combine adds up.
-        let ranks = self.ep_train.as_ref().map_or(1, |x| x.ranks());
+        let ranks = self.ep_train.as_ref().map_or(1, |x| x.forward.ranks());
         let owner = |ex: usize| expert_owner(ex, e, ranks);
         let mut sent: Vec<Vec<usize>> = vec![vec![]; ranks];
         for i in 0..n {
@@ -194,7 +202,7 @@ impl Moe {
             .collect();
         // The shared expert runs while the rows travel (as the report overlaps it with dispatch).
         let mut shared = None;
-        let recv = self.exchange_overlapped(send, &mut || {
+        let recv = self.exchange_overlapped(false, send, &mut || {
             shared = self.shared_experts.as_ref().map(|s| s.forward_train(x, n));
             false
         });
@@ -218,7 +226,7 @@ impl Moe {
             }
             experts.push(ExpertSaved { id: ex, rows, weights, saved, out: ye });
         }
-        let outs = self.exchange(back);
+        let outs = self.exchange(false, back);
         let mut out = vec![0f32; n * d];
         for (toks, buf) in sent.iter().zip(&outs) {
             for (&i, y) in toks.iter().zip(buf.chunks_exact(d)) {
@@ -246,7 +254,7 @@ impl Moe {
         let send = s.sent.iter().map(|toks| toks.iter().flat_map(|&i| dy[i * d..(i + 1) * d].iter().copied()).collect()).collect();
         // The shared expert's backward runs while the gradients travel.
         let mut dx = vec![];
-        let recv = self.exchange_overlapped(send, &mut || {
+        let recv = self.exchange_overlapped(true, send, &mut || {
             dx = match (&self.shared_experts, &s.shared) {
                 (Some(m), Some(saved)) => m.backward(&format!("{name}.shared_experts"), saved, dy, g),
                 _ => vec![0f32; n * d],
@@ -268,7 +276,7 @@ impl Moe {
                 add_into(&mut back[src][r * row + k..(r + 1) * row], dxr);
             }
         }
-        let rets = self.exchange(back);
+        let rets = self.exchange(true, back);
         let mut d_w = vec![0f32; n * k];
         for (toks, buf) in s.sent.iter().zip(&rets) {
             for (&i, rv) in toks.iter().zip(buf.chunks_exact(row)) {
@@ -313,14 +321,15 @@ impl Moe {
 }
 
 impl Moe {
-    /// The all-to-all of expert parallelism; with one process what is sent arrives.
-    fn exchange(&self, send: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
-        self.exchange_overlapped(send, &mut || false)
+    /// The all-to-all of expert parallelism (the forward's or the backward's); with one process
+    /// what is sent arrives.
+    fn exchange(&self, backward: bool, send: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+        self.exchange_overlapped(backward, send, &mut || false)
     }
 
-    fn exchange_overlapped(&self, send: Vec<Vec<f32>>, work: &mut dyn FnMut() -> bool) -> Vec<Vec<f32>> {
+    fn exchange_overlapped(&self, backward: bool, send: Vec<Vec<f32>>, work: &mut dyn FnMut() -> bool) -> Vec<Vec<f32>> {
         match &self.ep_train {
-            Some(x) => x.all_to_all_overlapped(send, work),
+            Some(x) => if backward { &x.backward } else { &x.forward }.all_to_all_overlapped(send, work),
             None => {
                 while work() {}
                 send
