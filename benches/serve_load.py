@@ -2,8 +2,8 @@
 
 usage: python benches/serve_load.py PORT[,PORT...] REQUESTS CLIENTS PROMPT_TOKENS NEW_TOKENS
 
-Request i goes to port i mod len(ports) (with `serve --expert-parallel --data-parallel`, one
-port per process); prompts are token ids, so any model folder works.
+Request i goes to port i mod len(ports) (with `serve --expert-parallel --data-parallel`: the
+front's port, or each process's own); prompts are token ids, so any model folder works.
 """
 import json
 import sys

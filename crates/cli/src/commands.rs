@@ -520,10 +520,22 @@ pub fn serve(dir: &Path, mut o: dsv3_serve::ServeOptions, kv_memory: &str) -> Re
     o.kv_memory = parse_size(kv_memory).context("--kv-memory")?;
     let mtp_speculative = o.mtp_speculative;
     let model = load_model(dir)?;
+    // Attention data-parallel: each process runs its own server on port + 1 + rank, and rank 0
+    // relays the connections made to --port to them in turn.
+    #[allow(unused_mut)]
+    let mut front: Option<(u16, Vec<String>)> = None;
     #[cfg(feature = "mpi")]
-    if let Some((rank, ranks)) = crate::ep::data_parallel_rank() {
-        // Attention data-parallel: each process its own server (put a load balancer in front).
-        o.port = o.port.checked_add(rank as u16).with_context(|| format!("--port {}: no room for {ranks} ports", o.port))?;
+    if let Some((rank, hosts)) = crate::ep::data_parallel_hosts() {
+        let port = |r: usize| u16::try_from(o.port as usize + 1 + r).with_context(|| format!("--port {}: no room for {} more ports", o.port, hosts.len()));
+        if rank == 0 {
+            let here = &hosts[0];
+            if hosts.iter().any(|h| h != here) && o.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
+                eprintln!("dsv3 serve: warning: processes on other hosts serve on --host {} (loopback); give --host 0.0.0.0 to reach them", o.host);
+            }
+            let backends = hosts.iter().enumerate().map(|(r, h)| Ok(format!("{}:{}", if h == here { o.host.as_str() } else { h.as_str() }, port(r)?))).collect::<Result<_>>()?;
+            front = Some((o.port, backends));
+        }
+        o.port = port(rank)?;
     }
     if mtp_speculative > 0 && model.mtp.is_empty() {
         bail!("--mtp-speculative: {} has no MTP module", dir.display());
@@ -546,6 +558,12 @@ pub fn serve(dir: &Path, mut o: dsv3_serve::ServeOptions, kv_memory: &str) -> Re
         c.kv_tokens,
         if c.prefix_cache { ", prefix cache on" } else { "" }
     );
+    if let Some((port, backends)) = front {
+        let at: std::net::SocketAddr = format!("{}:{port}", o.host).parse().context("--host/--port")?;
+        let listener = rt.block_on(tokio::net::TcpListener::bind(at)).with_context(|| format!("binding {at}"))?;
+        eprintln!("dsv3 serve: http://{at} relays connections to {} in turn", backends.join(", "));
+        rt.spawn(dsv3_serve::front::round_robin(listener, backends));
+    }
     rt.block_on(dsv3_serve::serve(state, addr, async {
         let _ = tokio::signal::ctrl_c().await;
         eprintln!("dsv3 serve: shutting down after in-flight requests");

@@ -3,7 +3,8 @@
 //! and runs an expert service ([`dsv3_model::expert_service`]): rounds of all-to-alls in which
 //! each process sends each of its MoE layer calls' tokens to the processes placed their experts.
 //! Rank 0 runs the command; the others serve experts — or, with `serve --data-parallel`, each
-//! process serves its own requests on port `P + rank` (attention data-parallel). Placement starts
+//! process serves its own requests on port `P + 1 + rank` (attention data-parallel), rank 0
+//! relaying connections to `P` to them in turn. Placement starts
 //! static (expert `e` on rank `e·N/E`) and, with `--rebalance-every B`, is redone every B calls
 //! per layer by EPLB from the routing counts, with `--redundant-experts R` extra replicas whose
 //! pairs are split by token. Every process observes every call, so all agree on the placement
@@ -43,6 +44,8 @@ struct Ep {
     placements: Mutex<Option<Arc<Mutex<Placements>>>>,
     /// Inference: this process has told the others whether it loaded its model.
     reported: AtomicBool,
+    /// `serve --data-parallel`: each process's host name (MPI's processor name).
+    hosts: Mutex<Vec<String>>,
 }
 
 // SAFETY: MPI is initialized for serialized multi-threaded use, and every MPI call goes through
@@ -104,6 +107,7 @@ pub fn init(options: Options) -> anyhow::Result<(usize, usize)> {
         service: Mutex::new(None),
         placements: Mutex::new(None),
         reported: AtomicBool::new(false),
+        hosts: Mutex::new(vec![]),
     });
     Ok((rank, ranks))
 }
@@ -151,6 +155,18 @@ fn attach(model: DeepseekV3) -> anyhow::Result<Arc<DeepseekV3>> {
     if ready < ep.ranks {
         anyhow::bail!("--expert-parallel: {} of {} processes could not load the model (their errors say why)", ep.ranks - ready, ep.ranks);
     }
+    if ep.options.data_parallel {
+        let name = mpi::environment::processor_name().unwrap_or_default();
+        let (all, sizes) = ex.all_gather(name.as_bytes());
+        let mut at = 0;
+        *ep.hosts.lock().expect("lock") = sizes
+            .iter()
+            .map(|&n| {
+                at += n;
+                String::from_utf8_lossy(&all[at - n..at]).into_owned()
+            })
+            .collect();
+    }
     if ep.rank == 0 {
         eprintln!(
             "expert parallel: {} processes{}; {experts} routed experts per layer over {} slots{}",
@@ -176,9 +192,9 @@ fn attach(model: DeepseekV3) -> anyhow::Result<Arc<DeepseekV3>> {
 }
 
 /// With attention data-parallel inference (`serve --data-parallel`): this process's rank and
-/// the number of processes.
-pub fn data_parallel_rank() -> Option<(usize, usize)> {
-    EP.get().filter(|ep| ep.options.inference && ep.options.data_parallel).map(|ep| (ep.rank, ep.ranks))
+/// every process's host name (the model loaded).
+pub fn data_parallel_hosts() -> Option<(usize, Vec<String>)> {
+    EP.get().filter(|ep| ep.options.inference && ep.options.data_parallel).map(|ep| (ep.rank, ep.hosts.lock().expect("lock").clone()))
 }
 
 /// Per-rank load imbalance (max/mean pairs per rank) of the last full window, averaged over the

@@ -31,7 +31,7 @@ struct Cli {
     /// `dsv3 train` under `mpirun -np N` (a build with `--features dsv3-cli/mpi`): each process
     /// trains on 1/N of every batch; gradients, losses and expert loads are summed across them.
     /// `dsv3 serve --expert-parallel`: attention data-parallel, each rank r serving its own
-    /// requests on --port + r.
+    /// requests on --port + 1 + r, rank 0 relaying connections to --port to them in turn.
     #[arg(long, global = true)]
     data_parallel: bool,
     /// `dsv3 train` under `mpirun -np N`: pipeline the model with this schedule (1f1b | dualpipe

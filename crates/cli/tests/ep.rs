@@ -49,9 +49,10 @@ fn experts_split_over_processes_change_no_bit() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// `serve --expert-parallel --data-parallel`: each process serves its own port, its attention on
-/// its own requests, the experts split over both. Concurrent greedy requests to the two ports each
-/// continue as one process generates, and both report the placement's load imbalance.
+/// `serve --expert-parallel --data-parallel`: each process serves its own port (P + 1 + rank),
+/// its attention on its own requests, the experts split over both; rank 0 relays connections to
+/// P to them in turn. Concurrent greedy requests through P continue as one process generates,
+/// both servers answer some, and both report the placement's load imbalance.
 #[test]
 fn data_parallel_attention_serves_from_every_process() {
     let dir = std::env::temp_dir().join(format!("dsv3-ep-serve-{}", std::process::id()));
@@ -66,7 +67,7 @@ fn data_parallel_attention_serves_from_every_process() {
         })
         .collect();
     let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-    let port = (20000 + (std::process::id() % 20000) as u16..60000).find(|&p| free(p) && free(p + 1)).unwrap();
+    let port = (20000 + (std::process::id() % 20000) as u16..60000).find(|&p| (p..p + 3).all(free)).unwrap();
     let exe = env!("CARGO_BIN_EXE_dsv3");
     let mut server = Command::new("mpirun")
         .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", exe, "serve", "--model", d, "--port", &port.to_string()])
@@ -74,15 +75,15 @@ fn data_parallel_attention_serves_from_every_process() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let url = |rank: u16, path: &str| format!("http://127.0.0.1:{}{path}", port + rank);
-    let up = |rank| (0..600).any(|_| ureq::get(&url(rank, "/health")).call().is_ok() || { std::thread::sleep(std::time::Duration::from_millis(100)); false });
-    assert!(up(0) && up(1), "both processes serve");
+    // Port `port + i`: the front (0), rank 0's server (1), rank 1's (2).
+    let url = |i: u16, path: &str| format!("http://127.0.0.1:{}{path}", port + i);
+    let up = |i| (0..600).any(|_| ureq::get(&url(i, "/health")).call().is_ok() || { std::thread::sleep(std::time::Duration::from_millis(100)); false });
+    assert!(up(1) && up(2) && up(0), "both processes serve, and the front relays");
     let got: Vec<Vec<u64>> = std::thread::scope(|s| {
         let handles: Vec<_> = prompts
             .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let (url, ids) = (url((i % 2) as u16, "/v1/completions"), p.split(',').map(|x| x.parse::<u32>().unwrap()).collect::<Vec<_>>());
+            .map(|p| {
+                let (url, ids) = (url(0, "/v1/completions"), p.split(',').map(|x| x.parse::<u32>().unwrap()).collect::<Vec<_>>());
                 s.spawn(move || {
                     let v: serde_json::Value = ureq::post(&url).send_json(serde_json::json!({"prompt": ids, "max_tokens": 12, "temperature": 0})).unwrap().into_json().unwrap();
                     v["choices"][0]["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
@@ -92,8 +93,10 @@ fn data_parallel_attention_serves_from_every_process() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for rank in [0, 1] {
-        let m = ureq::get(&url(rank, "/metrics")).call().unwrap().into_string().unwrap();
+        let m = ureq::get(&url(1 + rank, "/metrics")).call().unwrap().into_string().unwrap();
         assert!(m.contains("dsv3_ep_rank_load_imbalance{placement=\"static\"}"), "rank {rank} /metrics: {m}");
+        let served: u64 = m.lines().find_map(|l| l.strip_prefix("dsv3_requests_total ")).and_then(|v| v.parse().ok()).unwrap();
+        assert!(served >= 1, "rank {rank} served no request through the front");
     }
     // SIGINT to each server (mpirun would kill them on its own): each drains, then serves
     // experts until the other is done too, and both exit cleanly.

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod front;
 pub mod metrics;
 pub mod prefix;
 pub mod tools;
