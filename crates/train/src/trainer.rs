@@ -418,12 +418,46 @@ fn all_reduce_step(dp: &dyn crate::parallel::AllReduce, placement: &Placement, g
     flat[0].sqrt()
 }
 
-/// A folder removed when dropped (the initial weights a fresh run loads from).
-struct TempDir(PathBuf);
+/// A folder of initial weights a fresh run loads from, removed when dropped by the process that
+/// wrote it.
+struct TempDir(PathBuf, bool);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
+        if self.1 {
+            std::fs::remove_dir_all(&self.0).ok();
+        }
+    }
+}
+
+/// Writes a fresh run's random initial weights. In parallel, rank 0 writes them and the
+/// processes that see its folder (on its machine, or a shared file system) read them there; the
+/// others write their own copy (the same bytes: the same seed).
+fn fresh_init(config: &serde_json::Value, args: &TrainArgs) -> Result<TempDir> {
+    let write = || -> Result<TempDir> {
+        let dir = TempDir(std::env::temp_dir().join(format!("dsv3-train-init-{}", std::process::id())), true);
+        write_training_init(&dir.0, config, args.seed, args.init_std)?;
+        Ok(dir)
+    };
+    let Some(dp) = crate::parallel::get() else { return write() };
+    // Rank 0 writes first (and reaches the sum even when it fails, so that none waits forever),
+    // then says where (its process id) and whether it succeeded.
+    let first = (dp.rank() == 0).then(write);
+    let mut said = [0.0, 0.0];
+    if let Some(r) = &first {
+        said = [std::process::id() as f64, r.is_ok() as u8 as f64];
+    }
+    dp.sum_f64(&mut said);
+    if let Some(r) = first {
+        return r;
+    }
+    if said[1] == 0.0 {
+        bail!("rank 0 could not write the initial weights (its error says why)");
+    }
+    let shared = std::env::temp_dir().join(format!("dsv3-train-init-{}", said[0] as u32));
+    match shared.join("model.safetensors").is_file() && shared.join("config.json").is_file() {
+        true => Ok(TempDir(shared, false)),
+        false => write(),
     }
 }
 
@@ -452,8 +486,7 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
                 None => data::train_tokenizer(&docs, args.vocab_size)?,
             };
             let config = model_config(&args, tok.get_vocab_size(true))?;
-            let dir = TempDir(std::env::temp_dir().join(format!("dsv3-train-init-{}", std::process::id())));
-            write_training_init(&dir.0, &config, args.seed, args.init_std)?;
+            let dir = fresh_init(&config, &args)?;
             let model = DeepseekV3::load_skipping(&dir.0, move |_| parallel);
             init_dir = Some(dir);
             let state = TrainState { step: 0, tokens_seen: 0, loader: LoaderState::default(), args: args.clone() };
@@ -503,6 +536,10 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         let dir = init_dir.as_ref().map(|d| d.0.as_path()).or(resume).expect("a fresh or resumed run");
         model = DeepseekV3::load_skipping(dir, move |n| !held.contains(n)).with_context(|| format!("loading {}", dir.display()))?;
         p.drop_foreign(&mut model, &mut opt);
+    }
+    if let (Some(dp), Some(_)) = (crate::parallel::get(), &init_dir) {
+        // Every process has read the shared initial weights before rank 0 removes them.
+        dp.sum_f64(&mut [0.0]);
     }
     drop(init_dir);
     if let Some(ex) = crate::parallel::experts() {
