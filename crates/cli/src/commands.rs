@@ -520,23 +520,10 @@ pub fn serve(dir: &Path, mut o: dsv3_serve::ServeOptions, kv_memory: &str) -> Re
     o.kv_memory = parse_size(kv_memory).context("--kv-memory")?;
     let mtp_speculative = o.mtp_speculative;
     let model = load_model(dir)?;
-    // Attention data-parallel: each process runs its own server on port + 1 + rank, and rank 0
-    // relays the connections made to --port to them in turn.
-    #[allow(unused_mut)]
-    let mut front: Option<(u16, Vec<String>)> = None;
     #[cfg(feature = "mpi")]
-    if let Some((rank, hosts)) = crate::ep::data_parallel_hosts() {
-        let port = |r: usize| u16::try_from(o.port as usize + 1 + r).with_context(|| format!("--port {}: no room for {} more ports", o.port, hosts.len()));
-        if rank == 0 {
-            let here = &hosts[0];
-            if hosts.iter().any(|h| h != here) && o.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
-                eprintln!("dsv3 serve: warning: processes on other hosts serve on --host {} (loopback); give --host 0.0.0.0 to reach them", o.host);
-            }
-            let backends = hosts.iter().enumerate().map(|(r, h)| Ok(format!("{}:{}", if h == here { o.host.as_str() } else { h.as_str() }, port(r)?))).collect::<Result<_>>()?;
-            front = Some((o.port, backends));
-        }
-        o.port = port(rank)?;
-    }
+    let front = crate::ep::data_parallel_serve(&o.host, &mut o.port)?;
+    #[cfg(not(feature = "mpi"))]
+    let front: Option<(u16, Vec<String>)> = None;
     if mtp_speculative > 0 && model.mtp.is_empty() {
         bail!("--mtp-speculative: {} has no MTP module", dir.display());
     }

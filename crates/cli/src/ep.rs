@@ -191,10 +191,24 @@ fn attach(model: DeepseekV3) -> anyhow::Result<Arc<DeepseekV3>> {
     Ok(model)
 }
 
-/// With attention data-parallel inference (`serve --data-parallel`): this process's rank and
-/// every process's host name (the model loaded).
-pub fn data_parallel_hosts() -> Option<(usize, Vec<String>)> {
-    EP.get().filter(|ep| ep.options.inference && ep.options.data_parallel).map(|ep| (ep.rank, ep.hosts.lock().expect("lock").clone()))
+/// `serve --data-parallel` (attention data-parallel), after the model is loaded: moves this
+/// process's server to `port + 1 + rank`; on rank 0 returns the front's port and the servers'
+/// addresses, to which it relays the connections made to `port` in turn.
+pub fn data_parallel_serve(host: &str, port: &mut u16) -> anyhow::Result<Option<(u16, Vec<String>)>> {
+    let Some(ep) = EP.get().filter(|ep| ep.options.inference && ep.options.data_parallel) else { return Ok(None) };
+    let hosts = ep.hosts.lock().expect("lock").clone();
+    let front = *port;
+    let at = |r: usize| u16::try_from(front as usize + 1 + r).map_err(|_| anyhow::anyhow!("--port {front}: no room for {} more ports", hosts.len()));
+    *port = at(ep.rank)?;
+    if ep.rank != 0 {
+        return Ok(None);
+    }
+    let here = &hosts[0];
+    if hosts.iter().any(|h| h != here) && host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
+        eprintln!("dsv3 serve: warning: processes on other hosts serve on --host {host} (loopback); give --host 0.0.0.0 to reach them");
+    }
+    let servers = hosts.iter().enumerate().map(|(r, h)| Ok(format!("{}:{}", if h == here { host } else { h.as_str() }, at(r)?))).collect::<anyhow::Result<_>>()?;
+    Ok(Some((front, servers)))
 }
 
 /// Per-rank load imbalance (max/mean pairs per rank) of the last full window, averaged over the
