@@ -63,18 +63,6 @@ impl MpiExchange {
     }
 }
 
-impl MpiExchange {
-    /// Rank 0's `bytes` on every rank (the length goes first).
-    pub fn broadcast(&self, bytes: &mut Vec<u8>) {
-        let root = self.comm.process_at_rank(0);
-        let mut n = bytes.len() as u64;
-        root.broadcast_into(&mut n);
-        bytes.resize(n as usize, 0);
-        root.broadcast_into(&mut bytes[..]);
-    }
-
-}
-
 impl Exchange for MpiExchange {
     fn rank(&self) -> usize {
         self.comm.rank() as usize

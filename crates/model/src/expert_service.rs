@@ -230,20 +230,18 @@ fn serve(model: &DeepseekV3, ex: &dyn ExpertExchange, placement: &mut dyn Placem
                 None => vec![],
                 Some(h) => {
                     let t = h.experts.len() / h.k.max(1);
-                    let here = |i: usize, s: usize| placement.rank_of(h.moe, h.experts[i * h.k + s], i) == me;
-                    let tokens: Vec<usize> = (0..t).filter(|&i| (0..h.k).any(|s| here(i, s))).collect();
+                    let here: Vec<bool> = (0..t * h.k).map(|j| placement.rank_of(h.moe, h.experts[j], j / h.k) == me).collect();
+                    let tokens: Vec<usize> = (0..t).filter(|&i| here[i * h.k..(i + 1) * h.k].contains(&true)).collect();
                     // The received tokens' rows and routing, with this process's pairs among them.
                     let experts: Vec<usize> = tokens.iter().flat_map(|&i| h.experts[i * h.k..(i + 1) * h.k].iter().copied()).collect();
-                    let pairs: Vec<usize> =
-                        tokens.iter().enumerate().flat_map(|(n, &i)| (0..h.k).filter(move |&s| here(i, s)).map(move |s| n * h.k + s)).collect::<Vec<_>>();
+                    let (here, k) = (&here, h.k);
+                    let pairs: Vec<usize> = tokens.iter().enumerate().flat_map(|(n, &i)| (0..k).filter(move |&s| here[i * k + s]).map(move |s| n * k + s)).collect();
                     pool.install(|| moes[h.moe].expert_rows(h.rows, h.d, &experts, h.k, &pairs))
                 }
             })
             .collect();
-        for (_, h) in &parsed {
-            if let Some(h) = h {
-                placement.observe(h.moe, &h.experts, h.k);
-            }
+        for h in parsed.iter().filter_map(|(_, h)| h.as_ref()) {
+            placement.observe(h.moe, &h.experts, h.k);
         }
         // 3. Each pair's row back to its caller, in pair order.
         let back = ex.all_to_all_waiting(outputs, &mut || std::thread::yield_now());

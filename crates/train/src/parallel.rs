@@ -106,11 +106,10 @@ pub(crate) fn zero1() -> bool {
 mod tests {
     use super::*;
     use dsv3_dist::pipeline::calc_diff;
-    use dsv3_model::grad::moe::{expert_owner, ThreadExchange};
-    use dsv3_model::DeepseekV3;
     use dsv3_model::grad::model::{LossWeights, StepReport};
-    use dsv3_model::grad::moe::Balance;
+    use dsv3_model::grad::moe::{expert_owner, Balance, ThreadExchange};
     use dsv3_model::grad::Grads;
+    use dsv3_model::DeepseekV3;
 
     /// Each process runs its share of the sequences with the experts split over the processes:
     /// the data-parallel sum of the dense gradients and each owner's expert gradients equal one

@@ -142,9 +142,8 @@ impl DeepseekV3 {
     /// itself, and from a thread outside the pool that hop would lose the thread-local GEMM
     /// setting and take the GEMV path for the head (1e-9 apart).
     pub fn training<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-        // The FP8 recipe is per thread; the step runs on a pool worker.
-        let fp8 = super::fp8::recipe();
-        crate::model::on_pool(|| super::fp8::with_recipe(fp8, || dsv3_kernels::matmul::with_many_token_gemm(f)))
+        // On a pool worker, which [`crate::model::on_pool`] gives this thread's FP8 recipe.
+        crate::model::on_pool(|| dsv3_kernels::matmul::with_many_token_gemm(f))
     }
 
     /// [`DeepseekV3::training`] on the calling thread, with the FP8 recipe given (a thread may be
