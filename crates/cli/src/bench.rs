@@ -41,7 +41,14 @@ fn read_bandwidth() -> f64 {
     let mut best = 0f64;
     for _ in 0..3 {
         let t = Instant::now();
-        let s: u64 = buf.par_chunks(1 << 20).map(|c| c.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().unwrap())).fold(0u64, |a, b| a.wrapping_add(b))).reduce(|| 0, |a, b| a.wrapping_add(b));
+        let s: u64 = buf
+            .par_chunks(1 << 20)
+            .map(|c| {
+                c.chunks_exact(8)
+                    .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+                    .fold(0u64, |a, b| a.wrapping_add(b))
+            })
+            .reduce(|| 0, |a, b| a.wrapping_add(b));
         std::hint::black_box(s);
         best = best.max(buf.len() as f64 / t.elapsed().as_secs_f64());
     }
@@ -100,9 +107,18 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     } else {
         println!("bench {}", a.model.display());
         println!("  prefill  {:>9.1} tok/s  ({} tokens)", stats.prefill_tokens_per_second, stats.prompt_tokens);
-        println!("  decode   {:>9.2} tok/s  ({} tokens, batch 1)", stats.decode_tokens_per_second, stats.generated_tokens.saturating_sub(1));
+        println!(
+            "  decode   {:>9.2} tok/s  ({} tokens, batch 1)",
+            stats.decode_tokens_per_second,
+            stats.generated_tokens.saturating_sub(1)
+        );
         println!("  peak memory        {:.1} MiB", peak.unwrap_or(0) as f64 / (1 << 20) as f64);
-        println!("  KV cache per token {} bytes ({} values/layer × {} layers × 4 B)", model.kv_bytes_per_token(), model.config.latent_cache_width(), model.layers.len());
+        println!(
+            "  KV cache per token {} bytes ({} values/layer × {} layers × 4 B)",
+            model.kv_bytes_per_token(),
+            model.config.latent_cache_width(),
+            model.layers.len()
+        );
         println!("  active weights     {:.1} MiB/token; read bandwidth {:.1} GB/s → floor {:.1} tok/s; decode at {:.0}% of floor", active as f64 / (1 << 20) as f64, bw / 1e9, floor_tps, 100.0 * stats.decode_tokens_per_second / floor_tps);
         if let Some(s) = &spec {
             println!(

@@ -4,7 +4,7 @@ use crate::Sampling;
 use anyhow::{bail, Context, Result};
 use dsv3_model::generate::{generate as run_generate, score as run_score, GenerateOptions};
 use dsv3_model::init::{preset, write_random_checkpoint, StoreDtype};
-use dsv3_model::sampling::{SamplingParams, Sampler};
+use dsv3_model::sampling::{Sampler, SamplingParams};
 use dsv3_model::{DeepseekV3, Tokenizer};
 use serde_json::json;
 use std::io::{BufRead, Write};
@@ -202,7 +202,10 @@ pub fn generate(
     let tok = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(dir)?) } else { None };
     let ids = match (prompt, prompt_ids) {
         (_, Some(p)) => parse_ids(p)?,
-        (Some(p), None) => tok.as_ref().context("--prompt needs tokenizer.json in the model folder (or use --prompt-ids)")?.encode(p, true)?,
+        (Some(p), None) => tok
+            .as_ref()
+            .context("--prompt needs tokenizer.json in the model folder (or use --prompt-ids)")?
+            .encode(p, true)?,
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
     let opts = GenerateOptions { mtp_speculative, ..options(s, eos_ids(dir, &model, tok.as_ref())) };
@@ -226,10 +229,17 @@ pub fn generate(
         }
         eprintln!(
             "[{} prompt tokens, {:.1} tok/s prefill; {} new tokens, {:.1} tok/s decode]",
-            stats.prompt_tokens, stats.prefill_tokens_per_second, stats.generated_tokens, stats.decode_tokens_per_second
+            stats.prompt_tokens,
+            stats.prefill_tokens_per_second,
+            stats.generated_tokens,
+            stats.decode_tokens_per_second
         );
         if let (Some(rate), Some(len)) = (stats.acceptance_rate, stats.mean_accepted_length) {
-            eprintln!("[MTP speculative: {:.1}% of {} drafts accepted, {len:.2} tokens per verifying forward]", 100.0 * rate, stats.draft_tokens);
+            eprintln!(
+                "[MTP speculative: {:.1}% of {} drafts accepted, {len:.2} tokens per verifying forward]",
+                100.0 * rate,
+                stats.draft_tokens
+            );
         }
     }
     Ok(())
@@ -286,7 +296,15 @@ pub fn chat(dir: &Path, system: Option<&str>, s: &Sampling) -> Result<()> {
     Ok(())
 }
 
-pub fn score(dir: &Path, ids: Option<&str>, text: Option<&str>, file: Option<&Path>, top_k: usize, mtp: bool, json_out: bool) -> Result<()> {
+pub fn score(
+    dir: &Path,
+    ids: Option<&str>,
+    text: Option<&str>,
+    file: Option<&Path>,
+    top_k: usize,
+    mtp: bool,
+    json_out: bool,
+) -> Result<()> {
     let model = load_model(dir)?;
     let toks = match (ids, text, file) {
         (Some(i), _, _) => parse_ids(i)?,
@@ -319,13 +337,20 @@ pub fn score(dir: &Path, ids: Option<&str>, text: Option<&str>, file: Option<&Pa
     Ok(())
 }
 
-pub fn tokenize(dir: &Path, text: Option<&str>, chat: Option<&Path>, add_generation_prompt: bool, json_out: bool) -> Result<()> {
+pub fn tokenize(
+    dir: &Path,
+    text: Option<&str>,
+    chat: Option<&Path>,
+    add_generation_prompt: bool,
+    json_out: bool,
+) -> Result<()> {
     let tok = Tokenizer::from_dir(dir)?;
     let (ids, text) = match (text, chat) {
         (Some(t), _) => (tok.encode(t, true)?, t.to_string()),
         (None, Some(f)) => {
             let raw = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            let messages: serde_json::Value = serde_json::from_str(&raw).with_context(|| format!("{}: not JSON", f.display()))?;
+            let messages: serde_json::Value =
+                serde_json::from_str(&raw).with_context(|| format!("{}: not JSON", f.display()))?;
             let rendered = tok.apply_chat_template(&messages, add_generation_prompt)?;
             (tok.encode(&rendered, false)?, rendered)
         }
@@ -344,7 +369,9 @@ fn config_for(preset_name: &str) -> Result<serde_json::Value> {
         Some(v) => Ok(v),
         None => {
             let p = Path::new(preset_name);
-            let text = std::fs::read_to_string(p).with_context(|| format!("`{preset_name}` is neither a preset (tiny, bench-1b) nor a readable config.json"))?;
+            let text = std::fs::read_to_string(p).with_context(|| {
+                format!("`{preset_name}` is neither a preset (tiny, bench-1b) nor a readable config.json")
+            })?;
             serde_json::from_str(&text).with_context(|| format!("{}: not JSON", p.display()))
         }
     }
@@ -379,7 +406,13 @@ pub fn demo() -> Result<()> {
     );
     let d = Defaults::parse_from(["demo", "--out", "runs/demo"]);
     crate::train::run(&d.train)?;
-    crate::bench::run(&crate::bench::BenchArgs { model: d.train.out.clone(), prompt_len: 64, gen: 32, mtp_speculative: 1, json: false })
+    crate::bench::run(&crate::bench::BenchArgs {
+        model: d.train.out.clone(),
+        prompt_len: 64,
+        gen: 32,
+        mtp_speculative: 1,
+        json: false,
+    })
 }
 
 /// A greedy continuation and a speculative run from a trained model folder (after `dsv3 train`).
@@ -464,12 +497,20 @@ pub fn schedule(kind: &str, pp: usize, chunks: usize, f: f64, b: f64, w: f64, fb
     let stages = if k == Kind::DualPipeV { 2 * pp } else { pp };
     let ranks: Vec<Vec<String>> = ops.iter().map(|r| r.iter().map(|o| o.to_string()).collect()).collect();
     if json {
-        println!("{}", serde_json::json!({"ranks": ranks, "makespan": sim.makespan, "bubble": sim.bubble, "formula": bubble_formula(k, stages, t)}));
+        println!(
+            "{}",
+            serde_json::json!({"ranks": ranks, "makespan": sim.makespan, "bubble": sim.bubble, "formula": bubble_formula(k, stages, t)})
+        );
     } else {
         for (r, ops) in ranks.iter().enumerate() {
             println!("rank {r}: {}", ops.join(" "));
         }
-        println!("makespan {} ; bubble per rank {:?} ; formula {}", sim.makespan, sim.bubble, bubble_formula(k, stages, t));
+        println!(
+            "makespan {} ; bubble per rank {:?} ; formula {}",
+            sim.makespan,
+            sim.bubble,
+            bubble_formula(k, stages, t)
+        );
     }
     Ok(())
 }
@@ -477,8 +518,8 @@ pub fn schedule(kind: &str, pp: usize, chunks: usize, f: f64, b: f64, w: f64, fb
 pub fn eplb(load: &Path, replicas: usize, groups: usize, nodes: usize, gpus: usize, json: bool) -> Result<()> {
     use dsv3_dist::eplb::{imbalance, rebalance_experts};
     let text = std::fs::read_to_string(load).with_context(|| format!("reading {}", load.display()))?;
-    let weight: Vec<Vec<f64>> =
-        serde_json::from_str(&text).with_context(|| format!("{}: expected [[load per logical expert] per layer]", load.display()))?;
+    let weight: Vec<Vec<f64>> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: expected [[load per logical expert] per layer]", load.display()))?;
     let p = rebalance_experts(&weight, replicas, groups, nodes, gpus).map_err(|e| anyhow::anyhow!("eplb: {e}"))?;
     if json {
         println!("{}", serde_json::to_string(&p)?);
@@ -493,7 +534,9 @@ pub fn eplb(load: &Path, replicas: usize, groups: usize, nodes: usize, gpus: usi
         });
         let after = imbalance(&p.loads(l, w, gpus));
         match before {
-            Some(b) => println!("layer {l}: GPU load max/mean {b:.3} with experts in order → {after:.3} placed with {replicas} slots"),
+            Some(b) => println!(
+                "layer {l}: GPU load max/mean {b:.3} with experts in order → {after:.3} placed with {replicas} slots"
+            ),
             None => println!("layer {l}: GPU load max/mean {after:.3} placed with {replicas} slots"),
         }
     }
@@ -528,7 +571,10 @@ pub fn serve(dir: &Path, mut o: dsv3_serve::ServeOptions, kv_memory: &str) -> Re
         bail!("--mtp-speculative: {} has no MTP module", dir.display());
     }
     if mtp_speculative >= dsv3_model::mla::MAX_ABSORBED_TOKENS {
-        bail!("--mtp-speculative {mtp_speculative}: at most {} drafts per step", dsv3_model::mla::MAX_ABSORBED_TOKENS - 1);
+        bail!(
+            "--mtp-speculative {mtp_speculative}: at most {} drafts per step",
+            dsv3_model::mla::MAX_ABSORBED_TOKENS - 1
+        );
     }
     let tok = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(dir)?) } else { None };
     let eos = eos_ids(dir, &model, tok.as_ref());

@@ -68,7 +68,8 @@ impl Placements {
             anyhow::bail!("--redundant-experts {}: at most {} for {experts} experts on {ranks} processes (every expert on every process)", o.redundant, experts * (ranks - 1));
         }
         let slots = (experts + o.redundant).next_multiple_of(ranks);
-        let b = LiveBalancer::new(experts, ranks, slots, o.rebalance_every).map_err(|e| anyhow::anyhow!("--expert-parallel: {e}"))?;
+        let b = LiveBalancer::new(experts, ranks, slots, o.rebalance_every)
+            .map_err(|e| anyhow::anyhow!("--expert-parallel: {e}"))?;
         Ok(Placements { layers: vec![b; layers], token_layers: 0 })
     }
 }
@@ -91,7 +92,8 @@ impl Placement for Live {
 pub fn init(options: Options) -> anyhow::Result<(usize, usize)> {
     // Multiple: DualPipe's (F|B) runs a forward and a backward on two threads, each with its own
     // expert exchange; with less, they run one after the other.
-    let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Multiple).ok_or_else(|| anyhow::anyhow!("MPI is already initialized"))?;
+    let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Multiple)
+        .ok_or_else(|| anyhow::anyhow!("MPI is already initialized"))?;
     if threading < mpi::Threading::Serialized {
         anyhow::bail!("--expert-parallel: this MPI does not support serialized multi-threaded calls");
     }
@@ -130,7 +132,9 @@ pub fn load(dir: &std::path::Path) -> anyhow::Result<Arc<DeepseekV3>> {
     let model = if ep.options.redundant == 0 && ep.options.rebalance_every == 0 {
         let experts = dsv3_model::Config::from_file(&dir.join("config.json"))?.n_routed_experts;
         let (rank, ranks) = (ep.rank, ep.ranks);
-        DeepseekV3::load_skipping(dir, move |name| routed_expert(name).is_some_and(|e| expert_owner(e, experts, ranks) != rank))
+        DeepseekV3::load_skipping(dir, move |name| {
+            routed_expert(name).is_some_and(|e| expert_owner(e, experts, ranks) != rank)
+        })
     } else {
         DeepseekV3::load(dir)
     };
@@ -142,18 +146,30 @@ pub fn load(dir: &std::path::Path) -> anyhow::Result<Arc<DeepseekV3>> {
 /// model returned; the others serve experts until the command is done everywhere, then exit.
 fn attach(model: DeepseekV3) -> anyhow::Result<Arc<DeepseekV3>> {
     let ep = EP.get().ok_or_else(|| anyhow::anyhow!("--expert-parallel: MPI not initialized"))?;
-    let ex = ep.exchange.lock().expect("lock").take().ok_or_else(|| anyhow::anyhow!("--expert-parallel: one model per process"))?;
+    let ex = ep
+        .exchange
+        .lock()
+        .expect("lock")
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("--expert-parallel: one model per process"))?;
     let experts = model.config.n_routed_experts;
     let layers = model.moe_layers().len();
     let placements = match layers == 0 || experts < ep.ranks {
-        true => Err(anyhow::anyhow!("--expert-parallel: {} processes for {experts} routed experts in {layers} MoE layers", ep.ranks)),
+        true => Err(anyhow::anyhow!(
+            "--expert-parallel: {} processes for {experts} routed experts in {layers} MoE layers",
+            ep.ranks
+        )),
         false => Placements::new(layers, experts, ep.ranks, ep.options),
     };
     let ready = report(&ex, placements.is_ok());
     ep.reported.store(true, Ordering::Relaxed);
     let placements = placements?;
     if ready < ep.ranks {
-        anyhow::bail!("--expert-parallel: {} of {} processes could not load the model (their errors say why)", ep.ranks - ready, ep.ranks);
+        anyhow::bail!(
+            "--expert-parallel: {} of {} processes could not load the model (their errors say why)",
+            ep.ranks - ready,
+            ep.ranks
+        );
     }
     if ep.options.data_parallel {
         let name = mpi::environment::processor_name().unwrap_or_default();
@@ -198,7 +214,10 @@ pub fn data_parallel_serve(host: &str, port: &mut u16) -> anyhow::Result<Option<
     let Some(ep) = EP.get().filter(|ep| ep.options.inference && ep.options.data_parallel) else { return Ok(None) };
     let hosts = ep.hosts.lock().expect("lock").clone();
     let front = *port;
-    let at = |r: usize| u16::try_from(front as usize + 1 + r).map_err(|_| anyhow::anyhow!("--port {front}: no room for {} more ports", hosts.len()));
+    let at = |r: usize| {
+        u16::try_from(front as usize + 1 + r)
+            .map_err(|_| anyhow::anyhow!("--port {front}: no room for {} more ports", hosts.len()))
+    };
     *port = at(ep.rank)?;
     if ep.rank != 0 {
         return Ok(None);
@@ -207,7 +226,11 @@ pub fn data_parallel_serve(host: &str, port: &mut u16) -> anyhow::Result<Option<
     if hosts.iter().any(|h| h != here) && host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
         eprintln!("dsv3 serve: warning: processes on other hosts serve on --host {host} (loopback); give --host 0.0.0.0 to reach them");
     }
-    let servers = hosts.iter().enumerate().map(|(r, h)| Ok(format!("{}:{}", if h == here { host } else { h.as_str() }, at(r)?))).collect::<anyhow::Result<_>>()?;
+    let servers = hosts
+        .iter()
+        .enumerate()
+        .map(|(r, h)| Ok(format!("{}:{}", if h == here { host } else { h.as_str() }, at(r)?)))
+        .collect::<anyhow::Result<_>>()?;
     Ok(Some((front, servers)))
 }
 
@@ -217,7 +240,9 @@ pub fn imbalance() -> Option<(f64, f64)> {
     let p = EP.get()?.placements.lock().ok()?.clone()?;
     let p = p.lock().ok()?;
     let v: Vec<(f64, f64)> = p.layers.iter().filter_map(|b| b.last_imbalance).collect();
-    (!v.is_empty()).then(|| (v.iter().map(|x| x.0).sum::<f64>() / v.len() as f64, v.iter().map(|x| x.1).sum::<f64>() / v.len() as f64))
+    (!v.is_empty()).then(|| {
+        (v.iter().map(|x| x.0).sum::<f64>() / v.len() as f64, v.iter().map(|x| x.1).sum::<f64>() / v.len() as f64)
+    })
 }
 
 /// Ends this process's part: serves the other processes' experts until all are done (a
@@ -228,7 +253,8 @@ pub fn finish() {
         let service = ep.service.lock().ok().and_then(|mut s| s.take());
         if let Some(service) = service {
             service.finish();
-            let calls = ep.placements.lock().ok().and_then(|p| p.clone()).map_or(0, |p| p.lock().map_or(0, |p| p.token_layers));
+            let calls =
+                ep.placements.lock().ok().and_then(|p| p.clone()).map_or(0, |p| p.lock().map_or(0, |p| p.token_layers));
             if calls > 0 {
                 let sent = EXPERT_BYTES.load(Ordering::Relaxed);
                 eprintln!("expert parallel: rank {} sent {:.2} MB to other processes, {:.0} bytes per token and MoE layer of all processes' calls ({calls})", ep.rank, sent as f64 / 1e6, sent as f64 / calls as f64);
@@ -290,14 +316,16 @@ impl dsv3_model::grad::moe::ExpertExchange for MpiSum {
         let counts: Vec<usize> = send.iter().map(|b| 4 * b.len()).collect();
         let remote: usize = counts.iter().enumerate().filter(|&(r, _)| r != self.rank).map(|(_, c)| c).sum();
         EXPERT_BYTES.fetch_add(remote as u64, std::sync::atomic::Ordering::Relaxed);
-        let (recv, sizes) = self.ex.lock().expect("MPI lock").all_to_all_overlapped(&le_bytes(&send.concat()), &counts, work);
+        let (recv, sizes) =
+            self.ex.lock().expect("MPI lock").all_to_all_overlapped(&le_bytes(&send.concat()), &counts, work);
         f32_blocks(&recv, &sizes)
     }
     fn all_to_all_waiting(&self, send: Vec<Vec<f32>>, idle: &mut dyn FnMut()) -> Vec<Vec<f32>> {
         let counts: Vec<usize> = send.iter().map(|b| 4 * b.len()).collect();
         let remote: usize = counts.iter().enumerate().filter(|&(r, _)| r != self.rank).map(|(_, c)| c).sum();
         EXPERT_BYTES.fetch_add(remote as u64, std::sync::atomic::Ordering::Relaxed);
-        let (recv, sizes) = self.ex.lock().expect("MPI lock").all_to_all_waiting(&le_bytes(&send.concat()), &counts, idle);
+        let (recv, sizes) =
+            self.ex.lock().expect("MPI lock").all_to_all_waiting(&le_bytes(&send.concat()), &counts, idle);
         f32_blocks(&recv, &sizes)
     }
 }
@@ -341,7 +369,12 @@ pub enum Training {
 /// Makes the trainer parallel over the MPI processes.
 pub fn training(how: Training) -> anyhow::Result<()> {
     let ep = EP.get().ok_or_else(|| anyhow::anyhow!("parallel training: MPI not initialized"))?;
-    let ex = ep.exchange.lock().expect("lock").take().ok_or_else(|| anyhow::anyhow!("parallel training: one trainer per process"))?;
+    let ex = ep
+        .exchange
+        .lock()
+        .expect("lock")
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("parallel training: one trainer per process"))?;
     let sum = Arc::new(MpiSum { ex: Mutex::new(ex), rank: ep.rank, size: ep.ranks });
     match how {
         Training::DataParallel => dsv3_train::parallel::set_data_parallel(sum),
@@ -353,8 +386,13 @@ pub fn training(how: Training) -> anyhow::Result<()> {
                 // when a forward and a backward may run at once.
                 let world = &sum.ex.lock().expect("MPI lock").comm;
                 let (g, s) = (ep.rank / stages, ep.rank % stages);
-                let comm = world.split_by_color(mpi::topology::Color::with_value(s as i32)).expect("a member of its own color");
-                let exchange = |comm| Arc::new(MpiSum { ex: Mutex::new(MpiExchange { comm }), rank: g, size: ep.ranks / stages }) as Arc<dyn dsv3_model::grad::moe::ExpertExchange>;
+                let comm = world
+                    .split_by_color(mpi::topology::Color::with_value(s as i32))
+                    .expect("a member of its own color");
+                let exchange = |comm| {
+                    Arc::new(MpiSum { ex: Mutex::new(MpiExchange { comm }), rank: g, size: ep.ranks / stages })
+                        as Arc<dyn dsv3_model::grad::moe::ExpertExchange>
+                };
                 let backward = ep.concurrent.then(|| exchange(comm.duplicate()));
                 let forward = exchange(comm);
                 dsv3_model::grad::moe::Exchanges { backward: backward.unwrap_or_else(|| forward.clone()), forward }

@@ -20,7 +20,8 @@ pub fn resolve_model(arg: &Path) -> Result<PathBuf> {
 #[cfg(feature = "hub")]
 fn download(id: &str) -> Result<PathBuf> {
     use anyhow::Context;
-    let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build().context("Hugging Face Hub client")?;
+    let api =
+        hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build().context("Hugging Face Hub client")?;
     let repo = api.model(id.to_string());
     let config = repo.get("config.json").with_context(|| format!("{id}: config.json"))?;
     let shards: Vec<String> = match repo.get("model.safetensors.index.json") {

@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "dsv3", version, about = "DeepSeek-V3 in Rust: run, score and benchmark DeepSeek-V3-family checkpoints")]
+#[command(
+    name = "dsv3",
+    version,
+    about = "DeepSeek-V3 in Rust: run, score and benchmark DeepSeek-V3-family checkpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -351,7 +355,9 @@ fn main() {
     }
     let result = match cli.command {
         Command::Generate { model, prompt, prompt_ids, sampling, mtp_speculative, json } => hub::resolve_model(&model)
-            .and_then(|m| commands::generate(&m, prompt.as_deref(), prompt_ids.as_deref(), &sampling, mtp_speculative, json)),
+            .and_then(|m| {
+                commands::generate(&m, prompt.as_deref(), prompt_ids.as_deref(), &sampling, mtp_speculative, json)
+            }),
         Command::Chat { model, system, sampling } => {
             hub::resolve_model(&model).and_then(|m| commands::chat(&m, system.as_deref(), &sampling))
         }
@@ -364,18 +370,57 @@ fn main() {
             hub::resolve_model(&args.model).and_then(|model| bench::run(&bench::BenchArgs { model, ..args }))
         }
         Command::Plan { config, tokens, gpus, gpu, pp, ep, mfu, price, seq_len, chunks, report_phases, json } => {
-            crate::plan::run(&crate::plan::PlanArgs { config, tokens, gpus, gpu, pp, ep, mfu, price, seq_len, chunks, report_phases, json })
-        }
-        Command::Schedule { kind, pp, chunks, f, b, w, fb, json } => commands::schedule(&kind, pp, chunks, f, b, w, fb, json),
-        Command::Eplb { load, replicas, groups, nodes, gpus, json } => commands::eplb(&load, replicas, groups, nodes, gpus, json),
-        Command::Convert { from, to, format, max_memory, json } => commands::convert(&from, &to, &format, &max_memory, json),
-        Command::RandomModel { preset, dtype, out, seed } => commands::random_model(&preset, &dtype, &out, seed),
-        Command::Serve { model, host, port, api_key, max_batch, kv_memory, max_queue, prefill_chunk, mtp_speculative, prefix_cache } => {
-            hub::resolve_model(&model).and_then(|m| {
-                let o = dsv3_serve::ServeOptions { host, port, api_key, max_batch, kv_memory: 0, max_queue, prefill_chunk, mtp_speculative, prefix_cache, extra_metrics: commands::ep_metrics() };
-                commands::serve(&m, o, &kv_memory)
+            crate::plan::run(&crate::plan::PlanArgs {
+                config,
+                tokens,
+                gpus,
+                gpu,
+                pp,
+                ep,
+                mfu,
+                price,
+                seq_len,
+                chunks,
+                report_phases,
+                json,
             })
         }
+        Command::Schedule { kind, pp, chunks, f, b, w, fb, json } => {
+            commands::schedule(&kind, pp, chunks, f, b, w, fb, json)
+        }
+        Command::Eplb { load, replicas, groups, nodes, gpus, json } => {
+            commands::eplb(&load, replicas, groups, nodes, gpus, json)
+        }
+        Command::Convert { from, to, format, max_memory, json } => {
+            commands::convert(&from, &to, &format, &max_memory, json)
+        }
+        Command::RandomModel { preset, dtype, out, seed } => commands::random_model(&preset, &dtype, &out, seed),
+        Command::Serve {
+            model,
+            host,
+            port,
+            api_key,
+            max_batch,
+            kv_memory,
+            max_queue,
+            prefill_chunk,
+            mtp_speculative,
+            prefix_cache,
+        } => hub::resolve_model(&model).and_then(|m| {
+            let o = dsv3_serve::ServeOptions {
+                host,
+                port,
+                api_key,
+                max_batch,
+                kv_memory: 0,
+                max_queue,
+                prefill_chunk,
+                mtp_speculative,
+                prefix_cache,
+                extra_metrics: commands::ep_metrics(),
+            };
+            commands::serve(&m, o, &kv_memory)
+        }),
         Command::Train(args) => train::run(&args),
         Command::Plot { runs, compare, out } => {
             if compare {

@@ -41,7 +41,8 @@ fn shape(config: &str) -> Result<ModelShape> {
     let text = if config == "deepseek-v3" {
         include_str!("../configs/deepseek-v3.json").to_string()
     } else {
-        std::fs::read_to_string(config).with_context(|| format!("--config {config}: neither `deepseek-v3` nor a readable config.json"))?
+        std::fs::read_to_string(config)
+            .with_context(|| format!("--config {config}: neither `deepseek-v3` nor a readable config.json"))?
     };
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{config}: not JSON"))?;
     let c = dsv3_model::Config::from_json(&v)?;
@@ -70,7 +71,13 @@ pub fn run(a: &PlanArgs) -> Result<()> {
     let s = shape(&a.config)?;
     let g = gpu(&a.gpu).ok_or_else(|| anyhow::anyhow!("--gpu {}: h800, h100, h200 or a100", a.gpu))?;
     let tokens = parse_tokens(&a.tokens)?;
-    if !(a.mfu > 0.0 && a.mfu <= 1.0) || a.gpus == 0 || a.pp == 0 || a.ep == 0 || a.seq_len == 0 || !a.gpus.is_multiple_of(a.pp) {
+    if !(a.mfu > 0.0 && a.mfu <= 1.0)
+        || a.gpus == 0
+        || a.pp == 0
+        || a.ep == 0
+        || a.seq_len == 0
+        || !a.gpus.is_multiple_of(a.pp)
+    {
         bail!("--mfu in (0, 1]; --gpus, --pp, --ep, --seq-len positive; --gpus a multiple of --pp");
     }
     let p = s.params();
@@ -79,7 +86,11 @@ pub fn run(a: &PlanArgs) -> Result<()> {
     let per_t = gpu_hours(1e12, flops, g, a.mfu);
     // The report's context extension: two phases of 1000 steps (§4.3), costed at the same utilization.
     let ext: Vec<(usize, f64)> = vec![(32768, 1000.0 * 1920.0 * 32768.0), (131072, 1000.0 * 480.0 * 131072.0)];
-    let ext_hours: f64 = if a.report_phases { ext.iter().map(|&(seq, t)| gpu_hours(t, s.train_flops_per_token(seq), g, a.mfu)).sum() } else { 0.0 };
+    let ext_hours: f64 = if a.report_phases {
+        ext.iter().map(|&(seq, t)| gpu_hours(t, s.train_flops_per_token(seq), g, a.mfu)).sum()
+    } else {
+        0.0
+    };
     let post_hours = if a.report_phases { 5e3 } else { 0.0 };
     let total = pre + ext_hours + post_hours;
 
@@ -97,11 +108,14 @@ pub fn run(a: &PlanArgs) -> Result<()> {
     let t = Timing::default();
     let chunks = a.chunks.max(2 * a.pp).next_multiple_of(2);
     let mut schedules = vec![];
-    for (kind, name, ranks) in [(Kind::OneFOneB, "1f1b", a.pp), (Kind::DualPipe, "dualpipe", a.pp), (Kind::DualPipeV, "dualpipev", a.pp / 2)] {
+    for (kind, name, ranks) in
+        [(Kind::OneFOneB, "1f1b", a.pp), (Kind::DualPipe, "dualpipe", a.pp), (Kind::DualPipeV, "dualpipev", a.pp / 2)]
+    {
         if ranks == 0 || (kind == Kind::DualPipe && !a.pp.is_multiple_of(2)) {
             continue;
         }
-        let sim = simulate(kind, &generate(kind, ranks, chunks).map_err(|e| anyhow::anyhow!("{e}"))?, t).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let sim = simulate(kind, &generate(kind, ranks, chunks).map_err(|e| anyhow::anyhow!("{e}"))?, t)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let stages = if kind == Kind::DualPipeV { 2 * ranks } else { ranks };
         let bubble = sim.bubble.iter().copied().fold(0.0, f64::max);
         let m = memory(&s, layout(kind));
@@ -124,8 +138,17 @@ pub fn run(a: &PlanArgs) -> Result<()> {
         println!("{out}");
         return Ok(());
     }
-    println!("model: {:.2}B parameters ({:.2}B main), {:.2}B active per token", p.total / 1e9, p.main / 1e9, p.active_main / 1e9);
-    println!("training FLOPs per token at {} tokens of context: {:.1} GFLOP (attention included)", a.seq_len, flops / 1e9);
+    println!(
+        "model: {:.2}B parameters ({:.2}B main), {:.2}B active per token",
+        p.total / 1e9,
+        p.main / 1e9,
+        p.active_main / 1e9
+    );
+    println!(
+        "training FLOPs per token at {} tokens of context: {:.1} GFLOP (attention included)",
+        a.seq_len,
+        flops / 1e9
+    );
     println!(
         "{} at {:.0}% of its bf16 peak ({:.0}% of FP8 peak): {:.0}K GPU-hours per trillion tokens",
         g.name,
@@ -135,9 +158,20 @@ pub fn run(a: &PlanArgs) -> Result<()> {
     );
     println!("pre-training {:.2}T tokens: {:.0}K GPU-hours", tokens / 1e12, pre / 1e3);
     if a.report_phases {
-        println!("context extension (32K, then 128K): {:.0}K GPU-hours; post-training (report): {:.0}K", ext_hours / 1e3, post_hours / 1e3);
+        println!(
+            "context extension (32K, then 128K): {:.0}K GPU-hours; post-training (report): {:.0}K",
+            ext_hours / 1e3,
+            post_hours / 1e3
+        );
     }
-    println!("total {:.3}M GPU-hours, ${:.3}M at ${}/GPU-hour, {:.1} days on {} GPUs", total / 1e6, total * a.price / 1e6, a.price, total / a.gpus as f64 / 24.0, a.gpus);
+    println!(
+        "total {:.3}M GPU-hours, ${:.3}M at ${}/GPU-hour, {:.1} days on {} GPUs",
+        total / 1e6,
+        total * a.price / 1e6,
+        a.price,
+        total / a.gpus as f64 / 24.0,
+        a.gpus
+    );
     for sch in &schedules {
         println!(
             "{:<9} on {:>3} devices, {} micro-batches: bubble {} (formula {}), {:.1}% of the step; memory/device {:.1} GB (params {:.1}, grads {:.1}, optimizer {:.1}, activations {:.1})",

@@ -218,7 +218,8 @@ pub fn run(c: &TrainCli) -> Result<()> {
     })?;
     #[cfg(feature = "mpi")]
     if crate::ep::expert_exchange_bytes() > 0 {
-        let tokens = summary.steps_run as f64 * (c.batch_size * c.seq_len) as f64 / dsv3_train::parallel::processes() as f64;
+        let tokens =
+            summary.steps_run as f64 * (c.batch_size * c.seq_len) as f64 / dsv3_train::parallel::processes() as f64;
         eprintln!(
             "process {}: the expert exchange sent {:.1} MB to other processes ({:.0} bytes per token of its share)",
             dsv3_train::parallel::rank(),

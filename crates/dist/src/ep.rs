@@ -22,7 +22,12 @@ pub trait Exchange {
     /// The same, with computation between posting the transfer and waiting for it: `work` runs
     /// one slice per call and returns whether more remains; the transport can make progress
     /// between slices. Default: not overlapped.
-    fn all_to_all_overlapped(&self, send: &[u8], counts: &[usize], work: &mut dyn FnMut() -> bool) -> (Vec<u8>, Vec<usize>) {
+    fn all_to_all_overlapped(
+        &self,
+        send: &[u8],
+        counts: &[usize],
+        work: &mut dyn FnMut() -> bool,
+    ) -> (Vec<u8>, Vec<usize>) {
         let r = self.all_to_all(send, counts);
         while work() {}
         r
@@ -40,11 +45,18 @@ pub struct Layout {
 
 pub fn layout(topk_idx: &[i64], k: usize, experts: usize, ranks: usize) -> Result<Layout, String> {
     if k == 0 || ranks == 0 || !experts.is_multiple_of(ranks) || !topk_idx.len().is_multiple_of(k) {
-        return Err(format!("layout: {experts} experts over {ranks} ranks with top-{k} ids ({} of them)", topk_idx.len()));
+        return Err(format!(
+            "layout: {experts} experts over {ranks} ranks with top-{k} ids ({} of them)",
+            topk_idx.len()
+        ));
     }
     let per = experts / ranks;
     let t = topk_idx.len() / k;
-    let mut l = Layout { num_tokens_per_rank: vec![0; ranks], num_tokens_per_expert: vec![0; experts], is_token_in_rank: vec![false; t * ranks] };
+    let mut l = Layout {
+        num_tokens_per_rank: vec![0; ranks],
+        num_tokens_per_expert: vec![0; experts],
+        is_token_in_rank: vec![false; t * ranks],
+    };
     for (j, &e) in topk_idx.iter().enumerate() {
         if e < -1 || e >= experts as i64 {
             return Err(format!("expert id {e} out of range"));
@@ -70,7 +82,8 @@ pub fn nodes_per_token(topk_idx: &[i64], k: usize, experts: usize, nodes: usize)
     topk_idx
         .chunks(k.max(1))
         .map(|slots| {
-            let mut seen: Vec<usize> = slots.iter().filter(|&&e| e >= 0).map(|&e| e as usize * nodes / experts.max(1)).collect();
+            let mut seen: Vec<usize> =
+                slots.iter().filter(|&&e| e >= 0).map(|&e| e as usize * nodes / experts.max(1)).collect();
             seen.sort_unstable();
             seen.dedup();
             seen.len()
@@ -153,15 +166,30 @@ pub struct Dispatched {
 
 /// Normal-mode dispatch of this rank's `x [T, H]` with `topk_idx`/`topk_weights [T, K]`.
 #[allow(clippy::too_many_arguments)]
-pub fn dispatch(ex: &dyn Exchange, x: &[f32], h: usize, topk_idx: &[i64], topk_weights: &[f32], k: usize, experts: usize, alignment: usize, fp8: bool) -> Result<Dispatched, String> {
+pub fn dispatch(
+    ex: &dyn Exchange,
+    x: &[f32],
+    h: usize,
+    topk_idx: &[i64],
+    topk_weights: &[f32],
+    k: usize,
+    experts: usize,
+    alignment: usize,
+    fp8: bool,
+) -> Result<Dispatched, String> {
     let ranks = ex.ranks();
     let l = layout(topk_idx, k, experts, ranks)?;
     let t = topk_idx.len() / k;
     if x.len() != t * h || topk_weights.len() != t * k {
-        return Err(format!("dispatch: x has {} values and weights {} for {t} tokens of {h} × top-{k}", x.len(), topk_weights.len()));
+        return Err(format!(
+            "dispatch: x has {} values and weights {} for {t} tokens of {h} × top-{k}",
+            x.len(),
+            topk_weights.len()
+        ));
     }
     let per = experts / ranks;
-    let sent: Vec<Vec<usize>> = (0..ranks).map(|r| (0..t).filter(|&ti| l.is_token_in_rank[ti * ranks + r]).collect()).collect();
+    let sent: Vec<Vec<usize>> =
+        (0..ranks).map(|r| (0..t).filter(|&ti| l.is_token_in_rank[ti * ranks + r]).collect()).collect();
     // Three exchanges with the same per-destination row order: rows, ids + source index, weights.
     let mut rows = vec![];
     let mut meta = vec![];
@@ -221,7 +249,13 @@ pub fn combine(ex: &dyn Exchange, y: &[f32], h: usize, handle: &Handle) -> Vec<f
 
 /// [`combine`] with `work` (in slices, see [`Exchange::all_to_all_overlapped`]) overlapping the
 /// transfer.
-pub fn combine_overlapped(ex: &dyn Exchange, y: &[f32], h: usize, handle: &Handle, work: &mut dyn FnMut() -> bool) -> Vec<f32> {
+pub fn combine_overlapped(
+    ex: &dyn Exchange,
+    y: &[f32],
+    h: usize,
+    handle: &Handle,
+    work: &mut dyn FnMut() -> bool,
+) -> Vec<f32> {
     let counts: Vec<usize> = handle.recv_per_rank.iter().map(|&n| n * h * 4).collect();
     let bytes: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
     let (back, _) = ex.all_to_all_overlapped(&bytes, &counts, work);
@@ -254,7 +288,16 @@ pub struct LlDispatched {
 /// Low-latency dispatch: one message per (token, slot); at most `max_tokens` tokens of this rank
 /// per expert.
 #[allow(clippy::too_many_arguments)]
-pub fn ll_dispatch(ex: &dyn Exchange, x: &[f32], h: usize, topk_idx: &[i64], k: usize, experts: usize, max_tokens: usize, fp8: bool) -> Result<LlDispatched, String> {
+pub fn ll_dispatch(
+    ex: &dyn Exchange,
+    x: &[f32],
+    h: usize,
+    topk_idx: &[i64],
+    k: usize,
+    experts: usize,
+    max_tokens: usize,
+    fp8: bool,
+) -> Result<LlDispatched, String> {
     let ranks = ex.ranks();
     layout(topk_idx, k, experts, ranks)?;
     let per = experts / ranks;
@@ -270,7 +313,9 @@ pub fn ll_dispatch(ex: &dyn Exchange, x: &[f32], h: usize, topk_idx: &[i64], k: 
             let e = e as usize;
             per_expert[e] += 1;
             if per_expert[e] > max_tokens {
-                return Err(format!("expert {e} gets more than {max_tokens} tokens from this rank (the low-latency capacity)"));
+                return Err(format!(
+                    "expert {e} gets more than {max_tokens} tokens from this rank (the low-latency capacity)"
+                ));
             }
             msgs[e / per].push((e % per, j / k));
         }
@@ -321,7 +366,16 @@ pub fn ll_dispatch(ex: &dyn Exchange, x: &[f32], h: usize, topk_idx: &[i64], k: 
 #[allow(clippy::too_many_arguments)]
 /// Low-latency combine: `y [E/R, R·M, H]` (the experts' outputs in the dispatch layout) back to
 /// the sources, which return `out[t] = Σ_{k: idx ≠ −1} w[t,k]·y_{idx}[t]`, summed in slot order.
-pub fn ll_combine(ex: &dyn Exchange, y: &[f32], h: usize, d: &LlDispatched, topk_idx: &[i64], topk_weights: &[f32], k: usize, experts: usize) -> Vec<f32> {
+pub fn ll_combine(
+    ex: &dyn Exchange,
+    y: &[f32],
+    h: usize,
+    d: &LlDispatched,
+    topk_idx: &[i64],
+    topk_weights: &[f32],
+    k: usize,
+    experts: usize,
+) -> Vec<f32> {
     let ranks = ex.ranks();
     let per = experts / ranks;
     let cap = ranks * d.max_tokens;

@@ -25,7 +25,11 @@ impl Placement {
         let p = self.phy2log[l].len();
         let per = p / num_gpus.max(1);
         (0..num_gpus)
-            .map(|g| (g * per..(g + 1) * per).map(|s| weight[self.phy2log[l][s]] / self.logcnt[l][self.phy2log[l][s]] as f64).sum())
+            .map(|g| {
+                (g * per..(g + 1) * per)
+                    .map(|s| weight[self.phy2log[l][s]] / self.logcnt[l][self.phy2log[l][s]] as f64)
+                    .sum()
+            })
             .collect()
     }
 }
@@ -41,7 +45,13 @@ pub fn imbalance(loads: &[f64]) -> f64 {
 }
 
 /// `rebalance_experts(weight [L][E], P, G, Nn, Ng)` as EPLB's `eplb.py`.
-pub fn rebalance_experts(weight: &[Vec<f64>], num_replicas: usize, num_groups: usize, num_nodes: usize, num_gpus: usize) -> Result<Placement, String> {
+pub fn rebalance_experts(
+    weight: &[Vec<f64>],
+    num_replicas: usize,
+    num_groups: usize,
+    num_nodes: usize,
+    num_gpus: usize,
+) -> Result<Placement, String> {
     let e = weight.first().map_or(0, |w| w.len());
     if weight.is_empty() || e == 0 || weight.iter().any(|w| w.len() != e) {
         return Err("the load must be a non-empty [layers][experts] table with rows of equal length".into());
@@ -61,7 +71,9 @@ pub fn rebalance_experts(weight: &[Vec<f64>], num_replicas: usize, num_groups: u
         (num_replicas >= e, "there must be at least one replica per expert"),
     ] {
         if !ok {
-            return Err(format!("{what} (E={e}, P={num_replicas}, G={num_groups}, nodes={num_nodes}, GPUs={num_gpus})"));
+            return Err(format!(
+                "{what} (E={e}, P={num_replicas}, G={num_groups}, nodes={num_nodes}, GPUs={num_gpus})"
+            ));
         }
     }
     let mut out = Placement { phy2log: vec![], phyrank: vec![], log2phy: vec![], logcnt: vec![] };
@@ -252,11 +264,55 @@ mod tests {
     #[test]
     fn hierarchical_policy_reproduces_the_readme_vector() {
         let p = rebalance_experts(&w1(), 16, 4, 2, 8).unwrap();
-        assert_eq!(p.phy2log, vec![vec![5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1], vec![7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]);
+        assert_eq!(
+            p.phy2log,
+            vec![
+                vec![5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                vec![7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]
+            ]
+        );
         assert_eq!(p.logcnt, vec![vec![1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], vec![1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]]);
-        assert_eq!(p.phyrank, vec![vec![0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0], vec![0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0]]);
-        let l0: Vec<Vec<i64>> = [[12, -1], [15, 13], [11, -1], [6, -1], [7, 5], [0, 2], [1, -1], [3, -1], [4, -1], [9, -1], [8, 10], [14, -1]].iter().map(|r| r.to_vec()).collect();
-        let l1: Vec<Vec<i64>> = [[13, -1], [15, 11], [8, -1], [14, -1], [9, -1], [10, 12], [2, 4], [0, -1], [6, 3], [7, -1], [1, -1], [5, -1]].iter().map(|r| r.to_vec()).collect();
+        assert_eq!(
+            p.phyrank,
+            vec![
+                vec![0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0],
+                vec![0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0]
+            ]
+        );
+        let l0: Vec<Vec<i64>> = [
+            [12, -1],
+            [15, 13],
+            [11, -1],
+            [6, -1],
+            [7, 5],
+            [0, 2],
+            [1, -1],
+            [3, -1],
+            [4, -1],
+            [9, -1],
+            [8, 10],
+            [14, -1],
+        ]
+        .iter()
+        .map(|r| r.to_vec())
+        .collect();
+        let l1: Vec<Vec<i64>> = [
+            [13, -1],
+            [15, 11],
+            [8, -1],
+            [14, -1],
+            [9, -1],
+            [10, 12],
+            [2, 4],
+            [0, -1],
+            [6, 3],
+            [7, -1],
+            [1, -1],
+            [5, -1],
+        ]
+        .iter()
+        .map(|r| r.to_vec())
+        .collect();
         assert_eq!(p.log2phy, vec![l0, l1]);
         assert_eq!(p.loads(0, &w1()[0], 8), [121.5, 86.5, 125., 113., 147.5, 131.5, 156., 152.]);
         assert_eq!(p.loads(1, &w1()[1], 8), [173., 179.5, 120.5, 172., 123., 152., 118.5, 117.5]);

@@ -65,7 +65,15 @@ fn gelu(z: f64) -> (f64, f64) {
 /// `[m, n]` products `Σ_s A(i, s)·B(s, j)` summed in index order, with `A(i, s) = a[i·ai + s·as]`
 /// and `B(s, j) = b[s·bs + j·bj]` (so one loop serves x·Wᵀ, x·W and xᵀ·y).
 #[allow(clippy::too_many_arguments)]
-fn mm(a: &[f64], (ai, as_): (usize, usize), b: &[f64], (bs, bj): (usize, usize), m: usize, n: usize, k: usize) -> Vec<f64> {
+fn mm(
+    a: &[f64],
+    (ai, as_): (usize, usize),
+    b: &[f64],
+    (bs, bj): (usize, usize),
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f64> {
     let mut out = vec![0f64; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -372,8 +380,23 @@ struct BackwardCall {
 
 /// Runs `ops` (this rank's list of a `kind` schedule over `ranks` ranks and `chunks`
 /// micro-batches) on `model`; gradients stay in the model. Returns the losses computed here.
-pub fn execute<M: StageCompute>(p2p: &mut dyn P2p, kind: Kind, ranks: usize, chunks: usize, ops: &[Op], model: &M) -> Losses {
-    let mut ex = Exec { me: p2p.rank(), pl: Placement { kind, ranks, chunks }, model, saved: HashMap::new(), local: HashMap::new(), w_queue: VecDeque::new(), losses: vec![] };
+pub fn execute<M: StageCompute>(
+    p2p: &mut dyn P2p,
+    kind: Kind,
+    ranks: usize,
+    chunks: usize,
+    ops: &[Op],
+    model: &M,
+) -> Losses {
+    let mut ex = Exec {
+        me: p2p.rank(),
+        pl: Placement { kind, ranks, chunks },
+        model,
+        saved: HashMap::new(),
+        local: HashMap::new(),
+        w_queue: VecDeque::new(),
+        losses: vec![],
+    };
     for op in ops {
         match *op {
             Op::F { dir, mb } => ex.forward(p2p, dir, mb),
@@ -433,7 +456,15 @@ pub struct RankResult {
 }
 
 /// [`execute`] on DualPipe's example model.
-pub fn run(p2p: &mut dyn P2p, kind: Kind, ranks: usize, chunks: usize, ops: &[Op], stages: &[Stage], batch: &Batch) -> RankResult {
+pub fn run(
+    p2p: &mut dyn P2p,
+    kind: Kind,
+    ranks: usize,
+    chunks: usize,
+    ops: &[Op],
+    stages: &[Stage],
+    batch: &Batch,
+) -> RankResult {
     let model = MlpPipeline { stages, batch, grads: Default::default() };
     let losses = execute(p2p, kind, ranks, chunks, ops, &model);
     let mut grads: Vec<(usize, Grads)> = model.grads.into_inner().expect("gradients").into_iter().collect();
@@ -520,7 +551,13 @@ mod tests {
     #[test]
     fn every_schedule_reproduces_sequential_training() {
         let h = 8;
-        for (kind, ranks, chunks) in [(Kind::OneFOneB, 4, 6), (Kind::DualPipe, 4, 8), (Kind::DualPipe, 2, 6), (Kind::DualPipeV, 2, 4), (Kind::DualPipeV, 3, 7)] {
+        for (kind, ranks, chunks) in [
+            (Kind::OneFOneB, 4, 6),
+            (Kind::DualPipe, 4, 8),
+            (Kind::DualPipe, 2, 6),
+            (Kind::DualPipeV, 2, 4),
+            (Kind::DualPipeV, 3, 7),
+        ] {
             let n_stages = if kind == Kind::DualPipeV { 2 * ranks } else { ranks };
             let stages: Vec<Stage> = (0..n_stages).map(|s| Stage::new(h, s as u64)).collect();
             let b = Batch::synthetic(chunks, 3, h);

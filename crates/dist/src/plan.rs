@@ -74,9 +74,17 @@ impl ModelShape {
         let mtp = self.mtp_layers as f64 * mtp_one;
         let active_layer = |routed: f64| attn + (routed + self.shared_experts as f64) * expert + e * d;
         let k = self.experts_per_token as f64;
-        let active_main = self.dense_layers as f64 * (attn + 3.0 * d * self.intermediate as f64) + moe_layers * active_layer(k) + embed;
+        let active_main = self.dense_layers as f64 * (attn + 3.0 * d * self.intermediate as f64)
+            + moe_layers * active_layer(k)
+            + embed;
         let active_mtp = self.mtp_layers as f64 * (2.0 * d * d + active_layer(k) + embed);
-        Params { total: main + mtp, main, routed: (moe_layers + self.mtp_layers as f64) * e * expert, active_main, active_mtp }
+        Params {
+            total: main + mtp,
+            main,
+            routed: (moe_layers + self.mtp_layers as f64) * e * expert,
+            active_main,
+            active_mtp,
+        }
     }
 
     /// Training FLOPs per token at sequence length `seq` (forward + backward = 3 × forward).
@@ -165,7 +173,8 @@ pub fn memory(shape: &ModelShape, l: Layout) -> Memory {
     let optimizer = 8.0 * (routed / expert_replicas + other / dp);
     // Each live micro-batch holds one stage's activations (the DualPipe table counts PP+1).
     let layers_per_stage = (shape.layers + shape.mtp_layers) as f64 / l.stages.max(1) as f64;
-    let activations = l.live_micro_batches as f64 * l.micro_batch_tokens as f64 * layers_per_stage * l.act_bytes_per_token_layer;
+    let activations =
+        l.live_micro_batches as f64 * l.micro_batch_tokens as f64 * layers_per_stage * l.act_bytes_per_token_layer;
     Memory { params: 2.0 * held, grads: 4.0 * held, optimizer, activations }
 }
 
@@ -223,7 +232,16 @@ mod tests {
     #[test]
     fn a_pp16_ep64_device_fits_in_80_gb() {
         let s = deepseek_v3();
-        let l = Layout { gpus: 2048, devices: 16, stages: 16, stages_per_device: 2, ep: 64, live_micro_batches: 17, micro_batch_tokens: 4096, act_bytes_per_token_layer: 17.0 * 7168.0 };
+        let l = Layout {
+            gpus: 2048,
+            devices: 16,
+            stages: 16,
+            stages_per_device: 2,
+            ep: 64,
+            live_micro_batches: 17,
+            micro_batch_tokens: 4096,
+            act_bytes_per_token_layer: 17.0 * 7168.0,
+        };
         let m = memory(&s, l);
         assert!(m.total() < 80e9 && m.params > 1e9, "{m:?}");
     }

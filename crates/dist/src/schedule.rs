@@ -20,12 +20,25 @@ pub enum Kind {
 /// One compute slot of a rank.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    F { dir: u8, mb: usize },
+    F {
+        dir: u8,
+        mb: usize,
+    },
     /// `zb`: input gradient only; the weight gradient waits for a `W`.
-    B { dir: u8, mb: usize, zb: bool },
-    W { dir: u8, mb: usize },
+    B {
+        dir: u8,
+        mb: usize,
+        zb: bool,
+    },
+    W {
+        dir: u8,
+        mb: usize,
+    },
     /// A forward and a backward overlapped.
-    FB { f: (u8, usize), b: (u8, usize) },
+    FB {
+        f: (u8, usize),
+        b: (u8, usize),
+    },
 }
 
 impl fmt::Display for Op {
@@ -50,7 +63,9 @@ pub fn generate(kind: Kind, ranks: usize, chunks: usize) -> Result<Vec<Vec<Op>>,
         }
         Kind::DualPipe => {
             if ranks == 0 || !ranks.is_multiple_of(2) || !chunks.is_multiple_of(2) || chunks < 2 * ranks {
-                return Err(format!("DualPipe needs an even number of ranks and an even chunk count ≥ 2·ranks (got {ranks}, {chunks})"));
+                return Err(format!(
+                    "DualPipe needs an even number of ranks and an even chunk count ≥ 2·ranks (got {ranks}, {chunks})"
+                ));
             }
             Ok((0..ranks).map(|r| Dual::new(kind, r, ranks, chunks).run()).collect())
         }
@@ -97,11 +112,27 @@ impl Dual {
         let (h, n, main_steps, middle, flip) = match kind {
             Kind::DualPipe => {
                 let h = r.min(ranks - 1 - r);
-                (h, ranks / 2, chunks / 2 + h + 1 - ranks, r + 1 == ranks / 2 || r == ranks / 2, u8::from(r >= ranks / 2))
+                (
+                    h,
+                    ranks / 2,
+                    chunks / 2 + h + 1 - ranks,
+                    r + 1 == ranks / 2 || r == ranks / 2,
+                    u8::from(r >= ranks / 2),
+                )
             }
             _ => (r, ranks, chunks + r + 1 - 2 * ranks, r == ranks - 1, 0),
         };
-        Dual { ops: vec![], next_f: [0; 2], next_b: [0; 2], w_queue: Default::default(), flip, h, n, main_steps, middle }
+        Dual {
+            ops: vec![],
+            next_f: [0; 2],
+            next_b: [0; 2],
+            w_queue: Default::default(),
+            flip,
+            h,
+            n,
+            main_steps,
+            middle,
+        }
     }
 
     fn phys(&self, logical: u8) -> u8 {
@@ -255,11 +286,19 @@ pub fn simulate(kind: Kind, ops: &[Vec<Op>], t: Timing) -> Result<Simulation, St
                 let op = ops[r][next[r]];
                 let f_dep = |dir: u8, mb: usize| -> Option<f64> {
                     let (flow, pos, _) = stage_of(r, dir);
-                    if pos == 0 { Some(0.0) } else { done.get(&('F', flow, mb, pos - 1)).copied() }
+                    if pos == 0 {
+                        Some(0.0)
+                    } else {
+                        done.get(&('F', flow, mb, pos - 1)).copied()
+                    }
                 };
                 let b_dep = |dir: u8, mb: usize| -> Option<f64> {
                     let (flow, pos, len) = stage_of(r, dir);
-                    if pos + 1 == len { done.get(&('F', flow, mb, pos)).copied() } else { done.get(&('B', flow, mb, pos + 1)).copied() }
+                    if pos + 1 == len {
+                        done.get(&('F', flow, mb, pos)).copied()
+                    } else {
+                        done.get(&('B', flow, mb, pos + 1)).copied()
+                    }
                 };
                 let (ready, dur) = match op {
                     Op::F { dir, mb } => (f_dep(dir, mb), t.f),
@@ -299,7 +338,10 @@ pub fn simulate(kind: Kind, ops: &[Vec<Op>], t: Timing) -> Result<Simulation, St
             break;
         }
         if !progressed {
-            let stuck: Vec<String> = (0..ranks).filter(|&r| next[r] < ops[r].len()).map(|r| format!("rank {r} at {}", ops[r][next[r]])).collect();
+            let stuck: Vec<String> = (0..ranks)
+                .filter(|&r| next[r] < ops[r].len())
+                .map(|r| format!("rank {r} at {}", ops[r][next[r]]))
+                .collect();
             return Err(format!("the schedule deadlocks: {}", stuck.join(", ")));
         }
     }
@@ -345,7 +387,9 @@ mod tests {
 
     #[test]
     fn every_rank_runs_each_micro_batch_once_per_direction() {
-        for (kind, n, c, per_dir, dirs) in [(Kind::DualPipe, 8, 20, 10, 2), (Kind::DualPipeV, 4, 9, 9, 2), (Kind::OneFOneB, 4, 7, 7, 1)] {
+        for (kind, n, c, per_dir, dirs) in
+            [(Kind::DualPipe, 8, 20, 10, 2), (Kind::DualPipeV, 4, 9, 9, 2), (Kind::OneFOneB, 4, 7, 7, 1)]
+        {
             for ops in generate(kind, n, c).unwrap() {
                 for dir in 0..dirs as u8 {
                     let mut f = vec![0; per_dir];

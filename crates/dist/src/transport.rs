@@ -18,11 +18,14 @@ static EMPTY: [u8; 1] = [0];
 
 /// Where each block starts: the running sum of the counts before it.
 fn displs(counts: &[Count]) -> Vec<Count> {
-    counts.iter().scan(0, |a, &x| {
-        let d = *a;
-        *a += x;
-        Some(d)
-    }).collect()
+    counts
+        .iter()
+        .scan(0, |a, &x| {
+            let d = *a;
+            *a += x;
+            Some(d)
+        })
+        .collect()
 }
 
 fn real(b: &[u8]) -> &[u8] {
@@ -85,7 +88,12 @@ impl Exchange for MpiExchange {
         (recv, rc.iter().map(|&c| c as usize).collect())
     }
 
-    fn all_to_all_overlapped(&self, send: &[u8], counts: &[usize], work: &mut dyn FnMut() -> bool) -> (Vec<u8>, Vec<usize>) {
+    fn all_to_all_overlapped(
+        &self,
+        send: &[u8],
+        counts: &[usize],
+        work: &mut dyn FnMut() -> bool,
+    ) -> (Vec<u8>, Vec<usize>) {
         let sizes = self.sizes(counts);
         // OpenMPI progresses a non-blocking collective only inside MPI calls: test it between
         // slices of work.
@@ -112,7 +120,12 @@ impl MpiExchange {
 
     /// The blocks' all-to-all posted (`MPI_Ialltoallv`), tested after each `between(done)` until
     /// that returns false, then waited for.
-    fn posted(&self, send: &[u8], (sc, sd, rc, rd): (Vec<Count>, Vec<Count>, Vec<Count>, Vec<Count>), between: &mut dyn FnMut(bool) -> bool) -> (Vec<u8>, Vec<usize>) {
+    fn posted(
+        &self,
+        send: &[u8],
+        (sc, sd, rc, rd): (Vec<Count>, Vec<Count>, Vec<Count>, Vec<Count>),
+        between: &mut dyn FnMut(bool) -> bool,
+    ) -> (Vec<u8>, Vec<usize>) {
         let total: usize = rc.iter().map(|&c| c as usize).sum();
         let mut recv = vec![0u8; total + 1];
         {
@@ -173,7 +186,8 @@ impl crate::pipeline::P2p for MpiPeers<'_> {
         // The buffer must outlive the request: leaked here, reclaimed in flush after the wait.
         let buf: &'static mut [f64] = Box::leak(data.into_boxed_slice());
         let ptr: *mut [f64] = buf;
-        let req = self.comm.process_at_rank(to as i32).immediate_send_with_tag(mpi::request::StaticScope, &*buf, tag as i32);
+        let req =
+            self.comm.process_at_rank(to as i32).immediate_send_with_tag(mpi::request::StaticScope, &*buf, tag as i32);
         self.pending.push((req, ptr));
     }
 

@@ -17,14 +17,18 @@ fn main() {
     println!("| accumulator | products per add | no promotion | promotion every 128 |\n|---|---|---|---|");
     for (bits, group) in [(14, 32), (14, 8), (14, 4), (13, 32), (24, 32)] {
         let (plain, promoted) = promotion_experiment(&x, &w, k, bits, group);
-        let stat = |e: &[f64]| (100.0 * e.iter().copied().fold(0.0, f64::max), 100.0 * e.iter().sum::<f64>() / e.len() as f64);
+        let stat =
+            |e: &[f64]| (100.0 * e.iter().copied().fold(0.0, f64::max), 100.0 * e.iter().sum::<f64>() / e.len() as f64);
         let ((pm, pa), (qm, qa)) = (stat(&plain), stat(&promoted));
         println!("| {bits} bits, truncating | {group} | {pm:.3}% ({pa:.3}%) | {qm:.4}% ({qa:.4}%) |");
     }
     let (m, n, k) = (512, 1024, 1024);
     let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
     let w: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
-    let (a, b) = (Fp8Blocks::quantize(&x, m, k, [1, 128], ScaleFmt::F32), Fp8Blocks::quantize(&w, n, k, [128, 128], ScaleFmt::F32));
+    let (a, b) = (
+        Fp8Blocks::quantize(&x, m, k, [1, 128], ScaleFmt::F32),
+        Fp8Blocks::quantize(&w, n, k, [128, 128], ScaleFmt::F32),
+    );
     let wt = dsv3_kernels::matmul::transpose(&w, n, k);
     let time = |f: &mut dyn FnMut()| {
         f();
@@ -39,5 +43,8 @@ fn main() {
         let mut c = vec![0f32; m * n];
         gemm_acc(Strided { a: &x, a_s: 1, a_p: k }, &wt, &mut c, m, n, k);
     });
-    println!("{m}x{n}x{k}: FP8 block-scaled with promotion {fp8:.1} GFLOP/s, f32 gemm_acc {f32g:.1} GFLOP/s ({:.2}x)", fp8 / f32g);
+    println!(
+        "{m}x{n}x{k}: FP8 block-scaled with promotion {fp8:.1} GFLOP/s, f32 gemm_acc {f32g:.1} GFLOP/s ({:.2}x)",
+        fp8 / f32g
+    );
 }

@@ -33,7 +33,10 @@ fn main() {
             let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
             let g1 = one.install(|| time(&w, &x, &mut y, reps));
             let gn = time(&w, &x, &mut y, reps);
-            println!("{label:>26} {name:>5}: {g1:6.1} GB/s on 1 thread, {gn:6.1} GB/s on {} threads", rayon::current_num_threads());
+            println!(
+                "{label:>26} {name:>5}: {g1:6.1} GB/s on 1 thread, {gn:6.1} GB/s on {} threads",
+                rayon::current_num_threads()
+            );
         }
     }
 }

@@ -58,10 +58,21 @@ impl Pages<'_> {
 /// `q_lat [tokens, heads, latent]`, `q_pe [tokens, heads, rope]`, the cache in `pages`; query token
 /// t sees cache positions `0..visible[t]`. Writes `out [tokens, heads, latent]`. Positions are
 /// summed in order whatever the paging, so a paged and a contiguous cache give the same bits.
-pub fn latent_attention(shape: LatentShape, q_lat: &[f32], q_pe: &[f32], pages: Pages, visible: &[usize], scale: f32, out: &mut [f32]) {
+pub fn latent_attention(
+    shape: LatentShape,
+    q_lat: &[f32],
+    q_pe: &[f32],
+    pages: Pages,
+    visible: &[usize],
+    scale: f32,
+    out: &mut [f32],
+) {
     let LatentShape { tokens, heads, latent, rope } = shape;
     let full_pages_ok = pages.c_kv.len() <= 1
-        || pages.c_kv[..pages.c_kv.len() - 1].iter().zip(pages.k_pe.iter()).all(|(c, k)| c.len() == pages.block * latent && k.len() == pages.block * rope);
+        || pages.c_kv[..pages.c_kv.len() - 1]
+            .iter()
+            .zip(pages.k_pe.iter())
+            .all(|(c, k)| c.len() == pages.block * latent && k.len() == pages.block * rope);
     let held = pages.positions(latent);
     assert!(
         q_lat.len() == tokens * heads * latent
@@ -130,7 +141,8 @@ pub mod reference {
                 let th = t * heads + h;
                 let scores: Vec<f64> = (0..vis)
                     .map(|s| {
-                        let a: f64 = (0..latent).map(|c| q_lat[th * latent + c] as f64 * c_kv[s * latent + c] as f64).sum();
+                        let a: f64 =
+                            (0..latent).map(|c| q_lat[th * latent + c] as f64 * c_kv[s * latent + c] as f64).sum();
                         let b: f64 = (0..rope).map(|c| q_pe[th * rope + c] as f64 * k_pe[s * rope + c] as f64).sum();
                         (a + b) * scale as f64
                     })
@@ -139,7 +151,8 @@ pub mod reference {
                 let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for c in 0..latent {
-                    out[th * latent + c] = (0..e.len()).map(|s| e[s] / z * c_kv[s * latent + c] as f64).sum::<f64>() as f32;
+                    out[th * latent + c] =
+                        (0..e.len()).map(|s| e[s] / z * c_kv[s * latent + c] as f64).sum::<f64>() as f32;
                 }
             }
         }

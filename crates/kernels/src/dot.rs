@@ -26,9 +26,7 @@ pub mod reference {
     }
 
     pub fn axpy_bf16(y: &mut [f32], a: f32, w: &[u8]) {
-        y.iter_mut()
-            .zip(w.chunks_exact(2))
-            .for_each(|(y, b)| *y += a * bf16_to_f32(u16::from_le_bytes([b[0], b[1]])));
+        y.iter_mut().zip(w.chunks_exact(2)).for_each(|(y, b)| *y += a * bf16_to_f32(u16::from_le_bytes([b[0], b[1]])));
     }
 
     pub fn axpy_fp8(y: &mut [f32], a: f32, w: &[u8]) {
@@ -200,7 +198,8 @@ mod tests {
             let wf: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect();
             let wb: Vec<u8> = wf.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect();
             // Every byte value, NaN codes excluded, appears in long rows.
-            let w8: Vec<u8> = (0..n).map(|_| rng.gen::<u8>()).map(|b| if b & 0x7f == 0x7f { 0x7e } else { b }).collect();
+            let w8: Vec<u8> =
+                (0..n).map(|_| rng.gen::<u8>()).map(|b| if b & 0x7f == 0x7f { 0x7e } else { b }).collect();
             assert!(close(dot_f32(&x, &wf), reference::dot_f32(&x, &wf), n));
             assert!(close(dot_bf16(&x, &wb), reference::dot_bf16(&x, &wb), n));
             let (d, r) = (dot_fp8(&x, &w8), reference::dot_fp8(&x, &w8));
@@ -209,7 +208,8 @@ mod tests {
             let a = rng.gen_range(-1.0..1.0);
             let y0: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
             {
-                let (simd, refr) = (axpy_f32 as fn(&mut [f32], f32, &[f32]), reference::axpy_f32 as fn(&mut [f32], f32, &[f32]));
+                let (simd, refr) =
+                    (axpy_f32 as fn(&mut [f32], f32, &[f32]), reference::axpy_f32 as fn(&mut [f32], f32, &[f32]));
                 let (mut y1, mut y2) = (y0.clone(), y0.clone());
                 simd(&mut y1, a, &wf);
                 refr(&mut y2, a, &wf);

@@ -19,11 +19,14 @@ pub struct MiniFloat {
 }
 
 /// FP8 E4M3FN: bias 7, max 448, no infinities, `S.1111.111` is NaN.
-pub const E4M3: MiniFloat = MiniFloat { exp_bits: 4, man_bits: 3, bias: 7, max_code: 0x7e, nan_code: Some(0x7f), ieee_specials: false };
+pub const E4M3: MiniFloat =
+    MiniFloat { exp_bits: 4, man_bits: 3, bias: 7, max_code: 0x7e, nan_code: Some(0x7f), ieee_specials: false };
 /// FP8 E5M2: bias 15, max 57344, IEEE infinities and NaNs.
-pub const E5M2: MiniFloat = MiniFloat { exp_bits: 5, man_bits: 2, bias: 15, max_code: 0x7b, nan_code: Some(0x7e), ieee_specials: true };
+pub const E5M2: MiniFloat =
+    MiniFloat { exp_bits: 5, man_bits: 2, bias: 15, max_code: 0x7b, nan_code: Some(0x7e), ieee_specials: true };
 /// FP4 E2M1: values 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives; no NaN (NaN encodes as 0).
-pub const E2M1: MiniFloat = MiniFloat { exp_bits: 2, man_bits: 1, bias: 1, max_code: 0x7, nan_code: None, ieee_specials: false };
+pub const E2M1: MiniFloat =
+    MiniFloat { exp_bits: 2, man_bits: 1, bias: 1, max_code: 0x7, nan_code: None, ieee_specials: false };
 
 /// 2^e as an f32 for e in the normal range.
 #[inline]
@@ -150,7 +153,10 @@ mod tests {
         for c in 0..=255u8 {
             for (fmt, theirs) in [(E4M3, F8E4M3::from_bits(c).to_f32()), (E5M2, F8E5M2::from_bits(c).to_f32())] {
                 let ours = fmt.decode(c);
-                assert!(ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()), "{fmt:?} {c:#x}: {ours} vs {theirs}");
+                assert!(
+                    ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()),
+                    "{fmt:?} {c:#x}: {ours} vs {theirs}"
+                );
             }
         }
         assert_eq!(E4M3.max(), 448.0);
@@ -161,7 +167,8 @@ mod tests {
     #[test]
     fn fp8_encode_matches_the_float8_crate_on_every_code_midpoints_and_random_inputs() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(8);
-        let mut inputs: Vec<f32> = vec![0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1e-30, f32::MAX, f32::MIN_POSITIVE];
+        let mut inputs: Vec<f32> =
+            vec![0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1e-30, f32::MAX, f32::MIN_POSITIVE];
         for fmt in [E4M3, E5M2] {
             // Every value, the midpoints between neighbours (ties) and their f32 neighbours.
             let vals: Vec<f32> = (0..=fmt.max_code).map(|c| fmt.decode(c)).collect();
@@ -191,7 +198,17 @@ mod tests {
         assert_eq!(vals, [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]);
         assert_eq!(E2M1.decode(0xf), -6.0);
         // Ties to the even code: 0.25 → 0, 0.75 → 1.0, 1.25 → 1.0, 1.75 → 2.0, 2.5 → 2, 3.5 → 4, 5 → 4.
-        for (x, want) in [(0.25, 0.0), (0.75, 1.0), (1.25, 1.0), (1.75, 2.0), (2.5, 2.0), (3.5, 4.0), (5.0, 4.0), (5.1, 6.0), (100.0, 6.0)] {
+        for (x, want) in [
+            (0.25, 0.0),
+            (0.75, 1.0),
+            (1.25, 1.0),
+            (1.75, 2.0),
+            (2.5, 2.0),
+            (3.5, 4.0),
+            (5.0, 4.0),
+            (5.1, 6.0),
+            (100.0, 6.0),
+        ] {
             assert_eq!(E2M1.decode(E2M1.encode(x)), want, "{x}");
             assert_eq!(E2M1.decode(E2M1.encode(-x)), -want, "{x}");
         }

@@ -33,7 +33,9 @@ pub fn gemv(w: &Fp4Blocks, x: &Fp4Blocks) -> Vec<f32> {
             let xr = &x.packed[t * pc..(t + 1) * pc];
             let mut total = 0f32;
             for b in 0..nb {
-                let sum: i32 = (b * bs..((b + 1) * bs).min(k)).map(|c| table[nibble(wr, c) as usize * 16 + nibble(xr, c) as usize] as i32).sum();
+                let sum: i32 = (b * bs..((b + 1) * bs).min(k))
+                    .map(|c| table[nibble(wr, c) as usize * 16 + nibble(xr, c) as usize] as i32)
+                    .sum();
                 let sw = w.kind.scale(w.scales[j * nb + b], w.tensor_scale);
                 let sx = x.kind.scale(x.scales[t * nb + b], x.tensor_scale);
                 total += sum as f32 * 0.25 * sw * sx;
@@ -65,7 +67,10 @@ mod tests {
                         let want: f64 = (0..k).map(|c| wd[j * k + c] as f64 * xd[t * k + c] as f64).sum();
                         let mag: f64 = (0..k).map(|c| (wd[j * k + c] as f64 * xd[t * k + c] as f64).abs()).sum();
                         let g = got[j * m + t] as f64;
-                        assert!((g - want).abs() <= 1e-6 * mag + 1e-12, "{kind:?} ({rows},{m},{k}) [{j},{t}]: {g} vs {want}");
+                        assert!(
+                            (g - want).abs() <= 1e-6 * mag + 1e-12,
+                            "{kind:?} ({rows},{m},{k}) [{j},{t}]: {g} vs {want}"
+                        );
                     }
                 }
             }

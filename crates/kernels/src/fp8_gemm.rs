@@ -146,19 +146,21 @@ pub mod reference {
     pub fn gemm_nt(a: &Fp8Blocks, b: &Fp8Blocks, acc: Accumulator) -> Vec<f32> {
         super::check(a, b);
         let (m, n, k, t, br) = (a.rows, b.rows, a.cols, a.block[1], b.block[0]);
-    let nb = k.div_ceil(t);
+        let nb = k.div_ceil(t);
         let mut d = vec![0f32; m * n];
         for p in 0..m {
             for q in 0..n {
                 let mut total = 0f64;
                 for kb in 0..nb {
-                    let prod = |i: usize| E4M3.decode(a.codes[p * k + i]) as f64 * E4M3.decode(b.codes[q * k + i]) as f64;
+                    let prod =
+                        |i: usize| E4M3.decode(a.codes[p * k + i]) as f64 * E4M3.decode(b.codes[q * k + i]) as f64;
                     let range = kb * t..((kb + 1) * t).min(k);
                     let sum = match acc {
                         Accumulator::Exact => range.map(prod).sum::<f64>(),
                         Accumulator::Limited { bits, group } => {
                             let idx: Vec<usize> = range.collect();
-                            idx.chunks(group).fold(0f64, |s, g| truncate(s + g.iter().map(|&i| prod(i)).sum::<f64>(), bits))
+                            idx.chunks(group)
+                                .fold(0f64, |s, g| truncate(s + g.iter().map(|&i| prod(i)).sum::<f64>(), bits))
                         }
                     };
                     total += a.scales[(p / a.block[0]) * nb + kb] as f64 * b.scales[(q / br) * nb + kb] as f64 * sum;
@@ -201,7 +203,14 @@ mod tests {
     #[test]
     fn gemm_matches_the_exact_reference_on_ragged_shapes() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
-        for (m, n, k, ar, br) in [(1, 1, 1, 1, 128), (3, 5, 129, 1, 128), (17, 130, 300, 1, 128), (40, 33, 256, 1, 1), (9, 260, 128, 1, 128), (300, 20, 140, 128, 128)] {
+        for (m, n, k, ar, br) in [
+            (1, 1, 1, 1, 128),
+            (3, 5, 129, 1, 128),
+            (17, 130, 300, 1, 128),
+            (40, 33, 256, 1, 1),
+            (9, 260, 128, 1, 128),
+            (300, 20, 140, 128, 128),
+        ] {
             let a = Fp8Blocks::quantize(&random(m * k, &mut rng), m, k, [ar, 128], ScaleFmt::F32);
             let b = Fp8Blocks::quantize(&random(n * k, &mut rng), n, k, [br, 128], ScaleFmt::F32);
             let got = gemm_nt(&a, &b);
@@ -223,7 +232,8 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let (m, n, k) = (23, 40, 200);
         let a = Fp8Blocks::quantize(&random(m * k, &mut rng), m, k, [1, 128], ScaleFmt::F32);
-        let bs: Vec<Fp8Blocks> = (0..3).map(|_| Fp8Blocks::quantize(&random(n * k, &mut rng), n, k, [128, 128], ScaleFmt::F32)).collect();
+        let bs: Vec<Fp8Blocks> =
+            (0..3).map(|_| Fp8Blocks::quantize(&random(n * k, &mut rng), n, k, [128, 128], ScaleFmt::F32)).collect();
         let idx: Vec<i32> = (0..m).map(|_| rng.gen_range(-1..3)).collect();
         let d = grouped_gemm_nt(&a, &idx, &bs);
         for (r, &g) in idx.iter().enumerate() {
@@ -248,10 +258,19 @@ mod tests {
         let x: Vec<f32> = (0..8 * k).map(|_| rng.gen_range(0.0..1.0)).collect();
         let w: Vec<f32> = (0..8 * k).map(|_| rng.gen_range(0.0..1.0)).collect();
         let (errs_plain, errs_promoted) = promotion_experiment(&x, &w, k, 14, 32);
-        eprintln!("K=4096, 14-bit accumulator: max rel. error {:.3}% plain, {:.4}% promoted", 100.0 * errs_plain.iter().copied().fold(0.0, f64::max), 100.0 * errs_promoted.iter().copied().fold(0.0, f64::max));
+        eprintln!(
+            "K=4096, 14-bit accumulator: max rel. error {:.3}% plain, {:.4}% promoted",
+            100.0 * errs_plain.iter().copied().fold(0.0, f64::max),
+            100.0 * errs_promoted.iter().copied().fold(0.0, f64::max)
+        );
         let worst = |e: &[f64]| e.iter().copied().fold(0.0, f64::max);
         let bf16_eps = 2f64.powi(-8);
         assert!(worst(&errs_promoted) < bf16_eps, "promoted: {}", worst(&errs_promoted));
-        assert!(worst(&errs_plain) > 4.0 * worst(&errs_promoted), "plain {} vs promoted {}", worst(&errs_plain), worst(&errs_promoted));
+        assert!(
+            worst(&errs_plain) > 4.0 * worst(&errs_promoted),
+            "plain {} vs promoted {}",
+            worst(&errs_plain),
+            worst(&errs_promoted)
+        );
     }
 }

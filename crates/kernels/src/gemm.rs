@@ -98,7 +98,8 @@ pub fn reference(a: Strided, b: &[f32], rows: usize, cols: usize, depth: usize) 
     let mut c = vec![0f32; rows * cols];
     for p in 0..rows {
         for q in 0..cols {
-            c[p * cols + q] = (0..depth).map(|s| a.a[s * a.a_s + p * a.a_p] as f64 * b[s * cols + q] as f64).sum::<f64>() as f32;
+            c[p * cols + q] =
+                (0..depth).map(|s| a.a[s * a.a_s + p * a.a_p] as f64 * b[s * cols + q] as f64).sum::<f64>() as f32;
         }
     }
     c
@@ -151,11 +152,26 @@ mod avx512 {
     #[inline]
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn block<const MR: usize>(a: Strided, b: &[f32], c: &mut [f32], p0: usize, r: usize, q: usize, cols: usize, depth: usize) {
+    unsafe fn block<const MR: usize>(
+        a: Strided,
+        b: &[f32],
+        c: &mut [f32],
+        p0: usize,
+        r: usize,
+        q: usize,
+        cols: usize,
+        depth: usize,
+    ) {
         let (ap, bp, cp) = (a.a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
         let w = (cols - q).min(32);
         let m0: u16 = if w >= 16 { 0xffff } else { ((1u32 << w) - 1) as u16 };
-        let m1: u16 = if w >= 32 { 0xffff } else if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
+        let m1: u16 = if w >= 32 {
+            0xffff
+        } else if w > 16 {
+            ((1u32 << (w - 16)) - 1) as u16
+        } else {
+            0
+        };
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         for s in 0..depth {
             let brow = bp.add(s * cols + q);
@@ -203,7 +219,11 @@ mod bf16 {
                     let n = (width - j).min(16);
                     let m: u16 = if n == 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
                     let lo = _mm512_maskz_loadu_ps(m, src.as_ptr().add(r0 * ld + j));
-                    let hi = if r1 < depth { _mm512_maskz_loadu_ps(m, src.as_ptr().add(r1 * ld + j)) } else { _mm512_setzero_ps() };
+                    let hi = if r1 < depth {
+                        _mm512_maskz_loadu_ps(m, src.as_ptr().add(r1 * ld + j))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
                     let lo = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(lo)));
                     let hi = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(hi)));
                     let v = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
@@ -296,7 +316,13 @@ mod bf16 {
         let (app, bpp, cp) = (ap.as_ptr(), bp.as_ptr(), c.as_mut_ptr());
         let w = (cols - q).min(32);
         let m0: u16 = if w >= 16 { 0xffff } else { ((1u32 << w) - 1) as u16 };
-        let m1: u16 = if w >= 32 { 0xffff } else if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
+        let m1: u16 = if w >= 32 {
+            0xffff
+        } else if w > 16 {
+            ((1u32 << (w - 16)) - 1) as u16
+        } else {
+            0
+        };
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         for s2 in 0..d2 {
             let brow = bpp.add(s2 * cols + q) as *const i32;
@@ -324,7 +350,9 @@ mod tests {
     #[test]
     fn matches_reference_for_both_strides_and_ragged_edges() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(21);
-        for &(rows, cols, depth) in &[(1usize, 1usize, 1usize), (3, 17, 5), (8, 32, 9), (13, 47, 33), (70, 100, 64), (9, 300, 130)] {
+        for &(rows, cols, depth) in
+            &[(1usize, 1usize, 1usize), (3, 17, 5), (8, 32, 9), (13, 47, 33), (70, 100, 64), (9, 300, 130)]
+        {
             let b: Vec<f32> = (0..depth * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
             // A stored [depth, rows] (a_p = 1) and [rows, depth] (a_s = 1).
             let at: Vec<f32> = (0..depth * rows).map(|_| rng.gen_range(-1.0..1.0)).collect();
@@ -333,7 +361,11 @@ mod tests {
                 gemm_acc(a, &b, &mut c, rows, cols, depth);
                 let want = reference(a, &b, rows, cols, depth);
                 for (i, (g, w)) in c.iter().zip(&want).enumerate() {
-                    assert!((g - (w + 0.25)).abs() < 1e-4 * (1.0 + w.abs()), "{rows}x{cols}x{depth}[{i}]: {g} vs {}", w + 0.25);
+                    assert!(
+                        (g - (w + 0.25)).abs() < 1e-4 * (1.0 + w.abs()),
+                        "{rows}x{cols}x{depth}[{i}]: {g} vs {}",
+                        w + 0.25
+                    );
                 }
             }
         }

@@ -66,7 +66,8 @@ pub mod reference {
         for (j, r) in rows.enumerate() {
             w.decode_row(r, 0, &mut row);
             for t in 0..m {
-                out[j * m + t] = x[t * k..(t + 1) * k].iter().zip(&row).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
+                out[j * m + t] =
+                    x[t * k..(t + 1) * k].iter().zip(&row).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
             }
         }
     }
@@ -203,7 +204,14 @@ mod avx512 {
     /// block's sum is multiplied by its scale as it joins the total.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn dots<L: Load16, const M: usize>(w: &L, k: usize, block: usize, scales: Option<&[f32]>, x: *const f32, out: &mut [f32]) {
+    unsafe fn dots<L: Load16, const M: usize>(
+        w: &L,
+        k: usize,
+        block: usize,
+        scales: Option<&[f32]>,
+        x: *const f32,
+        out: &mut [f32],
+    ) {
         debug_assert_eq!(out.len(), M);
         let mut total = [_mm512_setzero_ps(); M];
         let (mut c0, mut b) = (0, 0);
@@ -276,7 +284,12 @@ mod avx512 {
                     for (s, &c) in row_scales.iter_mut().zip(&scales[r * nb..(r + 1) * nb]) {
                         *s = kind.scale(c, tensor_scale);
                     }
-                    let w = Fp4s { codes: data.as_ptr().add(r * k.div_ceil(2)), lut, scales: row_scales.as_ptr(), shift: bs.trailing_zeros() };
+                    let w = Fp4s {
+                        codes: data.as_ptr().add(r * k.div_ceil(2)),
+                        lut,
+                        scales: row_scales.as_ptr(),
+                        shift: bs.trailing_zeros(),
+                    };
                     dots::<_, M>(&w, k, k.max(1), None, xp, o);
                 }
             }
@@ -315,7 +328,8 @@ mod tests {
             let wf: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect();
             let wb: Vec<u8> = wf.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect();
             // Every byte value but the NaN codes, subnormals included.
-            let w8: Vec<u8> = (0..n).map(|_| rng.gen::<u8>()).map(|b| if b & 0x7f == 0x7f { 0x7e } else { b }).collect();
+            let w8: Vec<u8> =
+                (0..n).map(|_| rng.gen::<u8>()).map(|b| if b & 0x7f == 0x7f { 0x7e } else { b }).collect();
             // The same rows with every weight's sign cleared: Σ|x·w| bounds the rounding error.
             let wf_abs: Vec<f32> = wf.iter().map(|v| v.abs()).collect();
             let wb_abs: Vec<u8> = wb.iter().enumerate().map(|(i, &b)| if i % 2 == 1 { b & 0x7f } else { b }).collect();
@@ -324,8 +338,14 @@ mod tests {
                 let ns = rows.div_ceil(block[0]) * k.div_ceil(block[1]);
                 let scale_inv: Vec<f32> = (0..ns).map(|_| rng.gen_range(0.001..2.0)).collect();
                 let fp8 = |data| MatRef::Fp8 { data, scale_inv: &scale_inv, rows, cols: k, block };
-                let (nv, nv_abs) = (Fp4Blocks::quantize(&wf, rows, k, Fp4Kind::Nv), Fp4Blocks::quantize(&wf_abs, rows, k, Fp4Kind::Nv));
-                let (mx, mx_abs) = (Fp4Blocks::quantize(&wf, rows, k, Fp4Kind::Mx), Fp4Blocks::quantize(&wf_abs, rows, k, Fp4Kind::Mx));
+                let (nv, nv_abs) = (
+                    Fp4Blocks::quantize(&wf, rows, k, Fp4Kind::Nv),
+                    Fp4Blocks::quantize(&wf_abs, rows, k, Fp4Kind::Nv),
+                );
+                let (mx, mx_abs) = (
+                    Fp4Blocks::quantize(&wf, rows, k, Fp4Kind::Mx),
+                    Fp4Blocks::quantize(&wf_abs, rows, k, Fp4Kind::Mx),
+                );
                 let mats = [
                     (nv.view(), nv_abs.view()),
                     (mx.view(), mx_abs.view()),
@@ -344,7 +364,11 @@ mod tests {
                             reference::rows_dots(w, range.clone(), &x, m, &mut want);
                             reference::rows_dots(w_abs, range.clone(), &x_abs, m, &mut mag);
                             for ((g, v), a) in got.iter().zip(&want).zip(&mag) {
-                                assert!((g - v).abs() <= 4e-6 * a, "k={k} block={block:?} m={m} {:?}: {g} vs {v}", w.format());
+                                assert!(
+                                    (g - v).abs() <= 4e-6 * a,
+                                    "k={k} block={block:?} m={m} {:?}: {g} vs {v}",
+                                    w.format()
+                                );
                             }
                         }
                     }

@@ -82,10 +82,7 @@ pub fn matmul_nt_batch(jobs: &mut [NtJob]) {
     let mut live = Vec::new();
     for j in jobs.iter_mut() {
         let (n, k) = (j.rows.len(), j.w.cols());
-        assert!(
-            j.rows.end <= j.w.rows() && j.x.len() == j.m * k && j.y.len() == j.m * n,
-            "matmul_nt shape mismatch"
-        );
+        assert!(j.rows.end <= j.w.rows() && j.x.len() == j.m * k && j.y.len() == j.m * n, "matmul_nt shape mismatch");
         if j.m == 0 || n == 0 {
             continue;
         }
@@ -234,7 +231,9 @@ pub mod reference {
         let mut y = vec![0f32; m * c];
         for t in 0..m {
             for j in 0..c {
-                y[t * c + j] = rows.clone().enumerate().map(|(i, r)| x[t * n + i] as f64 * wf[r * c + j] as f64).sum::<f64>() as f32;
+                y[t * c + j] =
+                    rows.clone().enumerate().map(|(i, r)| x[t * n + i] as f64 * wf[r * c + j] as f64).sum::<f64>()
+                        as f32;
             }
         }
         y
@@ -350,7 +349,10 @@ mod tests {
     #[test]
     fn a_batch_equals_its_jobs_run_one_by_one() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(12);
-        let mats: Vec<Owned> = [(300usize, 200usize), (64, 1024), (7, 33)].iter().map(|&(r, c)| random(r, c, [128, 128], &mut rng)).collect();
+        let mats: Vec<Owned> = [(300usize, 200usize), (64, 1024), (7, 33)]
+            .iter()
+            .map(|&(r, c)| random(r, c, [128, 128], &mut rng))
+            .collect();
         let ms = [1usize, 2, 8, 9, 0, 3];
         let xs: Vec<Vec<f32>> = ms
             .iter()
@@ -367,7 +369,11 @@ mod tests {
             matmul_nt_batch(&mut jobs);
             for (i, y) in ys.iter().enumerate() {
                 let w = views(&mats[i % 3])[f];
-                assert_close(y, &reference::matmul_nt(&w, 0..w.rows(), &xs[i], ms[i]), &format!("job {i} {:?}", w.format()));
+                assert_close(
+                    y,
+                    &reference::matmul_nt(&w, 0..w.rows(), &xs[i], ms[i]),
+                    &format!("job {i} {:?}", w.format()),
+                );
             }
         }
     }

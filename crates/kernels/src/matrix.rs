@@ -19,23 +19,50 @@ pub enum WeightFormat {
 /// `weight_scale_inv` (row-major `[ceil(rows/br), ceil(cols/bc)]`, multiplied on decode).
 #[derive(Clone, Copy, Debug)]
 pub enum MatRef<'a> {
-    F32 { data: &'a [f32], rows: usize, cols: usize },
-    Bf16 { data: &'a [u8], rows: usize, cols: usize },
-    Fp8 { data: &'a [u8], scale_inv: &'a [f32], rows: usize, cols: usize, block: [usize; 2] },
+    F32 {
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+    },
+    Bf16 {
+        data: &'a [u8],
+        rows: usize,
+        cols: usize,
+    },
+    Fp8 {
+        data: &'a [u8],
+        scale_inv: &'a [f32],
+        rows: usize,
+        cols: usize,
+        block: [usize; 2],
+    },
     /// `data` is `[rows, ceil(cols/2)]` bytes, `scales` `[rows, ceil(cols/kind.block())]` codes.
-    Fp4 { data: &'a [u8], scales: &'a [u8], tensor_scale: f32, rows: usize, cols: usize, kind: Fp4Kind },
+    Fp4 {
+        data: &'a [u8],
+        scales: &'a [u8],
+        tensor_scale: f32,
+        rows: usize,
+        cols: usize,
+        kind: Fp4Kind,
+    },
 }
 
 impl<'a> MatRef<'a> {
     pub fn rows(&self) -> usize {
         match *self {
-            MatRef::F32 { rows, .. } | MatRef::Bf16 { rows, .. } | MatRef::Fp8 { rows, .. } | MatRef::Fp4 { rows, .. } => rows,
+            MatRef::F32 { rows, .. }
+            | MatRef::Bf16 { rows, .. }
+            | MatRef::Fp8 { rows, .. }
+            | MatRef::Fp4 { rows, .. } => rows,
         }
     }
 
     pub fn cols(&self) -> usize {
         match *self {
-            MatRef::F32 { cols, .. } | MatRef::Bf16 { cols, .. } | MatRef::Fp8 { cols, .. } | MatRef::Fp4 { cols, .. } => cols,
+            MatRef::F32 { cols, .. }
+            | MatRef::Bf16 { cols, .. }
+            | MatRef::Fp8 { cols, .. }
+            | MatRef::Fp4 { cols, .. } => cols,
         }
     }
 

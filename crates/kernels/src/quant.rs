@@ -60,7 +60,11 @@ impl Fp8Blocks {
         if cols > 0 {
             let band_len = block[0] * cols;
             if rows * cols >= 1 << 16 {
-                codes.par_chunks_mut(band_len).zip(scales.par_chunks_mut(nb)).zip(x.par_chunks(band_len)).for_each(band);
+                codes
+                    .par_chunks_mut(band_len)
+                    .zip(scales.par_chunks_mut(nb))
+                    .zip(x.par_chunks(band_len))
+                    .for_each(band);
             } else {
                 codes.chunks_mut(band_len).zip(scales.chunks_mut(nb)).zip(x.chunks(band_len)).for_each(band);
             }
@@ -183,7 +187,15 @@ impl Fp4Blocks {
 /// Element `c` of row `r` of packed FP4 data, scale applied (the scalar decode the fast paths are
 /// tested against).
 #[inline]
-pub fn fp4_element(data: &[u8], scales: &[u8], tensor_scale: f32, cols: usize, kind: Fp4Kind, r: usize, c: usize) -> f32 {
+pub fn fp4_element(
+    data: &[u8],
+    scales: &[u8],
+    tensor_scale: f32,
+    cols: usize,
+    kind: Fp4Kind,
+    r: usize,
+    c: usize,
+) -> f32 {
     let nb = cols.div_ceil(kind.block());
     let code = nibble(&data[r * cols.div_ceil(2)..], c);
     E2M1.decode(code) * kind.scale(scales[r * nb + c / kind.block()], tensor_scale)
@@ -202,7 +214,9 @@ mod tests {
     #[test]
     fn fp8_blocks_follow_the_definition_on_ragged_shapes() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        for (rows, cols, block) in [(1, 300, [1, 128]), (5, 129, [1, 128]), (130, 200, [128, 128]), (7, 33, [2, 16]), (3, 0, [1, 128])] {
+        for (rows, cols, block) in
+            [(1, 300, [1, 128]), (5, 129, [1, 128]), (130, 200, [128, 128]), (7, 33, [2, 16]), (3, 0, [1, 128])]
+        {
             let mut x = random(rows * cols, &mut rng);
             if cols > 0 {
                 x[..cols.min(128)].iter_mut().for_each(|v| *v = 0.0); // an all-zero block (amax floor)
@@ -253,7 +267,10 @@ mod tests {
                         for (i, &v) in xb.iter().enumerate() {
                             let got = deq[r * cols + b * kind.block() + i];
                             // E2M1's widest step is 2 (between 4 and 6): error ≤ one step·s.
-                            assert!((got - v).abs() <= s * 1.0 + (v.abs() - 6.0 * s).max(0.0) + 1e-9, "{kind:?} {v} vs {got} (s={s})");
+                            assert!(
+                                (got - v).abs() <= s * 1.0 + (v.abs() - 6.0 * s).max(0.0) + 1e-9,
+                                "{kind:?} {v} vs {got} (s={s})"
+                            );
                         }
                     }
                 }

@@ -103,7 +103,9 @@ impl Config {
         let model_type = match f.str_or("model_type", "deepseek_v3")? {
             "deepseek_v3" => ModelType::DeepseekV3,
             "deepseek_v2" => ModelType::DeepseekV2,
-            other => return Err(ModelError::config("model_type", format!("`{other}` is not deepseek_v3 or deepseek_v2"))),
+            other => {
+                return Err(ModelError::config("model_type", format!("`{other}` is not deepseek_v3 or deepseek_v2")))
+            }
         };
         let v3 = model_type == ModelType::DeepseekV3;
         if f.bool_or("attention_bias", false)? {
@@ -136,7 +138,11 @@ impl Config {
             Some(Value::Number(n)) => vec![token_id(n, "eos_token_id")?],
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| x.as_number().ok_or_else(|| ModelError::config("eos_token_id", "must hold integers")).and_then(|n| token_id(n, "eos_token_id")))
+                .map(|x| {
+                    x.as_number()
+                        .ok_or_else(|| ModelError::config("eos_token_id", "must hold integers"))
+                        .and_then(|n| token_id(n, "eos_token_id"))
+                })
                 .collect::<Result<_>>()?,
             Some(_) => return Err(ModelError::config("eos_token_id", "must be an integer or a list of integers")),
         };
@@ -210,21 +216,36 @@ impl Config {
         if self.n_routed_experts > 0 {
             let k = self.num_experts_per_tok;
             if k == 0 || k > self.n_routed_experts {
-                return Err(ModelError::config("num_experts_per_tok", format!("{k} must be in 1..={}", self.n_routed_experts)));
+                return Err(ModelError::config(
+                    "num_experts_per_tok",
+                    format!("{k} must be in 1..={}", self.n_routed_experts),
+                ));
             }
             if self.moe_intermediate_size == 0 {
-                return Err(ModelError::config("moe_intermediate_size", "must be positive when n_routed_experts is set"));
+                return Err(ModelError::config(
+                    "moe_intermediate_size",
+                    "must be positive when n_routed_experts is set",
+                ));
             }
             if self.topk_method != TopkMethod::Greedy {
                 if self.n_group == 0 || !self.n_routed_experts.is_multiple_of(self.n_group) {
-                    return Err(ModelError::config("n_group", format!("{} must divide n_routed_experts {}", self.n_group, self.n_routed_experts)));
+                    return Err(ModelError::config(
+                        "n_group",
+                        format!("{} must divide n_routed_experts {}", self.n_group, self.n_routed_experts),
+                    ));
                 }
                 if self.topk_group == 0 || self.topk_group > self.n_group {
-                    return Err(ModelError::config("topk_group", format!("{} must be in 1..={}", self.topk_group, self.n_group)));
+                    return Err(ModelError::config(
+                        "topk_group",
+                        format!("{} must be in 1..={}", self.topk_group, self.n_group),
+                    ));
                 }
                 let per_group = self.n_routed_experts / self.n_group;
                 if self.topk_method == TopkMethod::NoauxTc && per_group < 2 {
-                    return Err(ModelError::config("n_group", "noaux_tc scores groups by their top-2 experts: each group needs at least 2"));
+                    return Err(ModelError::config(
+                        "n_group",
+                        "noaux_tc scores groups by their top-2 experts: each group needs at least 2",
+                    ));
                 }
                 if k > self.topk_group * per_group {
                     return Err(ModelError::config("num_experts_per_tok", "exceeds the experts of the kept groups"));
@@ -286,13 +307,25 @@ fn fp8_quant(q: &Value) -> Result<Fp8Quant> {
         "mxfp4" => return Ok(Fp8Quant { weight_block_size: [128, 128] }),
         "modelopt" => match f.str_or("quant_algo", "NVFP4")? {
             "NVFP4" => return Ok(Fp8Quant { weight_block_size: [128, 128] }),
-            other => return Err(ModelError::config("quantization_config.quant_algo", format!("`{other}` is unsupported (only NVFP4)"))),
+            other => {
+                return Err(ModelError::config(
+                    "quantization_config.quant_algo",
+                    format!("`{other}` is unsupported (only NVFP4)"),
+                ))
+            }
         },
-        other => return Err(ModelError::config("quantization_config.quant_method", format!("`{other}` is unsupported (fp8, mxfp4, modelopt NVFP4)"))),
+        other => {
+            return Err(ModelError::config(
+                "quantization_config.quant_method",
+                format!("`{other}` is unsupported (fp8, mxfp4, modelopt NVFP4)"),
+            ))
+        }
     }
     match f.str_or("fmt", "e4m3")? {
         "e4m3" => {}
-        other => return Err(ModelError::config("quantization_config.fmt", format!("`{other}` is unsupported (only e4m3)"))),
+        other => {
+            return Err(ModelError::config("quantization_config.fmt", format!("`{other}` is unsupported (only e4m3)")))
+        }
     }
     let block = match o.get("weight_block_size") {
         None | Some(Value::Null) => [128, 128],
@@ -305,7 +338,9 @@ fn fp8_quant(q: &Value) -> Result<Fp8Quant> {
             }
             b
         }
-        Some(_) => return Err(ModelError::config("quantization_config.weight_block_size", "must be two positive integers")),
+        Some(_) => {
+            return Err(ModelError::config("quantization_config.weight_block_size", "must be two positive integers"))
+        }
     };
     Ok(Fp8Quant { weight_block_size: block })
 }
@@ -342,7 +377,9 @@ fn rope(f: &Fields) -> Result<(f64, Option<Yarn>)> {
             };
             Ok((theta, Some(yarn)))
         }
-        other => Err(ModelError::config(&format!("{key}.rope_type"), format!("`{other}` is unsupported (default or yarn)"))),
+        other => {
+            Err(ModelError::config(&format!("{key}.rope_type"), format!("`{other}` is unsupported (default or yarn)")))
+        }
     }
 }
 
@@ -356,7 +393,10 @@ impl Fields<'_> {
     fn usize_opt(&self, k: &str) -> Result<Option<usize>> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| ModelError::config(k, "must be a non-negative integer")),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| ModelError::config(k, "must be a non-negative integer")),
         }
     }
     fn usize_req(&self, k: &str) -> Result<usize> {
@@ -369,7 +409,9 @@ impl Fields<'_> {
         }
     }
     fn f64_req_in(&self, parent: &str, k: &str) -> Result<f64> {
-        self.get(k).and_then(|v| v.as_f64()).ok_or_else(|| ModelError::config(&format!("{parent}.{k}"), "is required and must be a number"))
+        self.get(k)
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| ModelError::config(&format!("{parent}.{k}"), "is required and must be a number"))
     }
     fn bool_or(&self, k: &str, d: bool) -> Result<bool> {
         match self.get(k) {

@@ -42,8 +42,17 @@ pub struct Report {
 
 /// Weights the official checkpoint stores in FP8: every attention and FFN projection.
 pub fn is_linear_weight(name: &str) -> bool {
-    const LINEARS: [&str; 9] =
-        ["q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    const LINEARS: [&str; 9] = [
+        "q_a_proj",
+        "q_b_proj",
+        "q_proj",
+        "kv_a_proj_with_mqa",
+        "kv_b_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
     name.strip_suffix(".weight").and_then(|s| s.rsplit('.').next()).is_some_and(|m| LINEARS.contains(&m))
 }
 
@@ -147,7 +156,8 @@ impl Source<'_> {
                 let nb = c.div_ceil(block[1]);
                 let (b0, b1) = (r0 / block[0], r1.div_ceil(block[0]));
                 let sb = shard.read(se, b0 * nb * 4, (b1 - b0) * nb * 4, acct)?;
-                let scale_inv: Vec<f32> = sb.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                let scale_inv: Vec<f32> =
+                    sb.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
                 if let Some(s) = scale_inv.iter().find(|s| !s.is_finite()) {
                     return Err(bad(format!("non-finite scale_inv {s}")));
                 }
@@ -228,15 +238,23 @@ fn outputs(name: &str, p: Plan, shape: &[usize], rows: usize, cols: usize) -> Ve
 /// Converts the checkpoint in `from` into a new folder `to` (which must not exist or be empty).
 pub fn convert(from: &Path, to: &Path, target: Target, max_memory: usize) -> Result<Report> {
     if to.exists() && std::fs::read_dir(to).map_err(|e| ModelError::io(to, e))?.next().is_some() {
-        return Err(ModelError::Input(format!("{} exists and is not empty; convert writes a new folder", to.display())));
+        return Err(ModelError::Input(format!(
+            "{} exists and is not empty; convert writes a new folder",
+            to.display()
+        )));
     }
     let cpath = from.join("config.json");
     let text = std::fs::read_to_string(&cpath).map_err(|e| ModelError::io(&cpath, e))?;
-    let mut cj: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::Json { path: cpath.clone(), source })?;
+    let mut cj: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| ModelError::Json { path: cpath.clone(), source })?;
     let src_block = crate::config::Config::from_json(&cj)?.quantization.map_or([128, 128], |q| q.weight_block_size);
     let shards = shard_paths(from)?.iter().map(|p| Shard::open(p)).collect::<Result<Vec<_>>>()?;
 
-    let tmp = to.with_file_name(format!(".{}.partial-{}", to.file_name().and_then(|s| s.to_str()).unwrap_or("out"), std::process::id()));
+    let tmp = to.with_file_name(format!(
+        ".{}.partial-{}",
+        to.file_name().and_then(|s| s.to_str()).unwrap_or("out"),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
     let result = (|| {
@@ -263,24 +281,33 @@ pub fn convert(from: &Path, to: &Path, target: Target, max_memory: usize) -> Res
                 o.insert("quantization_config".into(), serde_json::json!({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}));
             }
             Target::Fp4(Fp4Kind::Nv) => {
-                o.insert("quantization_config".into(), serde_json::json!({"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}));
+                o.insert(
+                    "quantization_config".into(),
+                    serde_json::json!({"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}),
+                );
             }
             Target::Fp4(Fp4Kind::Mx) => {
                 o.insert("quantization_config".into(), serde_json::json!({"quant_method": "mxfp4"}));
             }
         }
         let cout = tmp.join("config.json");
-        std::fs::write(&cout, serde_json::to_string_pretty(&cj).expect("JSON")).map_err(|e| ModelError::io(&cout, e))?;
+        std::fs::write(&cout, serde_json::to_string_pretty(&cj).expect("JSON"))
+            .map_err(|e| ModelError::io(&cout, e))?;
         if from.join("model.safetensors.index.json").exists() {
             let idx = serde_json::json!({"metadata": {"total_size": report.bytes_out}, "weight_map": weight_map});
             let ip = tmp.join("model.safetensors.index.json");
-            std::fs::write(&ip, serde_json::to_string_pretty(&idx).expect("JSON")).map_err(|e| ModelError::io(&ip, e))?;
+            std::fs::write(&ip, serde_json::to_string_pretty(&idx).expect("JSON"))
+                .map_err(|e| ModelError::io(&ip, e))?;
         }
         // Tokenizer, generation config and any other side files travel unchanged.
         for e in std::fs::read_dir(from).map_err(|e| ModelError::io(from, e))? {
             let p = e.map_err(|e| ModelError::io(from, e))?.path();
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if p.is_file() && !name.ends_with(".safetensors") && name != "model.safetensors.index.json" && name != "config.json" {
+            if p.is_file()
+                && !name.ends_with(".safetensors")
+                && name != "model.safetensors.index.json"
+                && name != "config.json"
+            {
                 std::fs::copy(&p, tmp.join(name)).map_err(|e| ModelError::io(&p, e))?;
             }
         }
@@ -302,7 +329,14 @@ pub fn convert(from: &Path, to: &Path, target: Target, max_memory: usize) -> Res
 }
 
 /// Writes one output shard; returns the tensor names it holds.
-fn convert_shard(shard: &Shard, out_path: &Path, target: Target, src_block: [usize; 2], acct: &mut Budget, report: &mut Report) -> Result<Vec<String>> {
+fn convert_shard(
+    shard: &Shard,
+    out_path: &Path,
+    target: Target,
+    src_block: [usize; 2],
+    acct: &mut Budget,
+    report: &mut Report,
+) -> Result<Vec<String>> {
     // Every primary tensor (scales travel with their weight), in name order, and the header of
     // the shard its plan implies.
     let mut header = serde_json::Map::new();
@@ -321,27 +355,41 @@ fn convert_shard(shard: &Shard, out_path: &Path, target: Target, src_block: [usi
         let (mut fp8, mut fp4) = (None, None);
         match e.dtype.as_str() {
             "F8_E4M3" => {
-                let s = shard.tensors.get(&format!("{name}_scale_inv")).ok_or_else(|| err(&shard.path, format!("`{name}` is FP8 without `{name}_scale_inv` in the same file")))?;
+                let s = shard.tensors.get(&format!("{name}_scale_inv")).ok_or_else(|| {
+                    err(&shard.path, format!("`{name}` is FP8 without `{name}_scale_inv` in the same file"))
+                })?;
                 let want = [rows.div_ceil(src_block[0]), cols.div_ceil(src_block[1])];
                 if s.shape != want {
-                    return Err(err(&shard.path, format!("`{name}_scale_inv` has shape {:?}, blocks {src_block:?} need {want:?}", s.shape)));
+                    return Err(err(
+                        &shard.path,
+                        format!("`{name}_scale_inv` has shape {:?}, blocks {src_block:?} need {want:?}", s.shape),
+                    ));
                 }
                 fp8 = Some((s, src_block));
             }
             "U8" if e.shape.len() == 2 => {
                 // Packed FP4 pairs: the logical width is twice the stored one (DeepSeek's widths
                 // are all even).
-                let s = shard.tensors.get(&format!("{name}_scale")).ok_or_else(|| err(&shard.path, format!("`{name}` is packed FP4 without `{name}_scale`")))?;
+                let s = shard
+                    .tensors
+                    .get(&format!("{name}_scale"))
+                    .ok_or_else(|| err(&shard.path, format!("`{name}` is packed FP4 without `{name}_scale`")))?;
                 let kind = if s.dtype == "F8_E4M3" { Fp4Kind::Nv } else { Fp4Kind::Mx };
                 (rows, cols) = (e.shape[0], 2 * e.shape[1]);
                 shape = vec![rows, cols];
                 if s.shape != [rows, cols.div_ceil(kind.block())] {
-                    return Err(err(&shard.path, format!("`{name}_scale` has shape {:?} for [{rows}, {cols}] FP4", s.shape)));
+                    return Err(err(
+                        &shard.path,
+                        format!("`{name}_scale` has shape {:?} for [{rows}, {cols}] FP4", s.shape),
+                    ));
                 }
                 let ts = match kind {
                     Fp4Kind::Mx => 1.0,
                     Fp4Kind::Nv => {
-                        let s2 = shard.tensors.get(&format!("{name}_scale_2")).ok_or_else(|| err(&shard.path, format!("`{name}` is NVFP4 without `{name}_scale_2`")))?;
+                        let s2 = shard
+                            .tensors
+                            .get(&format!("{name}_scale_2"))
+                            .ok_or_else(|| err(&shard.path, format!("`{name}` is NVFP4 without `{name}_scale_2`")))?;
                         let b = shard.read(s2, 0, 4, acct)?;
                         acct.free(4);
                         f32::from_le_bytes([b[0], b[1], b[2], b[3]])
@@ -354,7 +402,10 @@ fn convert_shard(shard: &Shard, out_path: &Path, target: Target, src_block: [usi
         let p = plan(name, target, shape.len());
         let outs = outputs(name, p, &shape, rows, cols);
         for o in &outs {
-            header.insert(o.name.clone(), serde_json::json!({"dtype": o.dtype, "shape": o.shape, "data_offsets": [off, off + o.bytes]}));
+            header.insert(
+                o.name.clone(),
+                serde_json::json!({"dtype": o.dtype, "shape": o.shape, "data_offsets": [off, off + o.bytes]}),
+            );
             off += o.bytes;
         }
         planned.push((Source { name, entry: e, rows, cols, fp8, fp4 }, p, outs));
@@ -381,7 +432,14 @@ fn convert_shard(shard: &Shard, out_path: &Path, target: Target, src_block: [usi
 }
 
 /// Streams one tensor in bands of rows (a multiple of 128 and of the source's block rows).
-fn write_tensor(shard: &Shard, src: &Source, p: Plan, f: &mut impl Write, acct: &mut Budget, out_path: &Path) -> Result<()> {
+fn write_tensor(
+    shard: &Shard,
+    src: &Source,
+    p: Plan,
+    f: &mut impl Write,
+    acct: &mut Budget,
+    out_path: &Path,
+) -> Result<()> {
     let io = |e| ModelError::io(out_path, e);
     let (rows, cols) = (src.rows, src.cols);
     let unit = src.fp8.map_or(128, |(_, b)| lcm(128, b[0]));

@@ -69,7 +69,15 @@ struct Rounds {
 }
 
 impl ExpertParallel for Rounds {
-    fn expert_outputs(&self, moe: usize, x: &[f32], d: usize, experts: &[usize], k: usize, during: &mut dyn FnMut()) -> Vec<f32> {
+    fn expert_outputs(
+        &self,
+        moe: usize,
+        x: &[f32],
+        d: usize,
+        experts: &[usize],
+        k: usize,
+        during: &mut dyn FnMut(),
+    ) -> Vec<f32> {
         let _one = self.one_call.lock().unwrap_or_else(|e| e.into_inner());
         self.shared.lock().call = Some(Call { moe, x: x.to_vec(), d, experts: experts.to_vec(), k });
         self.shared.changed.notify_all();
@@ -94,7 +102,11 @@ pub struct ExpertService {
 impl ExpertService {
     /// Routes `model`'s experts through rounds over `ex` and starts the service thread, which
     /// keeps the model alive until every process is [`finish`](ExpertService::finish)ed.
-    pub fn start(mut model: DeepseekV3, ex: Arc<dyn ExpertExchange>, mut placement: Box<dyn Placement>) -> (Arc<DeepseekV3>, ExpertService) {
+    pub fn start(
+        mut model: DeepseekV3,
+        ex: Arc<dyn ExpertExchange>,
+        mut placement: Box<dyn Placement>,
+    ) -> (Arc<DeepseekV3>, ExpertService) {
         let shared = Arc::new(Shared::default());
         model.set_expert_parallel(Arc::new(Rounds { shared: shared.clone(), one_call: Mutex::new(()) }));
         let model = Arc::new(model);
@@ -107,7 +119,9 @@ impl ExpertService {
             impl Drop for Stopped {
                 fn drop(&mut self) {
                     if std::thread::panicking() {
-                        eprintln!("error: the expert service failed; ending this process so the others do not wait for it");
+                        eprintln!(
+                            "error: the expert service failed; ending this process so the others do not wait for it"
+                        );
                         std::process::abort();
                     }
                     self.0.lock().stopped = true;
@@ -176,7 +190,10 @@ fn serve(model: &DeepseekV3, ex: &dyn ExpertExchange, placement: &mut dyn Placem
     let (me, ranks) = (ex.rank(), ex.ranks());
     // Its own threads: the model's forward waits for this service on a thread of the global
     // pool, which may have no other.
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(rayon::current_num_threads()).build().expect("the expert service's threads");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .build()
+        .expect("the expert service's threads");
     let moes = model.moe_layers();
     let mut quiet = 0usize;
     loop {
@@ -196,7 +213,8 @@ fn serve(model: &DeepseekV3, ex: &dyn ExpertExchange, placement: &mut dyn Placem
             None => send.iter_mut().for_each(|b| b.push(word(if done { DONE as usize } else { 0 }))),
             Some(c) => {
                 let t = c.experts.len() / c.k.max(1);
-                dest = (0..c.experts.len()).map(|j| placement.rank_of(c.moe, c.experts[j], j / c.k)).collect::<Vec<_>>();
+                dest =
+                    (0..c.experts.len()).map(|j| placement.rank_of(c.moe, c.experts[j], j / c.k)).collect::<Vec<_>>();
                 for (r, b) in send.iter_mut().enumerate() {
                     b.extend([word(CALLING as usize), word(c.moe), word(c.d), word(c.k), word(t)]);
                     b.extend(c.experts.iter().map(|&e| word(e)));
@@ -230,12 +248,18 @@ fn serve(model: &DeepseekV3, ex: &dyn ExpertExchange, placement: &mut dyn Placem
                 None => vec![],
                 Some(h) => {
                     let t = h.experts.len() / h.k.max(1);
-                    let here: Vec<bool> = (0..t * h.k).map(|j| placement.rank_of(h.moe, h.experts[j], j / h.k) == me).collect();
+                    let here: Vec<bool> =
+                        (0..t * h.k).map(|j| placement.rank_of(h.moe, h.experts[j], j / h.k) == me).collect();
                     let tokens: Vec<usize> = (0..t).filter(|&i| here[i * h.k..(i + 1) * h.k].contains(&true)).collect();
                     // The received tokens' rows and routing, with this process's pairs among them.
-                    let experts: Vec<usize> = tokens.iter().flat_map(|&i| h.experts[i * h.k..(i + 1) * h.k].iter().copied()).collect();
+                    let experts: Vec<usize> =
+                        tokens.iter().flat_map(|&i| h.experts[i * h.k..(i + 1) * h.k].iter().copied()).collect();
                     let (here, k) = (&here, h.k);
-                    let pairs: Vec<usize> = tokens.iter().enumerate().flat_map(|(n, &i)| (0..k).filter(move |&s| here[i * k + s]).map(move |s| n * k + s)).collect();
+                    let pairs: Vec<usize> = tokens
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(n, &i)| (0..k).filter(move |&s| here[i * k + s]).map(move |s| n * k + s))
+                        .collect();
                     pool.install(|| moes[h.moe].expert_rows(h.rows, h.d, &experts, h.k, &pairs))
                 }
             })
@@ -282,10 +306,18 @@ mod tests {
     fn data_parallel_attention_generates_as_one_process() {
         let dir = std::env::temp_dir().join(format!("dsv3-expert-service-{}", std::process::id()));
         write_random_checkpoint(&dir, &preset("tiny").unwrap(), StoreDtype::Fp8, 3).unwrap();
-        let opts = |n| GenerateOptions { max_new_tokens: n, sampling: Default::default(), eos_token_ids: vec![], ignore_eos: true, mtp_speculative: 0 };
-        let prompts: Vec<(Vec<u32>, usize)> = vec![(vec![5, 9, 13, 17], 12), (vec![2, 4], 3), (vec![7, 7, 7, 7, 7, 7, 7, 7, 1], 8)];
+        let opts = |n| GenerateOptions {
+            max_new_tokens: n,
+            sampling: Default::default(),
+            eos_token_ids: vec![],
+            ignore_eos: true,
+            mtp_speculative: 0,
+        };
+        let prompts: Vec<(Vec<u32>, usize)> =
+            vec![(vec![5, 9, 13, 17], 12), (vec![2, 4], 3), (vec![7, 7, 7, 7, 7, 7, 7, 7, 1], 8)];
         let one = DeepseekV3::load(&dir).unwrap();
-        let want: Vec<Vec<u32>> = prompts.iter().map(|(p, n)| generate(&one, p, &opts(*n), |_| {}).unwrap().0).collect();
+        let want: Vec<Vec<u32>> =
+            prompts.iter().map(|(p, n)| generate(&one, p, &opts(*n), |_| {}).unwrap().0).collect();
         let got: Vec<Vec<u32>> = std::thread::scope(|s| {
             let handles: Vec<_> = ThreadExchange::group(3)
                 .into_iter()
@@ -293,7 +325,8 @@ mod tests {
                 .map(|(ex, (p, n))| {
                     let dir = &dir;
                     s.spawn(move || {
-                        let (model, service) = ExpertService::start(DeepseekV3::load(dir).unwrap(), Arc::new(ex), Box::new(Spread(3)));
+                        let (model, service) =
+                            ExpertService::start(DeepseekV3::load(dir).unwrap(), Arc::new(ex), Box::new(Spread(3)));
                         let out = generate(&model, p, &opts(*n), |_| {}).unwrap().0;
                         service.finish();
                         out

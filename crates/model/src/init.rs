@@ -97,7 +97,12 @@ fn fp8_table() -> Vec<u8> {
 }
 
 /// Writes `config.json` and `model.safetensors` of a random model into `dir`.
-pub fn write_random_checkpoint(dir: &Path, config_json: &serde_json::Value, dtype: StoreDtype, seed: u64) -> Result<Config> {
+pub fn write_random_checkpoint(
+    dir: &Path,
+    config_json: &serde_json::Value,
+    dtype: StoreDtype,
+    seed: u64,
+) -> Result<Config> {
     write_init(dir, config_json, dtype, seed, Init::Bench)
 }
 
@@ -111,7 +116,9 @@ pub fn write_training_init(dir: &Path, config_json: &serde_json::Value, seed: u6
 enum Init {
     /// Norms 1 ± 0.1 and biases ±0.1, so every code path sees non-trivial values.
     Bench,
-    Train { std: Option<f32> },
+    Train {
+        std: Option<f32>,
+    },
 }
 
 fn write_init(dir: &Path, config_json: &serde_json::Value, dtype: StoreDtype, seed: u64, init: Init) -> Result<Config> {
@@ -124,11 +131,13 @@ fn write_init(dir: &Path, config_json: &serde_json::Value, dtype: StoreDtype, se
     let cfg = Config::from_json(&cj)?;
     std::fs::create_dir_all(dir).map_err(|e| crate::error::ModelError::io(dir, e))?;
     let cpath = dir.join("config.json");
-    std::fs::write(&cpath, serde_json::to_string_pretty(&cj).expect("JSON")).map_err(|e| crate::error::ModelError::io(&cpath, e))?;
+    std::fs::write(&cpath, serde_json::to_string_pretty(&cj).expect("JSON"))
+        .map_err(|e| crate::error::ModelError::io(&cpath, e))?;
     let mut rng = StdRng::seed_from_u64(seed);
     let table = if dtype == StoreDtype::Fp8 { fp8_table() } else { vec![] };
     // The header first, then each tensor as it is drawn: one tensor in memory at a time.
-    let entries: Vec<(String, &str, Vec<usize>, usize)> = tensors(&cfg).into_iter().flat_map(|(name, shape, kind)| stored_as(name, shape, kind, dtype)).collect();
+    let entries: Vec<(String, &str, Vec<usize>, usize)> =
+        tensors(&cfg).into_iter().flat_map(|(name, shape, kind)| stored_as(name, shape, kind, dtype)).collect();
     let mut file = SafetensorsWriter::create(&dir.join("model.safetensors"), &entries)?;
     for (name, shape, kind) in tensors(&cfg) {
         let mut out: Vec<(String, &str, Vec<usize>, Vec<u8>)> = vec![];
@@ -163,7 +172,12 @@ fn write_init(dir: &Path, config_json: &serde_json::Value, dtype: StoreDtype, se
                         table[f32_to_bf16(vals[i] / s) as usize]
                     })
                     .collect();
-                out.push((format!("{name}_scale_inv"), "F32", vec![nb0, nb1], scale.iter().flat_map(|v| v.to_le_bytes()).collect()));
+                out.push((
+                    format!("{name}_scale_inv"),
+                    "F32",
+                    vec![nb0, nb1],
+                    scale.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ));
                 out.push((name, "F8_E4M3", shape, q));
             }
             _ => out.push((name, "BF16", shape, vals.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect())),
@@ -177,7 +191,12 @@ fn write_init(dir: &Path, config_json: &serde_json::Value, dtype: StoreDtype, se
 }
 
 /// The safetensors entries (name, dtype, shape, bytes) `write_init` stores a tensor as.
-fn stored_as(name: String, shape: Vec<usize>, kind: Kind, dtype: StoreDtype) -> Vec<(String, &'static str, Vec<usize>, usize)> {
+fn stored_as(
+    name: String,
+    shape: Vec<usize>,
+    kind: Kind,
+    dtype: StoreDtype,
+) -> Vec<(String, &'static str, Vec<usize>, usize)> {
     let n: usize = shape.iter().product();
     match (dtype, kind) {
         (_, Kind::Bias) | (StoreDtype::F32, _) => vec![(name, "F32", shape, 4 * n)],

@@ -1,10 +1,10 @@
 //! The small building blocks: `Linear` over a stored matrix, `RmsNorm`, and the SwiGLU `Mlp`
 //! (dense FFN, routed expert and shared expert alike).
 
-use dsv3_kernels::quant::{Fp8Blocks, ScaleFmt};
 use crate::error::Result;
 use crate::weights::{Checkpoint, Matrix};
 use dsv3_kernels::matmul::{matmul_nt_batch, NtJob};
+use dsv3_kernels::quant::{Fp8Blocks, ScaleFmt};
 
 /// `y = x·Wᵀ`, no bias (DeepSeek-V3 has none). The weight stays in its stored format.
 #[derive(Clone)]

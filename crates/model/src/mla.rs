@@ -92,7 +92,14 @@ impl Mla {
     /// what `caches[s]` holds. The projections run once over all rows (weights read once);
     /// RoPE positions, the cache and attention are per sequence, so each sequence's rows equal
     /// what [`Self::forward`] gives it alone.
-    pub fn forward_segments(&self, x: &[f32], lens: &[usize], caches: &mut [&mut LatentCache], rope: &Rope, imp: AttnImpl) -> Vec<f32> {
+    pub fn forward_segments(
+        &self,
+        x: &[f32],
+        lens: &[usize],
+        caches: &mut [&mut LatentCache],
+        rope: &Rope,
+        imp: AttnImpl,
+    ) -> Vec<f32> {
         let (h, dn, dr, dv, c) = (self.heads, self.dn, self.dr, self.dv, self.c);
         let dq = dn + dr;
         let n: usize = lens.iter().sum();
@@ -137,13 +144,24 @@ impl Mla {
             AttnImpl::Absorbed => true,
             AttnImpl::Auto => t <= MAX_ABSORBED_TOKENS,
         };
-        let offsets: Vec<usize> = lens.iter().scan(0, |acc, &t| { let o = *acc; *acc += t; Some(o) }).collect();
+        let offsets: Vec<usize> = lens
+            .iter()
+            .scan(0, |acc, &t| {
+                let o = *acc;
+                *acc += t;
+                Some(o)
+            })
+            .collect();
         let mut o = vec![0f32; n * h * dv];
         // Absorbed sequences together: the W_UK / W_UV products run once over all their tokens.
         let abs: Vec<usize> = (0..lens.len()).filter(|&s| lens[s] > 0 && absorbed(lens[s])).collect();
         if !abs.is_empty() {
-            let qa: Vec<f32> = abs.iter().flat_map(|&s| q[offsets[s] * h * dq..(offsets[s] + lens[s]) * h * dq].iter().copied()).collect();
-            let segs: Vec<(usize, usize, &LatentCache)> = abs.iter().map(|&s| (lens[s], starts[s], &*caches[s])).collect();
+            let qa: Vec<f32> = abs
+                .iter()
+                .flat_map(|&s| q[offsets[s] * h * dq..(offsets[s] + lens[s]) * h * dq].iter().copied())
+                .collect();
+            let segs: Vec<(usize, usize, &LatentCache)> =
+                abs.iter().map(|&s| (lens[s], starts[s], &*caches[s])).collect();
             let oa = self.attend_absorbed(&qa, &segs);
             let mut r = 0;
             for &s in &abs {
@@ -251,9 +269,14 @@ impl Mla {
     /// Weight bytes one decode token reads.
     pub fn bytes(&self) -> usize {
         let q = match &self.q {
-            QProj::LowRank { q_a_proj, q_b_proj, .. } => q_a_proj.weight.view().bytes() + q_b_proj.weight.view().bytes(),
+            QProj::LowRank { q_a_proj, q_b_proj, .. } => {
+                q_a_proj.weight.view().bytes() + q_b_proj.weight.view().bytes()
+            }
             QProj::Direct { q_proj } => q_proj.weight.view().bytes(),
         };
-        q + [&self.kv_a_proj_with_mqa, &self.kv_b_proj, &self.o_proj].iter().map(|l| l.weight.view().bytes()).sum::<usize>()
+        q + [&self.kv_a_proj_with_mqa, &self.kv_b_proj, &self.o_proj]
+            .iter()
+            .map(|l| l.weight.view().bytes())
+            .sum::<usize>()
     }
 }

@@ -2,17 +2,17 @@
 //! norm, LM head, and the MTP modules (layers `num_hidden_layers..`). One definition, loaded from a
 //! Hugging Face folder.
 
-use std::sync::Arc;
-use crate::paged::BlockPool;
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::layers::{Mlp, RmsNorm};
 use crate::mla::{AttnImpl, LatentCache, Mla};
 use crate::moe::Moe;
+use crate::paged::BlockPool;
 use crate::rope::Rope;
 use crate::weights::{Checkpoint, Matrix};
 use dsv3_kernels::matmul::matmul_nt;
 use std::path::Path;
+use std::sync::Arc;
 
 #[derive(Clone)]
 #[allow(clippy::large_enum_variant)] // one per layer
@@ -53,7 +53,14 @@ impl DecoderLayer {
     }
 
     /// Several sequences' rows at once (see [`Mla::forward_segments`]); the FFN is per token.
-    pub fn forward_segments(&self, h: &mut [f32], lens: &[usize], caches: &mut [&mut LatentCache], rope: &Rope, imp: AttnImpl) {
+    pub fn forward_segments(
+        &self,
+        h: &mut [f32],
+        lens: &[usize],
+        caches: &mut [&mut LatentCache],
+        rope: &Rope,
+        imp: AttnImpl,
+    ) {
         let n: usize = lens.iter().sum();
         let a = self.self_attn.forward_segments(&self.input_layernorm.forward(h), lens, caches, rope, imp);
         h.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
@@ -140,7 +147,8 @@ impl DeepseekV3 {
         let block = cfg.quantization.as_ref().map_or([128, 128], |q| q.weight_block_size);
         let (v, d, eps) = (cfg.vocab_size, cfg.hidden_size, cfg.rms_norm_eps);
         let embed_tokens = ck.matrix("model.embed_tokens.weight", v, d, block)?;
-        let layers = (0..cfg.num_hidden_layers).map(|l| DecoderLayer::load(ck, l, cfg, block)).collect::<Result<Vec<_>>>()?;
+        let layers =
+            (0..cfg.num_hidden_layers).map(|l| DecoderLayer::load(ck, l, cfg, block)).collect::<Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings && !ck.contains("lm_head.weight") {
             None
         } else {
@@ -194,7 +202,11 @@ impl DeepseekV3 {
                     continue;
                 }
                 let file = ck.file_of(&name).map(Path::to_path_buf);
-                return Err(ModelError::Tensor { name, file, msg: "is not used by this config (unexpected tensor)".into() });
+                return Err(ModelError::Tensor {
+                    name,
+                    file,
+                    msg: "is not used by this config (unexpected tensor)".into(),
+                });
             }
         }
         Ok(())
@@ -202,10 +214,14 @@ impl DeepseekV3 {
 
     /// The MoE layers, main model first, then the MTP modules'.
     pub fn moe_layers(&self) -> Vec<&crate::moe::Moe> {
-        self.layers.iter().chain(self.mtp.iter().map(|m| &m.block)).filter_map(|l| match &l.mlp {
-            Ffn::Moe(m) => Some(m),
-            Ffn::Dense(_) => None,
-        }).collect()
+        self.layers
+            .iter()
+            .chain(self.mtp.iter().map(|m| &m.block))
+            .filter_map(|l| match &l.mlp {
+                Ffn::Moe(m) => Some(m),
+                Ffn::Dense(_) => None,
+            })
+            .collect()
     }
 
     /// The MoE layers with their layer index (main layers, then MTP blocks as `L + j`).
@@ -228,7 +244,11 @@ impl DeepseekV3 {
 
     /// [`DeepseekV3::set_expert_exchange`] with the backward's exchanges on a channel of their
     /// own, so that a forward and a backward may run at the same time ([`DeepseekV3::exchanges_apart`]).
-    pub fn set_expert_exchanges(&mut self, forward: Arc<dyn crate::grad::moe::ExpertExchange>, backward: Arc<dyn crate::grad::moe::ExpertExchange>) {
+    pub fn set_expert_exchanges(
+        &mut self,
+        forward: Arc<dyn crate::grad::moe::ExpertExchange>,
+        backward: Arc<dyn crate::grad::moe::ExpertExchange>,
+    ) {
         for (_, m) in self.moe_layers_mut() {
             m.ep_train = Some(crate::grad::moe::Exchanges { forward: forward.clone(), backward: backward.clone() });
         }
@@ -239,7 +259,8 @@ impl DeepseekV3 {
     /// behind the other's computation.
     pub fn exchanges_apart(&self) -> bool {
         let moes = self.moe_layers();
-        !moes.is_empty() && moes.iter().all(|m| m.ep_train.as_ref().is_some_and(|x| !Arc::ptr_eq(&x.forward, &x.backward)))
+        !moes.is_empty()
+            && moes.iter().all(|m| m.ep_train.as_ref().is_some_and(|x| !Arc::ptr_eq(&x.forward, &x.backward)))
     }
 
     /// Computes the routed experts of every MoE layer through `ep` (expert parallelism).
@@ -263,7 +284,10 @@ impl DeepseekV3 {
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size)));
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
         }
         Ok(())
     }
@@ -356,7 +380,9 @@ impl DeepseekV3 {
     pub fn active_weight_bytes(&self) -> usize {
         let k = self.config.num_experts_per_tok;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens).view().bytes();
-        self.layers.iter().map(|l| l.active_bytes(k)).sum::<usize>() + head + self.embed_tokens.view().bytes() / self.config.vocab_size
+        self.layers.iter().map(|l| l.active_bytes(k)).sum::<usize>()
+            + head
+            + self.embed_tokens.view().bytes() / self.config.vocab_size
     }
 
     /// Latent-cache bytes per token over the main layers (f32 values).
@@ -397,6 +423,8 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     // thread), so where `f` runs does not change a result.
     let (many, fp8) = (dsv3_kernels::matmul::many_token_gemm(), crate::grad::fp8::recipe());
     let mut out = None;
-    rayon::scope(|_| out = Some(crate::grad::fp8::with_recipe(fp8, || dsv3_kernels::matmul::with_many_token_gemm_set(many, f))));
+    rayon::scope(|_| {
+        out = Some(crate::grad::fp8::with_recipe(fp8, || dsv3_kernels::matmul::with_many_token_gemm_set(many, f)))
+    });
     out.expect("rayon::scope runs its closure")
 }

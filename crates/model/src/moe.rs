@@ -36,11 +36,8 @@ impl Router {
     pub fn load(ck: &Checkpoint, p: &str, cfg: &Config, block: [usize; 2]) -> Result<Self> {
         let e = cfg.n_routed_experts;
         let bias_name = format!("{p}.e_score_correction_bias");
-        let e_score_correction_bias = if cfg.topk_method == TopkMethod::NoauxTc {
-            Some(ck.f32s(&bias_name, &[e])?)
-        } else {
-            None
-        };
+        let e_score_correction_bias =
+            if cfg.topk_method == TopkMethod::NoauxTc { Some(ck.f32s(&bias_name, &[e])?) } else { None };
         Ok(Router {
             weight: ck.matrix(&format!("{p}.weight"), e, cfg.hidden_size, block)?,
             e_score_correction_bias,
@@ -59,7 +56,11 @@ impl Router {
         let e = self.weight.rows;
         let mut logits = vec![0f32; t * e];
         matmul_nt(&self.weight.view(), 0..e, x, t, &mut logits);
-        let mut r = Routing { experts: Vec::with_capacity(t * self.top_k), weights: Vec::with_capacity(t * self.top_k), k: self.top_k };
+        let mut r = Routing {
+            experts: Vec::with_capacity(t * self.top_k),
+            weights: Vec::with_capacity(t * self.top_k),
+            k: self.top_k,
+        };
         for row in logits.chunks_exact(e) {
             let scores: Vec<f32> = match self.scoring {
                 ScoringFunc::Sigmoid => row.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
@@ -126,7 +127,15 @@ pub fn top_k_indices(v: &[f32], k: usize) -> Vec<usize> {
 /// (the shared expert) while they are computed elsewhere. Expert outputs do not depend on which
 /// pairs share a call, so the result is the same wherever a pair runs.
 pub trait ExpertParallel: Send + Sync {
-    fn expert_outputs(&self, moe: usize, x: &[f32], d: usize, experts: &[usize], k: usize, during: &mut dyn FnMut()) -> Vec<f32>;
+    fn expert_outputs(
+        &self,
+        moe: usize,
+        x: &[f32],
+        d: usize,
+        experts: &[usize],
+        k: usize,
+        during: &mut dyn FnMut(),
+    ) -> Vec<f32>;
 }
 
 #[derive(Clone)]
@@ -152,7 +161,13 @@ impl Moe {
             0 => None,
             n => Some(Mlp::load(ck, &format!("{p}.shared_experts"), d, inter * n, block)?),
         };
-        Ok(Moe { gate: Router::load(ck, &format!("{p}.gate"), cfg, block)?, experts, shared_experts, ep: None, ep_train: None })
+        Ok(Moe {
+            gate: Router::load(ck, &format!("{p}.gate"), cfg, block)?,
+            experts,
+            shared_experts,
+            ep: None,
+            ep_train: None,
+        })
     }
 
     /// `x [t, D]` → `[t, D]`. Tokens are grouped by expert so each expert's weights are read once
@@ -167,7 +182,8 @@ impl Moe {
         for (j, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
             per_expert[e].push((j / routing.k, w));
         }
-        let active: Vec<(usize, &Vec<(usize, f32)>)> = per_expert.iter().enumerate().filter(|(_, v)| !v.is_empty()).collect();
+        let active: Vec<(usize, &Vec<(usize, f32)>)> =
+            per_expert.iter().enumerate().filter(|(_, v)| !v.is_empty()).collect();
         let inputs: Vec<Vec<f32>> = active
             .iter()
             .map(|(_, toks)| toks.iter().flat_map(|&(i, _)| x[i * d..(i + 1) * d].iter().copied()).collect())
@@ -198,9 +214,14 @@ impl Moe {
             per_expert[experts[j]].push(i);
         }
         let active: Vec<(usize, &Vec<usize>)> = per_expert.iter().enumerate().filter(|(_, v)| !v.is_empty()).collect();
-        let inputs: Vec<Vec<f32>> =
-            active.iter().map(|(_, is)| is.iter().flat_map(|&i| x[(pairs[i] / k) * d..(pairs[i] / k + 1) * d].iter().copied()).collect()).collect();
-        let calls: Vec<(&Mlp, &[f32], usize)> = active.iter().zip(&inputs).map(|(&(e, is), xe)| (&self.experts[e], xe.as_slice(), is.len())).collect();
+        let inputs: Vec<Vec<f32>> = active
+            .iter()
+            .map(|(_, is)| {
+                is.iter().flat_map(|&i| x[(pairs[i] / k) * d..(pairs[i] / k + 1) * d].iter().copied()).collect()
+            })
+            .collect();
+        let calls: Vec<(&Mlp, &[f32], usize)> =
+            active.iter().zip(&inputs).map(|(&(e, is), xe)| (&self.experts[e], xe.as_slice(), is.len())).collect();
         let ys = Mlp::forward_many(&calls);
         let mut out = vec![0f32; pairs.len() * d];
         for ((_, is), y) in active.iter().zip(&ys) {

@@ -130,13 +130,19 @@ impl LatentCache {
 
     /// The pages for the attention kernel: `(c_kv pages, k_pe pages)`.
     pub fn pages(&self) -> (Vec<&[f32]>, Vec<&[f32]>) {
-        (self.blocks.iter().map(|b| b.c_kv.as_slice()).collect(), self.blocks.iter().map(|b| b.k_pe.as_slice()).collect())
+        (
+            self.blocks.iter().map(|b| b.c_kv.as_slice()).collect(),
+            self.blocks.iter().map(|b| b.k_pe.as_slice()).collect(),
+        )
     }
 
     /// The whole cache as contiguous `c_kv [len, C]` and `k_pe [len, R]` (the naive attention
     /// expands every position through `kv_b_proj` at once).
     pub fn contiguous(&self) -> (Vec<f32>, Vec<f32>) {
-        (self.blocks.iter().flat_map(|b| b.c_kv.iter().copied()).collect(), self.blocks.iter().flat_map(|b| b.k_pe.iter().copied()).collect())
+        (
+            self.blocks.iter().flat_map(|b| b.c_kv.iter().copied()).collect(),
+            self.blocks.iter().flat_map(|b| b.k_pe.iter().copied()).collect(),
+        )
     }
 }
 

@@ -79,7 +79,10 @@ impl Speculator {
             return Err(ModelError::Input("speculative decoding: the checkpoint has no MTP module".into()));
         }
         if k == 0 || k >= MAX_ABSORBED_TOKENS {
-            return Err(ModelError::Input(format!("speculative decoding: drafts per step must be 1..={}", MAX_ABSORBED_TOKENS - 1)));
+            return Err(ModelError::Input(format!(
+                "speculative decoding: drafts per step must be 1..={}",
+                MAX_ABSORBED_TOKENS - 1
+            )));
         }
         let (d, v) = (model.config.hidden_size, model.config.vocab_size);
         let greedy = sampler.params().temperature <= 0.0;
@@ -194,7 +197,8 @@ pub(crate) fn generate_speculative(
     stats.decode_tokens_per_second = if steps > 0 { steps as f64 / decode.max(1e-9) } else { 0.0 };
     if stats.verify_steps > 0 {
         stats.acceptance_rate = Some(stats.accepted_tokens as f64 / stats.draft_tokens as f64);
-        stats.mean_accepted_length = Some((stats.accepted_tokens + stats.verify_steps) as f64 / stats.verify_steps as f64);
+        stats.mean_accepted_length =
+            Some((stats.accepted_tokens + stats.verify_steps) as f64 / stats.verify_steps as f64);
     }
     Ok((out, stats))
 }

@@ -30,7 +30,8 @@ impl Tokenizer {
         if !tj.exists() {
             return Err(ModelError::Tokenizer(format!("{} not found", tj.display())));
         }
-        let inner = tokenizers::Tokenizer::from_file(&tj).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tj.display())))?;
+        let inner = tokenizers::Tokenizer::from_file(&tj)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tj.display())))?;
         let tc = dir.join("tokenizer_config.json");
         let cfg: Value = if tc.exists() {
             let text = std::fs::read_to_string(&tc).map_err(|e| ModelError::io(&tc, e))?;
@@ -96,8 +97,16 @@ impl Tokenizer {
 
     /// As [`Self::apply_chat_template`], with the request's `tools` (OpenAI function specs) in the
     /// template's context, for templates that render them (DeepSeek-V3.1 and later).
-    pub fn apply_chat_template_with_tools(&self, messages: &Value, tools: Option<&Value>, add_generation_prompt: bool) -> Result<String> {
-        let tpl = self.chat_template.as_deref().ok_or_else(|| ModelError::Template("tokenizer_config.json has no chat_template".into()))?;
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let tpl = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| ModelError::Template("tokenizer_config.json has no chat_template".into()))?;
         if !messages.is_array() {
             return Err(ModelError::Template("messages must be a JSON array".into()));
         }
@@ -116,9 +125,7 @@ impl Tokenizer {
             eos_token => self.eos_token.clone().unwrap_or_default(),
             tools => tools.map(minijinja::Value::from_serialize),
         };
-        env.get_template("chat")
-            .and_then(|t| t.render(ctx))
-            .map_err(|e| ModelError::Template(e.to_string()))
+        env.get_template("chat").and_then(|t| t.render(ctx)).map_err(|e| ModelError::Template(e.to_string()))
     }
 
     /// Ids of a chat: rendered, then encoded without adding special tokens (the template already

@@ -54,8 +54,17 @@ pub struct Matrix {
 enum Store {
     F32(Arc<Vec<f32>>),
     Bf16(Bytes),
-    Fp8 { data: Bytes, scale_inv: Arc<Vec<f32>>, block: [usize; 2] },
-    Fp4 { data: Bytes, scales: Bytes, tensor_scale: f32, kind: Fp4Kind },
+    Fp8 {
+        data: Bytes,
+        scale_inv: Arc<Vec<f32>>,
+        block: [usize; 2],
+    },
+    Fp4 {
+        data: Bytes,
+        scales: Bytes,
+        tensor_scale: f32,
+        kind: Fp4Kind,
+    },
     /// Held by another process (parallel training): the shape only.
     Absent,
 }
@@ -163,7 +172,8 @@ impl Checkpoint {
 
     /// The tensors of the given safetensors files (e.g. a training run's optimizer state).
     pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
-        let mut ck = Checkpoint { files: vec![], tensors: HashMap::new(), used: Mutex::new(HashSet::new()), skip: None };
+        let mut ck =
+            Checkpoint { files: vec![], tensors: HashMap::new(), used: Mutex::new(HashSet::new()), skip: None };
         for p in paths {
             ck.add_file(p)?;
         }
@@ -185,7 +195,8 @@ impl Checkpoint {
             if self.tensors.contains_key(&name) {
                 return Err(bad(format!("`{name}` appears in more than one file")));
             }
-            self.tensors.insert(name, TensorInfo { dtype: h.dtype, shape: h.shape, file: fi, start: h.start, end: h.end });
+            self.tensors
+                .insert(name, TensorInfo { dtype: h.dtype, shape: h.shape, file: fi, start: h.start, end: h.end });
         }
         self.files.push((path.to_path_buf(), Arc::new(map)));
         Ok(())
@@ -276,7 +287,11 @@ impl Checkpoint {
         let t = self.info(name)?.clone();
         if self.skip.as_ref().is_some_and(|skip| skip(name)) {
             let mut used = self.used.lock().expect("used set");
-            for sibling in ["_scale_inv", "_scale", "_scale_2"].map(|x| format!("{name}{x}")).into_iter().filter(|n| self.contains(n)) {
+            for sibling in ["_scale_inv", "_scale", "_scale_2"]
+                .map(|x| format!("{name}{x}"))
+                .into_iter()
+                .filter(|n| self.contains(n))
+            {
                 used.insert(sibling);
             }
             return Ok(Matrix::absent(rows, cols));
@@ -305,7 +320,10 @@ impl Checkpoint {
     fn fp4_matrix(&self, name: &str, t: &TensorInfo, rows: usize, cols: usize) -> Result<Matrix> {
         self.check_shape(name, t, &[rows, cols.div_ceil(2)])?;
         let sname = format!("{name}_scale");
-        let st = self.info(&sname).map_err(|_| self.err(name, format!("is packed FP4 (U8) but `{sname}` is missing")))?.clone();
+        let st = self
+            .info(&sname)
+            .map_err(|_| self.err(name, format!("is packed FP4 (U8) but `{sname}` is missing")))?
+            .clone();
         let kind = match st.dtype.as_str() {
             "F8_E4M3" => Fp4Kind::Nv,
             "U8" => Fp4Kind::Mx,
@@ -380,7 +398,10 @@ pub fn parse_header(path: &Path, head: &[u8], file_len: usize) -> Result<Vec<(St
             .and_then(|a| a.iter().map(|x| x.as_u64().map(|v| v as usize)).collect())
             .filter(|v: &Vec<usize>| v.len() == 2)
             .ok_or_else(|| bad(format!("`{name}` has no valid data_offsets")))?;
-        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad(format!("`{name}` shape overflows")))?;
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad(format!("`{name}` shape overflows")))?;
         if offs[0] > offs[1] || offs[1] > data_len {
             return Err(bad(format!(
                 "`{name}` data {}..{} lies outside the {data_len} data bytes (truncated file?)",
@@ -388,9 +409,16 @@ pub fn parse_header(path: &Path, head: &[u8], file_len: usize) -> Result<Vec<(St
             )));
         }
         if offs[1] - offs[0] != numel * size {
-            return Err(bad(format!("`{name}` holds {} bytes, shape {shape:?} of {dtype} needs {}", offs[1] - offs[0], numel * size)));
+            return Err(bad(format!(
+                "`{name}` holds {} bytes, shape {shape:?} of {dtype} needs {}",
+                offs[1] - offs[0],
+                numel * size
+            )));
         }
-        out.push((name, HeaderEntry { dtype: dtype.to_string(), shape, start: data_start + offs[0], end: data_start + offs[1] }));
+        out.push((
+            name,
+            HeaderEntry { dtype: dtype.to_string(), shape, start: data_start + offs[0], end: data_start + offs[1] },
+        ));
     }
     Ok(out)
 }
@@ -399,19 +427,18 @@ pub fn parse_header(path: &Path, head: &[u8], file_len: usize) -> Result<Vec<(St
 /// else `model.safetensors`, else every `*.safetensors` file.
 pub fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
-let mut paths: Vec<PathBuf> = if index.exists() {
+    let mut paths: Vec<PathBuf> = if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.clone(), source })?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Safetensors {
-            path: index.clone(),
-            msg: "no `weight_map` object".into(),
-        })?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .map(|f| f.as_str().map(|s| dir.join(s)))
-            .collect::<Option<_>>()
-            .ok_or_else(|| ModelError::Safetensors { path: index.clone(), msg: "weight_map values must be file names".into() })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::Safetensors { path: index.clone(), msg: "no `weight_map` object".into() })?;
+        let mut files: Vec<PathBuf> =
+            map.values().map(|f| f.as_str().map(|s| dir.join(s))).collect::<Option<_>>().ok_or_else(|| {
+                ModelError::Safetensors { path: index.clone(), msg: "weight_map values must be file names".into() }
+            })?;
         files.sort();
         files.dedup();
         files
@@ -436,7 +463,8 @@ let mut paths: Vec<PathBuf> = if index.exists() {
 /// Writes tensors as one safetensors file, atomically (temporary file in the same folder, then
 /// rename). Each entry: name, dtype string, shape, little-endian bytes.
 pub fn write_safetensors(path: &Path, tensors: &[(String, &str, Vec<usize>, Vec<u8>)]) -> Result<()> {
-    let entries: Vec<(String, &str, Vec<usize>, usize)> = tensors.iter().map(|(n, d, s, b)| (n.clone(), *d, s.clone(), b.len())).collect();
+    let entries: Vec<(String, &str, Vec<usize>, usize)> =
+        tensors.iter().map(|(n, d, s, b)| (n.clone(), *d, s.clone(), b.len())).collect();
     let mut w = SafetensorsWriter::create(path, &entries)?;
     for (_, _, _, b) in tensors {
         w.write(b)?;
@@ -461,7 +489,10 @@ impl SafetensorsWriter {
         let mut header = serde_json::Map::new();
         let mut off = 0usize;
         for (name, dtype, shape, len) in entries {
-            header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + len]}));
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + len]}),
+            );
             off += len;
         }
         let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON of a map");
@@ -488,7 +519,12 @@ impl SafetensorsWriter {
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
         use std::io::Write;
         if self.lens.get(self.written) != Some(&bytes.len()) {
-            let msg = format!("tensor {} has {} bytes; the header announced {:?}", self.written, bytes.len(), self.lens.get(self.written));
+            let msg = format!(
+                "tensor {} has {} bytes; the header announced {:?}",
+                self.written,
+                bytes.len(),
+                self.lens.get(self.written)
+            );
             return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
         }
         self.written += 1;
@@ -501,7 +537,11 @@ impl SafetensorsWriter {
             return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
         }
         let SafetensorsWriter { path, tmp, file, .. } = self;
-        let done = file.into_inner().map_err(|e| e.into_error()).and_then(|f| f.sync_all()).and_then(|_| std::fs::rename(&tmp, &path));
+        let done = file
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &path));
         done.map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             ModelError::io(&path, e)

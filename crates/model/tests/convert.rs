@@ -103,7 +103,10 @@ fn a_checkpoint_larger_than_the_memory_budget_streams_in_bands() {
     convert(&src, &big, Target::Fp8, 1 << 30).unwrap();
     let r = convert(&src, &small, Target::Fp8, budget).unwrap();
     assert!(r.peak_buffer_bytes <= budget, "peak {} over budget {budget}", r.peak_buffer_bytes);
-    assert_eq!(std::fs::read(big.join("model.safetensors")).unwrap(), std::fs::read(small.join("model.safetensors")).unwrap());
+    assert_eq!(
+        std::fs::read(big.join("model.safetensors")).unwrap(),
+        std::fs::read(small.join("model.safetensors")).unwrap()
+    );
     // Too small for one band: a clear error, and no output folder.
     let e = convert(&src, &tmp("stream-tiny"), Target::Fp8, 64 << 10).unwrap_err().to_string();
     assert!(e.contains("--max-memory"), "{e}");

@@ -71,5 +71,7 @@ fn fp8_step_tracks_the_f32_step() {
     assert!((norm_ratio - 1.0).abs() < 0.05, "gradient norm ratio fp8/f32 {norm_ratio}");
     let dgrad_diff: f64 = g8.map.iter().map(|(n, a)| 1.0 - cosine(a, gblk.get(n).unwrap())).sum();
     assert!(dgrad_diff > 0.0, "128×128 Dgrad tiles change the gradients");
-    eprintln!("fp8 vs f32: LM loss rel. diff {rel:.2e}, gradient cosine global {global:.5}, worst {worst:.5} ({worst_name})");
+    eprintln!(
+        "fp8 vs f32: LM loss rel. diff {rel:.2e}, gradient cosine global {global:.5}, worst {worst:.5} ({worst_name})"
+    );
 }

@@ -8,7 +8,8 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 // `train_roundtrip` is a checkpoint written by `dsv3 train` (scripts/make_train_fixtures.py).
-const CASES: [&str; 6] = ["v3_f32_sharded", "v3_bf16_noqlora", "v3_yarn_long", "v3_fp8", "v2_group_limited", "train_roundtrip"];
+const CASES: [&str; 6] =
+    ["v3_f32_sharded", "v3_bf16_noqlora", "v3_yarn_long", "v3_fp8", "v2_group_limited", "train_roundtrip"];
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
@@ -200,7 +201,8 @@ fn batched_sequences_equal_each_alone_bit_for_bit() {
         let model = DeepseekV3::load(&fixture(case)).unwrap();
         let ids = ids(&reference(case)["ids"]);
         let n = ids.len();
-        let plan: [(&[u32], &[u32]); 3] = [(&ids[..n - 1], &ids[n - 1..]), (&ids[..3], &ids[3..8.min(n)]), (&[], &ids[..])];
+        let plan: [(&[u32], &[u32]); 3] =
+            [(&ids[..n - 1], &ids[n - 1..]), (&ids[..3], &ids[3..8.min(n)]), (&[], &ids[..])];
         let mut alone = vec![];
         for (prefix, new) in plan {
             let mut cache = model.new_cache();
@@ -219,7 +221,8 @@ fn batched_sequences_equal_each_alone_bit_for_bit() {
                 c
             })
             .collect();
-        let mut seqs: Vec<(&[u32], &mut dsv3_model::KvCache)> = plan.iter().map(|(_, new)| *new).zip(caches.iter_mut()).collect();
+        let mut seqs: Vec<(&[u32], &mut dsv3_model::KvCache)> =
+            plan.iter().map(|(_, new)| *new).zip(caches.iter_mut()).collect();
         let batched = model.forward_batch(&mut seqs).unwrap();
         for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
             assert!(a == b, "{case}: sequence {i} differs when batched");

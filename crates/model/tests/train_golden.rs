@@ -11,7 +11,8 @@ use std::path::PathBuf;
 #[test]
 fn one_step_matches_pytorch_autograd() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train_step");
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let tokens: Vec<u32> = r["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let (seqs, t) = (r["seqs"].as_u64().unwrap() as usize, r["t"].as_u64().unwrap() as usize);
     let f = |k: &str| r[k].as_f64().unwrap();
@@ -22,7 +23,9 @@ fn one_step_matches_pytorch_autograd() {
     let mut model = DeepseekV3::load(&dir).unwrap();
     let mut g = Grads::default();
     let rep = model.train_step(&tokens, seqs, t, w, Some(&mut g)).unwrap();
-    let close = |a: f64, b: f64, what: &str| assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what}: dsv3 {a} vs PyTorch {b}");
+    let close = |a: f64, b: f64, what: &str| {
+        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what}: dsv3 {a} vs PyTorch {b}")
+    };
     close(rep.lm_loss, f("lm_loss"), "LM loss");
     close(rep.mtp_losses[0], f("mtp_loss"), "MTP loss");
     close(rep.balance_loss, f("balance_loss"), "balance losses");

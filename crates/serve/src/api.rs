@@ -72,7 +72,12 @@ fn check_key(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if given == Some(key.as_str()) {
         Ok(())
     } else {
-        Err(ApiError { status: StatusCode::UNAUTHORIZED, message: "invalid or missing API key".into(), kind: "authentication_error", param: None })
+        Err(ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: "invalid or missing API key".into(),
+            kind: "authentication_error",
+            param: None,
+        })
     }
 }
 
@@ -149,7 +154,12 @@ fn now() -> u64 {
 }
 
 /// Builds the engine request after validating everything a client can get wrong.
-fn gen_request(st: &AppState, prompt: Vec<u32>, c: &Common, logprobs: Option<usize>) -> Result<(GenRequest, Vec<String>), ApiError> {
+fn gen_request(
+    st: &AppState,
+    prompt: Vec<u32>,
+    c: &Common,
+    logprobs: Option<usize>,
+) -> Result<(GenRequest, Vec<String>), ApiError> {
     let ctx = st.model.config.max_position_embeddings;
     if prompt.is_empty() {
         return Err(ApiError::bad("the prompt is empty", Some("prompt")));
@@ -158,14 +168,23 @@ fn gen_request(st: &AppState, prompt: Vec<u32>, c: &Common, logprobs: Option<usi
         return Err(ApiError::bad(format!("token id {bad} is outside the vocabulary"), Some("prompt")));
     }
     if prompt.len() >= ctx {
-        return Err(ApiError::bad(format!("the prompt has {} tokens; the context is {ctx}", prompt.len()), Some("prompt")));
+        return Err(ApiError::bad(
+            format!("the prompt has {} tokens; the context is {ctx}", prompt.len()),
+            Some("prompt"),
+        ));
     }
     let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(256.min(ctx - prompt.len()));
     if max_tokens == 0 || prompt.len() + max_tokens > ctx {
-        return Err(ApiError::bad(format!("max_tokens {max_tokens} with a {}-token prompt exceeds the context of {ctx}", prompt.len()), Some("max_tokens")));
+        return Err(ApiError::bad(
+            format!("max_tokens {max_tokens} with a {}-token prompt exceeds the context of {ctx}", prompt.len()),
+            Some("max_tokens"),
+        ));
     }
     if prompt.len() + max_tokens > st.engine.config.kv_tokens {
-        return Err(ApiError::bad("prompt + max_tokens exceed the server's KV-cache budget (--kv-memory)", Some("max_tokens")));
+        return Err(ApiError::bad(
+            "prompt + max_tokens exceed the server's KV-cache budget (--kv-memory)",
+            Some("max_tokens"),
+        ));
     }
     let temperature = c.temperature.unwrap_or(1.0);
     if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
@@ -295,7 +314,11 @@ async fn completions(State(st): State<Shared>, headers: HeaderMap, body: Bytes) 
 async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     check_key(&st, &headers)?;
     let b: ChatBody = parse(&body)?;
-    let tok = st.tokenizer.as_ref().filter(|t| t.has_chat_template()).ok_or_else(|| ApiError::bad("this model has no chat template", Some("messages")))?;
+    let tok = st
+        .tokenizer
+        .as_ref()
+        .filter(|t| t.has_chat_template())
+        .ok_or_else(|| ApiError::bad("this model has no chat template", Some("messages")))?;
     if b.messages.is_empty() {
         return Err(ApiError::bad("messages is empty", Some("messages")));
     }
@@ -409,7 +432,10 @@ async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, mode
             json!({"index": 0, "text": text, "token_ids": ids, "logprobs": if lps.is_empty() { Value::Null } else { json!({"content": lps}) }, "finish_reason": finish})
         };
         let obj = if chat { "chat.completion" } else { "text_completion" };
-        return Ok(Json(json!({"id": id, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage})).into_response());
+        return Ok(Json(
+            json!({"id": id, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage}),
+        )
+        .into_response());
     }
 
     let (tx, out) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
@@ -418,9 +444,11 @@ async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, mode
         let mut det = Detok { tok: st2.tokenizer.as_ref(), keep_special, ids: vec![], sent: 0, stops, stopped: false };
         let obj = if chat { "chat.completion.chunk" } else { "text_completion" };
         let mut whole = String::new();
-        let chunk = |choice: Value| json!({"id": id, "object": obj, "created": created, "model": model, "choices": [choice]});
+        let chunk =
+            |choice: Value| json!({"id": id, "object": obj, "created": created, "model": model, "choices": [choice]});
         if chat {
-            let first = chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}));
+            let first =
+                chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}));
             let _ = tx.send(Ok(SseEvent::default().data(first.to_string())));
         }
         let mut in_reasoning = false;
@@ -441,9 +469,20 @@ async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, mode
                 let (message, f) = chat_message(&whole, &eos_text, finish.unwrap_or("stop"));
                 let mut d = json!({});
                 if let Some(calls) = message.get("tool_calls") {
-                    d["tool_calls"] = calls.as_array().map(|a| {
-                        a.iter().enumerate().map(|(i, c)| { let mut c = c.clone(); c["index"] = json!(i); c }).collect::<Vec<_>>()
-                    }).map(Value::from).unwrap_or(Value::Null);
+                    d["tool_calls"] = calls
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .enumerate()
+                                .map(|(i, c)| {
+                                    let mut c = c.clone();
+                                    c["index"] = json!(i);
+                                    c
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                        .map(Value::from)
+                        .unwrap_or(Value::Null);
                 }
                 d["content"] = message["content"].clone();
                 if let Some(r) = message.get("reasoning_content") {
@@ -492,8 +531,10 @@ fn rx_id<T>(rx: &tokio::sync::mpsc::UnboundedReceiver<T>) -> u64 {
 
 async fn models(State(st): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
     check_key(&st, &headers)?;
-    Ok(Json(json!({"object": "list", "data": [{"id": st.model_name, "object": "model", "created": 0, "owned_by": "dsv3",
-        "max_model_len": st.model.config.max_position_embeddings}]}))
+    Ok(Json(
+        json!({"object": "list", "data": [{"id": st.model_name, "object": "model", "created": 0, "owned_by": "dsv3",
+        "max_model_len": st.model.config.max_position_embeddings}]}),
+    )
     .into_response())
 }
 
@@ -521,7 +562,8 @@ async fn tokenize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> 
         _ => return Err(ApiError::bad("give prompt or messages", None)),
     }
     .map_err(|e| ApiError::bad(e.to_string(), None))?;
-    Ok(Json(json!({"tokens": ids, "count": ids.len(), "max_model_len": st.model.config.max_position_embeddings})).into_response())
+    Ok(Json(json!({"tokens": ids, "count": ids.len(), "max_model_len": st.model.config.max_position_embeddings}))
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -556,7 +598,10 @@ mod tests {
     fn chat_messages_split_reasoning_and_tool_calls() {
         let eos = vec!["<｜end▁of▁sentence｜>".to_string()];
         let (m, f) = chat_message("<think>look it up</think>Sure.<｜end▁of▁sentence｜>", &eos, "stop");
-        assert_eq!((m["content"].as_str(), m["reasoning_content"].as_str(), f), (Some("Sure."), Some("look it up"), "stop"));
+        assert_eq!(
+            (m["content"].as_str(), m["reasoning_content"].as_str(), f),
+            (Some("Sure."), Some("look it up"), "stop")
+        );
         let text = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>";
         let (m, f) = chat_message(text, &eos, "stop");
         assert_eq!(f, "tool_calls");

@@ -7,10 +7,10 @@
 //! the prefix cache).
 
 use crate::metrics::Metrics;
-use dsv3_model::sampling::{log_prob, top_k_logprobs, Sampler, SamplingParams};
-use dsv3_model::speculative::Speculator;
 use crate::prefix::PrefixCache;
 use dsv3_model::paged::{BlockPool, LatentCache, BLOCK_TOKENS};
+use dsv3_model::sampling::{log_prob, top_k_logprobs, Sampler, SamplingParams};
+use dsv3_model::speculative::Speculator;
 use dsv3_model::{DeepseekV3, KvCache};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -155,7 +155,11 @@ impl Seq {
         };
         self.pending = Some(id);
         if let Some(finish) = finish {
-            let _ = self.job.events.send(Event::Done { finish, prompt_tokens: self.job.req.prompt.len(), completion_tokens: self.generated });
+            let _ = self.job.events.send(Event::Done {
+                finish,
+                prompt_tokens: self.job.req.prompt.len(),
+                completion_tokens: self.generated,
+            });
             return Emit::End;
         }
         if !sent {
@@ -237,8 +241,13 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
         while running.len() < config.max_batch {
             let Some(job) = waiting.front() else { break };
             let speculative = config.mtp_speculative > 0 && job.req.logprobs.is_none();
-            let reuse = if config.prefix_cache && !speculative { prefixes.lookup(&job.req.prompt, config.prefill_chunk) } else { vec![] };
-            let need = blocks_for(job.req.prompt.len() + job.req.max_tokens, &config).saturating_sub(reuse.len() * model.layers.len());
+            let reuse = if config.prefix_cache && !speculative {
+                prefixes.lookup(&job.req.prompt, config.prefill_chunk)
+            } else {
+                vec![]
+            };
+            let need = blocks_for(job.req.prompt.len() + job.req.max_tokens, &config)
+                .saturating_sub(reuse.len() * model.layers.len());
             let growth: usize = running.iter().map(|s| s.growth(&config)).sum();
             if pool.in_use() + growth + need > config.kv_blocks && !running.is_empty() {
                 if !prefixes.evict_one() {
@@ -296,7 +305,11 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
                 }
                 Err(e) => {
                     eprintln!("engine: speculative step failed: {e}");
-                    let _ = s.job.events.send(Event::Done { finish: Finish::Stop, prompt_tokens: s.job.req.prompt.len(), completion_tokens: s.generated });
+                    let _ = s.job.events.send(Event::Done {
+                        finish: Finish::Stop,
+                        prompt_tokens: s.job.req.prompt.len(),
+                        completion_tokens: s.generated,
+                    });
                     keep[i] = false;
                 }
             }
@@ -329,7 +342,11 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
                 offset = i + 1;
             }
             let mut batch: Vec<(&[u32], &mut KvCache)> = chunks.iter().map(|c| c.as_slice()).zip(caches).collect();
-            if batch.is_empty() { Ok(vec![]) } else { model.forward_batch(&mut batch) }
+            if batch.is_empty() {
+                Ok(vec![])
+            } else {
+                model.forward_batch(&mut batch)
+            }
         };
         let states = match states {
             Ok(s) => s,
@@ -338,7 +355,11 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
                 eprintln!("engine: forward failed: {e}");
                 for &i in &batched {
                     let s = &running[i];
-                    let _ = s.job.events.send(Event::Done { finish: Finish::Stop, prompt_tokens: s.job.req.prompt.len(), completion_tokens: s.generated });
+                    let _ = s.job.events.send(Event::Done {
+                        finish: Finish::Stop,
+                        prompt_tokens: s.job.req.prompt.len(),
+                        completion_tokens: s.generated,
+                    });
                     keep[i] = false;
                 }
                 vec![]

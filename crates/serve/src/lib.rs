@@ -46,7 +46,18 @@ impl std::fmt::Debug for MetricsHook {
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { host: "127.0.0.1".into(), port: 8000, api_key: None, max_batch: 16, kv_memory: 1 << 30, max_queue: 64, prefill_chunk: 64, mtp_speculative: 0, prefix_cache: false, extra_metrics: None }
+        ServeOptions {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            api_key: None,
+            max_batch: 16,
+            kv_memory: 1 << 30,
+            max_queue: 64,
+            prefill_chunk: 64,
+            mtp_speculative: 0,
+            prefix_cache: false,
+            extra_metrics: None,
+        }
     }
 }
 
@@ -75,12 +86,24 @@ pub fn build(
         mtp_speculative,
     };
     let (engine, thread) = engine::start(model.clone(), cfg);
-    let state = Arc::new(api::AppState { engine, model, tokenizer, model_name: name.to_string(), api_key: o.api_key.clone(), eos_ids, extra_metrics: o.extra_metrics.clone() });
+    let state = Arc::new(api::AppState {
+        engine,
+        model,
+        tokenizer,
+        model_name: name.to_string(),
+        api_key: o.api_key.clone(),
+        eos_ids,
+        extra_metrics: o.extra_metrics.clone(),
+    });
     (state, thread)
 }
 
 /// Serves until `shutdown` resolves; in-flight requests finish first.
-pub async fn serve(state: Arc<api::AppState>, addr: SocketAddr, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn serve(
+    state: Arc<api::AppState>,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     serve_on(state, listener, shutdown).await
 }

@@ -71,19 +71,67 @@ impl Metrics {
         let l = Ordering::Relaxed;
         c(&mut s, "dsv3_requests_total", "Requests accepted.", "counter", self.requests.load(l));
         c(&mut s, "dsv3_request_errors_total", "Requests answered with an error.", "counter", self.errors.load(l));
-        c(&mut s, "dsv3_requests_cancelled_total", "Requests whose client went away mid-generation.", "counter", self.cancelled.load(l));
+        c(
+            &mut s,
+            "dsv3_requests_cancelled_total",
+            "Requests whose client went away mid-generation.",
+            "counter",
+            self.cancelled.load(l),
+        );
         c(&mut s, "dsv3_prompt_tokens_total", "Prompt tokens processed.", "counter", self.prompt_tokens.load(l));
         c(&mut s, "dsv3_generation_tokens_total", "Tokens generated.", "counter", self.generated_tokens.load(l));
         c(&mut s, "dsv3_queue_depth", "Requests waiting for a slot.", "gauge", self.queued.load(l) as u64);
         c(&mut s, "dsv3_batch_size", "Sequences in the last step.", "gauge", self.batch_size.load(l) as u64);
-        c(&mut s, "dsv3_kv_cache_tokens", "Tokens held in the latent KV cache.", "gauge", self.kv_tokens.load(l) as u64);
-        c(&mut s, "dsv3_kv_cache_bytes", "Bytes held in the latent KV cache.", "gauge", (self.kv_tokens.load(l) * kv_bytes_per_token) as u64);
-        c(&mut s, "dsv3_kv_blocks_in_use", "64-position latent-cache blocks alive (one per layer), shared prefixes included.", "gauge", self.kv_blocks.load(l) as u64);
-        c(&mut s, "dsv3_kv_blocks_capacity", "Blocks the --kv-memory budget allows.", "gauge", self.kv_blocks_capacity.load(l) as u64);
-        c(&mut s, "dsv3_prefix_cache_entries", "Prompt-prefix blocks kept for reuse.", "gauge", self.prefix_entries.load(l) as u64);
-        c(&mut s, "dsv3_prefix_reused_tokens_total", "Prompt tokens taken from the prefix cache instead of computed.", "counter", self.prefix_reused_tokens.load(l));
+        c(
+            &mut s,
+            "dsv3_kv_cache_tokens",
+            "Tokens held in the latent KV cache.",
+            "gauge",
+            self.kv_tokens.load(l) as u64,
+        );
+        c(
+            &mut s,
+            "dsv3_kv_cache_bytes",
+            "Bytes held in the latent KV cache.",
+            "gauge",
+            (self.kv_tokens.load(l) * kv_bytes_per_token) as u64,
+        );
+        c(
+            &mut s,
+            "dsv3_kv_blocks_in_use",
+            "64-position latent-cache blocks alive (one per layer), shared prefixes included.",
+            "gauge",
+            self.kv_blocks.load(l) as u64,
+        );
+        c(
+            &mut s,
+            "dsv3_kv_blocks_capacity",
+            "Blocks the --kv-memory budget allows.",
+            "gauge",
+            self.kv_blocks_capacity.load(l) as u64,
+        );
+        c(
+            &mut s,
+            "dsv3_prefix_cache_entries",
+            "Prompt-prefix blocks kept for reuse.",
+            "gauge",
+            self.prefix_entries.load(l) as u64,
+        );
+        c(
+            &mut s,
+            "dsv3_prefix_reused_tokens_total",
+            "Prompt tokens taken from the prefix cache instead of computed.",
+            "counter",
+            self.prefix_reused_tokens.load(l),
+        );
         c(&mut s, "dsv3_mtp_draft_tokens_total", "MTP draft tokens proposed.", "counter", self.draft_tokens.load(l));
-        c(&mut s, "dsv3_mtp_accepted_tokens_total", "MTP draft tokens accepted.", "counter", self.accepted_tokens.load(l));
+        c(
+            &mut s,
+            "dsv3_mtp_accepted_tokens_total",
+            "MTP draft tokens accepted.",
+            "counter",
+            self.accepted_tokens.load(l),
+        );
         let (d, a) = (self.draft_tokens.load(l), self.accepted_tokens.load(l));
         let _ = writeln!(
             s,

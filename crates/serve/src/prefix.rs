@@ -56,7 +56,8 @@ impl PrefixCache {
                 e.last_used = self.tick;
                 continue;
             }
-            let blocks: Option<Vec<Arc<LatentBlock>>> = cache.layers.iter().map(|l| l.blocks().get(j).cloned()).collect();
+            let blocks: Option<Vec<Arc<LatentBlock>>> =
+                cache.layers.iter().map(|l| l.blocks().get(j).cloned()).collect();
             if let Some(blocks) = blocks {
                 self.entries.insert(key.to_vec(), Entry { blocks, last_used: self.tick });
             }
@@ -65,7 +66,9 @@ impl PrefixCache {
 
     /// Drops the least recently used entry; false when empty.
     pub fn evict_one(&mut self) -> bool {
-        let Some(key) = self.entries.iter().min_by_key(|(k, e)| (e.last_used, std::cmp::Reverse(k.len()))).map(|(k, _)| k.clone()) else {
+        let Some(key) =
+            self.entries.iter().min_by_key(|(k, e)| (e.last_used, std::cmp::Reverse(k.len()))).map(|(k, _)| k.clone())
+        else {
             return false;
         };
         self.entries.remove(&key);

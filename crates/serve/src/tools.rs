@@ -26,7 +26,9 @@ pub fn parse_tool_calls(text: &str) -> Option<(String, Vec<Value>)> {
         if name.is_empty() {
             return None;
         }
-        calls.push(json!({"id": format!("call_{i}"), "type": "function", "function": {"name": name, "arguments": args}}));
+        calls.push(
+            json!({"id": format!("call_{i}"), "type": "function", "function": {"name": name, "arguments": args}}),
+        );
     }
     if calls.is_empty() {
         return None;

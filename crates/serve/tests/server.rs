@@ -12,12 +12,14 @@ fn fixture() -> PathBuf {
 
 /// A copy of the dsv3-trained fixture with a small chat template, served on a free port.
 fn start(o: ServeOptions) -> String {
-    let dir = std::env::temp_dir().join(format!("dsv3-serve-{}-{}", std::process::id(), o.max_queue * 1000 + o.max_batch));
+    let dir =
+        std::env::temp_dir().join(format!("dsv3-serve-{}-{}", std::process::id(), o.max_queue * 1000 + o.max_batch));
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         std::fs::copy(fixture().join(f), dir.join(f)).unwrap();
     }
-    let mut tc: Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("tokenizer_config.json")).unwrap()).unwrap();
+    let mut tc: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("tokenizer_config.json")).unwrap()).unwrap();
     tc["chat_template"] = json!("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}");
     std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
     let model = DeepseekV3::load(&dir).unwrap();
@@ -78,7 +80,8 @@ fn completions_stream_and_batch_consistently() {
 
     // Concurrent greedy requests (different prompts and lengths) equal each one alone.
     let prompts = ["pub fn forward(", "impl Mla {", "let x = ", "// The", "fn main() { let y = vec![", "use std::"];
-    let alone: Vec<Value> = prompts.iter().map(|p| post(&url, req(p, false)).1["choices"][0]["token_ids"].clone()).collect();
+    let alone: Vec<Value> =
+        prompts.iter().map(|p| post(&url, req(p, false)).1["choices"][0]["token_ids"].clone()).collect();
     let handles: Vec<_> = prompts
         .iter()
         .map(|p| {
@@ -98,13 +101,19 @@ fn completions_stream_and_batch_consistently() {
     assert!(lp[0]["logprob"].as_f64().unwrap() <= 0.0);
     let stop = text.chars().skip(3).take(2).collect::<String>();
     if !stop.trim().is_empty() {
-        let (_, v) = post(&url, json!({"prompt": "pub fn forward(", "max_tokens": 12, "temperature": 0, "stop": [stop.clone()]}));
+        let (_, v) = post(
+            &url,
+            json!({"prompt": "pub fn forward(", "max_tokens": 12, "temperature": 0, "stop": [stop.clone()]}),
+        );
         let t = v["choices"][0]["text"].as_str().unwrap();
         assert!(!t.contains(&stop) && text.starts_with(t), "{t:?} vs {text:?} stop {stop:?}");
     }
 
     // Chat through the template.
-    let (code, v) = post(&format!("{base}/v1/chat/completions"), json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}));
+    let (code, v) = post(
+        &format!("{base}/v1/chat/completions"),
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}),
+    );
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
@@ -112,11 +121,15 @@ fn completions_stream_and_batch_consistently() {
     // Tools are accepted (rendered when the template uses them); a malformed list is a 400.
     let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
     let chat = format!("{base}/v1/chat/completions");
-    let (code, v) = post(&chat, json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "tools": tools}));
+    let (code, v) =
+        post(&chat, json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "tools": tools}));
     assert_eq!(code, 200, "{v}");
     let (code, _) = post(&chat, json!({"messages": [{"role": "user", "content": "hi"}], "tools": "f"}));
     assert_eq!(code, 400);
-    let (pieces, finish) = stream_ids(&chat, json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0, "tools": tools, "stream": true}));
+    let (pieces, finish) = stream_ids(
+        &chat,
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0, "tools": tools, "stream": true}),
+    );
     assert!(!finish.is_empty() && pieces.len() >= 2);
 
     // The small endpoints.
@@ -175,7 +188,10 @@ fn bad_requests_are_openai_shaped_4xx() {
         .map(|_| {
             let url = url.clone();
             std::thread::spawn(move || {
-                match ureq::post(&url).set("authorization", "Bearer k").send_json(json!({"prompt": "fn", "max_tokens": 200, "temperature": 0})) {
+                match ureq::post(&url)
+                    .set("authorization", "Bearer k")
+                    .send_json(json!({"prompt": "fn", "max_tokens": 200, "temperature": 0}))
+                {
                     Ok(r) => r.status(),
                     Err(ureq::Error::Status(c, _)) => c,
                     Err(e) => panic!("{e}"),
@@ -208,7 +224,11 @@ fn mtp_speculative_serving_gives_the_plain_tokens() {
 /// `/metrics` value of a counter or gauge.
 fn metric(base: &str, name: &str) -> f64 {
     let m = ureq::get(&format!("{base}/metrics")).call().unwrap().into_string().unwrap();
-    m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).unwrap_or_else(|| panic!("{name} missing")).parse().unwrap()
+    m.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} missing"))
+        .parse()
+        .unwrap()
 }
 
 /// The metric once it reads `want` (the engine updates it just after answering), or after 2 s.
@@ -229,13 +249,17 @@ fn paged_cache_with_prefix_reuse_changes_no_token_and_frees_its_blocks() {
     let cached = start(ServeOptions { max_batch: 4, max_queue: 13, prefix_cache: true, ..ServeOptions::default() });
     // Prompts of 150 tokens sharing their first 140: two full 64-token blocks to reuse.
     fn body(tail: u32) -> Value {
-        let prompt: Vec<u32> = (0..140).map(|i| 2 + (i * 37) % 290).chain((0..10).map(|i| 2 + (tail * 13 + i) % 290)).collect();
+        let prompt: Vec<u32> =
+            (0..140).map(|i| 2 + (i * 37) % 290).chain((0..10).map(|i| 2 + (tail * 13 + i) % 290)).collect();
         json!({"prompt": prompt, "max_tokens": 20, "temperature": 0})
     }
     for tail in [1, 2, 3] {
         let a = post(&format!("{plain}/v1/completions"), body(tail)).1;
         let b = post(&format!("{cached}/v1/completions"), body(tail)).1;
-        assert_eq!(a["choices"][0]["token_ids"], b["choices"][0]["token_ids"], "tail {tail}: prefix reuse changed the output");
+        assert_eq!(
+            a["choices"][0]["token_ids"], b["choices"][0]["token_ids"],
+            "tail {tail}: prefix reuse changed the output"
+        );
     }
     // The first request computed everything; the next two each took 128 tokens from the cache.
     assert_eq!(metric(&cached, "dsv3_prefix_reused_tokens_total"), 256.0);
@@ -266,5 +290,9 @@ fn paged_cache_with_prefix_reuse_changes_no_token_and_frees_its_blocks() {
     let entries = metric(&cached, "dsv3_prefix_cache_entries");
     assert_eq!(entries, 2.0);
     post(&format!("{cached}/v1/completions"), json!({"prompt": [3, 4], "max_tokens": 1}));
-    assert_eq!(settled(&cached, "dsv3_kv_blocks_in_use", entries * layers), entries * layers, "only the cached prefix blocks stay");
+    assert_eq!(
+        settled(&cached, "dsv3_kv_blocks_in_use", entries * layers),
+        entries * layers,
+        "only the cached prefix blocks stay"
+    );
 }

@@ -17,7 +17,14 @@ pub fn update_biases(model: &mut DeepseekV3, load: &[(usize, Vec<usize>)], gamma
             .iter()
             .map(|&ci| {
                 let diff = mean - ci as f32;
-                gamma * if diff > 0.0 { 1.0 } else if diff < 0.0 { -1.0 } else { 0.0 }
+                gamma
+                    * if diff > 0.0 {
+                        1.0
+                    } else if diff < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    }
             })
             .collect();
         if zero_mean {

@@ -34,7 +34,14 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 /// Writes the checkpoint into `dir` (replacing what is there).
-pub fn save(dir: &Path, model: &mut DeepseekV3, config: &Value, tok: &Tokenizer, opt: &Optimizer, state: &TrainState) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    model: &mut DeepseekV3,
+    config: &Value,
+    tok: &Tokenizer,
+    opt: &Optimizer,
+    state: &TrainState,
+) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = dir.file_name().context("--out needs a folder name")?.to_string_lossy().to_string();
@@ -63,7 +70,14 @@ pub fn save(dir: &Path, model: &mut DeepseekV3, config: &Value, tok: &Tokenizer,
     Ok(())
 }
 
-fn write_folder(dir: &Path, model: &mut DeepseekV3, config: &Value, tok: &Tokenizer, opt: &Optimizer, state: &TrainState) -> Result<()> {
+fn write_folder(
+    dir: &Path,
+    model: &mut DeepseekV3,
+    config: &Value,
+    tok: &Tokenizer,
+    opt: &Optimizer,
+    state: &TrainState,
+) -> Result<()> {
     let n_layers = model.config.num_hidden_layers;
     let n_mtp = model.mtp.len();
     let mut tensors: Vec<(String, &str, Vec<usize>, Vec<u8>)> = vec![];
@@ -79,7 +93,12 @@ fn write_folder(dir: &Path, model: &mut DeepseekV3, config: &Value, tok: &Tokeni
         tensors.push((p.name, "F32", p.shape, f32_bytes(p.data)));
     }
     for (layer, bias) in model.routing_biases_mut() {
-        tensors.push((format!("model.layers.{layer}.mlp.gate.e_score_correction_bias"), "F32", vec![bias.len()], f32_bytes(bias)));
+        tensors.push((
+            format!("model.layers.{layer}.mlp.gate.e_score_correction_bias"),
+            "F32",
+            vec![bias.len()],
+            f32_bytes(bias),
+        ));
     }
     // The official layout repeats the shared embedding and head inside each MTP layer (vLLM and
     // SGLang read them there); dsv3 and transformers skip them.
@@ -106,7 +125,10 @@ fn write_folder(dir: &Path, model: &mut DeepseekV3, config: &Value, tok: &Tokeni
         moments.push((format!("v.{k}"), "F32", vec![v.len()], f32_bytes(v)));
     }
     write_safetensors(&dir.join("optimizer.safetensors"), &moments)?;
-    std::fs::write(dir.join("train_state.json"), serde_json::to_string_pretty(&json!({"optimizer_step": opt.step, "state": state}))?)?;
+    std::fs::write(
+        dir.join("train_state.json"),
+        serde_json::to_string_pretty(&json!({"optimizer_step": opt.step, "state": state}))?,
+    )?;
     Ok(())
 }
 
@@ -126,11 +148,13 @@ pub fn load(dir: &Path, skip: impl Fn(&str) -> bool + Send + Sync + 'static) -> 
         let hint = dir.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."));
         bail!("--resume {}: no train_state.json (not a dsv3 training checkpoint; look for a .*.old-* folder in {} if a save was interrupted)", dir.display(), hint.display());
     }
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&st)?).with_context(|| format!("reading {}", st.display()))?;
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&st)?).with_context(|| format!("reading {}", st.display()))?;
     let state: TrainState = serde_json::from_value(v["state"].clone()).context("train_state.json: state")?;
     let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
     let model = DeepseekV3::load_skipping(dir, skip).with_context(|| format!("loading {}", dir.display()))?;
-    let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let tokenizer =
+        Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     Ok(Resumed { model, config, tokenizer, state })
 }
 
@@ -138,9 +162,11 @@ pub fn load(dir: &Path, skip: impl Fn(&str) -> bool + Send + Sync + 'static) -> 
 /// accepts (in parallel training, those this process updates: the rest is never read).
 pub fn load_optimizer(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Optimizer> {
     let st = dir.join("train_state.json");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&st)?).with_context(|| format!("reading {}", st.display()))?;
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&st)?).with_context(|| format!("reading {}", st.display()))?;
     let ck = Checkpoint::open_files(&[dir.join("optimizer.safetensors")])?;
-    let mut optimizer = Optimizer { step: v["optimizer_step"].as_u64().context("optimizer_step")?, ..Default::default() };
+    let mut optimizer =
+        Optimizer { step: v["optimizer_step"].as_u64().context("optimizer_step")?, ..Default::default() };
     for name in ck.names().map(str::to_string).collect::<Vec<_>>() {
         let (kind, param) = name.split_once('.').context("optimizer tensor name")?;
         if !keep(param) {

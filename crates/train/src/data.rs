@@ -116,7 +116,8 @@ impl Split {
 pub fn pack(tok: &Tokenizer, docs: &[String], seq_len: usize, val_every: usize) -> Result<(Split, Split)> {
     let eos = tok.token_to_id(EOS).context("the tokenizer has no EOS token")?;
     let enc = tok.encode_batch(docs.to_vec(), false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-    let (mut train, mut val) = (Split { window: seq_len + 1, ..Default::default() }, Split { window: seq_len + 1, ..Default::default() });
+    let (mut train, mut val) =
+        (Split { window: seq_len + 1, ..Default::default() }, Split { window: seq_len + 1, ..Default::default() });
     for (i, e) in enc.iter().enumerate() {
         let s = if val_every > 0 && i % val_every == val_every - 1 { &mut val } else { &mut train };
         s.tokens.extend_from_slice(e.get_ids());
@@ -151,7 +152,8 @@ impl Loader {
 
     fn shuffle(&mut self, n: usize) {
         self.order = (0..n).collect();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ self.state.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(self.seed ^ self.state.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         self.order.shuffle(&mut rng);
     }
 

@@ -4,8 +4,8 @@
 //! bf16 to save memory at scale; at this size f32 costs little and keeps resume exact).
 
 use dsv3_model::grad::params::{Param, ParamsMut};
-use rayon::prelude::*;
 use dsv3_model::grad::Grads;
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -73,7 +73,13 @@ impl Optimizer {
         dsv3_model::model::on_pool(|| self.update_on_pool(cfg, params, grads, grad_norm))
     }
 
-    fn update_on_pool(&mut self, cfg: &OptimConfig, params: ParamsMut, grads: &mut Grads, grad_norm: f64) -> UpdateInfo {
+    fn update_on_pool(
+        &mut self,
+        cfg: &OptimConfig,
+        params: ParamsMut,
+        grads: &mut Grads,
+        grad_norm: f64,
+    ) -> UpdateInfo {
         self.step += 1;
         let lr = cfg.lr_at(self.step);
         if cfg.clip > 0.0 && grad_norm > cfg.clip as f64 {
@@ -94,7 +100,9 @@ impl Optimizer {
         let mut vs: BTreeMap<&String, &mut Vec<f32>> = self.v.iter_mut().collect();
         for p in params {
             let mv = match cfg.kind {
-                OptimizerKind::Adamw => Some((ms.remove(&p.name).expect("moment"), vs.remove(&p.name).expect("moment"))),
+                OptimizerKind::Adamw => {
+                    Some((ms.remove(&p.name).expect("moment"), vs.remove(&p.name).expect("moment")))
+                }
                 OptimizerKind::Sgd => None,
             };
             jobs.push((p, mv));

@@ -6,7 +6,7 @@
 //! one process training on the whole batch up to the order of the sums. The transport is
 //! outside this crate (MPI in the CLI).
 
-use dsv3_model::grad::moe::{ExpertExchange, Exchanges};
+use dsv3_model::grad::moe::{Exchanges, ExpertExchange};
 use std::sync::{Arc, OnceLock};
 
 /// A sum over the data-parallel processes.
@@ -42,7 +42,13 @@ pub struct Pipeline {
 /// [`dsv3_model::grad::moe::expert_owner`] gives `g`, and its stage at rank `s` computes them for
 /// the tokens of every pipeline's rank `s` (those processes run the same ops in the same order).
 /// A backward exchange apart from the forward's lets DualPipe's `(F|B)` run both at once.
-pub fn set_pipeline(dp: Arc<dyn AllReduce>, kind: dsv3_dist::schedule::Kind, chunks: usize, stages: usize, experts: Option<Exchanges>) {
+pub fn set_pipeline(
+    dp: Arc<dyn AllReduce>,
+    kind: dsv3_dist::schedule::Kind,
+    chunks: usize,
+    stages: usize,
+    experts: Option<Exchanges>,
+) {
     set_data_parallel(dp);
     if let Some(x) = experts {
         let _ = EP.set(x);
@@ -133,7 +139,11 @@ mod tests {
                             let rank = ex.rank();
                             let mut m = DeepseekV3::load(dir).unwrap();
                             m.set_expert_exchange(Arc::new(ex));
-                            m.drop_params(|n| n.split(".mlp.experts.").nth(1).is_none_or(|e| expert_owner(e.split('.').next().unwrap().parse().unwrap(), 16, ranks) == rank));
+                            m.drop_params(|n| {
+                                n.split(".mlp.experts.").nth(1).is_none_or(|e| {
+                                    expert_owner(e.split('.').next().unwrap().parse().unwrap(), 16, ranks) == rank
+                                })
+                            });
                             let shard = seqs / ranks;
                             let mine = &tokens[rank * shard * (t + 1)..(rank + 1) * shard * (t + 1)];
                             let mut g = Grads::default();

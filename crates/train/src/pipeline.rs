@@ -13,8 +13,8 @@ use dsv3_dist::pipeline::{P2p, StageCompute};
 use dsv3_model::grad::model::{LossWeights, StageSaved, StepReport};
 use dsv3_model::grad::{Grads, WeightGrad};
 use dsv3_model::DeepseekV3;
-use std::sync::Mutex;
 use std::ops::Range;
+use std::sync::Mutex;
 
 pub struct DeepSeekStages<'a> {
     pub model: &'a DeepseekV3,
@@ -37,12 +37,30 @@ pub struct DeepSeekStages<'a> {
 }
 
 impl<'a> DeepSeekStages<'a> {
-    pub fn new(model: &'a DeepseekV3, micro_batches: &'a [Vec<u32>], seqs: usize, t: usize, weights: LossWeights, positions: usize) -> anyhow::Result<Self> {
+    pub fn new(
+        model: &'a DeepseekV3,
+        micro_batches: &'a [Vec<u32>],
+        seqs: usize,
+        t: usize,
+        weights: LossWeights,
+        positions: usize,
+    ) -> anyhow::Result<Self> {
         if positions == 0 || positions > model.layers.len() {
             anyhow::bail!("{positions} pipeline stages for {} decoder layers", model.layers.len());
         }
         let split = crate::placement::stage_split(model, positions);
-        Ok(DeepSeekStages { model, micro_batches, seqs, t, weights, split, grads: Default::default(), report: Default::default(), fp8: dsv3_model::grad::fp8::recipe(), overlap: model.exchanges_apart() })
+        Ok(DeepSeekStages {
+            model,
+            micro_batches,
+            seqs,
+            t,
+            weights,
+            split,
+            grads: Default::default(),
+            report: Default::default(),
+            fp8: dsv3_model::grad::fp8::recipe(),
+            overlap: model.exchanges_apart(),
+        })
     }
 
     /// The decoder layers of position `pos`.
@@ -75,12 +93,18 @@ impl StageCompute for DeepSeekStages<'_> {
 
     fn forward(&self, pos: usize, bi: usize, input: Option<Vec<f64>>) -> (Vec<f64>, Option<f64>, StageSaved) {
         let mut report = StepReport::default();
-        let (model, tokens, layers, (seqs, t, w)) = (self.model, &self.micro_batches[bi], self.layers(pos), (self.seqs, self.t, self.weights));
-        let (y, saved) = self.run(|| model.stage_forward(layers, tokens, seqs, t, w, input.map(to_f32), &mut report))
-        .expect("micro-batches were checked against the vocabulary");
+        let (model, tokens, layers, (seqs, t, w)) =
+            (self.model, &self.micro_batches[bi], self.layers(pos), (self.seqs, self.t, self.weights));
+        let (y, saved) = self
+            .run(|| model.stage_forward(layers, tokens, seqs, t, w, input.map(to_f32), &mut report))
+            .expect("micro-batches were checked against the vocabulary");
         let last = pos + 1 == self.split.len();
         // The last stage holds the LM and MTP losses; each stage holds its layers' balance loss.
-        let loss = last.then(|| report.lm_loss + report.mtp_losses.iter().sum::<f64>() * (self.weights.mtp_lambda / self.model.mtp.len().max(1) as f32) as f64);
+        let loss = last.then(|| {
+            report.lm_loss
+                + report.mtp_losses.iter().sum::<f64>()
+                    * (self.weights.mtp_lambda / self.model.mtp.len().max(1) as f32) as f64
+        });
         let mut total = self.report.lock().expect("report");
         total.balance_loss += report.balance_loss;
         total.load.extend(report.load);
@@ -101,8 +125,9 @@ impl StageCompute for DeepSeekStages<'_> {
         let g: &mut Grads = &mut g;
         let (model, layers, seqs, t) = (self.model, self.layers(pos), self.seqs, self.t);
         g.defer_weight_grads();
-        let dx = self.run(|| model.stage_backward(layers, saved, dy.map(to_f32).unwrap_or_default(), seqs, t, g))
-        .expect("the stage's own forward state");
+        let dx = self
+            .run(|| model.stage_backward(layers, saved, dy.map(to_f32).unwrap_or_default(), seqs, t, g))
+            .expect("the stage's own forward state");
         (to_f64(dx), g.take_deferred())
     }
 
@@ -120,10 +145,19 @@ impl StageCompute for DeepSeekStages<'_> {
 /// A forward without backward (validation) through this process's pipeline: position by
 /// position, each on the process of the pipeline holding it (activations passed point to point).
 /// Returns what this process's positions computed; the losses are at the last position's.
-pub(crate) fn forward_only(dp: &dyn AllReduce, p: Pipeline, model: &DeepseekV3, tokens: &[u32], seqs: usize, t: usize, w: LossWeights) -> anyhow::Result<StepReport> {
+pub(crate) fn forward_only(
+    dp: &dyn AllReduce,
+    p: Pipeline,
+    model: &DeepseekV3,
+    tokens: &[u32],
+    seqs: usize,
+    t: usize,
+    w: LossWeights,
+) -> anyhow::Result<StepReport> {
     let positions = dsv3_dist::pipeline::positions(p.kind, p.stages);
     let split = crate::placement::stage_split(model, positions);
-    let holder = |pos: usize| (0..p.stages).find(|&s| positions_of(p, s).contains(&pos)).expect("every position is held");
+    let holder =
+        |pos: usize| (0..p.stages).find(|&s| positions_of(p, s).contains(&pos)).expect("every position is held");
     let mut report = StepReport::default();
     let mut result = Ok(());
     dp.with_peers(&mut |peers| {
@@ -178,7 +212,8 @@ mod tests {
         let all = 0..model.layers.len();
         let mut g = Grads::default();
         let jobs = DeepseekV3::training(|| {
-            let (_, saved) = model.stage_forward(all.clone(), &tokens, seqs, t, w, None, &mut StepReport::default()).unwrap();
+            let (_, saved) =
+                model.stage_forward(all.clone(), &tokens, seqs, t, w, None, &mut StepReport::default()).unwrap();
             g.defer_weight_grads();
             model.stage_backward(all, saved, vec![], seqs, t, &mut g).unwrap();
             g.take_deferred()
@@ -186,7 +221,10 @@ mod tests {
         for name in ["model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.gate.weight", "lm_head.weight"] {
             assert!(g.get(name).is_none(), "{name} was computed in the backward");
         }
-        assert!(g.get("model.layers.0.input_layernorm.weight").is_some(), "norm weights are cheap and stay in the backward");
+        assert!(
+            g.get("model.layers.0.input_layernorm.weight").is_some(),
+            "norm weights are cheap and stay in the backward"
+        );
         DeepseekV3::training(|| g.apply(jobs));
         assert_eq!(g.map, want.map);
     }
@@ -197,10 +235,19 @@ mod tests {
         let (seqs, t) = (2, 24);
         // Balance loss off: a micro-batch's loss then lives entirely on the last stage.
         let w = LossWeights { mtp_lambda: 0.3, balance: Balance { seq_alpha: 0.0, batch_alpha: 0.0 } };
-        for (kind, ranks, chunks) in [(Kind::OneFOneB, 1, 2), (Kind::OneFOneB, 2, 4), (Kind::DualPipe, 2, 4), (Kind::DualPipe, 4, 8), (Kind::DualPipeV, 2, 5)] {
-            let mbs: Vec<Vec<u32>> = (0..chunks).map(|c| (0..seqs * (t + 1)).map(|i| ((i * 37 + c * 101) % 509 + 2) as u32).collect()).collect();
+        for (kind, ranks, chunks) in [
+            (Kind::OneFOneB, 1, 2),
+            (Kind::OneFOneB, 2, 4),
+            (Kind::DualPipe, 2, 4),
+            (Kind::DualPipe, 4, 8),
+            (Kind::DualPipeV, 2, 5),
+        ] {
+            let mbs: Vec<Vec<u32>> = (0..chunks)
+                .map(|c| (0..seqs * (t + 1)).map(|i| ((i * 37 + c * 101) % 509 + 2) as u32).collect())
+                .collect();
             let mut want_g = Grads::default();
-            let want: Vec<f64> = mbs.iter().map(|m| model.train_step(m, seqs, t, w, Some(&mut want_g)).unwrap().loss).collect();
+            let want: Vec<f64> =
+                mbs.iter().map(|m| model.train_step(m, seqs, t, w, Some(&mut want_g)).unwrap().loss).collect();
             let schedule = generate(kind, ranks, chunks).unwrap();
             let per_rank: Vec<(Vec<(usize, f64)>, Grads)> = std::thread::scope(|s| {
                 let handles: Vec<_> = ThreadPeers::group(ranks)
@@ -209,7 +256,8 @@ mod tests {
                     .map(|(r, mut peers)| {
                         let (ops, model, mbs) = (&schedule[r], &model, &mbs);
                         s.spawn(move || {
-                            let mut stages = DeepSeekStages::new(model, mbs, seqs, t, w, positions(kind, ranks)).unwrap();
+                            let mut stages =
+                                DeepSeekStages::new(model, mbs, seqs, t, w, positions(kind, ranks)).unwrap();
                             // (F|B) on two threads, as with expert exchanges to hide.
                             stages.overlap = true;
                             let losses = execute(&mut peers, kind, ranks, chunks, ops, &stages);

@@ -55,10 +55,12 @@ pub(crate) fn stage_split(model: &DeepseekV3, positions: usize) -> Vec<Range<usi
     let n = m.layers.len();
     let tail = m.head + m.mtp.iter().sum::<f64>();
     // best[p][i]: the least max-cost of splitting layers i.. over positions p.. (∞ if impossible).
-    let prefix: Vec<f64> = std::iter::once(0.0).chain(m.layers.iter().scan(0.0, |a, &c| {
-        *a += c;
-        Some(*a)
-    })).collect();
+    let prefix: Vec<f64> = std::iter::once(0.0)
+        .chain(m.layers.iter().scan(0.0, |a, &c| {
+            *a += c;
+            Some(*a)
+        }))
+        .collect();
     let cost = |i: usize, j: usize, last: bool| prefix[j] - prefix[i] + if last { tail } else { 0.0 };
     let mut best = vec![vec![f64::INFINITY; n + 1]; positions + 1];
     let mut cut = vec![vec![n; n + 1]; positions + 1];
@@ -106,10 +108,15 @@ fn uses(model: &DeepseekV3, name: &str, pos: usize, split: &[Range<usize>]) -> b
     last // the final norm and the head
 }
 
-
 impl Placement {
     /// The placement of `model`'s parameters (call on the whole model, before dropping any).
-    pub(crate) fn new(model: &mut DeepseekV3, dp: &dyn AllReduce, pipeline: Option<Pipeline>, expert_parallel: bool, zero1: bool) -> Placement {
+    pub(crate) fn new(
+        model: &mut DeepseekV3,
+        dp: &dyn AllReduce,
+        pipeline: Option<Pipeline>,
+        expert_parallel: bool,
+        zero1: bool,
+    ) -> Placement {
         let (rank, world) = (dp.rank(), dp.size());
         let stages = pipeline.map_or(1, |p| p.stages);
         let replicas = world / stages;
@@ -124,10 +131,13 @@ impl Placement {
                     _ => (0..replicas).collect(),
                 };
                 let in_stage: Vec<usize> = match (pipeline, &split) {
-                    (Some(p), Some(split)) => (0..stages).filter(|&s| positions_of(p, s).iter().any(|&pos| uses(model, &name, pos, split))).collect(),
+                    (Some(p), Some(split)) => (0..stages)
+                        .filter(|&s| positions_of(p, s).iter().any(|&pos| uses(model, &name, pos, split)))
+                        .collect(),
                     _ => vec![0],
                 };
-                let mut holders: Vec<usize> = groups.iter().flat_map(|g| in_stage.iter().map(move |s| g * stages + s)).collect();
+                let mut holders: Vec<usize> =
+                    groups.iter().flat_map(|g| in_stage.iter().map(move |s| g * stages + s)).collect();
                 holders.sort_unstable();
                 Entry { name, shape, holders, updater: None }
             })
@@ -145,7 +155,9 @@ impl Placement {
             // an update needs nothing from another process).
             for (holders, list) in &sets {
                 let mut order = list.clone();
-                order.sort_by(|&a, &b| entries[b].len().cmp(&entries[a].len()).then_with(|| entries[a].name.cmp(&entries[b].name)));
+                order.sort_by(|&a, &b| {
+                    entries[b].len().cmp(&entries[a].len()).then_with(|| entries[a].name.cmp(&entries[b].name))
+                });
                 let mut load = vec![0usize; holders.len()];
                 for i in order {
                     let h = (0..holders.len()).min_by_key(|&h| load[h]).expect("a holder");
@@ -243,8 +255,13 @@ impl Placement {
     /// ZeRO-1, after the update: each parameter from its updater to the other holders (a sum to
     /// which only the updater contributes: exact).
     pub(crate) fn share_params(&self, dp: &dyn AllReduce, model: &mut DeepseekV3) {
-        let mut params: HashMap<String, &mut [f32]> = model.params_mut().into_iter().map(|p| (p.name, p.data)).collect();
-        for (set, list) in self.sets.iter().filter(|(h, l)| h.len() > 1 && h.contains(&self.rank) && self.entries[l[0]].updater.is_some()) {
+        let mut params: HashMap<String, &mut [f32]> =
+            model.params_mut().into_iter().map(|p| (p.name, p.data)).collect();
+        for (set, list) in self
+            .sets
+            .iter()
+            .filter(|(h, l)| h.len() > 1 && h.contains(&self.rank) && self.entries[l[0]].updater.is_some())
+        {
             let mut flat: Vec<f64> = vec![];
             for &i in list {
                 let e = &self.entries[i];
@@ -269,7 +286,8 @@ impl Placement {
     pub(crate) fn gather_to_rank0(&self, dp: &dyn AllReduce, model: &mut DeepseekV3, opt: &mut Optimizer, adam: bool) {
         let mut install = vec![];
         {
-            let params: HashMap<String, &mut [f32]> = model.params_mut().into_iter().map(|p| (p.name, p.data)).collect();
+            let params: HashMap<String, &mut [f32]> =
+                model.params_mut().into_iter().map(|p| (p.name, p.data)).collect();
             for e in &self.entries {
                 let n = e.len();
                 if !e.holders.contains(&0) {

@@ -58,7 +58,8 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
     );
-    let _ = writeln!(s, "<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>", W / 2.0, esc(title));
+    let _ =
+        writeln!(s, "<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>", W / 2.0, esc(title));
     for ty in nice_ticks(y0, y1, 6) {
         let y = sy(ty);
         let _ = writeln!(s, "<line x1=\"{l}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#e0e0e0\"/>", W - r);
@@ -69,21 +70,55 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
         let _ = writeln!(s, "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{t}\" y2=\"{}\" stroke=\"#e0e0e0\"/>", H - b);
         let _ = writeln!(s, "<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>", H - b + 16.0, fmt_tick(tx));
     }
-    let _ = writeln!(s, "<rect x=\"{l}\" y=\"{t}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"black\"/>", W - l - r, H - t - b);
-    let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>", (l + W - r) / 2.0, H - 10.0, esc(x_label));
-    let _ = writeln!(s, "<text x=\"16\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {})\">{}</text>", (t + H - b) / 2.0, (t + H - b) / 2.0, esc(y_label));
+    let _ = writeln!(
+        s,
+        "<rect x=\"{l}\" y=\"{t}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"black\"/>",
+        W - l - r,
+        H - t - b
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+        (l + W - r) / 2.0,
+        H - 10.0,
+        esc(x_label)
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"16\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {})\">{}</text>",
+        (t + H - b) / 2.0,
+        (t + H - b) / 2.0,
+        esc(y_label)
+    );
     for (i, se) in series.iter().enumerate() {
         let valid: Vec<&(f64, f64)> = se.points.iter().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
         if se.markers {
             for p in &valid {
-                let _ = writeln!(s, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{}\"/>", sx(p.0), sy(p.1), se.color);
+                let _ = writeln!(
+                    s,
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{}\"/>",
+                    sx(p.0),
+                    sy(p.1),
+                    se.color
+                );
             }
         } else if !valid.is_empty() {
             let d: Vec<String> = valid.iter().map(|p| format!("{:.1},{:.1}", sx(p.0), sy(p.1))).collect();
-            let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.6\" points=\"{}\"/>", se.color, d.join(" "));
+            let _ = writeln!(
+                s,
+                "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.6\" points=\"{}\"/>",
+                se.color,
+                d.join(" ")
+            );
         }
         let ly = t + 16.0 + 16.0 * i as f64;
-        let _ = writeln!(s, "<rect x=\"{}\" y=\"{}\" width=\"14\" height=\"4\" fill=\"{}\"/>", W - r - 190.0, ly - 5.0, se.color);
+        let _ = writeln!(
+            s,
+            "<rect x=\"{}\" y=\"{}\" width=\"14\" height=\"4\" fill=\"{}\"/>",
+            W - r - 190.0,
+            ly - 5.0,
+            se.color
+        );
         let _ = writeln!(s, "<text x=\"{}\" y=\"{ly}\">{}</text>", W - r - 170.0, esc(&se.name));
     }
     s.push_str("</svg>\n");
@@ -117,7 +152,8 @@ pub fn load_heatmap(title: &str, loads: &[(u64, Vec<Vec<usize>>)]) -> String {
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
     );
-    let _ = writeln!(s, "<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>", W / 2.0, esc(title));
+    let _ =
+        writeln!(s, "<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>", W / 2.0, esc(title));
     for (i, (_, ls)) in loads.iter().enumerate() {
         for (li, c) in ls.iter().enumerate() {
             let mean = c.iter().sum::<usize>() as f64 / c.len().max(1) as f64;
@@ -138,13 +174,24 @@ pub fn load_heatmap(title: &str, loads: &[(u64, Vec<Vec<usize>>)]) -> String {
     for li in 0..layers {
         let y = t + li as f64 * band;
         let _ = writeln!(s, "<line x1=\"{l}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"black\"/>", W - r);
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">MoE {}</text>", l - 6.0, y + band / 2.0 + 4.0, li + 1);
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">MoE {}</text>",
+            l - 6.0,
+            y + band / 2.0 + 4.0,
+            li + 1
+        );
     }
     if let (Some(first), Some(last)) = (loads.first(), loads.last()) {
         let _ = writeln!(s, "<text x=\"{l}\" y=\"{}\">step {}</text>", H - b + 16.0, first.0);
         let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">step {}</text>", W - r, H - b + 16.0, last.0);
     }
-    let _ = writeln!(s, "<rect x=\"{l}\" y=\"{t}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"black\"/>", W - l - r, H - t - b);
+    let _ = writeln!(
+        s,
+        "<rect x=\"{l}\" y=\"{t}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"black\"/>",
+        W - l - r,
+        H - t - b
+    );
     let _ = writeln!(
         s,
         "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">rows: experts of each MoE layer; colour: load ÷ mean (white 0, blue 1, red ≥ 2)</text>",
@@ -189,20 +236,37 @@ pub fn write_run_plots(dir: &Path) -> Result<()> {
     let step = |v: &Value| v["step"].as_f64().unwrap_or(0.0);
     let series = |k: &str| logs.iter().filter_map(|v| get(v, k).map(|y| (step(v), y))).collect::<Vec<_>>();
     let mtp: Vec<(f64, f64)> = logs.iter().filter_map(|v| v["mtp_losses"][0].as_f64().map(|y| (step(v), y))).collect();
-    let mut loss = vec![Series { name: "train LM loss".into(), color: "#1f77b4", points: series("lm_loss"), markers: false }];
+    let mut loss =
+        vec![Series { name: "train LM loss".into(), color: "#1f77b4", points: series("lm_loss"), markers: false }];
     if !mtp.is_empty() {
         loss.push(Series { name: "train MTP loss (depth 1)".into(), color: "#ff7f0e", points: mtp, markers: false });
     }
-    loss.push(Series { name: "validation LM loss".into(), color: "#d62728", points: series("val_loss"), markers: true });
+    loss.push(Series {
+        name: "validation LM loss".into(),
+        color: "#d62728",
+        points: series("val_loss"),
+        markers: true,
+    });
     save(dir, "loss", &line_chart("Loss", "step", "cross-entropy (nats)", &loss))?;
     let mv = vec![
         Series { name: "MaxVio per batch".into(), color: "#2ca02c", points: series("maxvio"), markers: false },
-        Series { name: "global MaxVio (validation)".into(), color: "#9467bd", points: series("val_maxvio"), markers: true },
+        Series {
+            name: "global MaxVio (validation)".into(),
+            color: "#9467bd",
+            points: series("val_maxvio"),
+            markers: true,
+        },
     ];
-    save(dir, "maxvio", &line_chart("MaxVio = max load / mean load − 1 (mean over MoE layers)", "step", "MaxVio", &mv))?;
+    save(
+        dir,
+        "maxvio",
+        &line_chart("MaxVio = max load / mean load − 1 (mean over MoE layers)", "step", "MaxVio", &mv),
+    )?;
     let loads: Vec<(u64, Vec<Vec<usize>>)> = logs
         .iter()
-        .filter_map(|v| serde_json::from_value::<Vec<Vec<usize>>>(v["expert_load"].clone()).ok().map(|l| (step(v) as u64, l)))
+        .filter_map(|v| {
+            serde_json::from_value::<Vec<Vec<usize>>>(v["expert_load"].clone()).ok().map(|l| (step(v) as u64, l))
+        })
         .filter(|(_, l)| !l.is_empty())
         .collect();
     if !loads.is_empty() {
@@ -229,7 +293,8 @@ pub fn write_compare_plots(runs: &[std::path::PathBuf], out: &Path) -> Result<St
     );
     for (i, run) in runs.iter().enumerate() {
         let name = run.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let text = std::fs::read_to_string(run.join("metrics.jsonl")).with_context(|| format!("{}: metrics.jsonl", run.display()))?;
+        let text = std::fs::read_to_string(run.join("metrics.jsonl"))
+            .with_context(|| format!("{}: metrics.jsonl", run.display()))?;
         let logs: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
         let pts = |k: &str| logs.iter().filter_map(|v| Some((v["step"].as_f64()?, v[k].as_f64()?))).collect::<Vec<_>>();
         let color = COLORS[i % COLORS.len()];
@@ -252,9 +317,17 @@ pub fn write_compare_plots(runs: &[std::path::PathBuf], out: &Path) -> Result<St
             pts("val_mtp_top1").last().map_or("–".to_string(), |p| format!("{:.1}%", 100.0 * p.1))
         );
     }
-    save(out, "compare_lm_loss", &line_chart("Train LM loss (moving average of 10 steps)", "step", "cross-entropy (nats)", &lm))?;
+    save(
+        out,
+        "compare_lm_loss",
+        &line_chart("Train LM loss (moving average of 10 steps)", "step", "cross-entropy (nats)", &lm),
+    )?;
     save(out, "compare_val_loss", &line_chart("Validation LM loss", "step", "cross-entropy (nats)", &val))?;
-    save(out, "compare_maxvio", &line_chart("MaxVio per batch (moving average of 10 steps, mean over MoE layers)", "step", "MaxVio", &mv))?;
+    save(
+        out,
+        "compare_maxvio",
+        &line_chart("MaxVio per batch (moving average of 10 steps, mean over MoE layers)", "step", "MaxVio", &mv),
+    )?;
     Ok(table)
 }
 

@@ -1,13 +1,13 @@
 //! The training loop: data → `DeepseekV3::train_step` (LM + MTP + balance losses, backward) →
 //! clip + AdamW → aux-loss-free bias update → metrics, validation and checkpoints.
 
-use dsv3_model::grad::fp8::with_recipe;
 use crate::balance::{max_vio, update_biases};
 use crate::checkpoint::{self, TrainState};
 use crate::data::{self, Loader, LoaderState, Split};
 use crate::optim::{OptimConfig, Optimizer, OptimizerKind};
 use crate::placement::Placement;
 use anyhow::{bail, Context, Result};
+use dsv3_model::grad::fp8::with_recipe;
 use dsv3_model::grad::model::{LossWeights, StepReport};
 use dsv3_model::grad::moe::Balance;
 use dsv3_model::grad::Grads;
@@ -232,7 +232,8 @@ pub(crate) struct Macs {
 /// A token's forward multiply-adds by part, attention at the mean context of `seq_len`.
 pub(crate) fn macs_per_token(c: &dsv3_model::Config, seq_len: usize) -> Macs {
     let (d, h) = (c.hidden_size as f64, c.num_attention_heads as f64);
-    let (dn, dr, dv, kv) = (c.qk_nope_head_dim as f64, c.qk_rope_head_dim as f64, c.v_head_dim as f64, c.kv_lora_rank as f64);
+    let (dn, dr, dv, kv) =
+        (c.qk_nope_head_dim as f64, c.qk_rope_head_dim as f64, c.v_head_dim as f64, c.kv_lora_rank as f64);
     let q = match c.q_lora_rank {
         Some(r) => d * r as f64 + r as f64 * h * (dn + dr),
         None => d * h * (dn + dr),
@@ -248,7 +249,8 @@ pub(crate) fn macs_per_token(c: &dsv3_model::Config, seq_len: usize) -> Macs {
     };
     let head = d * c.vocab_size as f64;
     let layers = (0..c.num_hidden_layers).map(|l| attn + ffn(l)).collect();
-    let mtp = (0..c.num_nextn_predict_layers).map(|j| 2.0 * d * d + attn + ffn(c.num_hidden_layers + j) + head).collect();
+    let mtp =
+        (0..c.num_nextn_predict_layers).map(|j| 2.0 * d * d + attn + ffn(c.num_hidden_layers + j) + head).collect();
     Macs { layers, head, mtp }
 }
 
@@ -256,8 +258,10 @@ pub(crate) fn macs_per_token(c: &dsv3_model::Config, seq_len: usize) -> Macs {
 /// MTP depth.
 fn model_config(args: &TrainArgs, vocab: usize) -> Result<Value> {
     let mut c = match &args.config {
-        Some(p) => serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
-            .with_context(|| format!("{}: not JSON", p.display()))?,
+        Some(p) => {
+            serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+                .with_context(|| format!("{}: not JSON", p.display()))?
+        }
         None => preset(&args.preset).with_context(|| format!("--preset {}: unknown (tiny, bench-1b)", args.preset))?,
     };
     c["vocab_size"] = vocab.into();
@@ -281,7 +285,12 @@ fn loss_weights(args: &TrainArgs, step: u64) -> LossWeights {
 }
 
 /// The validation loss, MTP top-1 agreement, and global MaxVio (loads summed over the windows).
-fn evaluate(model: &DeepseekV3, val: &Split, args: &TrainArgs, w: LossWeights) -> Result<Option<(f64, f64, Option<f64>)>> {
+fn evaluate(
+    model: &DeepseekV3,
+    val: &Split,
+    args: &TrainArgs,
+    w: LossWeights,
+) -> Result<Option<(f64, f64, Option<f64>)>> {
     let n = val.windows().min(args.eval_windows);
     if n == 0 {
         return Ok(None);
@@ -294,7 +303,8 @@ fn evaluate(model: &DeepseekV3, val: &Split, args: &TrainArgs, w: LossWeights) -
     let stages = pipelined.map_or(1, |(_, p)| p.stages);
     let (replica, replicas) = dp.map_or((0, 1), |dp| (dp.rank() / stages, dp.size() / stages));
     let (mut loss, mut top1, mut tops) = (0f64, 0f64, 0f64);
-    let moe_layers: Vec<usize> = (0..model.layers.len() + model.mtp.len()).filter(|&l| model.config.is_moe_layer(l)).collect();
+    let moe_layers: Vec<usize> =
+        (0..model.layers.len() + model.mtp.len()).filter(|&l| model.config.is_moe_layer(l)).collect();
     let mut load: Vec<Vec<f64>> = vec![vec![0.0; model.config.n_routed_experts]; moe_layers.len()];
     for i in (0..n).step_by(args.batch_size) {
         let b = args.batch_size.min(n - i);
@@ -353,7 +363,14 @@ fn pipeline_step(
     let row = args.seq_len + 1;
     let mine = &tokens[group * shard * row..(group + 1) * shard * row];
     let mbs: Vec<Vec<u32>> = mine.chunks(per * row).map(|c| c.to_vec()).collect();
-    let model_stages = crate::pipeline::DeepSeekStages::new(model, &mbs, per, args.seq_len, w, dsv3_dist::pipeline::positions(kind, stages))?;
+    let model_stages = crate::pipeline::DeepSeekStages::new(
+        model,
+        &mbs,
+        per,
+        args.seq_len,
+        w,
+        dsv3_dist::pipeline::positions(kind, stages),
+    )?;
     let ops = dsv3_dist::schedule::generate(kind, stages, chunks).map_err(|e| anyhow::anyhow!("{e}"))?;
     dp.with_peers(&mut |peers| {
         let mut peers = dsv3_dist::pipeline::Group { inner: peers, base: group * stages };
@@ -362,7 +379,8 @@ fn pipeline_step(
     let mut report = model_stages.report.into_inner().expect("report");
     // Expert loads per MoE layer (summed over the micro-batches this process ran), in layer order
     // with zeros for the layers it does not hold, so the sums line up across processes.
-    let moe_layers: Vec<usize> = (0..model.layers.len() + model.mtp.len()).filter(|&l| model.config.is_moe_layer(l)).collect();
+    let moe_layers: Vec<usize> =
+        (0..model.layers.len() + model.mtp.len()).filter(|&l| model.config.is_moe_layer(l)).collect();
     let experts = model.config.n_routed_experts;
     let mut load: Vec<(usize, Vec<usize>)> = moe_layers.iter().map(|&l| (l, vec![0; experts])).collect();
     for (l, c) in &report.load {
@@ -391,7 +409,13 @@ fn pipeline_step(
 /// Returns the global gradient norm. Each gradient is summed over the processes holding its
 /// parameter (all of them in plain data parallelism; a routed expert's owner alone, whose
 /// gradient already sums every process's tokens).
-fn all_reduce_step(dp: &dyn crate::parallel::AllReduce, placement: &Placement, grads: &mut Grads, report: &mut StepReport, micro_batches: Option<usize>) -> f64 {
+fn all_reduce_step(
+    dp: &dyn crate::parallel::AllReduce,
+    placement: &Placement,
+    grads: &mut Grads,
+    report: &mut StepReport,
+    micro_batches: Option<usize>,
+) -> f64 {
     let scale = 1.0 / micro_batches.unwrap_or(dp.size()) as f64;
     let norm_sq = placement.reduce_grads(dp, grads, scale);
     let n_mtp = report.mtp_losses.len();
@@ -463,7 +487,12 @@ fn fresh_init(config: &serde_json::Value, args: &TrainArgs) -> Result<TempDir> {
 
 /// Trains (or resumes) a run, calling `on_log` for every logged step. `stop_at` ends it early
 /// (with a checkpoint) while the schedule still spans `args.steps`: an interrupted run.
-pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_log: impl FnMut(&StepLog)) -> Result<Summary> {
+pub fn run(
+    args: TrainArgs,
+    resume: Option<&Path>,
+    stop_at: Option<u64>,
+    mut on_log: impl FnMut(&StepLog),
+) -> Result<Summary> {
     // In parallel the first load reads no weight (shapes only): once it is known which tensors this
     // process holds, only those are read.
     let parallel = crate::parallel::get().is_some();
@@ -500,7 +529,11 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         bail!("--seq-len and --batch-size must be positive");
     }
     if args.seq_len > model.config.max_position_embeddings {
-        bail!("--seq-len {} exceeds the model's max_position_embeddings {}", args.seq_len, model.config.max_position_embeddings);
+        bail!(
+            "--seq-len {} exceeds the model's max_position_embeddings {}",
+            args.seq_len,
+            model.config.max_position_embeddings
+        );
     }
     let docs = if args.data.is_empty() { data::builtin_corpus() } else { data::read_documents(&args.data)? };
     let (train, val) = data::pack(&tok, &docs, args.seq_len, 20)?;
@@ -521,7 +554,11 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
     if let Some(ex) = crate::parallel::experts() {
         let experts = model.config.n_routed_experts;
         if model.moe_layers().is_empty() || experts < ex.forward.ranks() {
-            bail!("--expert-parallel: {} processes for {experts} routed experts in {} MoE layers", ex.forward.ranks(), model.moe_layers().len());
+            bail!(
+                "--expert-parallel: {} processes for {experts} routed experts in {} MoE layers",
+                ex.forward.ranks(),
+                model.moe_layers().len()
+            );
         }
     }
     // Who holds and updates what; this process then reads what it holds.
@@ -532,9 +569,11 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         p
     });
     if let Some(p) = &placement {
-        let held: std::collections::HashSet<String> = model.param_shapes().into_iter().map(|(n, _)| n).filter(|n| p.holds(n)).collect();
+        let held: std::collections::HashSet<String> =
+            model.param_shapes().into_iter().map(|(n, _)| n).filter(|n| p.holds(n)).collect();
         let dir = init_dir.as_ref().map(|d| d.0.as_path()).or(resume).expect("a fresh or resumed run");
-        model = DeepseekV3::load_skipping(dir, move |n| !held.contains(n)).with_context(|| format!("loading {}", dir.display()))?;
+        model = DeepseekV3::load_skipping(dir, move |n| !held.contains(n))
+            .with_context(|| format!("loading {}", dir.display()))?;
         p.drop_foreign(&mut model, &mut opt);
     }
     if let (Some(dp), Some(_)) = (crate::parallel::get(), &init_dir) {
@@ -567,7 +606,12 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
     }
     if let Some(p) = pipelined {
         if !(args.batch_size / shard_count).is_multiple_of(p.chunks) {
-            bail!("--batch-size {}: {} sequences per pipeline do not divide into {} micro-batches", args.batch_size, args.batch_size / shard_count, p.chunks);
+            bail!(
+                "--batch-size {}: {} sequences per pipeline do not divide into {} micro-batches",
+                args.batch_size,
+                args.batch_size / shard_count,
+                p.chunks
+            );
         }
         dsv3_dist::schedule::generate(p.kind, p.stages, p.chunks).map_err(|e| anyhow::anyhow!("--pipeline: {e}"))?;
         let positions = dsv3_dist::pipeline::positions(p.kind, p.stages);
@@ -584,7 +628,9 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         grads.zero();
         let row = args.seq_len + 1;
         let mut report = match (dp, pipelined) {
-            (Some(dp), Some(p)) => with_recipe(fp8, || pipeline_step(dp.as_ref(), p, &model, &tokens, &args, w, &mut grads))?,
+            (Some(dp), Some(p)) => {
+                with_recipe(fp8, || pipeline_step(dp.as_ref(), p, &model, &tokens, &args, w, &mut grads))?
+            }
             _ => {
                 // This process's share of the batch: sequences dp_rank·shard .. (dp_rank+1)·shard.
                 let mine = &tokens[dp_rank * shard * row..(dp_rank + 1) * shard * row];
@@ -594,7 +640,13 @@ pub fn run(args: TrainArgs, resume: Option<&Path>, stop_at: Option<u64>, mut on_
         let grad_norm = match dp {
             Some(dp) => {
                 let placement = placement.as_ref().expect("a placement under data parallelism");
-                all_reduce_step(dp.as_ref(), placement, &mut grads, &mut report, pipelined.map(|p| p.chunks * dp.size() / p.stages))
+                all_reduce_step(
+                    dp.as_ref(),
+                    placement,
+                    &mut grads,
+                    &mut report,
+                    pipelined.map(|p| p.chunks * dp.size() / p.stages),
+                )
             }
             None => grads.global_norm(),
         };

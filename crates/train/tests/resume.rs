@@ -52,7 +52,8 @@ fn resume_is_bit_identical_and_checkpoints_load_for_inference() {
     run(tiny_args(base.join("b"), 6), None, Some(3), |l| first.push(l.clone())).unwrap();
     let mut second: Vec<StepLog> = vec![];
     run(tiny_args(base.join("b"), 6), Some(&base.join("b")), None, |l| second.push(l.clone())).unwrap();
-    let resumed: Vec<(u64, u64, f64)> = first.iter().chain(&second).map(|l| (l.step, l.loss.to_bits(), l.grad_norm)).collect();
+    let resumed: Vec<(u64, u64, f64)> =
+        first.iter().chain(&second).map(|l| (l.step, l.loss.to_bits(), l.grad_norm)).collect();
     let want: Vec<(u64, u64, f64)> = straight.iter().map(|l| (l.step, l.loss.to_bits(), l.grad_norm)).collect();
     assert_eq!(resumed, want, "losses after a resume equal an uninterrupted run's, bit for bit");
     let wa = std::fs::read(base.join("a/model.safetensors")).unwrap();

@@ -88,7 +88,11 @@ fn main() {
                 let (ge, got) = (sidx[ti * k + j], d.topk_idx[row * k + j]);
                 let local = ge >= 0 && ge as usize / per == me;
                 check(got == if local { ge - (me * per) as i64 } else { -1 }, "local expert ids, −1 elsewhere", me);
-                check(d.topk_weights[row * k + j] == if local { sw[ti * k + j] } else { 0.0 }, "weights zero off-rank", me);
+                check(
+                    d.topk_weights[row * k + j] == if local { sw[ti * k + j] } else { 0.0 },
+                    "weights zero off-rank",
+                    me,
+                );
             }
             row += 1;
         }

@@ -72,7 +72,11 @@ fn main() {
             }
         }
         let losses_equal = losses.iter().zip(&ref_losses).all(|(a, b)| a.to_bits() == b.to_bits());
-        let diff = sum.iter().zip(&ref_grads).map(|(g, r)| calc_diff(&g.w1, &r.w1).max(calc_diff(&g.w2, &r.w2))).fold(0.0, f64::max);
+        let diff = sum
+            .iter()
+            .zip(&ref_grads)
+            .map(|(g, r)| calc_diff(&g.w1, &r.w1).max(calc_diff(&g.w2, &r.w2)))
+            .fold(0.0, f64::max);
         println!("pipeline-check: {kind:?} on {ranks} ranks, {chunks} micro-batches, {n_stages} stages: losses bit-identical {losses_equal}, max gradient diff {diff:.2e}");
         // (NaN counts as a failure.)
         if !losses_equal || diff.partial_cmp(&1e-13) != Some(std::cmp::Ordering::Less) {

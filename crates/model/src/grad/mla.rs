@@ -42,7 +42,17 @@ struct HeadKv {
 
 impl HeadKv {
     #[allow(clippy::too_many_arguments)]
-    fn gather(kvb: &[f32], kpe: &[f32], sq: usize, hh: usize, t: usize, h: usize, dn: usize, dr: usize, dv: usize) -> Self {
+    fn gather(
+        kvb: &[f32],
+        kpe: &[f32],
+        sq: usize,
+        hh: usize,
+        t: usize,
+        h: usize,
+        dn: usize,
+        dr: usize,
+        dv: usize,
+    ) -> Self {
         let (dq, dkv) = (dn + dr, dn + dv);
         let mut k = vec![0f32; t * dq];
         let mut v = vec![0f32; t * dv];

@@ -48,7 +48,16 @@ impl Grads {
     /// `name`'s gradient `+= dyᵀ·x` (Wgrad in FP8 under a recipe), now or, while deferring,
     /// later.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn weight_grad(&mut self, name: String, dy: &[f32], x: &[f32], m: usize, out: usize, inp: usize, fp8: Option<fp8::Fp8Recipe>) {
+    pub(crate) fn weight_grad(
+        &mut self,
+        name: String,
+        dy: &[f32],
+        x: &[f32],
+        m: usize,
+        out: usize,
+        inp: usize,
+        fp8: Option<fp8::Fp8Recipe>,
+    ) {
         match &mut self.deferred {
             Some(q) => q.push(WeightGrad { name, dy: dy.to_vec(), x: x.to_vec(), m, out, inp, fp8 }),
             None => {

@@ -104,7 +104,8 @@ impl DecoderLayer {
             (Ffn::Moe(m), FfnSaved::Moe(sv)) => m.backward(&format!("{name}.mlp"), sv, dh, g),
             _ => unreachable!("the saved FFN matches the layer"),
         };
-        let mut d_mid = self.post_attention_layernorm.backward(&format!("{name}.post_attention_layernorm"), &s.h_mid, &dx, g);
+        let mut d_mid =
+            self.post_attention_layernorm.backward(&format!("{name}.post_attention_layernorm"), &s.h_mid, &dx, g);
         add_into(&mut d_mid, dh);
         let da = self.self_attn.backward(&format!("{name}.self_attn"), &s.attn, &d_mid, rope, g);
         let mut d_in = self.input_layernorm.backward(&format!("{name}.input_layernorm"), &s.h_in, &da, g);
@@ -132,7 +133,14 @@ impl DeepseekV3 {
     /// Forward and backward over `tokens [seqs, t + 1]` (inputs `[.., ..t]`, labels shifted by one),
     /// adding every parameter's gradient into `g`. With `g = None` only the losses are computed
     /// (validation).
-    pub fn train_step(&self, tokens: &[u32], seqs: usize, t: usize, w: LossWeights, g: Option<&mut Grads>) -> Result<StepReport> {
+    pub fn train_step(
+        &self,
+        tokens: &[u32],
+        seqs: usize,
+        t: usize,
+        w: LossWeights,
+        g: Option<&mut Grads>,
+    ) -> Result<StepReport> {
         Self::training(|| self.train_step_on_pool(tokens, seqs, t, w, g))
     }
 
@@ -154,7 +162,14 @@ impl DeepseekV3 {
         super::fp8::with_recipe(fp8, || dsv3_kernels::matmul::with_many_token_gemm(f))
     }
 
-    fn train_step_on_pool(&self, tokens: &[u32], seqs: usize, t: usize, w: LossWeights, g: Option<&mut Grads>) -> Result<StepReport> {
+    fn train_step_on_pool(
+        &self,
+        tokens: &[u32],
+        seqs: usize,
+        t: usize,
+        w: LossWeights,
+        g: Option<&mut Grads>,
+    ) -> Result<StepReport> {
         if seqs == 0 || t == 0 || tokens.len() != seqs * (t + 1) {
             return Err(ModelError::Input(format!("train_step: {} tokens is not {seqs} × ({t} + 1)", tokens.len())));
         }
@@ -213,13 +228,16 @@ impl DeepseekV3 {
         let mut h_prev = hf.clone();
         for (j, m) in self.mtp.iter().enumerate() {
             let k = j + 1;
-            let ids: Vec<u32> = (0..seqs).flat_map(|b| (0..t).map(move |i| if i + k <= t { at(b, i + k) } else { 0 })).collect();
-            let lab: Vec<u32> = (0..seqs).flat_map(|b| (0..t).map(move |i| if i + k < t { at(b, i + k + 1) } else { 0 })).collect();
+            let ids: Vec<u32> =
+                (0..seqs).flat_map(|b| (0..t).map(move |i| if i + k <= t { at(b, i + k) } else { 0 })).collect();
+            let lab: Vec<u32> =
+                (0..seqs).flat_map(|b| (0..t).map(move |i| if i + k < t { at(b, i + k + 1) } else { 0 })).collect();
             let mask: Vec<bool> = (0..n).map(|r| r % t + k < t).collect();
             let emb = self.embed(&ids)?;
             let e = m.enorm.forward(&emb);
             let hn = m.hnorm.forward(&h_prev);
-            let cat: Vec<f32> = (0..n).flat_map(|r| e[r * d..(r + 1) * d].iter().chain(&hn[r * d..(r + 1) * d]).copied()).collect();
+            let cat: Vec<f32> =
+                (0..n).flat_map(|r| e[r * d..(r + 1) * d].iter().chain(&hn[r * d..(r + 1) * d]).copied()).collect();
             let mut z = m.eh_proj.forward(&cat, n);
             let block = m.block.forward_train(&mut z, seqs, t, &self.rope, w.balance, report, self.layers.len() + j);
             let hk = m.shared_head_norm.forward(&z);
@@ -246,7 +264,15 @@ impl DeepseekV3 {
     /// The backward of [`DeepseekV3::stage_forward`]: `d_out` is the gradient of the stage's
     /// output (ignored at the last stage, whose losses start the backward). Adds the stage's
     /// parameter gradients into `g`; returns the gradient of its input (empty at the first stage).
-    pub fn stage_backward(&self, layers: std::ops::Range<usize>, s: StageSaved, d_out: Vec<f32>, seqs: usize, t: usize, g: &mut Grads) -> Result<Vec<f32>> {
+    pub fn stage_backward(
+        &self,
+        layers: std::ops::Range<usize>,
+        s: StageSaved,
+        d_out: Vec<f32>,
+        seqs: usize,
+        t: usize,
+        g: &mut Grads,
+    ) -> Result<Vec<f32>> {
         let (n, d) = (seqs * t, self.config.hidden_size);
         let mut dh = match s.tail {
             None => d_out,

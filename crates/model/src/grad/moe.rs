@@ -69,7 +69,11 @@ impl ThreadExchange {
                 rx_list.push(rx);
             }
         }
-        to.into_iter().zip(from).enumerate().map(|(rank, (to, from))| ThreadExchange { rank, to, from: Mutex::new(from) }).collect()
+        to.into_iter()
+            .zip(from)
+            .enumerate()
+            .map(|(rank, (to, from))| ThreadExchange { rank, to, from: Mutex::new(from) })
+            .collect()
     }
 }
 
@@ -194,7 +198,13 @@ impl Moe {
                 toks.iter()
                     .flat_map(|&i| {
                         let slots = i * k..(i + 1) * k;
-                        let ids = slots.clone().map(|j| if owner(routing.experts[j]) == r { routing.experts[j] as f32 } else { -1.0 });
+                        let ids = slots.clone().map(|j| {
+                            if owner(routing.experts[j]) == r {
+                                routing.experts[j] as f32
+                            } else {
+                                -1.0
+                            }
+                        });
                         ids.chain(slots.map(|j| routing.weights[j])).chain(x[i * d..(i + 1) * d].iter().copied())
                     })
                     .collect()
@@ -218,7 +228,8 @@ impl Moe {
         let mut back: Vec<Vec<f32>> = received.iter().map(|&m| vec![0f32; m * d]).collect();
         let mut experts = vec![];
         for (ex, rows) in per.into_iter().enumerate().filter(|(_, v)| !v.is_empty()) {
-            let xe: Vec<f32> = rows.iter().flat_map(|&(s, r, _)| recv[s][r * row + 2 * k..(r + 1) * row].iter().copied()).collect();
+            let xe: Vec<f32> =
+                rows.iter().flat_map(|&(s, r, _)| recv[s][r * row + 2 * k..(r + 1) * row].iter().copied()).collect();
             let weights: Vec<f32> = rows.iter().map(|&(s, r, slot)| recv[s][r * row + k + slot]).collect();
             let (ye, saved) = self.experts[ex].forward_train(&xe, rows.len());
             for ((y, &(s, r, _)), &w) in ye.chunks_exact(d).zip(&rows).zip(&weights) {
@@ -251,7 +262,11 @@ impl Moe {
         // The output gradients go where the tokens went; each rank returns per row its pairs'
         // gate-weight gradients (`dy·y`, in their slots) and the input gradient summed over its
         // experts.
-        let send = s.sent.iter().map(|toks| toks.iter().flat_map(|&i| dy[i * d..(i + 1) * d].iter().copied()).collect()).collect();
+        let send = s
+            .sent
+            .iter()
+            .map(|toks| toks.iter().flat_map(|&i| dy[i * d..(i + 1) * d].iter().copied()).collect())
+            .collect();
         // The shared expert's backward runs while the gradients travel.
         let mut dx = vec![];
         let recv = self.exchange_overlapped(true, send, &mut || {
@@ -266,7 +281,9 @@ impl Moe {
         let mut back: Vec<Vec<f32>> = s.received.iter().map(|&m| vec![0f32; m * row]).collect();
         for ExpertSaved { id: ex, rows, weights, saved, out: ye } in &s.experts {
             let mut dye = vec![0f32; rows.len() * d];
-            for (((y, dyr), &(src, r, slot)), &w) in ye.chunks_exact(d).zip(dye.chunks_exact_mut(d)).zip(rows).zip(weights) {
+            for (((y, dyr), &(src, r, slot)), &w) in
+                ye.chunks_exact(d).zip(dye.chunks_exact_mut(d)).zip(rows).zip(weights)
+            {
                 let dyi = &recv[src][r * d..(r + 1) * d];
                 back[src][r * row + slot] = dyi.iter().zip(y).map(|(a, b)| a * b).sum();
                 dyr.iter_mut().zip(dyi).for_each(|(o, g)| *o = w * g);
@@ -327,7 +344,12 @@ impl Moe {
         self.exchange_overlapped(backward, send, &mut || false)
     }
 
-    fn exchange_overlapped(&self, backward: bool, send: Vec<Vec<f32>>, work: &mut dyn FnMut() -> bool) -> Vec<Vec<f32>> {
+    fn exchange_overlapped(
+        &self,
+        backward: bool,
+        send: Vec<Vec<f32>>,
+        work: &mut dyn FnMut() -> bool,
+    ) -> Vec<Vec<f32>> {
         match &self.ep_train {
             Some(x) => if backward { &x.backward } else { &x.forward }.all_to_all_overlapped(send, work),
             None => {
@@ -339,14 +361,7 @@ impl Moe {
 }
 
 /// Value and score gradient of the balance losses.
-fn balance_losses(
-    scores: &[f32],
-    load: &[usize],
-    seqs: usize,
-    t: usize,
-    k: usize,
-    bal: Balance,
-) -> (f64, Vec<f32>) {
+fn balance_losses(scores: &[f32], load: &[usize], seqs: usize, t: usize, k: usize, bal: Balance) -> (f64, Vec<f32>) {
     let n = seqs * t;
     let e = scores.len() / n.max(1);
     let mut grad = vec![0f32; scores.len()];

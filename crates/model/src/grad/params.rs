@@ -103,7 +103,9 @@ impl DeepseekV3 {
         self.slots()
             .into_iter()
             .filter_map(|(name, slot)| match slot {
-                Slot::Matrix(m) if !m.is_absent() => Some(Param { name, shape: vec![m.rows, m.cols], data: m.f32_mut() }),
+                Slot::Matrix(m) if !m.is_absent() => {
+                    Some(Param { name, shape: vec![m.rows, m.cols], data: m.f32_mut() })
+                }
                 Slot::Vector(v) if !v.is_empty() => Some(Param { name, shape: vec![v.len()], data: v.as_mut_slice() }),
                 _ => None,
             })
@@ -139,7 +141,8 @@ impl DeepseekV3 {
     /// Sets each named tensor (held or dropped) to its `data` of `shape`; returns the names that
     /// are not this model's.
     pub fn set_params(&mut self, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Vec<String> {
-        let mut by_name: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> = tensors.into_iter().map(|(n, s, d)| (n, (s, d))).collect();
+        let mut by_name: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> =
+            tensors.into_iter().map(|(n, s, d)| (n, (s, d))).collect();
         for (name, slot) in self.slots() {
             if let Some((shape, data)) = by_name.remove(&name) {
                 match slot {
