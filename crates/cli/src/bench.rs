@@ -59,6 +59,14 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let t = Instant::now();
     let model = crate::commands::load_model(&a.model)?;
     let load_s = t.elapsed().as_secs_f64();
+    let ctx = model.config.max_position_embeddings;
+    if a.prompt_len.max(1).saturating_add(a.gen).saturating_add(1) > ctx {
+        anyhow::bail!(
+            "--prompt-len {} + --gen {} exceed the model's context window (max_position_embeddings {ctx})",
+            a.prompt_len,
+            a.gen
+        );
+    }
     let v = model.config.vocab_size as u32;
     let prompt: Vec<u32> = (0..a.prompt_len.max(1)).map(|i| 2 + (i as u32 * 7919) % (v - 2).max(1)).collect();
     let opts = GenerateOptions {

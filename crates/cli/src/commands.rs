@@ -123,11 +123,15 @@ pub fn start_parallel(p: Parallel) -> Result<()> {
     }
 }
 
+/// `1,2,3` → ids. Every entry must be a token id: `1,,2` or a trailing comma is an error, not
+/// `[1, 2]`.
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
-        .map(|x| x.trim())
-        .filter(|x| !x.is_empty())
-        .map(|x| x.parse::<u32>().with_context(|| format!("`{x}` is not a token id")))
+        .enumerate()
+        .map(|(i, x)| match x.trim() {
+            "" => bail!("token id list `{s}`: entry {} is empty", i + 1),
+            x => x.parse::<u32>().with_context(|| format!("token id list: `{x}` (entry {}) is not a token id", i + 1)),
+        })
         .collect()
 }
 
@@ -234,6 +238,9 @@ pub fn generate(
             stats.generated_tokens,
             stats.decode_tokens_per_second
         );
+        if stats.finish_reason == "length" && out.len() < s.max_new_tokens {
+            eprintln!("[stopped at the context window of {} tokens]", model.config.max_position_embeddings);
+        }
         if let (Some(rate), Some(len)) = (stats.acceptance_rate, stats.mean_accepted_length) {
             eprintln!(
                 "[MTP speculative: {:.1}% of {} drafts accepted, {len:.2} tokens per verifying forward]",
@@ -272,6 +279,15 @@ pub fn chat(dir: &Path, system: Option<&str>, s: &Sampling) -> Result<()> {
         }
         messages.push(json!({"role": "user", "content": line.trim_end()}));
         let ids = tok.encode_chat(&serde_json::Value::Array(messages.clone()), true)?;
+        // A turn that does not fit the context is refused; the conversation so far is kept.
+        let budget = match dsv3_model::generate::new_token_budget(&model, ids.len(), opts.max_new_tokens) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("error: {e}; this message was not sent (shorter, or start a new chat)");
+                messages.pop();
+                continue;
+            }
+        };
         // Reuse the cache for the prefix this turn shares with what it holds.
         let common = cached.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
         cache.truncate(common);
@@ -280,7 +296,7 @@ pub fn chat(dir: &Path, system: Option<&str>, s: &Sampling) -> Result<()> {
         cached.extend_from_slice(&ids[common..]);
         let mut logits = model.logits(&h[(ids.len() - common - 1) * d..], 1);
         let mut st = Streamer { tok: &tok, ids: vec![], printed: 0 };
-        for _ in 0..opts.max_new_tokens {
+        for _ in 0..budget {
             let t = sampler.sample(&logits);
             if !opts.ignore_eos && opts.eos_token_ids.contains(&t) {
                 break;
@@ -547,16 +563,45 @@ pub fn eplb(load: &Path, replicas: usize, groups: usize, nodes: usize, gpus: usi
 fn parse_size(s: &str) -> Result<usize> {
     let t = s.trim();
     let (num, mul) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 1usize << 10),
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
         Some('M') => (&t[..t.len() - 1], 1 << 20),
         Some('G') => (&t[..t.len() - 1], 1 << 30),
+        Some('T') => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
     let v: f64 = num.parse().map_err(|_| anyhow::anyhow!("{s}: a size like 512M or 2G"))?;
-    if v.is_nan() || v <= 0.0 {
-        bail!("{s}: a size must be positive");
+    let bytes = v * mul as f64;
+    if bytes.is_nan() || bytes < 1.0 {
+        bail!("{s}: a size must be at least one byte");
     }
-    Ok((v * mul as f64) as usize)
+    if bytes > (1u64 << 60) as f64 {
+        bail!("{s}: larger than any machine (at most 1024P)");
+    }
+    Ok(bytes as usize)
+}
+
+/// `dsv3 serve`'s connection limits from its flags.
+pub fn http_limits(
+    header_timeout: f64,
+    body_timeout: f64,
+    max_connections: usize,
+) -> Result<dsv3_serve::http::HttpLimits> {
+    let secs = |flag: &str, v: f64| {
+        if v.is_finite() && v > 0.0 && v <= 86_400.0 {
+            Ok(std::time::Duration::from_secs_f64(v))
+        } else {
+            bail!("{flag} {v}: seconds in (0, 86400]")
+        }
+    };
+    if max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    Ok(dsv3_serve::http::HttpLimits {
+        header_timeout: secs("--header-timeout", header_timeout)?,
+        body_timeout: secs("--body-timeout", body_timeout)?,
+        max_connections,
+        ..Default::default()
+    })
 }
 
 pub fn serve(dir: &Path, mut o: dsv3_serve::ServeOptions, kv_memory: &str) -> Result<()> {

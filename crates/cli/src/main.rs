@@ -176,6 +176,16 @@ enum Command {
         /// same prefix (outputs unchanged; speculative requests compute their prompt in full).
         #[arg(long)]
         prefix_cache: bool,
+        /// Seconds a client has to send a request's headers (and an idle keep-alive connection
+        /// its next request) before the connection is closed.
+        #[arg(long, default_value_t = 30.0)]
+        header_timeout: f64,
+        /// Seconds a client has to send a request's body once its headers are in (408 after).
+        #[arg(long, default_value_t = 30.0)]
+        body_timeout: f64,
+        /// Open connections at most; more wait until one closes.
+        #[arg(long, default_value_t = 512)]
+        max_connections: usize,
     },
     /// Train a DeepSeek-V3-architecture model (MLA + DeepSeekMoE + MTP) from text.
     Train(Box<train::TrainCli>),
@@ -406,7 +416,11 @@ fn main() {
             prefill_chunk,
             mtp_speculative,
             prefix_cache,
+            header_timeout,
+            body_timeout,
+            max_connections,
         } => hub::resolve_model(&model).and_then(|m| {
+            let http = commands::http_limits(header_timeout, body_timeout, max_connections)?;
             let o = dsv3_serve::ServeOptions {
                 host,
                 port,
@@ -418,6 +432,7 @@ fn main() {
                 mtp_speculative,
                 prefix_cache,
                 extra_metrics: commands::ep_metrics(),
+                http,
             };
             commands::serve(&m, o, &kv_memory)
         }),

@@ -99,6 +99,81 @@ fn bad_input_is_a_clear_error_not_a_panic() {
     }
 }
 
+/// Every size a user gives meets the context window (256 in the fixtures) before any work: a
+/// one-line error naming both numbers, or generation that stops at the window.
+#[test]
+fn sizes_past_the_context_window_are_bounded() {
+    let dir = root().join("tests/fixtures/v3_fp8");
+    let d = dir.to_str().unwrap();
+    let ids = |n: usize| (0..n).map(|i| (2 + i % 300).to_string()).collect::<Vec<_>>().join(",");
+    let long = ids(300);
+    for (args, want) in [
+        (vec!["score", "--model", d, "--ids", long.as_str()], "300 tokens"),
+        (vec!["generate", "--model", d, "--prompt-ids", long.as_str()], "300 tokens"),
+        (vec!["generate", "--model", d, "--prompt-ids", "1,,2"], "entry 2 is empty"),
+        (vec!["generate", "--model", d, "--prompt-ids", "1,2,"], "entry 3 is empty"),
+        (vec!["bench", "--model", d, "--prompt-len", "200", "--gen", "100"], "context window"),
+    ] {
+        let (code, _, err) = dsv3(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        let names_window = err.contains("256") || want.contains("entry");
+        assert!(err.contains(want) && names_window && err.lines().count() == 1, "{args:?}: {err}");
+    }
+    // A huge --max-new-tokens stops at the window: 250 prompt tokens leave 6.
+    let (code, out, err) = dsv3(&[
+        "generate",
+        "--model",
+        d,
+        "--prompt-ids",
+        &ids(250),
+        "--max-new-tokens",
+        "18446744073709551615",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["output_ids"].as_array().unwrap().len(), 6);
+    assert_eq!(v["stats"]["finish_reason"], "length");
+}
+
+/// Chats are checked before rendering, and a FIFO in place of a shard is refused at once.
+#[test]
+fn malformed_chats_and_special_files_are_one_line_errors() {
+    let tmp = std::env::temp_dir().join(format!("dsv3-cli-chat-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let tok = root().join("tests/fixtures/train_roundtrip");
+    let chat = tmp.join("chat.json");
+    for (messages, want) in [
+        (r#"[{"role": "wizard", "content": "hi"}]"#, "`messages[0].role`"),
+        (r#"[{"role": "user", "content": "hi"}, "hello"]"#, "`messages[1]`"),
+        (r#"[{"content": "hi"}]"#, "`messages[0].role`"),
+    ] {
+        std::fs::write(&chat, messages).unwrap();
+        let mut cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(tok.join("tokenizer_config.json")).unwrap()).unwrap();
+        cfg["chat_template"] = Value::from("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}");
+        let tdir = tmp.join("tok");
+        std::fs::create_dir_all(&tdir).unwrap();
+        std::fs::copy(tok.join("tokenizer.json"), tdir.join("tokenizer.json")).unwrap();
+        std::fs::write(tdir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        let (code, _, err) =
+            dsv3(&["tokenize", "--tokenizer", tdir.to_str().unwrap(), "--chat", chat.to_str().unwrap()]);
+        assert_eq!(code, 1, "{messages}: {err}");
+        assert!(err.contains(want) && !err.contains("panicked"), "{messages}: {err}");
+    }
+    // A FIFO as the shard: refused, not read forever.
+    let model = tmp.join("fifo-model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(root().join("tests/fixtures/v3_fp8/config.json"), model.join("config.json")).unwrap();
+    let fifo = model.join("model.safetensors");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let (code, _, err) = dsv3(&["score", "--model", model.to_str().unwrap(), "--ids", "1,2"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
 #[test]
 fn truncated_or_mis_shaped_checkpoints_name_the_file_and_tensor() {
     let src = root().join("tests/fixtures/v3_bf16_noqlora");

@@ -92,9 +92,7 @@ pub struct Config {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.into(), source })?;
-        Self::from_json(&v)
+        Self::from_json(&crate::files::read_json(path)?)
     }
 
     pub fn from_json(v: &Value) -> Result<Self> {
@@ -192,67 +190,186 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Every field in the domain its math needs; each error names the field and its value.
     fn validate(&self) -> Result<()> {
+        self.validate_sizes()?;
+        self.validate_moe()?;
+        self.validate_numbers()?;
+        self.validate_total()
+    }
+
+    fn validate_sizes(&self) -> Result<()> {
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
             ("kv_lora_rank", self.kv_lora_rank),
             ("qk_nope_head_dim", self.qk_nope_head_dim),
+            ("qk_rope_head_dim", self.qk_rope_head_dim),
             ("v_head_dim", self.v_head_dim),
             ("moe_layer_freq", self.moe_layer_freq),
+            ("max_position_embeddings", self.max_position_embeddings),
         ];
         for (name, v) in positive {
             if v == 0 {
-                return Err(ModelError::config(name, "must be positive"));
+                return Err(ModelError::config(name, "must be positive, not 0"));
             }
         }
         if !self.qk_rope_head_dim.is_multiple_of(2) {
-            return Err(ModelError::config("qk_rope_head_dim", "must be even (RoPE rotates pairs)"));
+            let msg = format!("{} must be even (RoPE rotates pairs)", self.qk_rope_head_dim);
+            return Err(ModelError::config("qk_rope_head_dim", msg));
         }
         if self.q_lora_rank == Some(0) {
-            return Err(ModelError::config("q_lora_rank", "must be positive or null"));
+            return Err(ModelError::config("q_lora_rank", "must be positive or null, not 0"));
         }
-        if self.n_routed_experts > 0 {
-            let k = self.num_experts_per_tok;
-            if k == 0 || k > self.n_routed_experts {
+        if self.moe_layer_count() < self.total_layers() && self.intermediate_size == 0 {
+            return Err(ModelError::config("intermediate_size", "must be positive: the model has dense FFN layers"));
+        }
+        for (field, id) in self
+            .bos_token_id
+            .iter()
+            .map(|&b| ("bos_token_id", b))
+            .chain(self.eos_token_ids.iter().map(|&e| ("eos_token_id", e)))
+        {
+            if id as usize >= self.vocab_size {
                 return Err(ModelError::config(
-                    "num_experts_per_tok",
-                    format!("{k} must be in 1..={}", self.n_routed_experts),
+                    field,
+                    format!("{id} is outside the vocabulary of {}", self.vocab_size),
                 ));
-            }
-            if self.moe_intermediate_size == 0 {
-                return Err(ModelError::config(
-                    "moe_intermediate_size",
-                    "must be positive when n_routed_experts is set",
-                ));
-            }
-            if self.topk_method != TopkMethod::Greedy {
-                if self.n_group == 0 || !self.n_routed_experts.is_multiple_of(self.n_group) {
-                    return Err(ModelError::config(
-                        "n_group",
-                        format!("{} must divide n_routed_experts {}", self.n_group, self.n_routed_experts),
-                    ));
-                }
-                if self.topk_group == 0 || self.topk_group > self.n_group {
-                    return Err(ModelError::config(
-                        "topk_group",
-                        format!("{} must be in 1..={}", self.topk_group, self.n_group),
-                    ));
-                }
-                let per_group = self.n_routed_experts / self.n_group;
-                if self.topk_method == TopkMethod::NoauxTc && per_group < 2 {
-                    return Err(ModelError::config(
-                        "n_group",
-                        "noaux_tc scores groups by their top-2 experts: each group needs at least 2",
-                    ));
-                }
-                if k > self.topk_group * per_group {
-                    return Err(ModelError::config("num_experts_per_tok", "exceeds the experts of the kept groups"));
-                }
             }
         }
         Ok(())
+    }
+
+    fn validate_moe(&self) -> Result<()> {
+        if self.n_routed_experts == 0 {
+            return Ok(());
+        }
+        let k = self.num_experts_per_tok;
+        if k == 0 || k > self.n_routed_experts {
+            return Err(ModelError::config(
+                "num_experts_per_tok",
+                format!("{k} must be in 1..={}", self.n_routed_experts),
+            ));
+        }
+        if self.moe_intermediate_size == 0 {
+            return Err(ModelError::config("moe_intermediate_size", "must be positive when n_routed_experts is set"));
+        }
+        if self.topk_method == TopkMethod::Greedy {
+            return Ok(());
+        }
+        if self.n_group == 0 || !self.n_routed_experts.is_multiple_of(self.n_group) {
+            let msg = format!("{} must divide n_routed_experts {}", self.n_group, self.n_routed_experts);
+            return Err(ModelError::config("n_group", msg));
+        }
+        if self.topk_group == 0 || self.topk_group > self.n_group {
+            return Err(ModelError::config(
+                "topk_group",
+                format!("{} must be in 1..={}", self.topk_group, self.n_group),
+            ));
+        }
+        let per_group = self.n_routed_experts / self.n_group;
+        if self.topk_method == TopkMethod::NoauxTc && per_group < 2 {
+            let msg = "noaux_tc scores groups by their top-2 experts: each group needs at least 2";
+            return Err(ModelError::config("n_group", msg));
+        }
+        if k > self.topk_group * per_group {
+            let msg = format!("{k} exceeds the {} experts of the kept groups", self.topk_group * per_group);
+            return Err(ModelError::config("num_experts_per_tok", msg));
+        }
+        Ok(())
+    }
+
+    /// Real-valued fields: finite and where the formulas are defined.
+    fn validate_numbers(&self) -> Result<()> {
+        fn positive<F: Into<f64> + Copy + std::fmt::Display>(field: &str, v: F) -> Result<()> {
+            let x: f64 = v.into();
+            if x.is_finite() && x > 0.0 {
+                Ok(())
+            } else {
+                Err(ModelError::config(field, format!("{v} must be a positive finite number")))
+            }
+        }
+        positive("rms_norm_eps", self.rms_norm_eps)?;
+        positive("rope_theta", self.rope_theta)?;
+        positive("routed_scaling_factor", self.routed_scaling_factor)?;
+        let Some(y) = &self.yarn else { return Ok(()) };
+        if !(y.factor.is_finite() && y.factor >= 1.0) {
+            return Err(ModelError::config("rope_scaling.factor", format!("{} must be at least 1", y.factor)));
+        }
+        if y.original_max_position_embeddings == 0 {
+            return Err(ModelError::config("rope_scaling.original_max_position_embeddings", "must be positive, not 0"));
+        }
+        positive("rope_scaling.beta_fast", y.beta_fast)?;
+        positive("rope_scaling.beta_slow", y.beta_slow)?;
+        for (field, v) in [("rope_scaling.mscale", y.mscale), ("rope_scaling.mscale_all_dim", y.mscale_all_dim)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(ModelError::config(field, format!("{v} must be a finite number ≥ 0")));
+            }
+        }
+        if let Some(a) = y.attention_factor {
+            positive("rope_scaling.attention_factor", a)?;
+        }
+        Ok(())
+    }
+
+    /// The parameter count, computed without overflow: sizes whose products exceed any machine
+    /// are refused here, before anything is allocated.
+    fn validate_total(&self) -> Result<()> {
+        const MAX_PARAMS: u128 = 1 << 45; // 35T; DeepSeek-V3 has 0.67T
+        let n = self.param_count();
+        if n > MAX_PARAMS {
+            let msg = format!("these sizes make a model of {n} parameters (at most {MAX_PARAMS})");
+            return Err(ModelError::config("(sizes)", msg));
+        }
+        Ok(())
+    }
+
+    /// Parameters of the model (main layers and MTP modules); saturating, so no product of config
+    /// sizes can overflow it.
+    pub fn param_count(&self) -> u128 {
+        let p = |xs: &[usize]| xs.iter().fold(1u128, |a, &x| a.saturating_mul(x as u128));
+        let (d, h) = (self.hidden_size, self.num_attention_heads);
+        let q = match self.q_lora_rank {
+            Some(r) => p(&[d, r]).saturating_add(r as u128).saturating_add(p(&[r, h, self.qk_head_dim()])),
+            None => p(&[d, h, self.qk_head_dim()]),
+        };
+        let kv = p(&[d, self.latent_cache_width()]).saturating_add(self.kv_lora_rank as u128).saturating_add(p(&[
+            self.kv_lora_rank,
+            h,
+            self.qk_nope_head_dim + self.v_head_dim,
+        ]));
+        let attn = q.saturating_add(kv).saturating_add(p(&[h, self.v_head_dim, d])).saturating_add(p(&[2, d]));
+        let experts = self.n_routed_experts.saturating_add(self.n_shared_experts);
+        let moe = p(&[experts, 3, d, self.moe_intermediate_size]).saturating_add(p(&[self.n_routed_experts, d + 1]));
+        let dense = p(&[3, d, self.intermediate_size]);
+        let n_moe = self.moe_layer_count();
+        let n_dense = self.total_layers() - n_moe;
+        let layers = p(&[self.total_layers()])
+            .saturating_mul(attn)
+            .saturating_add((n_moe as u128).saturating_mul(moe))
+            .saturating_add((n_dense as u128).saturating_mul(dense));
+        let mtp = p(&[self.num_nextn_predict_layers, 2, d, d]);
+        let embed = p(&[self.vocab_size, d]);
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed.saturating_add(head).saturating_add(layers).saturating_add(mtp)
+    }
+
+    /// Decoder layers, main and MTP.
+    fn total_layers(&self) -> usize {
+        self.num_hidden_layers.saturating_add(self.num_nextn_predict_layers)
+    }
+
+    /// How many of the [`Config::total_layers`] have a MoE FFN (see [`Config::is_moe_layer`]),
+    /// counted without visiting them.
+    fn moe_layer_count(&self) -> usize {
+        let (lo, hi, f) = (self.first_k_dense_replace, self.total_layers(), self.moe_layer_freq.max(1));
+        if self.n_routed_experts == 0 || lo >= hi {
+            return 0;
+        }
+        // Multiples of f in lo..hi.
+        hi.div_ceil(f) - lo.div_ceil(f)
     }
 
     /// `qk_nope_head_dim + qk_rope_head_dim` (192 for V3).
@@ -510,5 +627,49 @@ mod tests {
         assert_eq!(c.scoring_func, ScoringFunc::Softmax);
         assert_eq!(c.topk_method, TopkMethod::Greedy);
         assert!(!c.norm_topk_prob);
+    }
+
+    /// The release's size: 671B in the main model plus the 14B MTP module (the model card's 685B).
+    #[test]
+    fn counts_the_releases_parameters() {
+        let n = Config::from_json(&v3()).unwrap().param_count() as f64;
+        assert!((n / 685e9 - 1.0).abs() < 0.01, "{n}");
+    }
+
+    #[test]
+    fn values_outside_their_domain_name_the_field_and_value() {
+        let cases = [
+            ("rms_norm_eps", json!(0.0), "rms_norm_eps"),
+            ("rms_norm_eps", json!(-1e-6), "-0.000001"),
+            ("rope_theta", json!(0), "rope_theta"),
+            ("routed_scaling_factor", json!(-2.5), "routed_scaling_factor"),
+            ("num_hidden_layers", json!(0), "num_hidden_layers"),
+            ("max_position_embeddings", json!(0), "max_position_embeddings"),
+            ("qk_rope_head_dim", json!(0), "qk_rope_head_dim"),
+            ("intermediate_size", json!(0), "intermediate_size"),
+            ("topk_group", json!(9), "topk_group"),
+            ("num_experts_per_tok", json!(257), "num_experts_per_tok"),
+            ("eos_token_id", json!(129280), "eos_token_id"),
+            ("vocab_size", json!(1u64 << 40), "parameters"),
+            ("hidden_size", json!(u64::MAX), "parameters"),
+        ];
+        for (field, value, want) in cases {
+            let mut v = v3();
+            v[field] = value.clone();
+            let e = Config::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(want), "{field} = {value}: {e}");
+        }
+        for (field, value) in [
+            ("factor", json!(0.5)),
+            ("factor", json!(0)),
+            ("beta_fast", json!(0)),
+            ("mscale", json!(-1)),
+            ("original_max_position_embeddings", json!(0)),
+        ] {
+            let mut v = v3();
+            v["rope_scaling"][field] = value.clone();
+            let e = Config::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(&format!("rope_scaling.{field}")), "{field} = {value}: {e}");
+        }
     }
 }

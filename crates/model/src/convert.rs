@@ -11,7 +11,7 @@
 //! renamed into place only when every shard, the config and the tokenizer files are complete.
 
 use crate::error::{ModelError, Result};
-use crate::weights::{parse_header, shard_paths, HeaderEntry};
+use crate::weights::{header_len, parse_header, shard_paths, HeaderEntry};
 use dsv3_kernels::codec::{bf16_to_f32, f16_to_f32, f32_to_bf16};
 use dsv3_kernels::quant::{Fp4Blocks, Fp4Kind, Fp8Blocks, ScaleFmt};
 use dsv3_kernels::MatRef;
@@ -74,11 +74,11 @@ struct Shard {
 
 impl Shard {
     fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let file = crate::files::open_regular(path)?;
         let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len() as usize;
         let mut n = [0u8; 8];
         file.read_exact_at(&mut n, 0).map_err(|_| err(path, format!("{len} bytes is too short for a header")))?;
-        let hlen = (u64::from_le_bytes(n) as usize).min(len.saturating_sub(8));
+        let hlen = header_len(&n, len).map_err(|m| err(path, m))?;
         let mut head = vec![0u8; 8 + hlen];
         file.read_exact_at(&mut head, 0).map_err(|e| ModelError::io(path, e))?;
         let tensors = parse_header(path, &head, len)?.into_iter().collect();
@@ -243,10 +243,10 @@ pub fn convert(from: &Path, to: &Path, target: Target, max_memory: usize) -> Res
             to.display()
         )));
     }
-    let cpath = from.join("config.json");
-    let text = std::fs::read_to_string(&cpath).map_err(|e| ModelError::io(&cpath, e))?;
-    let mut cj: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| ModelError::Json { path: cpath.clone(), source })?;
+    let mut cj = crate::files::read_json(&from.join("config.json"))?;
+    // The source is checked as a load checks it (headers, index, regular files) before any
+    // output exists: a corrupt folder must not come out as a clean-looking one.
+    crate::weights::Checkpoint::open(from)?;
     let src_block = crate::config::Config::from_json(&cj)?.quantization.map_or([128, 128], |q| q.weight_block_size);
     let shards = shard_paths(from)?.iter().map(|p| Shard::open(p)).collect::<Result<Vec<_>>>()?;
 
@@ -255,6 +255,10 @@ pub fn convert(from: &Path, to: &Path, target: Target, max_memory: usize) -> Res
         to.file_name().and_then(|s| s.to_str()).unwrap_or("out"),
         std::process::id()
     ));
+    for (stale, _) in crate::files::stale_siblings(to, &["partial"]) {
+        eprintln!("convert: removing {}, left by an interrupted conversion", stale.display());
+        let _ = std::fs::remove_dir_all(&stale);
+    }
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
     let result = (|| {

@@ -16,6 +16,8 @@ pub enum ModelError {
     Tensor { name: String, file: Option<PathBuf>, msg: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("`{field}`: {msg}")]
+    Chat { field: String, msg: String },
     #[error("chat template: {0}")]
     Template(String),
     #[error("{0}")]

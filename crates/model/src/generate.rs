@@ -24,6 +24,8 @@ pub struct GenerateStats {
     pub decode_seconds: f64,
     pub prefill_tokens_per_second: f64,
     pub decode_tokens_per_second: f64,
+    /// `stop` (an end-of-sequence token) or `length` (`max_new_tokens`, or the context window).
+    pub finish_reason: String,
     /// Speculative decoding only: drafts proposed and accepted, main forwards that verified them,
     /// accepted/proposed, and tokens emitted per verifying forward.
     #[serde(skip_serializing_if = "is_zero")]
@@ -47,14 +49,42 @@ pub fn generate(
     model: &DeepseekV3,
     prompt: &[u32],
     opts: &GenerateOptions,
-    mut on_token: impl FnMut(u32),
+    on_token: impl FnMut(u32),
 ) -> Result<(Vec<u32>, GenerateStats)> {
-    if prompt.is_empty() {
+    let budget = new_token_budget(model, prompt.len(), opts.max_new_tokens)?;
+    let opts = &GenerateOptions { max_new_tokens: budget, ..opts.clone() };
+    let (out, mut stats) = if opts.mtp_speculative > 0 {
+        crate::speculative::generate_speculative(model, prompt, opts, on_token)?
+    } else {
+        generate_plain(model, prompt, opts, on_token)?
+    };
+    let eos = out.last().is_some_and(|t| !opts.ignore_eos && opts.eos_token_ids.contains(t));
+    stats.finish_reason = if eos { "stop" } else { "length" }.into();
+    Ok((out, stats))
+}
+
+/// How many tokens may follow a prompt of `prompt_len`: `max_new_tokens`, cut at the context
+/// window (`max_position_embeddings`). A prompt that leaves no room is an error naming both.
+pub fn new_token_budget(model: &DeepseekV3, prompt_len: usize, max_new_tokens: usize) -> Result<usize> {
+    let ctx = model.config.max_position_embeddings;
+    if prompt_len == 0 {
         return Err(ModelError::Input("the prompt is empty".into()));
     }
-    if opts.mtp_speculative > 0 {
-        return crate::speculative::generate_speculative(model, prompt, opts, on_token);
+    if prompt_len >= ctx {
+        return Err(ModelError::Input(format!(
+            "the prompt has {prompt_len} tokens; the context window (max_position_embeddings) is {ctx}, \
+             which leaves no room for a new token"
+        )));
     }
+    Ok(max_new_tokens.min(ctx - prompt_len))
+}
+
+fn generate_plain(
+    model: &DeepseekV3,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(u32),
+) -> Result<(Vec<u32>, GenerateStats)> {
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut cache = model.new_cache();
     let d = model.config.hidden_size;
@@ -109,6 +139,13 @@ pub struct Score {
 pub fn score(model: &DeepseekV3, ids: &[u32], mtp: bool, top_k: usize) -> Result<Score> {
     if ids.len() < 2 {
         return Err(ModelError::Input("scoring needs at least 2 tokens".into()));
+    }
+    let ctx = model.config.max_position_embeddings;
+    if ids.len() > ctx {
+        return Err(ModelError::Input(format!(
+            "the text has {} tokens; the context window (max_position_embeddings) is {ctx}",
+            ids.len()
+        )));
     }
     if mtp && model.mtp.is_empty() {
         return Err(ModelError::Input("--mtp: the checkpoint has no MTP module".into()));

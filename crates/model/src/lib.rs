@@ -4,10 +4,12 @@
 //! Not here: HTTP, MPI, optimizers. Hot loops live in `dsv3-kernels`; this crate arranges them.
 //! Activations are f32 `Vec`s laid out `[tokens, features]`; weights stay in their stored format.
 
+pub mod chat;
 pub mod config;
 pub mod convert;
 pub mod error;
 pub mod expert_service;
+pub mod files;
 pub mod generate;
 pub mod grad;
 pub mod init;

@@ -9,6 +9,8 @@ use std::path::Path;
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     chat_template: Option<String>,
+    /// The roles the template handles ([`crate::chat::template_roles`]).
+    roles: Vec<String>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
     add_bos_token: bool,
@@ -30,15 +32,11 @@ impl Tokenizer {
         if !tj.exists() {
             return Err(ModelError::Tokenizer(format!("{} not found", tj.display())));
         }
-        let inner = tokenizers::Tokenizer::from_file(&tj)
+        let bytes = crate::files::read_regular(&tj, crate::files::MAX_TEXT_BYTES)?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tj.display())))?;
         let tc = dir.join("tokenizer_config.json");
-        let cfg: Value = if tc.exists() {
-            let text = std::fs::read_to_string(&tc).map_err(|e| ModelError::io(&tc, e))?;
-            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: tc.clone(), source })?
-        } else {
-            Value::Null
-        };
+        let cfg: Value = if tc.exists() { crate::files::read_json(&tc)? } else { Value::Null };
         let chat_template = match cfg.get("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),
             // A list of named templates: take "default".
@@ -52,10 +50,11 @@ impl Tokenizer {
         };
         let chat_template = match chat_template {
             Some(t) => Some(t),
-            None => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+            None => crate::files::read_text(&dir.join("chat_template.jinja")).ok(),
         };
         Ok(Tokenizer {
             inner,
+            roles: crate::chat::template_roles(chat_template.as_deref().unwrap_or("")),
             chat_template,
             bos_token: token_text(cfg.get("bos_token")),
             eos_token: token_text(cfg.get("eos_token")),
@@ -107,8 +106,9 @@ impl Tokenizer {
             .chat_template
             .as_deref()
             .ok_or_else(|| ModelError::Template("tokenizer_config.json has no chat_template".into()))?;
-        if !messages.is_array() {
-            return Err(ModelError::Template("messages must be a JSON array".into()));
+        let messages = crate::chat::normalize_messages(messages, &self.roles)?;
+        if let Some(t) = tools {
+            crate::chat::check_tools(t)?;
         }
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
@@ -119,7 +119,7 @@ impl Tokenizer {
         });
         env.add_template("chat", tpl).map_err(|e| ModelError::Template(e.to_string()))?;
         let ctx = minijinja::context! {
-            messages => minijinja::Value::from_serialize(messages),
+            messages => minijinja::Value::from_serialize(&messages),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),

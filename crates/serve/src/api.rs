@@ -2,6 +2,7 @@
 //! errors, the API key, and the small endpoints (models, tokenize, detokenize, health, metrics).
 
 use crate::engine::{EngineHandle, Event, Finish, GenRequest, SubmitError, TokenOut};
+use crate::error::ApiError;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -28,32 +29,14 @@ pub struct AppState {
     pub eos_ids: Vec<u32>,
     /// More Prometheus text for `/metrics` (expert-parallel placement, from the CLI).
     pub extra_metrics: Option<crate::MetricsHook>,
+    /// Connection limits and deadlines ([`crate::http`]).
+    pub http: crate::http::HttpLimits,
 }
 
 type Shared = Arc<AppState>;
 
-/// An OpenAI-shaped error.
-pub struct ApiError {
-    status: StatusCode,
-    message: String,
-    kind: &'static str,
-    param: Option<&'static str>,
-}
-
-impl ApiError {
-    fn bad(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        ApiError { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status.as_u16()}});
-        (self.status, Json(body)).into_response()
-    }
-}
-
 pub fn router(state: Shared) -> Router {
+    let edge = Arc::new(crate::http::EdgeState { limits: state.http.clone(), metrics: state.engine.metrics.clone() });
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -62,22 +45,22 @@ pub fn router(state: Shared) -> Router {
         .route("/detokenize", post(detokenize))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(4 << 20))
+        .fallback(crate::http::not_found)
+        .method_not_allowed_fallback(crate::http::method_not_allowed)
+        // The edge reads bodies under its own cap and deadline.
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(edge, crate::http::edge))
         .with_state(state)
 }
 
+/// `Authorization: Bearer KEY`, compared in constant time (no timing oracle on the key's bytes).
 fn check_key(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    use subtle::ConstantTimeEq;
     let Some(key) = &st.api_key else { return Ok(()) };
     let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(key.as_str()) {
-        Ok(())
-    } else {
-        Err(ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            message: "invalid or missing API key".into(),
-            kind: "authentication_error",
-            param: None,
-        })
+    match given {
+        Some(g) if bool::from(g.as_bytes().ct_eq(key.as_bytes())) => Ok(()),
+        _ => Err(ApiError::unauthorized()),
     }
 }
 
@@ -125,6 +108,73 @@ struct Common {
     n: Option<usize>,
     #[serde(default)]
     stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    unsupported: Unsupported,
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// OpenAI parameters dsv3 does not implement yet: refused when they would change the answer, so
+/// that no request is silently read as a different one.
+#[derive(Deserialize, Default)]
+struct Unsupported {
+    echo: Option<bool>,
+    best_of: Option<usize>,
+    suffix: Option<String>,
+    logit_bias: Option<serde_json::Map<String, Value>>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    min_tokens: Option<usize>,
+    response_format: Option<Value>,
+    tool_choice: Option<Value>,
+}
+
+impl Unsupported {
+    fn check(&self) -> Result<(), ApiError> {
+        let refuse = |p: &str| Err(ApiError::bad(format!("`{p}` is not supported by this server yet"), Some(p)));
+        let u = self;
+        if u.echo == Some(true) {
+            return refuse("echo");
+        }
+        if u.best_of.is_some_and(|b| b > 1) {
+            return refuse("best_of");
+        }
+        if u.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return refuse("suffix");
+        }
+        if u.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
+            return refuse("logit_bias");
+        }
+        for (p, v, neutral) in [
+            ("presence_penalty", u.presence_penalty, 0.0),
+            ("frequency_penalty", u.frequency_penalty, 0.0),
+            ("repetition_penalty", u.repetition_penalty, 1.0),
+        ] {
+            if v.is_some_and(|v| v != neutral) {
+                return refuse(p);
+            }
+        }
+        if u.min_tokens.is_some_and(|m| m > 0) {
+            return refuse("min_tokens");
+        }
+        if u.response_format
+            .as_ref()
+            .is_some_and(|f| !f.is_null() && f.get("type").and_then(Value::as_str) != Some("text"))
+        {
+            return refuse("response_format");
+        }
+        if u.tool_choice.as_ref().is_some_and(|c| !c.is_null() && c.as_str() != Some("auto")) {
+            return refuse("tool_choice");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Deserialize)]
@@ -138,7 +188,7 @@ struct CompletionBody {
 
 #[derive(Deserialize)]
 struct ChatBody {
-    messages: Vec<Value>,
+    messages: Value,
     #[serde(default)]
     logprobs: bool,
     #[serde(default)]
@@ -153,46 +203,63 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Builds the engine request after validating everything a client can get wrong.
+/// Most stop strings per request, and bytes per stop string.
+const MAX_STOPS: usize = 64;
+const MAX_STOP_BYTES: usize = 4096;
+
+/// Builds the engine request after validating everything a client can get wrong. Sizes are
+/// compared without arithmetic that can wrap: a `max_tokens` near 2⁶⁴ is an error, not a huge
+/// budget that a wrapped sum lets through.
 fn gen_request(
     st: &AppState,
     prompt: Vec<u32>,
     c: &Common,
     logprobs: Option<usize>,
 ) -> Result<(GenRequest, Vec<String>), ApiError> {
+    c.unsupported.check()?;
     let ctx = st.model.config.max_position_embeddings;
+    let kv = st.engine.config.kv_tokens;
     if prompt.is_empty() {
         return Err(ApiError::bad("the prompt is empty", Some("prompt")));
     }
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= st.model.config.vocab_size) {
         return Err(ApiError::bad(format!("token id {bad} is outside the vocabulary"), Some("prompt")));
     }
-    if prompt.len() >= ctx {
-        return Err(ApiError::bad(
-            format!("the prompt has {} tokens; the context is {ctx}", prompt.len()),
-            Some("prompt"),
-        ));
+    let n = prompt.len();
+    if n >= ctx {
+        let msg = format!("the prompt has {n} tokens; the context window is {ctx}, which leaves no room to generate");
+        return Err(ApiError::bad(msg, Some("prompt")));
     }
-    let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(256.min(ctx - prompt.len()));
-    if max_tokens == 0 || prompt.len() + max_tokens > ctx {
-        return Err(ApiError::bad(
-            format!("max_tokens {max_tokens} with a {}-token prompt exceeds the context of {ctx}", prompt.len()),
-            Some("max_tokens"),
-        ));
+    if n >= kv {
+        let msg =
+            format!("the prompt has {n} tokens; the server's KV-cache budget (--kv-memory) holds {kv} per request");
+        return Err(ApiError::bad(msg, Some("prompt")));
     }
-    if prompt.len() + max_tokens > st.engine.config.kv_tokens {
-        return Err(ApiError::bad(
-            "prompt + max_tokens exceed the server's KV-cache budget (--kv-memory)",
-            Some("max_tokens"),
-        ));
-    }
+    let room = (ctx - n).min(kv - n);
+    let (field, asked) = match (c.max_completion_tokens, c.max_tokens) {
+        (Some(m), _) => ("max_completion_tokens", Some(m)),
+        (None, m) => ("max_tokens", m),
+    };
+    let max_tokens = match asked {
+        None => room.min(256),
+        Some(0) => return Err(ApiError::bad(format!("{field} must be at least 1"), Some(field))),
+        Some(m) if m > ctx - n => {
+            let msg = format!("{field} {m} with a {n}-token prompt exceeds the context window of {ctx} tokens");
+            return Err(ApiError::bad(msg, Some(field)));
+        }
+        Some(m) if m > kv - n => {
+            let msg = format!("{field} {m} with a {n}-token prompt exceeds the server's KV-cache budget of {kv} tokens per request (--kv-memory)");
+            return Err(ApiError::bad(msg, Some(field)));
+        }
+        Some(m) => m,
+    };
     let temperature = c.temperature.unwrap_or(1.0);
     if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
-        return Err(ApiError::bad("temperature must be in [0, 2]", Some("temperature")));
+        return Err(ApiError::bad(format!("temperature {temperature} must be in [0, 2]"), Some("temperature")));
     }
     let top_p = c.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad("top_p must be in (0, 1]", Some("top_p")));
+        return Err(ApiError::bad(format!("top_p {top_p} must be in (0, 1]"), Some("top_p")));
     }
     if c.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad("only n = 1 is supported", Some("n")));
@@ -200,9 +267,39 @@ fn gen_request(
     if logprobs.is_some_and(|k| k > 20) {
         return Err(ApiError::bad("at most 20 log-probs per token", Some("logprobs")));
     }
+    let stops = c.stop.list();
+    if stops.len() > MAX_STOPS {
+        return Err(ApiError::bad(format!("{} stop strings; at most {MAX_STOPS}", stops.len()), Some("stop")));
+    }
+    if let Some(s) = stops.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+        let msg = format!("a stop string must have 1 to {MAX_STOP_BYTES} bytes, not {}", s.len());
+        return Err(ApiError::bad(msg, Some("stop")));
+    }
     let eos = st.eos_ids.clone();
     let sampling = SamplingParams { temperature, top_p, top_k: 0, seed: c.seed.unwrap_or_else(|| now() ^ 0x5eed) };
-    Ok((GenRequest { prompt, max_tokens, sampling, stop_ids: eos, logprobs }, c.stop.list()))
+    Ok((GenRequest { prompt, max_tokens, sampling, stop_ids: eos, logprobs }, stops))
+}
+
+/// A completion prompt: text, or token ids (each checked to be a u32 before the vocabulary check).
+fn completion_prompt(st: &AppState, prompt: &Value) -> Result<Vec<u32>, ApiError> {
+    match prompt {
+        Value::String(s) => st
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| ApiError::bad("this model has no tokenizer.json: send token ids", Some("prompt")))?
+            .encode(s, true)
+            .map_err(|e| ApiError::bad(e.to_string(), Some("prompt"))),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_u64()
+                    .and_then(|x| u32::try_from(x).ok())
+                    .ok_or_else(|| ApiError::bad(format!("prompt[{i}] = {v} is not a token id"), Some("prompt")))
+            })
+            .collect(),
+        _ => Err(ApiError::bad("prompt must be a string or an array of token ids", Some("prompt"))),
+    }
 }
 
 fn submit(st: &AppState, req: GenRequest) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>, ApiError> {
@@ -213,18 +310,14 @@ fn submit(st: &AppState, req: GenRequest) -> Result<tokio::sync::mpsc::Unbounded
             st.engine.metrics.prompt_tokens.fetch_add(n, Ordering::Relaxed);
             Ok(rx)
         }
-        Err(SubmitError::QueueFull) => Err(ApiError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            message: "the server's queue is full; retry later".into(),
-            kind: "rate_limit_error",
-            param: None,
-        }),
-        Err(SubmitError::ShuttingDown) => Err(ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "the server is shutting down".into(),
-            kind: "server_error",
-            param: None,
-        }),
+        Err(SubmitError::QueueFull) => Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "the server's queue is full; retry later",
+        )),
+        Err(SubmitError::ShuttingDown) => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down"))
+        }
     }
 }
 
@@ -297,18 +390,9 @@ fn finish_reason(f: Finish) -> &'static str {
 async fn completions(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     check_key(&st, &headers)?;
     let b: CompletionBody = parse(&body)?;
-    let prompt = match &b.prompt {
-        Value::String(s) => st
-            .tokenizer
-            .as_ref()
-            .ok_or_else(|| ApiError::bad("this model has no tokenizer.json: send token ids", Some("prompt")))?
-            .encode(s, true)
-            .map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?,
-        Value::Array(a) if a.iter().all(|v| v.is_u64()) => a.iter().map(|v| v.as_u64().unwrap_or(0) as u32).collect(),
-        _ => return Err(ApiError::bad("prompt must be a string or an array of token ids", Some("prompt"))),
-    };
+    let prompt = completion_prompt(&st, &b.prompt)?;
     let (req, stops) = gen_request(&st, prompt, &b.common, b.logprobs)?;
-    run(st, req, stops, b.common.stream, Mode::Completion).await
+    run(st, req, stops, stream_mode(&b.common), Mode::Completion).await
 }
 
 async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
@@ -319,20 +403,26 @@ async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: By
         .as_ref()
         .filter(|t| t.has_chat_template())
         .ok_or_else(|| ApiError::bad("this model has no chat template", Some("messages")))?;
-    if b.messages.is_empty() {
+    if b.messages.as_array().is_some_and(|m| m.is_empty()) {
         return Err(ApiError::bad("messages is empty", Some("messages")));
     }
-    let tools = b.tools.as_ref().filter(|t| !t.is_null());
-    if tools.is_some_and(|t| !t.is_array()) {
-        return Err(ApiError::bad("tools must be an array of function specs", Some("tools")));
+    if b.top_logprobs.is_some_and(|k| k > 20) {
+        return Err(ApiError::bad("at most 20 top_logprobs per token", Some("top_logprobs")));
     }
+    let tools = b.tools.as_ref().filter(|t| !t.is_null());
     let text = tok
-        .apply_chat_template_with_tools(&Value::Array(b.messages.clone()), tools, true)
-        .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+        .apply_chat_template_with_tools(&b.messages, tools, true)
+        .map_err(|e| ApiError::from_model(e, "messages"))?;
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
     let lp = if b.logprobs { Some(b.top_logprobs.unwrap_or(0)) } else { None };
     let (req, stops) = gen_request(&st, prompt, &b.common, lp)?;
-    run(st, req, stops, b.common.stream, if tools.is_some() { Mode::ChatTools } else { Mode::Chat }).await
+    run(st, req, stops, stream_mode(&b.common), if tools.is_some() { Mode::ChatTools } else { Mode::Chat }).await
+}
+
+/// How to stream: `None` answers in one body; `Some(usage)` streams, with a final usage chunk
+/// when `stream_options.include_usage` is set.
+fn stream_mode(c: &Common) -> Option<bool> {
+    c.stream.then(|| c.stream_options.as_ref().is_some_and(|o| o.include_usage))
 }
 
 /// What the response looks like.
@@ -384,7 +474,13 @@ fn split_reasoning(text: &str) -> (Option<String>, String) {
     }
 }
 
-async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, mode: Mode) -> Result<Response, ApiError> {
+async fn run(
+    st: Shared,
+    req: GenRequest,
+    stops: Vec<String>,
+    stream: Option<bool>,
+    mode: Mode,
+) -> Result<Response, ApiError> {
     let chat = mode != Mode::Completion;
     let keep_special = mode == Mode::ChatTools;
     let eos_text: Vec<String> = if keep_special {
@@ -397,7 +493,7 @@ async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, mode
     let id = format!("{}-{:x}", if chat { "chatcmpl" } else { "cmpl" }, now() ^ rx_id(&rx));
     let model = st.model_name.clone();
     let created = now();
-    if !stream {
+    let Some(include_usage) = stream else {
         let mut det = Detok { tok: st.tokenizer.as_ref(), keep_special, ids: vec![], sent: 0, stops, stopped: false };
         let (mut text, mut lps, mut ids) = (String::new(), vec![], vec![]);
         let mut completion_tokens = 0;
@@ -436,7 +532,7 @@ async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, mode
             json!({"id": id, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage}),
         )
         .into_response());
-    }
+    };
 
     let (tx, out) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
     let st2 = st.clone();
@@ -452,9 +548,11 @@ async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, mode
             let _ = tx.send(Ok(SseEvent::default().data(first.to_string())));
         }
         let mut in_reasoning = false;
+        let mut completion_tokens = 0;
         while let Some(ev) = rx.recv().await {
             let (delta, finish, lp) = match ev {
                 Event::Token(t) => {
+                    completion_tokens += 1;
                     let lp = t.logprob.map(|_| logprob_entry(st2.tokenizer.as_ref(), &t, chat));
                     (det.push(t.id), if det.stopped { Some("stop") } else { None }, lp)
                 }
@@ -519,6 +617,13 @@ async fn run(st: Shared, req: GenRequest, stops: Vec<String>, stream: bool, mode
                 break;
             }
         }
+        if include_usage {
+            // OpenAI's `stream_options.include_usage`: a last chunk with no choices and the usage.
+            let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
+            let last =
+                json!({"id": id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage});
+            let _ = tx.send(Ok(SseEvent::default().data(last.to_string())));
+        }
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
     });
     Ok(Sse::new(tokio_stream::wrappers::UnboundedReceiverStream::new(out)).into_response())
@@ -543,7 +648,7 @@ struct TokenizeBody {
     #[serde(default)]
     prompt: Option<String>,
     #[serde(default)]
-    messages: Option<Vec<Value>>,
+    messages: Option<Value>,
     #[serde(default = "yes")]
     add_special_tokens: bool,
 }
@@ -557,11 +662,12 @@ async fn tokenize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> 
     let b: TokenizeBody = parse(&body)?;
     let tok = st.tokenizer.as_ref().ok_or_else(|| ApiError::bad("this model has no tokenizer.json", None))?;
     let ids = match (&b.prompt, &b.messages) {
-        (Some(p), None) => tok.encode(p, b.add_special_tokens),
-        (None, Some(m)) => tok.encode_chat(&Value::Array(m.clone()), true),
-        _ => return Err(ApiError::bad("give prompt or messages", None)),
-    }
-    .map_err(|e| ApiError::bad(e.to_string(), None))?;
+        (Some(p), None) => {
+            tok.encode(p, b.add_special_tokens).map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))
+        }
+        (None, Some(m)) => tok.encode_chat(m, true).map_err(|e| ApiError::from_model(e, "messages")),
+        _ => Err(ApiError::bad("give prompt or messages", None)),
+    }?;
     Ok(Json(json!({"tokens": ids, "count": ids.len(), "max_model_len": st.model.config.max_position_embeddings}))
         .into_response())
 }
@@ -582,12 +688,15 @@ async fn detokenize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -
     Ok(Json(json!({"prompt": text})).into_response())
 }
 
-async fn metrics(State(st): State<Shared>) -> Response {
+/// Prometheus text. Behind the API key when one is set: the counters tell who uses the server how
+/// much (vLLM leaves them open; put a scraper's bearer token in its config).
+async fn metrics(State(st): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+    check_key(&st, &headers)?;
     let mut text = st.engine.metrics.render(st.model.kv_bytes_per_token());
     if let Some(hook) = &st.extra_metrics {
         text.push_str(&(hook.0)());
     }
-    text.into_response()
+    Ok(text.into_response())
 }
 
 #[cfg(test)]

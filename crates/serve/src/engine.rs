@@ -405,7 +405,9 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
             }
             k
         });
-        // Ended sequences' blocks are gone now.
+        // Ended sequences' blocks are gone now; the gauges say so even if nothing runs next.
+        metrics.batch_size.store(running.len(), Ordering::Relaxed);
+        metrics.kv_tokens.store(running.iter().map(|s| s.cache.len()).sum(), Ordering::Relaxed);
         metrics.kv_blocks.store(pool.in_use(), Ordering::Relaxed);
     }
 }

@@ -6,7 +6,9 @@
 
 pub mod api;
 pub mod engine;
+pub mod error;
 pub mod front;
+pub mod http;
 pub mod metrics;
 pub mod prefix;
 pub mod tools;
@@ -32,6 +34,8 @@ pub struct ServeOptions {
     /// Reuse full 64-token prompt blocks across requests with the same prefix.
     pub prefix_cache: bool,
     pub extra_metrics: Option<MetricsHook>,
+    /// Connection limits and deadlines.
+    pub http: http::HttpLimits,
 }
 
 /// Extra Prometheus lines appended to `/metrics`.
@@ -57,6 +61,7 @@ impl Default for ServeOptions {
             mtp_speculative: 0,
             prefix_cache: false,
             extra_metrics: None,
+            http: http::HttpLimits::default(),
         }
     }
 }
@@ -94,6 +99,7 @@ pub fn build(
         api_key: o.api_key.clone(),
         eos_ids,
         extra_metrics: o.extra_metrics.clone(),
+        http: o.http.clone(),
     });
     (state, thread)
 }
@@ -113,5 +119,6 @@ pub async fn serve_on(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown).await.context("serving")
+    let limits = state.http.clone();
+    http::serve_on(api::router(state), listener, &limits, shutdown).await.context("serving")
 }

@@ -1,49 +1,11 @@
 //! A real server on a loopback port, driven by a real HTTP client: streaming and non-streaming
 //! agree, concurrent greedy requests give what each gives alone, errors are OpenAI-shaped 4xx.
 
-use dsv3_model::{DeepseekV3, Tokenizer};
-use dsv3_serve::{build, serve_on, ServeOptions};
+mod common;
+
+use common::{metric, post, settled, start};
+use dsv3_serve::ServeOptions;
 use serde_json::{json, Value};
-use std::path::PathBuf;
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train_roundtrip")
-}
-
-/// A copy of the dsv3-trained fixture with a small chat template, served on a free port.
-fn start(o: ServeOptions) -> String {
-    let dir =
-        std::env::temp_dir().join(format!("dsv3-serve-{}-{}", std::process::id(), o.max_queue * 1000 + o.max_batch));
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(fixture().join(f), dir.join(f)).unwrap();
-    }
-    let mut tc: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("tokenizer_config.json")).unwrap()).unwrap();
-    tc["chat_template"] = json!("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}");
-    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
-    let model = DeepseekV3::load(&dir).unwrap();
-    let tok = Tokenizer::from_dir(&dir).unwrap();
-    let (state, _engine) = build("fixture", model, Some(tok), vec![1], &o);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            serve_on(state, listener, std::future::pending()).await.unwrap();
-        });
-    });
-    format!("http://{}", rx.recv().unwrap())
-}
-
-fn post(url: &str, body: Value) -> (u16, Value) {
-    match ureq::post(url).send_json(body) {
-        Ok(r) => (r.status(), r.into_json().unwrap()),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
-        Err(e) => panic!("{e}"),
-    }
-}
 
 fn stream_ids(url: &str, body: Value) -> (Vec<String>, String) {
     let r = ureq::post(url).send_json(body).unwrap();
@@ -219,28 +181,6 @@ fn mtp_speculative_serving_gives_the_plain_tokens() {
     let drafts: f64 = m.lines().find_map(|l| l.strip_prefix("dsv3_mtp_draft_tokens_total ")).unwrap().parse().unwrap();
     assert!(drafts > 0.0, "{m}");
     assert!(m.contains("dsv3_mtp_acceptance_rate"));
-}
-
-/// `/metrics` value of a counter or gauge.
-fn metric(base: &str, name: &str) -> f64 {
-    let m = ureq::get(&format!("{base}/metrics")).call().unwrap().into_string().unwrap();
-    m.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("{name} missing"))
-        .parse()
-        .unwrap()
-}
-
-/// The metric once it reads `want` (the engine updates it just after answering), or after 2 s.
-fn settled(base: &str, name: &str, want: f64) -> f64 {
-    for _ in 0..40 {
-        let v = metric(base, name);
-        if v == want {
-            return v;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    metric(base, name)
 }
 
 #[test]

@@ -70,6 +70,46 @@ pub fn save(
     Ok(())
 }
 
+/// Finishes or undoes saves of `dir` that a dead process left half done, and says what it did.
+/// [`save`] writes `.{name}.tmp-PID` whole, then moves `dir` to `.{name}.old-PID`, then the
+/// temporary folder to `dir`, then removes the old one; so:
+/// - an `old` folder with `dir` present: the swap finished; the old copy goes;
+/// - an `old` folder without `dir`: the new copy (if its `tmp` is there) was complete and moves
+///   in, else the old one moves back;
+/// - a `tmp` folder otherwise: a save that died while writing; it goes (the checkpoint in `dir`,
+///   if any, is the one before it).
+pub fn recover_interrupted(dir: &Path) -> Result<Vec<String>> {
+    let stale = dsv3_model::files::stale_siblings(dir, &["tmp", "old"]);
+    let mut said = vec![];
+    for (old, _) in stale.iter().filter(|(_, tag)| tag == "old") {
+        let tmp = stale.iter().find(|(p, t)| t == "tmp" && pid_of(p) == pid_of(old)).map(|(p, _)| p.clone());
+        if dir.exists() {
+            std::fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
+            said.push(format!("removed {}: an interrupted save had already finished", old.display()));
+        } else if let Some(tmp) = tmp {
+            std::fs::rename(&tmp, dir).with_context(|| format!("moving {} to {}", tmp.display(), dir.display()))?;
+            std::fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
+            said.push(format!("{}: completed a save interrupted between its renames", dir.display()));
+        } else {
+            std::fs::rename(old, dir).with_context(|| format!("moving {} back to {}", old.display(), dir.display()))?;
+            said.push(format!("{}: restored the checkpoint an interrupted save had moved aside", dir.display()));
+        }
+    }
+    for (tmp, _) in stale.iter().filter(|(p, tag)| tag == "tmp" && p.exists()) {
+        std::fs::remove_dir_all(tmp).with_context(|| format!("removing {}", tmp.display()))?;
+        said.push(format!(
+            "removed {}: a save interrupted while writing (the checkpoint before it is intact)",
+            tmp.display()
+        ));
+    }
+    Ok(said)
+}
+
+/// The process id in a `.{name}.{tag}-PID` name.
+fn pid_of(p: &Path) -> String {
+    p.to_string_lossy().rsplit_once('-').map(|(_, pid)| pid.to_string()).unwrap_or_default()
+}
+
 fn write_folder(
     dir: &Path,
     model: &mut DeepseekV3,
@@ -181,4 +221,52 @@ pub fn load_optimizer(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Optimiz
         };
     }
     Ok(optimizer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process id no live process has (above Linux's largest pid_max).
+    const DEAD: u32 = 99_999_999;
+
+    fn folder(p: &Path, marker: &str) {
+        std::fs::create_dir_all(p).unwrap();
+        std::fs::write(p.join("marker"), marker).unwrap();
+    }
+
+    fn marker(p: &Path) -> String {
+        std::fs::read_to_string(p.join("marker")).unwrap()
+    }
+
+    #[test]
+    fn interrupted_saves_are_finished_or_undone() {
+        let root = std::env::temp_dir().join(format!("dsv3-recover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (run, old, tmp) =
+            (root.join("run"), root.join(format!(".run.old-{DEAD}")), root.join(format!(".run.tmp-{DEAD}")));
+        // Killed after the swap, before the old copy was removed.
+        folder(&run, "new");
+        folder(&old, "old");
+        assert_eq!(recover_interrupted(&run).unwrap().len(), 1);
+        assert!(!old.exists() && marker(&run) == "new");
+        // Killed between the two renames: the complete new copy moves in.
+        std::fs::rename(&run, &old).unwrap();
+        folder(&tmp, "newer");
+        recover_interrupted(&run).unwrap();
+        assert!(!old.exists() && !tmp.exists() && marker(&run) == "newer");
+        // The old copy moved aside and the new one gone: the old one comes back.
+        std::fs::rename(&run, &old).unwrap();
+        recover_interrupted(&run).unwrap();
+        assert_eq!(marker(&run), "newer");
+        // Killed while writing: the partial copy goes, the checkpoint stays.
+        folder(&tmp, "partial");
+        recover_interrupted(&run).unwrap();
+        assert!(!tmp.exists() && marker(&run) == "newer");
+        // A live process's temporary folder is its own.
+        let live = root.join(format!(".run.tmp-{}", std::process::id()));
+        folder(&live, "mine");
+        assert!(recover_interrupted(&run).unwrap().is_empty() && live.exists());
+        std::fs::remove_dir_all(&root).ok();
+    }
 }

@@ -160,6 +160,52 @@ impl Default for TrainArgs {
     }
 }
 
+impl TrainArgs {
+    /// Every value in the domain its formula needs; each error names the flag and its value.
+    pub fn validate(&self) -> Result<()> {
+        let finite_in = |flag: &str, v: f32, lo: f32, hi: f32| {
+            if v.is_finite() && (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                bail!("--{flag} {v}: must be a number in [{lo}, {hi}]")
+            }
+        };
+        finite_in("lr", self.lr, 0.0, 1e3)?;
+        finite_in("min-lr-ratio", self.min_lr_ratio, 0.0, 1.0)?;
+        finite_in("weight-decay", self.weight_decay, 0.0, 1e3)?;
+        finite_in("beta1", self.beta1, 0.0, 0.999_999)?;
+        finite_in("beta2", self.beta2, 0.0, 0.999_999_9)?;
+        finite_in("clip", self.clip, 0.0, f32::MAX)?;
+        finite_in("mtp-lambda", self.mtp_lambda, 0.0, 1e3)?;
+        finite_in("mtp-lambda-final", self.mtp_lambda_final, 0.0, 1e3)?;
+        finite_in("mtp-lambda-switch", self.mtp_lambda_switch, 0.0, 1.0)?;
+        finite_in("bias-update-rate", self.bias_update_rate, 0.0, 1e3)?;
+        finite_in("seq-alpha", self.seq_alpha, 0.0, 1e3)?;
+        finite_in("aux-alpha", self.aux_alpha, 0.0, 1e3)?;
+        if let Some(s) = self.init_std {
+            if !(s.is_finite() && s > 0.0) {
+                bail!("--init-std {s}: must be a positive number");
+            }
+        }
+        if self.seq_len == 0 || self.batch_size == 0 {
+            bail!("--seq-len {} and --batch-size {} must be positive", self.seq_len, self.batch_size);
+        }
+        // A batch's tokens and its activations are sized from these: refuse what cannot be held.
+        let tokens = (self.seq_len as u128 + 1) * self.batch_size as u128;
+        if tokens > 1 << 32 {
+            bail!(
+                "--seq-len {} × --batch-size {} = {tokens} tokens per batch: too many",
+                self.seq_len,
+                self.batch_size
+            );
+        }
+        if self.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 /// One logged step (a line of metrics.jsonl).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct StepLog {
@@ -496,6 +542,15 @@ pub fn run(
     // In parallel the first load reads no weight (shapes only): once it is known which tensors this
     // process holds, only those are read.
     let parallel = crate::parallel::get().is_some();
+    args.validate()?;
+    if crate::parallel::get().is_none_or(|dp| dp.rank() == 0) {
+        // Saves interrupted before (a crash, a kill) leave their temporary folders beside the run.
+        for dir in std::iter::once(args.out.as_path()).chain(resume) {
+            for line in checkpoint::recover_interrupted(dir)? {
+                eprintln!("{line}");
+            }
+        }
+    }
     let mut init_dir = None;
     let (mut model, config, tok, mut opt, mut state) = match resume {
         Some(dir) => {
@@ -525,9 +580,7 @@ pub fn run(
     let args = state.args.clone();
     dsv3_kernels::gemm::set_bf16(args.precision != Precision::F32);
     let fp8 = args.precision.fp8_recipe();
-    if args.seq_len == 0 || args.batch_size == 0 {
-        bail!("--seq-len and --batch-size must be positive");
-    }
+    args.validate()?;
     if args.seq_len > model.config.max_position_embeddings {
         bail!(
             "--seq-len {} exceeds the model's max_position_embeddings {}",

@@ -9,9 +9,15 @@ use dsv3_kernels::codec::{bf16_to_f32, f16_to_f32};
 use dsv3_kernels::quant::Fp4Kind;
 use dsv3_kernels::MatRef;
 use memmap2::Mmap;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+mod header;
+mod writer;
+
+pub use header::{dtype_size, header_len, parse_header, HeaderEntry, MAX_HEADER_BYTES};
+pub use writer::{write_safetensors, SafetensorsWriter};
 
 /// Bytes that live either in a mapped file or in memory.
 #[derive(Clone)]
@@ -153,21 +159,29 @@ pub struct Checkpoint {
 /// Which weights a load leaves on disk.
 type Skip = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
-fn dtype_size(dtype: &str) -> Option<usize> {
-    Some(match dtype {
-        "F64" | "I64" | "U64" => 8,
-        "F32" | "I32" | "U32" => 4,
-        "F16" | "BF16" | "I16" | "U16" => 2,
-        "F8_E4M3" | "F8_E5M2" | "I8" | "U8" | "BOOL" => 1,
-        _ => return None,
-    })
-}
-
 impl Checkpoint {
     /// Opens `model.safetensors.index.json` shards, else `model.safetensors`, else every
     /// `*.safetensors` file of the folder.
     pub fn open(dir: &Path) -> Result<Self> {
-        Self::open_files(&shard_paths(dir)?)
+        let ck = Self::open_files(&shard_paths(dir)?)?;
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
+            ck.check_index(&index, &index_shards(dir, &index)?)?;
+        }
+        Ok(ck)
+    }
+
+    /// Every tensor the index names is in the shard it names (a stale index is a corrupt folder).
+    fn check_index(&self, index: &Path, shards: &std::collections::BTreeMap<String, PathBuf>) -> Result<()> {
+        for (name, path) in shards {
+            let found = self.file_of(name);
+            if found != Some(path.as_path()) {
+                let where_ = found.map_or("in no shard".to_string(), |f| format!("in {}", f.display()));
+                let msg = format!("weight_map puts `{name}` in {}, but it is {where_}", path.display());
+                return Err(ModelError::Safetensors { path: index.into(), msg });
+            }
+        }
+        Ok(())
     }
 
     /// The tensors of the given safetensors files (e.g. a training run's optimizer state).
@@ -182,14 +196,11 @@ impl Checkpoint {
 
     fn add_file(&mut self, path: &Path) -> Result<()> {
         let bad = |msg: String| ModelError::Safetensors { path: path.into(), msg };
-        let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let file = crate::files::open_regular(path)?;
         // SAFETY: the map is read-only; a checkpoint modified while mapped is outside our contract
         // (as for every mmap-based loader). Each tensor's pages are read when it is loaded
         // ([`Checkpoint::bytes`]), so a process loading a share of the tensors reads only those.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-        if map.len() < 8 {
-            return Err(bad(format!("{} bytes is too short for a header", map.len())));
-        }
         let fi = self.files.len();
         for (name, h) in parse_header(path, &map, map.len())? {
             if self.tensors.contains_key(&name) {
@@ -355,93 +366,12 @@ impl Checkpoint {
     }
 }
 
-/// One tensor of a safetensors header: dtype, shape and its absolute byte range in the file.
-#[derive(Clone, Debug)]
-pub struct HeaderEntry {
-    pub dtype: String,
-    pub shape: Vec<usize>,
-    pub start: usize,
-    pub end: usize,
-}
-
-/// Parses and checks a safetensors header from the file's first bytes (`head` holds at least the
-/// 8-byte length and the JSON), against the file's length: every range inside the file and of the
-/// size its shape and dtype need.
-pub fn parse_header(path: &Path, head: &[u8], file_len: usize) -> Result<Vec<(String, HeaderEntry)>> {
-    let bad = |msg: String| ModelError::Safetensors { path: path.into(), msg };
-    if head.len() < 8 || file_len < 8 {
-        return Err(bad(format!("{file_len} bytes is too short for a header")));
-    }
-    let n = u64::from_le_bytes(head[..8].try_into().expect("8 bytes")) as usize;
-    if n > file_len - 8 || n > head.len() - 8 {
-        return Err(bad(format!("header of {n} bytes runs past the end of the {file_len}-byte file (truncated?)")));
-    }
-    let header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&head[8..8 + n]).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let data_start = 8 + n;
-    let data_len = file_len - data_start;
-    let mut out = Vec::with_capacity(header.len());
-    for (name, info) in header {
-        if name == "__metadata__" {
-            continue;
-        }
-        let dtype = info.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad(format!("`{name}` has no dtype")))?;
-        let size = dtype_size(dtype).ok_or_else(|| bad(format!("`{name}` has unknown dtype {dtype}")))?;
-        let shape: Vec<usize> = info
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|a| a.iter().map(|x| x.as_u64().map(|v| v as usize)).collect())
-            .ok_or_else(|| bad(format!("`{name}` has no valid shape")))?;
-        let offs: Vec<usize> = info
-            .get("data_offsets")
-            .and_then(|s| s.as_array())
-            .and_then(|a| a.iter().map(|x| x.as_u64().map(|v| v as usize)).collect())
-            .filter(|v: &Vec<usize>| v.len() == 2)
-            .ok_or_else(|| bad(format!("`{name}` has no valid data_offsets")))?;
-        let numel = shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| bad(format!("`{name}` shape overflows")))?;
-        if offs[0] > offs[1] || offs[1] > data_len {
-            return Err(bad(format!(
-                "`{name}` data {}..{} lies outside the {data_len} data bytes (truncated file?)",
-                offs[0], offs[1]
-            )));
-        }
-        if offs[1] - offs[0] != numel * size {
-            return Err(bad(format!(
-                "`{name}` holds {} bytes, shape {shape:?} of {dtype} needs {}",
-                offs[1] - offs[0],
-                numel * size
-            )));
-        }
-        out.push((
-            name,
-            HeaderEntry { dtype: dtype.to_string(), shape, start: data_start + offs[0], end: data_start + offs[1] },
-        ));
-    }
-    Ok(out)
-}
-
 /// The safetensors files of a checkpoint folder: the shards of `model.safetensors.index.json`,
 /// else `model.safetensors`, else every `*.safetensors` file.
 pub fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     let mut paths: Vec<PathBuf> = if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index.clone(), source })?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| ModelError::Safetensors { path: index.clone(), msg: "no `weight_map` object".into() })?;
-        let mut files: Vec<PathBuf> =
-            map.values().map(|f| f.as_str().map(|s| dir.join(s))).collect::<Option<_>>().ok_or_else(|| {
-                ModelError::Safetensors { path: index.clone(), msg: "weight_map values must be file names".into() }
-            })?;
-        files.sort();
-        files.dedup();
-        files
+        index_shards(dir, &index)?.into_values().collect()
     } else if dir.join("model.safetensors").exists() {
         vec![dir.join("model.safetensors")]
     } else {
@@ -456,102 +386,28 @@ pub fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     if paths.is_empty() {
         return Err(ModelError::Safetensors { path: dir.into(), msg: "no .safetensors files in the folder".into() });
     }
+    paths.sort();
     paths.dedup();
     Ok(paths)
 }
 
-/// Writes tensors as one safetensors file, atomically (temporary file in the same folder, then
-/// rename). Each entry: name, dtype string, shape, little-endian bytes.
-pub fn write_safetensors(path: &Path, tensors: &[(String, &str, Vec<usize>, Vec<u8>)]) -> Result<()> {
-    let entries: Vec<(String, &str, Vec<usize>, usize)> =
-        tensors.iter().map(|(n, d, s, b)| (n.clone(), *d, s.clone(), b.len())).collect();
-    let mut w = SafetensorsWriter::create(path, &entries)?;
-    for (_, _, _, b) in tensors {
-        w.write(b)?;
-    }
-    w.finish()
-}
-
-/// A safetensors file written tensor by tensor: the header (names, dtypes, shapes, byte sizes)
-/// first, then each tensor's bytes in that order, so no more than one tensor need be in memory.
-/// Written under a temporary name and renamed by [`SafetensorsWriter::finish`].
-pub struct SafetensorsWriter {
-    path: PathBuf,
-    tmp: PathBuf,
-    file: std::io::BufWriter<std::fs::File>,
-    /// The byte sizes the header announced, and how many tensors were written.
-    lens: Vec<usize>,
-    written: usize,
-}
-
-impl SafetensorsWriter {
-    pub fn create(path: &Path, entries: &[(String, &str, Vec<usize>, usize)]) -> Result<Self> {
-        let mut header = serde_json::Map::new();
-        let mut off = 0usize;
-        for (name, dtype, shape, len) in entries {
-            header.insert(
-                name.clone(),
-                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + len]}),
-            );
-            off += len;
-        }
-        let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON of a map");
-        while !(h.len() + 8).is_multiple_of(8) {
-            h.push(b' ');
-        }
-        let tmp = path.with_extension("safetensors.tmp");
-        let open = || -> std::io::Result<std::io::BufWriter<std::fs::File>> {
-            use std::io::Write;
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-            f.write_all(&(h.len() as u64).to_le_bytes())?;
-            f.write_all(&h)?;
-            Ok(f)
-        };
-        let file = open().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            ModelError::io(path, e)
-        })?;
-        let lens = entries.iter().map(|e| e.3).collect();
-        Ok(SafetensorsWriter { path: path.to_path_buf(), tmp, file, lens, written: 0 })
-    }
-
-    /// The next tensor's bytes (as many as the header announced).
-    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        use std::io::Write;
-        if self.lens.get(self.written) != Some(&bytes.len()) {
-            let msg = format!(
-                "tensor {} has {} bytes; the header announced {:?}",
-                self.written,
-                bytes.len(),
-                self.lens.get(self.written)
-            );
-            return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
-        }
-        self.written += 1;
-        self.file.write_all(bytes).map_err(|e| self.fail(e))
-    }
-
-    pub fn finish(self) -> Result<()> {
-        if self.written != self.lens.len() {
-            let msg = format!("{} of {} tensors written", self.written, self.lens.len());
-            return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
-        }
-        let SafetensorsWriter { path, tmp, file, .. } = self;
-        let done = file
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|f| f.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, &path));
-        done.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            ModelError::io(&path, e)
+/// The index's `weight_map`: tensor name → shard path. Shards are plain file names inside the
+/// folder (an index may not point the loader at `../` or absolute paths).
+pub fn index_shards(dir: &Path, index: &Path) -> Result<std::collections::BTreeMap<String, PathBuf>> {
+    let bad = |msg: String| ModelError::Safetensors { path: index.into(), msg };
+    let v = crate::files::read_json(index)?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map` object".into()))?;
+    map.iter()
+        .map(|(tensor, f)| {
+            let name = f.as_str().ok_or_else(|| bad(format!("weight_map[`{tensor}`] is not a file name")))?;
+            let plain = Path::new(name).components().count() == 1
+                && matches!(Path::new(name).components().next(), Some(std::path::Component::Normal(_)));
+            if !plain {
+                return Err(bad(format!("weight_map[`{tensor}`] = `{name}` is not a file name inside the folder")));
+            }
+            Ok((tensor.clone(), dir.join(name)))
         })
-    }
-
-    fn fail(&self, e: std::io::Error) -> ModelError {
-        let _ = std::fs::remove_file(&self.tmp);
-        ModelError::io(&self.path, e)
-    }
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,98 @@
+//! Writing safetensors files: whole, or streamed tensor by tensor; atomically either way.
+
+use crate::error::{ModelError, Result};
+use std::path::{Path, PathBuf};
+
+/// Writes tensors as one safetensors file, atomically (temporary file in the same folder, then
+/// rename). Each entry: name, dtype string, shape, little-endian bytes.
+pub fn write_safetensors(path: &Path, tensors: &[(String, &str, Vec<usize>, Vec<u8>)]) -> Result<()> {
+    let entries: Vec<(String, &str, Vec<usize>, usize)> =
+        tensors.iter().map(|(n, d, s, b)| (n.clone(), *d, s.clone(), b.len())).collect();
+    let mut w = SafetensorsWriter::create(path, &entries)?;
+    for (_, _, _, b) in tensors {
+        w.write(b)?;
+    }
+    w.finish()
+}
+
+/// A safetensors file written tensor by tensor: the header (names, dtypes, shapes, byte sizes)
+/// first, then each tensor's bytes in that order, so no more than one tensor need be in memory.
+/// Written under a temporary name and renamed by [`SafetensorsWriter::finish`].
+pub struct SafetensorsWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    /// The byte sizes the header announced, and how many tensors were written.
+    lens: Vec<usize>,
+    written: usize,
+}
+
+impl SafetensorsWriter {
+    pub fn create(path: &Path, entries: &[(String, &str, Vec<usize>, usize)]) -> Result<Self> {
+        let mut header = serde_json::Map::new();
+        let mut off = 0usize;
+        for (name, dtype, shape, len) in entries {
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + len]}),
+            );
+            off += len;
+        }
+        let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON of a map");
+        while !(h.len() + 8).is_multiple_of(8) {
+            h.push(b' ');
+        }
+        let tmp = path.with_extension("safetensors.tmp");
+        let open = || -> std::io::Result<std::io::BufWriter<std::fs::File>> {
+            use std::io::Write;
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            f.write_all(&(h.len() as u64).to_le_bytes())?;
+            f.write_all(&h)?;
+            Ok(f)
+        };
+        let file = open().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            ModelError::io(path, e)
+        })?;
+        let lens = entries.iter().map(|e| e.3).collect();
+        Ok(SafetensorsWriter { path: path.to_path_buf(), tmp, file, lens, written: 0 })
+    }
+
+    /// The next tensor's bytes (as many as the header announced).
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        if self.lens.get(self.written) != Some(&bytes.len()) {
+            let msg = format!(
+                "tensor {} has {} bytes; the header announced {:?}",
+                self.written,
+                bytes.len(),
+                self.lens.get(self.written)
+            );
+            return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+        }
+        self.written += 1;
+        self.file.write_all(bytes).map_err(|e| self.fail(e))
+    }
+
+    pub fn finish(self) -> Result<()> {
+        if self.written != self.lens.len() {
+            let msg = format!("{} of {} tensors written", self.written, self.lens.len());
+            return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+        }
+        let SafetensorsWriter { path, tmp, file, .. } = self;
+        let done = file
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        done.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            ModelError::io(&path, e)
+        })
+    }
+
+    fn fail(&self, e: std::io::Error) -> ModelError {
+        let _ = std::fs::remove_file(&self.tmp);
+        ModelError::io(&self.path, e)
+    }
+}
