@@ -202,15 +202,53 @@ fn pipelined_training_equals_one_process_for_every_schedule() {
     ));
 }
 
+/// A fixed training corpus (pseudo-random words from a fixed seed): the comparisons below then
+/// depend on the code alone, not on the built-in corpus (the repository's own text, which every
+/// edit changes — and with it which tiny gradients AdamW's first steps turn into ±lr).
+fn corpus() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(write_corpus).clone()
+}
+
+fn write_corpus() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("dsv3-ep-corpus-{}", std::process::id()));
+    {
+        std::fs::create_dir_all(&dir).unwrap();
+        let words = [
+            "fn", "let", "mut", "expert", "token", "layer", "router", "latent", "cache", "(", ")", "{", "}", ";", "=",
+            "+", "0", "1", "x", "y",
+        ];
+        let mut state = 12345u64;
+        for f in 0..40 {
+            let text: String = (0..3000)
+                .map(|i| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let w = words[(state >> 33) as usize % words.len()];
+                    if i % 12 == 11 {
+                        format!("{w}\n")
+                    } else {
+                        format!("{w} ")
+                    }
+                })
+                .collect();
+            std::fs::write(dir.join(format!("d{f}.txt")), text).unwrap();
+        }
+    }
+    dir
+}
+
 /// 3 steps of the tiny preset (f32 GEMMs) on `np` processes with `mode`, against one process;
 /// returns both output folders.
 fn parallel_training_matches(np: &str, batch: usize, mode: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
     let out =
         |tag: &str| std::env::temp_dir().join(format!("dsv3-dp-{tag}-{np}{}-{}", mode.join(""), std::process::id()));
     let batch = batch.to_string();
+    let data = corpus();
     let args = |o: &std::path::Path| -> Vec<String> {
         [
             "train",
+            "--data",
+            data.to_str().unwrap(),
             "--preset",
             "tiny",
             "--steps",

@@ -1,7 +1,7 @@
 //! Node-limited routing: the model's group-limited router, with one expert group per node, never
 //! sends a token to more than `topk_group` nodes (what bounds DeepSeek-V3's inter-node traffic).
 
-use dsv3_dist::ep::{layout, nodes_per_token};
+use dsv3_dist::dispatch::{nodes_per_token, ranks_per_token};
 use dsv3_model::init::{preset, write_random_checkpoint, StoreDtype};
 use dsv3_model::model::Ffn;
 use dsv3_model::DeepseekV3;
@@ -24,15 +24,14 @@ fn group_limited_routing_reaches_at_most_topk_group_nodes() {
     let mut checked = 0;
     for layer in &model.layers {
         let Ffn::Moe(moe) = &layer.mlp else { continue };
-        let r = moe.gate.route(&x, t);
-        let idx: Vec<i64> = r.experts.iter().map(|&e| e as i64).collect();
-        let reach = nodes_per_token(&idx, k, e, groups);
+        let r = moe.gate.route(&moe.gate.scores(&model.exec(), &x, t));
+        let reach = nodes_per_token(&r.experts, k, e, groups);
         assert!(reach.iter().all(|&n| n <= kept), "a token reached more than {kept} nodes: {:?}", reach.iter().max());
         assert!(reach.contains(&kept), "the limit is reached, not just respected");
-        // And the dispatch layout agrees: per token, ranks (one per node here) = nodes reached.
-        let l = layout(&idx, k, e, groups).unwrap();
+        // And the dispatch agrees: per token, ranks (one per node here) = nodes reached.
+        let sent = ranks_per_token(&r.experts, k, e, groups);
         for (ti, &n) in reach.iter().enumerate() {
-            assert_eq!(l.is_token_in_rank[ti * groups..(ti + 1) * groups].iter().filter(|&&b| b).count(), n);
+            assert_eq!(sent[ti].len(), n);
         }
         checked += 1;
     }

@@ -12,7 +12,10 @@
 pub struct ModelShape {
     pub hidden: usize,
     pub layers: usize,
+    /// Decoder layers before the first MoE layer (`first_k_dense_replace`).
     pub dense_layers: usize,
+    /// Every this-many-th layer from `dense_layers` on is MoE (`moe_layer_freq`, 1 for V3).
+    pub moe_layer_freq: usize,
     pub vocab: usize,
     pub heads: usize,
     pub q_lora_rank: Option<usize>,
@@ -26,6 +29,17 @@ pub struct ModelShape {
     pub shared_experts: usize,
     pub experts_per_token: usize,
     pub mtp_layers: usize,
+}
+
+/// A token's forward multiply-adds by part (training FLOPs are 6× their sum).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Macs {
+    /// Each decoder layer (attention and its FFN).
+    pub layers: Vec<f64>,
+    /// The output head.
+    pub head: f64,
+    /// Each MTP module (its projection, block and head).
+    pub mtp: Vec<f64>,
 }
 
 /// Parameter counts.
@@ -59,6 +73,20 @@ impl ModelShape {
         3.0 * self.hidden as f64 * self.moe_intermediate as f64
     }
 
+    /// Whether decoder layer `l` (MTP blocks numbered after the main layers) has a MoE FFN.
+    pub fn is_moe(&self, l: usize) -> bool {
+        self.routed_experts > 0 && l >= self.dense_layers && l.is_multiple_of(self.moe_layer_freq.max(1))
+    }
+
+    /// How many of layers `0..n` have a MoE FFN, counted without visiting them.
+    pub fn moe_count(&self, n: usize) -> usize {
+        let (lo, f) = (self.dense_layers, self.moe_layer_freq.max(1));
+        if self.routed_experts == 0 || lo >= n {
+            return 0;
+        }
+        n.div_ceil(f) - lo.div_ceil(f)
+    }
+
     pub fn params(&self) -> Params {
         let d = self.hidden as f64;
         let (attn, expert, e) = (self.attention(), self.expert(), self.routed_experts as f64);
@@ -66,17 +94,17 @@ impl ModelShape {
         let dense = attn + 3.0 * d * self.intermediate as f64 + norms;
         let gate = e * d + e;
         let moe = attn + (e + self.shared_experts as f64) * expert + gate + norms;
-        let moe_layers = (self.layers - self.dense_layers) as f64;
+        let moe_layers = self.moe_count(self.layers) as f64;
+        let dense_layers = self.layers as f64 - moe_layers;
         let embed = self.vocab as f64 * d;
-        let main = 2.0 * embed + self.dense_layers as f64 * dense + moe_layers * moe + d;
+        let main = 2.0 * embed + dense_layers * dense + moe_layers * moe + d;
         // An MTP module: two norms, eh_proj [D, 2D], one MoE block, the head's norm.
         let mtp_one = 3.0 * d + 2.0 * d * d + moe;
         let mtp = self.mtp_layers as f64 * mtp_one;
         let active_layer = |routed: f64| attn + (routed + self.shared_experts as f64) * expert + e * d;
         let k = self.experts_per_token as f64;
-        let active_main = self.dense_layers as f64 * (attn + 3.0 * d * self.intermediate as f64)
-            + moe_layers * active_layer(k)
-            + embed;
+        let active_main =
+            dense_layers * (attn + 3.0 * d * self.intermediate as f64) + moe_layers * active_layer(k) + embed;
         let active_mtp = self.mtp_layers as f64 * (2.0 * d * d + active_layer(k) + embed);
         Params {
             total: main + mtp,
@@ -87,13 +115,36 @@ impl ModelShape {
         }
     }
 
-    /// Training FLOPs per token at sequence length `seq` (forward + backward = 3 × forward).
+    /// A token's forward multiply-adds by part: every linear it passes (top-k experts, not all),
+    /// causal attention at the mean context `(seq + 1)/2`, the head, and each MTP module.
+    pub fn macs_per_token(&self, seq: usize) -> Macs {
+        let (d, h) = (self.hidden as f64, self.heads as f64);
+        let (dn, dr, dv, kv) = (self.qk_nope as f64, self.qk_rope as f64, self.v_head as f64, self.kv_lora_rank as f64);
+        let q = match self.q_lora_rank {
+            Some(r) => d * r as f64 + r as f64 * h * (dn + dr),
+            None => d * h * (dn + dr),
+        };
+        let attn = q + d * (kv + dr) + kv * h * (dn + dv) + h * dv * d + (seq as f64 + 1.0) / 2.0 * h * (dn + dr + dv);
+        let ffn = |l: usize| {
+            if self.is_moe(l) {
+                let e = self.moe_intermediate as f64;
+                let experts = (self.experts_per_token + self.shared_experts) as f64;
+                d * self.routed_experts as f64 + 3.0 * d * e * experts
+            } else {
+                3.0 * d * self.intermediate as f64
+            }
+        };
+        let head = d * self.vocab as f64;
+        let layers = (0..self.layers).map(|l| attn + ffn(l)).collect();
+        let mtp = (0..self.mtp_layers).map(|j| 2.0 * d * d + attn + ffn(self.layers + j) + head).collect();
+        Macs { layers, head, mtp }
+    }
+
+    /// Training FLOPs per token at sequence length `seq`: forward + backward = 3 × 2 × the
+    /// forward's multiply-adds ([`ModelShape::macs_per_token`]). The figure MFU is quoted against.
     pub fn train_flops_per_token(&self, seq: usize) -> f64 {
-        let p = self.params();
-        let attended = (seq as f64 + 1.0) / 2.0;
-        let per_layer = 2.0 * self.heads as f64 * (self.qk_nope + self.qk_rope + self.v_head) as f64 * attended;
-        let layers = (self.layers + self.mtp_layers) as f64;
-        6.0 * (p.active_main + p.active_mtp) + 3.0 * per_layer * layers
+        let m = self.macs_per_token(seq);
+        6.0 * (m.layers.iter().sum::<f64>() + m.head + m.mtp.iter().sum::<f64>())
     }
 }
 
@@ -125,7 +176,7 @@ pub fn gpu_hours(tokens: f64, flops_per_token: f64, gpu: Gpu, mfu: f64) -> f64 {
 /// A parallel layout: GPUs in all, devices per pipeline, how the model is cut into stages, and
 /// expert-parallel ranks.
 #[derive(Clone, Copy, Debug)]
-pub struct Layout {
+pub struct Mesh {
     pub gpus: usize,
     /// Devices in one pipeline (data parallelism is gpus / devices).
     pub devices: usize,
@@ -161,7 +212,7 @@ impl Memory {
 /// report's §3.3); routed experts split over `ep`, everything else replicated across the data
 /// parallel ranks of a stage; each device holds `stages_per_device` of `pp`·`stages_per_device`
 /// stages.
-pub fn memory(shape: &ModelShape, l: Layout) -> Memory {
+pub fn memory(shape: &ModelShape, l: Mesh) -> Memory {
     let p = shape.params();
     let dp = (l.gpus / l.devices.max(1)).max(1) as f64;
     let share = l.stages_per_device as f64 / l.stages.max(1) as f64;
@@ -187,6 +238,7 @@ mod tests {
             hidden: 7168,
             layers: 61,
             dense_layers: 3,
+            moe_layer_freq: 1,
             vocab: 129280,
             heads: 128,
             q_lora_rank: Some(1536),
@@ -232,7 +284,7 @@ mod tests {
     #[test]
     fn a_pp16_ep64_device_fits_in_80_gb() {
         let s = deepseek_v3();
-        let l = Layout {
+        let l = Mesh {
             gpus: 2048,
             devices: 16,
             stages: 16,

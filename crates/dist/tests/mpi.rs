@@ -1,6 +1,5 @@
-//! The MPI checks under a real `mpirun` (feature `mpi`) on 2 and 4 ranks: dispatch/combine
-//! conformance (`dsv3-ep-check`) and pipelined training against sequential training
-//! (`dsv3-pipeline-check`); both exit non-zero on any failure.
+//! The MPI check under a real `mpirun` (feature `mpi`) on 2 and 4 ranks: pipelined training
+//! against sequential training (`dsv3-pipeline-check`), which exits non-zero on any failure.
 #![cfg(feature = "mpi")]
 
 use std::process::Command;
@@ -15,11 +14,6 @@ fn under_mpirun(exe: &str, marker: &str) {
         let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success() && text.contains(marker), "{n} ranks:\n{text}");
     }
-}
-
-#[test]
-fn dispatch_and_combine_hold_across_mpi_processes() {
-    under_mpirun(env!("CARGO_BIN_EXE_dsv3-ep-check"), "ep-check: ok");
 }
 
 #[test]

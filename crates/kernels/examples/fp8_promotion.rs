@@ -41,7 +41,7 @@ fn main() {
     let fp8 = time(&mut || drop(gemm_nt(&a, &b)));
     let f32g = time(&mut || {
         let mut c = vec![0f32; m * n];
-        gemm_acc(Strided { a: &x, a_s: 1, a_p: k }, &wt, &mut c, m, n, k);
+        gemm_acc(Strided { a: &x, a_s: 1, a_p: k }, &wt, &mut c, m, n, k, false);
     });
     println!(
         "{m}x{n}x{k}: FP8 block-scaled with promotion {fp8:.1} GFLOP/s, f32 gemm_acc {f32g:.1} GFLOP/s ({:.2}x)",

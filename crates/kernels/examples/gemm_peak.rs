@@ -9,7 +9,7 @@ fn main() {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 * 0.01).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 * 0.01).collect();
         let mut c = vec![0f32; m * n];
-        let run = |c: &mut Vec<f32>| gemm_acc(Strided { a: &a, a_s: 1, a_p: k }, &b, c, m, n, k);
+        let run = |c: &mut Vec<f32>| gemm_acc(Strided { a: &a, a_s: 1, a_p: k }, &b, c, m, n, k, false);
         run(&mut c);
         let reps = (4e9 / (2.0 * (m * n * k) as f64)).ceil() as usize;
         let t = Instant::now();

@@ -8,10 +8,10 @@ use dsv3_kernels::MatRef;
 use std::time::Instant;
 
 fn time(w: &MatRef, x: &[f32], y: &mut [f32], reps: usize) -> f64 {
-    matmul_nt(w, 0..w.rows(), x, 1, y);
+    matmul_nt(w, 0..w.rows(), x, 1, y, dsv3_kernels::matmul::Gemm::BATCH_INVARIANT);
     let t = Instant::now();
     for _ in 0..reps {
-        matmul_nt(w, 0..w.rows(), x, 1, y);
+        matmul_nt(w, 0..w.rows(), x, 1, y, dsv3_kernels::matmul::Gemm::BATCH_INVARIANT);
     }
     (w.bytes() * reps) as f64 / t.elapsed().as_secs_f64() / 1e9
 }

@@ -6,7 +6,7 @@
 //! activation tiles, or 128 for its Dgrad experiment; B: br = 128 for weights or 1 for Wgrad's
 //! second operand). `sa[m, kb]` stands for `sa[m/ar, kb]`. Each K block's products are summed in a fresh f32 tile and promoted
 //! into the f32 result with the two scales at the block's end: the report's "promotion to CUDA
-//! cores every N_C = 128". The per-block product of codes runs on [`gemm_acc_with`] with bf16
+//! cores every N_C = 128". The per-block product of codes runs on [`gemm_acc`] with bf16
 //! inputs, which is exact for E4M3 values (4 significant bits in bf16's 8), so only the f32
 //! accumulation rounds, as on the tensor core after promotion.
 //!
@@ -14,7 +14,7 @@
 //! bits) so the report's promotion experiment can be reproduced.
 
 use crate::formats::E4M3;
-use crate::gemm::{gemm_acc_with, Strided};
+use crate::gemm::{gemm_acc, Strided};
 use crate::quant::Fp8Blocks;
 use rayon::prelude::*;
 
@@ -73,7 +73,7 @@ pub fn gemm_nt(a: &Fp8Blocks, b: &Fp8Blocks) -> Vec<f32> {
             let (k0, kt) = (kb * t, t.min(k - kb * t));
             tile.fill(0.0);
             let ab = Strided { a: &av[p0 * k + k0..], a_s: 1, a_p: k };
-            gemm_acc_with(ab, &bv[k0 * n..(k0 + kt) * n], tile, rows, n, kt, true);
+            gemm_acc(ab, &bv[k0 * n..(k0 + kt) * n], tile, rows, n, kt, true);
             let sb = &sb[kb * n..(kb + 1) * n];
             dband.par_chunks_mut(n).zip(tile.par_chunks(n)).enumerate().for_each(|(r, (drow, trow))| {
                 let sa = a.scales[((p0 + r) / a.block[0]) * nb + kb];

@@ -7,20 +7,9 @@
 //! of `A`, sixteen FMAs. Blocks of rows go to the threads.
 
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Whether [`gemm_acc`] rounds its inputs to bf16 (and multiplies pairs with AVX512-BF16,
-/// accumulating in f32) — training's "bf16 compute, f32 masters". Off: f32 throughout.
-static BF16: AtomicBool = AtomicBool::new(false);
-
-/// Switches [`gemm_acc`] to bf16 inputs where the CPU has AVX512-BF16 (a no-op elsewhere).
-/// Returns whether bf16 is now in use.
-pub fn set_bf16(on: bool) -> bool {
-    let on = on && bf16_available();
-    BF16.store(on, Ordering::Relaxed);
-    on
-}
-
+/// Whether this CPU multiplies bf16 pairs natively (AVX512-BF16): where it does not, a `bf16`
+/// request to [`gemm_acc`] runs in f32.
 pub fn bf16_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     return std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16");
@@ -37,15 +26,10 @@ pub struct Strided<'a> {
 }
 
 /// `c[p, q] += Σ_s A(s, p)·b[s, q]` for `p < rows`, `q < cols`, `s < depth`; `b` is `[depth, cols]`
-/// and `c` is `[rows, cols]`, both row-major.
-pub fn gemm_acc(a: Strided, b: &[f32], c: &mut [f32], rows: usize, cols: usize, depth: usize) {
-    gemm_acc_with(a, b, c, rows, cols, depth, BF16.load(Ordering::Relaxed));
-}
-
-/// [`gemm_acc`] with the input precision chosen by the caller rather than [`set_bf16`]: `bf16`
-/// rounds the inputs to bf16 where the CPU has AVX512-BF16, which is exact for inputs that are
-/// already bf16 values (FP8 codes are).
-pub fn gemm_acc_with(a: Strided, b: &[f32], c: &mut [f32], rows: usize, cols: usize, depth: usize, bf16: bool) {
+/// and `c` is `[rows, cols]`, both row-major. `bf16` rounds the inputs to bf16 and multiplies
+/// pairs with AVX512-BF16, accumulating in f32 — training's "bf16 compute, f32 masters" (exact
+/// for inputs that already are bf16 values, as FP8 codes are); where the CPU lacks it, f32.
+pub fn gemm_acc(a: Strided, b: &[f32], c: &mut [f32], rows: usize, cols: usize, depth: usize, bf16: bool) {
     assert!(b.len() >= depth * cols && c.len() >= rows * cols, "gemm_acc shape mismatch");
     if rows == 0 || cols == 0 || depth == 0 {
         return;
@@ -358,7 +342,7 @@ mod tests {
             let at: Vec<f32> = (0..depth * rows).map(|_| rng.gen_range(-1.0..1.0)).collect();
             for a in [Strided { a: &at, a_s: rows, a_p: 1 }, Strided { a: &at, a_s: 1, a_p: depth }] {
                 let mut c = vec![0.25f32; rows * cols];
-                gemm_acc(a, &b, &mut c, rows, cols, depth);
+                gemm_acc(a, &b, &mut c, rows, cols, depth, false);
                 let want = reference(a, &b, rows, cols, depth);
                 for (i, (g, w)) in c.iter().zip(&want).enumerate() {
                     assert!(

@@ -21,4 +21,5 @@ pub mod matmul;
 pub mod matrix;
 pub mod quant;
 
+pub use matmul::Gemm;
 pub use matrix::{MatRef, WeightFormat};

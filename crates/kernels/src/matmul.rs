@@ -14,35 +14,29 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 /// From this many tokens, f32 weights go through [`gemm_acc`] (a transposed copy of the weight
-/// costs O(n·k) against O(m·n·k)) when the calling thread asked for it ([`with_many_token_gemm`]:
-/// training); otherwise everything uses the GEMV kernel, whose per-token result does not depend
-/// on which other tokens share the call.
+/// costs O(n·k) against O(m·n·k)) when the caller asks for it ([`Gemm::many_token`]: training);
+/// otherwise everything uses the GEMV kernel, whose per-token result does not depend on which
+/// other tokens share the call.
 const GEMM_M: usize = 32;
 /// Tokens per GEMV group: the kernel's batch-invariant width.
 const GROUP: usize = 8;
 
-thread_local! {
-    static MANY_TOKEN_GEMM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// How a product runs, chosen by the caller at every call (no process-wide switch decides it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gemm {
+    /// Many-token products on f32 weights through the blocked GEMM: faster, but a token's result
+    /// then depends on the token count (training). Off: the batch-invariant GEMV kernel.
+    pub many_token: bool,
+    /// The blocked GEMM rounds its inputs to bf16 where the CPU has AVX512-BF16 (training's bf16
+    /// compute; see [`gemm_acc`]).
+    pub bf16: bool,
 }
 
-/// Runs `f` with many-token f32 products on the GEMM (faster, but a token's result then depends on
-/// the token count). Products are issued from the calling thread, so the setting covers `f`.
-pub fn with_many_token_gemm<R>(f: impl FnOnce() -> R) -> R {
-    with_many_token_gemm_set(true, f)
+impl Gemm {
+    /// Inference: the GEMV kernel everywhere, f32.
+    pub const BATCH_INVARIANT: Gemm = Gemm { many_token: false, bf16: false };
 }
 
-/// Whether [`with_many_token_gemm`] is in force on this thread.
-pub fn many_token_gemm() -> bool {
-    MANY_TOKEN_GEMM.with(|g| g.get())
-}
-
-/// Runs `f` with the many-token setting `on` (to carry one thread's setting onto another).
-pub fn with_many_token_gemm_set<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    let before = MANY_TOKEN_GEMM.with(|g| g.replace(on));
-    let r = f();
-    MANY_TOKEN_GEMM.with(|g| g.set(before));
-    r
-}
 /// Work (multiply-adds) under which a call stays on the calling thread.
 const SERIAL_WORK: usize = 1 << 15;
 
@@ -54,8 +48,8 @@ unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 /// `y[m, n] = x[m, cols] · W[rows]ᵀ` with `n = rows.len()`.
-pub fn matmul_nt(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, y: &mut [f32]) {
-    matmul_nt_batch(&mut [NtJob { w: *w, rows, x, m, y }]);
+pub fn matmul_nt(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, y: &mut [f32], g: Gemm) {
+    matmul_nt_batch(&mut [NtJob { w: *w, rows, x, m, y }], g);
 }
 
 /// One `y[m, n] = x[m, cols] · W[rows]ᵀ` of a batch.
@@ -70,7 +64,7 @@ pub struct NtJob<'a> {
 /// Several independent products as one parallel job. At decode the matrices of a step are small
 /// (q_a and kv_a; gate and up of every selected expert), and waking the threads once for all of
 /// them rather than once per matrix saves a visible share of a token's time.
-pub fn matmul_nt_batch(jobs: &mut [NtJob]) {
+pub fn matmul_nt_batch(jobs: &mut [NtJob], g: Gemm) {
     struct Job<'a> {
         w: MatRef<'a>,
         r0: usize,
@@ -86,11 +80,11 @@ pub fn matmul_nt_batch(jobs: &mut [NtJob]) {
         if j.m == 0 || n == 0 {
             continue;
         }
-        if let (MatRef::F32 { data, .. }, true) = (j.w, j.m >= GEMM_M && MANY_TOKEN_GEMM.with(|g| g.get())) {
+        if let (MatRef::F32 { data, .. }, true) = (j.w, j.m >= GEMM_M && g.many_token) {
             // Many tokens on f32 weights (training): the register-blocked GEMM over Wᵀ.
             let wt = transpose(&data[j.rows.start * k..j.rows.end * k], n, k);
             j.y.fill(0.0);
-            gemm_acc(Strided { a: j.x, a_s: 1, a_p: k }, &wt, j.y, j.m, n, k);
+            gemm_acc(Strided { a: j.x, a_s: 1, a_p: k }, &wt, j.y, j.m, n, k, g.bf16);
             continue;
         }
         live.push(Job { w: j.w, r0: j.rows.start, n, x: j.x, m: j.m, y: SharedOut(j.y.as_mut_ptr()) });
@@ -169,16 +163,16 @@ pub fn matmul_nn(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, y: &mut [f
 }
 
 /// `dw[n, k] += dy[m, n]ᵀ · x[m, k]`: the weight gradient of `y = x·Wᵀ`, summed over the m tokens.
-pub fn matmul_tn_acc(dy: &[f32], x: &[f32], m: usize, n: usize, k: usize, dw: &mut [f32]) {
+pub fn matmul_tn_acc(dy: &[f32], x: &[f32], m: usize, n: usize, k: usize, dw: &mut [f32], bf16: bool) {
     assert!(dy.len() == m * n && x.len() == m * k && dw.len() == n * k, "matmul_tn_acc shape mismatch");
-    gemm_acc(Strided { a: dy, a_s: n, a_p: 1 }, x, dw, n, k, m);
+    gemm_acc(Strided { a: dy, a_s: n, a_p: 1 }, x, dw, n, k, m, bf16);
 }
 
 /// `y[m, k] = x[m, n] · W[n, k]` for an f32 `W` (the input gradient of `y = x·Wᵀ`).
-pub fn matmul_nn_f32(w: &[f32], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32]) {
+pub fn matmul_nn_f32(w: &[f32], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32], bf16: bool) {
     assert!(w.len() == n * k && x.len() == m * n && y.len() == m * k, "matmul_nn_f32 shape mismatch");
     y.fill(0.0);
-    gemm_acc(Strided { a: x, a_s: 1, a_p: n }, w, y, m, k, n);
+    gemm_acc(Strided { a: x, a_s: 1, a_p: n }, w, y, m, k, n, bf16);
 }
 
 /// `[rows, cols]` → `[cols, rows]`, in cache-sized tiles, bands of output rows in parallel.
@@ -308,12 +302,12 @@ mod tests {
                     for range in [0..rows, rows / 3..rows] {
                         let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
                         let mut y = vec![0f32; m * range.len()];
-                        matmul_nt(&w, range.clone(), &x, m, &mut y);
+                        matmul_nt(&w, range.clone(), &x, m, &mut y, Gemm::BATCH_INVARIANT);
                         let want = reference::matmul_nt(&w, range.clone(), &x, m);
                         assert_close(&y, &want, &format!("nt {:?} {rows}x{cols} m={m}", w.format()));
                         // The training GEMM path (f32 weights, many tokens) gives the same.
                         let mut y = vec![0f32; m * range.len()];
-                        with_many_token_gemm(|| matmul_nt(&w, range.clone(), &x, m, &mut y));
+                        matmul_nt(&w, range.clone(), &x, m, &mut y, Gemm { many_token: true, bf16: false });
                         assert_close(&y, &want, &format!("nt gemm {:?} {rows}x{cols} m={m}", w.format()));
 
                         let x: Vec<f32> = (0..m * range.len()).map(|_| rng.gen_range(-1.0..1.0)).collect();
@@ -334,13 +328,13 @@ mod tests {
             let dy: Vec<f32> = (0..m * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let mut dw = vec![0.5f32; n * k];
-            matmul_tn_acc(&dy, &x, m, n, k, &mut dw);
+            matmul_tn_acc(&dy, &x, m, n, k, &mut dw, false);
             let want: Vec<f32> = reference::matmul_tn_acc(&dy, &x, m, n, k).iter().map(|v| v + 0.5).collect();
             assert_close(&dw, &want, &format!("tn {m}x{n}x{k}"));
             // The input gradient through the transposed weight equals the strided reference.
             let w: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let mut y = vec![0f32; m * k];
-            matmul_nn_f32(&w, n, k, &dy, m, &mut y);
+            matmul_nn_f32(&w, n, k, &dy, m, &mut y, false);
             let wm = MatRef::F32 { data: &w, rows: n, cols: k };
             assert_close(&y, &reference::matmul_nn(&wm, 0..n, &dy, m), &format!("nn_f32 {m}x{n}x{k}"));
         }
@@ -366,7 +360,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, y)| NtJob { w: views(&mats[i % 3])[f], rows: 0..mats[i % 3].rows, x: &xs[i], m: ms[i], y })
                 .collect();
-            matmul_nt_batch(&mut jobs);
+            matmul_nt_batch(&mut jobs, Gemm::BATCH_INVARIANT);
             for (i, y) in ys.iter().enumerate() {
                 let w = views(&mats[i % 3])[f];
                 assert_close(

@@ -223,7 +223,8 @@ impl Config {
         if self.q_lora_rank == Some(0) {
             return Err(ModelError::config("q_lora_rank", "must be positive or null, not 0"));
         }
-        if self.moe_layer_count() < self.total_layers() && self.intermediate_size == 0 {
+        let layers = self.num_hidden_layers.saturating_add(self.num_nextn_predict_layers);
+        if self.shape().moe_count(layers) < layers && self.intermediate_size == 0 {
             return Err(ModelError::config("intermediate_size", "must be positive: the model has dense FFN layers"));
         }
         for (field, id) in self
@@ -314,62 +315,49 @@ impl Config {
         Ok(())
     }
 
-    /// The parameter count, computed without overflow: sizes whose products exceed any machine
-    /// are refused here, before anything is allocated.
+    /// The parameter count (in f64, so no product of config sizes can overflow it): sizes that
+    /// exceed any machine are refused here, before anything is allocated.
     fn validate_total(&self) -> Result<()> {
-        const MAX_PARAMS: u128 = 1 << 45; // 35T; DeepSeek-V3 has 0.67T
+        const MAX_PARAMS: f64 = (1u64 << 45) as f64; // 35T; DeepSeek-V3 has 0.67T
         let n = self.param_count();
-        if n > MAX_PARAMS {
-            let msg = format!("these sizes make a model of {n} parameters (at most {MAX_PARAMS})");
+        if n.is_nan() || n > MAX_PARAMS {
+            let msg = format!("these sizes make a model of {n:.3e} parameters (at most {MAX_PARAMS:.3e})");
             return Err(ModelError::config("(sizes)", msg));
         }
         Ok(())
     }
 
-    /// Parameters of the model (main layers and MTP modules); saturating, so no product of config
-    /// sizes can overflow it.
-    pub fn param_count(&self) -> u128 {
-        let p = |xs: &[usize]| xs.iter().fold(1u128, |a, &x| a.saturating_mul(x as u128));
-        let (d, h) = (self.hidden_size, self.num_attention_heads);
-        let q = match self.q_lora_rank {
-            Some(r) => p(&[d, r]).saturating_add(r as u128).saturating_add(p(&[r, h, self.qk_head_dim()])),
-            None => p(&[d, h, self.qk_head_dim()]),
-        };
-        let kv = p(&[d, self.latent_cache_width()]).saturating_add(self.kv_lora_rank as u128).saturating_add(p(&[
-            self.kv_lora_rank,
-            h,
-            self.qk_nope_head_dim + self.v_head_dim,
-        ]));
-        let attn = q.saturating_add(kv).saturating_add(p(&[h, self.v_head_dim, d])).saturating_add(p(&[2, d]));
-        let experts = self.n_routed_experts.saturating_add(self.n_shared_experts);
-        let moe = p(&[experts, 3, d, self.moe_intermediate_size]).saturating_add(p(&[self.n_routed_experts, d + 1]));
-        let dense = p(&[3, d, self.intermediate_size]);
-        let n_moe = self.moe_layer_count();
-        let n_dense = self.total_layers() - n_moe;
-        let layers = p(&[self.total_layers()])
-            .saturating_mul(attn)
-            .saturating_add((n_moe as u128).saturating_mul(moe))
-            .saturating_add((n_dense as u128).saturating_mul(dense));
-        let mtp = p(&[self.num_nextn_predict_layers, 2, d, d]);
-        let embed = p(&[self.vocab_size, d]);
-        let head = if self.tie_word_embeddings { 0 } else { embed };
-        embed.saturating_add(head).saturating_add(layers).saturating_add(mtp)
+    /// Parameters of the model, its MTP modules included.
+    pub fn param_count(&self) -> f64 {
+        self.shape().params().total
     }
 
-    /// Decoder layers, main and MTP.
-    fn total_layers(&self) -> usize {
-        self.num_hidden_layers.saturating_add(self.num_nextn_predict_layers)
-    }
-
-    /// How many of the [`Config::total_layers`] have a MoE FFN (see [`Config::is_moe_layer`]),
-    /// counted without visiting them.
-    fn moe_layer_count(&self) -> usize {
-        let (lo, hi, f) = (self.first_k_dense_replace, self.total_layers(), self.moe_layer_freq.max(1));
-        if self.n_routed_experts == 0 || lo >= hi {
-            return 0;
+    /// The numbers cost depends on ([`dsv3_dist::plan`]: parameters, FLOPs per token, memory).
+    pub fn shape(&self) -> dsv3_dist::plan::ModelShape {
+        let moe = self.n_routed_experts > 0;
+        dsv3_dist::plan::ModelShape {
+            hidden: self.hidden_size,
+            layers: self.num_hidden_layers,
+            dense_layers: if moe {
+                self.first_k_dense_replace.min(self.num_hidden_layers)
+            } else {
+                self.num_hidden_layers
+            },
+            moe_layer_freq: self.moe_layer_freq,
+            vocab: self.vocab_size,
+            heads: self.num_attention_heads,
+            q_lora_rank: self.q_lora_rank,
+            kv_lora_rank: self.kv_lora_rank,
+            qk_nope: self.qk_nope_head_dim,
+            qk_rope: self.qk_rope_head_dim,
+            v_head: self.v_head_dim,
+            intermediate: self.intermediate_size,
+            moe_intermediate: self.moe_intermediate_size,
+            routed_experts: self.n_routed_experts,
+            shared_experts: self.n_shared_experts,
+            experts_per_token: self.num_experts_per_tok,
+            mtp_layers: self.num_nextn_predict_layers,
         }
-        // Multiples of f in lo..hi.
-        hi.div_ceil(f) - lo.div_ceil(f)
     }
 
     /// `qk_nope_head_dim + qk_rope_head_dim` (192 for V3).
@@ -632,7 +620,7 @@ mod tests {
     /// The release's size: 671B in the main model plus the 14B MTP module (the model card's 685B).
     #[test]
     fn counts_the_releases_parameters() {
-        let n = Config::from_json(&v3()).unwrap().param_count() as f64;
+        let n = Config::from_json(&v3()).unwrap().param_count();
         assert!((n / 685e9 - 1.0).abs() < 0.01, "{n}");
     }
 

@@ -11,12 +11,11 @@
 //! renamed into place only when every shard, the config and the tokenizer files are complete.
 
 use crate::error::{ModelError, Result};
-use crate::weights::{header_len, parse_header, shard_paths, HeaderEntry};
+use crate::weights::{header_len, parse_header, shard_paths, HeaderEntry, SafetensorsWriter};
 use dsv3_kernels::codec::{bf16_to_f32, f16_to_f32, f32_to_bf16};
 use dsv3_kernels::quant::{Fp4Blocks, Fp4Kind, Fp8Blocks, ScaleFmt};
 use dsv3_kernels::MatRef;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -343,9 +342,7 @@ fn convert_shard(
 ) -> Result<Vec<String>> {
     // Every primary tensor (scales travel with their weight), in name order, and the header of
     // the shard its plan implies.
-    let mut header = serde_json::Map::new();
     let mut planned = vec![];
-    let mut off = 0usize;
     for (name, e) in &shard.tensors {
         if is_companion(name) {
             continue;
@@ -405,46 +402,27 @@ fn convert_shard(
         }
         let p = plan(name, target, shape.len());
         let outs = outputs(name, p, &shape, rows, cols);
-        for o in &outs {
-            header.insert(
-                o.name.clone(),
-                serde_json::json!({"dtype": o.dtype, "shape": o.shape, "data_offsets": [off, off + o.bytes]}),
-            );
-            off += o.bytes;
-        }
         planned.push((Source { name, entry: e, rows, cols, fp8, fp4 }, p, outs));
     }
-    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
-    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("JSON of a map");
-    while !(h.len() + 8).is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let io = |e| ModelError::io(out_path, e);
-    let mut f = std::io::BufWriter::new(std::fs::File::create(out_path).map_err(io)?);
-    f.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
-    f.write_all(&h).map_err(io)?;
+    let entries: Vec<(String, &str, Vec<usize>, usize)> = planned
+        .iter()
+        .flat_map(|(_, _, outs)| outs.iter().map(|o| (o.name.clone(), o.dtype, o.shape.clone(), o.bytes)))
+        .collect();
+    let mut w = SafetensorsWriter::create_with_metadata(out_path, &entries, Some(&[("format", "pt")]))?;
     let mut names = vec![];
     for (src, p, outs) in &planned {
-        write_tensor(shard, src, *p, &mut f, acct, out_path)?;
+        write_tensor(shard, src, *p, &mut w, acct)?;
         report.tensors += 1;
         report.bytes_in += (src.entry.end - src.entry.start) as u64;
         names.extend(outs.iter().map(|o| o.name.clone()));
     }
-    report.bytes_out += (8 + h.len() + off) as u64;
-    f.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
+    report.bytes_out += w.file_len();
+    w.finish()?;
     Ok(names)
 }
 
 /// Streams one tensor in bands of rows (a multiple of 128 and of the source's block rows).
-fn write_tensor(
-    shard: &Shard,
-    src: &Source,
-    p: Plan,
-    f: &mut impl Write,
-    acct: &mut Budget,
-    out_path: &Path,
-) -> Result<()> {
-    let io = |e| ModelError::io(out_path, e);
+fn write_tensor(shard: &Shard, src: &Source, p: Plan, f: &mut SafetensorsWriter, acct: &mut Budget) -> Result<()> {
     let (rows, cols) = (src.rows, src.cols);
     let unit = src.fp8.map_or(128, |(_, b)| lcm(128, b[0]));
     // Per row in flight: source bytes (≤ 4), the f32 values (4), the encoded output (≤ 4).
@@ -492,15 +470,15 @@ fn write_tensor(
             }
         };
         acct.note(out.len());
-        f.write_all(&out).map_err(io)?;
+        f.write_part(&out)?;
         acct.free(out.len() + v.len() * 4);
     }
     match p {
-        Plan::Fp8 => f.write_all(&scales_f32.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).map_err(io)?,
+        Plan::Fp8 => f.write_part(&scales_f32.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?,
         Plan::Fp4(kind) => {
-            f.write_all(&scales_u8).map_err(io)?;
+            f.write_part(&scales_u8)?;
             if kind == Fp4Kind::Nv {
-                f.write_all(&tensor_scale.unwrap_or(1.0).to_le_bytes()).map_err(io)?;
+                f.write_part(&tensor_scale.unwrap_or(1.0).to_le_bytes())?;
             }
         }
         _ => {}

@@ -3,28 +3,33 @@
 //! still serves its experts to the others).
 //!
 //! Every process runs a service thread taking part in a stream of rounds over an
-//! [`ExpertExchange`]. In a round each process contributes the MoE layer call its model is
+//! [`Comm`]. In a round each process contributes the MoE layer call its model is
 //! waiting on, if any:
 //! 1. an all-to-all sends every process a header — done?, the call's MoE layer and its routing
 //!    `experts [t, k]` — and, to each process placed one of a token's experts, that token's row
 //!    once (DeepEP's normal mode);
 //! 2. each process runs the pairs placed on it, for every caller with the caller's layer;
 //! 3. an all-to-all returns each pair's output row, in pair order; the caller sums them as one
-//!    process would ([`crate::moe::Moe`]'s parallel forward), so outputs are bit-identical.
+//!    process does ([`crate::experts::Local`]: ascending expert ids, then the shared expert), so
+//!    outputs are bit-identical.
 //!
-//! Every process sees every header in rank order and observes them into its [`Placement`] after
+//! Every process sees every header in rank order and observes them into its [`PlacementPolicy`] after
 //! the round, so all processes agree on the placement without exchanging it. Rounds go on until
 //! every process is done. A process with nothing to send waits between polls of the transfer
-//! ([`ExpertExchange::all_to_all_waiting`]) instead of spinning on cores the model needs.
+//! ([`Comm::all_to_all_waiting`]) instead of spinning on cores the model needs.
 
-use crate::grad::moe::ExpertExchange;
-use crate::moe::ExpertParallel;
+use crate::exec::Exec;
+use crate::experts::{DispatchGrads, Dispatched, ExpertCall, ExpertDispatch, ExpertTape};
+use crate::grad::{add_into, Grads};
+use crate::moe::Moe;
 use crate::DeepseekV3;
+use dsv3_dist::comm::Comm;
+use dsv3_dist::eplb::LiveBalancer;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// Where each (token, expert) pair of a MoE layer runs; every process must hold the same one.
-pub trait Placement: Send {
+pub trait PlacementPolicy: Send {
     /// The process that runs `token`'s pair with expert `e` in MoE layer `moe`.
     fn rank_of(&self, moe: usize, e: usize, token: usize) -> usize;
     /// Records one call's routing `experts [t, k]` (every process, every call, in round order).
@@ -68,29 +73,86 @@ struct Rounds {
     one_call: Mutex<()>,
 }
 
-impl ExpertParallel for Rounds {
-    fn expert_outputs(
-        &self,
-        moe: usize,
-        x: &[f32],
-        d: usize,
-        experts: &[usize],
-        k: usize,
-        during: &mut dyn FnMut(),
-    ) -> Vec<f32> {
+impl Rounds {
+    /// Each (token, slot) pair's routed-expert output `[t·k, D]`, in pair order, with `during`
+    /// run while they are computed.
+    fn pair_outputs(&self, call: &ExpertCall, during: &mut dyn FnMut()) -> crate::Result<Vec<f32>> {
         let _one = self.one_call.lock().unwrap_or_else(|e| e.into_inner());
-        self.shared.lock().call = Some(Call { moe, x: x.to_vec(), d, experts: experts.to_vec(), k });
+        let (d, k) = (call.width(), call.routing.k);
+        let experts = call.routing.experts.clone();
+        self.shared.lock().call = Some(Call { moe: call.layer, x: call.x.to_vec(), d, experts, k });
         self.shared.changed.notify_all();
         during();
         let mut s = self.shared.lock();
         loop {
             if let Some(r) = s.result.take() {
-                return r;
+                return Ok(r);
             }
-            assert!(!s.stopped, "the expert service stopped during a call");
+            if s.stopped {
+                return Err(crate::ModelError::Input("the expert service stopped during a call".into()));
+            }
             s = self.shared.changed.wait(s).unwrap_or_else(|e| e.into_inner());
         }
     }
+}
+
+impl ExpertDispatch for Rounds {
+    fn forward(&self, cx: &Exec, call: ExpertCall, record: bool) -> crate::Result<Dispatched> {
+        if record {
+            return Err(crate::ModelError::Input("expert-parallel inference does not train".into()));
+        }
+        let (t, d, k) = (call.tokens(), call.width(), call.routing.k);
+        // The shared expert runs while the routed pairs travel.
+        let mut shared = None;
+        let all = self.pair_outputs(&call, &mut || {
+            shared = call.moe.shared_experts.as_ref().map(|s| s.forward(cx, call.x, t, None));
+        })?;
+        // Each token's experts in ascending id, then the shared expert: the local order.
+        let mut out = vec![0f32; t * d];
+        for i in 0..t {
+            let mut js: Vec<usize> = (i * k..(i + 1) * k).collect();
+            js.sort_by_key(|&j| call.routing.experts[j]);
+            for j in js {
+                let w = call.routing.weights[j];
+                out[i * d..(i + 1) * d].iter_mut().zip(&all[j * d..(j + 1) * d]).for_each(|(o, y)| *o += w * y);
+            }
+        }
+        if let Some(y) = &shared {
+            add_into(&mut out, y);
+        }
+        Ok(Dispatched { out, tape: None })
+    }
+
+    fn backward(
+        &self,
+        _: &Exec,
+        _: ExpertCall,
+        _: &str,
+        _: &ExpertTape,
+        _: &[f32],
+        _: &mut Grads,
+    ) -> crate::Result<DispatchGrads> {
+        Err(crate::ModelError::Input("expert-parallel inference does not train".into()))
+    }
+}
+
+/// The outputs of the pairs `pairs` (indices into `experts [t, k]`) of tokens `x [t, D]`, in
+/// `pairs` order: each expert runs once over its pairs' tokens.
+fn pair_rows(cx: &Exec, moe: &Moe, x: &[f32], d: usize, experts: &[usize], k: usize, pairs: &[usize]) -> Vec<f32> {
+    let mut rows: Vec<Vec<usize>> = vec![vec![]; moe.experts.len()];
+    let mut which: Vec<Vec<usize>> = vec![vec![]; moe.experts.len()];
+    for (i, &j) in pairs.iter().enumerate() {
+        rows[experts[j]].push(j / k);
+        which[experts[j]].push(i);
+    }
+    let (runs, _) = moe.run_experts(cx, x, d, rows, None, false);
+    let mut out = vec![0f32; pairs.len() * d];
+    for r in &runs {
+        for (&i, y) in which[r.expert].iter().zip(r.y.chunks_exact(d)) {
+            out[i * d..(i + 1) * d].copy_from_slice(y);
+        }
+    }
+    out
 }
 
 /// The running service thread of one process.
@@ -104,11 +166,11 @@ impl ExpertService {
     /// keeps the model alive until every process is [`finish`](ExpertService::finish)ed.
     pub fn start(
         mut model: DeepseekV3,
-        ex: Arc<dyn ExpertExchange>,
-        mut placement: Box<dyn Placement>,
+        ex: Arc<dyn Comm>,
+        mut placement: Box<dyn PlacementPolicy>,
     ) -> (Arc<DeepseekV3>, ExpertService) {
         let shared = Arc::new(Shared::default());
-        model.set_expert_parallel(Arc::new(Rounds { shared: shared.clone(), one_call: Mutex::new(()) }));
+        model.set_experts(Arc::new(Rounds { shared: shared.clone(), one_call: Mutex::new(()) }));
         let model = Arc::new(model);
         let (m, s) = (model.clone(), shared.clone());
         let thread = std::thread::spawn(move || {
@@ -186,8 +248,8 @@ fn poll_pause(quiet: usize, polls: usize) -> Option<Duration> {
     }
 }
 
-fn serve(model: &DeepseekV3, ex: &dyn ExpertExchange, placement: &mut dyn Placement, shared: &Shared) {
-    let (me, ranks) = (ex.rank(), ex.ranks());
+fn serve(model: &DeepseekV3, ex: &dyn Comm, placement: &mut dyn PlacementPolicy, shared: &Shared) {
+    let (me, ranks) = (ex.rank(), ex.size());
     // Its own threads: the model's forward waits for this service on a thread of the global
     // pool, which may have no other.
     let pool = rayon::ThreadPoolBuilder::new()
@@ -195,6 +257,9 @@ fn serve(model: &DeepseekV3, ex: &dyn ExpertExchange, placement: &mut dyn Placem
         .build()
         .expect("the expert service's threads");
     let moes = model.moe_layers();
+    // The pairs placed here run as this process's own would (its numerics; the dispatcher is
+    // not used by an expert's own computation).
+    let cx = Exec::inference(model.inference, &crate::experts::LOCAL);
     let mut quiet = 0usize;
     loop {
         let (call, done) = {
@@ -260,7 +325,7 @@ fn serve(model: &DeepseekV3, ex: &dyn ExpertExchange, placement: &mut dyn Placem
                         .enumerate()
                         .flat_map(|(n, &i)| (0..k).filter(move |&s| here[i * k + s]).map(move |s| n * k + s))
                         .collect();
-                    pool.install(|| moes[h.moe].expert_rows(h.rows, h.d, &experts, h.k, &pairs))
+                    pool.install(|| pair_rows(&cx, moes[h.moe], h.rows, h.d, &experts, h.k, &pairs))
                 }
             })
             .collect();
@@ -282,18 +347,148 @@ fn serve(model: &DeepseekV3, ex: &dyn ExpertExchange, placement: &mut dyn Placem
     }
 }
 
+/// How expert-parallel inference places the routed experts (`--redundant-experts`,
+/// `--rebalance-every`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Placing {
+    /// Extra expert replicas (EPLB's redundant experts) per MoE layer.
+    pub redundant: usize,
+    /// Re-place with EPLB every this many calls per layer from the routing counts (0: static).
+    pub rebalance_every: usize,
+}
+
+/// Per MoE layer EPLB placement, identical on every process (each observes every call).
+struct Eplb {
+    layers: Vec<LiveBalancer>,
+    /// Tokens × MoE layers called, over all processes.
+    token_layers: u64,
+}
+
+/// The service's view of the placement, shared with [`ExpertParallel::imbalance`].
+struct Live(Arc<Mutex<Eplb>>);
+
+impl PlacementPolicy for Live {
+    fn rank_of(&self, moe: usize, e: usize, token: usize) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).layers[moe].rank_of(e, token)
+    }
+    fn observe(&mut self, moe: usize, experts: &[usize], k: usize) {
+        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        p.layers[moe].observe(experts, k);
+        p.token_layers += (experts.len() / k.max(1)) as u64;
+    }
+}
+
+/// Expert-parallel inference on one process of `comm`: its model (routed experts computed by
+/// whichever process the placement gives them) and its expert service.
+pub struct ExpertParallel {
+    service: ExpertService,
+    placement: Arc<Mutex<Eplb>>,
+    comm: Arc<dyn Comm>,
+}
+
+impl ExpertParallel {
+    /// Loads the model folder `dir` on this process and starts its expert service. With the
+    /// static placement each process loads only its own routed experts (`e·N/E`), so the
+    /// experts' memory is split too; with EPLB any expert may be placed anywhere, so each loads
+    /// them all. Every process of `comm` must call this: they agree that all loaded (an error on
+    /// one is an error on all) before any serves.
+    pub fn load(
+        dir: &std::path::Path,
+        comm: Arc<dyn Comm>,
+        o: Placing,
+        inference: crate::exec::Inference,
+    ) -> crate::Result<(Arc<DeepseekV3>, ExpertParallel)> {
+        use crate::grad::moe::{expert_owner, routed_expert};
+        let (rank, ranks) = (comm.rank(), comm.size());
+        let loaded = (|| {
+            let mut model = if o.redundant == 0 && o.rebalance_every == 0 {
+                let experts = crate::Config::from_file(&dir.join("config.json"))?.n_routed_experts;
+                DeepseekV3::load_skipping(dir, move |name| {
+                    routed_expert(name).is_some_and(|e| expert_owner(e, experts, ranks) != rank)
+                })?
+            } else {
+                DeepseekV3::load(dir)?
+            };
+            model.inference = inference;
+            let placement = Self::placement(&model, ranks, o)?;
+            Ok::<_, crate::ModelError>((model, placement))
+        })();
+        // How many processes have their model: each says whether it has (a sum over all).
+        let mut ready = [loaded.is_ok() as u8 as f64];
+        comm.all_reduce_sum(&mut ready);
+        let (model, placement) = loaded?;
+        if (ready[0] as usize) < ranks {
+            return Err(crate::ModelError::Input(format!(
+                "--expert-parallel: {} of {ranks} processes could not load the model (their errors say why)",
+                ranks - ready[0] as usize
+            )));
+        }
+        let placement = Arc::new(Mutex::new(placement));
+        let (model, service) = ExpertService::start(model, comm.clone(), Box::new(Live(placement.clone())));
+        Ok((model, ExpertParallel { service, placement, comm }))
+    }
+
+    fn placement(model: &DeepseekV3, ranks: usize, o: Placing) -> crate::Result<Eplb> {
+        let experts = model.config.n_routed_experts;
+        let layers = model.moe_layers().len();
+        let bad = |msg: String| crate::ModelError::Input(format!("--expert-parallel: {msg}"));
+        if layers == 0 || experts < ranks {
+            return Err(bad(format!("{ranks} processes for {experts} routed experts in {layers} MoE layers")));
+        }
+        if o.redundant > experts * (ranks - 1) {
+            return Err(bad(format!(
+                "--redundant-experts {}: at most {} for {experts} experts on {ranks} processes (every expert on every process)",
+                o.redundant,
+                experts * (ranks - 1)
+            )));
+        }
+        let slots = (experts + o.redundant).next_multiple_of(ranks);
+        let b = LiveBalancer::new(experts, ranks, slots, o.rebalance_every).map_err(bad)?;
+        Ok(Eplb { layers: vec![b; layers], token_layers: 0 })
+    }
+
+    /// Per-rank load imbalance (max/mean pairs per rank) of the last full window, averaged over
+    /// the MoE layers: (placement in force, static placement). None before a window completes.
+    pub fn imbalance(&self) -> Option<(f64, f64)> {
+        Self::imbalance_of(&self.placement)
+    }
+
+    /// [`ExpertParallel::imbalance`] from a handle that outlives `self` (`/metrics`).
+    pub fn imbalance_probe(&self) -> impl Fn() -> Option<(f64, f64)> + Send + Sync + 'static {
+        let p = self.placement.clone();
+        move || Self::imbalance_of(&p)
+    }
+
+    fn imbalance_of(p: &Mutex<Eplb>) -> Option<(f64, f64)> {
+        let p = p.lock().ok()?;
+        let v: Vec<(f64, f64)> = p.layers.iter().filter_map(|b| b.last_imbalance).collect();
+        (!v.is_empty()).then(|| {
+            let n = v.len() as f64;
+            (v.iter().map(|x| x.0).sum::<f64>() / n, v.iter().map(|x| x.1).sum::<f64>() / n)
+        })
+    }
+
+    /// This process makes no more calls: serves the others' until all are done. Returns the
+    /// bytes this process sent to others and the MoE layer calls (× tokens) of all processes.
+    pub fn finish(self) -> (u64, u64) {
+        self.service.finish();
+        let calls = self.placement.lock().map_or(0, |p| p.token_layers);
+        (self.comm.bytes_sent(), calls)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::generate::{generate, GenerateOptions};
-    use crate::grad::moe::ThreadExchange;
     use crate::init::{preset, write_random_checkpoint, StoreDtype};
+    use dsv3_dist::comm::ThreadComm;
 
     /// Static placement with the experts of one process on another: pair (token, e) on
     /// `(e + token) % ranks`, so tokens split across processes too.
     struct Spread(usize);
 
-    impl Placement for Spread {
+    impl PlacementPolicy for Spread {
         fn rank_of(&self, _moe: usize, e: usize, token: usize) -> usize {
             (e + token) % self.0
         }
@@ -319,7 +514,7 @@ mod tests {
         let want: Vec<Vec<u32>> =
             prompts.iter().map(|(p, n)| generate(&one, p, &opts(*n), |_| {}).unwrap().0).collect();
         let got: Vec<Vec<u32>> = std::thread::scope(|s| {
-            let handles: Vec<_> = ThreadExchange::group(3)
+            let handles: Vec<_> = ThreadComm::group(3)
                 .into_iter()
                 .zip(&prompts)
                 .map(|(ex, (p, n))| {

@@ -2,6 +2,8 @@
 //! (dense FFN, routed expert and shared expert alike).
 
 use crate::error::Result;
+use crate::exec::Exec;
+use crate::grad::layers::MlpSaved;
 use crate::weights::{Checkpoint, Matrix};
 use dsv3_kernels::matmul::{matmul_nt_batch, NtJob};
 use dsv3_kernels::quant::{Fp8Blocks, ScaleFmt};
@@ -22,14 +24,14 @@ impl Linear {
     }
 
     /// `x [m, in]` → `[m, out]`.
-    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
-        Linear::forward_many(&[(self, x, m)]).pop().unwrap_or_default()
+    pub fn forward(&self, cx: &Exec, x: &[f32], m: usize) -> Vec<f32> {
+        Linear::forward_many(cx, &[(self, x, m)]).pop().unwrap_or_default()
     }
 
     /// Several `Linear`s, each on its own `[m, in]` input, as one parallel job (decode-time
     /// matrices are small; waking the threads once for all of them is cheaper).
-    pub fn forward_many(calls: &[(&Linear, &[f32], usize)]) -> Vec<Vec<f32>> {
-        if let Some(r) = crate::grad::fp8::recipe() {
+    pub fn forward_many(cx: &Exec, calls: &[(&Linear, &[f32], usize)]) -> Vec<Vec<f32>> {
+        if let Some(r) = cx.fp8 {
             return calls.iter().map(|&(l, x, m)| crate::grad::fp8::forward(r, &l.weight, x, m)).collect();
         }
         // Dynamic activation quantization: each token's 128-column tiles rounded to E4M3 with
@@ -37,7 +39,7 @@ impl Linear {
         // GEMM with promotion (up to f32 rounding); a CPU has no FP8 arithmetic to gain speed from.
         let quantized: Vec<Vec<f32>>;
         let requantized: Vec<(&Linear, &[f32], usize)>;
-        let calls = if ACT_QUANT_FP8.load(std::sync::atomic::Ordering::Relaxed) {
+        let calls = if cx.act_quant_fp8 {
             quantized = calls
                 .iter()
                 .map(|&(l, x, m)| Fp8Blocks::quantize(x, m, l.weight.cols, [1, 128], ScaleFmt::F32).dequantize())
@@ -53,17 +55,9 @@ impl Linear {
             .zip(ys.iter_mut())
             .map(|(&(l, x, m), y)| NtJob { w: l.weight.view(), rows: 0..l.weight.rows, x, m, y })
             .collect();
-        matmul_nt_batch(&mut jobs);
+        matmul_nt_batch(&mut jobs, cx.gemm);
         ys
     }
-}
-
-static ACT_QUANT_FP8: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// `--act-quant fp8`: every `Linear`'s input quantized per token in 1×128 E4M3 tiles (the official
-/// `activation_scheme: dynamic`); off (weight-only quantization) by default.
-pub fn set_act_quant_fp8(on: bool) {
-    ACT_QUANT_FP8.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// `y = w ⊙ x / sqrt(mean(x²) + eps)` per row, in f32.
@@ -111,22 +105,40 @@ impl Mlp {
         })
     }
 
-    /// `x [m, hidden]` → `[m, hidden]`.
-    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
-        Mlp::forward_many(&[(self, x, m)]).pop().unwrap_or_default()
+    /// `x [m, hidden]` → `[m, hidden]`; with `tape`, what [`Mlp::backward`] needs.
+    pub fn forward(&self, cx: &Exec, x: &[f32], m: usize, tape: Option<&mut Option<MlpSaved>>) -> Vec<f32> {
+        let mut saved = tape.as_ref().map(|_| Vec::new());
+        let y = Mlp::forward_many(cx, &[(self, x, m)], saved.as_mut()).pop().unwrap_or_default();
+        if let Some(t) = tape {
+            *t = saved.and_then(|mut v| v.pop());
+        }
+        y
     }
 
     /// Several MLPs, each on its own tokens (a step's selected experts and the shared one), as two
-    /// parallel jobs: gate and up of all of them, then down of all of them.
-    pub fn forward_many(calls: &[(&Mlp, &[f32], usize)]) -> Vec<Vec<f32>> {
+    /// parallel jobs: gate and up of all of them, then down of all of them. With `saved`, each
+    /// call's activations are pushed there in call order.
+    pub fn forward_many(
+        cx: &Exec,
+        calls: &[(&Mlp, &[f32], usize)],
+        saved: Option<&mut Vec<MlpSaved>>,
+    ) -> Vec<Vec<f32>> {
         let gate_up: Vec<(&Linear, &[f32], usize)> =
             calls.iter().flat_map(|&(mlp, x, m)| [(&mlp.gate_proj, x, m), (&mlp.up_proj, x, m)]).collect();
-        let gu = Linear::forward_many(&gate_up);
+        let gu = Linear::forward_many(cx, &gate_up);
         let hidden: Vec<Vec<f32>> =
             gu.chunks_exact(2).map(|p| p[0].iter().zip(&p[1]).map(|(&g, &u)| silu(g) * u).collect()).collect();
         let down: Vec<(&Linear, &[f32], usize)> =
             calls.iter().zip(&hidden).map(|(&(mlp, _, m), h)| (&mlp.down_proj, h.as_slice(), m)).collect();
-        Linear::forward_many(&down)
+        let ys = Linear::forward_many(cx, &down);
+        if let Some(saved) = saved {
+            let mut gu = gu.into_iter();
+            for (&(_, x, m), hidden) in calls.iter().zip(hidden) {
+                let (gate, up) = (gu.next().unwrap_or_default(), gu.next().unwrap_or_default());
+                saved.push(MlpSaved { x: x.to_vec(), gate, up, hidden, m });
+            }
+        }
+        ys
     }
 
     /// Weight bytes one token reads.

@@ -8,7 +8,9 @@ pub mod chat;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod exec;
 pub mod expert_service;
+pub mod experts;
 pub mod files;
 pub mod generate;
 pub mod grad;
@@ -26,6 +28,7 @@ pub mod weights;
 
 pub use config::Config;
 pub use error::{ModelError, Result};
+pub use exec::Exec;
 pub use mla::AttnImpl;
 pub use model::{DeepseekV3, KvCache};
 pub use tokenizer::Tokenizer;

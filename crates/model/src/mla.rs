@@ -9,12 +9,14 @@
 
 use crate::config::Config;
 use crate::error::Result;
+use crate::exec::Exec;
+use crate::grad::mla::MlaSaved;
 use crate::layers::{Linear, RmsNorm};
 use crate::rope::Rope;
 use crate::weights::Checkpoint;
 use dsv3_kernels::attention::{latent_attention, softmax_in_place, LatentShape, Pages};
-use dsv3_kernels::dot::{axpy_f32, dot_f32};
-use dsv3_kernels::matmul::{matmul_nn, matmul_nt};
+use dsv3_kernels::gemm::{gemm_acc, Strided};
+use dsv3_kernels::matmul::{matmul_nn, matmul_nt, transpose};
 use rayon::prelude::*;
 
 /// `AttnImpl::Auto` runs the absorbed form up to this many new tokens (decode and MTP
@@ -84,66 +86,148 @@ impl Mla {
     }
 
     /// `x [t, D]` for positions `cache.len()..cache.len()+t` → `[t, D]`; appends the tokens' latents.
-    pub fn forward(&self, x: &[f32], t: usize, cache: &mut LatentCache, rope: &Rope, imp: AttnImpl) -> Vec<f32> {
-        self.forward_segments(x, &[t], &mut [cache], rope, imp)
+    pub fn forward_cached(
+        &self,
+        cx: &Exec,
+        x: &[f32],
+        t: usize,
+        cache: &mut LatentCache,
+        rope: &Rope,
+        imp: AttnImpl,
+    ) -> Vec<f32> {
+        self.forward(cx, x, &mut Seqs::Cached { lens: &[t], caches: &mut [cache], imp }, rope, None)
     }
 
-    /// Several sequences at once: `x` holds `lens[s]` consecutive rows per sequence `s`, each after
-    /// what `caches[s]` holds. The projections run once over all rows (weights read once);
-    /// RoPE positions, the cache and attention are per sequence, so each sequence's rows equal
-    /// what [`Self::forward`] gives it alone.
-    pub fn forward_segments(
+    /// The one forward. `x` holds the rows of `seqs` (see [`Seqs`]); the projections run once over
+    /// all rows (weights read once), RoPE positions and attention are per sequence, so each
+    /// sequence's rows equal what it gives alone. With `tape` (whole sequences only), what
+    /// [`Mla::backward`] needs is kept there.
+    pub fn forward(
         &self,
+        cx: &Exec,
         x: &[f32],
+        seqs: &mut Seqs,
+        rope: &Rope,
+        tape: Option<&mut Option<MlaSaved>>,
+    ) -> Vec<f32> {
+        let n = seqs.rows();
+        let positions = seqs.positions();
+        let p = self.project(cx, x, n, &positions, rope);
+        let (h, dv) = (self.heads, self.dv);
+        match seqs {
+            Seqs::Fresh { seqs, t } => {
+                let (seqs, t) = (*seqs, *t);
+                // [n, H, dn+dv]: keys (no-rope part) and values of every row.
+                let kvb = self.kv_b_proj.forward(cx, &p.ckv, n);
+                let per: Vec<(Vec<f32>, Vec<f32>)> = (0..seqs * h)
+                    .into_par_iter()
+                    .map(|sh| {
+                        let (sq, hh) = (sh / h, sh % h);
+                        let hk = HeadKv::gather(&kvb, &p.kpe, sq * t, hh, t, self);
+                        self.attend_head(cx, &p.q[(sq * t * h + hh) * (self.dn + self.dr)..], &hk, t, 0)
+                    })
+                    .collect();
+                let mut probs = vec![0f32; seqs * h * t * t];
+                let mut o = vec![0f32; n * h * dv];
+                for (sh, (pr, oh)) in per.into_iter().enumerate() {
+                    let (sq, hh) = (sh / h, sh % h);
+                    probs[sh * t * t..(sh + 1) * t * t].copy_from_slice(&pr);
+                    for i in 0..t {
+                        o[((sq * t + i) * h + hh) * dv..][..dv].copy_from_slice(&oh[i * dv..(i + 1) * dv]);
+                    }
+                }
+                let y = self.o_proj.forward(cx, &o, n);
+                if let Some(tape) = tape {
+                    let Projected { q, c_pre, ckv, kpe, cq } = p;
+                    *tape = Some(MlaSaved { x: x.to_vec(), seqs, t, cq, c_pre, ckv, kvb, q, kpe, probs, o });
+                }
+                y
+            }
+            Seqs::Cached { lens, caches, imp } => {
+                debug_assert!(tape.is_none(), "training runs whole sequences");
+                let o = self.attend_cached(cx, &p, lens, caches, *imp);
+                self.o_proj.forward(cx, &o, n)
+            }
+        }
+    }
+
+    /// The projections both forms share: queries `[n, H, dn+dr]` with RoPE on their rope part,
+    /// the latent `c_kv` before and after `kv_a_layernorm` `[n, C]`, and the rotated shared rope
+    /// key `[n, R]`; row `i` sits at position `positions[i]`.
+    fn project(&self, cx: &Exec, x: &[f32], n: usize, positions: &[usize], rope: &Rope) -> Projected {
+        let (h, dn, dr, c) = (self.heads, self.dn, self.dr, self.c);
+        let dq = dn + dr;
+        // q_a (or q) and kv_a read the same input: one parallel job.
+        let first_proj = match &self.q {
+            QProj::LowRank { q_a_proj, .. } => q_a_proj,
+            QProj::Direct { q_proj } => q_proj,
+        };
+        let mut both = Linear::forward_many(cx, &[(first_proj, x, n), (&self.kv_a_proj_with_mqa, x, n)]);
+        // [n, C+R]
+        let kv = both.pop().unwrap_or_default();
+        let first = both.pop().unwrap_or_default();
+        // [n, H, dn+dr]
+        let (mut q, cq) = match &self.q {
+            QProj::LowRank { q_a_layernorm, q_b_proj, .. } => {
+                let cqn = q_a_layernorm.forward(&first);
+                (q_b_proj.forward(cx, &cqn, n), Some((first, cqn)))
+            }
+            QProj::Direct { .. } => (first, None),
+        };
+        let mut c_pre = vec![0f32; n * c];
+        let mut kpe = vec![0f32; n * dr];
+        for (i, &pos) in positions.iter().enumerate() {
+            let row = &kv[i * (c + dr)..(i + 1) * (c + dr)];
+            c_pre[i * c..(i + 1) * c].copy_from_slice(&row[..c]);
+            kpe[i * dr..(i + 1) * dr].copy_from_slice(&row[c..]);
+            rope.apply(&mut kpe[i * dr..(i + 1) * dr], pos);
+            for hh in 0..h {
+                rope.apply(&mut q[(i * h + hh) * dq + dn..(i * h + hh + 1) * dq], pos);
+            }
+        }
+        let ckv = self.kv_a_layernorm.forward(&c_pre);
+        Projected { q, c_pre, ckv, kpe, cq }
+    }
+
+    /// One head's causal attention as GEMMs: `S = Q·Kᵀ·scale` over the `hk.len` keys, query `i` at
+    /// position `start + i` seeing keys `..=start + i`, softmax, `O = P·V`. `q` starts at the
+    /// head's first query, rows `H·(dn+dr)` apart. Returns `P [t, len]` and `O [t, dv]`.
+    pub(crate) fn attend_head(
+        &self,
+        cx: &Exec,
+        q: &[f32],
+        hk: &HeadKv,
+        t: usize,
+        start: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (dq, s) = (self.dn + self.dr, hk.len);
+        let bf16 = cx.gemm.bf16;
+        let mut p = vec![0f32; t * s];
+        gemm_acc(Strided { a: q, a_s: 1, a_p: self.heads * dq }, &hk.kt, &mut p, t, s, dq, bf16);
+        for i in 0..t {
+            let (row, visible) = (&mut p[i * s..(i + 1) * s], start + i + 1);
+            row[..visible].iter_mut().for_each(|v| *v *= self.scale);
+            softmax_in_place(&mut row[..visible]);
+            row[visible..].fill(0.0);
+        }
+        let mut o = vec![0f32; t * self.dv];
+        gemm_acc(Strided { a: &p, a_s: 1, a_p: s }, &hk.v, &mut o, t, self.dv, s, bf16);
+        (p, o)
+    }
+
+    /// Attention over each sequence's cache (its new latents appended first): the absorbed form
+    /// for the segments `imp` gives it (all at once), the naive one for the rest. `[n, H·dv]`.
+    fn attend_cached(
+        &self,
+        cx: &Exec,
+        p: &Projected,
         lens: &[usize],
         caches: &mut [&mut LatentCache],
-        rope: &Rope,
         imp: AttnImpl,
     ) -> Vec<f32> {
         let (h, dn, dr, dv, c) = (self.heads, self.dn, self.dr, self.dv, self.c);
         let dq = dn + dr;
         let n: usize = lens.iter().sum();
-        // q_a (or q) and kv_a read the same input: one parallel job.
-        let (first, kv_a) = match &self.q {
-            QProj::LowRank { q_a_proj, .. } => (q_a_proj, &self.kv_a_proj_with_mqa),
-            QProj::Direct { q_proj } => (q_proj, &self.kv_a_proj_with_mqa),
-        };
-        let mut both = Linear::forward_many(&[(first, x, n), (kv_a, x, n)]);
-        // [n, C+R]
-        let kv = both.pop().unwrap_or_default();
-        let first = both.pop().unwrap_or_default();
-        // [n, H, dn+dr]
-        let mut q = match &self.q {
-            QProj::LowRank { q_a_layernorm, q_b_proj, .. } => {
-                let mut cq = first;
-                q_a_layernorm.forward_in_place(&mut cq);
-                q_b_proj.forward(&cq, n)
-            }
-            QProj::Direct { .. } => first,
-        };
-        // RoPE and the cache, per sequence.
-        let mut starts = Vec::with_capacity(lens.len());
-        let mut row0 = 0;
-        for (&t, cache) in lens.iter().zip(caches.iter_mut()) {
-            let start = cache.len();
-            starts.push(start);
-            let qs = &mut q[row0 * h * dq..(row0 + t) * h * dq];
-            for i in 0..t {
-                for hh in 0..h {
-                    rope.apply(&mut qs[(i * h + hh) * dq + dn..(i * h + hh + 1) * dq], start + i);
-                }
-                let row = &kv[(row0 + i) * (c + dr)..(row0 + i + 1) * (c + dr)];
-                let mut pe = row[c..].to_vec();
-                rope.apply(&mut pe, start + i);
-                cache.push(&self.kv_a_layernorm.forward(&row[..c]), &pe);
-            }
-            row0 += t;
-        }
-        let absorbed = |t: usize| match imp {
-            AttnImpl::Naive => false,
-            AttnImpl::Absorbed => true,
-            AttnImpl::Auto => t <= MAX_ABSORBED_TOKENS,
-        };
         let offsets: Vec<usize> = lens
             .iter()
             .scan(0, |acc, &t| {
@@ -152,17 +236,29 @@ impl Mla {
                 Some(o)
             })
             .collect();
+        let mut starts = Vec::with_capacity(lens.len());
+        for ((&t, &r0), cache) in lens.iter().zip(&offsets).zip(caches.iter_mut()) {
+            starts.push(cache.len());
+            for i in r0..r0 + t {
+                cache.push(&p.ckv[i * c..(i + 1) * c], &p.kpe[i * dr..(i + 1) * dr]);
+            }
+        }
+        let absorbed = |t: usize| match imp {
+            AttnImpl::Naive => false,
+            AttnImpl::Absorbed => true,
+            AttnImpl::Auto => t <= MAX_ABSORBED_TOKENS,
+        };
         let mut o = vec![0f32; n * h * dv];
         // Absorbed sequences together: the W_UK / W_UV products run once over all their tokens.
         let abs: Vec<usize> = (0..lens.len()).filter(|&s| lens[s] > 0 && absorbed(lens[s])).collect();
         if !abs.is_empty() {
             let qa: Vec<f32> = abs
                 .iter()
-                .flat_map(|&s| q[offsets[s] * h * dq..(offsets[s] + lens[s]) * h * dq].iter().copied())
+                .flat_map(|&s| p.q[offsets[s] * h * dq..(offsets[s] + lens[s]) * h * dq].iter().copied())
                 .collect();
             let segs: Vec<(usize, usize, &LatentCache)> =
                 abs.iter().map(|&s| (lens[s], starts[s], &*caches[s])).collect();
-            let oa = self.attend_absorbed(&qa, &segs);
+            let oa = self.attend_absorbed(cx, &qa, &segs);
             let mut r = 0;
             for &s in &abs {
                 let len = lens[s] * h * dv;
@@ -172,42 +268,40 @@ impl Mla {
         }
         for s in (0..lens.len()).filter(|&s| lens[s] > 0 && !absorbed(lens[s])) {
             let (t, r0) = (lens[s], offsets[s]);
-            let os = self.attend_naive(&q[r0 * h * dq..(r0 + t) * h * dq], t, starts[s], caches[s]);
+            let os = self.attend_naive(cx, &p.q[r0 * h * dq..(r0 + t) * h * dq], t, starts[s], caches[s]);
             o[r0 * h * dv..(r0 + t) * h * dv].copy_from_slice(&os);
         }
-        self.o_proj.forward(&o, n)
+        o
     }
 
-    /// Per-head keys `[k_nope(h) ; k_pe]` and values from `kv_b_proj(c_kv)`. Returns `[t, H·dv]`.
-    fn attend_naive(&self, q: &[f32], t: usize, start: usize, cache: &LatentCache) -> Vec<f32> {
-        let (h, dn, dr, dv) = (self.heads, self.dn, self.dr, self.dv);
-        let (dq, dkv, s_all) = (dn + dr, dn + dv, cache.len());
+    /// The naive form over a cache: every cached latent expanded through `kv_b_proj` into
+    /// per-head keys `[k_nope(h) ; k_pe]` and values, then [`Mla::attend_head`] per head.
+    /// Returns `[t, H·dv]`.
+    fn attend_naive(&self, cx: &Exec, q: &[f32], t: usize, start: usize, cache: &LatentCache) -> Vec<f32> {
+        let (h, dq, dv, s_all) = (self.heads, self.dn + self.dr, self.dv, cache.len());
         let (c_kv, k_pe) = cache.contiguous();
         // [S, H, dn+dv]
-        let kv = self.kv_b_proj.forward(&c_kv, s_all);
+        let kv = self.kv_b_proj.forward(cx, &c_kv, s_all);
+        let per: Vec<Vec<f32>> = (0..h)
+            .into_par_iter()
+            .map(|hh| {
+                let hk = HeadKv::gather(&kv, &k_pe, 0, hh, s_all, self);
+                self.attend_head(cx, &q[hh * dq..], &hk, t, start).1
+            })
+            .collect();
         let mut o = vec![0f32; t * h * dv];
-        o.par_chunks_mut(dv).enumerate().for_each(|(th, out)| {
-            let (i, hh) = (th / h, th % h);
-            let qh = &q[th * dq..(th + 1) * dq];
-            let visible = start + i + 1;
-            let mut p: Vec<f32> = (0..visible)
-                .map(|s| {
-                    let k_nope = &kv[(s * h + hh) * dkv..][..dn];
-                    (dot_f32(&qh[..dn], k_nope) + dot_f32(&qh[dn..], &k_pe[s * dr..(s + 1) * dr])) * self.scale
-                })
-                .collect();
-            softmax_in_place(&mut p);
-            for (s, &ps) in p.iter().enumerate() {
-                axpy_f32(out, ps, &kv[(s * h + hh) * dkv + dn..][..dv]);
+        for (hh, oh) in per.iter().enumerate() {
+            for i in 0..t {
+                o[(i * h + hh) * dv..][..dv].copy_from_slice(&oh[i * dv..(i + 1) * dv]);
             }
-        });
+        }
         o
     }
 
     /// `q_lat(h) = q_nope(h)·W_UK(h)`, attention over the latent cache, `o(h) = o_lat(h)·W_UV(h)ᵀ`,
     /// for several sequences at once: `q` holds each segment's `t` rows in order, each segment is
     /// `(t, start, cache)`; the two weight products run once over all rows.
-    fn attend_absorbed(&self, q: &[f32], segs: &[(usize, usize, &LatentCache)]) -> Vec<f32> {
+    fn attend_absorbed(&self, cx: &Exec, q: &[f32], segs: &[(usize, usize, &LatentCache)]) -> Vec<f32> {
         let (h, dn, dr, dv, c) = (self.heads, self.dn, self.dr, self.dv, self.c);
         let (dq, dkv) = (dn + dr, dn + dv);
         let t: usize = segs.iter().map(|s| s.0).sum();
@@ -253,7 +347,7 @@ impl Mla {
             .map(|hh| {
                 let x: Vec<f32> = (0..t).flat_map(|i| o_lat[(i * h + hh) * c..][..c].iter().copied()).collect();
                 let mut y = vec![0f32; t * dv];
-                matmul_nt(&w, hh * dkv + dn..(hh + 1) * dkv, &x, t, &mut y);
+                matmul_nt(&w, hh * dkv + dn..(hh + 1) * dkv, &x, t, &mut y, cx.gemm);
                 y
             })
             .collect();
@@ -278,5 +372,74 @@ impl Mla {
             .iter()
             .map(|l| l.weight.view().bytes())
             .sum::<usize>()
+    }
+}
+
+/// The sequences one forward runs over.
+pub enum Seqs<'a, 'c> {
+    /// `seqs` whole sequences of `t` tokens each at positions `0..t`, with no cache (training):
+    /// `seqs·t` rows, sequence-major.
+    Fresh { seqs: usize, t: usize },
+    /// New tokens after what each cache holds (inference): `lens[s]` consecutive rows for
+    /// sequence `s`, appended to `caches[s]`.
+    Cached { lens: &'a [usize], caches: &'a mut [&'c mut LatentCache], imp: AttnImpl },
+}
+
+impl Seqs<'_, '_> {
+    pub fn rows(&self) -> usize {
+        match self {
+            Seqs::Fresh { seqs, t } => seqs * t,
+            Seqs::Cached { lens, .. } => lens.iter().sum(),
+        }
+    }
+
+    /// The position of every row.
+    fn positions(&self) -> Vec<usize> {
+        match self {
+            Seqs::Fresh { seqs, t } => (0..seqs * t).map(|i| i % t).collect(),
+            Seqs::Cached { lens, caches, .. } => {
+                lens.iter().zip(caches.iter()).flat_map(|(&t, c)| c.len()..c.len() + t).collect()
+            }
+        }
+    }
+}
+
+/// What [`Mla::project`] gives.
+struct Projected {
+    /// `[n, H, dn+dr]`, rope part rotated.
+    q: Vec<f32>,
+    /// `[n, C]` latent before `kv_a_layernorm`, and after.
+    c_pre: Vec<f32>,
+    ckv: Vec<f32>,
+    /// `[n, R]` rotated shared rope key.
+    kpe: Vec<f32>,
+    /// `q_a_proj`'s output and its norm (low-rank queries only).
+    cq: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// One head's keys and values over `len` positions, laid out for the GEMMs: `k [len, dn+dr]`
+/// (`[k_nope ; k_pe]`), `kt` its transpose, `v [len, dv]` and `vt` its transpose.
+pub(crate) struct HeadKv {
+    pub(crate) len: usize,
+    pub(crate) k: Vec<f32>,
+    pub(crate) kt: Vec<f32>,
+    pub(crate) v: Vec<f32>,
+    pub(crate) vt: Vec<f32>,
+}
+
+impl HeadKv {
+    /// Head `hh`'s rows `row0..row0 + len` of `kvb [., H, dn+dv]` and `kpe [., R]`.
+    pub(crate) fn gather(kvb: &[f32], kpe: &[f32], row0: usize, hh: usize, len: usize, m: &Mla) -> Self {
+        let (h, dn, dr, dv) = (m.heads, m.dn, m.dr, m.dv);
+        let (dq, dkv) = (dn + dr, dn + dv);
+        let mut k = vec![0f32; len * dq];
+        let mut v = vec![0f32; len * dv];
+        for j in 0..len {
+            let r = row0 + j;
+            k[j * dq..j * dq + dn].copy_from_slice(&kvb[(r * h + hh) * dkv..][..dn]);
+            k[j * dq + dn..(j + 1) * dq].copy_from_slice(&kpe[r * dr..(r + 1) * dr]);
+            v[j * dv..(j + 1) * dv].copy_from_slice(&kvb[(r * h + hh) * dkv + dn..][..dv]);
+        }
+        HeadKv { len, kt: transpose(&k, len, dq), vt: transpose(&v, len, dv), k, v }
     }
 }

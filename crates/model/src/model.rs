@@ -4,8 +4,12 @@
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
+use crate::exec::Exec;
+use crate::experts::ExpertDispatch;
+use crate::grad::add_into;
+use crate::grad::model::{FfnSaved, LayerSaved, MtpSaved};
 use crate::layers::{Mlp, RmsNorm};
-use crate::mla::{AttnImpl, LatentCache, Mla};
+use crate::mla::{AttnImpl, LatentCache, Mla, Seqs};
 use crate::moe::Moe;
 use crate::paged::BlockPool;
 use crate::rope::Rope;
@@ -35,7 +39,9 @@ impl DecoderLayer {
         let p = format!("model.layers.{l}");
         let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         let mlp = if cfg.is_moe_layer(l) {
-            Ffn::Moe(Moe::load(ck, &format!("{p}.mlp"), cfg, block)?)
+            // Its place among the MoE layers (main layers first, then the MTP blocks).
+            let index = (0..l).filter(|&j| cfg.is_moe_layer(j)).count();
+            Ffn::Moe(Moe::load(ck, &format!("{p}.mlp"), cfg, block, index)?)
         } else {
             Ffn::Dense(Mlp::load(ck, &format!("{p}.mlp"), d, cfg.intermediate_size, block)?)
         };
@@ -47,29 +53,41 @@ impl DecoderLayer {
         })
     }
 
-    /// `h [t, D]` in place.
-    pub fn forward(&self, h: &mut [f32], t: usize, cache: &mut LatentCache, rope: &Rope, imp: AttnImpl) {
-        self.forward_segments(h, &[t], &mut [cache], rope, imp);
-    }
-
-    /// Several sequences' rows at once (see [`Mla::forward_segments`]); the FFN is per token.
-    pub fn forward_segments(
+    /// `h [n, D]` in place for the rows of `seqs`: `h += MLA(norm(h)); h += FFN(norm(h))`. With
+    /// `tape` (whole sequences), what [`DecoderLayer::backward`] needs is kept there.
+    pub fn forward(
         &self,
+        cx: &Exec,
         h: &mut [f32],
-        lens: &[usize],
-        caches: &mut [&mut LatentCache],
+        seqs: &mut Seqs,
         rope: &Rope,
-        imp: AttnImpl,
-    ) {
-        let n: usize = lens.iter().sum();
-        let a = self.self_attn.forward_segments(&self.input_layernorm.forward(h), lens, caches, rope, imp);
-        h.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
+        tape: Option<&mut Option<LayerSaved>>,
+    ) -> Result<()> {
+        let n = seqs.rows();
+        let record = tape.is_some();
+        let h_in = record.then(|| h.to_vec());
+        let mut attn = None;
+        let a = self.self_attn.forward(cx, &self.input_layernorm.forward(h), seqs, rope, record.then_some(&mut attn));
+        add_into(h, &a);
+        let h_mid = record.then(|| h.to_vec());
         let x = self.post_attention_layernorm.forward(h);
-        let f = match &self.mlp {
-            Ffn::Dense(m) => m.forward(&x, n),
-            Ffn::Moe(m) => m.forward(&x, n).0,
+        let (f, ffn) = match &self.mlp {
+            Ffn::Dense(m) => {
+                let mut s = None;
+                let f = m.forward(cx, &x, n, record.then_some(&mut s));
+                (f, s.map(FfnSaved::Dense))
+            }
+            Ffn::Moe(m) => {
+                let mut s = None;
+                let (f, _) = m.forward(cx, &x, n, record.then_some(&mut s))?;
+                (f, s.map(FfnSaved::Moe))
+            }
         };
-        h.iter_mut().zip(&f).for_each(|(h, f)| *h += f);
+        add_into(h, &f);
+        if let (Some(tape), Some(h_in), Some(h_mid), Some(attn), Some(ffn)) = (tape, h_in, h_mid, attn, ffn) {
+            *tape = Some(LayerSaved { h_in, attn, h_mid, ffn });
+        }
+        Ok(())
     }
 
     /// Weight bytes one decode token reads (top-k experts, not all).
@@ -94,6 +112,38 @@ pub struct MtpLayer {
     pub eh_proj: crate::layers::Linear,
     pub block: DecoderLayer,
     pub shared_head_norm: RmsNorm,
+}
+
+impl MtpLayer {
+    /// `h' = eh_proj([enorm(emb) ; hnorm(h_prev)])` through the block, then `shared_head.norm`:
+    /// `emb [n, D]` embeds the tokens one step ahead, `h_prev [n, D]` are the previous depth's
+    /// states. With `tape`, what the backward needs is kept there.
+    pub fn forward(
+        &self,
+        cx: &Exec,
+        emb: &[f32],
+        h_prev: &[f32],
+        seqs: &mut Seqs,
+        rope: &Rope,
+        tape: Option<&mut Option<MtpSaved>>,
+    ) -> Result<Vec<f32>> {
+        let n = seqs.rows();
+        let d = h_prev.len() / n.max(1);
+        let e = self.enorm.forward(emb);
+        let g = self.hnorm.forward(h_prev);
+        // [n, 2D]
+        let cat: Vec<f32> =
+            (0..n).flat_map(|r| e[r * d..(r + 1) * d].iter().chain(&g[r * d..(r + 1) * d]).copied()).collect();
+        let mut z = self.eh_proj.forward(cx, &cat, n);
+        let mut block = None;
+        let record = tape.is_some();
+        self.block.forward(cx, &mut z, seqs, rope, record.then_some(&mut block))?;
+        let hk = self.shared_head_norm.forward(&z);
+        if let (Some(tape), Some(block)) = (tape, block) {
+            *tape = Some(MtpSaved { cat, z, block });
+        }
+        Ok(hk)
+    }
 }
 
 /// Latent caches of the main layers and of each MTP module.
@@ -124,6 +174,12 @@ pub struct DeepseekV3 {
     pub mtp: Vec<MtpLayer>,
     pub rope: Rope,
     pub attn_impl: AttnImpl,
+    /// How inference computes (`--act-quant`); training passes its own [`Exec`].
+    pub inference: crate::exec::Inference,
+    /// How training computes (bf16 compute, the FP8 recipe): set by the trainer.
+    pub training: crate::exec::Training,
+    /// Where the routed experts run ([`crate::experts::Local`] unless set from outside).
+    experts: Arc<dyn ExpertDispatch>,
 }
 
 impl DeepseekV3 {
@@ -180,6 +236,9 @@ impl DeepseekV3 {
             lm_head,
             mtp,
             attn_impl: AttnImpl::Auto,
+            inference: Default::default(),
+            training: Default::default(),
+            experts: Arc::new(crate::experts::Local),
         };
         model.check_unused(ck)?;
         Ok(model)
@@ -236,38 +295,25 @@ impl DeepseekV3 {
             .collect()
     }
 
-    /// Expert-parallel training: every MoE layer exchanges its rows through `ex`; the routed
-    /// experts other processes own should then be dropped ([`DeepseekV3::drop_params`]).
-    pub fn set_expert_exchange(&mut self, ex: Arc<dyn crate::grad::moe::ExpertExchange>) {
-        self.set_expert_exchanges(ex.clone(), ex);
+    /// Runs the routed experts through `experts` (expert parallelism: a process's share of
+    /// them, the rest on other processes); the model itself does not change.
+    pub fn set_experts(&mut self, experts: Arc<dyn ExpertDispatch>) {
+        self.experts = experts;
     }
 
-    /// [`DeepseekV3::set_expert_exchange`] with the backward's exchanges on a channel of their
-    /// own, so that a forward and a backward may run at the same time ([`DeepseekV3::exchanges_apart`]).
-    pub fn set_expert_exchanges(
-        &mut self,
-        forward: Arc<dyn crate::grad::moe::ExpertExchange>,
-        backward: Arc<dyn crate::grad::moe::ExpertExchange>,
-    ) {
-        for (_, m) in self.moe_layers_mut() {
-            m.ep_train = Some(crate::grad::moe::Exchanges { forward: forward.clone(), backward: backward.clone() });
-        }
+    /// The dispatcher in use.
+    pub fn experts(&self) -> &dyn ExpertDispatch {
+        &*self.experts
     }
 
-    /// Whether training exchanges expert rows, the forward's and the backward's on different
-    /// channels: a forward and a backward may then run at the same time, one's exchanges hidden
-    /// behind the other's computation.
-    pub fn exchanges_apart(&self) -> bool {
-        let moes = self.moe_layers();
-        !moes.is_empty()
-            && moes.iter().all(|m| m.ep_train.as_ref().is_some_and(|x| !Arc::ptr_eq(&x.forward, &x.backward)))
+    /// How inference runs: the batch-invariant kernels, `self.inference`'s settings.
+    pub fn exec(&self) -> Exec<'_> {
+        Exec::inference(self.inference, &*self.experts)
     }
 
-    /// Computes the routed experts of every MoE layer through `ep` (expert parallelism).
-    pub fn set_expert_parallel(&mut self, ep: Arc<dyn crate::moe::ExpertParallel>) {
-        for (id, (_, m)) in self.moe_layers_mut().into_iter().enumerate() {
-            m.ep = Some((id, ep.clone()));
-        }
+    /// How training runs with `numerics`.
+    pub fn training_exec(&self, numerics: crate::exec::Training) -> Exec<'_> {
+        Exec::training(numerics, &*self.experts)
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -306,18 +352,7 @@ impl DeepseekV3 {
 
     /// Runs `tokens` after what the cache holds. Returns the post-final-norm hidden states `[t, D]`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        let t = tokens.len();
-        if cache.layers.len() != self.layers.len() {
-            return Err(ModelError::Input("cache was made for another model".into()));
-        }
-        let mut h = self.embed(tokens)?;
-        on_pool(|| {
-            for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-                layer.forward(&mut h, t, c, &self.rope, self.attn_impl);
-            }
-        });
-        self.norm.forward_in_place(&mut h);
-        Ok(h)
+        Ok(self.forward_batch(&mut [(tokens, cache)])?.pop().unwrap_or_default())
     }
 
     /// Several sequences' new tokens in one pass (continuous batching): every weight is read once
@@ -332,12 +367,15 @@ impl DeepseekV3 {
         let lens: Vec<usize> = seqs.iter().map(|(t, _)| t.len()).collect();
         let tokens: Vec<u32> = seqs.iter().flat_map(|(t, _)| t.iter().copied()).collect();
         let mut h = self.embed(&tokens)?;
-        on_pool(|| {
+        let cx = self.exec();
+        in_pool(|| {
             for (l, layer) in self.layers.iter().enumerate() {
                 let mut caches: Vec<&mut LatentCache> = seqs.iter_mut().map(|(_, c)| &mut c.layers[l]).collect();
-                layer.forward_segments(&mut h, &lens, &mut caches, &self.rope, self.attn_impl);
+                let mut batch = Seqs::Cached { lens: &lens, caches: &mut caches, imp: self.attn_impl };
+                layer.forward(&cx, &mut h, &mut batch, &self.rope, None)?;
             }
-        });
+            Ok::<_, ModelError>(())
+        })?;
         self.norm.forward_in_place(&mut h);
         let mut out = vec![];
         let mut r = 0;
@@ -348,11 +386,16 @@ impl DeepseekV3 {
         Ok(out)
     }
 
-    /// `h [m, D]` → logits `[m, vocab]`.
+    /// `h [m, D]` → logits `[m, vocab]` (inference kernels).
     pub fn logits(&self, h: &[f32], m: usize) -> Vec<f32> {
+        self.logits_with(&self.exec(), h, m)
+    }
+
+    /// `h [m, D]` → logits `[m, vocab]` computed as `cx` says.
+    pub fn logits_with(&self, cx: &Exec, h: &[f32], m: usize) -> Vec<f32> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let mut y = vec![0f32; m * head.rows];
-        on_pool(|| matmul_nt(&head.view(), 0..head.rows, h, m, &mut y));
+        in_pool(|| matmul_nt(&head.view(), 0..head.rows, h, m, &mut y, cx.gemm));
         y
     }
 
@@ -362,18 +405,14 @@ impl DeepseekV3 {
     /// them to [`Self::logits`].
     pub fn mtp_forward(&self, k: usize, h_prev: &[f32], next_tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let m = self.mtp.get(k).ok_or_else(|| ModelError::Input(format!("the checkpoint has no MTP module {k}")))?;
-        let (t, d) = (next_tokens.len(), self.config.hidden_size);
-        let e = m.enorm.forward(&self.embed(next_tokens)?);
-        let g = m.hnorm.forward(h_prev);
-        let mut cat = Vec::with_capacity(t * 2 * d);
-        for i in 0..t {
-            cat.extend_from_slice(&e[i * d..(i + 1) * d]);
-            cat.extend_from_slice(&g[i * d..(i + 1) * d]);
-        }
-        let mut h = m.eh_proj.forward(&cat, t);
-        on_pool(|| m.block.forward(&mut h, t, &mut cache.mtp[k], &self.rope, self.attn_impl));
-        m.shared_head_norm.forward_in_place(&mut h);
-        Ok(h)
+        let emb = self.embed(next_tokens)?;
+        let cx = self.exec();
+        let lens = [next_tokens.len()];
+        in_pool(|| {
+            let mut caches = [&mut cache.mtp[k]];
+            let mut batch = Seqs::Cached { lens: &lens, caches: &mut caches, imp: self.attn_impl };
+            m.forward(&cx, &emb, h_prev, &mut batch, &self.rope, None)
+        })
     }
 
     /// Weight bytes one decode token reads: layers with top-k experts, one embedding row, the head.
@@ -415,16 +454,10 @@ impl KvCache {
     }
 }
 
-/// Runs `f` on a thread of rayon's pool. The many small parallel jobs of a decode step are then
-/// forked from a worker (cheap local queue) instead of injected from outside the pool, which
-/// would wake a sleeping thread and park the caller once per matrix.
-pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    // The calling thread's GEMM settings go along (from outside the pool, `f` runs on another
-    // thread), so where `f` runs does not change a result.
-    let (many, fp8) = (dsv3_kernels::matmul::many_token_gemm(), crate::grad::fp8::recipe());
-    let mut out = None;
-    rayon::scope(|_| {
-        out = Some(crate::grad::fp8::with_recipe(fp8, || dsv3_kernels::matmul::with_many_token_gemm_set(many, f)))
-    });
-    out.expect("rayon::scope runs its closure")
+/// Runs `f` on a worker of rayon's pool. A decode step's many small parallel jobs are then forked
+/// from a worker (cheap local queue) instead of injected from outside the pool, which would wake a
+/// sleeping thread and park the caller once per matrix. Scheduling only: every setting `f` needs
+/// is in its arguments.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }

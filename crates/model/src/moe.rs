@@ -3,6 +3,8 @@
 
 use crate::config::{Config, ScoringFunc, TopkMethod};
 use crate::error::Result;
+use crate::exec::Exec;
+use crate::experts::ExpertCall;
 use crate::layers::Mlp;
 use crate::weights::{Checkpoint, Matrix};
 use dsv3_kernels::matmul::matmul_nt;
@@ -51,26 +53,30 @@ impl Router {
         })
     }
 
-    /// `x [t, D]` → the experts of each token.
-    pub fn route(&self, x: &[f32], t: usize) -> Routing {
+    /// `x [t, D]` → the router's scores `[t, E]` (sigmoid or softmax of the logits, f32).
+    pub fn scores(&self, cx: &Exec, x: &[f32], t: usize) -> Vec<f32> {
         let e = self.weight.rows;
-        let mut logits = vec![0f32; t * e];
-        matmul_nt(&self.weight.view(), 0..e, x, t, &mut logits);
+        let mut scores = vec![0f32; t * e];
+        matmul_nt(&self.weight.view(), 0..e, x, t, &mut scores, cx.gemm);
+        for row in scores.chunks_exact_mut(e) {
+            match self.scoring {
+                ScoringFunc::Sigmoid => row.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+                ScoringFunc::Softmax => dsv3_kernels::attention::softmax_in_place(row),
+            }
+        }
+        scores
+    }
+
+    /// The experts of each token for scores `[t, E]`.
+    pub fn route(&self, scores: &[f32]) -> Routing {
+        let e = self.weight.rows;
         let mut r = Routing {
-            experts: Vec::with_capacity(t * self.top_k),
-            weights: Vec::with_capacity(t * self.top_k),
+            experts: Vec::with_capacity(scores.len() / e.max(1) * self.top_k),
+            weights: vec![],
             k: self.top_k,
         };
-        for row in logits.chunks_exact(e) {
-            let scores: Vec<f32> = match self.scoring {
-                ScoringFunc::Sigmoid => row.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
-                ScoringFunc::Softmax => {
-                    let mut s = row.to_vec();
-                    dsv3_kernels::attention::softmax_in_place(&mut s);
-                    s
-                }
-            };
-            let (idx, w) = self.select(&scores);
+        for row in scores.chunks_exact(e) {
+            let (idx, w) = self.select(row);
             r.experts.extend(idx);
             r.weights.extend(w);
         }
@@ -121,38 +127,20 @@ pub fn top_k_indices(v: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-/// Routed experts computed across processes (expert parallelism; [`crate::expert_service`] over
-/// a transport the CLI supplies). Given this MoE layer's inputs and routing, returns the routed
-/// expert's output for every (token, slot) pair, `[t·k, D]` in pair order, running `during`
-/// (the shared expert) while they are computed elsewhere. Expert outputs do not depend on which
-/// pairs share a call, so the result is the same wherever a pair runs.
-pub trait ExpertParallel: Send + Sync {
-    fn expert_outputs(
-        &self,
-        moe: usize,
-        x: &[f32],
-        d: usize,
-        experts: &[usize],
-        k: usize,
-        during: &mut dyn FnMut(),
-    ) -> Vec<f32>;
-}
-
+/// A MoE FFN: the router, the routed experts and the always-on shared expert. Where the routed
+/// experts run is not the layer's business: its forward hands them to [`Exec::experts`].
 #[derive(Clone)]
 pub struct Moe {
     pub gate: Router,
     pub experts: Vec<Mlp>,
     pub shared_experts: Option<Mlp>,
-    /// Set for expert-parallel inference (this layer's index among the MoE layers, and the
-    /// transport); `None` computes every expert here.
-    pub ep: Option<(usize, std::sync::Arc<dyn ExpertParallel>)>,
-    /// Set for expert-parallel training: the routed experts this process does not own are not
-    /// held ([`crate::grad::moe::expert_owner`]).
-    pub ep_train: Option<crate::grad::moe::Exchanges>,
+    /// This layer's place among the model's MoE layers (main layers first, then MTP blocks):
+    /// how a dispatcher names it to other processes.
+    pub index: usize,
 }
 
 impl Moe {
-    pub fn load(ck: &Checkpoint, p: &str, cfg: &Config, block: [usize; 2]) -> Result<Self> {
+    pub fn load(ck: &Checkpoint, p: &str, cfg: &Config, block: [usize; 2], index: usize) -> Result<Self> {
         let (d, inter) = (cfg.hidden_size, cfg.moe_intermediate_size);
         let experts = (0..cfg.n_routed_experts)
             .map(|i| Mlp::load(ck, &format!("{p}.experts.{i}"), d, inter, block))
@@ -161,99 +149,26 @@ impl Moe {
             0 => None,
             n => Some(Mlp::load(ck, &format!("{p}.shared_experts"), d, inter * n, block)?),
         };
-        Ok(Moe {
-            gate: Router::load(ck, &format!("{p}.gate"), cfg, block)?,
-            experts,
-            shared_experts,
-            ep: None,
-            ep_train: None,
-        })
+        Ok(Moe { gate: Router::load(ck, &format!("{p}.gate"), cfg, block)?, experts, shared_experts, index })
     }
 
-    /// `x [t, D]` → `[t, D]`. Tokens are grouped by expert so each expert's weights are read once
-    /// for all the tokens routed to it.
-    pub fn forward(&self, x: &[f32], t: usize) -> (Vec<f32>, Routing) {
-        let d = x.len() / t.max(1);
-        let routing = self.gate.route(x, t);
-        if let Some((id, ep)) = &self.ep {
-            return (self.forward_parallel(*id, ep.as_ref(), x, t, &routing), routing);
+    /// `x [t, D]` → `[t, D]`: route, then the routed and shared experts through the dispatcher.
+    /// With `tape`, what [`Moe::backward`] needs is kept there.
+    pub fn forward(
+        &self,
+        cx: &Exec,
+        x: &[f32],
+        t: usize,
+        tape: Option<&mut Option<crate::grad::moe::MoeSaved>>,
+    ) -> Result<(Vec<f32>, Routing)> {
+        let scores = self.gate.scores(cx, x, t);
+        let routing = self.gate.route(&scores);
+        let call = ExpertCall { moe: self, layer: self.index, x, routing: &routing };
+        let out = cx.experts.forward(cx, call, tape.is_some())?;
+        if let Some(tape) = tape {
+            *tape = Some(crate::grad::moe::MoeSaved::new(x, t, scores, routing.clone(), out.tape));
         }
-        let mut per_expert: Vec<Vec<(usize, f32)>> = vec![vec![]; self.experts.len()];
-        for (j, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
-            per_expert[e].push((j / routing.k, w));
-        }
-        let active: Vec<(usize, &Vec<(usize, f32)>)> =
-            per_expert.iter().enumerate().filter(|(_, v)| !v.is_empty()).collect();
-        let inputs: Vec<Vec<f32>> = active
-            .iter()
-            .map(|(_, toks)| toks.iter().flat_map(|&(i, _)| x[i * d..(i + 1) * d].iter().copied()).collect())
-            .collect();
-        let mut calls: Vec<(&Mlp, &[f32], usize)> =
-            active.iter().zip(&inputs).map(|(&(e, toks), xe)| (&self.experts[e], xe.as_slice(), toks.len())).collect();
-        if let Some(s) = &self.shared_experts {
-            calls.push((s, x, t));
-        }
-        let mut ys = Mlp::forward_many(&calls);
-        let mut out = match self.shared_experts {
-            Some(_) => ys.pop().unwrap_or_default(),
-            None => vec![0f32; t * d],
-        };
-        for ((_, toks), ye) in active.iter().zip(&ys) {
-            for (row, &(i, w)) in ye.chunks_exact(d).zip(toks.iter()) {
-                out[i * d..(i + 1) * d].iter_mut().zip(row).for_each(|(o, y)| *o += w * y);
-            }
-        }
-        (out, routing)
-    }
-
-    /// The routed experts' outputs for the (token, slot) `pairs` of `experts [t, k]`, in `pairs`
-    /// order: each expert runs once over its pairs' tokens.
-    pub fn expert_rows(&self, x: &[f32], d: usize, experts: &[usize], k: usize, pairs: &[usize]) -> Vec<f32> {
-        let mut per_expert: Vec<Vec<usize>> = vec![vec![]; self.experts.len()];
-        for (i, &j) in pairs.iter().enumerate() {
-            per_expert[experts[j]].push(i);
-        }
-        let active: Vec<(usize, &Vec<usize>)> = per_expert.iter().enumerate().filter(|(_, v)| !v.is_empty()).collect();
-        let inputs: Vec<Vec<f32>> = active
-            .iter()
-            .map(|(_, is)| {
-                is.iter().flat_map(|&i| x[(pairs[i] / k) * d..(pairs[i] / k + 1) * d].iter().copied()).collect()
-            })
-            .collect();
-        let calls: Vec<(&Mlp, &[f32], usize)> =
-            active.iter().zip(&inputs).map(|(&(e, is), xe)| (&self.experts[e], xe.as_slice(), is.len())).collect();
-        let ys = Mlp::forward_many(&calls);
-        let mut out = vec![0f32; pairs.len() * d];
-        for ((_, is), y) in active.iter().zip(&ys) {
-            for (&i, row) in is.iter().zip(y.chunks_exact(d)) {
-                out[i * d..(i + 1) * d].copy_from_slice(row);
-            }
-        }
-        out
-    }
-
-    /// [`Moe::forward`] with the routed experts computed across processes: the same sums in the
-    /// same order (shared expert first, then each token's experts by ascending id), so the result
-    /// is bit-identical to one process.
-    fn forward_parallel(&self, id: usize, ep: &dyn ExpertParallel, x: &[f32], t: usize, routing: &Routing) -> Vec<f32> {
-        let d = x.len() / t.max(1);
-        let k = routing.k;
-        let mut out = vec![0f32; t * d];
-        // The shared expert runs while the routed pairs travel.
-        let all = ep.expert_outputs(id, x, d, &routing.experts, k, &mut || {
-            if let Some(s) = &self.shared_experts {
-                out = s.forward(x, t);
-            }
-        });
-        for i in 0..t {
-            let mut js: Vec<usize> = (i * k..(i + 1) * k).collect();
-            js.sort_by_key(|&j| routing.experts[j]);
-            for j in js {
-                let w = routing.weights[j];
-                out[i * d..(i + 1) * d].iter_mut().zip(&all[j * d..(j + 1) * d]).for_each(|(o, y)| *o += w * y);
-            }
-        }
-        out
+        Ok((out.out, routing))
     }
 }
 

@@ -2,7 +2,8 @@
 //! one step's loss and gradients stay close to the bf16/f32 step's — close, not equal (the test
 //! fails if the FP8 path is not taken, or if it is wrong).
 
-use dsv3_model::grad::fp8::{with_recipe, Fp8Recipe};
+use dsv3_model::exec::Training;
+use dsv3_model::grad::fp8::Fp8Recipe;
 use dsv3_model::grad::model::LossWeights;
 use dsv3_model::grad::moe::Balance;
 use dsv3_model::grad::Grads;
@@ -26,15 +27,16 @@ fn fp8_step_tracks_the_f32_step() {
     // expert is a different function, not a rounding error. (Training runs below cover MoE.)
     cfg["first_k_dense_replace"] = serde_json::json!(99);
     write_training_init(&dir, &cfg, 3, None).unwrap();
-    let model = DeepseekV3::load(&dir).unwrap();
+    let mut model = DeepseekV3::load(&dir).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     let (seqs, t) = (2, 160); // 320 tokens: ragged 128-token tiles in Wgrad
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     let tokens: Vec<u32> = (0..seqs * (t + 1)).map(|_| rng.gen_range(0..512)).collect();
     let w = LossWeights { mtp_lambda: 0.3, balance: Balance { seq_alpha: 1e-4, batch_alpha: 0.0 } };
-    let step = |recipe: Option<Fp8Recipe>| {
+    let mut step = |recipe: Option<Fp8Recipe>| {
         let mut g = Grads::default();
-        let r = with_recipe(recipe, || model.train_step(&tokens, seqs, t, w, Some(&mut g))).unwrap();
+        model.training = Training { bf16: false, fp8: recipe };
+        let r = model.train_step(&tokens, seqs, t, w, Some(&mut g)).unwrap();
         (r, g)
     };
     let (base, g32) = step(None);

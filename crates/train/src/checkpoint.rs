@@ -5,9 +5,9 @@
 //! arguments). The folder is written whole under a temporary name and swapped in by rename, so a
 //! crash or a full disk mid-save leaves the previous checkpoint intact.
 
+use crate::args::TrainArgs;
 use crate::data::{LoaderState, BOS, EOS};
 use crate::optim::Optimizer;
-use crate::trainer::TrainArgs;
 use anyhow::{bail, Context, Result};
 use dsv3_model::weights::{write_safetensors, Checkpoint};
 use dsv3_model::DeepseekV3;

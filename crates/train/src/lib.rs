@@ -2,16 +2,19 @@
 //! auxiliary-loss-free balancing, checkpoints with exact resume, metrics. The model and its
 //! gradients are the `dsv3-model` crate's (`grad`): this crate never defines a layer.
 
+pub mod args;
 pub mod balance;
 pub mod checkpoint;
 pub mod data;
+mod holders;
 pub mod optim;
 pub mod parallel;
 pub mod pipeline;
-mod placement;
 pub mod trainer;
 
-pub use trainer::{run, BalanceMode, Precision, StepLog, Summary, TrainArgs};
+pub use args::{BalanceMode, Precision, TrainArgs};
+pub use parallel::Layout;
+pub use trainer::{run, StepLog, Summary, Trainer};
 pub mod plot;
 pub mod raster;
 

@@ -8,7 +8,7 @@ use dsv3_model::grad::Grads;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     Adamw,
@@ -70,7 +70,7 @@ impl Optimizer {
     /// gradient 0).
     pub fn update(&mut self, cfg: &OptimConfig, params: ParamsMut, grads: &mut Grads, grad_norm: f64) -> UpdateInfo {
         // On a pool thread: the parallel loop below then forks instead of being injected.
-        dsv3_model::model::on_pool(|| self.update_on_pool(cfg, params, grads, grad_norm))
+        dsv3_model::model::in_pool(|| self.update_on_pool(cfg, params, grads, grad_norm))
     }
 
     fn update_on_pool(

@@ -1,26 +1,19 @@
 //! Parallel training under `mpirun` (`dsv3 train --data-parallel | --expert-parallel |
 //! --pipeline KIND [--pp P] [--zero1]`): how the processes are arranged. Every process trains on
 //! its share of each batch; gradients are summed over the processes holding each parameter
-//! ([`crate::placement`]), losses and expert loads over all of them, so every holder applies the
+//! ([`crate::holders`]), losses and expert loads over all of them, so every holder applies the
 //! same update (the aux-free bias included, from the global expert counts) and the run equals
 //! one process training on the whole batch up to the order of the sums. The transport is
-//! outside this crate (MPI in the CLI).
+//! a [`Comm`] (threads, or MPI in `dsv3_dist::transport`).
 
-use dsv3_model::grad::moe::{Exchanges, ExpertExchange};
-use std::sync::{Arc, OnceLock};
-
-/// A sum over the data-parallel processes.
-pub trait AllReduce: Send + Sync {
-    fn rank(&self) -> usize;
-    fn size(&self) -> usize;
-    /// Element-wise sum of `v` over the processes, in place (the same result everywhere).
-    fn sum_f64(&self, v: &mut [f64]);
-    /// Runs `f` with point-to-point messages among the processes (pipeline training).
-    fn with_peers(&self, f: &mut dyn FnMut(&mut dyn dsv3_dist::pipeline::P2p));
-}
-
-static DP: OnceLock<Arc<dyn AllReduce>> = OnceLock::new();
-static PIPELINE: OnceLock<Pipeline> = OnceLock::new();
+use crate::holders::Holders;
+use anyhow::Result;
+use dsv3_dist::comm::Comm;
+use dsv3_model::grad::exchange::ExchangeExperts;
+use dsv3_model::grad::model::{LossWeights, StepReport};
+use dsv3_model::grad::Grads;
+use dsv3_model::DeepseekV3;
+use std::sync::Arc;
 
 /// Pipeline training: the schedule, its micro-batches per batch, and the processes per pipeline.
 #[derive(Clone, Copy, Debug)]
@@ -30,90 +23,180 @@ pub struct Pipeline {
     pub stages: usize,
 }
 
-/// Pipeline training (`dsv3 train --pipeline KIND --pp P --chunks C` under `mpirun -np D·P`): the
-/// processes form D pipelines of P consecutive ranks, each taking 1/D of every batch as C
-/// micro-batches through the schedule (each process runs its stages' forwards and backwards and
-/// holds only their parameters; activations and gradients travel point to point). A parameter's
-/// gradient is summed over its holders: the D pipelines, the two copies of a DualPipe stage, the
-/// embedding at the first and last positions.
-///
-/// With `experts` (an exchange among the processes at the same pipeline rank) the routed experts
-/// are also split, over the D pipelines: pipeline `g` holds the experts
-/// [`dsv3_model::grad::moe::expert_owner`] gives `g`, and its stage at rank `s` computes them for
-/// the tokens of every pipeline's rank `s` (those processes run the same ops in the same order).
-/// A backward exchange apart from the forward's lets DualPipe's `(F|B)` run both at once.
-pub fn set_pipeline(
-    dp: Arc<dyn AllReduce>,
-    kind: dsv3_dist::schedule::Kind,
-    chunks: usize,
-    stages: usize,
-    experts: Option<Exchanges>,
-) {
-    set_data_parallel(dp);
-    if let Some(x) = experts {
-        let _ = EP.set(x);
+/// How the processes of a run are arranged: a value the trainer is given (one process when
+/// [`Layout::single`]), never a process-wide setting.
+#[derive(Clone, Default)]
+pub struct Layout {
+    /// The processes training together (absent: this one alone).
+    pub dp: Option<Arc<dyn Comm>>,
+    /// Pipeline training (`--pipeline KIND --pp P --chunks C` under `mpirun -np D·P`): the
+    /// processes form D pipelines of P consecutive ranks, each taking 1/D of every batch as C
+    /// micro-batches through the schedule (each process runs its stages' forwards and backwards
+    /// and holds only their parameters; activations and gradients travel point to point). A
+    /// parameter's gradient is summed over its holders: the D pipelines, the two copies of a
+    /// DualPipe stage, the embedding at the first and last positions.
+    pub pipeline: Option<Pipeline>,
+    /// Expert parallelism: the routed experts split over the processes (with a pipeline, over the
+    /// D pipelines: the processes at one pipeline rank exchange expert rows). An expert's
+    /// weights, gradient and optimizer moments live on its owner only; its gradient there
+    /// already sums every process's tokens.
+    pub experts: Option<ExchangeExperts>,
+    /// ZeRO stage 1: of the processes holding a parameter, one updates it and keeps its
+    /// optimizer moments, then sends it to the others: the same arithmetic as every holder
+    /// updating, so the run is bit-identical to plain data parallelism, with 1/N of the moments.
+    pub zero1: bool,
+}
+
+impl Layout {
+    /// One process.
+    pub fn single() -> Self {
+        Layout::default()
     }
-    let _ = PIPELINE.set(Pipeline { kind, chunks, stages });
+
+    /// Each of `dp.size()` processes trains on its share of every batch.
+    pub fn data_parallel(dp: Arc<dyn Comm>) -> Self {
+        Layout { dp: Some(dp), ..Layout::default() }
+    }
+
+    /// Data parallelism for everything but the routed experts, which are split over the
+    /// processes: in each MoE layer every process sends its tokens' rows to the experts' owners
+    /// through `ex`.
+    pub fn expert_parallel(dp: Arc<dyn Comm>, ex: Arc<dyn Comm>) -> Self {
+        Layout { dp: Some(dp), experts: Some(ExchangeExperts::new(ex)), ..Layout::default() }
+    }
+
+    /// Pipelines of `stages` processes running `kind` with `chunks` micro-batches per batch, data
+    /// parallel among themselves, optionally splitting the routed experts among the pipelines.
+    pub fn pipelined(
+        dp: Arc<dyn Comm>,
+        kind: dsv3_dist::schedule::Kind,
+        chunks: usize,
+        stages: usize,
+        experts: Option<ExchangeExperts>,
+    ) -> Self {
+        Layout { dp: Some(dp), pipeline: Some(Pipeline { kind, chunks, stages }), experts, zero1: false }
+    }
+
+    /// Processes training together (1 alone).
+    pub fn processes(&self) -> usize {
+        self.dp.as_ref().map_or(1, |d| d.size())
+    }
+
+    /// This process's rank among them (0 alone).
+    pub fn rank(&self) -> usize {
+        self.dp.as_ref().map_or(0, |d| d.rank())
+    }
 }
 
-pub(crate) fn pipeline() -> Option<Pipeline> {
-    PIPELINE.get().copied()
+/// One pipelined step: this process's pipeline takes its share of the batch as `p.chunks`
+/// micro-batches through the schedule; this process keeps the gradients of the stages it ran, and
+/// its report holds what they computed (summed over micro-batches; [`all_reduce_step`] turns them
+/// into the batch's means).
+pub(crate) fn pipeline_step(
+    layout: &Layout,
+    model: &DeepseekV3,
+    tokens: &[u32],
+    args: &crate::TrainArgs,
+    w: LossWeights,
+    grads: &mut Grads,
+) -> Result<StepReport> {
+    let (Some(dp), Some(p)) = (&layout.dp, layout.pipeline) else {
+        anyhow::bail!("a pipeline step without a pipeline")
+    };
+    let overlap = layout.experts.as_ref().is_some_and(|x| x.apart());
+    let (kind, chunks, stages) = (p.kind, p.chunks, p.stages);
+    let (group, rank) = (dp.rank() / stages, dp.rank() % stages);
+    let shard = args.batch_size / (dp.size() / stages);
+    let per = shard / chunks;
+    let row = args.seq_len + 1;
+    let mine = &tokens[group * shard * row..(group + 1) * shard * row];
+    let mbs: Vec<Vec<u32>> = mine.chunks(per * row).map(|c| c.to_vec()).collect();
+    let model_stages = crate::pipeline::DeepSeekStages::new(
+        model,
+        &mbs,
+        per,
+        args.seq_len,
+        w,
+        dsv3_dist::pipeline::positions(kind, stages),
+        overlap,
+    )?;
+    let ops = dsv3_dist::schedule::generate(kind, stages, chunks).map_err(|e| anyhow::anyhow!("{e}"))?;
+    dp.with_peers(&mut |peers| {
+        let mut peers = dsv3_dist::pipeline::Group { inner: peers, base: group * stages };
+        dsv3_dist::pipeline::execute(&mut peers, kind, stages, chunks, &ops[rank], &model_stages);
+    });
+    let mut report = model_stages.report.into_inner().expect("report");
+    // Expert loads per MoE layer (summed over the micro-batches this process ran), in layer order
+    // with zeros for the layers it does not hold, so the sums line up across processes.
+    let moe_layers: Vec<usize> =
+        (0..model.layers.len() + model.mtp.len()).filter(|&l| model.config.is_moe_layer(l)).collect();
+    let experts = model.config.n_routed_experts;
+    let mut load: Vec<(usize, Vec<usize>)> = moe_layers.iter().map(|&l| (l, vec![0; experts])).collect();
+    for (l, c) in &report.load {
+        if let Some(slot) = load.iter_mut().find(|(ll, _)| ll == l) {
+            slot.1.iter_mut().zip(c).for_each(|(a, b)| *a += b);
+        }
+    }
+    report.load = load;
+    report.mtp_losses.resize(model.mtp.len(), 0.0);
+    if !model.mtp.is_empty() && report.mtp_top1.is_none() {
+        report.mtp_top1 = Some(0.0);
+    }
+    report.loss = w.total(&report, model.mtp.len());
+    report.tokens = args.batch_size * args.seq_len / dp.size();
+    *grads = model_stages.grads.into_inner().expect("gradients");
+    Ok(report)
 }
 
-/// Makes this process one of `dp.size()` data-parallel trainers.
-pub fn set_data_parallel(dp: Arc<dyn AllReduce>) {
-    let _ = DP.set(dp);
-}
-
-/// Processes training together (1 without data or pipeline parallelism).
-pub fn processes() -> usize {
-    DP.get().map_or(1, |d| d.size())
-}
-
-/// This process's rank among them (0 alone).
-pub fn rank() -> usize {
-    DP.get().map_or(0, |d| d.rank())
-}
-
-pub(crate) fn get() -> Option<&'static Arc<dyn AllReduce>> {
-    DP.get()
-}
-
-static EP: OnceLock<Exchanges> = OnceLock::new();
-
-/// Expert-parallel training (`dsv3 train --expert-parallel` under `mpirun`): data parallelism as
-/// [`set_data_parallel`] for everything but the routed experts, which are split over the
-/// processes ([`dsv3_model::grad::moe::expert_owner`]): in each MoE layer every process sends its
-/// tokens' rows to the experts' owners through `ex`. An expert's weights, gradient and optimizer
-/// moments live on its owner only; its gradient there already sums every process's tokens.
-pub fn set_expert_parallel(dp: Arc<dyn AllReduce>, ex: Arc<dyn ExpertExchange>) {
-    set_data_parallel(dp);
-    let _ = EP.set(Exchanges { forward: ex.clone(), backward: ex });
-}
-
-pub(crate) fn experts() -> Option<&'static Exchanges> {
-    EP.get()
-}
-
-static ZERO1: OnceLock<()> = OnceLock::new();
-
-/// ZeRO stage 1 (`dsv3 train --zero1`): of the processes holding a parameter, one updates it and
-/// keeps its optimizer moments, then sends it to the others: the same arithmetic as every holder
-/// updating, so the run is bit-identical to plain data parallelism, with 1/N of the moments.
-pub fn set_zero1() {
-    let _ = ZERO1.set(());
-}
-
-pub(crate) fn zero1() -> bool {
-    ZERO1.get().is_some()
+/// Data parallelism: the mean gradient over every process's shard (each shard's gradient is of its
+/// mean loss, and the shards are equal), the mean losses, and the summed expert loads. Pipelined
+/// (`micro_batches`, over all pipelines): every process holds sums over micro-batches of the
+/// stages it ran, so the sums are divided by the micro-batch count instead.
+///
+/// Returns the global gradient norm. Each gradient is summed over the processes holding its
+/// parameter (all of them in plain data parallelism; a routed expert's owner alone, whose
+/// gradient already sums every process's tokens).
+pub(crate) fn all_reduce_step(
+    dp: &dyn Comm,
+    holders: &Holders,
+    grads: &mut Grads,
+    report: &mut StepReport,
+    micro_batches: Option<usize>,
+) -> f64 {
+    let scale = 1.0 / micro_batches.unwrap_or(dp.size()) as f64;
+    let norm_sq = holders.reduce_grads(dp, grads, scale);
+    let n_mtp = report.mtp_losses.len();
+    let mut flat = vec![norm_sq, report.loss, report.lm_loss, report.balance_loss, report.mtp_top1.unwrap_or(0.0)];
+    flat.extend(&report.mtp_losses);
+    flat.extend(report.load.iter().flat_map(|(_, c)| c.iter().map(|&v| v as f64)));
+    dp.all_reduce_sum(&mut flat);
+    report.loss = flat[1] * scale;
+    report.lm_loss = flat[2] * scale;
+    report.balance_loss = flat[3] * scale;
+    report.mtp_top1 = report.mtp_top1.map(|_| flat[4] * scale);
+    let mut at = 5;
+    for l in report.mtp_losses.iter_mut().take(n_mtp) {
+        *l = flat[at] * scale;
+        at += 1;
+    }
+    for (_, c) in report.load.iter_mut() {
+        for v in c.iter_mut() {
+            *v = flat[at] as usize;
+            at += 1;
+        }
+    }
+    report.tokens *= dp.size();
+    flat[0].sqrt()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dsv3_dist::comm::ThreadComm;
     use dsv3_dist::pipeline::calc_diff;
+    use dsv3_model::grad::exchange::ExchangeExperts;
     use dsv3_model::grad::model::{LossWeights, StepReport};
-    use dsv3_model::grad::moe::{expert_owner, Balance, ThreadExchange};
+    use dsv3_model::grad::moe::{expert_owner, Balance};
     use dsv3_model::grad::Grads;
     use dsv3_model::DeepseekV3;
 
@@ -131,14 +214,14 @@ mod tests {
         let r1 = one.train_step(&tokens, seqs, t, w, Some(&mut want)).unwrap();
         for ranks in [2, 4] {
             let per_rank: Vec<(StepReport, Grads)> = std::thread::scope(|s| {
-                let handles: Vec<_> = ThreadExchange::group(ranks)
+                let handles: Vec<_> = ThreadComm::group(ranks)
                     .into_iter()
                     .map(|ex| {
                         let (dir, tokens) = (&dir, &tokens);
                         s.spawn(move || {
                             let rank = ex.rank();
                             let mut m = DeepseekV3::load(dir).unwrap();
-                            m.set_expert_exchange(Arc::new(ex));
+                            m.set_experts(Arc::new(ExchangeExperts::new(Arc::new(ex))));
                             m.drop_params(|n| {
                                 n.split(".mlp.experts.").nth(1).is_none_or(|e| {
                                     expert_owner(e.split('.').next().unwrap().parse().unwrap(), 16, ranks) == rank

@@ -7,11 +7,13 @@
 //! and the head) for the `W` op the schedule places later: run right away for `B`, deferred for
 //! zero-bubble `b`.
 
-use crate::parallel::{AllReduce, Pipeline};
-use crate::placement::positions_of;
+use crate::holders::positions_of;
+use crate::parallel::Pipeline;
+use dsv3_dist::comm::Comm;
 use dsv3_dist::pipeline::{P2p, StageCompute};
 use dsv3_model::grad::model::{LossWeights, StageSaved, StepReport};
 use dsv3_model::grad::{Grads, WeightGrad};
+use dsv3_model::model::in_pool;
 use dsv3_model::DeepseekV3;
 use std::ops::Range;
 use std::sync::Mutex;
@@ -23,14 +25,12 @@ pub struct DeepSeekStages<'a> {
     pub seqs: usize,
     pub t: usize,
     pub weights: LossWeights,
-    /// The decoder layers of each position ([`crate::placement::stage_split`]).
+    /// The decoder layers of each position ([`crate::holders::stage_split`]).
     split: Vec<Range<usize>>,
     /// The gradients of the stages this process ran.
     pub grads: Mutex<Grads>,
     /// Expert loads and losses of the stages this process ran.
     pub report: Mutex<StepReport>,
-    /// The FP8 recipe of the step (thread-local where it is set; stages may run on other threads).
-    fp8: Option<dsv3_model::grad::fp8::Fp8Recipe>,
     /// Run `(F|B)`'s forward and backward at once: by default when there are expert exchanges to
     /// hide (on separate channels); without them the two would only compete for the cores.
     pub overlap: bool,
@@ -44,11 +44,12 @@ impl<'a> DeepSeekStages<'a> {
         t: usize,
         weights: LossWeights,
         positions: usize,
+        overlap: bool,
     ) -> anyhow::Result<Self> {
         if positions == 0 || positions > model.layers.len() {
             anyhow::bail!("{positions} pipeline stages for {} decoder layers", model.layers.len());
         }
-        let split = crate::placement::stage_split(model, positions);
+        let split = crate::holders::stage_split(model, positions);
         Ok(DeepSeekStages {
             model,
             micro_batches,
@@ -58,8 +59,7 @@ impl<'a> DeepSeekStages<'a> {
             split,
             grads: Default::default(),
             report: Default::default(),
-            fp8: dsv3_model::grad::fp8::recipe(),
-            overlap: model.exchanges_apart(),
+            overlap,
         })
     }
 
@@ -73,8 +73,8 @@ impl<'a> DeepSeekStages<'a> {
     /// on the calling thread, so that neither waits while holding one of the pool's threads.
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         match self.overlap {
-            true => DeepseekV3::training_here(self.fp8, f),
-            false => dsv3_model::grad::fp8::with_recipe(self.fp8, || DeepseekV3::training(f)),
+            true => f(),
+            false => in_pool(f),
         }
     }
 }
@@ -100,11 +100,7 @@ impl StageCompute for DeepSeekStages<'_> {
             .expect("micro-batches were checked against the vocabulary");
         let last = pos + 1 == self.split.len();
         // The last stage holds the LM and MTP losses; each stage holds its layers' balance loss.
-        let loss = last.then(|| {
-            report.lm_loss
-                + report.mtp_losses.iter().sum::<f64>()
-                    * (self.weights.mtp_lambda / self.model.mtp.len().max(1) as f32) as f64
-        });
+        let loss = last.then(|| self.weights.prediction(&report, self.model.mtp.len()));
         let mut total = self.report.lock().expect("report");
         total.balance_loss += report.balance_loss;
         total.load.extend(report.load);
@@ -134,7 +130,7 @@ impl StageCompute for DeepSeekStages<'_> {
     fn weight(&self, _pos: usize, work: Vec<WeightGrad>) {
         let mut g = self.grads.lock().expect("gradients");
         let g: &mut Grads = &mut g;
-        DeepseekV3::training(|| g.apply(work));
+        in_pool(|| g.apply(work));
     }
 
     fn overlap(&self) -> bool {
@@ -146,7 +142,7 @@ impl StageCompute for DeepSeekStages<'_> {
 /// position, each on the process of the pipeline holding it (activations passed point to point).
 /// Returns what this process's positions computed; the losses are at the last position's.
 pub(crate) fn forward_only(
-    dp: &dyn AllReduce,
+    dp: &dyn Comm,
     p: Pipeline,
     model: &DeepseekV3,
     tokens: &[u32],
@@ -155,7 +151,7 @@ pub(crate) fn forward_only(
     w: LossWeights,
 ) -> anyhow::Result<StepReport> {
     let positions = dsv3_dist::pipeline::positions(p.kind, p.stages);
-    let split = crate::placement::stage_split(model, positions);
+    let split = crate::holders::stage_split(model, positions);
     let holder =
         |pos: usize| (0..p.stages).find(|&s| positions_of(p, s).contains(&pos)).expect("every position is held");
     let mut report = StepReport::default();
@@ -171,7 +167,7 @@ pub(crate) fn forward_only(
                 _ => Some(to_f32(peers.recv(holder(pos - 1), pos as u64, 0))),
             };
             let layers = split[pos].clone();
-            let out = DeepseekV3::training(|| model.stage_forward(layers, tokens, seqs, t, w, input, &mut report));
+            let out = in_pool(|| model.stage_forward(layers, tokens, seqs, t, w, input, &mut report));
             let y = match out {
                 Ok((y, _)) => y,
                 Err(e) => {
@@ -211,7 +207,7 @@ mod tests {
         model.train_step(&tokens, seqs, t, w, Some(&mut want)).unwrap();
         let all = 0..model.layers.len();
         let mut g = Grads::default();
-        let jobs = DeepseekV3::training(|| {
+        let jobs = in_pool(|| {
             let (_, saved) =
                 model.stage_forward(all.clone(), &tokens, seqs, t, w, None, &mut StepReport::default()).unwrap();
             g.defer_weight_grads();
@@ -225,7 +221,7 @@ mod tests {
             g.get("model.layers.0.input_layernorm.weight").is_some(),
             "norm weights are cheap and stay in the backward"
         );
-        DeepseekV3::training(|| g.apply(jobs));
+        in_pool(|| g.apply(jobs));
         assert_eq!(g.map, want.map);
     }
 
@@ -256,10 +252,9 @@ mod tests {
                     .map(|(r, mut peers)| {
                         let (ops, model, mbs) = (&schedule[r], &model, &mbs);
                         s.spawn(move || {
-                            let mut stages =
-                                DeepSeekStages::new(model, mbs, seqs, t, w, positions(kind, ranks)).unwrap();
                             // (F|B) on two threads, as with expert exchanges to hide.
-                            stages.overlap = true;
+                            let stages =
+                                DeepSeekStages::new(model, mbs, seqs, t, w, positions(kind, ranks), true).unwrap();
                             let losses = execute(&mut peers, kind, ranks, chunks, ops, &stages);
                             (losses, stages.grads.into_inner().expect("gradients"))
                         })

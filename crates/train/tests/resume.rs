@@ -1,7 +1,7 @@
 //! A run stopped and resumed continues bit-identically; a checkpoint is a Hugging Face folder that
 //! the inference engine loads; the routing bias moves against the load.
 
-use dsv3_train::{run, StepLog, TrainArgs};
+use dsv3_train::{run, Layout, StepLog, TrainArgs};
 use std::path::PathBuf;
 
 fn tiny_args(out: PathBuf, steps: u64) -> TrainArgs {
@@ -46,12 +46,13 @@ fn resume_is_bit_identical_and_checkpoints_load_for_inference() {
     let base = std::env::temp_dir().join(format!("dsv3-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     let mut straight: Vec<StepLog> = vec![];
-    run(tiny_args(base.join("a"), 6), None, None, |l| straight.push(l.clone())).unwrap();
+    run(tiny_args(base.join("a"), 6), &Layout::single(), None, None, |l| straight.push(l.clone())).unwrap();
 
     let mut first: Vec<StepLog> = vec![];
-    run(tiny_args(base.join("b"), 6), None, Some(3), |l| first.push(l.clone())).unwrap();
+    run(tiny_args(base.join("b"), 6), &Layout::single(), None, Some(3), |l| first.push(l.clone())).unwrap();
     let mut second: Vec<StepLog> = vec![];
-    run(tiny_args(base.join("b"), 6), Some(&base.join("b")), None, |l| second.push(l.clone())).unwrap();
+    run(tiny_args(base.join("b"), 6), &Layout::single(), Some(&base.join("b")), None, |l| second.push(l.clone()))
+        .unwrap();
     let resumed: Vec<(u64, u64, f64)> =
         first.iter().chain(&second).map(|l| (l.step, l.loss.to_bits(), l.grad_norm)).collect();
     let want: Vec<(u64, u64, f64)> = straight.iter().map(|l| (l.step, l.loss.to_bits(), l.grad_norm)).collect();

@@ -3,15 +3,14 @@
 //! checks the losses bit for bit and every stage's gradient (`1 − 2Σxy/Σ(x²+y²) < 1e-13`)
 //! against the sequential run of the same micro-batches. Exits non-zero on failure.
 
+use dsv3_dist::comm::Comm;
 use dsv3_dist::pipeline::{calc_diff, reference, run, Batch, Grads, Stage};
 use dsv3_dist::schedule::{generate, Kind};
-use dsv3_dist::transport::{MpiExchange, MpiPeers};
-use mpi::traits::*;
+use dsv3_dist::transport::World;
 
 fn main() {
-    let universe = mpi::initialize().expect("MPI initializes once");
-    let world = universe.world();
-    let ranks = world.size() as usize;
+    let world = World::init().expect("MPI initializes once");
+    let ranks = world.size();
     let h = 16;
     let mut kinds = vec![(Kind::OneFOneB, 2 * ranks), (Kind::DualPipeV, 2 * ranks + 1)];
     if ranks.is_multiple_of(2) {
@@ -22,11 +21,10 @@ fn main() {
         let stages: Vec<Stage> = (0..n_stages).map(|s| Stage::new(h, 7 + s as u64)).collect();
         let b = Batch::synthetic(chunks, 4, h);
         let ops = generate(kind, ranks, chunks).expect("a valid shape");
-        let me = world.rank() as usize;
-        let result = {
-            let mut peers = MpiPeers::new(&world);
-            run(&mut peers, kind, ranks, chunks, &ops[me], &stages, &b)
-        };
+        let me = world.rank();
+        let mut result = None;
+        world.comm.with_peers(&mut |peers| result = Some(run(peers, kind, ranks, chunks, &ops[me], &stages, &b)));
+        let result = result.expect("the run");
         // Everything to rank 0: (batch index, loss) pairs and (stage, w1, w2) gradients.
         let mut bytes = vec![];
         bytes.extend((result.losses.len() as u64).to_le_bytes());
@@ -39,8 +37,7 @@ fn main() {
             bytes.extend((*s as u64).to_le_bytes());
             bytes.extend(g.w1.iter().chain(&g.w2).flat_map(|v| v.to_le_bytes()));
         }
-        let ex = MpiExchange { comm: world.duplicate() };
-        let (all, counts) = ex.all_gather(&bytes);
+        let all = world.comm.duplicate().all_gather(&bytes);
         if me != 0 {
             continue;
         }
@@ -48,11 +45,8 @@ fn main() {
         let mut losses = vec![f64::NAN; chunks];
         let mut sum = vec![Grads::default(); n_stages];
         let word = |b: &[u8], i: usize| u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap());
-        let mut off = 0;
         let g_len = 8 * h * h;
-        for c in counts {
-            let b = &all[off..off + c];
-            off += c;
+        for b in &all {
             let nl = word(b, 0) as usize;
             for k in 0..nl {
                 losses[word(b, 1 + 2 * k) as usize] = f64::from_bits(word(b, 2 + 2 * k));

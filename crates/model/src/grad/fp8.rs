@@ -9,15 +9,14 @@
 //! | Dgrad | `dx = dy·W` | `dy [m, out]` | `Wᵀ [in, out]`, 128×128 |
 //! | Wgrad | `dW = dyᵀ·x` | `dyᵀ [out, m]` (tiles along tokens) | `xᵀ [in, m]`, 1×128 along tokens |
 //!
-//! The recipe is set per training step on the thread that runs it ([`with_recipe`]), like
-//! `with_many_token_gemm`: inference never sees it.
+//! The recipe reaches every `Linear` as a value ([`crate::exec::Exec::fp8`]); inference never
+//! has one.
 
 use crate::weights::Matrix;
 use dsv3_kernels::fp8_gemm::gemm_nt;
 use dsv3_kernels::matmul::transpose;
 use dsv3_kernels::quant::{Fp8Blocks, ScaleFmt};
 use std::borrow::Cow;
-use std::cell::Cell;
 
 /// Which FP8 training variant runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,23 +34,6 @@ impl Default for Fp8Recipe {
 }
 
 const TILE: usize = 128;
-
-thread_local! {
-    static RECIPE: Cell<Option<Fp8Recipe>> = const { Cell::new(None) };
-}
-
-/// Runs `f` with every `Linear` GEMM issued from this thread in FP8 (`None`: in the usual precision).
-pub fn with_recipe<R>(recipe: Option<Fp8Recipe>, f: impl FnOnce() -> R) -> R {
-    let before = RECIPE.with(|r| r.replace(recipe));
-    let out = f();
-    RECIPE.with(|r| r.set(before));
-    out
-}
-
-/// The recipe in force on this thread.
-pub fn recipe() -> Option<Fp8Recipe> {
-    RECIPE.with(|r| r.get())
-}
 
 fn master(w: &Matrix) -> Cow<'_, [f32]> {
     match w.view() {

@@ -1,19 +1,19 @@
 //! Gradients of `Linear`, `RmsNorm`, the SwiGLU `Mlp`, the embedding and the softmax cross-entropy.
 
 use super::{add_into, Grads};
-use crate::layers::{silu, Linear, Mlp, RmsNorm};
+use crate::exec::Exec;
+use crate::layers::{Linear, Mlp, RmsNorm};
 use crate::weights::Matrix;
 
 impl Linear {
     /// For `y = x·Wᵀ` with `x [m, in]` and `dy [m, out]`: adds `dyᵀ·x` to `{name}.weight`'s
     /// gradient and returns `dx = dy·W`.
-    pub fn backward(&self, name: &str, x: &[f32], dy: &[f32], m: usize, g: &mut Grads) -> Vec<f32> {
+    pub fn backward(&self, cx: &Exec, name: &str, x: &[f32], dy: &[f32], m: usize, g: &mut Grads) -> Vec<f32> {
         let (out, inp) = (self.weight.rows, self.weight.cols);
-        let fp8 = super::fp8::recipe();
-        g.weight_grad(format!("{name}.weight"), dy, x, m, out, inp, fp8);
-        match fp8 {
+        g.weight_grad(cx, format!("{name}.weight"), dy, x, m, out, inp, cx.fp8);
+        match cx.fp8 {
             Some(r) => super::fp8::dgrad(r, &self.weight, dy, m),
-            None => super::input_grad(&self.weight, dy, m),
+            None => super::input_grad(cx, &self.weight, dy, m),
         }
     }
 }
@@ -44,27 +44,17 @@ impl RmsNorm {
 
 /// What [`Mlp::backward`] needs from the forward.
 pub struct MlpSaved {
-    x: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    hidden: Vec<f32>,
-    m: usize,
+    pub(crate) x: Vec<f32>,
+    pub(crate) gate: Vec<f32>,
+    pub(crate) up: Vec<f32>,
+    pub(crate) hidden: Vec<f32>,
+    pub(crate) m: usize,
 }
 
 impl Mlp {
-    /// The forward of [`Mlp::forward`], keeping its activations.
-    pub fn forward_train(&self, x: &[f32], m: usize) -> (Vec<f32>, MlpSaved) {
-        let mut gu = Linear::forward_many(&[(&self.gate_proj, x, m), (&self.up_proj, x, m)]);
-        let up = gu.pop().unwrap_or_default();
-        let gate = gu.pop().unwrap_or_default();
-        let hidden: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
-        let y = self.down_proj.forward(&hidden, m);
-        (y, MlpSaved { x: x.to_vec(), gate, up, hidden, m })
-    }
-
     /// Parameter gradients under `{name}.{gate,up,down}_proj.weight`; returns `dx`.
-    pub fn backward(&self, name: &str, s: &MlpSaved, dy: &[f32], g: &mut Grads) -> Vec<f32> {
-        let dh = self.down_proj.backward(&format!("{name}.down_proj"), &s.hidden, dy, s.m, g);
+    pub fn backward(&self, cx: &Exec, name: &str, s: &MlpSaved, dy: &[f32], g: &mut Grads) -> Vec<f32> {
+        let dh = self.down_proj.backward(cx, &format!("{name}.down_proj"), &s.hidden, dy, s.m, g);
         let mut dgate = vec![0f32; dh.len()];
         let mut dup = vec![0f32; dh.len()];
         for i in 0..dh.len() {
@@ -73,8 +63,8 @@ impl Mlp {
             dup[i] = dh[i] * z * sig;
             dgate[i] = dh[i] * s.up[i] * sig * (1.0 + z * (1.0 - sig));
         }
-        let mut dx = self.gate_proj.backward(&format!("{name}.gate_proj"), &s.x, &dgate, s.m, g);
-        add_into(&mut dx, &self.up_proj.backward(&format!("{name}.up_proj"), &s.x, &dup, s.m, g));
+        let mut dx = self.gate_proj.backward(cx, &format!("{name}.gate_proj"), &s.x, &dgate, s.m, g);
+        add_into(&mut dx, &self.up_proj.backward(cx, &format!("{name}.up_proj"), &s.x, &dup, s.m, g));
         dx
     }
 }

@@ -6,6 +6,7 @@
 //! Training runs the naive MLA over whole sequences (no cache) in f32 with f32 master weights;
 //! `Linear` GEMMs optionally in FP8 ([`fp8`]).
 
+pub mod exchange;
 pub mod fp8;
 pub mod layers;
 pub mod mla;
@@ -35,6 +36,7 @@ pub struct WeightGrad {
     out: usize,
     inp: usize,
     fp8: Option<fp8::Fp8Recipe>,
+    bf16: bool,
 }
 
 impl Grads {
@@ -45,11 +47,12 @@ impl Grads {
         g
     }
 
-    /// `name`'s gradient `+= dyᵀ·x` (Wgrad in FP8 under a recipe), now or, while deferring,
-    /// later.
+    /// `name`'s gradient `+= dyᵀ·x` (Wgrad in FP8 under a recipe, with `cx`'s bf16 setting
+    /// otherwise), now or, while deferring, later.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn weight_grad(
         &mut self,
+        cx: &crate::exec::Exec,
         name: String,
         dy: &[f32],
         x: &[f32],
@@ -58,13 +61,14 @@ impl Grads {
         inp: usize,
         fp8: Option<fp8::Fp8Recipe>,
     ) {
+        let bf16 = cx.gemm.bf16;
         match &mut self.deferred {
-            Some(q) => q.push(WeightGrad { name, dy: dy.to_vec(), x: x.to_vec(), m, out, inp, fp8 }),
+            Some(q) => q.push(WeightGrad { name, dy: dy.to_vec(), x: x.to_vec(), m, out, inp, fp8, bf16 }),
             None => {
                 let dw = self.slot(&name, out * inp);
                 match fp8 {
                     Some(r) => fp8::wgrad(r, dy, x, m, out, inp, dw),
-                    None => dsv3_kernels::matmul::matmul_tn_acc(dy, x, m, out, inp, dw),
+                    None => dsv3_kernels::matmul::matmul_tn_acc(dy, x, m, out, inp, dw, bf16),
                 }
             }
         }
@@ -83,7 +87,11 @@ impl Grads {
     /// Computes kept weight gradients (a pipeline's `W`).
     pub fn apply(&mut self, jobs: Vec<WeightGrad>) {
         for j in jobs {
-            self.weight_grad(j.name, &j.dy, &j.x, j.m, j.out, j.inp, j.fp8);
+            let dw = self.slot(&j.name, j.out * j.inp);
+            match j.fp8 {
+                Some(r) => fp8::wgrad(r, &j.dy, &j.x, j.m, j.out, j.inp, dw),
+                None => dsv3_kernels::matmul::matmul_tn_acc(&j.dy, &j.x, j.m, j.out, j.inp, dw, j.bf16),
+            }
         }
     }
 
@@ -107,11 +115,11 @@ impl Grads {
 
 /// `dx = dy·W` for `y = x·Wᵀ` (`dy [m, rows]` → `[m, cols]`): through `Wᵀ` and the GEMV kernel
 /// for f32 masters, the strided form otherwise.
-pub(crate) fn input_grad(w: &crate::weights::Matrix, dy: &[f32], m: usize) -> Vec<f32> {
+pub(crate) fn input_grad(cx: &crate::exec::Exec, w: &crate::weights::Matrix, dy: &[f32], m: usize) -> Vec<f32> {
     use dsv3_kernels::matmul::{matmul_nn, matmul_nn_f32};
     let mut dx = vec![0f32; m * w.cols];
     match w.view() {
-        dsv3_kernels::MatRef::F32 { data, .. } => matmul_nn_f32(data, w.rows, w.cols, dy, m, &mut dx),
+        dsv3_kernels::MatRef::F32 { data, .. } => matmul_nn_f32(data, w.rows, w.cols, dy, m, &mut dx, cx.gemm.bf16),
         v => matmul_nn(&v, 0..w.rows, dy, m, &mut dx),
     }
     dx

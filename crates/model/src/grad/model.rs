@@ -7,6 +7,8 @@ use super::mla::MlaSaved;
 use super::moe::{Balance, MoeSaved};
 use super::{add_into, Grads};
 use crate::error::{ModelError, Result};
+use crate::exec::Exec;
+use crate::mla::Seqs;
 use crate::model::{DecoderLayer, DeepseekV3, Ffn};
 use crate::rope::Rope;
 
@@ -35,17 +37,36 @@ pub struct StepReport {
     pub tokens: usize,
 }
 
+/// What a layer's FFN saved.
 #[allow(clippy::large_enum_variant)] // one per layer and step
-enum FfnSaved {
+pub enum FfnSaved {
     Dense(MlpSaved),
     Moe(MoeSaved),
 }
 
-struct LayerSaved {
-    h_in: Vec<f32>,
-    attn: MlaSaved,
-    h_mid: Vec<f32>,
-    ffn: FfnSaved,
+/// What [`DecoderLayer::backward`] needs from [`DecoderLayer::forward`].
+pub struct LayerSaved {
+    pub(crate) h_in: Vec<f32>,
+    pub(crate) attn: MlaSaved,
+    pub(crate) h_mid: Vec<f32>,
+    pub(crate) ffn: FfnSaved,
+}
+
+/// What an MTP module's backward needs from [`crate::model::MtpLayer::forward`].
+pub struct MtpSaved {
+    pub(crate) cat: Vec<f32>,
+    pub(crate) z: Vec<f32>,
+    pub(crate) block: LayerSaved,
+}
+
+/// One MTP depth at the last stage: its input ids and previous states, its saved forward, its
+/// output states and the gradient of its logits.
+struct MtpStep {
+    ids: Vec<u32>,
+    h_prev: Vec<f32>,
+    saved: MtpSaved,
+    hk: Vec<f32>,
+    d_logits: Vec<f32>,
 }
 
 /// What the head's backward needs (the last stage).
@@ -53,8 +74,7 @@ struct TailSaved {
     h_last: Vec<f32>,
     hf: Vec<f32>,
     d_logits: Vec<f32>,
-    #[allow(clippy::type_complexity)]
-    mtp_saved: Vec<(Vec<u32>, Vec<f32>, Vec<f32>, Vec<f32>, LayerSaved, Vec<f32>, Vec<f32>)>,
+    mtp: Vec<MtpStep>,
 }
 
 /// What [`DeepseekV3::stage_backward`] needs from [`DeepseekV3::stage_forward`].
@@ -64,10 +84,36 @@ pub struct StageSaved {
     tail: Option<TailSaved>,
 }
 
+impl LossWeights {
+    /// The prediction losses: `L_LM + λ/D·Σ_k L_k` over `depth` MTP modules (spec §4).
+    pub fn prediction(&self, r: &StepReport, depth: usize) -> f64 {
+        r.lm_loss + r.mtp_losses.iter().sum::<f64>() * (self.mtp_lambda / depth.max(1) as f32) as f64
+    }
+
+    /// The loss a step differentiates: the prediction losses and the balance losses.
+    pub fn total(&self, r: &StepReport, depth: usize) -> f64 {
+        self.prediction(r, depth) + r.balance_loss
+    }
+}
+
+impl FfnSaved {
+    /// Expert loads and balance losses of a MoE layer's step, into `report` under layer `index`.
+    fn balance(&mut self, seqs: usize, t: usize, bal: Balance, index: usize, report: &mut StepReport) {
+        if let FfnSaved::Moe(m) = self {
+            let stats = m.balance(seqs, t, bal);
+            report.balance_loss += stats.balance_loss;
+            report.load.push((index, stats.load));
+        }
+    }
+}
+
 impl DecoderLayer {
+    /// The training forward of layer `index` over whole sequences: [`DecoderLayer::forward`] with
+    /// its tape, and the MoE's loads and balance losses into `report`.
     #[allow(clippy::too_many_arguments)]
-    fn forward_train(
+    fn forward_saved(
         &self,
+        cx: &Exec,
         h: &mut [f32],
         seqs: usize,
         t: usize,
@@ -75,42 +121,36 @@ impl DecoderLayer {
         bal: Balance,
         report: &mut StepReport,
         index: usize,
-    ) -> LayerSaved {
-        let h_in = h.to_vec();
-        let (a, attn) = self.self_attn.forward_train(&self.input_layernorm.forward(h), seqs, t, rope);
-        add_into(h, &a);
-        let h_mid = h.to_vec();
-        let x = self.post_attention_layernorm.forward(h);
-        let (f, ffn) = match &self.mlp {
-            Ffn::Dense(m) => {
-                let (f, s) = m.forward_train(&x, seqs * t);
-                (f, FfnSaved::Dense(s))
-            }
-            Ffn::Moe(m) => {
-                let (f, s, stats) = m.forward_train(&x, seqs, t, bal);
-                report.balance_loss += stats.balance_loss;
-                report.load.push((index, stats.load));
-                (f, FfnSaved::Moe(s))
-            }
-        };
-        add_into(h, &f);
-        LayerSaved { h_in, attn, h_mid, ffn }
+    ) -> Result<LayerSaved> {
+        let mut tape = None;
+        self.forward(cx, h, &mut Seqs::Fresh { seqs, t }, rope, Some(&mut tape))?;
+        let mut saved = tape.ok_or_else(|| ModelError::Input("the layer kept no tape".into()))?;
+        saved.ffn.balance(seqs, t, bal, index, report);
+        Ok(saved)
     }
 
     /// `dh` is the gradient of the layer's output; returns that of its input.
-    fn backward(&self, name: &str, s: &LayerSaved, dh: &[f32], rope: &Rope, g: &mut Grads) -> Vec<f32> {
+    fn backward(
+        &self,
+        cx: &Exec,
+        name: &str,
+        s: &LayerSaved,
+        dh: &[f32],
+        rope: &Rope,
+        g: &mut Grads,
+    ) -> Result<Vec<f32>> {
         let dx = match (&self.mlp, &s.ffn) {
-            (Ffn::Dense(m), FfnSaved::Dense(sv)) => m.backward(&format!("{name}.mlp"), sv, dh, g),
-            (Ffn::Moe(m), FfnSaved::Moe(sv)) => m.backward(&format!("{name}.mlp"), sv, dh, g),
+            (Ffn::Dense(m), FfnSaved::Dense(sv)) => m.backward(cx, &format!("{name}.mlp"), sv, dh, g),
+            (Ffn::Moe(m), FfnSaved::Moe(sv)) => m.backward(cx, &format!("{name}.mlp"), sv, dh, g)?,
             _ => unreachable!("the saved FFN matches the layer"),
         };
         let mut d_mid =
             self.post_attention_layernorm.backward(&format!("{name}.post_attention_layernorm"), &s.h_mid, &dx, g);
         add_into(&mut d_mid, dh);
-        let da = self.self_attn.backward(&format!("{name}.self_attn"), &s.attn, &d_mid, rope, g);
+        let da = self.self_attn.backward(cx, &format!("{name}.self_attn"), &s.attn, &d_mid, rope, g);
         let mut d_in = self.input_layernorm.backward(&format!("{name}.input_layernorm"), &s.h_in, &da, g);
         add_into(&mut d_in, &d_mid);
-        d_in
+        Ok(d_in)
     }
 }
 
@@ -123,46 +163,17 @@ impl DeepseekV3 {
         }
     }
 
-    fn head_backward(&self, hf: &[f32], d_logits: &[f32], n: usize, g: &mut Grads) -> Vec<f32> {
+    fn head_backward(&self, cx: &Exec, hf: &[f32], d_logits: &[f32], n: usize, g: &mut Grads) -> Vec<f32> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let (v, d) = (head.rows, head.cols);
-        g.weight_grad(format!("{}.weight", self.head_name()), d_logits, hf, n, v, d, None);
-        super::input_grad(head, d_logits, n)
+        g.weight_grad(cx, format!("{}.weight", self.head_name()), d_logits, hf, n, v, d, None);
+        super::input_grad(cx, head, d_logits, n)
     }
 
     /// Forward and backward over `tokens [seqs, t + 1]` (inputs `[.., ..t]`, labels shifted by one),
-    /// adding every parameter's gradient into `g`. With `g = None` only the losses are computed
-    /// (validation).
+    /// adding every parameter's gradient into `g`, with the numerics of `self.training`. With
+    /// `g = None` only the losses are computed (validation).
     pub fn train_step(
-        &self,
-        tokens: &[u32],
-        seqs: usize,
-        t: usize,
-        w: LossWeights,
-        g: Option<&mut Grads>,
-    ) -> Result<StepReport> {
-        Self::training(|| self.train_step_on_pool(tokens, seqs, t, w, g))
-    }
-
-    /// Runs `f` as a training step runs: on a pool worker, with the caller's FP8 recipe and the
-    /// many-token GEMM (pipeline stages call [`DeepseekV3::stage_forward`] through this, so a
-    /// stage computes exactly what `train_step` does). It matters: `logits` hops onto the pool
-    /// itself, and from a thread outside the pool that hop would lose the thread-local GEMM
-    /// setting and take the GEMV path for the head (1e-9 apart).
-    pub fn training<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-        // On a pool worker, which [`crate::model::on_pool`] gives this thread's FP8 recipe.
-        crate::model::on_pool(|| dsv3_kernels::matmul::with_many_token_gemm(f))
-    }
-
-    /// [`DeepseekV3::training`] on the calling thread, with the FP8 recipe given (a thread may be
-    /// new): for work that may wait on other processes (a pipeline stage's expert exchanges),
-    /// which must not hold one of the pool's threads while it waits — with a forward and a
-    /// backward at once, each waiting on a worker, a one-thread pool would deadlock.
-    pub fn training_here<R>(fp8: Option<super::fp8::Fp8Recipe>, f: impl FnOnce() -> R) -> R {
-        super::fp8::with_recipe(fp8, || dsv3_kernels::matmul::with_many_token_gemm(f))
-    }
-
-    fn train_step_on_pool(
         &self,
         tokens: &[u32],
         seqs: usize,
@@ -174,15 +185,15 @@ impl DeepseekV3 {
             return Err(ModelError::Input(format!("train_step: {} tokens is not {seqs} × ({t} + 1)", tokens.len())));
         }
         self.embed(tokens)?; // vocabulary check
-        let mut report = StepReport { tokens: seqs * t, ..Default::default() };
-        let all = 0..self.layers.len();
-        let (_, saved) = self.stage_forward(all.clone(), tokens, seqs, t, w, None, &mut report)?;
-        report.loss = report.lm_loss
-            + report.mtp_losses.iter().sum::<f64>() * (w.mtp_lambda / self.mtp.len().max(1) as f32) as f64
-            + report.balance_loss;
-        let Some(g) = g else { return Ok(report) };
-        self.stage_backward(all, saved, vec![], seqs, t, g)?;
-        Ok(report)
+        crate::model::in_pool(|| {
+            let mut report = StepReport { tokens: seqs * t, ..Default::default() };
+            let all = 0..self.layers.len();
+            let (_, saved) = self.stage_forward(all.clone(), tokens, seqs, t, w, None, &mut report)?;
+            report.loss = w.total(&report, self.mtp.len());
+            let Some(g) = g else { return Ok(report) };
+            self.stage_backward(all, saved, vec![], seqs, t, g)?;
+            Ok(report)
+        })
     }
 
     /// One pipeline stage's forward: the decoder layers `layers` (after the embedding of the
@@ -201,7 +212,8 @@ impl DeepseekV3 {
         input: Option<Vec<f32>>,
         report: &mut StepReport,
     ) -> Result<(Vec<f32>, StageSaved)> {
-        let (n, d, v) = (seqs * t, self.config.hidden_size, self.config.vocab_size);
+        let cx = self.training_exec(self.training);
+        let (n, v) = (seqs * t, self.config.vocab_size);
         let at = |b: usize, i: usize| tokens[b * (t + 1) + i];
         let inputs: Vec<u32> = (0..seqs).flat_map(|b| (0..t).map(move |i| at(b, i))).collect();
         let mut h = match input {
@@ -210,7 +222,7 @@ impl DeepseekV3 {
         };
         let mut saved = Vec::with_capacity(layers.len());
         for l in layers.clone() {
-            saved.push(self.layers[l].forward_train(&mut h, seqs, t, &self.rope, w.balance, report, l));
+            saved.push(self.layers[l].forward_saved(&cx, &mut h, seqs, t, &self.rope, w.balance, report, l)?);
         }
         if layers.end < self.layers.len() {
             return Ok((h, StageSaved { inputs, layers: saved, tail: None }));
@@ -218,13 +230,13 @@ impl DeepseekV3 {
         let labels: Vec<u32> = (0..seqs).flat_map(|b| (0..t).map(move |i| at(b, i + 1))).collect();
         let h_last = h;
         let hf = self.norm.forward(&h_last);
-        let logits = self.logits(&hf, n);
+        let logits = self.logits_with(&cx, &hf, n);
         let (lm_loss, d_logits) = cross_entropy(&logits, &labels, &vec![true; n], 1.0);
         report.lm_loss = lm_loss;
 
         // MTP depth k (1-based) at position i reads the token at i + k and predicts i + k + 1.
         let depth = self.mtp.len();
-        let mut mtp_saved = vec![];
+        let mut mtp = vec![];
         let mut h_prev = hf.clone();
         for (j, m) in self.mtp.iter().enumerate() {
             let k = j + 1;
@@ -234,14 +246,11 @@ impl DeepseekV3 {
                 (0..seqs).flat_map(|b| (0..t).map(move |i| if i + k < t { at(b, i + k + 1) } else { 0 })).collect();
             let mask: Vec<bool> = (0..n).map(|r| r % t + k < t).collect();
             let emb = self.embed(&ids)?;
-            let e = m.enorm.forward(&emb);
-            let hn = m.hnorm.forward(&h_prev);
-            let cat: Vec<f32> =
-                (0..n).flat_map(|r| e[r * d..(r + 1) * d].iter().chain(&hn[r * d..(r + 1) * d]).copied()).collect();
-            let mut z = m.eh_proj.forward(&cat, n);
-            let block = m.block.forward_train(&mut z, seqs, t, &self.rope, w.balance, report, self.layers.len() + j);
-            let hk = m.shared_head_norm.forward(&z);
-            let lk = self.logits(&hk, n);
+            let mut tape = None;
+            let hk = m.forward(&cx, &emb, &h_prev, &mut Seqs::Fresh { seqs, t }, &self.rope, Some(&mut tape))?;
+            let mut saved = tape.ok_or_else(|| ModelError::Input("the MTP module kept no tape".into()))?;
+            saved.block.ffn.balance(seqs, t, w.balance, self.layers.len() + j, report);
+            let lk = self.logits_with(&cx, &hk, n);
             let scale = w.mtp_lambda / depth as f32;
             let (loss_k, dl) = cross_entropy(&lk, &lab, &mask, scale);
             report.mtp_losses.push(loss_k);
@@ -255,9 +264,9 @@ impl DeepseekV3 {
                 report.mtp_top1 = Some(hit as f64 / cnt.max(1) as f64);
             }
             let next = hk.clone();
-            mtp_saved.push((ids, std::mem::replace(&mut h_prev, next), cat, z, block, hk, dl));
+            mtp.push(MtpStep { ids, h_prev: std::mem::replace(&mut h_prev, next), saved, hk, d_logits: dl });
         }
-        let tail = TailSaved { h_last, hf, d_logits, mtp_saved };
+        let tail = TailSaved { h_last, hf, d_logits, mtp };
         Ok((vec![], StageSaved { inputs, layers: saved, tail: Some(tail) }))
     }
 
@@ -273,33 +282,34 @@ impl DeepseekV3 {
         t: usize,
         g: &mut Grads,
     ) -> Result<Vec<f32>> {
+        let cx = self.training_exec(self.training);
         let (n, d) = (seqs * t, self.config.hidden_size);
         let mut dh = match s.tail {
             None => d_out,
-            Some(TailSaved { h_last, hf, d_logits, mtp_saved }) => {
+            Some(TailSaved { h_last, hf, d_logits, mtp }) => {
                 // Backward: MTP modules last to first, each handing a gradient to its h_prev.
                 let mut d_next: Option<Vec<f32>> = None;
-                for (j, (ids, h_prev, cat, z, block, hk, dl)) in mtp_saved.iter().enumerate().rev() {
+                for (j, st) in mtp.iter().enumerate().rev() {
                     let m = &self.mtp[j];
                     let name = format!("model.layers.{}", self.layers.len() + j);
-                    let mut dhk = self.head_backward(hk, dl, n, g);
+                    let mut dhk = self.head_backward(&cx, &st.hk, &st.d_logits, n, g);
                     if let Some(dn) = d_next.take() {
                         add_into(&mut dhk, &dn);
                     }
-                    let dz = m.shared_head_norm.backward(&format!("{name}.shared_head.norm"), z, &dhk, g);
-                    let dz = m.block.backward(&name, block, &dz, &self.rope, g);
-                    let dcat = m.eh_proj.backward(&format!("{name}.eh_proj"), cat, &dz, n, g);
+                    let dz = m.shared_head_norm.backward(&format!("{name}.shared_head.norm"), &st.saved.z, &dhk, g);
+                    let dz = m.block.backward(&cx, &name, &st.saved.block, &dz, &self.rope, g)?;
+                    let dcat = m.eh_proj.backward(&cx, &format!("{name}.eh_proj"), &st.saved.cat, &dz, n, g);
                     let (mut de, mut dhn) = (vec![0f32; n * d], vec![0f32; n * d]);
                     for r in 0..n {
                         de[r * d..(r + 1) * d].copy_from_slice(&dcat[r * 2 * d..r * 2 * d + d]);
                         dhn[r * d..(r + 1) * d].copy_from_slice(&dcat[r * 2 * d + d..(r + 1) * 2 * d]);
                     }
-                    let emb = self.embed(ids)?;
+                    let emb = self.embed(&st.ids)?;
                     let demb = m.enorm.backward(&format!("{name}.enorm"), &emb, &de, g);
-                    embedding_backward("model.embed_tokens", &self.embed_tokens, ids, &demb, g);
-                    d_next = Some(m.hnorm.backward(&format!("{name}.hnorm"), h_prev, &dhn, g));
+                    embedding_backward("model.embed_tokens", &self.embed_tokens, &st.ids, &demb, g);
+                    d_next = Some(m.hnorm.backward(&format!("{name}.hnorm"), &st.h_prev, &dhn, g));
                 }
-                let mut dhf = self.head_backward(&hf, &d_logits, n, g);
+                let mut dhf = self.head_backward(&cx, &hf, &d_logits, n, g);
                 if let Some(dn) = d_next {
                     add_into(&mut dhf, &dn);
                 }
@@ -307,7 +317,7 @@ impl DeepseekV3 {
             }
         };
         for (l, sv) in layers.clone().zip(&s.layers).rev() {
-            dh = self.layers[l].backward(&format!("model.layers.{l}"), sv, &dh, &self.rope, g);
+            dh = self.layers[l].backward(&cx, &format!("model.layers.{l}"), sv, &dh, &self.rope, g)?;
         }
         if layers.start > 0 {
             return Ok(dh);

@@ -437,6 +437,32 @@ mod tests {
         std::fs::remove_dir_all(d).ok();
     }
 
+    /// Bytes streamed in parts of any size fill the tensors in header order; a part past the
+    /// last tensor is an error and leaves no file.
+    #[test]
+    fn streamed_parts_fill_tensors_in_order() {
+        let d = tmpdir("parts");
+        let path = d.join("p.safetensors");
+        let entries = vec![
+            ("a".to_string(), "F32", vec![3], 12),
+            ("e".to_string(), "F32", vec![0], 0),
+            ("b".to_string(), "U8", vec![2], 2),
+        ];
+        let bytes: Vec<u8> = [1f32, 2.0, 3.0].iter().flat_map(|v| v.to_le_bytes()).chain([7u8, 9]).collect();
+        let mut w = SafetensorsWriter::create_with_metadata(&path, &entries, Some(&[("format", "pt")])).unwrap();
+        for part in bytes.chunks(5) {
+            w.write_part(part).unwrap();
+        }
+        let len = w.file_len();
+        w.finish().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        let ck = Checkpoint::open_files(std::slice::from_ref(&path)).unwrap();
+        assert_eq!(ck.f32s("a", &[3]).unwrap(), [1.0, 2.0, 3.0]);
+        let mut w = SafetensorsWriter::create(&path.with_extension("x"), &entries).unwrap();
+        assert!(w.write_part(&[0u8; 15]).is_err());
+        std::fs::remove_dir_all(d).ok();
+    }
+
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("dsv3-weights-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);

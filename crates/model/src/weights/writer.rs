@@ -22,14 +22,33 @@ pub struct SafetensorsWriter {
     path: PathBuf,
     tmp: PathBuf,
     file: std::io::BufWriter<std::fs::File>,
-    /// The byte sizes the header announced, and how many tensors were written.
+    /// The byte sizes the header announced, how many tensors were written, and how many bytes of
+    /// the one being written (streamed in parts) are in.
     lens: Vec<usize>,
     written: usize,
+    partial: usize,
+    /// Header and data bytes of the whole file.
+    file_len: u64,
 }
 
 impl SafetensorsWriter {
     pub fn create(path: &Path, entries: &[(String, &str, Vec<usize>, usize)]) -> Result<Self> {
+        Self::create_with_metadata(path, entries, None)
+    }
+
+    /// [`SafetensorsWriter::create`] with a `__metadata__` map of strings (torch writes
+    /// `{"format": "pt"}`).
+    pub fn create_with_metadata(
+        path: &Path,
+        entries: &[(String, &str, Vec<usize>, usize)],
+        metadata: Option<&[(&str, &str)]>,
+    ) -> Result<Self> {
         let mut header = serde_json::Map::new();
+        if let Some(m) = metadata {
+            let m: serde_json::Map<String, serde_json::Value> =
+                m.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect();
+            header.insert("__metadata__".into(), serde_json::Value::Object(m));
+        }
         let mut off = 0usize;
         for (name, dtype, shape, len) in entries {
             header.insert(
@@ -55,13 +74,42 @@ impl SafetensorsWriter {
             ModelError::io(path, e)
         })?;
         let lens = entries.iter().map(|e| e.3).collect();
-        Ok(SafetensorsWriter { path: path.to_path_buf(), tmp, file, lens, written: 0 })
+        let file_len = (8 + h.len() + off) as u64;
+        Ok(SafetensorsWriter { path: path.to_path_buf(), tmp, file, lens, written: 0, partial: 0, file_len })
+    }
+
+    /// The length of the file being written.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// The next bytes, in header order, however they are split: a tensor may arrive in parts
+    /// (bands of rows), several tensors in one part. More than the header announced is an error.
+    pub fn write_part(&mut self, mut bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        while !bytes.is_empty() {
+            let Some(&len) = self.lens.get(self.written) else {
+                let msg = format!("{} bytes past the {} tensors the header announced", bytes.len(), self.lens.len());
+                return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+            };
+            let n = (len - self.partial).min(bytes.len());
+            self.file.write_all(&bytes[..n]).map_err(|e| self.fail(e))?;
+            (self.partial, bytes) = (self.partial + n, &bytes[n..]);
+            if self.partial == len {
+                (self.written, self.partial) = (self.written + 1, 0);
+            }
+        }
+        // Empty tensors are complete as soon as they are reached.
+        while self.partial == 0 && self.lens.get(self.written) == Some(&0) {
+            self.written += 1;
+        }
+        Ok(())
     }
 
     /// The next tensor's bytes (as many as the header announced).
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
         use std::io::Write;
-        if self.lens.get(self.written) != Some(&bytes.len()) {
+        if self.partial != 0 || self.lens.get(self.written) != Some(&bytes.len()) {
             let msg = format!(
                 "tensor {} has {} bytes; the header announced {:?}",
                 self.written,
@@ -74,8 +122,11 @@ impl SafetensorsWriter {
         self.file.write_all(bytes).map_err(|e| self.fail(e))
     }
 
-    pub fn finish(self) -> Result<()> {
-        if self.written != self.lens.len() {
+    pub fn finish(mut self) -> Result<()> {
+        while self.partial == 0 && self.lens.get(self.written) == Some(&0) {
+            self.written += 1;
+        }
+        if self.written != self.lens.len() || self.partial != 0 {
             let msg = format!("{} of {} tensors written", self.written, self.lens.len());
             return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
         }

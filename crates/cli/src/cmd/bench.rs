@@ -1,17 +1,20 @@
 //! `dsv3 bench`: prefill and decode tokens/s at batch 1, peak memory, latent KV bytes per token,
 //! and the decode memory-bandwidth floor (active weight bytes per token ÷ measured copy bandwidth).
 
+use crate::args::ModelArgs;
+use crate::cluster::Cluster;
+use crate::load::load;
 use anyhow::Result;
 use dsv3_model::generate::{generate, GenerateOptions};
 use dsv3_model::sampling::SamplingParams;
 use serde_json::json;
-use std::path::PathBuf;
 use std::time::Instant;
 
+/// Prefill and decode speed, peak memory and KV-cache size of a model.
 #[derive(clap::Args, Clone)]
-pub struct BenchArgs {
-    #[arg(long)]
-    pub model: PathBuf,
+pub struct Bench {
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Prompt tokens to prefill.
     #[arg(long, default_value_t = 128)]
     pub prompt_len: usize,
@@ -28,7 +31,7 @@ pub struct BenchArgs {
 
 /// Peak resident memory of this process (Linux `VmHWM`), in bytes.
 fn peak_rss() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let s = std::fs::read_to_string("/proc/self/status").ok()?; // procfs: a regular text file
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
@@ -55,9 +58,25 @@ fn read_bandwidth() -> f64 {
     best
 }
 
-pub fn run(a: &BenchArgs) -> Result<()> {
+impl Bench {
+    /// The defaults for `model`, with these lengths and MTP drafts (the demo's benchmark).
+    pub fn parse_for(model: &std::path::Path, prompt_len: usize, gen: usize, mtp_speculative: usize) -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct W {
+            #[command(flatten)]
+            b: Bench,
+        }
+        let mut b = W::parse_from(["bench", "--model", &model.to_string_lossy()]).b;
+        (b.prompt_len, b.gen, b.mtp_speculative) = (prompt_len, gen, mtp_speculative);
+        b
+    }
+}
+
+pub fn run(a: &Bench, cluster: &Cluster) -> Result<()> {
     let t = Instant::now();
-    let model = crate::commands::load_model(&a.model)?;
+    let Some(l) = load(&a.model, cluster, false)? else { return Ok(()) };
+    let model = l.model.clone();
     let load_s = t.elapsed().as_secs_f64();
     let ctx = model.config.max_position_embeddings;
     if a.prompt_len.max(1).saturating_add(a.gen).saturating_add(1) > ctx {
@@ -88,7 +107,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let bw = read_bandwidth();
     let floor_tps = bw / active as f64;
     let r = json!({
-        "model": a.model.display().to_string(),
+        "model": l.dir.display().to_string(),
         "load_seconds": load_s,
         "prompt_tokens": stats.prompt_tokens,
         "decode_tokens": stats.generated_tokens.saturating_sub(1),
@@ -113,7 +132,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.json {
         println!("{r}");
     } else {
-        println!("bench {}", a.model.display());
+        println!("bench {}", l.dir.display());
         println!("  prefill  {:>9.1} tok/s  ({} tokens)", stats.prefill_tokens_per_second, stats.prompt_tokens);
         println!(
             "  decode   {:>9.2} tok/s  ({} tokens, batch 1)",

@@ -1,22 +1,47 @@
 //! `dsv3 plan`: the cost of a training run from a config (see `dsv3_dist::plan`).
 
 use anyhow::{bail, Context, Result};
-use dsv3_dist::plan::{gpu, gpu_hours, memory, Layout, ModelShape};
+use dsv3_dist::plan::{gpu, gpu_hours, memory, Mesh, ModelShape};
 use dsv3_dist::schedule::{bubble_formula, generate, simulate, Kind, Timing};
 use serde_json::json;
 
-pub struct PlanArgs {
+/// The cost of a training run: FLOPs per token, GPU-hours and dollars, memory per device,
+/// and the pipeline bubble of each schedule.
+#[derive(clap::Args)]
+pub struct Plan {
+    /// A config.json, or `deepseek-v3` (the released 671B config, built in).
+    #[arg(long, default_value = "deepseek-v3")]
     pub config: String,
+    /// Training tokens (e.g. 14.8T, 500B).
+    #[arg(long, default_value = "14.8T")]
     pub tokens: String,
+    #[arg(long, default_value_t = 2048)]
     pub gpus: usize,
+    /// h800 | h100 | h200 | a100
+    #[arg(long, default_value = "h800")]
     pub gpu: String,
+    /// Pipeline ranks.
+    #[arg(long, default_value_t = 16)]
     pub pp: usize,
+    /// Expert-parallel ranks.
+    #[arg(long, default_value_t = 64)]
     pub ep: usize,
+    /// Utilization: achieved FLOP/s ÷ the GPU's dense bf16 peak (0.40 reproduces the report).
+    #[arg(long, default_value_t = 0.40)]
     pub mfu: f64,
+    /// Dollars per GPU-hour.
+    #[arg(long, default_value_t = 2.0)]
     pub price: f64,
+    #[arg(long, default_value_t = 4096)]
     pub seq_len: usize,
+    /// Micro-batches per pipeline step (for the bubble).
+    #[arg(long, default_value_t = 32)]
     pub chunks: usize,
+    /// Add the report's context extension (1000 steps of 1920 × 32K, 1000 of 480 × 128K
+    /// tokens, costed here) and post-training (5K GPU-hours, taken from the report).
+    #[arg(long)]
     pub report_phases: bool,
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -39,35 +64,16 @@ fn parse_tokens(s: &str) -> Result<f64> {
 
 fn shape(config: &str) -> Result<ModelShape> {
     let text = if config == "deepseek-v3" {
-        include_str!("../configs/deepseek-v3.json").to_string()
+        include_str!("../../configs/deepseek-v3.json").to_string()
     } else {
         std::fs::read_to_string(config)
             .with_context(|| format!("--config {config}: neither `deepseek-v3` nor a readable config.json"))?
     };
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{config}: not JSON"))?;
-    let c = dsv3_model::Config::from_json(&v)?;
-    let moe = c.n_routed_experts > 0;
-    Ok(ModelShape {
-        hidden: c.hidden_size,
-        layers: c.num_hidden_layers,
-        dense_layers: if moe { c.first_k_dense_replace.min(c.num_hidden_layers) } else { c.num_hidden_layers },
-        vocab: c.vocab_size,
-        heads: c.num_attention_heads,
-        q_lora_rank: c.q_lora_rank,
-        kv_lora_rank: c.kv_lora_rank,
-        qk_nope: c.qk_nope_head_dim,
-        qk_rope: c.qk_rope_head_dim,
-        v_head: c.v_head_dim,
-        intermediate: c.intermediate_size,
-        moe_intermediate: c.moe_intermediate_size,
-        routed_experts: c.n_routed_experts,
-        shared_experts: c.n_shared_experts,
-        experts_per_token: c.num_experts_per_tok,
-        mtp_layers: c.num_nextn_predict_layers,
-    })
+    Ok(dsv3_model::Config::from_json(&v)?.shape())
 }
 
-pub fn run(a: &PlanArgs) -> Result<()> {
+pub fn run(a: &Plan) -> Result<()> {
     let s = shape(&a.config)?;
     let g = gpu(&a.gpu).ok_or_else(|| anyhow::anyhow!("--gpu {}: h800, h100, h200 or a100", a.gpu))?;
     let tokens = parse_tokens(&a.tokens)?;
@@ -95,7 +101,7 @@ pub fn run(a: &PlanArgs) -> Result<()> {
     let total = pre + ext_hours + post_hours;
 
     // The model in `pp` stages; DualPipeV runs them on pp/2 devices.
-    let layout = |kind: Kind| Layout {
+    let layout = |kind: Kind| Mesh {
         gpus: a.gpus,
         devices: if kind == Kind::DualPipeV { a.pp / 2 } else { a.pp },
         stages: a.pp,

@@ -12,7 +12,8 @@
 //! the same update; before a checkpoint rank 0 collects whatever it does not hold.
 
 use crate::optim::Optimizer;
-use crate::parallel::{AllReduce, Pipeline};
+use crate::parallel::Pipeline;
+use dsv3_dist::comm::Comm;
 use dsv3_dist::pipeline::P2p;
 use dsv3_dist::schedule::stage_position;
 use dsv3_model::grad::moe::{expert_owner, routed_expert};
@@ -37,7 +38,7 @@ impl Entry {
     }
 }
 
-pub(crate) struct Placement {
+pub(crate) struct Holders {
     rank: usize,
     world: usize,
     entries: Vec<Entry>,
@@ -51,7 +52,7 @@ pub(crate) struct Placement {
 /// position also running the head and the MTP modules (on a small model worth several layers).
 /// Ties go to the earliest boundaries, so every process computes the same split.
 pub(crate) fn stage_split(model: &DeepseekV3, positions: usize) -> Vec<Range<usize>> {
-    let m = crate::trainer::macs_per_token(&model.config, 0);
+    let m = model.config.shape().macs_per_token(0);
     let n = m.layers.len();
     let tail = m.head + m.mtp.iter().sum::<f64>();
     // best[p][i]: the least max-cost of splitting layers i.. over positions p.. (∞ if impossible).
@@ -108,15 +109,15 @@ fn uses(model: &DeepseekV3, name: &str, pos: usize, split: &[Range<usize>]) -> b
     last // the final norm and the head
 }
 
-impl Placement {
+impl Holders {
     /// The placement of `model`'s parameters (call on the whole model, before dropping any).
     pub(crate) fn new(
         model: &mut DeepseekV3,
-        dp: &dyn AllReduce,
+        dp: &dyn Comm,
         pipeline: Option<Pipeline>,
         expert_parallel: bool,
         zero1: bool,
-    ) -> Placement {
+    ) -> Holders {
         let (rank, world) = (dp.rank(), dp.size());
         let stages = pipeline.map_or(1, |p| p.stages);
         let replicas = world / stages;
@@ -167,7 +168,7 @@ impl Placement {
             }
         }
         let index = entries.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
-        Placement { rank, world, entries, index, sets }
+        Holders { rank, world, entries, index, sets }
     }
 
     fn entry(&self, name: &str) -> Option<&Entry> {
@@ -199,9 +200,9 @@ impl Placement {
     }
 
     /// Element-wise sum of `v` over the processes `set` (ascending, this one among them).
-    fn sum_among(&self, dp: &dyn AllReduce, set: &[usize], v: &mut [f64]) {
+    fn sum_among(&self, dp: &dyn Comm, set: &[usize], v: &mut [f64]) {
         if set.len() == self.world {
-            return dp.sum_f64(v);
+            return dp.all_reduce_sum(v);
         }
         if set.len() < 2 {
             return;
@@ -228,7 +229,7 @@ impl Placement {
     /// Sums every gradient over the processes holding its parameter and multiplies by `scale`;
     /// returns this process's share of the squared global norm (each parameter counted at its
     /// first holder).
-    pub(crate) fn reduce_grads(&self, dp: &dyn AllReduce, grads: &mut Grads, scale: f64) -> f64 {
+    pub(crate) fn reduce_grads(&self, dp: &dyn Comm, grads: &mut Grads, scale: f64) -> f64 {
         let mut norm_sq = 0f64;
         for (set, list) in self.sets.iter().filter(|(h, _)| h.contains(&self.rank)) {
             let mut flat: Vec<f64> = vec![];
@@ -254,7 +255,7 @@ impl Placement {
 
     /// ZeRO-1, after the update: each parameter from its updater to the other holders (a sum to
     /// which only the updater contributes: exact).
-    pub(crate) fn share_params(&self, dp: &dyn AllReduce, model: &mut DeepseekV3) {
+    pub(crate) fn share_params(&self, dp: &dyn Comm, model: &mut DeepseekV3) {
         let mut params: HashMap<String, &mut [f32]> =
             model.params_mut().into_iter().map(|p| (p.name, p.data)).collect();
         for (set, list) in self
@@ -281,9 +282,9 @@ impl Placement {
 
     /// Before rank 0 writes a checkpoint: every parameter it does not hold, and the moments of
     /// those it does not update (`adam`), come from a process that has them (a sum to which only
-    /// that process contributes). Every process calls it; [`Placement::drop_foreign`] undoes it
+    /// that process contributes). Every process calls it; [`Holders::drop_foreign`] undoes it
     /// on rank 0 after the save.
-    pub(crate) fn gather_to_rank0(&self, dp: &dyn AllReduce, model: &mut DeepseekV3, opt: &mut Optimizer, adam: bool) {
+    pub(crate) fn gather_to_rank0(&self, dp: &dyn Comm, model: &mut DeepseekV3, opt: &mut Optimizer, adam: bool) {
         let mut install = vec![];
         {
             let params: HashMap<String, &mut [f32]> =
@@ -295,7 +296,7 @@ impl Placement {
                     if self.rank == e.holders[0] {
                         buf.iter_mut().zip(params[&e.name].iter()).for_each(|(b, &v)| *b = v as f64);
                     }
-                    dp.sum_f64(&mut buf);
+                    dp.all_reduce_sum(&mut buf);
                     if self.rank == 0 {
                         install.push((e.name.clone(), e.shape.clone(), buf.into_iter().map(|v| v as f32).collect()));
                     }
@@ -309,7 +310,7 @@ impl Placement {
                             buf.iter_mut().zip(m.iter().chain(v)).for_each(|(b, &x)| *b = x as f64);
                         }
                     }
-                    dp.sum_f64(&mut buf);
+                    dp.all_reduce_sum(&mut buf);
                     if self.rank == 0 {
                         opt.m.insert(e.name.clone(), buf[..n].iter().map(|&x| x as f32).collect());
                         opt.v.insert(e.name.clone(), buf[n..].iter().map(|&x| x as f32).collect());
@@ -331,14 +332,17 @@ mod tests {
     /// Only a process's place in the world: placement never communicates.
     struct At(usize, usize);
 
-    impl AllReduce for At {
+    impl Comm for At {
         fn rank(&self) -> usize {
             self.0
         }
         fn size(&self) -> usize {
             self.1
         }
-        fn sum_f64(&self, _: &mut [f64]) {
+        fn all_to_all(&self, _: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+            unreachable!("placement does not communicate")
+        }
+        fn all_reduce_sum(&self, _: &mut [f64]) {
             unreachable!("placement does not communicate")
         }
         fn with_peers(&self, _: &mut dyn FnMut(&mut dyn P2p)) {
@@ -352,7 +356,7 @@ mod tests {
     fn holders_follow_stages_replicas_and_experts() {
         let mut model = crate::testing::tiny_model("placement", 1);
         let p = Pipeline { kind: Kind::DualPipe, chunks: 4, stages: 2 };
-        let mut at = |rank| Placement::new(&mut model, &At(rank, 4), Some(p), true, true);
+        let mut at = |rank| Holders::new(&mut model, &At(rank, 4), Some(p), true, true);
         let pl = at(1);
         let holders = |name: &str| pl.entry(name).unwrap().holders.clone();
         // DualPipe(2): rank 0 runs positions 0 and 1, rank 1 positions 1 and 0: both hold all.
@@ -362,7 +366,7 @@ mod tests {
         assert_eq!(holders("model.layers.1.mlp.experts.3.up_proj.weight"), [0, 1]);
         assert_eq!(holders("model.layers.1.mlp.experts.12.up_proj.weight"), [2, 3]);
         // ZeRO-1: exactly one holder updates each parameter, and every process agrees on which.
-        let all: Vec<Placement> = (0..4).map(at).collect();
+        let all: Vec<Holders> = (0..4).map(at).collect();
         for e in &pl.entries {
             let updaters: Vec<usize> = (0..4).filter(|&r| all[r].updates(&e.name)).collect();
             assert_eq!(updaters.len(), 1, "{}: {updaters:?}", e.name);
@@ -371,7 +375,7 @@ mod tests {
         // 1F1B over 4 ranks: each rank holds its layer; the embedding sits at both ends (the MTP
         // module embeds its input tokens), the head at the last.
         let p = Pipeline { kind: Kind::OneFOneB, chunks: 4, stages: 4 };
-        let pl = Placement::new(&mut model, &At(0, 4), Some(p), false, false);
+        let pl = Holders::new(&mut model, &At(0, 4), Some(p), false, false);
         let holders = |name: &str| pl.entry(name).unwrap().holders.clone();
         assert_eq!(holders("model.embed_tokens.weight"), [0, 3]);
         assert_eq!(holders("model.layers.2.self_attn.o_proj.weight"), [2]);

@@ -1,0 +1,68 @@
+//! `dsv3 convert`: a checkpoint folder's weights to another format, streamed under a memory
+//! budget, into a new folder.
+
+use crate::args::choice;
+use crate::load::parse_size;
+use anyhow::{Context, Result};
+use dsv3_kernels::quant::Fp4Kind;
+use dsv3_model::convert::Target;
+use std::path::PathBuf;
+
+/// The format of a converted checkpoint's Linear weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Fp8,
+    Bf16,
+    F32,
+    /// NVFP4, in NVIDIA ModelOpt's layout.
+    #[value(alias = "nvfp4")]
+    Fp4,
+    Mxfp4,
+}
+
+/// Convert a checkpoint folder's weights to another format (FP8 with 128×128 weight_scale_inv
+/// blocks, FP4, bf16, f32), streamed under a memory budget, into a new folder.
+#[derive(clap::Args)]
+pub struct Convert {
+    #[arg(long)]
+    pub from: PathBuf,
+    #[arg(long)]
+    pub to: PathBuf,
+    /// fp8 | bf16 | f32 | fp4 (NVFP4, ModelOpt layout) | mxfp4
+    #[arg(long, value_parser = choice::<Format>("--format"))]
+    pub format: Format,
+    /// Budget for conversion buffers (e.g. 512M, 4G); tensors are streamed in bands of rows.
+    #[arg(long, default_value = "1G")]
+    pub max_memory: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: &Convert) -> Result<()> {
+    let target = match a.format {
+        Format::Fp8 => Target::Fp8,
+        Format::Bf16 => Target::Bf16,
+        Format::F32 => Target::F32,
+        Format::Fp4 => Target::Fp4(Fp4Kind::Nv),
+        Format::Mxfp4 => Target::Fp4(Fp4Kind::Mx),
+    };
+    let budget = parse_size(&a.max_memory).context("--max-memory")?;
+    let t = std::time::Instant::now();
+    let r = dsv3_model::convert::convert(&a.from, &a.to, target, budget)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "converted {} tensors in {} files to {:?} in {:.1}s: {:.1} MB → {:.1} MB, peak buffers {:.1} MB (budget {})",
+            r.tensors,
+            r.files,
+            a.format,
+            t.elapsed().as_secs_f64(),
+            r.bytes_in as f64 / 1e6,
+            r.bytes_out as f64 / 1e6,
+            r.peak_buffer_bytes as f64 / 1e6,
+            a.max_memory
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! How the model computes, as a value that every forward and backward receives: the kernel
+//! choice, activation quantization, the FP8 training recipe and where routed experts run. No
+//! process-wide switch or thread-local decides a result; a function's behaviour is in its
+//! arguments.
+
+use crate::experts::ExpertDispatch;
+use crate::grad::fp8::Fp8Recipe;
+use dsv3_kernels::Gemm;
+
+#[derive(Clone, Copy)]
+pub struct Exec<'a> {
+    /// Many-token GEMMs and bf16 inputs (training), or the batch-invariant GEMV (inference).
+    pub gemm: Gemm,
+    /// Each `Linear`'s input rounded per token to E4M3 in 1×128 tiles (`--act-quant fp8`, the
+    /// official `activation_scheme: dynamic`).
+    pub act_quant_fp8: bool,
+    /// Every `Linear`'s Fprop, Dgrad and Wgrad in FP8 (report §3.3), for training.
+    pub fp8: Option<Fp8Recipe>,
+    /// Where each MoE layer's routed experts run: here, or on other processes.
+    pub experts: &'a dyn ExpertDispatch,
+}
+
+impl std::fmt::Debug for Exec<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("Exec")
+            .field("gemm", &self.gemm)
+            .field("act_quant_fp8", &self.act_quant_fp8)
+            .field("fp8", &self.fp8)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The numerics of inference: what the loaded model was asked for (`--act-quant`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Inference {
+    pub act_quant_fp8: bool,
+}
+
+/// The numerics of training: bf16 compute (f32 masters) and the FP8 recipe.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Training {
+    /// The blocked GEMM's inputs rounded to bf16 where the CPU has AVX512-BF16.
+    pub bf16: bool,
+    pub fp8: Option<Fp8Recipe>,
+}
+
+impl<'a> Exec<'a> {
+    pub fn inference(n: Inference, experts: &'a dyn ExpertDispatch) -> Self {
+        Exec { gemm: Gemm::BATCH_INVARIANT, act_quant_fp8: n.act_quant_fp8, fp8: None, experts }
+    }
+
+    /// Training: every product over many tokens on the blocked GEMM.
+    pub fn training(n: Training, experts: &'a dyn ExpertDispatch) -> Self {
+        Exec { gemm: Gemm { many_token: true, bf16: n.bf16 }, act_quant_fp8: false, fp8: n.fp8, experts }
+    }
+}
