@@ -474,6 +474,38 @@ fn split_reasoning(text: &str) -> (Option<String>, String) {
     }
 }
 
+/// What every piece of one answer carries.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    mode: Mode,
+    /// End-of-sequence token texts, removed from a tool-calling chat's text.
+    eos_text: Vec<String>,
+    prompt_tokens: usize,
+    include_usage: bool,
+}
+
+impl Reply {
+    fn chat(&self) -> bool {
+        self.mode != Mode::Completion
+    }
+
+    fn usage(&self, completion_tokens: usize) -> Value {
+        let p = self.prompt_tokens;
+        json!({"prompt_tokens": p, "completion_tokens": completion_tokens, "total_tokens": p + completion_tokens})
+    }
+
+    fn object(&self, choices: Value, chunk: bool) -> Value {
+        let obj = match (self.chat(), chunk) {
+            (true, true) => "chat.completion.chunk",
+            (true, false) => "chat.completion",
+            (false, _) => "text_completion",
+        };
+        json!({"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices})
+    }
+}
+
 async fn run(
     st: Shared,
     req: GenRequest,
@@ -481,7 +513,6 @@ async fn run(
     stream: Option<bool>,
     mode: Mode,
 ) -> Result<Response, ApiError> {
-    let chat = mode != Mode::Completion;
     let keep_special = mode == Mode::ChatTools;
     let eos_text: Vec<String> = if keep_special {
         req.stop_ids.iter().filter_map(|&i| st.tokenizer.as_ref().and_then(|t| t.decode(&[i], false).ok())).collect()
@@ -489,144 +520,177 @@ async fn run(
         vec![]
     };
     let prompt_tokens = req.prompt.len();
-    let mut rx = submit(&st, req)?;
-    let id = format!("{}-{:x}", if chat { "chatcmpl" } else { "cmpl" }, now() ^ rx_id(&rx));
-    let model = st.model_name.clone();
-    let created = now();
-    let Some(include_usage) = stream else {
-        let mut det = Detok { tok: st.tokenizer.as_ref(), keep_special, ids: vec![], sent: 0, stops, stopped: false };
-        let (mut text, mut lps, mut ids) = (String::new(), vec![], vec![]);
-        let mut completion_tokens = 0;
-        let mut finish = "stop";
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                Event::Token(t) => {
-                    ids.push(t.id);
-                    text.push_str(&det.push(t.id));
-                    if t.logprob.is_some() {
-                        lps.push(logprob_entry(st.tokenizer.as_ref(), &t, chat));
-                    }
-                    if det.stopped {
-                        // A stop string: dropping rx ends the sequence in the engine.
-                        finish = "stop";
-                        completion_tokens = ids.len();
-                        break;
-                    }
+    let rx = submit(&st, req)?;
+    let kind = if mode == Mode::Completion { "cmpl" } else { "chatcmpl" };
+    let reply = Reply {
+        id: format!("{kind}-{:x}", now() ^ rx_id(&rx)),
+        created: now(),
+        model: st.model_name.clone(),
+        mode,
+        eos_text,
+        prompt_tokens,
+        include_usage: stream.unwrap_or(false),
+    };
+    let det = Detok { tok: None, keep_special, ids: vec![], sent: 0, stops, stopped: false };
+    match stream {
+        None => Ok(Json(respond_whole(&st, reply, det, rx).await).into_response()),
+        Some(_) => {
+            let (tx, out) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
+            tokio::spawn(respond_stream(st.clone(), reply, det, rx, tx));
+            Ok(Sse::new(tokio_stream::wrappers::UnboundedReceiverStream::new(out)).into_response())
+        }
+    }
+}
+
+/// The whole answer as one JSON body.
+async fn respond_whole(
+    st: &AppState,
+    reply: Reply,
+    mut det: Detok<'_>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+) -> Value {
+    let (tok, chat) = (st.tokenizer.as_ref(), reply.chat());
+    det.tok = tok;
+    let (mut text, mut lps, mut ids) = (String::new(), vec![], vec![]);
+    let mut completion_tokens = 0;
+    let mut finish = "stop";
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token(t) => {
+                ids.push(t.id);
+                text.push_str(&det.push(t.id));
+                if t.logprob.is_some() {
+                    lps.push(logprob_entry(tok, &t, chat));
                 }
-                Event::Done { finish: f, completion_tokens: n, .. } => {
-                    text.push_str(&det.flush());
-                    finish = finish_reason(f);
-                    completion_tokens = n;
+                if det.stopped {
+                    // A stop string: dropping rx ends the sequence in the engine.
+                    finish = "stop";
+                    completion_tokens = ids.len();
+                    break;
                 }
             }
+            Event::Done { finish: f, completion_tokens: n, .. } => {
+                text.push_str(&det.flush());
+                finish = finish_reason(f);
+                completion_tokens = n;
+            }
         }
-        let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
-        let choice = if chat {
-            let (message, finish) = chat_message(&text, &eos_text, finish);
-            json!({"index": 0, "message": message, "logprobs": if lps.is_empty() { Value::Null } else { json!({"content": lps}) }, "finish_reason": finish})
-        } else {
-            json!({"index": 0, "text": text, "token_ids": ids, "logprobs": if lps.is_empty() { Value::Null } else { json!({"content": lps}) }, "finish_reason": finish})
-        };
-        let obj = if chat { "chat.completion" } else { "text_completion" };
-        return Ok(Json(
-            json!({"id": id, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage}),
-        )
-        .into_response());
+    }
+    let logprobs = if lps.is_empty() { Value::Null } else { json!({"content": lps}) };
+    let choice = if chat {
+        let (message, finish) = chat_message(&text, &reply.eos_text, finish);
+        json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish})
+    } else {
+        json!({"index": 0, "text": text, "token_ids": ids, "logprobs": logprobs, "finish_reason": finish})
     };
+    let mut body = reply.object(json!([choice]), false);
+    body["usage"] = reply.usage(completion_tokens);
+    body
+}
 
-    let (tx, out) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
-    let st2 = st.clone();
-    tokio::spawn(async move {
-        let mut det = Detok { tok: st2.tokenizer.as_ref(), keep_special, ids: vec![], sent: 0, stops, stopped: false };
-        let obj = if chat { "chat.completion.chunk" } else { "text_completion" };
-        let mut whole = String::new();
-        let chunk =
-            |choice: Value| json!({"id": id, "object": obj, "created": created, "model": model, "choices": [choice]});
-        if chat {
-            let first =
-                chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}));
-            let _ = tx.send(Ok(SseEvent::default().data(first.to_string())));
-        }
-        let mut in_reasoning = false;
-        let mut completion_tokens = 0;
-        while let Some(ev) = rx.recv().await {
-            let (delta, finish, lp) = match ev {
-                Event::Token(t) => {
-                    completion_tokens += 1;
-                    let lp = t.logprob.map(|_| logprob_entry(st2.tokenizer.as_ref(), &t, chat));
-                    (det.push(t.id), if det.stopped { Some("stop") } else { None }, lp)
-                }
-                Event::Done { finish, .. } => (det.flush(), Some(finish_reason(finish)), None),
-            };
-            let c = if mode == Mode::ChatTools {
+/// The answer as server-sent events: a chunk per piece of text that is safe to send, the last
+/// with its finish reason, the usage chunk when asked, then `[DONE]`.
+async fn respond_stream(
+    st: Shared,
+    reply: Reply,
+    mut det: Detok<'_>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    tx: tokio::sync::mpsc::UnboundedSender<Result<SseEvent, Infallible>>,
+) {
+    let (tok, chat) = (st.tokenizer.as_ref(), reply.chat());
+    det.tok = tok;
+    let send = |v: Value| tx.send(Ok(SseEvent::default().data(v.to_string()))).is_ok();
+    if chat {
+        let first = json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null});
+        send(reply.object(json!([first]), true));
+    }
+    let mut whole = String::new();
+    let mut in_reasoning = false;
+    let mut completion_tokens = 0;
+    while let Some(ev) = rx.recv().await {
+        let (delta, finish, lp) = match ev {
+            Event::Token(t) => {
+                completion_tokens += 1;
+                let lp = t.logprob.map(|_| logprob_entry(tok, &t, chat));
+                (det.push(t.id), if det.stopped { Some("stop") } else { None }, lp)
+            }
+            Event::Done { finish, .. } => (det.flush(), Some(finish_reason(finish)), None),
+        };
+        let logprobs = lp.map(|l| json!({"content": [l]}));
+        let c = match reply.mode {
+            Mode::ChatTools => {
                 // The answer goes out whole at the end: tool-call markup is parsed from all of it.
                 whole.push_str(&delta);
-                if finish.is_none() {
-                    continue;
-                }
-                let (message, f) = chat_message(&whole, &eos_text, finish.unwrap_or("stop"));
-                let mut d = json!({});
-                if let Some(calls) = message.get("tool_calls") {
-                    d["tool_calls"] = calls
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .enumerate()
-                                .map(|(i, c)| {
-                                    let mut c = c.clone();
-                                    c["index"] = json!(i);
-                                    c
-                                })
-                                .collect::<Vec<_>>()
-                        })
-                        .map(Value::from)
-                        .unwrap_or(Value::Null);
-                }
-                d["content"] = message["content"].clone();
-                if let Some(r) = message.get("reasoning_content") {
-                    d["reasoning_content"] = r.clone();
-                }
-                json!({"index": 0, "delta": d, "logprobs": Value::Null, "finish_reason": f})
-            } else if chat {
-                let mut d = json!({});
-                let mut text = delta.as_str();
-                if text.contains("<think>") {
-                    in_reasoning = true;
-                    text = text.split("<think>").last().unwrap_or("");
-                }
-                if in_reasoning {
-                    match text.split_once("</think>") {
-                        Some((r, a)) => {
-                            in_reasoning = false;
-                            d["reasoning_content"] = json!(r);
-                            d["content"] = json!(a);
-                        }
-                        None => d["reasoning_content"] = json!(text),
-                    }
-                } else {
-                    d["content"] = json!(text);
-                }
-                json!({"index": 0, "delta": d, "logprobs": lp.map(|l| json!({"content": [l]})), "finish_reason": finish})
-            } else {
-                json!({"index": 0, "text": delta, "logprobs": lp.map(|l| json!({"content": [l]})), "finish_reason": finish})
-            };
-            if tx.send(Ok(SseEvent::default().data(chunk(c).to_string()))).is_err() {
-                return; // client gone: dropping rx makes the engine free the sequence
+                let Some(f) = finish else { continue };
+                tool_chat_delta(&whole, &reply.eos_text, f)
             }
-            if finish.is_some() {
-                break;
+            Mode::Chat => {
+                let d = reasoning_delta(&delta, &mut in_reasoning);
+                json!({"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish})
             }
+            Mode::Completion => json!({"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish}),
+        };
+        if !send(reply.object(json!([c]), true)) {
+            return; // client gone: dropping rx makes the engine free the sequence
         }
-        if include_usage {
-            // OpenAI's `stream_options.include_usage`: a last chunk with no choices and the usage.
-            let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
-            let last =
-                json!({"id": id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage});
-            let _ = tx.send(Ok(SseEvent::default().data(last.to_string())));
+        if finish.is_some() {
+            break;
         }
-        let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
-    });
-    Ok(Sse::new(tokio_stream::wrappers::UnboundedReceiverStream::new(out)).into_response())
+    }
+    if reply.include_usage {
+        // OpenAI's `stream_options.include_usage`: a last chunk with no choices and the usage.
+        let mut last = reply.object(json!([]), true);
+        last["usage"] = reply.usage(completion_tokens);
+        send(last);
+    }
+    let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
+}
+
+/// A chat delta split into `reasoning_content` and `content` at `<think>` / `</think>`.
+fn reasoning_delta(delta: &str, in_reasoning: &mut bool) -> Value {
+    let mut d = json!({});
+    let mut text = delta;
+    if text.contains("<think>") {
+        *in_reasoning = true;
+        text = text.split("<think>").last().unwrap_or("");
+    }
+    if *in_reasoning {
+        match text.split_once("</think>") {
+            Some((r, a)) => {
+                *in_reasoning = false;
+                d["reasoning_content"] = json!(r);
+                d["content"] = json!(a);
+            }
+            None => d["reasoning_content"] = json!(text),
+        }
+    } else {
+        d["content"] = json!(text);
+    }
+    d
+}
+
+/// The one delta of a streamed tool-calling chat: content or `tool_calls` (each with its index),
+/// and the reasoning.
+fn tool_chat_delta(whole: &str, eos_text: &[String], finish: &'static str) -> Value {
+    let (message, f) = chat_message(whole, eos_text, finish);
+    let mut d = json!({});
+    if let Some(calls) = message.get("tool_calls").and_then(Value::as_array) {
+        let indexed: Vec<Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut c = c.clone();
+                c["index"] = json!(i);
+                c
+            })
+            .collect();
+        d["tool_calls"] = Value::from(indexed);
+    }
+    d["content"] = message["content"].clone();
+    if let Some(r) = message.get("reasoning_content") {
+        d["reasoning_content"] = r.clone();
+    }
+    json!({"index": 0, "delta": d, "logprobs": Value::Null, "finish_reason": f})
 }
 
 /// A per-request number for ids (the channel's address is unique while it lives).

@@ -170,6 +170,24 @@ impl Seq {
         Emit::Continue
     }
 
+    /// What this sequence runs next: its pending token (decoding), or its prompt's next chunk.
+    fn next_input(&self, chunk: usize) -> Vec<u32> {
+        match self.pending {
+            Some(t) => vec![t],
+            None => {
+                let p = &self.job.req.prompt;
+                p[self.prefilled..(self.prefilled + chunk).min(p.len())].to_vec()
+            }
+        }
+    }
+
+    /// Ends the request after a failure inside the engine (inputs were validated; this is a bug or
+    /// a resource error): the client gets what was generated and a clean end.
+    fn end_early(&self) {
+        let (prompt_tokens, completion_tokens) = (self.job.req.prompt.len(), self.generated);
+        let _ = self.job.events.send(Event::Done { finish: Finish::Stop, prompt_tokens, completion_tokens });
+    }
+
     /// Blocks this sequence may still allocate before it ends.
     fn growth(&self, cfg: &EngineConfig) -> usize {
         blocks_for(self.job.req.prompt.len() + self.job.req.max_tokens, cfg).saturating_sub(self.cache.blocks())
@@ -194,25 +212,60 @@ pub fn start(model: Arc<DeepseekV3>, config: EngineConfig) -> (EngineHandle, std
 }
 
 fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Metrics, pool: Arc<BlockPool>) {
-    let mut waiting: std::collections::VecDeque<Job> = Default::default();
-    let mut running: Vec<Seq> = vec![];
-    let mut prefixes = PrefixCache::default();
+    let mut sched = Scheduler {
+        model,
+        config,
+        metrics,
+        pool,
+        waiting: Default::default(),
+        running: vec![],
+        prefixes: PrefixCache::default(),
+        closed: false,
+    };
     metrics.kv_blocks_capacity.store(config.kv_blocks, Ordering::Relaxed);
-    let mut closed = false;
     loop {
-        // Take in what arrived, but no more than the batch can admit: the rest waits in the
-        // bounded channel, which is what makes a flood answer 429 instead of queueing without
-        // limit. Block only when there is nothing to do.
-        loop {
-            if running.len() + waiting.len() >= config.max_batch {
-                break;
-            }
-            let next = if running.is_empty() && waiting.is_empty() && !closed {
+        sched.take_in(&rx);
+        if sched.closed && sched.running.is_empty() && sched.waiting.is_empty() {
+            return;
+        }
+        sched.admit();
+        if sched.running.is_empty() {
+            continue;
+        }
+        sched.publish_gauges();
+        let mut keep = vec![true; sched.running.len()];
+        sched.step_speculative(&mut keep);
+        sched.step_batched(&mut keep);
+        sched.retire(&keep);
+    }
+}
+
+/// The engine's state between steps: what waits, what runs, the shared prefixes.
+struct Scheduler<'a> {
+    model: &'a DeepseekV3,
+    config: EngineConfig,
+    metrics: &'a Metrics,
+    pool: Arc<BlockPool>,
+    waiting: std::collections::VecDeque<Job>,
+    running: Vec<Seq>,
+    prefixes: PrefixCache,
+    /// Every handle is gone: finish what runs, take nothing new.
+    closed: bool,
+}
+
+impl Scheduler<'_> {
+    /// Takes in what arrived, but no more than the batch can admit: the rest waits in the bounded
+    /// channel, which is what makes a flood answer 429 instead of queueing without limit. Blocks
+    /// (briefly) only when there is nothing to do.
+    fn take_in(&mut self, rx: &Receiver<Job>) {
+        while self.running.len() + self.waiting.len() < self.config.max_batch {
+            let idle = self.running.is_empty() && self.waiting.is_empty() && !self.closed;
+            let next = if idle {
                 match rx.recv_timeout(Duration::from_millis(200)) {
                     Ok(j) => Some(j),
                     Err(RecvTimeoutError::Timeout) => None,
                     Err(RecvTimeoutError::Disconnected) => {
-                        closed = true;
+                        self.closed = true;
                         None
                     }
                 }
@@ -221,52 +274,54 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
                     Ok(j) => Some(j),
                     Err(std::sync::mpsc::TryRecvError::Empty) => None,
                     Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                        closed = true;
+                        self.closed = true;
                         None
                     }
                 }
             };
             match next {
-                Some(j) => waiting.push_back(j),
+                Some(j) => self.waiting.push_back(j),
                 None => break,
             }
         }
-        if closed && running.is_empty() && waiting.is_empty() {
-            return;
-        }
-        // Admit in arrival order while the batch and the cache budget allow: blocks alive now
-        // (running sequences and cached prefixes) plus what the running ones may still allocate
-        // plus what the newcomer needs beyond the prefix it reuses. Cached prefixes are evicted,
-        // least recently used first, to make room.
-        while running.len() < config.max_batch {
-            let Some(job) = waiting.front() else { break };
+    }
+
+    /// Admits in arrival order while the batch and the cache budget allow: blocks alive now
+    /// (running sequences and cached prefixes) plus what the running ones may still allocate plus
+    /// what the newcomer needs beyond the prefix it reuses. Cached prefixes are evicted, least
+    /// recently used first, to make room.
+    fn admit(&mut self) {
+        let (config, model) = (self.config, self.model);
+        while self.running.len() < config.max_batch {
+            let Some(job) = self.waiting.front() else { break };
             let speculative = config.mtp_speculative > 0 && job.req.logprobs.is_none();
             let reuse = if config.prefix_cache && !speculative {
-                prefixes.lookup(&job.req.prompt, config.prefill_chunk)
+                self.prefixes.lookup(&job.req.prompt, config.prefill_chunk)
             } else {
                 vec![]
             };
             let need = blocks_for(job.req.prompt.len() + job.req.max_tokens, &config)
                 .saturating_sub(reuse.len() * model.layers.len());
-            let growth: usize = running.iter().map(|s| s.growth(&config)).sum();
-            if pool.in_use() + growth + need > config.kv_blocks && !running.is_empty() {
-                if !prefixes.evict_one() {
+            let growth: usize = self.running.iter().map(|s| s.growth(&config)).sum();
+            if self.pool.in_use() + growth + need > config.kv_blocks && !self.running.is_empty() {
+                if !self.prefixes.evict_one() {
                     break;
                 }
                 continue;
             }
-            let job = waiting.pop_front().expect("front exists");
-            metrics.queued.fetch_sub(1, Ordering::Relaxed);
-            let mut cache = model.new_cache_in(Some(pool.clone()));
+            let job = self.waiting.pop_front().expect("front exists");
+            self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+            let mut cache = model.new_cache_in(Some(self.pool.clone()));
             let prefilled = reuse.len() * BLOCK_TOKENS;
             if prefilled > 0 {
                 for (l, layer) in cache.layers.iter_mut().enumerate() {
-                    *layer = LatentCache::with_prefix(reuse.iter().map(|b| b[l].clone()).collect(), Some(pool.clone()));
+                    *layer =
+                        LatentCache::with_prefix(reuse.iter().map(|b| b[l].clone()).collect(), Some(self.pool.clone()));
                 }
-                metrics.prefix_reused_tokens.fetch_add(prefilled as u64, Ordering::Relaxed);
+                self.metrics.prefix_reused_tokens.fetch_add(prefilled as u64, Ordering::Relaxed);
             }
             let sampler = Sampler::new(job.req.sampling.clone());
-            running.push(Seq {
+            self.running.push(Seq {
                 job,
                 cache,
                 sampler,
@@ -279,18 +334,20 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
                 spec: None,
             });
         }
-        if running.is_empty() {
-            continue;
-        }
-        metrics.batch_size.store(running.len(), Ordering::Relaxed);
-        metrics.kv_tokens.store(running.iter().map(|s| s.cache.len()).sum(), Ordering::Relaxed);
-        metrics.kv_blocks.store(pool.in_use(), Ordering::Relaxed);
-        metrics.prefix_entries.store(prefixes.len(), Ordering::Relaxed);
+    }
 
-        let mut keep = vec![true; running.len()];
-        // Speculative decoders verify their drafts alone (their forward is their own).
-        let k = config.mtp_speculative;
-        for (i, s) in running.iter_mut().enumerate() {
+    fn publish_gauges(&self) {
+        let m = self.metrics;
+        m.batch_size.store(self.running.len(), Ordering::Relaxed);
+        m.kv_tokens.store(self.running.iter().map(|s| s.cache.len()).sum(), Ordering::Relaxed);
+        m.kv_blocks.store(self.pool.in_use(), Ordering::Relaxed);
+        m.prefix_entries.store(self.prefixes.len(), Ordering::Relaxed);
+    }
+
+    /// Speculative decoders verify their drafts alone (their forward is their own).
+    fn step_speculative(&mut self, keep: &mut [bool]) {
+        let (model, metrics, k) = (self.model, self.metrics, self.config.mtp_speculative);
+        for (i, s) in self.running.iter_mut().enumerate() {
             let Some(spec) = s.spec.as_mut() else { continue };
             match spec.step(model, &mut s.cache, k, &mut s.sampler) {
                 Ok(step) => {
@@ -305,43 +362,24 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
                 }
                 Err(e) => {
                     eprintln!("engine: speculative step failed: {e}");
-                    let _ = s.job.events.send(Event::Done {
-                        finish: Finish::Stop,
-                        prompt_tokens: s.job.req.prompt.len(),
-                        completion_tokens: s.generated,
-                    });
+                    s.end_early();
                     keep[i] = false;
                 }
             }
         }
-        // Everything else in one pass: a chunk of each prefilling prompt, the last token of each
-        // plain decoder.
-        let batched: Vec<usize> = (0..running.len()).filter(|&i| running[i].spec.is_none() && keep[i]).collect();
-        let chunks: Vec<Vec<u32>> = batched
-            .iter()
-            .map(|&i| {
-                let s = &running[i];
-                match s.pending {
-                    Some(t) => vec![t],
-                    None => {
-                        let p = &s.job.req.prompt;
-                        p[s.prefilled..(s.prefilled + config.prefill_chunk).min(p.len())].to_vec()
-                    }
-                }
-            })
-            .collect();
+    }
+
+    /// Everything else in one pass: a chunk of each prefilling prompt, the last token of each
+    /// plain decoder; then each sequence's next token from its last row.
+    fn step_batched(&mut self, keep: &mut [bool]) {
+        let (model, config, metrics, k) = (self.model, self.config, self.metrics, self.config.mtp_speculative);
+        let batched: Vec<usize> =
+            (0..self.running.len()).filter(|&i| self.running[i].spec.is_none() && keep[i]).collect();
+        let chunks: Vec<Vec<u32>> = batched.iter().map(|&i| self.running[i].next_input(config.prefill_chunk)).collect();
         let states = {
-            let mut caches: Vec<&mut KvCache> = vec![];
-            let mut rest = &mut running[..];
-            let mut offset = 0;
-            for &i in &batched {
-                let (_, tail) = rest.split_at_mut(i - offset);
-                let (one, tail) = tail.split_at_mut(1);
-                caches.push(&mut one[0].cache);
-                rest = tail;
-                offset = i + 1;
-            }
-            let mut batch: Vec<(&[u32], &mut KvCache)> = chunks.iter().map(|c| c.as_slice()).zip(caches).collect();
+            let mut caches = disjoint_caches(&mut self.running, &batched);
+            let mut batch: Vec<(&[u32], &mut KvCache)> =
+                chunks.iter().map(|c| c.as_slice()).zip(caches.drain(..)).collect();
             if batch.is_empty() {
                 Ok(vec![])
             } else {
@@ -354,20 +392,15 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
                 // Inputs were validated; an error here ends the batched sequences cleanly.
                 eprintln!("engine: forward failed: {e}");
                 for &i in &batched {
-                    let s = &running[i];
-                    let _ = s.job.events.send(Event::Done {
-                        finish: Finish::Stop,
-                        prompt_tokens: s.job.req.prompt.len(),
-                        completion_tokens: s.generated,
-                    });
+                    self.running[i].end_early();
                     keep[i] = false;
                 }
-                vec![]
+                return;
             }
         };
         let d = model.config.hidden_size;
         for ((&i, h), chunk) in batched.iter().zip(&states).zip(&chunks) {
-            let s = &mut running[i];
+            let s = &mut self.running[i];
             let prefilling = s.pending.is_none();
             if prefilling {
                 s.prefilled += chunk.len();
@@ -378,7 +411,7 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
                     continue; // more prompt to go
                 }
                 if config.prefix_cache && !s.speculative(k) {
-                    prefixes.insert(&s.job.req.prompt, &s.cache);
+                    self.prefixes.insert(&s.job.req.prompt, &s.cache);
                 }
             }
             let rows = h.len() / d;
@@ -396,8 +429,14 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
                 s.spec = Some(Speculator::new(&s.job.req.prompt, std::mem::take(&mut s.prompt_h), id));
             }
         }
+    }
+
+    /// Drops the sequences that ended; their blocks are gone now, and the gauges say so even if
+    /// nothing runs next.
+    fn retire(&mut self, keep: &[bool]) {
+        let metrics = self.metrics;
         let mut i = 0;
-        running.retain(|s| {
+        self.running.retain(|s| {
             let k = keep[i];
             i += 1;
             if !k {
@@ -405,9 +444,23 @@ fn run(model: &DeepseekV3, config: EngineConfig, rx: Receiver<Job>, metrics: &Me
             }
             k
         });
-        // Ended sequences' blocks are gone now; the gauges say so even if nothing runs next.
-        metrics.batch_size.store(running.len(), Ordering::Relaxed);
-        metrics.kv_tokens.store(running.iter().map(|s| s.cache.len()).sum(), Ordering::Relaxed);
-        metrics.kv_blocks.store(pool.in_use(), Ordering::Relaxed);
+        metrics.batch_size.store(self.running.len(), Ordering::Relaxed);
+        metrics.kv_tokens.store(self.running.iter().map(|s| s.cache.len()).sum(), Ordering::Relaxed);
+        metrics.kv_blocks.store(self.pool.in_use(), Ordering::Relaxed);
     }
+}
+
+/// The caches of `running[i]` for each `i` of `which` (ascending), borrowed at once.
+fn disjoint_caches<'s>(running: &'s mut [Seq], which: &[usize]) -> Vec<&'s mut KvCache> {
+    let mut caches = Vec::with_capacity(which.len());
+    let mut rest = running;
+    let mut offset = 0;
+    for &i in which {
+        let (_, tail) = rest.split_at_mut(i - offset);
+        let (one, tail) = tail.split_at_mut(1);
+        caches.push(&mut one[0].cache);
+        rest = tail;
+        offset = i + 1;
+    }
+    caches
 }
