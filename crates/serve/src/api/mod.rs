@@ -1,0 +1,199 @@
+//! The OpenAI-compatible HTTP surface: the routes, the API key, the handlers; request checks in
+//! [`request`], answers in [`respond`], text deltas in [`detok`].
+
+mod detok;
+mod request;
+mod respond;
+
+use crate::engine::{EngineHandle, Event, GenRequest, SubmitError};
+use crate::error::ApiError;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dsv3_model::{DeepseekV3, Tokenizer};
+use request::{completion_prompt, gen_request, ChatBody, Common, CompletionBody};
+use respond::{run, Mode};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub model: Arc<DeepseekV3>,
+    pub tokenizer: Option<Tokenizer>,
+    pub model_name: String,
+    pub api_key: Option<String>,
+    /// Token ids that end a generation (generation_config.json, config.json, tokenizer).
+    pub eos_ids: Vec<u32>,
+    /// More Prometheus text for `/metrics` (expert-parallel placement, from the CLI).
+    pub extra_metrics: Option<crate::MetricsHook>,
+    /// Connection limits and deadlines ([`crate::http`]).
+    pub http: crate::http::HttpLimits,
+}
+
+type Shared = Arc<AppState>;
+
+pub fn router(state: Shared) -> Router {
+    let edge = Arc::new(crate::http::EdgeState { limits: state.http.clone(), metrics: state.engine.metrics.clone() });
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .fallback(crate::http::not_found)
+        .method_not_allowed_fallback(crate::http::method_not_allowed)
+        // The edge reads bodies under its own cap and deadline.
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(edge, crate::http::edge))
+        .with_state(state)
+}
+
+/// `Authorization: Bearer KEY`, compared in constant time (no timing oracle on the key's bytes).
+fn check_key(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    use subtle::ConstantTimeEq;
+    let Some(key) = &st.api_key else { return Ok(()) };
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if bool::from(g.as_bytes().ct_eq(key.as_bytes())) => Ok(()),
+        _ => Err(ApiError::unauthorized()),
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|_| ApiError::bad("the body is not valid UTF-8", None))?;
+    serde_json::from_str(text).map_err(|e| ApiError::bad(format!("invalid request: {e}"), None))
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn submit(st: &AppState, req: GenRequest) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>, ApiError> {
+    let n = req.prompt.len() as u64;
+    match st.engine.submit(req) {
+        Ok(rx) => {
+            st.engine.metrics.requests.fetch_add(1, Ordering::Relaxed);
+            st.engine.metrics.prompt_tokens.fetch_add(n, Ordering::Relaxed);
+            Ok(rx)
+        }
+        Err(SubmitError::QueueFull) => Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "the server's queue is full; retry later",
+        )),
+        Err(SubmitError::ShuttingDown) => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down"))
+        }
+    }
+}
+
+async fn completions(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    check_key(&st, &headers)?;
+    let b: CompletionBody = parse(&body)?;
+    let prompt = completion_prompt(&st, &b.prompt)?;
+    let (req, stops) = gen_request(&st, prompt, &b.common, b.logprobs)?;
+    run(st, req, stops, stream_mode(&b.common), Mode::Completion).await
+}
+
+async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    check_key(&st, &headers)?;
+    let b: ChatBody = parse(&body)?;
+    let tok = st
+        .tokenizer
+        .as_ref()
+        .filter(|t| t.has_chat_template())
+        .ok_or_else(|| ApiError::bad("this model has no chat template", Some("messages")))?;
+    if b.messages.as_array().is_some_and(|m| m.is_empty()) {
+        return Err(ApiError::bad("messages is empty", Some("messages")));
+    }
+    if b.top_logprobs.is_some_and(|k| k > 20) {
+        return Err(ApiError::bad("at most 20 top_logprobs per token", Some("top_logprobs")));
+    }
+    let tools = b.tools.as_ref().filter(|t| !t.is_null());
+    let text = tok
+        .apply_chat_template_with_tools(&b.messages, tools, true)
+        .map_err(|e| ApiError::from_model(e, "messages"))?;
+    let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+    let lp = if b.logprobs { Some(b.top_logprobs.unwrap_or(0)) } else { None };
+    let (req, stops) = gen_request(&st, prompt, &b.common, lp)?;
+    run(st, req, stops, stream_mode(&b.common), if tools.is_some() { Mode::ChatTools } else { Mode::Chat }).await
+}
+
+/// How to stream: `None` answers in one body; `Some(usage)` streams, with a final usage chunk
+/// when `stream_options.include_usage` is set.
+fn stream_mode(c: &Common) -> Option<bool> {
+    c.stream.then(|| c.stream_options.as_ref().is_some_and(|o| o.include_usage))
+}
+
+async fn models(State(st): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+    check_key(&st, &headers)?;
+    Ok(Json(
+        json!({"object": "list", "data": [{"id": st.model_name, "object": "model", "created": 0, "owned_by": "dsv3",
+        "max_model_len": st.model.config.max_position_embeddings}]}),
+    )
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct TokenizeBody {
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    messages: Option<Value>,
+    #[serde(default = "yes")]
+    add_special_tokens: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn tokenize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    check_key(&st, &headers)?;
+    let b: TokenizeBody = parse(&body)?;
+    let tok = st.tokenizer.as_ref().ok_or_else(|| ApiError::bad("this model has no tokenizer.json", None))?;
+    let ids = match (&b.prompt, &b.messages) {
+        (Some(p), None) => {
+            tok.encode(p, b.add_special_tokens).map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))
+        }
+        (None, Some(m)) => tok.encode_chat(m, true).map_err(|e| ApiError::from_model(e, "messages")),
+        _ => Err(ApiError::bad("give prompt or messages", None)),
+    }?;
+    Ok(Json(json!({"tokens": ids, "count": ids.len(), "max_model_len": st.model.config.max_position_embeddings}))
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct DetokenizeBody {
+    tokens: Vec<u32>,
+}
+
+async fn detokenize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    check_key(&st, &headers)?;
+    let b: DetokenizeBody = parse(&body)?;
+    let tok = st.tokenizer.as_ref().ok_or_else(|| ApiError::bad("this model has no tokenizer.json", None))?;
+    if let Some(&bad) = b.tokens.iter().find(|&&t| t as usize >= st.model.config.vocab_size) {
+        return Err(ApiError::bad(format!("token id {bad} is outside the vocabulary"), Some("tokens")));
+    }
+    let text = tok.decode(&b.tokens, false).map_err(|e| ApiError::bad(e.to_string(), None))?;
+    Ok(Json(json!({"prompt": text})).into_response())
+}
+
+/// Prometheus text. Behind the API key when one is set: the counters tell who uses the server how
+/// much (vLLM leaves them open; put a scraper's bearer token in its config).
+async fn metrics(State(st): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+    check_key(&st, &headers)?;
+    let mut text = st.engine.metrics.render(st.model.kv_bytes_per_token());
+    if let Some(hook) = &st.extra_metrics {
+        text.push_str(&(hook.0)());
+    }
+    Ok(text.into_response())
+}
