@@ -201,13 +201,13 @@ pub fn reference(stages: &[Stage], batch: &Batch) -> (Vec<f64>, Vec<Grads>) {
 
 /// A micro-batch's path: `(rank, direction)` of each stage position, and the micro-batch's
 /// index in the batch.
-struct Placement {
+struct StagePath {
     kind: Kind,
     ranks: usize,
     chunks: usize,
 }
 
-impl Placement {
+impl StagePath {
     /// (flow, position) of the op `(rank, dir)`, and the number of positions of the flow.
     fn position(&self, rank: usize, dir: u8) -> (usize, usize, usize) {
         crate::schedule::stage_position(self.kind, self.ranks, rank, dir)
@@ -254,7 +254,7 @@ fn tag(kind: u64, flow: usize, mb: usize, pos: usize) -> u64 {
 /// Stage positions along a micro-batch's path: `ranks` for 1F1B and DualPipe, `2·ranks` for
 /// DualPipeV.
 pub fn positions(kind: Kind, ranks: usize) -> usize {
-    Placement { kind, ranks, chunks: 0 }.position(0, 0).2
+    StagePath { kind, ranks, chunks: 0 }.position(0, 0).2
 }
 
 /// The losses this rank computed: `(batch index, loss)`.
@@ -263,7 +263,7 @@ pub type Losses = Vec<(usize, f64)>;
 /// One rank's state while it runs its ops.
 struct Exec<'a, M: StageCompute> {
     me: usize,
-    pl: Placement,
+    pl: StagePath,
     model: &'a M,
     saved: HashMap<(usize, usize, usize), M::Saved>,
     /// Same-rank handoffs (DualPipeV's turn at the last rank).
@@ -390,7 +390,7 @@ pub fn execute<M: StageCompute>(
 ) -> Losses {
     let mut ex = Exec {
         me: p2p.rank(),
-        pl: Placement { kind, ranks, chunks },
+        pl: StagePath { kind, ranks, chunks },
         model,
         saved: HashMap::new(),
         local: HashMap::new(),
