@@ -50,6 +50,10 @@ pub fn rows_dots(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, out: &mut 
                 MatRef::Fp4 { data, scales, tensor_scale, kind, .. } => {
                     (0..k).map(|c| xt[c] * fp4_element(data, scales, tensor_scale, k, kind, r, c)).sum()
                 }
+                MatRef::Ggml { data, kind, .. } => {
+                    let rb = k / kind.block_elems() * kind.block_bytes();
+                    crate::ggml::dot::dot_row(kind, &data[r * rb..][..rb], xt)
+                }
             };
         }
     }
@@ -293,6 +297,7 @@ mod avx512 {
                     dots::<_, M>(&w, k, k.max(1), None, xp, o);
                 }
             }
+            MatRef::Ggml { data, kind, .. } => crate::ggml::dot::rows_dots(kind, data, k, rows, x, M, out),
         }
     }
 

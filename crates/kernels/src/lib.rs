@@ -17,9 +17,11 @@ pub mod fp4_lut;
 pub mod fp8_gemm;
 pub mod gemm;
 pub mod gemv;
+pub mod ggml;
 pub mod matmul;
 pub mod matrix;
 pub mod quant;
 
+pub use ggml::GgmlType;
 pub use matmul::Gemm;
 pub use matrix::{MatRef, WeightFormat};

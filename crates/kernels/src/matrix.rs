@@ -2,6 +2,7 @@
 //! format.
 
 use crate::dot;
+use crate::ggml::GgmlType;
 use crate::quant::{fp4_element, Fp4Kind};
 
 /// Storage format of a weight matrix.
@@ -13,6 +14,8 @@ pub enum WeightFormat {
     Fp8,
     /// FP4 E2M1 packed two per byte, with block scales ([`Fp4Kind`]).
     Fp4(Fp4Kind),
+    /// A llama.cpp block format, rows of whole blocks (GGUF tensors).
+    Ggml(GgmlType),
 }
 
 /// A weight matrix viewed in place: f32 values, bf16 little-endian bytes, or FP8 bytes with their
@@ -45,6 +48,13 @@ pub enum MatRef<'a> {
         cols: usize,
         kind: Fp4Kind,
     },
+    /// `data` is `rows` rows of `cols / kind.block_elems()` ggml blocks each.
+    Ggml {
+        data: &'a [u8],
+        rows: usize,
+        cols: usize,
+        kind: GgmlType,
+    },
 }
 
 impl<'a> MatRef<'a> {
@@ -53,7 +63,8 @@ impl<'a> MatRef<'a> {
             MatRef::F32 { rows, .. }
             | MatRef::Bf16 { rows, .. }
             | MatRef::Fp8 { rows, .. }
-            | MatRef::Fp4 { rows, .. } => rows,
+            | MatRef::Fp4 { rows, .. }
+            | MatRef::Ggml { rows, .. } => rows,
         }
     }
 
@@ -62,7 +73,8 @@ impl<'a> MatRef<'a> {
             MatRef::F32 { cols, .. }
             | MatRef::Bf16 { cols, .. }
             | MatRef::Fp8 { cols, .. }
-            | MatRef::Fp4 { cols, .. } => cols,
+            | MatRef::Fp4 { cols, .. }
+            | MatRef::Ggml { cols, .. } => cols,
         }
     }
 
@@ -72,6 +84,7 @@ impl<'a> MatRef<'a> {
             MatRef::Bf16 { .. } => WeightFormat::Bf16,
             MatRef::Fp8 { .. } => WeightFormat::Fp8,
             MatRef::Fp4 { kind, .. } => WeightFormat::Fp4(*kind),
+            MatRef::Ggml { kind, .. } => WeightFormat::Ggml(*kind),
         }
     }
 
@@ -100,6 +113,12 @@ impl<'a> MatRef<'a> {
                 }
                 (data.len(), rows * cols.div_ceil(2))
             }
+            MatRef::Ggml { data, rows, cols, kind } => {
+                let row = kind.row_bytes(cols).ok_or_else(|| {
+                    format!("{kind} rows hold whole blocks of {} values, not {cols}", kind.block_elems())
+                })?;
+                (data.len(), rows.checked_mul(row).ok_or("ggml matrix size overflows")?)
+            }
         };
         if have != want {
             return Err(format!("weight data has {have} bytes/values, shape needs {want}"));
@@ -114,6 +133,7 @@ impl<'a> MatRef<'a> {
             MatRef::Bf16 { data, .. } => data.len(),
             MatRef::Fp8 { data, scale_inv, .. } => data.len() + scale_inv.len() * 4,
             MatRef::Fp4 { data, scales, .. } => data.len() + scales.len(),
+            MatRef::Ggml { data, .. } => data.len(),
         }
     }
 
@@ -140,6 +160,10 @@ impl<'a> MatRef<'a> {
                 for (j, o) in out.iter_mut().enumerate() {
                     *o = fp4_element(data, scales, tensor_scale, cols, kind, r, c0 + j);
                 }
+            }
+            MatRef::Ggml { data, cols, kind, .. } => {
+                let rb = cols / kind.block_elems() * kind.block_bytes();
+                crate::ggml::dot::decode_range(kind, &data[r * rb..][..rb], c0, out)
             }
         }
     }
@@ -175,6 +199,10 @@ impl<'a> MatRef<'a> {
                 for (j, y) in y.iter_mut().enumerate() {
                     *y += a * fp4_element(data, scales, tensor_scale, cols, kind, r, c0 + j);
                 }
+            }
+            MatRef::Ggml { data, cols, kind, .. } => {
+                let rb = cols / kind.block_elems() * kind.block_bytes();
+                crate::ggml::dot::axpy_row(kind, &data[r * rb..][..rb], c0, a, y)
             }
         }
     }

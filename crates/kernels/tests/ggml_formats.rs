@@ -1,0 +1,113 @@
+//! Every ggml block format decodes bit for bit as llama.cpp's `gguf` package does
+//! (fixtures: `scripts/ggml_fixtures.py`), and the row kernels agree with that decode.
+
+use dsv3_kernels::ggml::{self, dequantize, GgmlType};
+use dsv3_kernels::{gemv, MatRef};
+use rand::{Rng, SeedableRng};
+use std::path::PathBuf;
+
+fn fixture(ty: GgmlType, ext: &str) -> Vec<u8> {
+    let name = format!("{}.{ext}", ty.name().to_lowercase());
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ggml").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Fixture blocks of `ty` and gguf-py's values for them.
+fn blocks_and_values(ty: GgmlType) -> (Vec<u8>, Vec<f32>) {
+    let vals = fixture(ty, "f32").chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    (fixture(ty, "blocks"), vals)
+}
+
+fn quantized() -> impl Iterator<Item = GgmlType> {
+    ggml::ALL.into_iter().filter(|t| *t != GgmlType::F32)
+}
+
+#[test]
+fn dequantize_matches_gguf_py_bit_for_bit() {
+    for ty in quantized() {
+        let (blocks, want) = blocks_and_values(ty);
+        assert_eq!(blocks.len(), want.len() / ty.block_elems() * ty.block_bytes(), "{ty} fixture sizes");
+        let mut got = vec![0f32; want.len()];
+        dequantize(ty, &blocks, &mut got);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{ty} value {i} (block {}): {g} vs {w}", i / ty.block_elems());
+        }
+    }
+}
+
+#[test]
+fn type_ids_sizes_and_row_bytes() {
+    for ty in ggml::ALL {
+        assert_eq!(GgmlType::from_id(ty.id()), Some(ty));
+        assert_eq!(ty.row_bytes(ty.block_elems() * 3), Some(3 * ty.block_bytes()));
+    }
+    assert_eq!(GgmlType::from_id(15), None, "Q8_K is an activation format, not a weight type");
+    assert_eq!(GgmlType::Q4K.row_bytes(100), None, "partial blocks");
+    assert_eq!(GgmlType::Q8_0.row_bytes(usize::MAX / 32 * 32), None, "overflow");
+    assert!((GgmlType::Q4K.bits_per_weight() - 4.5).abs() < 1e-12);
+}
+
+/// Rows of fixture blocks as a matrix: `rows × cols` (cols a multiple of the block).
+fn matrix_of(ty: GgmlType, blocks: &[u8], rows: usize) -> (Vec<u8>, usize) {
+    let nb = blocks.len() / ty.block_bytes();
+    let per_row = (nb / rows).max(1);
+    let data: Vec<u8> = blocks.chunks_exact(ty.block_bytes()).cycle().take(per_row * rows).flatten().copied().collect();
+    (data, per_row * ty.block_elems())
+}
+
+#[test]
+fn row_kernels_agree_with_dequantize() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for ty in quantized() {
+        let (blocks, _) = blocks_and_values(ty);
+        let rows = 3;
+        let (data, k) = matrix_of(ty, &blocks, rows);
+        let w = MatRef::Ggml { data: &data, rows, cols: k, kind: ty };
+        w.validate().unwrap();
+        let dense = w.to_f32();
+        for m in 1..=gemv::MAX_TOKENS {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let mut got = vec![0f32; rows * m];
+            gemv::rows_dots(&w, 0..rows, &x, m, &mut got);
+            for r in 0..rows {
+                for t in 0..m {
+                    let row = &dense[r * k..][..k];
+                    let xt = &x[t * k..][..k];
+                    let want: f64 = row.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let mag: f64 = row.iter().zip(xt).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                    let g = got[r * m + t] as f64;
+                    assert!((g - want).abs() <= 1e-5 * mag + 1e-30, "{ty} m={m} r={r} t={t}: {g} vs {want}");
+                }
+            }
+            // Batch-invariant: a token's result does not depend on how many run beside it.
+            let mut alone = vec![0f32; rows];
+            gemv::rows_dots(&w, 0..rows, &x[(m - 1) * k..], 1, &mut alone);
+            for r in 0..rows {
+                assert_eq!(alone[r].to_bits(), got[r * m + m - 1].to_bits(), "{ty} batch invariance");
+            }
+        }
+        // Partial-row decode and axpy from an unaligned column.
+        let c0 = ty.block_elems() / 2 + 1;
+        let mut part = vec![0f32; k - c0];
+        w.decode_row(1, c0, &mut part);
+        assert_eq!(part, dense[k + c0..2 * k]);
+        let mut y = vec![1f32; k - c0];
+        w.row_axpy(2, c0, 0.5, &mut y);
+        for (j, v) in y.iter().enumerate() {
+            assert_eq!(*v, 1.0 + 0.5 * dense[2 * k + c0 + j], "{ty} axpy");
+        }
+    }
+}
+
+#[test]
+fn malformed_ggml_matrices_are_rejected() {
+    let data = vec![0u8; 2 * 144];
+    let ok = MatRef::Ggml { data: &data, rows: 2, cols: 256, kind: GgmlType::Q4K };
+    assert!(ok.validate().is_ok());
+    let short = MatRef::Ggml { data: &data[..200], rows: 2, cols: 256, kind: GgmlType::Q4K };
+    assert!(short.validate().is_err());
+    let ragged = MatRef::Ggml { data: &data, rows: 2, cols: 200, kind: GgmlType::Q4K };
+    assert!(ragged.validate().unwrap_err().contains("whole blocks"));
+    let huge = MatRef::Ggml { data: &data, rows: usize::MAX, cols: 256, kind: GgmlType::Q4K };
+    assert!(huge.validate().is_err());
+}
