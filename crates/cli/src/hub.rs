@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// The folder `--model` names. A Hub id looks like `owner/name` and is not a local path.
 pub fn resolve_model(arg: &Path) -> Result<PathBuf> {
-    if arg.is_dir() {
+    if arg.is_dir() || dsv3_model::gguf::is_gguf(arg) {
         return Ok(arg.to_path_buf());
     }
     let s = arg.to_string_lossy();

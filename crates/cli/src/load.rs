@@ -13,6 +13,7 @@ use std::sync::Arc;
 /// A loaded model. With expert parallelism, this process's part: its expert service runs until
 /// the value is dropped, serving the other processes' experts until all are done.
 pub struct Loaded {
+    /// The model folder or GGUF file.
     pub dir: PathBuf,
     pub model: Arc<DeepseekV3>,
     ep: Option<ExpertParallel>,
@@ -58,8 +59,8 @@ impl Drop for Loaded {
 /// uses the world's communicator.
 pub fn load(m: &ModelArgs, cluster: &Cluster, every_rank_runs: bool) -> Result<Option<Loaded>> {
     let dir = crate::hub::resolve_model(&m.model)?;
-    if !dir.is_dir() {
-        bail!("--model {}: not a folder (a Hugging Face model folder with config.json and safetensors)", dir.display());
+    if !dir.is_dir() && !dsv3_model::gguf::is_gguf(&dir) {
+        bail!("--model {}: not a model folder (config.json and safetensors) nor a .gguf file", dir.display());
     }
     let inference = dsv3_model::exec::Inference { act_quant_fp8: m.act_quant == ActQuant::Fp8 };
     if !m.ep.expert_parallel {
@@ -88,9 +89,14 @@ pub fn load(m: &ModelArgs, cluster: &Cluster, every_rank_runs: bool) -> Result<O
     Ok((rank == 0 || every_rank_runs).then_some(loaded))
 }
 
-/// The tokenizer of a model folder, if it has one.
-pub fn tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
-    Ok(if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(dir)?) } else { None })
+/// The tokenizer of a model folder or GGUF file, if it has one.
+pub fn tokenizer(model: &Path) -> Result<Option<Tokenizer>> {
+    Ok(Tokenizer::for_model(model)?)
+}
+
+/// The tokenizer of a model that must have one.
+pub fn need_tokenizer(model: &Path) -> Result<Tokenizer> {
+    tokenizer(model)?.with_context(|| format!("{}: no tokenizer.json", model.display()))
 }
 
 /// End-of-sequence ids: generation_config.json, else config.json, else the tokenizer's EOS.

@@ -12,6 +12,8 @@ pub enum ModelError {
     Config { field: String, msg: String },
     #[error("{path}: not a valid safetensors file: {msg}")]
     Safetensors { path: PathBuf, msg: String },
+    #[error("{path}: GGUF: {msg}")]
+    Gguf { path: PathBuf, msg: String },
     #[error("tensor `{name}`{}: {msg}", file.as_ref().map(|f| format!(" in {}", f.display())).unwrap_or_default())]
     Tensor { name: String, file: Option<PathBuf>, msg: String },
     #[error("tokenizer: {0}")]

@@ -402,7 +402,7 @@ impl ExpertParallel {
         let (rank, ranks) = (comm.rank(), comm.size());
         let loaded = (|| {
             let mut model = if o.redundant == 0 && o.rebalance_every == 0 {
-                let experts = crate::Config::from_file(&dir.join("config.json"))?.n_routed_experts;
+                let experts = DeepseekV3::config_at(dir)?.n_routed_experts;
                 DeepseekV3::load_skipping(dir, move |name| {
                     routed_expert(name).is_some_and(|e| expert_owner(e, experts, ranks) != rank)
                 })?

@@ -13,6 +13,7 @@ pub mod expert_service;
 pub mod experts;
 pub mod files;
 pub mod generate;
+pub mod gguf;
 pub mod grad;
 pub mod init;
 pub mod layers;

@@ -183,19 +183,36 @@ pub struct DeepseekV3 {
 }
 
 impl DeepseekV3 {
-    /// Loads `config.json` and the safetensors of a Hugging Face folder.
-    pub fn load(dir: &Path) -> Result<Self> {
-        let config = Config::from_file(&dir.join("config.json"))?;
-        let ck = Checkpoint::open(dir)?;
+    /// Loads a Hugging Face folder (`config.json` and safetensors) or a GGUF file (one part of a
+    /// split names them all).
+    pub fn load(path: &Path) -> Result<Self> {
+        let (config, ck) = Self::open(path)?;
         Self::from_checkpoint(config, &ck)
     }
 
     /// [`DeepseekV3::load`] leaving the weights `skip` names on disk ([`Matrix::absent`]): a process
-    /// of a parallel training run loads what it holds.
-    pub fn load_skipping(dir: &Path, skip: impl Fn(&str) -> bool + Send + Sync + 'static) -> Result<Self> {
-        let config = Config::from_file(&dir.join("config.json"))?;
-        let ck = Checkpoint::open(dir)?.skipping(skip);
-        Self::from_checkpoint(config, &ck)
+    /// of a parallel run loads what it holds.
+    pub fn load_skipping(path: &Path, skip: impl Fn(&str) -> bool + Send + Sync + 'static) -> Result<Self> {
+        let (config, ck) = Self::open(path)?;
+        Self::from_checkpoint(config, &ck.skipping(skip))
+    }
+
+    /// The config of the model at `path` (folder or GGUF file), without loading weights.
+    pub fn config_at(path: &Path) -> Result<Config> {
+        if crate::gguf::is_gguf(path) {
+            return crate::gguf::Gguf::open(path)?.config();
+        }
+        Config::from_file(&path.join("config.json"))
+    }
+
+    fn open(path: &Path) -> Result<(Config, Checkpoint)> {
+        if crate::gguf::is_gguf(path) {
+            let g = crate::gguf::Gguf::open(path)?;
+            let config = g.config()?;
+            let ck = g.checkpoint(&config)?;
+            return Ok((config, ck));
+        }
+        Ok((Config::from_file(&path.join("config.json"))?, Checkpoint::open(path)?))
     }
 
     pub fn from_checkpoint(config: Config, ck: &Checkpoint) -> Result<Self> {

@@ -26,6 +26,20 @@ fn token_text(v: Option<&Value>) -> Option<String> {
 }
 
 impl Tokenizer {
+    /// The tokenizer of the model at `path`: a folder's `tokenizer.json`, or a GGUF file's own
+    /// (a `tokenizer.json` beside the file, with its `tokenizer_config.json`, takes precedence).
+    /// `None` for a folder without one.
+    pub fn for_model(path: &Path) -> Result<Option<Self>> {
+        if crate::gguf::is_gguf(path) {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            if dir.join("tokenizer.json").exists() {
+                return Self::from_dir(dir).map(Some);
+            }
+            return crate::gguf::tokenizer::tokenizer(&crate::gguf::Gguf::open(path)?).map(Some);
+        }
+        Ok(if path.join("tokenizer.json").exists() { Some(Self::from_dir(path)?) } else { None })
+    }
+
     /// Reads `tokenizer.json` and, when present, `tokenizer_config.json` from `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
@@ -52,14 +66,31 @@ impl Tokenizer {
             Some(t) => Some(t),
             None => crate::files::read_text(&dir.join("chat_template.jinja")).ok(),
         };
-        Ok(Tokenizer {
+        Ok(Self::from_parts(
+            inner,
+            chat_template,
+            token_text(cfg.get("bos_token")),
+            token_text(cfg.get("eos_token")),
+            cfg.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
+        ))
+    }
+
+    /// A tokenizer from its pieces (a GGUF file's metadata gives them: [`crate::gguf::tokenizer`]).
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        chat_template: Option<String>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        add_bos_token: bool,
+    ) -> Self {
+        Tokenizer {
             inner,
             roles: crate::chat::template_roles(chat_template.as_deref().unwrap_or("")),
             chat_template,
-            bos_token: token_text(cfg.get("bos_token")),
-            eos_token: token_text(cfg.get("eos_token")),
-            add_bos_token: cfg.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
-        })
+            bos_token,
+            eos_token,
+            add_bos_token,
+        }
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {

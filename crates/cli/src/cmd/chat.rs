@@ -6,7 +6,6 @@ use crate::cluster::Cluster;
 use crate::load::{eos_ids, load, Streamer};
 use anyhow::{bail, Result};
 use dsv3_model::sampling::Sampler;
-use dsv3_model::Tokenizer;
 use serde_json::json;
 use std::io::{BufRead, Write};
 
@@ -26,7 +25,7 @@ pub fn run(a: &Chat, cluster: &Cluster) -> Result<()> {
     a.sampling.check()?;
     let Some(l) = load(&a.model, cluster, false)? else { return Ok(()) };
     let model = &l.model;
-    let tok = Tokenizer::from_dir(&l.dir)?;
+    let tok = crate::load::need_tokenizer(&l.dir)?;
     if !tok.has_chat_template() {
         bail!("{}: tokenizer_config.json has no chat_template", l.dir.display());
     }

@@ -4,7 +4,6 @@ use crate::args::ModelArgs;
 use crate::cluster::Cluster;
 use crate::load::{load, parse_ids};
 use anyhow::{bail, Context, Result};
-use dsv3_model::Tokenizer;
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -35,10 +34,10 @@ pub fn run(a: &Score, cluster: &Cluster) -> Result<()> {
     let Some(l) = load(&a.model, cluster, false)? else { return Ok(()) };
     let toks = match (&a.ids, &a.text, &a.file) {
         (Some(i), _, _) => parse_ids(i)?,
-        (None, Some(t), _) => Tokenizer::from_dir(&l.dir)?.encode(t, true)?,
+        (None, Some(t), _) => crate::load::need_tokenizer(&l.dir)?.encode(t, true)?,
         (None, None, Some(f)) => {
             let t = dsv3_model::files::read_text(f).with_context(|| format!("reading {}", f.display()))?;
-            Tokenizer::from_dir(&l.dir)?.encode(&t, true)?
+            crate::load::need_tokenizer(&l.dir)?.encode(&t, true)?
         }
         _ => bail!("give --ids, --text or --file"),
     };

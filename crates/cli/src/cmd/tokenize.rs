@@ -8,7 +8,7 @@ use std::path::PathBuf;
 /// Token ids of a text, or of a chat rendered with the chat template.
 #[derive(clap::Args)]
 pub struct Tokenize {
-    /// Folder with tokenizer.json (and tokenizer_config.json for --chat).
+    /// Folder with tokenizer.json (and tokenizer_config.json for --chat), or a GGUF file.
     #[arg(long, alias = "model")]
     pub tokenizer: PathBuf,
     #[arg(long, group = "input")]
@@ -24,7 +24,8 @@ pub struct Tokenize {
 }
 
 pub fn run(a: &Tokenize) -> Result<()> {
-    let tok = Tokenizer::from_dir(&a.tokenizer)?;
+    let tok =
+        Tokenizer::for_model(&a.tokenizer)?.with_context(|| format!("{}: no tokenizer.json", a.tokenizer.display()))?;
     let (ids, text) = match (&a.text, &a.chat) {
         (Some(t), _) => (tok.encode(t, true)?, t.to_string()),
         (None, Some(f)) => {

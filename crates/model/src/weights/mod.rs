@@ -7,7 +7,7 @@
 use crate::error::{ModelError, Result};
 use dsv3_kernels::codec::{bf16_to_f32, f16_to_f32};
 use dsv3_kernels::quant::Fp4Kind;
-use dsv3_kernels::MatRef;
+use dsv3_kernels::{GgmlType, MatRef};
 use memmap2::Mmap;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -71,6 +71,11 @@ enum Store {
         tensor_scale: f32,
         kind: Fp4Kind,
     },
+    /// llama.cpp blocks (GGUF), rows of whole blocks.
+    Ggml {
+        data: Bytes,
+        kind: GgmlType,
+    },
     /// Held by another process (parallel training): the shape only.
     Absent,
 }
@@ -93,6 +98,11 @@ impl Matrix {
     /// Packed E2M1 pairs `[rows, ceil(cols/2)]` with block scale codes `[rows, ceil(cols/block)]`.
     pub fn from_fp4(rows: usize, cols: usize, data: Bytes, scales: Bytes, tensor_scale: f32, kind: Fp4Kind) -> Self {
         Matrix { rows, cols, store: Store::Fp4 { data, scales, tensor_scale, kind } }
+    }
+
+    /// Rows of ggml blocks (a GGUF tensor read in place).
+    pub fn from_ggml(rows: usize, cols: usize, data: Bytes, kind: GgmlType) -> Self {
+        Matrix { rows, cols, store: Store::Ggml { data, kind } }
     }
 
     /// The values as trainable f32 (decoding a bf16/FP8 store once: training keeps f32 masters).
@@ -124,6 +134,7 @@ impl Matrix {
             Store::Fp8 { data, scale_inv, block } => {
                 MatRef::Fp8 { data: data.as_slice(), scale_inv, rows, cols, block: *block }
             }
+            Store::Ggml { data, kind } => MatRef::Ggml { data: data.as_slice(), rows, cols, kind: *kind },
             Store::Absent => panic!("a {rows}×{cols} weight held by another process was read"),
             Store::Fp4 { data, scales, tensor_scale, kind } => MatRef::Fp4 {
                 data: data.as_slice(),
@@ -141,6 +152,8 @@ impl Matrix {
 struct TensorInfo {
     dtype: String,
     shape: Vec<usize>,
+    /// Set for GGUF tensors (`dtype` is then the ggml type's name).
+    ggml: Option<GgmlType>,
     file: usize,
     /// Absolute byte range in the file.
     start: usize,
@@ -149,7 +162,7 @@ struct TensorInfo {
 
 /// The tensors of a checkpoint folder, by name, with a record of which ones were read.
 pub struct Checkpoint {
-    files: Vec<(PathBuf, Arc<Mmap>)>,
+    files: Vec<(PathBuf, ByteSource)>,
     tensors: HashMap<String, TensorInfo>,
     used: Mutex<HashSet<String>>,
     /// Weights to leave on disk ([`Checkpoint::skipping`]).
@@ -206,11 +219,45 @@ impl Checkpoint {
             if self.tensors.contains_key(&name) {
                 return Err(bad(format!("`{name}` appears in more than one file")));
             }
-            self.tensors
-                .insert(name, TensorInfo { dtype: h.dtype, shape: h.shape, file: fi, start: h.start, end: h.end });
+            let t = TensorInfo { dtype: h.dtype, shape: h.shape, ggml: None, file: fi, start: h.start, end: h.end };
+            self.tensors.insert(name, t);
         }
-        self.files.push((path.to_path_buf(), Arc::new(map)));
+        self.files.push((path.to_path_buf(), ByteSource::Mapped(Arc::new(map))));
         Ok(())
+    }
+
+    /// An empty checkpoint that GGUF tensors are added to ([`crate::gguf`]).
+    pub(crate) fn empty() -> Self {
+        Self::open_files(&[]).expect("no files to open")
+    }
+
+    /// A mapped file tensors can point into; its index.
+    pub(crate) fn add_mapped(&mut self, path: &Path, map: Arc<Mmap>) -> usize {
+        self.files.push((path.to_path_buf(), ByteSource::Mapped(map)));
+        self.files.len() - 1
+    }
+
+    /// `name` as `bytes[start..end]` of file `file`, `shape` outermost first, in ggml type `kind`.
+    pub(crate) fn add_ggml(
+        &mut self,
+        name: String,
+        shape: Vec<usize>,
+        kind: GgmlType,
+        file: usize,
+        start: usize,
+        end: usize,
+    ) {
+        let t = TensorInfo { dtype: kind.name().into(), shape, ggml: Some(kind), file, start, end };
+        self.tensors.insert(name, t);
+    }
+
+    /// `name` as f32 values computed at load (a tensor the file stores in another layout).
+    pub(crate) fn add_owned_f32(&mut self, name: String, shape: Vec<usize>, values: &[f32], from: &Path) {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let end = bytes.len();
+        self.files.push((from.to_path_buf(), ByteSource::Owned(Arc::new(bytes))));
+        let t = TensorInfo { dtype: "F32".into(), shape, ggml: None, file: self.files.len() - 1, start: 0, end };
+        self.tensors.insert(name, t);
     }
 
     /// Loads the weights `skip` names as [`Matrix::absent`] (their shape only): a process of a
@@ -253,7 +300,12 @@ impl Checkpoint {
     }
 
     fn bytes(&self, t: &TensorInfo) -> Bytes {
-        let map = &self.files[t.file].1;
+        let map = match &self.files[t.file].1 {
+            ByteSource::Owned(v) => {
+                return Bytes { src: ByteSource::Owned(v.clone()), start: t.start, len: t.end - t.start }
+            }
+            ByteSource::Mapped(m) => m,
+        };
         // Read and mapped in now (as llama.cpp populates its maps): otherwise the first step to
         // touch each expert pays its page faults, and a first prompt runs 2-3× slower than the
         // next. Advice only: an older kernel without MADV_POPULATE_READ reads ahead instead.
@@ -280,6 +332,11 @@ impl Checkpoint {
         self.check_shape(name, t, shape)?;
         let b = self.bytes(t);
         let b = b.as_slice();
+        if let Some(kind) = t.ggml {
+            let mut v = vec![0f32; shape.iter().product()];
+            dsv3_kernels::ggml::dequantize(kind, b, &mut v);
+            return Ok(v);
+        }
         Ok(match t.dtype.as_str() {
             "F32" => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             "BF16" => b.chunks_exact(2).map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
@@ -311,6 +368,14 @@ impl Checkpoint {
             return self.fp4_matrix(name, &t, rows, cols);
         }
         self.check_shape(name, &t, &[rows, cols])?;
+        match t.ggml {
+            Some(GgmlType::Bf16) => return Ok(Matrix::from_bf16(rows, cols, self.bytes(&t))),
+            Some(GgmlType::F32 | GgmlType::F16) => {
+                return Ok(Matrix::from_f32(rows, cols, self.f32s(name, &[rows, cols])?))
+            }
+            Some(kind) => return Ok(Matrix::from_ggml(rows, cols, self.bytes(&t), kind)),
+            None => {}
+        }
         match t.dtype.as_str() {
             "BF16" => Ok(Matrix::from_bf16(rows, cols, self.bytes(&t))),
             "F8_E4M3" => {

@@ -1,0 +1,99 @@
+//! The tokenizer a GGUF file carries (`tokenizer.ggml.*`: a byte-level BPE's tokens, merges and
+//! token types, the pre-tokenizer by name, BOS/EOS, `tokenizer.chat_template`), rebuilt as the
+//! `tokenizers` tokenizer the Hugging Face folder would hold.
+
+use super::{Gguf, Value};
+use crate::error::{ModelError, Result};
+use crate::Tokenizer;
+use serde_json::json;
+
+/// llama.cpp's token types (`llama_token_type`).
+const CONTROL: u64 = 3;
+const USER_DEFINED: u64 = 4;
+
+/// The split rules of DeepSeek-V3's `tokenizer.json` (llama.cpp names them `deepseek-v3`).
+fn deepseek_v3_pre() -> serde_json::Value {
+    let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+    json!({"type": "Sequence", "pretokenizers": [
+        split("\\p{N}{1,3}"),
+        split("[\u{4e00}-\u{9fa5}\u{3040}-\u{309f}\u{30a0}-\u{30ff}]+"),
+        split("[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"),
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+    ]})
+}
+
+fn strings<'a>(g: &'a Gguf, key: &str) -> Result<Vec<&'a str>> {
+    let bad = || g.bad(format!("`{key}` is not an array of strings"));
+    let a = g.main().get(key).ok_or_else(|| g.bad(format!("`{key}` is missing")))?.as_array().ok_or_else(bad)?;
+    a.iter().map(|v| v.as_str().ok_or_else(bad)).collect()
+}
+
+/// The tokenizer of `g`.
+pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
+    let m = g.main();
+    let model = m.string("tokenizer.ggml.model")?.unwrap_or("");
+    if model != "gpt2" {
+        return Err(g.bad(format!("tokenizer.ggml.model `{model}`: dsv3 reads byte-level BPE (`gpt2`) tokenizers")));
+    }
+    let pre = m.string("tokenizer.ggml.pre")?.unwrap_or("default");
+    let pre_tokenizer = match pre {
+        "deepseek-v3" => deepseek_v3_pre(),
+        p => {
+            return Err(g.bad(format!(
+                "pre-tokenizer `{p}`: dsv3 knows `deepseek-v3` (V3, R1, V3.1); put the model's tokenizer.json beside the file to use it"
+            )))
+        }
+    };
+    let tokens = strings(g, "tokenizer.ggml.tokens")?;
+    let merges = strings(g, "tokenizer.ggml.merges")?;
+    let types: Vec<u64> = match m.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(a)) if a.len() == tokens.len() => a
+            .iter()
+            .map(|v| v.as_u64().ok_or_else(|| g.bad("token_type holds a non-integer".into())))
+            .collect::<Result<_>>()?,
+        None => vec![1; tokens.len()],
+        Some(_) => return Err(g.bad("tokenizer.ggml.token_type does not have one entry per token".into())),
+    };
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    let mut added = vec![];
+    for (id, (&t, &ty)) in tokens.iter().zip(&types).enumerate() {
+        vocab.entry(t.to_string()).or_insert(json!(id));
+        if ty == CONTROL || ty == USER_DEFINED {
+            added.push(json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                              "normalized": false, "special": ty == CONTROL}));
+        }
+    }
+    let tj = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    });
+    let inner = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&tj).expect("json"))
+        .map_err(|e| ModelError::Tokenizer(format!("{}: the GGUF vocabulary: {e}", g.path().display())))?;
+    let token = |key: &str| -> Result<Option<String>> {
+        Ok(match m.uint(key)? {
+            Some(id) => Some(
+                tokens
+                    .get(id as usize)
+                    .ok_or_else(|| g.bad(format!("`{key}` {id} is past the vocabulary")))?
+                    .to_string(),
+            ),
+            None => None,
+        })
+    };
+    let add_bos = m.get("tokenizer.ggml.add_bos_token") == Some(&Value::Bool(true));
+    let template = m.string("tokenizer.chat_template")?.map(str::to_string);
+    Ok(Tokenizer::from_parts(
+        inner,
+        template,
+        token("tokenizer.ggml.bos_token_id")?,
+        token("tokenizer.ggml.eos_token_id")?,
+        add_bos,
+    ))
+}

@@ -1,0 +1,96 @@
+//! GGUF models (llama.cpp's `deepseek2` layout, written by llama.cpp's own `gguf` package:
+//! `scripts/make_gguf_fixtures.py`) give what the same weights give from safetensors, and
+//! transformers' numbers; bad files are one-line errors.
+
+use dsv3_model::generate::score;
+use dsv3_model::DeepseekV3;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn reference(case: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(case).join("reference.json")).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn load(p: &Path) -> DeepseekV3 {
+    DeepseekV3::load(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The GGUF's logprobs (and MTP's) are bit for bit the safetensors checkpoint's.
+fn same_as_safetensors(gguf: &str, case: &str) {
+    let g = load(&fixtures().join("gguf").join(gguf));
+    let s = load(&fixtures().join(case));
+    assert_eq!(g.config.num_hidden_layers, s.config.num_hidden_layers);
+    assert_eq!(g.mtp.len(), s.mtp.len(), "{gguf}: MTP layers");
+    let toks = ids(&reference(case)["ids"]);
+    let mtp = !s.mtp.is_empty();
+    let (a, b) = (score(&g, &toks, mtp, 5).unwrap(), score(&s, &toks, mtp, 5).unwrap());
+    assert_eq!(a.logprobs, b.logprobs, "{gguf} vs {case}");
+    assert_eq!(a.mtp_logprobs, b.mtp_logprobs, "{gguf} vs {case}: MTP");
+}
+
+#[test]
+fn split_mla_layout_in_two_parts_equals_the_checkpoint() {
+    // Either part names the whole model.
+    same_as_safetensors("v3-f32-00001-of-00002.gguf", "v3_f32_sharded");
+    same_as_safetensors("v3-f32-00002-of-00002.gguf", "v3_f32_sharded");
+}
+
+#[test]
+fn legacy_kv_b_layout_in_bf16_equals_the_checkpoint() {
+    same_as_safetensors("v2-bf16-legacy.gguf", "v2_group_limited");
+}
+
+#[test]
+fn q8_0_model_stays_close_to_transformers() {
+    let g = load(&fixtures().join("gguf/v3-q8_0.gguf"));
+    let r = reference("v3_f32_sharded");
+    let s = score(&g, &ids(&r["ids"]), true, 5).unwrap();
+    let want = floats(&r["logprobs"]);
+    let worst = s.logprobs.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    // Q8_0 keeps ~8.5 bits per weight; on this tiny random model logprobs move by up to ~0.03
+    // (the kernels themselves are exact to their dequantization: crates/kernels/tests).
+    assert!(worst < 0.1, "Q8_0 logprobs differ from transformers' f32 by {worst}");
+    assert!(worst > 0.0, "Q8_0 must not be the f32 weights");
+}
+
+/// `bytes` written to a temporary GGUF and loaded: the error message.
+fn load_error(bytes: &[u8]) -> String {
+    let dir = std::env::temp_dir().join(format!("dsv3-gguf-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(format!("bad-{}.gguf", bytes.len()));
+    std::fs::write(&p, bytes).unwrap();
+    let e = DeepseekV3::load(&p).err().map(|e| e.to_string()).unwrap_or_default();
+    std::fs::remove_file(&p).unwrap();
+    e
+}
+
+#[test]
+fn corrupt_files_are_clear_errors() {
+    let good = std::fs::read(fixtures().join("gguf/v3-q8_0.gguf")).unwrap();
+    let mut bad = good.clone();
+    bad[0] = b'X';
+    assert!(load_error(&bad).contains("not a GGUF file"));
+    let mut bad = good.clone();
+    bad[4..8].copy_from_slice(&9u32.to_le_bytes());
+    assert!(load_error(&bad).contains("version 9"));
+    let mut bad = good.clone();
+    bad[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(load_error(&bad).contains("more than the file can hold"));
+    // Cut anywhere: header, metadata, tensor infos or data: an error naming the file, no panic.
+    for cut in (0..good.len()).step_by(4099).chain([good.len() - 1]) {
+        let e = load_error(&good[..cut]);
+        assert!(e.contains("GGUF") || e.contains("truncated"), "cut at {cut}: `{e}`");
+    }
+}
