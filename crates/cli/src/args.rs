@@ -22,8 +22,9 @@ pub enum ActQuant {
 /// The model a command runs, and how.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// A Hugging Face model folder (config.json, safetensors, tokenizer.json), or a Hub id
-    /// (`owner/name`) in a build with `--features dsv3-cli/hub`.
+    /// A Hugging Face model folder (config.json, safetensors, tokenizer.json), a GGUF file
+    /// (llama.cpp's deepseek2; one part of a split names them all), or a Hub id (`owner/name`)
+    /// in a build with `--features dsv3-cli/hub`.
     #[arg(long)]
     pub model: PathBuf,
     /// Inference activations: none (weight-only quantization) or fp8 (each Linear's input

