@@ -198,6 +198,131 @@ mod avx512 {
         }
     }
 
+    /// ggml rows decoded 16 values at a time, the row's scales precomputed ([`row_scales`]);
+    /// columns `i` are multiples of 16 and blocks are whole, so every load stays in the row.
+    ///
+    /// [`row_scales`]: crate::ggml::dot::row_scales
+    struct GgmlRow {
+        row: *const u8,
+        scales: *const f32,
+    }
+    struct Q8_0s(GgmlRow);
+    struct Q4Ks(GgmlRow);
+    struct Q6Ks(GgmlRow);
+    struct Iq4Xss(GgmlRow, __m512);
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn nibbles(bytes: __m128i, high: bool) -> __m128i {
+        let v = if high { _mm_srli_epi16(bytes, 4) } else { bytes };
+        _mm_and_si128(v, _mm_set1_epi8(0x0f))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn u8s_to_ps(v: __m128i) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v))
+    }
+
+    macro_rules! masked_tail {
+        () => {
+            #[inline]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+            unsafe fn load_tail(&self, i: usize, n: usize) -> __m512 {
+                _mm512_maskz_mov_ps(mask(n), self.load(i))
+            }
+        };
+    }
+
+    impl Load16 for Q8_0s {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn load(&self, i: usize) -> __m512 {
+            let p = self.0.row.add((i >> 5) * 34 + 2 + (i & 31));
+            let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)));
+            _mm512_mul_ps(q, _mm512_set1_ps(*self.0.scales.add(i >> 5)))
+        }
+        masked_tail!();
+    }
+
+    impl Load16 for Q4Ks {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn load(&self, i: usize) -> __m512 {
+            let j = i & 255;
+            let p = self.0.row.add((i >> 8) * 144 + 16 + (j >> 6) * 32 + (j & 31));
+            let q = u8s_to_ps(nibbles(_mm_loadu_si128(p as *const __m128i), j & 32 != 0));
+            let s = self.0.scales.add(2 * (i >> 5));
+            _mm512_fmsub_ps(q, _mm512_set1_ps(*s), _mm512_set1_ps(*s.add(1)))
+        }
+        masked_tail!();
+    }
+
+    impl Load16 for Q6Ks {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn load(&self, i: usize) -> __m512 {
+            let (j, base) = (i & 255, self.0.row.add((i >> 8) * 210));
+            let (half, r) = (j >> 7, j & 127);
+            let low = nibbles(_mm_loadu_si128(base.add(half * 64 + (r & 63)) as *const __m128i), r & 64 != 0);
+            let qh = _mm_loadu_si128(base.add(128 + half * 32 + (r & 31)) as *const __m128i);
+            let high = _mm_and_si128(_mm_srl_epi16(qh, _mm_cvtsi32_si128(2 * (r >> 5) as i32)), _mm_set1_epi8(3));
+            let q = _mm_or_si128(low, _mm_slli_epi16(high, 4));
+            let q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(q), _mm512_set1_epi32(32));
+            _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(*self.0.scales.add(i >> 4)))
+        }
+        masked_tail!();
+    }
+
+    impl Load16 for Iq4Xss {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn load(&self, i: usize) -> __m512 {
+            let j = i & 255;
+            let p = self.0.row.add((i >> 8) * 136 + 8 + (j >> 5) * 16);
+            let idx = nibbles(_mm_loadu_si128(p as *const __m128i), j & 16 != 0);
+            let v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(idx), self.1);
+            _mm512_mul_ps(v, _mm512_set1_ps(*self.0.scales.add(i >> 5)))
+        }
+        masked_tail!();
+    }
+
+    /// Rows of a ggml matrix: the formats decoded in registers, else the chunked path.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn ggml_rows<const M: usize>(
+        data: &[u8],
+        kind: crate::GgmlType,
+        rows: Range<usize>,
+        k: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) {
+        use crate::ggml::dot::row_scales;
+        use crate::GgmlType as G;
+        let rb = k / kind.block_elems() * kind.block_bytes();
+        let mut scales = Vec::new();
+        let lut = {
+            let levels = crate::ggml::dequant::IQ4NL_LEVELS.map(|v| v as f32);
+            _mm512_loadu_ps(levels.as_ptr())
+        };
+        for (j, r) in rows.clone().enumerate() {
+            let row = &data[r * rb..][..rb];
+            if !row_scales(kind, row, &mut scales) {
+                return crate::ggml::dot::rows_dots(kind, data, k, rows, x, M, out);
+            }
+            let g = GgmlRow { row: row.as_ptr(), scales: scales.as_ptr() };
+            let o = &mut out[j * M..][..M];
+            let xp = x.as_ptr();
+            match kind {
+                G::Q8_0 => dots::<_, M>(&Q8_0s(g), k, k.max(1), None, xp, o),
+                G::Q4K => dots::<_, M>(&Q4Ks(g), k, k.max(1), None, xp, o),
+                G::Q6K => dots::<_, M>(&Q6Ks(g), k, k.max(1), None, xp, o),
+                _ => dots::<_, M>(&Iq4Xss(g, lut), k, k.max(1), None, xp, o),
+            }
+        }
+    }
+
     /// Independent accumulator chains per token. The same at every token count, so a token's sums
     /// run in the same order alone or beside others: batching (MTP verification, continuous
     /// batching in a server, prefill chunks) never changes a result. Two chains keep 8 tokens'
@@ -297,7 +422,7 @@ mod avx512 {
                     dots::<_, M>(&w, k, k.max(1), None, xp, o);
                 }
             }
-            MatRef::Ggml { data, kind, .. } => crate::ggml::dot::rows_dots(kind, data, k, rows, x, M, out),
+            MatRef::Ggml { data, kind, .. } => ggml_rows::<M>(data, kind, rows, k, x, out),
         }
     }
 

@@ -86,3 +86,38 @@ pub fn rows_dots(
         }
     }
 }
+
+/// Per-row f32 scales of the formats the AVX-512 body decodes in registers, written to `out`:
+/// Q8_0 `d` per 32 values; Q4_K `(d·sc, dmin·m)` per 32; Q6_K `d·sc` per 16; IQ4_XS `d·(ls−32)`
+/// per 32. `false` for other formats (they take the chunked path of [`rows_dots`]).
+pub fn row_scales(ty: GgmlType, row: &[u8], out: &mut Vec<f32>) -> bool {
+    use super::dequant::{f16, iq4_xs_scale, k4_scale_min};
+    out.clear();
+    let bb = ty.block_bytes();
+    match ty {
+        GgmlType::Q8_0 => out.extend(row.chunks_exact(bb).map(|b| f16(b, 0))),
+        GgmlType::Q4K => {
+            for b in row.chunks_exact(bb) {
+                let (d, dmin) = (f16(b, 0), f16(b, 2));
+                for j in 0..8 {
+                    let (sc, m) = k4_scale_min(&b[4..16], j);
+                    out.extend([d * sc as f32, dmin * m as f32]);
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            for b in row.chunks_exact(bb) {
+                let d = f16(b, 208);
+                out.extend(b[192..208].iter().map(|&s| d * s as i8 as f32));
+            }
+        }
+        GgmlType::Iq4Xs => {
+            for b in row.chunks_exact(bb) {
+                let d = f16(b, 0);
+                out.extend((0..8).map(|ib| d * iq4_xs_scale(b, ib) as f32));
+            }
+        }
+        _ => return false,
+    }
+    true
+}
