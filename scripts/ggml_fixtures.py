@@ -4,13 +4,14 @@
 Writes
   crates/kernels/tests/fixtures/ggml/<type>.blocks  random blocks of the type (raw bytes)
   crates/kernels/tests/fixtures/ggml/<type>.f32     what gguf-py's dequantize gives for them (f32 LE)
+  crates/kernels/tests/fixtures/ggml/quantize_q8_0.{f32,blocks}  rows and gguf-py's Q8_0 of them
   crates/kernels/src/ggml/grids.rs                  the i-quant lattices (iq2xxs..iq1s), packed
 
 The blocks are random bytes with each f16 scale field replaced by a finite random f16, so every
 bit pattern of the quant fields is exercised. gguf-py's dequantization is tested in llama.cpp's CI
 against the C library (gguf-py/tests/test_quants.py); dsv3 must match it bit for bit.
 
-  pip install gguf==0.19.0 numpy && python3 scripts/ggml_fixtures.py
+  pip install gguf==0.19.0 numpy && python3 scripts/ggml_fixtures.py && cargo fmt
 """
 import os
 import numpy as np
@@ -86,6 +87,21 @@ def write_fixtures():
         print(f"{name}: {n} blocks, {out.size} values")
 
 
+def write_quantize_fixtures():
+    """Rows and what gguf-py's Q8_0 quantizer (bit-exact with ggml's `quantize_row_q8_0_ref`)
+    makes of them; one block is all zeros, one has a single nonzero."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(32 * 64) * rng.uniform(0.001, 10, 32 * 64)).astype(np.float32)
+    x[:32] = 0
+    x[32:64] = 0
+    x[40] = -3.5
+    q = quants.quantize(x.reshape(-1, 32), T.Q8_0)
+    with open(os.path.join(FIX, "quantize_q8_0.f32"), "wb") as f:
+        f.write(x.astype("<f4").tobytes())
+    with open(os.path.join(FIX, "quantize_q8_0.blocks"), "wb") as f:
+        f.write(q.tobytes())
+
+
 def packed_grid(cls):
     """The lattice as indices into `grid_map`, packed little-end first, one u16 per point."""
     cls.init_grid()
@@ -133,4 +149,5 @@ def write_grids():
 
 if __name__ == "__main__":
     write_fixtures()
+    write_quantize_fixtures()
     write_grids()

@@ -86,8 +86,8 @@ def metadata(w, cfg, split_mla, n_blocks):
     w.add_rope_dimension_count(rope)
     if cfg.get("num_nextn_predict_layers"):
         w.add_nextn_predict_layers(cfg["num_nextn_predict_layers"])
-    w.add_bos_token_id(cfg["bos_token_id"])
-    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_bos_token_id(cfg.get("bos_token_id", 0))
+    w.add_eos_token_id(cfg.get("eos_token_id", 1))
 
 
 SIMPLE = {
@@ -153,10 +153,38 @@ def gguf_tensors(cfg, st, split_mla):
     return out
 
 
-def write(path, cfg, st, split_mla, quant=None, split_max_tensors=0):
+def tokenizer_metadata(w, tok_dir, vocab_size):
+    """The tokenizer as llama.cpp's converter stores it (`_set_vocab_gpt2`), padded or cut to
+    `vocab_size` ids ([PADn] tokens, UNUSED, fill the gap as the converter does)."""
+    tj = json.load(open(os.path.join(tok_dir, "tokenizer.json")))
+    tc = json.load(open(os.path.join(tok_dir, "tokenizer_config.json")))
+    tokens = {i: (t, 1) for t, i in tj["model"]["vocab"].items()}
+    for a in tj["added_tokens"]:
+        tokens[a["id"]] = (a["content"], 3 if a["special"] else 4)
+    names, types = [], []
+    for i in range(vocab_size):
+        t, ty = tokens.get(i, (f"[PAD{i}]", 5))
+        names.append(t)
+        types.append(ty)
+    keep = set(names)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    merges = [m for m in merges if all(p in keep for p in m.split(" ", 1)) and m.replace(" ", "", 1) in keep]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("deepseek-v3")
+    w.add_token_list(names)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_add_bos_token(True)
+    if isinstance(tc.get("chat_template"), str):
+        w.add_chat_template(tc["chat_template"])
+
+
+def write(path, cfg, st, split_mla, quant=None, split_max_tensors=0, tok_dir=None):
     n_blocks = cfg["num_hidden_layers"] + (cfg.get("num_nextn_predict_layers") or 0)
     w = GGUFWriter(path, "deepseek2", split_max_tensors=split_max_tensors)
     metadata(w, cfg, split_mla, n_blocks)
+    if tok_dir:
+        tokenizer_metadata(w, tok_dir, cfg["vocab_size"])
     for name, arr, dt in gguf_tensors(cfg, st, split_mla):
         if quant is not None and arr.ndim >= 2 and arr.shape[-1] % 32 == 0:
             w.add_tensor(name, quants.quantize(as_f32(dt, arr), quant), raw_dtype=quant)

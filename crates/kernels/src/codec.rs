@@ -32,6 +32,29 @@ pub fn f16_to_f32(bits: u16) -> f32 {
     f32::from_bits(mag.to_bits() | sign)
 }
 
+/// f32 → f16 bits, round to nearest even (subnormals, overflow to ±inf, NaN stays NaN), as the
+/// F16C instruction and numpy's `astype(float16)` do.
+pub fn f32_to_f16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let a = b & 0x7fff_ffff;
+    if a > 0x7f80_0000 {
+        return sign | 0x7e00;
+    }
+    if a >= 0x477f_f000 {
+        // ≥ 65520 rounds past the largest f16 (65504).
+        return sign | 0x7c00;
+    }
+    if a < 0x3880_0000 {
+        // Below 2⁻¹⁴: a subnormal (or zero); adding 0.5 makes the FPU round to 2⁻²⁴ steps.
+        let v = f32::from_bits(a) + 0.5;
+        return sign | (v.to_bits() - 0.5f32.to_bits()) as u16;
+    }
+    let mant_odd = (a >> 13) & 1;
+    let r = a.wrapping_add(0xc800_0fff).wrapping_add(mant_odd);
+    sign | (r >> 13) as u16
+}
+
 /// Largest finite E4M3FN value.
 pub const FP8_E4M3_MAX: f32 = 448.0;
 
@@ -64,6 +87,26 @@ pub fn f32_to_fp8_e4m3(x: f32) -> u8 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn f32_to_f16_rounds_as_ieee() {
+        for bits in (0..=u32::MAX).step_by(65_521).chain((0..=0xffffu32).map(|h| (h << 13) + 0x3800_0000 + 0x1000)) {
+            let x = f32::from_bits(bits);
+            let want = half::f16::from_f32(x).to_bits();
+            let got = super::f32_to_f16(x);
+            if x.is_nan() {
+                assert!(got & 0x7c00 == 0x7c00 && got & 0x3ff != 0, "{bits:#x}");
+            } else {
+                assert_eq!(got, want, "{x:e} ({bits:#x})");
+            }
+        }
+        for h in 0..=0xffffu16 {
+            let x = super::f16_to_f32(h);
+            if !x.is_nan() {
+                assert_eq!(super::f32_to_f16(x), h);
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -111,3 +111,34 @@ fn malformed_ggml_matrices_are_rejected() {
     let huge = MatRef::Ggml { data: &data, rows: usize::MAX, cols: 256, kind: GgmlType::Q4K };
     assert!(huge.validate().is_err());
 }
+
+#[test]
+fn q8_0_quantizer_matches_gguf_py_bit_for_bit() {
+    let x: Vec<f32> = fixture_named("quantize_q8_0.f32")
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let want = fixture_named("quantize_q8_0.blocks");
+    let mut got = vec![];
+    ggml::quantize::q8_0(&x, &mut got);
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.chunks(34).zip(want.chunks(34)).enumerate() {
+        assert_eq!(g, w, "block {i}");
+    }
+    let mut back = vec![0f32; x.len()];
+    dequantize(GgmlType::Q8_0, &got, &mut back);
+    for (b, (xs, ys)) in x.chunks(32).zip(back.chunks(32)).enumerate() {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let step = ggml::quantize::q8_0_scale(amax);
+        for (a, y) in xs.iter().zip(ys) {
+            // Rounded with the f32 scale, decoded with its f16: half a step plus 127 × the f16 error.
+            let bound = 0.5 * step + 127.0 * (step - amax / 127.0).abs();
+            assert!((a - y).abs() <= bound * 1.0001 + 1e-30, "block {b}: {a} → {y}");
+        }
+    }
+}
+
+fn fixture_named(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ggml").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}

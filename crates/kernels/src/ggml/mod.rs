@@ -10,6 +10,7 @@ pub mod dequant;
 pub mod dot;
 pub mod grids;
 mod lattice;
+pub mod quantize;
 
 pub use dequant::dequantize;
 

