@@ -94,3 +94,40 @@ fn corrupt_files_are_clear_errors() {
         assert!(e.contains("GGUF") || e.contains("truncated"), "cut at {cut}: `{e}`");
     }
 }
+
+fn tmp_gguf(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dsv3-gguf-out-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join(format!("{tag}.gguf"));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+#[test]
+fn converted_gguf_reloads_as_the_checkpoint_mtp_included() {
+    use dsv3_kernels::GgmlType;
+    use dsv3_model::gguf::convert::convert;
+    let src = fixtures().join("v3_f32_sharded");
+    let out = tmp_gguf("v3-f32");
+    let r = convert(&src, &out, GgmlType::F32).unwrap();
+    assert!(r.tensors > 0);
+    let (g, s) = (load(&out), load(&src));
+    assert_eq!(g.mtp.len(), 1, "MTP written as nextn tensors and read back");
+    let toks = ids(&reference("v3_f32_sharded")["ids"]);
+    let (a, b) = (score(&g, &toks, true, 5).unwrap(), score(&s, &toks, true, 5).unwrap());
+    assert_eq!(a.logprobs, b.logprobs);
+    assert_eq!(a.mtp_logprobs, b.mtp_logprobs);
+    // The official layout's FP8 weights straight to Q8_0 (no bf16 copy): close to the FP8 model.
+    let fp8 = fixtures().join("v3_fp8");
+    let q8 = tmp_gguf("v3-fp8-q8_0");
+    convert(&fp8, &q8, GgmlType::Q8_0).unwrap();
+    let (g, s) = (load(&q8), load(&fp8));
+    let toks = ids(&reference("v3_fp8")["ids"]);
+    let (a, b) = (score(&g, &toks, false, 5).unwrap(), score(&s, &toks, false, 5).unwrap());
+    let worst = a.logprobs.iter().zip(&b.logprobs).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(worst < 0.1, "Q8_0 of the FP8 model moved logprobs by {worst}");
+    // An existing output is never overwritten; a GGUF-only format to a folder is refused.
+    assert!(convert(&src, &out, GgmlType::F32).unwrap_err().to_string().contains("exists"));
+    assert!(convert(&src, &tmp_gguf("k"), GgmlType::Q4K).is_err());
+    std::fs::remove_dir_all(out.parent().unwrap()).unwrap();
+}

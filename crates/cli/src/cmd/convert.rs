@@ -18,17 +18,22 @@ pub enum Format {
     #[value(alias = "nvfp4")]
     Fp4,
     Mxfp4,
+    /// GGUF outputs only: llama.cpp's f16 and Q8_0.
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 /// Convert a checkpoint folder's weights to another format (FP8 with 128×128 weight_scale_inv
-/// blocks, FP4, bf16, f32), streamed under a memory budget, into a new folder.
+/// blocks, FP4, bf16, f32), streamed under a memory budget, into a new folder; or, with `--to
+/// FILE.gguf`, into one GGUF file llama.cpp loads (f32, f16, bf16 or q8_0; MTP included).
 #[derive(clap::Args)]
 pub struct Convert {
     #[arg(long)]
     pub from: PathBuf,
     #[arg(long)]
     pub to: PathBuf,
-    /// fp8 | bf16 | f32 | fp4 (NVFP4, ModelOpt layout) | mxfp4
+    /// fp8 | bf16 | f32 | fp4 (NVFP4, ModelOpt layout) | mxfp4; to a .gguf: f32 | f16 | bf16 | q8_0
     #[arg(long, value_parser = choice::<Format>("--format"))]
     pub format: Format,
     /// Budget for conversion buffers (e.g. 512M, 4G); tensors are streamed in bands of rows.
@@ -39,12 +44,16 @@ pub struct Convert {
 }
 
 pub fn run(a: &Convert) -> Result<()> {
+    if dsv3_model::gguf::is_gguf(&a.to) {
+        return to_gguf(a);
+    }
     let target = match a.format {
         Format::Fp8 => Target::Fp8,
         Format::Bf16 => Target::Bf16,
         Format::F32 => Target::F32,
         Format::Fp4 => Target::Fp4(Fp4Kind::Nv),
         Format::Mxfp4 => Target::Fp4(Fp4Kind::Mx),
+        Format::F16 | Format::Q8_0 => anyhow::bail!("--format {:?} is a GGUF format: give --to FILE.gguf", a.format),
     };
     let budget = parse_size(&a.max_memory).context("--max-memory")?;
     let t = std::time::Instant::now();
@@ -62,6 +71,31 @@ pub fn run(a: &Convert) -> Result<()> {
             r.bytes_out as f64 / 1e6,
             r.peak_buffer_bytes as f64 / 1e6,
             a.max_memory
+        );
+    }
+    Ok(())
+}
+
+fn to_gguf(a: &Convert) -> Result<()> {
+    use dsv3_kernels::GgmlType;
+    let ty = match a.format {
+        Format::F32 => GgmlType::F32,
+        Format::F16 => GgmlType::F16,
+        Format::Bf16 => GgmlType::Bf16,
+        Format::Q8_0 => GgmlType::Q8_0,
+        f => anyhow::bail!("--format {f:?}: a GGUF is written in f32, f16, bf16 or q8_0 (k-quants: run llama-quantize on the bf16 GGUF)"),
+    };
+    let t = std::time::Instant::now();
+    let r = dsv3_model::gguf::convert::convert(&a.from, &a.to, ty)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "converted {} tensors to {} ({ty}) in {:.1}s: {:.1} MB",
+            r.tensors,
+            a.to.display(),
+            t.elapsed().as_secs_f64(),
+            r.bytes_out as f64 / 1e6
         );
     }
     Ok(())

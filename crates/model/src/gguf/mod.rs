@@ -7,6 +7,7 @@
 //! (per head, transposed) / `attn_v_b`, which are folded back into `kv_b_proj` (small: decoded to
 //! f32 once at load).
 
+pub mod convert;
 mod file;
 pub mod tokenizer;
 pub mod writer;
@@ -251,6 +252,45 @@ impl Gguf {
     }
 }
 
+/// A layer's modules: llama.cpp's deepseek2 name (gguf-py `TENSOR_NAMES`) and the Hugging Face
+/// checkpoint's. The split `attn_k_b`/`attn_v_b`, the stacked experts and the routing bias are
+/// handled apart.
+pub(crate) const MODULES: [(&str, &str); 26] = [
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_q_a", "self_attn.q_a_proj"),
+    ("attn_q_a_norm", "self_attn.q_a_layernorm"),
+    ("attn_q_b", "self_attn.q_b_proj"),
+    ("attn_kv_a_mqa", "self_attn.kv_a_proj_with_mqa"),
+    ("attn_kv_a_norm", "self_attn.kv_a_layernorm"),
+    ("attn_kv_b", "self_attn.kv_b_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("ffn_gate_inp", "mlp.gate"),
+    ("ffn_gate_shexp", "mlp.shared_experts.gate_proj"),
+    ("ffn_up_shexp", "mlp.shared_experts.up_proj"),
+    ("ffn_down_shexp", "mlp.shared_experts.down_proj"),
+    ("nextn.eh_proj", "eh_proj"),
+    ("nextn.enorm", "enorm"),
+    ("nextn.hnorm", "hnorm"),
+    ("nextn.embed_tokens", "embed_tokens"),
+    ("nextn.shared_head_head", "shared_head.head"),
+    ("nextn.shared_head_norm", "shared_head.norm"),
+    ("ffn_gate_exps", "mlp.experts.gate_proj"),
+    ("ffn_up_exps", "mlp.experts.up_proj"),
+    ("ffn_down_exps", "mlp.experts.down_proj"),
+];
+
+/// Top-level tensors: GGUF and Hugging Face names.
+pub(crate) const TOP: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
 enum HfName {
     One(String),
     Experts { layer: usize, proj: &'static str },
@@ -258,14 +298,10 @@ enum HfName {
     SplitVb,
 }
 
-/// llama.cpp's deepseek2 tensor names (gguf-py `TENSOR_NAMES`) → the Hugging Face checkpoint's.
+/// A deepseek2 GGUF tensor name → the Hugging Face checkpoint's.
 fn hf_name(name: &str) -> Option<HfName> {
-    let one = |s: &str| Some(HfName::One(s.to_string()));
-    match name {
-        "token_embd.weight" => return one("model.embed_tokens.weight"),
-        "output_norm.weight" => return one("model.norm.weight"),
-        "output.weight" => return one("lm_head.weight"),
-        _ => {}
+    if let Some((_, hf)) = TOP.iter().find(|(g, _)| *g == name) {
+        return Some(HfName::One(hf.to_string()));
     }
     let rest = name.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
@@ -274,40 +310,17 @@ fn hf_name(name: &str) -> Option<HfName> {
     if suffix != "weight" && suffix != "bias" {
         return None;
     }
-    let experts = |proj| Some(HfName::Experts { layer, proj });
-    let module = match base {
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_q_a" => "self_attn.q_a_proj",
-        "attn_q_a_norm" => "self_attn.q_a_layernorm",
-        "attn_q_b" => "self_attn.q_b_proj",
-        "attn_kv_a_mqa" => "self_attn.kv_a_proj_with_mqa",
-        "attn_kv_a_norm" => "self_attn.kv_a_layernorm",
-        "attn_kv_b" => "self_attn.kv_b_proj",
+    match base {
         "attn_k_b" => return Some(HfName::SplitKb { layer }),
         "attn_v_b" => return Some(HfName::SplitVb),
-        "attn_output" => "self_attn.o_proj",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "ffn_gate_inp" => "mlp.gate",
         "exp_probs_b" => return Some(HfName::One(format!("model.layers.{layer}.mlp.gate.e_score_correction_bias"))),
-        "ffn_gate_shexp" => "mlp.shared_experts.gate_proj",
-        "ffn_up_shexp" => "mlp.shared_experts.up_proj",
-        "ffn_down_shexp" => "mlp.shared_experts.down_proj",
-        "ffn_gate_exps" => return experts("gate_proj"),
-        "ffn_up_exps" => return experts("up_proj"),
-        "ffn_down_exps" => return experts("down_proj"),
-        "nextn.eh_proj" => "eh_proj",
-        "nextn.enorm" => "enorm",
-        "nextn.hnorm" => "hnorm",
-        "nextn.embed_tokens" => "embed_tokens",
-        "nextn.shared_head_head" => "shared_head.head",
-        "nextn.shared_head_norm" => "shared_head.norm",
-        _ => return None,
-    };
-    Some(HfName::One(format!("model.layers.{layer}.{module}.{suffix}")))
+        _ => {}
+    }
+    let (_, hf) = MODULES.iter().find(|(g, _)| *g == base)?;
+    if let Some(proj) = hf.strip_prefix("mlp.experts.") {
+        return Some(HfName::Experts { layer, proj });
+    }
+    Some(HfName::One(format!("model.layers.{layer}.{hf}.{suffix}")))
 }
 
 #[cfg(test)]

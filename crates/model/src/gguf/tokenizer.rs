@@ -97,3 +97,65 @@ pub fn tokenizer(g: &Gguf) -> Result<Tokenizer> {
         add_bos,
     ))
 }
+
+/// A folder's `tokenizer.json` (and `tokenizer_config.json`) as the GGUF metadata llama.cpp's
+/// converter writes (`_set_vocab_gpt2`): every id below `vocab_size` (ids the tokenizer lacks as
+/// UNUSED `[PADn]`), added special tokens CONTROL, other added tokens USER_DEFINED, the merges,
+/// the pre-tokenizer by llama.cpp's name, BOS addition and the chat template.
+pub fn to_metadata(dir: &std::path::Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+    let path = dir.join("tokenizer.json");
+    let tj = crate::files::read_json(&path)?;
+    let bad = |msg: &str| ModelError::Tokenizer(format!("{}: {msg}", path.display()));
+    if tj["model"]["type"] != "BPE" || tj["decoder"]["type"] != "ByteLevel" {
+        return Err(bad("a GGUF tokenizer is written for byte-level BPE tokenizers only"));
+    }
+    if tj["pre_tokenizer"] != deepseek_v3_pre() {
+        return Err(bad("its pre-tokenizer is not DeepSeek-V3's, the one dsv3 can name for llama.cpp (`deepseek-v3`)"));
+    }
+    let mut names: Vec<Option<(String, u32)>> = vec![None; vocab_size];
+    let vocab = tj["model"]["vocab"].as_object().ok_or_else(|| bad("model.vocab is not an object"))?;
+    for (t, id) in vocab {
+        if let Some(slot) = id.as_u64().and_then(|i| names.get_mut(i as usize)) {
+            *slot = Some((t.clone(), 1));
+        }
+    }
+    for a in tj["added_tokens"].as_array().map_or(&[][..], |v| v) {
+        let (Some(id), Some(t)) = (a["id"].as_u64(), a["content"].as_str()) else { continue };
+        if let Some(slot) = names.get_mut(id as usize) {
+            *slot = Some((t.to_string(), if a["special"] == true { CONTROL as u32 } else { USER_DEFINED as u32 }));
+        }
+    }
+    let (tokens, types): (Vec<Value>, Vec<Value>) = names
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| match t {
+            Some((t, ty)) => (Value::Str(t), Value::I32(ty as i32)),
+            None => (Value::Str(format!("[PAD{i}]")), Value::I32(5)),
+        })
+        .unzip();
+    let merges: Vec<Value> = tj["model"]["merges"]
+        .as_array()
+        .ok_or_else(|| bad("model.merges is not a list"))?
+        .iter()
+        .filter_map(|m| match m {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+            _ => None,
+        })
+        .map(Value::Str)
+        .collect();
+    let tc_path = dir.join("tokenizer_config.json");
+    let tc = if tc_path.exists() { crate::files::read_json(&tc_path)? } else { serde_json::Value::Null };
+    let mut m = vec![
+        ("tokenizer.ggml.model".to_string(), Value::Str("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::Str("deepseek-v3".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(tc["add_bos_token"].as_bool().unwrap_or(true))),
+    ];
+    if let Some(t) = tc["chat_template"].as_str() {
+        m.push(("tokenizer.chat_template".into(), Value::Str(t.into())));
+    }
+    Ok(m)
+}

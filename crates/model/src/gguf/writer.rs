@@ -31,6 +31,8 @@ pub struct GgufWriter {
     file: std::io::BufWriter<std::fs::File>,
     lens: Vec<usize>,
     written: usize,
+    /// Bytes of the tensor being streamed by [`GgufWriter::write_part`].
+    partial: usize,
 }
 
 fn put_str(h: &mut Vec<u8>, s: &str) {
@@ -126,13 +128,13 @@ impl GgufWriter {
             let _ = std::fs::remove_file(&tmp);
             ModelError::io(path, e)
         })?;
-        Ok(GgufWriter { path: path.into(), tmp, file, lens, written: 0 })
+        Ok(GgufWriter { path: path.into(), tmp, file, lens, written: 0, partial: 0 })
     }
 
     /// The next tensor's bytes, exactly as many as its info announced.
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
         let want = self.lens.get(self.written).copied();
-        if want != Some(bytes.len()) {
+        if self.partial != 0 || want != Some(bytes.len()) {
             let msg = format!("tensor {} has {} bytes; its info announced {want:?}", self.written, bytes.len());
             return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
         }
@@ -140,6 +142,28 @@ impl GgufWriter {
         self.written += 1;
         let r = self.file.write_all(bytes).and_then(|_| self.file.write_all(&[0u8; ALIGN][..pad]));
         r.map_err(|e| self.fail(e))
+    }
+
+    /// The next bytes of the tensor being written (rows as they are made); the tensor ends when
+    /// its announced size is in. Bytes past it are an error.
+    pub fn write_part(&mut self, bytes: &[u8]) -> Result<()> {
+        let Some(&len) = self.lens.get(self.written) else {
+            let msg = format!("{} bytes past the {} tensors announced", bytes.len(), self.lens.len());
+            return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+        };
+        if self.partial + bytes.len() > len {
+            let msg =
+                format!("tensor {} gets {} bytes; its info announced {len}", self.written, self.partial + bytes.len());
+            return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+        }
+        self.file.write_all(bytes).map_err(|e| self.fail(e))?;
+        self.partial += bytes.len();
+        if self.partial == len {
+            let pad = len.next_multiple_of(ALIGN) - len;
+            self.file.write_all(&[0u8; ALIGN][..pad]).map_err(|e| self.fail(e))?;
+            (self.written, self.partial) = (self.written + 1, 0);
+        }
+        Ok(())
     }
 
     pub fn finish(self) -> Result<()> {
