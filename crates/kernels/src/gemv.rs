@@ -59,6 +59,39 @@ pub fn rows_dots(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, out: &mut 
     }
 }
 
+/// The tokens `x [m, k]` as int8 activations, when `w` takes the integer body (Q8_0, Q4_K, Q6_K
+/// on a CPU with AVX-512 VNNI): a caller running many row ranges quantizes them once.
+pub fn quantized_acts(w: &MatRef, x: &[f32], m: usize) -> Option<Vec<crate::ggml::vnni::QuantAct>> {
+    use crate::ggml::vnni;
+    let MatRef::Ggml { kind, cols, .. } = *w else { return None };
+    #[cfg(target_arch = "x86_64")]
+    if vnni::handles(kind) && cols.is_multiple_of(64) && vnni::avx512::available() {
+        return Some(x[..m * cols].chunks(cols).map(vnni::quantize_act).collect());
+    }
+    let _ = (kind, cols);
+    None
+}
+
+/// [`rows_dots`] with the tokens [`quantized_acts`] made.
+pub fn rows_dots_quantized(w: &MatRef, rows: Range<usize>, acts: &[crate::ggml::vnni::QuantAct], out: &mut [f32]) {
+    let MatRef::Ggml { data, kind, cols, .. } = *w else { panic!("rows_dots_quantized: not a ggml matrix") };
+    assert!(
+        rows.end <= w.rows()
+            && acts.iter().all(|a| a.q.len() == cols)
+            && out.len() >= rows.len() * acts.len()
+            && acts.len() <= MAX_TOKENS,
+        "rows_dots_quantized shape mismatch"
+    );
+    if let Err(e) = w.validate() {
+        panic!("rows_dots_quantized: {e}");
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `acts` exist only where the CPU has VNNI ([`quantized_acts`]); shapes checked above.
+    unsafe {
+        crate::ggml::vnni::avx512::rows_dots(kind, data, cols, rows, acts, out)
+    }
+}
+
 /// The definition the fast bodies are tested against: decode each weight, multiply in f64.
 pub mod reference {
     use crate::matrix::MatRef;
@@ -206,9 +239,6 @@ mod avx512 {
         row: *const u8,
         scales: *const f32,
     }
-    struct Q8_0s(GgmlRow);
-    struct Q4Ks(GgmlRow);
-    struct Q6Ks(GgmlRow);
     struct Iq4Xss(GgmlRow, __m512);
 
     #[inline]
@@ -216,12 +246,6 @@ mod avx512 {
     unsafe fn nibbles(bytes: __m128i, high: bool) -> __m128i {
         let v = if high { _mm_srli_epi16(bytes, 4) } else { bytes };
         _mm_and_si128(v, _mm_set1_epi8(0x0f))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn u8s_to_ps(v: __m128i) -> __m512 {
-        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v))
     }
 
     macro_rules! masked_tail {
@@ -232,46 +256,6 @@ mod avx512 {
                 _mm512_maskz_mov_ps(mask(n), self.load(i))
             }
         };
-    }
-
-    impl Load16 for Q8_0s {
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        unsafe fn load(&self, i: usize) -> __m512 {
-            let p = self.0.row.add((i >> 5) * 34 + 2 + (i & 31));
-            let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)));
-            _mm512_mul_ps(q, _mm512_set1_ps(*self.0.scales.add(i >> 5)))
-        }
-        masked_tail!();
-    }
-
-    impl Load16 for Q4Ks {
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        unsafe fn load(&self, i: usize) -> __m512 {
-            let j = i & 255;
-            let p = self.0.row.add((i >> 8) * 144 + 16 + (j >> 6) * 32 + (j & 31));
-            let q = u8s_to_ps(nibbles(_mm_loadu_si128(p as *const __m128i), j & 32 != 0));
-            let s = self.0.scales.add(2 * (i >> 5));
-            _mm512_fmsub_ps(q, _mm512_set1_ps(*s), _mm512_set1_ps(*s.add(1)))
-        }
-        masked_tail!();
-    }
-
-    impl Load16 for Q6Ks {
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        unsafe fn load(&self, i: usize) -> __m512 {
-            let (j, base) = (i & 255, self.0.row.add((i >> 8) * 210));
-            let (half, r) = (j >> 7, j & 127);
-            let low = nibbles(_mm_loadu_si128(base.add(half * 64 + (r & 63)) as *const __m128i), r & 64 != 0);
-            let qh = _mm_loadu_si128(base.add(128 + half * 32 + (r & 31)) as *const __m128i);
-            let high = _mm_and_si128(_mm_srl_epi16(qh, _mm_cvtsi32_si128(2 * (r >> 5) as i32)), _mm_set1_epi8(3));
-            let q = _mm_or_si128(low, _mm_slli_epi16(high, 4));
-            let q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(q), _mm512_set1_epi32(32));
-            _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(*self.0.scales.add(i >> 4)))
-        }
-        masked_tail!();
     }
 
     impl Load16 for Iq4Xss {
@@ -287,7 +271,8 @@ mod avx512 {
         masked_tail!();
     }
 
-    /// Rows of a ggml matrix: the formats decoded in registers, else the chunked path.
+    /// Rows of a ggml matrix: Q8_0, Q4_K and Q6_K as integer dot products with int8 activations
+    /// (where the CPU has VNNI), IQ4_XS decoded in registers, the others through the chunked path.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn ggml_rows<const M: usize>(
@@ -299,27 +284,28 @@ mod avx512 {
         out: &mut [f32],
     ) {
         use crate::ggml::dot::row_scales;
-        use crate::GgmlType as G;
+        use crate::ggml::vnni;
+        if vnni::handles(kind) && k.is_multiple_of(64) && vnni::avx512::available() {
+            let acts: Vec<_> = x[..M * k].chunks(k).map(vnni::quantize_act).collect();
+            // SAFETY: VNNI checked; the matrix was validated by `rows_dots`, every token has k values.
+            return unsafe { vnni::avx512::rows_dots(kind, data, k, rows, &acts, out) };
+        }
+        if kind != crate::GgmlType::Iq4Xs {
+            return crate::ggml::dot::rows_dots(kind, data, k, rows, x, M, out);
+        }
         let rb = k / kind.block_elems() * kind.block_bytes();
         let mut scales = Vec::new();
         let lut = {
             let levels = crate::ggml::dequant::IQ4NL_LEVELS.map(|v| v as f32);
             _mm512_loadu_ps(levels.as_ptr())
         };
-        for (j, r) in rows.clone().enumerate() {
+        for (j, r) in rows.enumerate() {
             let row = &data[r * rb..][..rb];
-            if !row_scales(kind, row, &mut scales) {
-                return crate::ggml::dot::rows_dots(kind, data, k, rows, x, M, out);
-            }
+            row_scales(kind, row, &mut scales);
             let g = GgmlRow { row: row.as_ptr(), scales: scales.as_ptr() };
             let o = &mut out[j * M..][..M];
             let xp = x.as_ptr();
-            match kind {
-                G::Q8_0 => dots::<_, M>(&Q8_0s(g), k, k.max(1), None, xp, o),
-                G::Q4K => dots::<_, M>(&Q4Ks(g), k, k.max(1), None, xp, o),
-                G::Q6K => dots::<_, M>(&Q6Ks(g), k, k.max(1), None, xp, o),
-                _ => dots::<_, M>(&Iq4Xss(g, lut), k, k.max(1), None, xp, o),
-            }
+            dots::<_, M>(&Iq4Xss(g, lut), k, k.max(1), None, xp, o);
         }
     }
 

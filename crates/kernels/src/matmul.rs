@@ -72,6 +72,8 @@ pub fn matmul_nt_batch(jobs: &mut [NtJob], g: Gemm) {
         x: &'a [f32],
         m: usize,
         y: SharedOut,
+        /// The tokens as int8, once per job, for weights with an integer body.
+        qx: Option<Vec<crate::ggml::vnni::QuantAct>>,
     }
     let mut live = Vec::new();
     for j in jobs.iter_mut() {
@@ -87,7 +89,8 @@ pub fn matmul_nt_batch(jobs: &mut [NtJob], g: Gemm) {
             gemm_acc(Strided { a: j.x, a_s: 1, a_p: k }, &wt, j.y, j.m, n, k, g.bf16);
             continue;
         }
-        live.push(Job { w: j.w, r0: j.rows.start, n, x: j.x, m: j.m, y: SharedOut(j.y.as_mut_ptr()) });
+        let qx = crate::gemv::quantized_acts(&j.w, j.x, j.m);
+        live.push(Job { w: j.w, r0: j.rows.start, n, x: j.x, m: j.m, y: SharedOut(j.y.as_mut_ptr()), qx });
     }
     let work: usize = live.iter().map(|s| s.m * s.n * s.w.cols()).sum();
     // Row ranges of about an eighth of a thread's share, so stealing evens out the ends.
@@ -108,13 +111,19 @@ pub fn matmul_nt_batch(jobs: &mut [NtJob], g: Gemm) {
             // SAFETY: each task owns rows `range` of its job's output, which for one token are
             // the contiguous elements range.start..range.end of y (length n, checked).
             let y = unsafe { std::slice::from_raw_parts_mut(job.y.0.add(range.start), range.len()) };
-            rows_dots(&job.w, rows, job.x, 1, y);
+            match &job.qx {
+                Some(q) => crate::gemv::rows_dots_quantized(&job.w, rows, q, y),
+                None => rows_dots(&job.w, rows, job.x, 1, y),
+            }
             return;
         }
         let mut dots = vec![0f32; range.len() * GROUP];
         for t0 in (0..m).step_by(GROUP) {
             let g = GROUP.min(m - t0);
-            rows_dots(&job.w, rows.clone(), &job.x[t0 * k..(t0 + g) * k], g, &mut dots);
+            match &job.qx {
+                Some(q) => crate::gemv::rows_dots_quantized(&job.w, rows.clone(), &q[t0..t0 + g], &mut dots),
+                None => rows_dots(&job.w, rows.clone(), &job.x[t0 * k..(t0 + g) * k], g, &mut dots),
+            }
             for (i, d) in range.clone().zip(dots.chunks_exact(g)) {
                 for (t, &v) in d.iter().enumerate() {
                     // SAFETY: as above; element (t0 + t, i) lies inside this job's y of m·n.

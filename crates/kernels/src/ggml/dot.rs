@@ -87,31 +87,43 @@ pub fn rows_dots(
     }
 }
 
-/// Per-row f32 scales of the formats the AVX-512 body decodes in registers, written to `out`:
-/// Q8_0 `d` per 32 values; Q4_K `(d·sc, dmin·m)` per 32; Q6_K `d·sc` per 16; IQ4_XS `d·(ls−32)`
-/// per 32. `false` for other formats (they take the chunked path of [`rows_dots`]).
+/// Per-row f32 scales of the formats with a SIMD body, written to `out`: Q8_0 `d` per 32 values;
+/// Q4_K `d·sc` per 32 then `dmin·m` per 32 (two runs, so each is contiguous); Q6_K `d·sc` per
+/// 16; IQ4_XS `d·(ls−32)` per 32. `false` for other formats.
 pub fn row_scales(ty: GgmlType, row: &[u8], out: &mut Vec<f32>) -> bool {
-    use super::dequant::{f16, iq4_xs_scale, k4_scale_min};
-    out.clear();
+    use super::dequant::{f16, iq4_xs_scale};
     let bb = ty.block_bytes();
+    let nb = row.len() / bb;
     match ty {
-        GgmlType::Q8_0 => out.extend(row.chunks_exact(bb).map(|b| f16(b, 0))),
+        GgmlType::Q8_0 => {
+            out.clear();
+            out.extend(row.chunks_exact(bb).map(|b| f16(b, 0)));
+        }
         GgmlType::Q4K => {
-            for b in row.chunks_exact(bb) {
-                let (d, dmin) = (f16(b, 0), f16(b, 2));
-                for j in 0..8 {
-                    let (sc, m) = k4_scale_min(&b[4..16], j);
-                    out.extend([d * sc as f32, dmin * m as f32]);
+            out.resize(16 * nb, 0.0);
+            let (sc, mn) = out.split_at_mut(8 * nb);
+            for (i, b) in row.chunks_exact(bb).enumerate() {
+                let (d, dmin, s) = (f16(b, 0), f16(b, 2), &b[4..16]);
+                let (sc, mn) = (&mut sc[8 * i..][..8], &mut mn[8 * i..][..8]);
+                for j in 0..4 {
+                    sc[j] = d * (s[j] & 63) as f32;
+                    mn[j] = dmin * (s[j + 4] & 63) as f32;
+                    sc[j + 4] = d * ((s[j + 8] & 0xF) | ((s[j] >> 6) << 4)) as f32;
+                    mn[j + 4] = dmin * ((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4)) as f32;
                 }
             }
         }
         GgmlType::Q6K => {
-            for b in row.chunks_exact(bb) {
+            out.resize(16 * nb, 0.0);
+            for (b, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(16)) {
                 let d = f16(b, 208);
-                out.extend(b[192..208].iter().map(|&s| d * s as i8 as f32));
+                for (o, &s) in o.iter_mut().zip(&b[192..208]) {
+                    *o = d * s as i8 as f32;
+                }
             }
         }
         GgmlType::Iq4Xs => {
+            out.clear();
             for b in row.chunks_exact(bb) {
                 let d = f16(b, 0);
                 out.extend((0..8).map(|ib| d * iq4_xs_scale(b, ib) as f32));

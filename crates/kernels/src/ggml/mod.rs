@@ -11,6 +11,7 @@ pub mod dot;
 pub mod grids;
 mod lattice;
 pub mod quantize;
+pub mod vnni;
 
 pub use dequant::dequantize;
 

@@ -31,7 +31,7 @@ struct Out {
 /// The type a tensor is written in: `ty` for the Linear weights it can hold, else f32 (norms,
 /// the routing bias, the router, which llama.cpp keeps in f32 too).
 fn out_type(ty: GgmlType, gguf_name: &str, cols: usize, two_d: bool) -> GgmlType {
-    if !two_d || gguf_name.contains("ffn_gate_inp") || cols % ty.block_elems() != 0 {
+    if !two_d || gguf_name.contains("ffn_gate_inp") || !cols.is_multiple_of(ty.block_elems()) {
         GgmlType::F32
     } else {
         ty

@@ -289,7 +289,7 @@ pub fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
         let bytes = kind.row_bytes(dims[0]).and_then(|r| r.checked_mul(rows)).ok_or_else(|| {
             bad(format!("{kind} needs rows of whole {}-value blocks, dims are {dims:?}", kind.block_elems()))
         })?;
-        if offset as usize % align != 0 {
+        if !offset.is_multiple_of(align as u64) {
             return Err(bad(format!("offset {offset} is not a multiple of the alignment {align}")));
         }
         let start = usize::try_from(offset).ok().and_then(|o| o.checked_add(data_start));

@@ -1,0 +1,58 @@
+//! Decode-time GEMV throughput per ggml format: one `[rows, cols]` matrix against 1 token,
+//! GB/s of weight bytes read (`cargo bench -p dsv3-kernels --bench ggml_gemv`).
+
+use dsv3_kernels::ggml::{self, GgmlType};
+use dsv3_kernels::{gemv, MatRef};
+use std::time::Instant;
+
+fn main() {
+    let (rows, cols) = (4096usize, 2048usize);
+    let x: Vec<f32> = (0..cols).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    // `cargo bench ... -- q4_K q6_K` times only those formats.
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    for ty in ggml::ALL.into_iter().filter(|t| only.is_empty() || only.iter().any(|o| o == t.name())) {
+        let bytes = ty.row_bytes(cols).unwrap() * rows;
+        // Random-looking codes with normal f16 scales (subnormal scales would time the FPU's
+        // microcode assists, not the kernel).
+        let mut data: Vec<u8> = (0..bytes).map(|i| ((i as u64 * 2654435761) >> 13) as u8).collect();
+        let f16_at: &[usize] = match ty {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => &[],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+            GgmlType::Q2K => &[80, 82],
+            GgmlType::Q3K => &[108],
+            GgmlType::Q6K => &[208],
+            GgmlType::Iq1M => &[],
+            GgmlType::Mxfp4 => &[],
+            _ => &[0],
+        };
+        for b in data.chunks_exact_mut(ty.block_bytes()) {
+            match ty {
+                GgmlType::F32 => b.copy_from_slice(&0.01f32.to_le_bytes()),
+                GgmlType::F16 | GgmlType::Bf16 => b.copy_from_slice(&[0x66, 0x2e]),
+                GgmlType::Mxfp4 => b[0] = 120,
+                GgmlType::Iq1M => b[48..56].iter_mut().for_each(|v| *v &= 0x2f),
+                _ => {}
+            }
+            for &o in f16_at {
+                b[o..o + 2].copy_from_slice(&[0x66, 0x2e]);
+            }
+        }
+        let w = MatRef::Ggml { data: &data, rows, cols, kind: ty };
+        let mut out = vec![0f32; rows];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        pool.install(|| gemv::rows_dots(&w, 0..rows, &x, 1, &mut out));
+        let reps = (2e9 / bytes as f64).clamp(3.0, 200.0) as usize;
+        let t = Instant::now();
+        for _ in 0..reps {
+            gemv::rows_dots(&w, 0..rows, &x, 1, &mut out);
+        }
+        let s = t.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "{:8} {:5.2} bpw  {:7.2} GB/s  {:7.2} Gweights/s (1 core)",
+            ty.name(),
+            ty.bits_per_weight(),
+            bytes as f64 / s / 1e9,
+            (rows * cols) as f64 / s / 1e9
+        );
+    }
+}
