@@ -150,7 +150,7 @@ fn fixture_named(name: &str) -> Vec<u8> {
 fn integer_dot_products_match_their_reference() {
     use ggml::vnni::{quantize_act, reference};
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    for ty in [GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
+    for ty in ggml::ALL.into_iter().filter(|t| ggml::vnni::handles(*t)) {
         let (blocks, _) = blocks_and_values(ty);
         let rows = 2;
         let (data, k) = matrix_of(ty, &blocks, rows);

@@ -87,7 +87,8 @@ pub fn rows_dots(
     }
 }
 
-/// Per-row f32 scales of the formats with a SIMD body, written to `out`: Q8_0 `d` per 32 values;
+/// Per-row f32 scales of the formats with a SIMD body, written to `out`: Q8_0, Q4_0 and Q5_0 `d`
+/// per 32 values; Q4_1 and Q5_1 `d` per 32 then `m` per 32;
 /// Q4_K `d·sc` per 32 then `dmin·m` per 32 (two runs, so each is contiguous); Q6_K `d·sc` per
 /// 16; IQ4_XS `d·(ls−32)` per 32. `false` for other formats.
 pub fn row_scales(ty: GgmlType, row: &[u8], out: &mut Vec<f32>) -> bool {
@@ -95,9 +96,14 @@ pub fn row_scales(ty: GgmlType, row: &[u8], out: &mut Vec<f32>) -> bool {
     let bb = ty.block_bytes();
     let nb = row.len() / bb;
     match ty {
-        GgmlType::Q8_0 => {
+        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => {
             out.clear();
             out.extend(row.chunks_exact(bb).map(|b| f16(b, 0)));
+        }
+        GgmlType::Q4_1 | GgmlType::Q5_1 => {
+            out.clear();
+            out.extend(row.chunks_exact(bb).map(|b| f16(b, 0)));
+            out.extend(row.chunks_exact(bb).map(|b| f16(b, 2)));
         }
         GgmlType::Q4K => {
             out.resize(16 * nb, 0.0);

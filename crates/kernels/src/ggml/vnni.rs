@@ -1,14 +1,15 @@
 //! Integer dot products for decode (llama.cpp's approach): each token's activations are quantized
 //! to int8 per 32 values once, and a weight row's 4-6-8-bit codes meet them in `vpdpbusd` (64
 //! unsigned × signed byte products per instruction), the block scales applied to the i32 sums.
-//! Q8_0, Q4_K and Q6_K; [`reference`] is the same arithmetic in plain integers, the definition
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K; [`reference`] is the same arithmetic in plain integers, the definition
 //! the AVX-512 body is tested against.
 
 use super::GgmlType;
 
 /// Formats with an integer body.
 pub fn handles(kind: GgmlType) -> bool {
-    matches!(kind, GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K)
+    use GgmlType::*;
+    matches!(kind, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q6K)
 }
 
 /// One token's activations as int8 codes with an f32 scale per 32 values and the codes' sums
@@ -56,6 +57,10 @@ fn row_offset(kind: GgmlType, s: &[f32], a: &QuantAct) -> f32 {
     use crate::dot::dot_f32;
     match kind {
         GgmlType::Q8_0 => 128.0 * dot_f32(s, &a.d_sum32),
+        GgmlType::Q4_0 => 8.0 * dot_f32(s, &a.d_sum32),
+        GgmlType::Q5_0 => 16.0 * dot_f32(s, &a.d_sum32),
+        // `+ m` per value: a negative offset.
+        GgmlType::Q4_1 | GgmlType::Q5_1 => -dot_f32(&s[s.len() / 2..], &a.d_sum32),
         GgmlType::Q4K => dot_f32(&s[s.len() / 2..], &a.d_sum32),
         _ => 32.0 * dot_f32(s, &a.d_sum16),
     }
@@ -80,7 +85,8 @@ pub mod reference {
                 let e0 = b32 * 32 + h * 16;
                 let qa: i32 = (0..16).map(|i| code(kind, row, e0 + i) * xs[h * 16 + i] as i32).sum();
                 let (scale, min) = match kind {
-                    GgmlType::Q8_0 => (s[e0 / 32], 0.0),
+                    GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => (s[e0 / 32], 0.0),
+                    GgmlType::Q4_1 | GgmlType::Q5_1 => (s[e0 / 32], -s[s.len() / 2 + e0 / 32]),
                     GgmlType::Q4K => (s[e0 / 32], s[s.len() / 2 + e0 / 32]),
                     _ => (s[e0 / 16], 0.0),
                 };
@@ -92,8 +98,17 @@ pub mod reference {
 
     /// Weight code `e` as the integer the scale multiplies (Q4_K's minimum apart).
     fn code(kind: GgmlType, row: &[u8], e: usize) -> i32 {
+        let q4 = |b: &[u8], j: usize| ((b[j % 16] >> (4 * (j / 16))) & 0xF) as i32;
+        let q5 = |b: &[u8], qh: usize, j: usize| {
+            let h = (u32::from_le_bytes([b[qh], b[qh + 1], b[qh + 2], b[qh + 3]]) >> j) & 1;
+            q4(&b[qh + 4..], j) | (h as i32) << 4
+        };
         match kind {
             GgmlType::Q8_0 => row[e / 32 * 34 + 2 + e % 32] as i8 as i32,
+            GgmlType::Q4_0 => q4(&row[e / 32 * 18 + 2..], e % 32) - 8,
+            GgmlType::Q4_1 => q4(&row[e / 32 * 20 + 4..], e % 32),
+            GgmlType::Q5_0 => q5(&row[e / 32 * 22..], 2, e % 32) - 16,
+            GgmlType::Q5_1 => q5(&row[e / 32 * 24..], 4, e % 32),
             GgmlType::Q4K => {
                 let j = e % 256;
                 ((row[e / 256 * 144 + 16 + j / 64 * 32 + j % 32] >> (4 * (j % 64 / 32))) & 0xF) as i32
@@ -124,11 +139,41 @@ pub mod avx512 {
             && std::arch::is_x86_feature_detected!("avx512vnni")
     }
 
+    /// Two 32-value blocks of packed nibbles (16 bytes each at `a` and `b`) as 64 codes in value order.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn nibble_pairs(a: *const u8, b: *const u8) -> __m512i {
+        let m = _mm_set1_epi8(0x0f);
+        let (x, y) = (_mm_loadu_si128(a as *const __m128i), _mm_loadu_si128(b as *const __m128i));
+        let lo = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(x, 4), m), _mm_and_si128(x, m));
+        let hi = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(y, 4), m), _mm_and_si128(y, m));
+        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+    }
+
+    /// Q5's fifth bits (one u32 per block at `a` and `b`) as 0x10 in the bytes they belong to.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn fifth_bits(a: *const u8, b: *const u8) -> __m512i {
+        let bits = (a as *const u32).read_unaligned() as u64 | ((b as *const u32).read_unaligned() as u64) << 32;
+        _mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(0x10))
+    }
+
     /// 64 weight codes as unsigned bytes (Q8_0: offset by 128), for values `g·64..g·64 + 64`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn codes(kind: GgmlType, row: *const u8, g: usize) -> __m512i {
+        let (b0, b1) = (2 * g, 2 * g + 1);
         match kind {
+            GgmlType::Q4_0 => nibble_pairs(row.add(b0 * 18 + 2), row.add(b1 * 18 + 2)),
+            GgmlType::Q4_1 => nibble_pairs(row.add(b0 * 20 + 4), row.add(b1 * 20 + 4)),
+            GgmlType::Q5_0 => _mm512_or_si512(
+                nibble_pairs(row.add(b0 * 22 + 6), row.add(b1 * 22 + 6)),
+                fifth_bits(row.add(b0 * 22 + 2), row.add(b1 * 22 + 2)),
+            ),
+            GgmlType::Q5_1 => _mm512_or_si512(
+                nibble_pairs(row.add(b0 * 24 + 8), row.add(b1 * 24 + 8)),
+                fifth_bits(row.add(b0 * 24 + 4), row.add(b1 * 24 + 4)),
+            ),
             GgmlType::Q8_0 => {
                 let lo = _mm256_loadu_si256(row.add(2 * g * 34 + 2) as *const __m256i);
                 let hi = _mm256_loadu_si256(row.add((2 * g + 1) * 34 + 2) as *const __m256i);
@@ -186,7 +231,9 @@ pub mod avx512 {
                 // The weight scale of each i32 lane (4 values).
                 let halves = |a: f32, b: f32| _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
                 let w = match kind {
-                    GgmlType::Q8_0 => halves(s[2 * g], s[2 * g + 1]),
+                    GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                        halves(s[2 * g], s[2 * g + 1])
+                    }
                     GgmlType::Q4K => halves(s[2 * g], s[2 * g + 1]),
                     _ => _mm512_permutexvar_ps(quads, _mm512_castps128_ps512(_mm_loadu_ps(s.as_ptr().add(4 * g)))),
                 };
