@@ -179,3 +179,19 @@ fn integer_dot_products_match_their_reference() {
         }
     }
 }
+
+#[test]
+fn q4_k_row_scales_unpack_as_the_decode_does() {
+    let (blocks, values) = blocks_and_values(GgmlType::Q4K);
+    let mut s = vec![];
+    assert!(ggml::dot::row_scales(GgmlType::Q4K, &blocks, &mut s));
+    let nsub = blocks.len() / 144 * 8;
+    // Value e of sub-block b is sc[b]·q − m[b]; with q recovered from the codes, every value
+    // the decode gave must come out of these scales.
+    for (e, &v) in values.iter().enumerate() {
+        let (blk, j) = (e / 256, e % 256);
+        let q = (blocks[blk * 144 + 16 + j / 64 * 32 + j % 32] >> (4 * (j % 64 / 32))) & 0xF;
+        let (sc, mn) = (s[e / 32], s[nsub + e / 32]);
+        assert_eq!((sc * q as f32 - mn).to_bits(), v.to_bits(), "value {e}");
+    }
+}

@@ -109,13 +109,19 @@ pub fn row_scales(ty: GgmlType, row: &[u8], out: &mut Vec<f32>) -> bool {
             out.resize(16 * nb, 0.0);
             let (sc, mn) = out.split_at_mut(8 * nb);
             for (i, b) in row.chunks_exact(bb).enumerate() {
-                let (d, dmin, s) = (f16(b, 0), f16(b, 2), &b[4..16]);
+                let (d, dmin) = (f16(b, 0), f16(b, 2));
+                // The twelve scale bytes as three words: the four 6-bit pairs of each half at once
+                // (`get_scale_min_k4`, byte-parallel).
+                let w = |o: usize| u32::from_le_bytes([b[4 + o], b[5 + o], b[6 + o], b[7 + o]]);
+                let (w0, w1, w2) = (w(0), w(4), w(8));
+                let scs = [w0 & 0x3f3f_3f3f, (w2 & 0x0f0f_0f0f) | ((w0 >> 2) & 0x3030_3030)];
+                let mns = [w1 & 0x3f3f_3f3f, ((w2 >> 4) & 0x0f0f_0f0f) | ((w1 >> 2) & 0x3030_3030)];
                 let (sc, mn) = (&mut sc[8 * i..][..8], &mut mn[8 * i..][..8]);
-                for j in 0..4 {
-                    sc[j] = d * (s[j] & 63) as f32;
-                    mn[j] = dmin * (s[j + 4] & 63) as f32;
-                    sc[j + 4] = d * ((s[j + 8] & 0xF) | ((s[j] >> 6) << 4)) as f32;
-                    mn[j + 4] = dmin * ((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4)) as f32;
+                for (j, (s4, m4)) in scs.iter().zip(&mns).enumerate() {
+                    for (k, (s, m)) in s4.to_le_bytes().iter().zip(m4.to_le_bytes()).enumerate() {
+                        sc[4 * j + k] = d * *s as f32;
+                        mn[4 * j + k] = dmin * m as f32;
+                    }
                 }
             }
         }
