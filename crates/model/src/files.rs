@@ -91,6 +91,64 @@ fn process_alive(pid: u32) -> bool {
     pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// A file written under a temporary name beside its final one (`<path>.<ext>.tmp`), synced and
+/// renamed into place by [`AtomicFile::finish`]; on any error the temporary file is removed, so
+/// a reader never sees a partial file under the final name.
+pub struct AtomicFile {
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+}
+
+impl AtomicFile {
+    /// Starts `path` (the temporary file's extension is `ext.tmp`) with `head` as its first bytes.
+    pub fn create(path: &Path, ext: &str, head: &[u8]) -> Result<Self> {
+        use std::io::Write;
+        let tmp = path.with_extension(format!("{ext}.tmp"));
+        let open = || -> std::io::Result<std::io::BufWriter<std::fs::File>> {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            f.write_all(head)?;
+            Ok(f)
+        };
+        match open() {
+            Ok(file) => Ok(AtomicFile { path: path.to_path_buf(), tmp, file }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(ModelError::io(path, e))
+            }
+        }
+    }
+
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        self.file.write_all(bytes).map_err(|e| self.fail(e))
+    }
+
+    /// Removes the temporary file; the error, against the final path.
+    pub fn fail(&self, e: std::io::Error) -> ModelError {
+        let _ = std::fs::remove_file(&self.tmp);
+        ModelError::io(&self.path, e)
+    }
+
+    /// An [`ErrorKind::InvalidInput`](std::io::ErrorKind::InvalidInput) failure with `msg`.
+    pub fn fail_input(&self, msg: String) -> ModelError {
+        self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))
+    }
+
+    pub fn finish(self) -> Result<()> {
+        let AtomicFile { path, tmp, file } = self;
+        let done = file
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        done.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            ModelError::io(&path, e)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

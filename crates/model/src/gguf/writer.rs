@@ -3,9 +3,9 @@
 
 use super::Value;
 use crate::error::{ModelError, Result};
+use crate::files::AtomicFile;
 use dsv3_kernels::GgmlType;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Data alignment (llama.cpp's default; `general.alignment` is not written).
 const ALIGN: usize = 32;
@@ -26,9 +26,7 @@ impl TensorSpec {
 }
 
 pub struct GgufWriter {
-    path: PathBuf,
-    tmp: PathBuf,
-    file: std::io::BufWriter<std::fs::File>,
+    file: AtomicFile,
     lens: Vec<usize>,
     written: usize,
     /// Bytes of the tensor being streamed by [`GgufWriter::write_part`].
@@ -118,17 +116,8 @@ impl GgufWriter {
             off = off.checked_add(n.next_multiple_of(ALIGN)).ok_or_else(|| bad("file size overflows".into()))?;
         }
         h.resize(h.len().next_multiple_of(ALIGN), 0);
-        let tmp = path.with_extension("gguf.tmp");
-        let open = || -> std::io::Result<std::io::BufWriter<std::fs::File>> {
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-            f.write_all(&h)?;
-            Ok(f)
-        };
-        let file = open().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            ModelError::io(path, e)
-        })?;
-        Ok(GgufWriter { path: path.into(), tmp, file, lens, written: 0, partial: 0 })
+        let file = AtomicFile::create(path, "gguf", &h)?;
+        Ok(GgufWriter { file, lens, written: 0, partial: 0 })
     }
 
     /// The next tensor's bytes, exactly as many as its info announced.
@@ -136,12 +125,12 @@ impl GgufWriter {
         let want = self.lens.get(self.written).copied();
         if self.partial != 0 || want != Some(bytes.len()) {
             let msg = format!("tensor {} has {} bytes; its info announced {want:?}", self.written, bytes.len());
-            return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+            return Err(self.file.fail_input(msg));
         }
         let pad = bytes.len().next_multiple_of(ALIGN) - bytes.len();
         self.written += 1;
-        let r = self.file.write_all(bytes).and_then(|_| self.file.write_all(&[0u8; ALIGN][..pad]));
-        r.map_err(|e| self.fail(e))
+        self.file.write_all(bytes)?;
+        self.file.write_all(&[0u8; ALIGN][..pad])
     }
 
     /// The next bytes of the tensor being written (rows as they are made); the tensor ends when
@@ -149,18 +138,18 @@ impl GgufWriter {
     pub fn write_part(&mut self, bytes: &[u8]) -> Result<()> {
         let Some(&len) = self.lens.get(self.written) else {
             let msg = format!("{} bytes past the {} tensors announced", bytes.len(), self.lens.len());
-            return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+            return Err(self.file.fail_input(msg));
         };
         if self.partial + bytes.len() > len {
             let msg =
                 format!("tensor {} gets {} bytes; its info announced {len}", self.written, self.partial + bytes.len());
-            return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+            return Err(self.file.fail_input(msg));
         }
-        self.file.write_all(bytes).map_err(|e| self.fail(e))?;
+        self.file.write_all(bytes)?;
         self.partial += bytes.len();
         if self.partial == len {
             let pad = len.next_multiple_of(ALIGN) - len;
-            self.file.write_all(&[0u8; ALIGN][..pad]).map_err(|e| self.fail(e))?;
+            self.file.write_all(&[0u8; ALIGN][..pad])?;
             (self.written, self.partial) = (self.written + 1, 0);
         }
         Ok(())
@@ -169,22 +158,8 @@ impl GgufWriter {
     pub fn finish(self) -> Result<()> {
         if self.written != self.lens.len() {
             let msg = format!("{} of {} tensors written", self.written, self.lens.len());
-            return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+            return Err(self.file.fail_input(msg));
         }
-        let GgufWriter { path, tmp, file, .. } = self;
-        let done = file
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|f| f.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, &path));
-        done.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            ModelError::io(&path, e)
-        })
-    }
-
-    fn fail(&self, e: std::io::Error) -> ModelError {
-        let _ = std::fs::remove_file(&self.tmp);
-        ModelError::io(&self.path, e)
+        self.file.finish()
     }
 }

@@ -1,7 +1,8 @@
 //! Writing safetensors files: whole, or streamed tensor by tensor; atomically either way.
 
-use crate::error::{ModelError, Result};
-use std::path::{Path, PathBuf};
+use crate::error::Result;
+use crate::files::AtomicFile;
+use std::path::Path;
 
 /// Writes tensors as one safetensors file, atomically (temporary file in the same folder, then
 /// rename). Each entry: name, dtype string, shape, little-endian bytes.
@@ -19,9 +20,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, &str, Vec<usize>, Vec<
 /// first, then each tensor's bytes in that order, so no more than one tensor need be in memory.
 /// Written under a temporary name and renamed by [`SafetensorsWriter::finish`].
 pub struct SafetensorsWriter {
-    path: PathBuf,
-    tmp: PathBuf,
-    file: std::io::BufWriter<std::fs::File>,
+    file: AtomicFile,
     /// The byte sizes the header announced, how many tensors were written, and how many bytes of
     /// the one being written (streamed in parts) are in.
     lens: Vec<usize>,
@@ -61,21 +60,12 @@ impl SafetensorsWriter {
         while !(h.len() + 8).is_multiple_of(8) {
             h.push(b' ');
         }
-        let tmp = path.with_extension("safetensors.tmp");
-        let open = || -> std::io::Result<std::io::BufWriter<std::fs::File>> {
-            use std::io::Write;
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-            f.write_all(&(h.len() as u64).to_le_bytes())?;
-            f.write_all(&h)?;
-            Ok(f)
-        };
-        let file = open().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            ModelError::io(path, e)
-        })?;
+        let mut head = (h.len() as u64).to_le_bytes().to_vec();
+        head.extend(&h);
+        let file = AtomicFile::create(path, "safetensors", &head)?;
         let lens = entries.iter().map(|e| e.3).collect();
         let file_len = (8 + h.len() + off) as u64;
-        Ok(SafetensorsWriter { path: path.to_path_buf(), tmp, file, lens, written: 0, partial: 0, file_len })
+        Ok(SafetensorsWriter { file, lens, written: 0, partial: 0, file_len })
     }
 
     /// The length of the file being written.
@@ -86,14 +76,13 @@ impl SafetensorsWriter {
     /// The next bytes, in header order, however they are split: a tensor may arrive in parts
     /// (bands of rows), several tensors in one part. More than the header announced is an error.
     pub fn write_part(&mut self, mut bytes: &[u8]) -> Result<()> {
-        use std::io::Write;
         while !bytes.is_empty() {
             let Some(&len) = self.lens.get(self.written) else {
                 let msg = format!("{} bytes past the {} tensors the header announced", bytes.len(), self.lens.len());
-                return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+                return Err(self.file.fail_input(msg));
             };
             let n = (len - self.partial).min(bytes.len());
-            self.file.write_all(&bytes[..n]).map_err(|e| self.fail(e))?;
+            self.file.write_all(&bytes[..n])?;
             (self.partial, bytes) = (self.partial + n, &bytes[n..]);
             if self.partial == len {
                 (self.written, self.partial) = (self.written + 1, 0);
@@ -108,7 +97,6 @@ impl SafetensorsWriter {
 
     /// The next tensor's bytes (as many as the header announced).
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        use std::io::Write;
         if self.partial != 0 || self.lens.get(self.written) != Some(&bytes.len()) {
             let msg = format!(
                 "tensor {} has {} bytes; the header announced {:?}",
@@ -116,10 +104,10 @@ impl SafetensorsWriter {
                 bytes.len(),
                 self.lens.get(self.written)
             );
-            return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+            return Err(self.file.fail_input(msg));
         }
         self.written += 1;
-        self.file.write_all(bytes).map_err(|e| self.fail(e))
+        self.file.write_all(bytes)
     }
 
     pub fn finish(mut self) -> Result<()> {
@@ -128,22 +116,8 @@ impl SafetensorsWriter {
         }
         if self.written != self.lens.len() || self.partial != 0 {
             let msg = format!("{} of {} tensors written", self.written, self.lens.len());
-            return Err(self.fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
+            return Err(self.file.fail_input(msg));
         }
-        let SafetensorsWriter { path, tmp, file, .. } = self;
-        let done = file
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|f| f.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, &path));
-        done.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            ModelError::io(&path, e)
-        })
-    }
-
-    fn fail(&self, e: std::io::Error) -> ModelError {
-        let _ = std::fs::remove_file(&self.tmp);
-        ModelError::io(&self.path, e)
+        self.file.finish()
     }
 }
