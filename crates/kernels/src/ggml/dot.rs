@@ -87,53 +87,12 @@ pub fn rows_dots(
     }
 }
 
-/// Per-row f32 scales of the formats with a SIMD body, written to `out`: Q8_0, Q4_0 and Q5_0 `d`
-/// per 32 values; Q4_1 and Q5_1 `d` per 32 then `m` per 32;
-/// Q4_K `d·sc` per 32 then `dmin·m` per 32 (two runs, so each is contiguous); Q6_K `d·sc` per
-/// 16; IQ4_XS `d·(ls−32)` per 32. `false` for other formats.
+/// IQ4_XS's per-row f32 scales `d·(ls−32)` per 32 values, written to `out` (the register
+/// decode where the CPU lacks VNNI). `false` for other formats.
 pub fn row_scales(ty: GgmlType, row: &[u8], out: &mut Vec<f32>) -> bool {
     use super::dequant::{f16, iq4_xs_scale};
     let bb = ty.block_bytes();
-    let nb = row.len() / bb;
     match ty {
-        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => {
-            out.clear();
-            out.extend(row.chunks_exact(bb).map(|b| f16(b, 0)));
-        }
-        GgmlType::Q4_1 | GgmlType::Q5_1 => {
-            out.clear();
-            out.extend(row.chunks_exact(bb).map(|b| f16(b, 0)));
-            out.extend(row.chunks_exact(bb).map(|b| f16(b, 2)));
-        }
-        GgmlType::Q4K => {
-            out.resize(16 * nb, 0.0);
-            let (sc, mn) = out.split_at_mut(8 * nb);
-            for (i, b) in row.chunks_exact(bb).enumerate() {
-                let (d, dmin) = (f16(b, 0), f16(b, 2));
-                // The twelve scale bytes as three words: the four 6-bit pairs of each half at once
-                // (`get_scale_min_k4`, byte-parallel).
-                let w = |o: usize| u32::from_le_bytes([b[4 + o], b[5 + o], b[6 + o], b[7 + o]]);
-                let (w0, w1, w2) = (w(0), w(4), w(8));
-                let scs = [w0 & 0x3f3f_3f3f, (w2 & 0x0f0f_0f0f) | ((w0 >> 2) & 0x3030_3030)];
-                let mns = [w1 & 0x3f3f_3f3f, ((w2 >> 4) & 0x0f0f_0f0f) | ((w1 >> 2) & 0x3030_3030)];
-                let (sc, mn) = (&mut sc[8 * i..][..8], &mut mn[8 * i..][..8]);
-                for (j, (s4, m4)) in scs.iter().zip(&mns).enumerate() {
-                    for (k, (s, m)) in s4.to_le_bytes().iter().zip(m4.to_le_bytes()).enumerate() {
-                        sc[4 * j + k] = d * *s as f32;
-                        mn[4 * j + k] = dmin * m as f32;
-                    }
-                }
-            }
-        }
-        GgmlType::Q6K => {
-            out.resize(16 * nb, 0.0);
-            for (b, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(16)) {
-                let d = f16(b, 208);
-                for (o, &s) in o.iter_mut().zip(&b[192..208]) {
-                    *o = d * s as i8 as f32;
-                }
-            }
-        }
         GgmlType::Iq4Xs => {
             out.clear();
             for b in row.chunks_exact(bb) {

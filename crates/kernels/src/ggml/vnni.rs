@@ -1,38 +1,43 @@
 //! Integer dot products for decode (llama.cpp's approach): each token's activations are quantized
 //! to int8 per 32 values once, and a weight row's 4-6-8-bit codes meet them in `vpdpbusd` (64
 //! unsigned × signed byte products per instruction), the block scales applied to the i32 sums.
-//! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K; [`reference`] is the same arithmetic in plain integers, the definition
-//! the AVX-512 body is tested against.
+//!
+//! Every format is written as `scale · code + min` per block of 32 values (Q6_K: of 16), with
+//! `code` an integer: the raw bits (Q4_1, Q5_1, Q4_K, Q5_K), the bits less a fixed offset (Q4_0,
+//! Q5_0, Q6_K; Q8_0's signed byte), or a 16-entry level table (IQ4_NL, IQ4_XS, MXFP4).
+//! [`reference`] is that arithmetic in plain integers, the definition the AVX-512 body is tested
+//! against.
 
+use super::dequant::{e8m0_half, f16, iq4_xs_scale, k4_scale_min, IQ4NL_LEVELS, MXFP4_LEVELS};
 use super::GgmlType;
 
 /// Formats with an integer body.
 pub fn handles(kind: GgmlType) -> bool {
     use GgmlType::*;
-    matches!(kind, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q6K)
+    matches!(kind, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q5K | Q6K | Iq4Nl | Iq4Xs | Mxfp4)
 }
 
-/// One token's activations as int8 codes with an f32 scale per 32 values and the codes' sums
-/// per 16 (for the formats' offsets and minimums).
+/// One token's activations as int8 codes with an f32 scale `d` per 32 values, and what the
+/// formats' offsets and minimums need: `d` per 16 and the codes' sums per 32 and per 16.
 pub struct QuantAct {
     pub q: Vec<i8>,
     pub d: Vec<f32>,
     pub sum16: Vec<i32>,
-    /// `d` per i32 lane of `vpdpbusd` (4 values), and `d · Σq` per 16 and per 32 values.
-    lane_d: Vec<f32>,
-    d_sum16: Vec<f32>,
-    d_sum32: Vec<f32>,
+    d16: Vec<f32>,
+    sum32f: Vec<f32>,
+    sum16f: Vec<f32>,
 }
 
 /// `x` (a multiple of 32 values) quantized: `d = max|x| / 127`, `q = round(x / d)`.
 pub fn quantize_act(x: &[f32]) -> QuantAct {
+    let n = x.len();
     let mut a = QuantAct {
-        q: Vec::with_capacity(x.len()),
-        d: Vec::with_capacity(x.len() / 32),
-        sum16: vec![],
-        lane_d: vec![],
-        d_sum16: vec![],
-        d_sum32: vec![],
+        q: Vec::with_capacity(n),
+        d: Vec::with_capacity(n / 32),
+        sum16: Vec::with_capacity(n / 16),
+        d16: Vec::with_capacity(n / 16),
+        sum32f: Vec::with_capacity(n / 32),
+        sum16f: Vec::with_capacity(n / 16),
     };
     for b in x.chunks(32) {
         let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -41,80 +46,88 @@ pub fn quantize_act(x: &[f32]) -> QuantAct {
         a.d.push(d);
         let start = a.q.len();
         a.q.extend(b.iter().map(|&v| (v * id).round() as i8));
+        let mut s32 = 0;
         for h in a.q[start..].chunks(16) {
-            a.sum16.push(h.iter().map(|&v| v as i32).sum());
+            let s: i32 = h.iter().map(|&v| v as i32).sum();
+            a.sum16.push(s);
+            a.sum16f.push(s as f32);
+            a.d16.push(d);
+            s32 += s;
         }
+        a.sum32f.push(s32 as f32);
     }
-    a.lane_d = (0..x.len() / 4).map(|l| a.d[l / 8]).collect();
-    a.d_sum16 = a.sum16.iter().enumerate().map(|(i, &s)| a.d[i / 2] * s as f32).collect();
-    a.d_sum32 = a.d_sum16.chunks(2).map(|p| p.iter().sum()).collect();
     a
 }
 
-/// A row's offset term against one token: Q4_K's minimums, Q8_0's +128 and Q6_K's −32 codes,
-/// times their scales and the token's `d · Σq` ([`crate::ggml::dot::row_scales`]'s `s`).
-fn row_offset(kind: GgmlType, s: &[f32], a: &QuantAct) -> f32 {
-    use crate::dot::dot_f32;
+/// Q8_0, Q4_0 and Q5_0 codes' offsets (the code the AVX-512 body multiplies is unsigned).
+fn fixed_offset(kind: GgmlType) -> i32 {
     match kind {
-        GgmlType::Q8_0 => 128.0 * dot_f32(s, &a.d_sum32),
-        GgmlType::Q4_0 => 8.0 * dot_f32(s, &a.d_sum32),
-        GgmlType::Q5_0 => 16.0 * dot_f32(s, &a.d_sum32),
-        // `+ m` per value: a negative offset.
-        GgmlType::Q4_1 | GgmlType::Q5_1 => -dot_f32(&s[s.len() / 2..], &a.d_sum32),
-        GgmlType::Q4K => dot_f32(&s[s.len() / 2..], &a.d_sum32),
-        _ => 32.0 * dot_f32(s, &a.d_sum16),
+        GgmlType::Q8_0 | GgmlType::Iq4Nl | GgmlType::Iq4Xs | GgmlType::Mxfp4 => 128,
+        GgmlType::Q4_0 => 8,
+        GgmlType::Q5_0 => 16,
+        GgmlType::Q6K => 32,
+        _ => 0,
     }
 }
 
 /// The integer definition.
 pub mod reference {
-    use super::QuantAct;
-    use crate::ggml::dot::row_scales;
-    use crate::ggml::GgmlType;
+    use super::*;
 
     /// Σ over the row of weight × activation, with the row's codes and `a`'s int8 codes.
     pub fn row_dot(kind: GgmlType, row: &[u8], a: &QuantAct) -> f32 {
-        let mut s = vec![];
-        assert!(row_scales(kind, row, &mut s));
-        let k = a.q.len();
         let mut total = 0f32;
-        for b32 in 0..k / 32 {
-            let xs = &a.q[b32 * 32..][..32];
-            let dx = a.d[b32];
-            for h in 0..2 {
-                let e0 = b32 * 32 + h * 16;
-                let qa: i32 = (0..16).map(|i| code(kind, row, e0 + i) * xs[h * 16 + i] as i32).sum();
-                let (scale, min) = match kind {
-                    GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => (s[e0 / 32], 0.0),
-                    GgmlType::Q4_1 | GgmlType::Q5_1 => (s[e0 / 32], -s[s.len() / 2 + e0 / 32]),
-                    GgmlType::Q4K => (s[e0 / 32], s[s.len() / 2 + e0 / 32]),
-                    _ => (s[e0 / 16], 0.0),
-                };
-                total += dx * (scale * qa as f32 - min * a.sum16[e0 / 16] as f32);
-            }
+        for h in 0..a.q.len() / 16 {
+            let e0 = h * 16;
+            let qa: i32 = (0..16).map(|i| code(kind, row, e0 + i) * a.q[e0 + i] as i32).sum();
+            let (scale, min) = scale_min(kind, row, e0);
+            total += a.d[e0 / 32] * (scale * qa as f32 + min * a.sum16[h] as f32);
         }
         total
     }
 
-    /// Weight code `e` as the integer the scale multiplies (Q4_K's minimum apart).
+    /// Value `e` of the row is `scale · code(e) + min`: the scale and minimum of its block.
+    fn scale_min(kind: GgmlType, row: &[u8], e: usize) -> (f32, f32) {
+        let bb = kind.block_bytes();
+        let b = &row[e / kind.block_elems() * bb..][..bb];
+        let j = e % kind.block_elems();
+        match kind {
+            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Iq4Nl => (f16(b, 0), 0.0),
+            GgmlType::Q4_1 | GgmlType::Q5_1 => (f16(b, 0), f16(b, 2)),
+            GgmlType::Mxfp4 => (e8m0_half(b[0]), 0.0),
+            GgmlType::Q4K | GgmlType::Q5K => {
+                let (sc, m) = k4_scale_min(&b[4..16], j / 32);
+                (f16(b, 0) * sc as f32, -f16(b, 2) * m as f32)
+            }
+            GgmlType::Iq4Xs => (f16(b, 0) * iq4_xs_scale(b, j / 32) as f32, 0.0),
+            GgmlType::Q6K => (f16(b, 208) * b[192 + j / 16] as i8 as f32, 0.0),
+            _ => unreachable!("{kind} has no integer body"),
+        }
+    }
+
+    /// Weight code `e` as the integer the scale multiplies.
     fn code(kind: GgmlType, row: &[u8], e: usize) -> i32 {
         let q4 = |b: &[u8], j: usize| ((b[j % 16] >> (4 * (j / 16))) & 0xF) as i32;
         let q5 = |b: &[u8], qh: usize, j: usize| {
             let h = (u32::from_le_bytes([b[qh], b[qh + 1], b[qh + 2], b[qh + 3]]) >> j) & 1;
             q4(&b[qh + 4..], j) | (h as i32) << 4
         };
+        let bb = kind.block_bytes();
+        let b = &row[e / kind.block_elems() * bb..][..bb];
+        let j = e % kind.block_elems();
+        let k4 = |qs: &[u8]| ((qs[j / 64 * 32 + j % 32] >> (4 * (j % 64 / 32))) & 0xF) as i32;
         match kind {
-            GgmlType::Q8_0 => row[e / 32 * 34 + 2 + e % 32] as i8 as i32,
-            GgmlType::Q4_0 => q4(&row[e / 32 * 18 + 2..], e % 32) - 8,
-            GgmlType::Q4_1 => q4(&row[e / 32 * 20 + 4..], e % 32),
-            GgmlType::Q5_0 => q5(&row[e / 32 * 22..], 2, e % 32) - 16,
-            GgmlType::Q5_1 => q5(&row[e / 32 * 24..], 4, e % 32),
-            GgmlType::Q4K => {
-                let j = e % 256;
-                ((row[e / 256 * 144 + 16 + j / 64 * 32 + j % 32] >> (4 * (j % 64 / 32))) & 0xF) as i32
-            }
+            GgmlType::Q8_0 => b[2 + j] as i8 as i32,
+            GgmlType::Q4_0 => q4(&b[2..], j) - 8,
+            GgmlType::Q4_1 => q4(&b[4..], j),
+            GgmlType::Q5_0 => q5(b, 2, j) - 16,
+            GgmlType::Q5_1 => q5(b, 4, j),
+            GgmlType::Iq4Nl => IQ4NL_LEVELS[q4(&b[2..], j) as usize] as i32,
+            GgmlType::Mxfp4 => MXFP4_LEVELS[q4(&b[1..], j) as usize] as i32,
+            GgmlType::Iq4Xs => IQ4NL_LEVELS[q4(&b[8 + j / 32 * 16..], j % 32) as usize] as i32,
+            GgmlType::Q4K => k4(&b[16..]),
+            GgmlType::Q5K => k4(&b[48..]) | (((b[16 + j % 32] >> (j / 32)) & 1) as i32) << 4,
             _ => {
-                let (b, j) = (&row[e / 256 * 210..], e % 256);
                 let (half, r) = (j / 128, j % 128);
                 let low = (b[half * 64 + r % 64] >> (4 * (r / 64))) & 0xF;
                 let high = (b[128 + half * 32 + r % 32] >> (2 * (r / 32))) & 3;
@@ -126,8 +139,8 @@ pub mod reference {
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx512 {
-    use super::{row_offset, QuantAct};
-    use crate::ggml::dot::row_scales;
+    use super::{fixed_offset, QuantAct, IQ4NL_LEVELS, MXFP4_LEVELS};
+    use crate::ggml::dequant::e8m0_half;
     use crate::ggml::GgmlType;
     use std::arch::x86_64::*;
     use std::ops::Range;
@@ -137,7 +150,41 @@ pub mod avx512 {
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512dq")
             && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vbmi")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
+
+    // The formats as const parameters (an enum cannot be one), so each body is compiled per format.
+    const Q4_0: u8 = 0;
+    const Q4_1: u8 = 1;
+    const Q5_0: u8 = 2;
+    const Q5_1: u8 = 3;
+    const Q8_0: u8 = 4;
+    const IQ4_NL: u8 = 5;
+    const MXFP4: u8 = 6;
+    const Q4K: u8 = 7;
+    const Q5K: u8 = 8;
+    const IQ4_XS: u8 = 9;
+    const Q6K: u8 = 10;
+
+    const fn kind_of(f: u8) -> GgmlType {
+        match f {
+            Q4_0 => GgmlType::Q4_0,
+            Q4_1 => GgmlType::Q4_1,
+            Q5_0 => GgmlType::Q5_0,
+            Q5_1 => GgmlType::Q5_1,
+            Q8_0 => GgmlType::Q8_0,
+            IQ4_NL => GgmlType::Iq4Nl,
+            MXFP4 => GgmlType::Mxfp4,
+            Q4K => GgmlType::Q4K,
+            Q5K => GgmlType::Q5K,
+            IQ4_XS => GgmlType::Iq4Xs,
+            _ => GgmlType::Q6K,
+        }
+    }
+
+    /// Values per chunk: sixteen scales of 32 (two super-blocks of the K formats).
+    const CHUNK: usize = 512;
 
     /// Two 32-value blocks of packed nibbles (16 bytes each at `a` and `b`) as 64 codes in value order.
     #[inline]
@@ -158,35 +205,61 @@ pub mod avx512 {
         _mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(0x10))
     }
 
-    /// 64 weight codes as unsigned bytes (Q8_0: offset by 128), for values `g·64..g·64 + 64`.
+    /// A 16-level table as unsigned bytes (level + 128) for `vpermb`.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn codes(kind: GgmlType, row: *const u8, g: usize) -> __m512i {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    unsafe fn level_table(levels: &[i8; 16]) -> __m512i {
+        let mut t = [0u8; 64];
+        for (t, &l) in t.iter_mut().zip(levels) {
+            *t = (l as i32 + 128) as u8;
+        }
+        _mm512_loadu_si512(t.as_ptr() as *const __m512i)
+    }
+
+    /// 64 weight codes as unsigned bytes (the fixed offset added), for values `g·64..g·64 + 64`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    unsafe fn codes<const F: u8>(row: *const u8, g: usize, table: __m512i) -> __m512i {
         let (b0, b1) = (2 * g, 2 * g + 1);
-        match kind {
-            GgmlType::Q4_0 => nibble_pairs(row.add(b0 * 18 + 2), row.add(b1 * 18 + 2)),
-            GgmlType::Q4_1 => nibble_pairs(row.add(b0 * 20 + 4), row.add(b1 * 20 + 4)),
-            GgmlType::Q5_0 => _mm512_or_si512(
+        let m4 = _mm256_set1_epi8(0x0f);
+        let k4 = |qs: *const u8, c: usize| {
+            let bytes = _mm256_loadu_si256(qs.add(c * 32) as *const __m256i);
+            let lo = _mm256_and_si256(bytes, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4);
+            _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+        };
+        match F {
+            Q4_0 => nibble_pairs(row.add(b0 * 18 + 2), row.add(b1 * 18 + 2)),
+            Q4_1 => nibble_pairs(row.add(b0 * 20 + 4), row.add(b1 * 20 + 4)),
+            Q5_0 => _mm512_or_si512(
                 nibble_pairs(row.add(b0 * 22 + 6), row.add(b1 * 22 + 6)),
                 fifth_bits(row.add(b0 * 22 + 2), row.add(b1 * 22 + 2)),
             ),
-            GgmlType::Q5_1 => _mm512_or_si512(
+            Q5_1 => _mm512_or_si512(
                 nibble_pairs(row.add(b0 * 24 + 8), row.add(b1 * 24 + 8)),
                 fifth_bits(row.add(b0 * 24 + 4), row.add(b1 * 24 + 4)),
             ),
-            GgmlType::Q8_0 => {
-                let lo = _mm256_loadu_si256(row.add(2 * g * 34 + 2) as *const __m256i);
-                let hi = _mm256_loadu_si256(row.add((2 * g + 1) * 34 + 2) as *const __m256i);
+            Q8_0 => {
+                let lo = _mm256_loadu_si256(row.add(b0 * 34 + 2) as *const __m256i);
+                let hi = _mm256_loadu_si256(row.add(b1 * 34 + 2) as *const __m256i);
                 let v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
                 _mm512_xor_si512(v, _mm512_set1_epi8(-128))
             }
-            GgmlType::Q4K => {
-                let (b, c) = (g / 4, g % 4);
-                let bytes = _mm256_loadu_si256(row.add(b * 144 + 16 + c * 32) as *const __m256i);
-                let m = _mm256_set1_epi8(0x0f);
-                let lo = _mm256_and_si256(bytes, m);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m);
-                _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+            IQ4_NL => _mm512_permutexvar_epi8(nibble_pairs(row.add(b0 * 18 + 2), row.add(b1 * 18 + 2)), table),
+            MXFP4 => _mm512_permutexvar_epi8(nibble_pairs(row.add(b0 * 17 + 1), row.add(b1 * 17 + 1)), table),
+            IQ4_XS => {
+                let qs = row.add(g / 4 * 136 + 8 + g % 4 * 32);
+                _mm512_permutexvar_epi8(nibble_pairs(qs, qs.add(16)), table)
+            }
+            Q4K => k4(row.add(g / 4 * 144 + 16), g % 4),
+            Q5K => {
+                let (b, c) = (row.add(g / 4 * 176), g % 4);
+                let qh = _mm256_loadu_si256(b.add(16) as *const __m256i);
+                let h0 = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32));
+                let h1 = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32 + 1));
+                let h = _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1);
+                let high = _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi8(1)), 4);
+                _mm512_or_si512(k4(b.add(48), c), high)
             }
             _ => {
                 let (b, j) = (row.add(g / 4 * 210), g % 4);
@@ -204,12 +277,130 @@ pub mod avx512 {
         }
     }
 
+    /// Two f16 values at `p` (a u32) as f32.
+    #[inline]
+    #[target_feature(enable = "avx512f,f16c")]
+    unsafe fn f16_pair(p: *const u8) -> (f32, f32) {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+    }
+
+    /// The weight scales of one chunk (values `c·512..`, `nb` blocks of 32 in it) as f32 vectors:
+    /// `sc[0]` one per 32 values (Q6_K: `sc[0]`, `sc[1]` one per 16 values of each super-block),
+    /// and the minimums `mn` per 32 (Q4_1, Q5_1: `+m`; Q4_K, Q5_K: `dmin·m`, subtracted).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,f16c")]
+    unsafe fn chunk_scales<const F: u8>(row: *const u8, c: usize, nb: usize) -> ([__m512; 2], __m512) {
+        let zero = _mm512_setzero_ps();
+        let mask = ((1u32 << nb) - 1) as __mmask16;
+        let f16s = |w: __m512i| _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w));
+        let blocks32 = |bb: i32| {
+            let idx = _mm512_mullo_epi32(
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                _mm512_set1_epi32(bb),
+            );
+            let base = row.add(c * 16 * bb as usize) as *const i32;
+            _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, base)
+        };
+        match F {
+            Q4_0 | IQ4_NL => ([f16s(blocks32(18)), zero], zero),
+            Q5_0 => ([f16s(blocks32(22)), zero], zero),
+            Q8_0 => ([f16s(blocks32(34)), zero], zero),
+            Q4_1 | Q5_1 => {
+                let w = blocks32(if F == Q4_1 { 20 } else { 24 });
+                ([f16s(w), zero], f16s(_mm512_srli_epi32(w, 16)))
+            }
+            MXFP4 => {
+                let mut s = [0f32; 16];
+                for (i, s) in s.iter_mut().enumerate().take(nb) {
+                    *s = e8m0_half(*row.add((c * 16 + i) * 17));
+                }
+                ([_mm512_loadu_ps(s.as_ptr()), zero], zero)
+            }
+            Q4K | Q5K => {
+                let bb = if F == Q4K { 144 } else { 176 };
+                // Each super-block's twelve scale bytes as three words: the four 6-bit pairs of
+                // each half at once (`get_scale_min_k4`, byte-parallel).
+                let (mut sc, mut mn, mut d, mut dmin) = ([0u32; 4], [0u32; 4], [0f32; 16], [0f32; 16]);
+                for s in 0..nb / 8 {
+                    let b = row.add((2 * c + s) * bb);
+                    let w = |o: usize| (b.add(4 + o) as *const u32).read_unaligned();
+                    let (w0, w1, w2) = (w(0), w(4), w(8));
+                    sc[2 * s] = w0 & 0x3f3f_3f3f;
+                    sc[2 * s + 1] = (w2 & 0x0f0f_0f0f) | ((w0 >> 2) & 0x3030_3030);
+                    mn[2 * s] = w1 & 0x3f3f_3f3f;
+                    mn[2 * s + 1] = ((w2 >> 4) & 0x0f0f_0f0f) | ((w1 >> 2) & 0x3030_3030);
+                    let (dd, dm) = f16_pair(b);
+                    d[8 * s..8 * s + 8].fill(dd);
+                    dmin[8 * s..8 * s + 8].fill(dm);
+                }
+                let bytes = |v: &[u32; 4]| {
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(v.as_ptr() as *const __m128i)))
+                };
+                let sc = _mm512_mul_ps(bytes(&sc), _mm512_loadu_ps(d.as_ptr()));
+                ([sc, zero], _mm512_mul_ps(bytes(&mn), _mm512_loadu_ps(dmin.as_ptr())))
+            }
+            IQ4_XS => {
+                let mut s = [0f32; 16];
+                for sb in 0..nb / 8 {
+                    let b = std::slice::from_raw_parts(row.add((2 * c + sb) * 136), 136);
+                    let d = f16_pair(b.as_ptr()).0;
+                    for ib in 0..8 {
+                        s[8 * sb + ib] = d * crate::ggml::dequant::iq4_xs_scale(b, ib) as f32;
+                    }
+                }
+                ([_mm512_loadu_ps(s.as_ptr()), zero], zero)
+            }
+            _ => {
+                let mut sc = [zero; 2];
+                for (sb, sc) in sc.iter_mut().enumerate().take(nb / 8) {
+                    let b = row.add((2 * c + sb) * 210);
+                    let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(192) as *const __m128i));
+                    let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                        (b.add(208) as *const u16).read_unaligned() as i32
+                    )));
+                    *sc = _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(d));
+                }
+                (sc, zero)
+            }
+        }
+    }
+
+    /// Lane-index vectors: the scale of 32 values (or Q6_K's of 16) for each i32 lane of a
+    /// `vpdpbusd` over 64 values, from the chunk's vector of sixteen scales.
+    const BY32: [[i32; 16]; 8] = {
+        let mut t = [[0; 16]; 8];
+        let mut g = 0;
+        while g < 8 {
+            let mut l = 0;
+            while l < 16 {
+                t[g][l] = (2 * g + l / 8) as i32;
+                l += 1;
+            }
+            g += 1;
+        }
+        t
+    };
+    const BY16: [[i32; 16]; 4] = {
+        let mut t = [[0; 16]; 4];
+        let mut g = 0;
+        while g < 4 {
+            let mut l = 0;
+            while l < 16 {
+                t[g][l] = (4 * g + l / 4) as i32;
+                l += 1;
+            }
+            g += 1;
+        }
+        t
+    };
+
     /// `out[j·m + t]` for the rows of `rows` against the `m` quantized tokens.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F/BW/VNNI ([`available`]); `data` holds `rows.end` rows of `k` values
-    /// of `kind` (validated by the caller) and each token covers `k` values.
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
+    /// The CPU has AVX-512 F/BW/DQ/VNNI/VBMI and F16C ([`available`]); `data` holds `rows.end`
+    /// rows of `k` values of `kind` (validated by the caller), `k` is a multiple of 64 and each
+    /// token covers `k` values.
     pub unsafe fn rows_dots(
         kind: GgmlType,
         data: &[u8],
@@ -219,33 +410,112 @@ pub mod avx512 {
         out: &mut [f32],
     ) {
         let m = acts.len();
-        let rb = k / kind.block_elems() * kind.block_bytes();
-        let mut s = vec![];
-        let quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-        for (j, r) in rows.enumerate() {
-            let row = &data[r * rb..][..rb];
-            row_scales(kind, row, &mut s);
-            let mut acc = [_mm512_setzero_ps(); 8];
-            for g in 0..k / 64 {
-                let q = codes(kind, row.as_ptr(), g);
-                // The weight scale of each i32 lane (4 values).
-                let halves = |a: f32, b: f32| _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
-                let w = match kind {
-                    GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
-                        halves(s[2 * g], s[2 * g + 1])
+        macro_rules! by_tokens {
+            ($f:expr) => {{
+                match m {
+                    1 => return body::<$f, 1>(data, k, rows, acts, out),
+                    2 => return body::<$f, 2>(data, k, rows, acts, out),
+                    4 => return body::<$f, 4>(data, k, rows, acts, out),
+                    8 => return body::<$f, 8>(data, k, rows, acts, out),
+                    _ => {}
+                }
+                // Other counts in groups of 8, 4, 2, 1: each token's sums are the same in any group.
+                let mut t0 = 0;
+                let mut part = vec![0f32; rows.len() * 8];
+                while t0 < m {
+                    let g = [8, 4, 2, 1].into_iter().find(|&g| g <= m - t0).unwrap_or(1);
+                    let a = &acts[t0..t0 + g];
+                    let o = &mut part[..rows.len() * g];
+                    match g {
+                        8 => body::<$f, 8>(data, k, rows.clone(), a, o),
+                        4 => body::<$f, 4>(data, k, rows.clone(), a, o),
+                        2 => body::<$f, 2>(data, k, rows.clone(), a, o),
+                        _ => body::<$f, 1>(data, k, rows.clone(), a, o),
                     }
-                    GgmlType::Q4K => halves(s[2 * g], s[2 * g + 1]),
-                    _ => _mm512_permutexvar_ps(quads, _mm512_castps128_ps512(_mm_loadu_ps(s.as_ptr().add(4 * g)))),
-                };
+                    for (j, p) in o.chunks_exact(g).enumerate() {
+                        out[j * m + t0..][..g].copy_from_slice(p);
+                    }
+                    t0 += g;
+                }
+            }};
+        }
+        match kind {
+            GgmlType::Q4_0 => by_tokens!(Q4_0),
+            GgmlType::Q4_1 => by_tokens!(Q4_1),
+            GgmlType::Q5_0 => by_tokens!(Q5_0),
+            GgmlType::Q5_1 => by_tokens!(Q5_1),
+            GgmlType::Q8_0 => by_tokens!(Q8_0),
+            GgmlType::Iq4Nl => by_tokens!(IQ4_NL),
+            GgmlType::Mxfp4 => by_tokens!(MXFP4),
+            GgmlType::Q4K => by_tokens!(Q4K),
+            GgmlType::Q5K => by_tokens!(Q5K),
+            GgmlType::Iq4Xs => by_tokens!(IQ4_XS),
+            GgmlType::Q6K => by_tokens!(Q6K),
+            _ => panic!("vnni::rows_dots: {kind} has no integer body"),
+        }
+    }
+
+    /// One format, `M` tokens: per chunk of 512 values the weight scales once, each token's
+    /// scale products and offset term, then the codes of each 64 values once for all tokens.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx512vbmi,f16c")]
+    unsafe fn body<const F: u8, const M: usize>(
+        data: &[u8],
+        k: usize,
+        rows: Range<usize>,
+        acts: &[QuantAct],
+        out: &mut [f32],
+    ) {
+        let kind = kind_of(F);
+        let rb = k / kind.block_elems() * kind.block_bytes();
+        let table = match F {
+            IQ4_NL | IQ4_XS => level_table(&IQ4NL_LEVELS),
+            MXFP4 => level_table(&MXFP4_LEVELS),
+            _ => _mm512_setzero_si512(),
+        };
+        let off = _mm512_set1_ps(fixed_offset(kind) as f32);
+        for (j, r) in rows.enumerate() {
+            let row = data.as_ptr().add(r * rb);
+            let mut acc = [_mm512_setzero_ps(); M];
+            for c in 0..k.div_ceil(CHUNK) {
+                let nb = ((k - c * CHUNK) / 32).min(16);
+                let mask = ((1u32 << nb) - 1) as __mmask16;
+                let (sc, mn) = chunk_scales::<F>(row, c, nb);
+                // Per token: the products of weight and activation scales, and the offset term.
+                let mut cs = [[_mm512_setzero_ps(); 2]; M];
                 for (t, a) in acts.iter().enumerate() {
-                    let x = _mm512_loadu_si512(a.q.as_ptr().add(g * 64) as *const __m512i);
-                    let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x);
-                    let scale = _mm512_mul_ps(w, _mm512_loadu_ps(a.lane_d.as_ptr().add(16 * g)));
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[t]);
+                    let d32 = _mm512_maskz_loadu_ps(mask, a.d.as_ptr().add(c * 16));
+                    let s32 = _mm512_maskz_loadu_ps(mask, a.sum32f.as_ptr().add(c * 16));
+                    if F == Q6K {
+                        for (h, sc) in sc.iter().enumerate().take(nb / 8) {
+                            let i = c * 32 + h * 16;
+                            let p = _mm512_mul_ps(*sc, _mm512_loadu_ps(a.d16.as_ptr().add(i)));
+                            cs[t][h] = p;
+                            let s16 = _mm512_loadu_ps(a.sum16f.as_ptr().add(i));
+                            acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(p, off), s16, acc[t]);
+                        }
+                    } else {
+                        cs[t][0] = _mm512_mul_ps(sc[0], d32);
+                        acc[t] = match F {
+                            Q4_1 | Q5_1 => _mm512_fmadd_ps(_mm512_mul_ps(mn, d32), s32, acc[t]),
+                            Q4K | Q5K => _mm512_fnmadd_ps(_mm512_mul_ps(mn, d32), s32, acc[t]),
+                            _ => _mm512_fnmadd_ps(_mm512_mul_ps(cs[t][0], off), s32, acc[t]),
+                        };
+                    }
+                }
+                for g in 0..nb / 2 {
+                    let q = codes::<F>(row, c * 8 + g, table);
+                    let lanes = if F == Q6K { BY16[g % 4] } else { BY32[g] };
+                    let lanes = _mm512_loadu_si512(lanes.as_ptr() as *const __m512i);
+                    for (t, a) in acts.iter().enumerate() {
+                        let x = _mm512_loadu_si512(a.q.as_ptr().add((c * 8 + g) * 64) as *const __m512i);
+                        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x);
+                        let s = _mm512_permutexvar_ps(lanes, cs[t][if F == Q6K { g / 4 } else { 0 }]);
+                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc[t]);
+                    }
                 }
             }
-            for (t, a) in acts.iter().enumerate() {
-                out[j * m + t] = _mm512_reduce_add_ps(acc[t]) - row_offset(kind, &s, a);
+            for (t, acc) in acc.iter().enumerate() {
+                out[j * M + t] = _mm512_reduce_add_ps(*acc);
             }
         }
     }
