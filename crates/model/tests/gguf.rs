@@ -105,11 +105,11 @@ fn tmp_gguf(tag: &str) -> PathBuf {
 
 #[test]
 fn converted_gguf_reloads_as_the_checkpoint_mtp_included() {
-    use dsv3_kernels::GgmlType;
-    use dsv3_model::gguf::convert::convert;
+    use dsv3_model::gguf::convert::{convert, GgufFormat};
+    let f = |name: &str| GgufFormat::parse(name).unwrap();
     let src = fixtures().join("v3_f32_sharded");
     let out = tmp_gguf("v3-f32");
-    let r = convert(&src, &out, GgmlType::F32).unwrap();
+    let r = convert(&src, &out, f("f32"), 1 << 20).unwrap();
     assert!(r.tensors > 0);
     let (g, s) = (load(&out), load(&src));
     assert_eq!(g.mtp.len(), 1, "MTP written as nextn tensors and read back");
@@ -120,14 +120,22 @@ fn converted_gguf_reloads_as_the_checkpoint_mtp_included() {
     // The official layout's FP8 weights straight to Q8_0 (no bf16 copy): close to the FP8 model.
     let fp8 = fixtures().join("v3_fp8");
     let q8 = tmp_gguf("v3-fp8-q8_0");
-    convert(&fp8, &q8, GgmlType::Q8_0).unwrap();
+    convert(&fp8, &q8, f("q8_0"), 1 << 20).unwrap();
     let (g, s) = (load(&q8), load(&fp8));
     let toks = ids(&reference("v3_fp8")["ids"]);
     let (a, b) = (score(&g, &toks, false, 5).unwrap(), score(&s, &toks, false, 5).unwrap());
     let worst = a.logprobs.iter().zip(&b.logprobs).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(worst < 0.1, "Q8_0 of the FP8 model moved logprobs by {worst}");
-    // An existing output is never overwritten; a GGUF-only format to a folder is refused.
-    assert!(convert(&src, &out, GgmlType::F32).unwrap_err().to_string().contains("exists"));
-    assert!(convert(&src, &tmp_gguf("k"), GgmlType::Q4K).is_err());
+    // The Q4_K_M mix, with a budget smaller than a row: the fixture's rows are not whole
+    // 256-value super-blocks, so its matrices fall back to Q5_0 as llama-quantize's do.
+    let q4 = tmp_gguf("v3-fp8-q4_k_m");
+    convert(&fp8, &q4, f("q4_k_m"), 1).unwrap();
+    let g = load(&q4);
+    let a = score(&g, &toks, false, 5).unwrap();
+    let worst = a.logprobs.iter().zip(&b.logprobs).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(worst < 1.0, "Q4_K_M of the FP8 model moved logprobs by {worst}");
+    // An existing output is never overwritten.
+    assert!(convert(&src, &out, f("f32"), 1 << 20).unwrap_err().to_string().contains("exists"));
+    assert!(GgufFormat::parse("q3_k_xl").is_none());
     std::fs::remove_dir_all(out.parent().unwrap()).unwrap();
 }

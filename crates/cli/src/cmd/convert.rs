@@ -18,22 +18,30 @@ pub enum Format {
     #[value(alias = "nvfp4")]
     Fp4,
     Mxfp4,
-    /// GGUF outputs only: llama.cpp's f16 and Q8_0.
+    /// GGUF outputs only: llama.cpp's f16, Q8_0, Q6_K and the Q5_K_M / Q4_K_M mixes.
     F16,
     #[value(name = "q8_0")]
     Q8_0,
+    #[value(name = "q6_k")]
+    Q6K,
+    #[value(name = "q5_k_m")]
+    Q5KM,
+    #[value(name = "q4_k_m")]
+    Q4KM,
 }
 
 /// Convert a checkpoint folder's weights to another format (FP8 with 128×128 weight_scale_inv
 /// blocks, FP4, bf16, f32), streamed under a memory budget, into a new folder; or, with `--to
-/// FILE.gguf`, into one GGUF file llama.cpp loads (f32, f16, bf16 or q8_0; MTP included).
+/// FILE.gguf`, into one GGUF file llama.cpp loads (f32, f16, bf16, q8_0, q6_k, q5_k_m or q4_k_m;
+/// MTP included).
 #[derive(clap::Args)]
 pub struct Convert {
     #[arg(long)]
     pub from: PathBuf,
     #[arg(long)]
     pub to: PathBuf,
-    /// fp8 | bf16 | f32 | fp4 (NVFP4, ModelOpt layout) | mxfp4; to a .gguf: f32 | f16 | bf16 | q8_0
+    /// fp8 | bf16 | f32 | fp4 (NVFP4, ModelOpt layout) | mxfp4; to a .gguf: f32 | f16 | bf16 | q8_0 |
+    /// q6_k | q5_k_m | q4_k_m (the mixes choose per tensor as llama-quantize's do)
     #[arg(long, value_parser = choice::<Format>("--format"))]
     pub format: Format,
     /// Budget for conversion buffers (e.g. 512M, 4G); tensors are streamed in bands of rows.
@@ -53,7 +61,7 @@ pub fn run(a: &Convert) -> Result<()> {
         Format::F32 => Target::F32,
         Format::Fp4 => Target::Fp4(Fp4Kind::Nv),
         Format::Mxfp4 => Target::Fp4(Fp4Kind::Mx),
-        Format::F16 | Format::Q8_0 => anyhow::bail!("--format {:?} is a GGUF format: give --to FILE.gguf", a.format),
+        Format::F16 | Format::Q8_0 | Format::Q6K | Format::Q5KM | Format::Q4KM => anyhow::bail!("--format {:?} is a GGUF format: give --to FILE.gguf", a.format),
     };
     let budget = parse_size(&a.max_memory).context("--max-memory")?;
     let t = std::time::Instant::now();
@@ -77,21 +85,26 @@ pub fn run(a: &Convert) -> Result<()> {
 }
 
 fn to_gguf(a: &Convert) -> Result<()> {
-    use dsv3_kernels::GgmlType;
-    let ty = match a.format {
-        Format::F32 => GgmlType::F32,
-        Format::F16 => GgmlType::F16,
-        Format::Bf16 => GgmlType::Bf16,
-        Format::Q8_0 => GgmlType::Q8_0,
-        f => anyhow::bail!("--format {f:?}: a GGUF is written in f32, f16, bf16 or q8_0 (k-quants: run llama-quantize on the bf16 GGUF)"),
+    use dsv3_model::gguf::convert::GgufFormat;
+    let name = match a.format {
+        Format::F32 => "f32",
+        Format::F16 => "f16",
+        Format::Bf16 => "bf16",
+        Format::Q8_0 => "q8_0",
+        Format::Q6K => "q6_k",
+        Format::Q5KM => "q5_k_m",
+        Format::Q4KM => "q4_k_m",
+        f => anyhow::bail!("--format {f:?}: a GGUF is written in f32, f16, bf16, q8_0, q6_k, q5_k_m or q4_k_m"),
     };
+    let ty = GgufFormat::parse(name).expect("every GGUF format name parses");
+    let budget = parse_size(&a.max_memory).context("--max-memory")?;
     let t = std::time::Instant::now();
-    let r = dsv3_model::gguf::convert::convert(&a.from, &a.to, ty)?;
+    let r = dsv3_model::gguf::convert::convert(&a.from, &a.to, ty, budget)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "converted {} tensors to {} ({ty}) in {:.1}s: {:.1} MB",
+            "converted {} tensors to {} ({name}) in {:.1}s: {:.1} MB",
             r.tensors,
             a.to.display(),
             t.elapsed().as_secs_f64(),

@@ -28,21 +28,73 @@ struct Out {
     src: Src,
 }
 
-/// The type a tensor is written in: `ty` for the Linear weights it can hold, else f32 (norms,
-/// the routing bias, the router, which llama.cpp keeps in f32 too).
-fn out_type(ty: GgmlType, gguf_name: &str, cols: usize, two_d: bool) -> GgmlType {
-    if !two_d || gguf_name.contains("ffn_gate_inp") || !cols.is_multiple_of(ty.block_elems()) {
-        GgmlType::F32
-    } else {
-        ty
+/// What `convert --to FILE.gguf --format F` writes: one type for every Linear weight, or a mix
+/// that chooses per tensor as llama-quantize's `_M` types do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgufFormat {
+    Uniform(GgmlType),
+    /// `base` everywhere; Q6_K for the output head and, in the layers llama.cpp's
+    /// `use_more_bits` picks (the first and last eighth, every third between), the FFN downs.
+    Mix { base: GgmlType },
+}
+
+impl GgufFormat {
+    /// `f32`, `f16`, `bf16`, `q8_0`, `q6_k`, `q5_k_m`, `q4_k_m`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "f32" => Self::Uniform(GgmlType::F32),
+            "f16" => Self::Uniform(GgmlType::F16),
+            "bf16" => Self::Uniform(GgmlType::Bf16),
+            "q8_0" => Self::Uniform(GgmlType::Q8_0),
+            "q6_k" => Self::Uniform(GgmlType::Q6K),
+            "q5_k_m" => Self::Mix { base: GgmlType::Q5K },
+            "q4_k_m" => Self::Mix { base: GgmlType::Q4K },
+            _ => return None,
+        })
+    }
+
+    /// The type of the tensor `gguf_name` (`[.., cols]`; `n_layer` blocks, the `nextn` ones counted):
+    /// f32 for the norms, the routing bias and the router (llama.cpp keeps them so too);
+    /// where the rows are not whole blocks, llama.cpp's fallback (Q4_K → Q5_0, Q5_K → Q5_1,
+    /// Q6_K → Q8_0, else f32).
+    pub fn tensor_type(&self, gguf_name: &str, cols: usize, two_d: bool, n_layer: usize) -> GgmlType {
+        if !two_d || gguf_name.contains("ffn_gate_inp") {
+            return GgmlType::F32;
+        }
+        let layer = gguf_name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|i| i.parse().ok());
+        let more_bits = |i: usize| i < n_layer / 8 || i >= 7 * n_layer / 8 || (i - n_layer / 8) % 3 == 2;
+        let ty = match *self {
+            Self::Uniform(t) => t,
+            Self::Mix { .. } if gguf_name == "output.weight" => GgmlType::Q6K,
+            Self::Mix { .. } if gguf_name.contains("ffn_down") && layer.is_some_and(more_bits) => GgmlType::Q6K,
+            Self::Mix { base } => base,
+        };
+        if cols.is_multiple_of(ty.block_elems()) {
+            return ty;
+        }
+        let fallback = match ty {
+            GgmlType::Q4K => GgmlType::Q5_0,
+            GgmlType::Q5K => GgmlType::Q5_1,
+            GgmlType::Q6K => GgmlType::Q8_0,
+            _ => GgmlType::F32,
+        };
+        if cols.is_multiple_of(fallback.block_elems()) { fallback } else { GgmlType::F32 }
     }
 }
 
-fn plan(cfg: &Config, ck: &Checkpoint, ty: GgmlType) -> Result<Vec<Out>> {
+/// The MTP layers the folder holds (a folder may be saved without them).
+fn mtp_layers(cfg: &Config, ck: &Checkpoint) -> usize {
+    let n = cfg.num_hidden_layers;
+    (n..n + cfg.num_nextn_predict_layers).take_while(|l| ck.contains(&format!("model.layers.{l}.eh_proj.weight"))).count()
+}
+
+fn plan(cfg: &Config, ck: &Checkpoint, format: GgufFormat) -> Result<Vec<Out>> {
+    // llama-quantize counts the `nextn` blocks among the layers when it picks the mix's layers.
+    let n_blocks = cfg.num_hidden_layers + mtp_layers(cfg, ck);
     let mut outs = vec![];
     let mut push = |name: String, dims: Vec<usize>, src: Src| {
         let cols = dims[0];
-        let kind = out_type(ty, &name, cols, dims.len() > 1);
+        let kind = format.tensor_type(&name, cols, dims.len() > 1, n_blocks);
         outs.push(Out { spec: TensorSpec { name, dims, kind }, src });
     };
     let shape2 = |name: &str| -> Option<(usize, usize)> {
@@ -59,11 +111,8 @@ fn plan(cfg: &Config, ck: &Checkpoint, ty: GgmlType) -> Result<Vec<Out>> {
         }
     }
     let (h, nope, v, r) = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
-    for l in 0..cfg.num_hidden_layers + cfg.num_nextn_predict_layers {
+    for l in 0..n_blocks {
         let p = format!("model.layers.{l}");
-        if l >= cfg.num_hidden_layers && !ck.contains(&format!("{p}.eh_proj.weight")) {
-            break; // a folder saved without its MTP layer
-        }
         for (g, hf) in MODULES {
             if let Some(proj) = hf.strip_prefix("mlp.experts.") {
                 let names: Vec<String> =
@@ -107,23 +156,29 @@ fn plan(cfg: &Config, ck: &Checkpoint, ty: GgmlType) -> Result<Vec<Out>> {
 }
 
 fn encode(kind: GgmlType, row: &[f32], out: &mut Vec<u8>) {
+    use dsv3_kernels::ggml::quantize;
     match kind {
         GgmlType::F32 => out.extend(row.iter().flat_map(|v| v.to_le_bytes())),
         GgmlType::F16 => out.extend(row.iter().flat_map(|&v| f32_to_f16(v).to_le_bytes())),
         GgmlType::Bf16 => out.extend(row.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes())),
-        GgmlType::Q8_0 => dsv3_kernels::ggml::quantize::q8_0(row, out),
+        GgmlType::Q8_0 => quantize::q8_0(row, out),
+        GgmlType::Q5_0 => quantize::q5_0(row, out),
+        GgmlType::Q5_1 => quantize::q5_1(row, out),
+        GgmlType::Q4K => quantize::q4_k(row, out),
+        GgmlType::Q5K => quantize::q5_k(row, out),
+        GgmlType::Q6K => quantize::q6_k(row, out),
         k => unreachable!("{k} is not a GGUF output type of convert"),
     }
 }
 
 /// The GGUF metadata of `cfg` (and of the folder's tokenizer, when it has one).
-fn metadata(cfg: &Config, from: &Path) -> Result<Vec<(String, Value)>> {
+fn metadata(cfg: &Config, mtp: usize, from: &Path) -> Result<Vec<(String, Value)>> {
     let a = |k: &str| format!("deepseek2.{k}");
     let u = |x: usize| Value::U32(x as u32);
     let mut m = vec![
         ("general.architecture".to_string(), Value::Str("deepseek2".into())),
         ("general.name".into(), Value::Str(from.file_name().map_or("model".into(), |n| n.to_string_lossy().into()))),
-        (a("block_count"), u(cfg.num_hidden_layers + cfg.num_nextn_predict_layers)),
+        (a("block_count"), u(cfg.num_hidden_layers + mtp)),
         (a("context_length"), u(cfg.max_position_embeddings)),
         (a("embedding_length"), u(cfg.hidden_size)),
         (a("feed_forward_length"), u(cfg.intermediate_size)),
@@ -148,7 +203,7 @@ fn metadata(cfg: &Config, from: &Path) -> Result<Vec<(String, Value)>> {
         (a("expert_group_used_count"), u(cfg.topk_group)),
         (a("expert_gating_func"), u(if cfg.scoring_func == crate::config::ScoringFunc::Sigmoid { 2 } else { 1 })),
         (a("rope.dimension_count"), u(cfg.qk_rope_head_dim)),
-        (a("nextn_predict_layers"), u(cfg.num_nextn_predict_layers)),
+        (a("nextn_predict_layers"), u(mtp)),
     ];
     if let Some(q) = cfg.q_lora_rank {
         m.push((a("attention.q_lora_rank"), u(q)));
@@ -182,75 +237,115 @@ pub struct GgufReport {
     pub bytes_out: u64,
 }
 
-/// Converts the folder `from` to the GGUF file `to` with the Linear weights in `ty` (f32, f16,
-/// bf16 or q8_0).
-pub fn convert(from: &Path, to: &Path, ty: GgmlType) -> Result<GgufReport> {
-    if !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 | GgmlType::Q8_0) {
-        return Err(ModelError::Input(format!("GGUF output in {ty}: dsv3 writes f32, f16, bf16 or q8_0")));
+/// Rows on their way to the file: gathered up to the memory budget, then encoded in parallel
+/// (the k-quant searches are the slow part of a conversion) and written in order.
+struct Rows {
+    vals: Vec<f32>,
+    cols: usize,
+    cap: usize,
+    bytes_out: u64,
+}
+
+impl Rows {
+    fn push(&mut self, w: &mut GgufWriter, kind: GgmlType, row: &[f32]) -> Result<()> {
+        if self.cols != row.len() || self.vals.len() + row.len() > self.cap.max(row.len()) {
+            self.flush(w, kind)?;
+            self.cols = row.len();
+        }
+        self.vals.extend_from_slice(row);
+        Ok(())
     }
+
+    fn flush(&mut self, w: &mut GgufWriter, kind: GgmlType) -> Result<()> {
+        use rayon::prelude::*;
+        if self.vals.is_empty() {
+            return Ok(());
+        }
+        let enc: Vec<Vec<u8>> = self
+            .vals
+            .par_chunks(self.cols)
+            .map(|r| {
+                let mut b = Vec::new();
+                encode(kind, r, &mut b);
+                b
+            })
+            .collect();
+        for b in &enc {
+            self.bytes_out += b.len() as u64;
+            w.write_part(b)?;
+        }
+        self.vals.clear();
+        Ok(())
+    }
+}
+
+/// Converts the folder `from` to the GGUF file `to` in `format`, the row buffers within about
+/// `budget` bytes (at least one row, and one attention head's `kv_b_proj`).
+pub fn convert(from: &Path, to: &Path, format: GgufFormat, budget: usize) -> Result<GgufReport> {
     if to.exists() {
         return Err(ModelError::Input(format!("{} exists; convert writes a new file", to.display())));
     }
     let cfg = Config::from_file(&from.join("config.json"))?;
     let ck = Checkpoint::open(from)?;
     let block = cfg.quantization.as_ref().map_or([128, 128], |q| q.weight_block_size);
-    let outs = plan(&cfg, &ck, ty)?;
+    let outs = plan(&cfg, &ck, format)?;
     let specs: Vec<TensorSpec> = outs
         .iter()
         .map(|o| TensorSpec { name: o.spec.name.clone(), dims: o.spec.dims.clone(), kind: o.spec.kind })
         .collect();
-    let mut w = GgufWriter::create(to, &metadata(&cfg, from)?, &specs)?;
-    let mut bytes_out = 0u64;
-    let (mut row, mut buf) = (vec![], vec![]);
+    let mut w = GgufWriter::create(to, &metadata(&cfg, mtp_layers(&cfg, &ck), from)?, &specs)?;
+    // f32 rows and their encoding (at most 4 bytes a value) share the budget.
+    let mut rows = Rows { vals: vec![], cols: 0, cap: budget / 8, bytes_out: 0 };
+    let mut row = vec![];
     for o in &outs {
         let kind = o.spec.kind;
-        let mut emit = |w: &mut GgufWriter, row: &[f32]| -> Result<()> {
-            buf.clear();
-            encode(kind, row, &mut buf);
-            bytes_out += buf.len() as u64;
-            w.write_part(&buf)
-        };
         match &o.src {
-            Src::Tensor { name, cols, .. } if o.spec.dims.len() == 1 => emit(&mut w, &ck.f32s(name, &[*cols])?)?,
-            Src::Tensor { name, rows, cols } => {
-                let m = ck.matrix(name, *rows, *cols, block)?;
+            Src::Tensor { name, cols, .. } if o.spec.dims.len() == 1 => {
+                rows.push(&mut w, kind, &ck.f32s(name, &[*cols])?)?
+            }
+            Src::Tensor { name, rows: n, cols } => {
+                let m = ck.matrix(name, *n, *cols, block)?;
                 row.resize(*cols, 0.0);
-                for r in 0..*rows {
+                for r in 0..*n {
                     m.view().decode_row(r, 0, &mut row);
-                    emit(&mut w, &row)?;
+                    rows.push(&mut w, kind, &row)?;
                 }
             }
-            Src::Experts { names, rows, cols } => {
+            Src::Experts { names, rows: n, cols } => {
                 row.resize(*cols, 0.0);
-                for n in names {
-                    let m = ck.matrix(n, *rows, *cols, block)?;
-                    for r in 0..*rows {
+                for name in names {
+                    let m = ck.matrix(name, *n, *cols, block)?;
+                    for r in 0..*n {
                         m.view().decode_row(r, 0, &mut row);
-                        emit(&mut w, &row)?;
+                        rows.push(&mut w, kind, &row)?;
                     }
                 }
             }
             Src::SplitKv { kv_b, k } => {
                 let (h, nope, v, r) = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
-                let kv = ck.matrix(kv_b, h * (nope + v), r, block)?.view().to_f32();
+                let kv = ck.matrix(kv_b, h * (nope + v), r, block)?;
+                let mut head = vec![0f32; (nope + v) * r];
                 for hd in 0..h {
-                    let head = &kv[hd * (nope + v) * r..][..(nope + v) * r];
+                    for (i, dst) in head.chunks_exact_mut(r).enumerate() {
+                        kv.view().decode_row(hd * (nope + v) + i, 0, dst);
+                    }
                     if *k {
                         // [kv_lora][nope]: row j holds column j of the head's nope rows.
                         for j in 0..r {
                             row.clear();
                             row.extend((0..nope).map(|i| head[i * r + j]));
-                            emit(&mut w, &row)?;
+                            rows.push(&mut w, kind, &row)?;
                         }
                     } else {
                         for i in 0..v {
-                            emit(&mut w, &head[(nope + i) * r..][..r])?;
+                            rows.push(&mut w, kind, &head[(nope + i) * r..][..r])?;
                         }
                     }
                 }
             }
         }
+        rows.flush(&mut w, kind)?;
     }
     w.finish()?;
-    Ok(GgufReport { tensors: outs.len(), bytes_out })
+    Ok(GgufReport { tensors: outs.len(), bytes_out: rows.bytes_out })
 }
