@@ -139,3 +139,52 @@ fn converted_gguf_reloads_as_the_checkpoint_mtp_included() {
     assert!(GgufFormat::parse("q3_k_xl").is_none());
     std::fs::remove_dir_all(out.parent().unwrap()).unwrap();
 }
+
+/// dsv3's k-quant writers against llama-quantize on the same rows (fixture from
+/// `scripts/make_kquant_fixtures.py`): the relative RMS error of each type within 3% of
+/// llama.cpp's, both decoded by the bit-exact dequantizer.
+#[test]
+fn k_quant_writers_match_llama_quantize() {
+    use dsv3_kernels::ggml::{dequantize, quantize};
+    use dsv3_kernels::GgmlType;
+    use dsv3_model::gguf::GgufFile;
+    let f = GgufFile::open(&fixtures().join("llama-quantize/k-quants.gguf")).unwrap();
+    let bytes = |name: &str| {
+        let t = &f.tensors[name];
+        (&f.map[t.start..t.end], t.kind, t.dims.clone())
+    };
+    let err = |x: &[f32], y: &[f32]| {
+        let e: f64 = x.iter().zip(y).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+        (e / x.iter().map(|&a| (a as f64).powi(2)).sum::<f64>()).sqrt()
+    };
+    for ty in [GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0] {
+        let name = ty.name().to_uppercase();
+        let (src, _, _) = bytes(&format!("src.{name}"));
+        let x: Vec<f32> = src.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let (theirs, kind, dims) = bytes(&format!("llama.{name}"));
+        assert_eq!(kind, ty);
+        let mut y = vec![0f32; x.len()];
+        dequantize(ty, theirs, &mut y);
+        let e_llama = err(&x, &y);
+        let mut ours = vec![];
+        for row in x.chunks_exact(dims[0]) {
+            match ty {
+                GgmlType::Q4K => quantize::q4_k(row, &mut ours),
+                GgmlType::Q5K => quantize::q5_k(row, &mut ours),
+                GgmlType::Q6K => quantize::q6_k(row, &mut ours),
+                GgmlType::Q5_0 => quantize::q5_0(row, &mut ours),
+                GgmlType::Q5_1 => quantize::q5_1(row, &mut ours),
+                _ => quantize::q8_0(row, &mut ours),
+            }
+        }
+        assert_eq!(ours.len(), theirs.len(), "{ty} bytes");
+        dequantize(ty, &ours, &mut y);
+        let e = err(&x, &y);
+        eprintln!("{ty}: dsv3 {e:.5}, llama-quantize {e_llama:.5}");
+        assert!(e <= 1.03 * e_llama, "{ty}: dsv3's error {e:.5} vs llama-quantize's {e_llama:.5}");
+        if ty == GgmlType::Q8_0 {
+            // Q8_0 is ggml's reference rounding: the same bytes.
+            assert_eq!(ours, theirs, "Q8_0 blocks");
+        }
+    }
+}
