@@ -16,7 +16,7 @@ use crate::rope::Rope;
 use crate::weights::Checkpoint;
 use dsv3_kernels::attention::{latent_attention, softmax_in_place, LatentShape, Pages};
 use dsv3_kernels::gemm::{gemm_acc, Strided};
-use dsv3_kernels::matmul::{matmul_nn, matmul_nt, transpose};
+use dsv3_kernels::matmul::{matmul_nn, matmul_nt_batch, transpose, NtJob};
 use rayon::prelude::*;
 
 /// `AttnImpl::Auto` runs the absorbed form up to this many new tokens (decode and MTP
@@ -49,6 +49,10 @@ pub struct Mla {
     pub kv_a_layernorm: RmsNorm,
     /// `[H·(dn+dv), C]`, head-major: rows `h·(dn+dv)..+dn` are W_UK(h), the next dv are W_UV(h).
     pub kv_b_proj: Linear,
+    /// From a GGUF's split MLA: W_UK as `k_b [H·C, dn]` (row `h·C + j`: latent dim j's weights
+    /// over head h's nope dims) and W_UV as `v_b [H·dv, C]`, in the file's format: the absorbed
+    /// decode reads these (two GEMVs per head, quantized kernels) rather than `kv_b_proj`.
+    pub split_kv_b: Option<(Linear, Linear)>,
     pub o_proj: Linear,
     pub(crate) heads: usize,
     pub(crate) dn: usize,
@@ -57,6 +61,10 @@ pub struct Mla {
     pub(crate) c: usize,
     pub(crate) scale: f32,
 }
+
+/// The names [`Mla::split_kv_b`] is read under (a GGUF's `attn_k_b` / `attn_v_b`).
+pub const SPLIT_K_B: &str = "k_b_proj";
+pub const SPLIT_V_B: &str = "v_b_proj";
 
 impl Mla {
     pub fn load(ck: &Checkpoint, p: &str, cfg: &Config, block: [usize; 2]) -> Result<Self> {
@@ -75,6 +83,13 @@ impl Mla {
             kv_a_proj_with_mqa: Linear::load(ck, &format!("{p}.kv_a_proj_with_mqa"), c + dr, d, block)?,
             kv_a_layernorm: RmsNorm::load(ck, &format!("{p}.kv_a_layernorm"), c, cfg.rms_norm_eps)?,
             kv_b_proj: Linear::load(ck, &format!("{p}.kv_b_proj"), h * (dn + dv), c, block)?,
+            split_kv_b: match ck.contains(&format!("{p}.{SPLIT_K_B}.weight")) {
+                true => Some((
+                    Linear::load(ck, &format!("{p}.{SPLIT_K_B}"), h * c, dn, block)?,
+                    Linear::load(ck, &format!("{p}.{SPLIT_V_B}"), h * dv, c, block)?,
+                )),
+                false => None,
+            },
             o_proj: Linear::load(ck, &format!("{p}.o_proj"), d, h * dv, block)?,
             heads: h,
             dn,
@@ -306,16 +321,34 @@ impl Mla {
         let (dq, dkv) = (dn + dr, dn + dv);
         let t: usize = segs.iter().map(|s| s.0).sum();
         let w = self.kv_b_proj.weight.view();
+        let split = self.split_kv_b.as_ref().map(|(k, v)| (k.weight.view(), v.weight.view()));
+        let per_head = |src: &[f32], width: usize, off: usize, d: usize| -> Vec<Vec<f32>> {
+            (0..h).map(|hh| (0..t).flat_map(|i| src[(i * h + hh) * width + off..][..d].iter().copied()).collect()).collect()
+        };
         // Per head: [t, C]
-        let q_lat_h: Vec<Vec<f32>> = (0..h)
-            .into_par_iter()
-            .map(|hh| {
-                let x: Vec<f32> = (0..t).flat_map(|i| q[(i * h + hh) * dq..][..dn].iter().copied()).collect();
-                let mut y = vec![0f32; t * c];
-                matmul_nn(&w, hh * dkv..hh * dkv + dn, &x, t, &mut y);
-                y
-            })
-            .collect();
+        let q_lat_h: Vec<Vec<f32>> = match &split {
+            Some((k_b, _)) => {
+                let xs = per_head(q, dq, 0, dn);
+                let mut ys = vec![vec![0f32; t * c]; h];
+                let mut jobs: Vec<NtJob> = xs
+                    .iter()
+                    .zip(ys.iter_mut())
+                    .enumerate()
+                    .map(|(hh, (x, y))| NtJob { w: *k_b, rows: hh * c..(hh + 1) * c, x, m: t, y })
+                    .collect();
+                matmul_nt_batch(&mut jobs, cx.gemm);
+                ys
+            }
+            None => (0..h)
+                .into_par_iter()
+                .map(|hh| {
+                    let x: Vec<f32> = (0..t).flat_map(|i| q[(i * h + hh) * dq..][..dn].iter().copied()).collect();
+                    let mut y = vec![0f32; t * c];
+                    matmul_nn(&w, hh * dkv..hh * dkv + dn, &x, t, &mut y);
+                    y
+                })
+                .collect(),
+        };
         let mut q_lat = vec![0f32; t * h * c];
         let mut q_pe = vec![0f32; t * h * dr];
         for i in 0..t {
@@ -342,15 +375,18 @@ impl Mla {
             );
             r0 += ts;
         }
-        let o_h: Vec<Vec<f32>> = (0..h)
-            .into_par_iter()
-            .map(|hh| {
-                let x: Vec<f32> = (0..t).flat_map(|i| o_lat[(i * h + hh) * c..][..c].iter().copied()).collect();
-                let mut y = vec![0f32; t * dv];
-                matmul_nt(&w, hh * dkv + dn..(hh + 1) * dkv, &x, t, &mut y, cx.gemm);
-                y
+        let xs = per_head(&o_lat, c, 0, c);
+        let mut o_h = vec![vec![0f32; t * dv]; h];
+        let mut jobs: Vec<NtJob> = xs
+            .iter()
+            .zip(o_h.iter_mut())
+            .enumerate()
+            .map(|(hh, (x, y))| match &split {
+                Some((_, v_b)) => NtJob { w: *v_b, rows: hh * dv..(hh + 1) * dv, x, m: t, y },
+                None => NtJob { w, rows: hh * dkv + dn..(hh + 1) * dkv, x, m: t, y },
             })
             .collect();
+        matmul_nt_batch(&mut jobs, cx.gemm);
         let mut o = vec![0f32; t * h * dv];
         for i in 0..t {
             for hh in 0..h {
@@ -368,10 +404,11 @@ impl Mla {
             }
             QProj::Direct { q_proj } => q_proj.weight.view().bytes(),
         };
-        q + [&self.kv_a_proj_with_mqa, &self.kv_b_proj, &self.o_proj]
-            .iter()
-            .map(|l| l.weight.view().bytes())
-            .sum::<usize>()
+        let kv_b = match &self.split_kv_b {
+            Some((k, v)) => k.weight.view().bytes() + v.weight.view().bytes(),
+            None => self.kv_b_proj.weight.view().bytes(),
+        };
+        q + kv_b + [&self.kv_a_proj_with_mqa, &self.o_proj].iter().map(|l| l.weight.view().bytes()).sum::<usize>()
     }
 }
 

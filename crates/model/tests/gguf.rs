@@ -188,3 +188,27 @@ fn k_quant_writers_match_llama_quantize() {
         }
     }
 }
+
+/// The absorbed decode over a split-MLA GGUF reads `attn_k_b` / `attn_v_b` in place: its logits
+/// are the safetensors checkpoint's absorbed ones (f32 file; the sums run in another order), and
+/// a Q8_0 file's stay close to its own naive form.
+#[test]
+fn absorbed_attention_on_the_split_tensors() {
+    use dsv3_model::AttnImpl;
+    let toks = ids(&reference("v3_f32_sharded")["ids"]);
+    let run = |m: &mut DeepseekV3, imp| {
+        m.attn_impl = imp;
+        let mut cache = m.new_cache();
+        let h = m.forward(&toks, &mut cache).unwrap();
+        m.logits(&h, toks.len())
+    };
+    let worst = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let mut g = load(&fixtures().join("gguf/v3-f32-00001-of-00002.gguf"));
+    assert!(g.layers.iter().all(|l| l.self_attn.split_kv_b.is_some()), "split tensors used");
+    let mut s = load(&fixtures().join("v3_f32_sharded"));
+    let (a, b) = (run(&mut g, AttnImpl::Absorbed), run(&mut s, AttnImpl::Absorbed));
+    assert!(worst(&a, &b) < 1e-4, "split vs kv_b_proj absorbed logits: {}", worst(&a, &b));
+    let mut q = load(&fixtures().join("gguf/v3-q8_0.gguf"));
+    let (a, n) = (run(&mut q, AttnImpl::Absorbed), run(&mut q, AttnImpl::Naive));
+    assert!(worst(&a, &n) < 0.05, "Q8_0 absorbed vs naive logits: {}", worst(&a, &n));
+}
