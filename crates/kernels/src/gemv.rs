@@ -66,7 +66,12 @@ pub fn quantized_acts(w: &MatRef, x: &[f32], m: usize) -> Option<Vec<crate::ggml
     let MatRef::Ggml { kind, cols, .. } = *w else { return None };
     #[cfg(target_arch = "x86_64")]
     if vnni::handles(kind) && cols.is_multiple_of(64) && vnni::avx512::available() {
-        return Some(x[..m * cols].chunks(cols).map(vnni::quantize_act).collect());
+        use rayon::prelude::*;
+        // Prefill's many tokens in parallel: the caller would run them on one thread.
+        return Some(match m * cols >= 1 << 16 {
+            true => x[..m * cols].par_chunks(cols).map(vnni::quantize_act).collect(),
+            false => x[..m * cols].chunks(cols).map(vnni::quantize_act).collect(),
+        });
     }
     let _ = (kind, cols);
     None

@@ -248,3 +248,19 @@ fn quantizers_round_trip_within_their_bits() {
     assert!(round_trip_error(GgmlType::Q6K, &x) < round_trip_error(GgmlType::Q5K, &x));
     assert!(round_trip_error(GgmlType::Q5K, &x) < round_trip_error(GgmlType::Q4K, &x));
 }
+
+#[test]
+fn vector_activation_quantizer_equals_the_scalar_one() {
+    use ggml::vnni::{quantize_act, reference};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut x: Vec<f32> = (0..4096).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+    x[64..96].fill(0.0);
+    // Ties: values that land exactly on a half step.
+    x[96] = 127.0;
+    x[97] = 0.5;
+    x[98] = -1.5;
+    let (a, b) = (quantize_act(&x), reference::quantize_act(&x));
+    assert_eq!(a.q, b.q);
+    assert_eq!(a.d, b.d);
+    assert_eq!(a.sum16, b.sum16);
+}

@@ -28,35 +28,38 @@ pub struct QuantAct {
     sum16f: Vec<f32>,
 }
 
-/// `x` (a multiple of 32 values) quantized: `d = max|x| / 127`, `q = round(x / d)`.
+/// `x` (a multiple of 32 values) quantized: `d = max|x| / 127`, `q = round(x / d)` (ties to
+/// even, as the vector conversion rounds), in AVX-512 where the CPU has it; the same values as
+/// [`reference::quantize_act`].
 pub fn quantize_act(x: &[f32]) -> QuantAct {
-    let n = x.len();
-    let mut a = QuantAct {
-        q: Vec::with_capacity(n),
-        d: Vec::with_capacity(n / 32),
-        sum16: Vec::with_capacity(n / 16),
-        d16: Vec::with_capacity(n / 16),
-        sum32f: Vec::with_capacity(n / 32),
-        sum16f: Vec::with_capacity(n / 16),
-    };
-    for b in x.chunks(32) {
-        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        a.d.push(d);
-        let start = a.q.len();
-        a.q.extend(b.iter().map(|&v| (v * id).round() as i8));
-        let mut s32 = 0;
-        for h in a.q[start..].chunks(16) {
-            let s: i32 = h.iter().map(|&v| v as i32).sum();
-            a.sum16.push(s);
-            a.sum16f.push(s as f32);
-            a.d16.push(d);
-            s32 += s;
-        }
-        a.sum32f.push(s32 as f32);
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: the features are checked; `quantize_act` asks only for whole blocks.
+        return unsafe { avx512::quantize_act(x) };
     }
-    a
+    reference::quantize_act(x)
+}
+
+impl QuantAct {
+    fn with_capacity(n: usize) -> Self {
+        QuantAct {
+            q: Vec::with_capacity(n),
+            d: Vec::with_capacity(n / 32),
+            sum16: Vec::with_capacity(n / 16),
+            d16: Vec::with_capacity(n / 16),
+            sum32f: Vec::with_capacity(n / 32),
+            sum16f: Vec::with_capacity(n / 16),
+        }
+    }
+
+    /// Records one block's scale and its halves' code sums.
+    fn push_block(&mut self, d: f32, s0: i32, s1: i32) {
+        self.d.push(d);
+        self.d16.extend([d, d]);
+        self.sum16.extend([s0, s1]);
+        self.sum16f.extend([s0 as f32, s1 as f32]);
+        self.sum32f.push((s0 + s1) as f32);
+    }
 }
 
 /// Q8_0, Q4_0 and Q5_0 codes' offsets (the code the AVX-512 body multiplies is unsigned).
@@ -73,6 +76,23 @@ fn fixed_offset(kind: GgmlType) -> i32 {
 /// The integer definition.
 pub mod reference {
     use super::*;
+
+    /// The scalar quantizer.
+    pub fn quantize_act(x: &[f32]) -> QuantAct {
+        assert!(x.len().is_multiple_of(32), "activations in whole 32-value blocks");
+        let mut a = QuantAct::with_capacity(x.len());
+        for b in x.chunks_exact(32) {
+            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let start = a.q.len();
+            a.q.extend(b.iter().map(|&v| (v * id).round_ties_even() as i8));
+            let half = |h: usize| a.q[start + 16 * h..][..16].iter().map(|&v| v as i32).sum::<i32>();
+            let (s0, s1) = (half(0), half(1));
+            a.push_block(d, s0, s1);
+        }
+        a
+    }
 
     /// Σ over the row of weight × activation, with the row's codes and `a`'s int8 codes.
     pub fn row_dot(kind: GgmlType, row: &[u8], a: &QuantAct) -> f32 {
@@ -181,6 +201,30 @@ pub mod avx512 {
             IQ4_XS => GgmlType::Iq4Xs,
             _ => GgmlType::Q6K,
         }
+    }
+
+    /// [`super::quantize_act`] sixteen values at a time.
+    ///
+    /// # Safety
+    /// The CPU has [`available`]'s features.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq")]
+    pub unsafe fn quantize_act(x: &[f32]) -> QuantAct {
+        assert!(x.len().is_multiple_of(32), "activations in whole 32-value blocks");
+        let mut a = QuantAct::with_capacity(x.len());
+        let q = a.q.spare_capacity_mut().as_mut_ptr() as *mut i8;
+        for (i, b) in x.chunks_exact(32).enumerate() {
+            let (lo, hi) = (_mm512_loadu_ps(b.as_ptr()), _mm512_loadu_ps(b.as_ptr().add(16)));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+            let d = amax / 127.0;
+            let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let (ql, qh) = (_mm512_cvtps_epi32(_mm512_mul_ps(lo, id)), _mm512_cvtps_epi32(_mm512_mul_ps(hi, id)));
+            _mm_storeu_si128(q.add(32 * i) as *mut __m128i, _mm512_cvtepi32_epi8(ql));
+            _mm_storeu_si128(q.add(32 * i + 16) as *mut __m128i, _mm512_cvtepi32_epi8(qh));
+            a.push_block(d, _mm512_reduce_add_epi32(ql), _mm512_reduce_add_epi32(qh));
+        }
+        // SAFETY: every block's 32 codes were written above.
+        a.q.set_len(x.len());
+        a
     }
 
     /// Values per chunk: sixteen scales of 32 (two super-blocks of the K formats).
