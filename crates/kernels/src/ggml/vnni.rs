@@ -227,6 +227,9 @@ pub mod avx512 {
         a
     }
 
+    /// How far ahead [`body`] prefetches.
+    const PREFETCH_BYTES: usize = 3072;
+
     /// Values per chunk: sixteen scales of 32 (two super-blocks of the K formats).
     const CHUNK: usize = 512;
 
@@ -521,6 +524,14 @@ pub mod avx512 {
             let row = data.as_ptr().add(r * rb);
             let mut acc = [_mm512_setzero_ps(); M];
             for c in 0..k.div_ceil(CHUNK) {
+                // A few chunks ahead (into the next row at the end: rows of a range are
+                // contiguous, and a prefetch never faults): one core's hardware prefetch alone
+                // streams well below its share of the memory bandwidth.
+                let chunk_bytes = CHUNK / kind.block_elems() * kind.block_bytes();
+                let ahead = row.wrapping_add(c * chunk_bytes + PREFETCH_BYTES);
+                for l in (0..chunk_bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
+                }
                 let nb = ((k - c * CHUNK) / 32).min(16);
                 let mask = ((1u32 << nb) - 1) as __mmask16;
                 let (sc, mn) = chunk_scales::<F>(row, c, nb);
