@@ -49,7 +49,9 @@ fn main() {
             // Bands of rows per thread, as the decode's matmul jobs split them.
             let band = rows / (8 * threads);
             pool.install(|| {
-                out.par_chunks_mut(band).enumerate().for_each(|(i, o)| gemv::rows_dots(&w, i * band..(i + 1) * band, &x, 1, o))
+                out.par_chunks_mut(band)
+                    .enumerate()
+                    .for_each(|(i, o)| gemv::rows_dots(&w, i * band..(i + 1) * band, &x, 1, o))
             })
         };
         run(&mut out);

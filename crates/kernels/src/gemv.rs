@@ -63,9 +63,13 @@ pub fn rows_dots(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, out: &mut 
 /// on a CPU with AVX-512 VNNI): a caller running many row ranges quantizes them once.
 pub fn quantized_acts(w: &MatRef, x: &[f32], m: usize) -> Option<Vec<crate::ggml::vnni::QuantAct>> {
     use crate::ggml::vnni;
-    let MatRef::Ggml { kind, cols, .. } = *w else { return None };
+    let (integer, cols) = match *w {
+        MatRef::Ggml { kind, cols, .. } => (vnni::handles(kind), cols),
+        MatRef::Fp4 { cols, .. } => (true, cols),
+        _ => return None,
+    };
     #[cfg(target_arch = "x86_64")]
-    if vnni::handles(kind) && cols.is_multiple_of(64) && vnni::avx512::available() {
+    if integer && cols.is_multiple_of(64) && vnni::avx512::available() {
         use rayon::prelude::*;
         // Prefill's many tokens in parallel: the caller would run them on one thread.
         return Some(match m * cols >= 1 << 16 {
@@ -73,13 +77,13 @@ pub fn quantized_acts(w: &MatRef, x: &[f32], m: usize) -> Option<Vec<crate::ggml
             false => x[..m * cols].chunks(cols).map(vnni::quantize_act).collect(),
         });
     }
-    let _ = (kind, cols);
+    let _ = (integer, cols);
     None
 }
 
 /// [`rows_dots`] with the tokens [`quantized_acts`] made.
 pub fn rows_dots_quantized(w: &MatRef, rows: Range<usize>, acts: &[crate::ggml::vnni::QuantAct], out: &mut [f32]) {
-    let MatRef::Ggml { data, kind, cols, .. } = *w else { panic!("rows_dots_quantized: not a ggml matrix") };
+    let cols = w.cols();
     assert!(
         rows.end <= w.rows()
             && acts.iter().all(|a| a.q.len() == cols)
@@ -93,7 +97,14 @@ pub fn rows_dots_quantized(w: &MatRef, rows: Range<usize>, acts: &[crate::ggml::
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `acts` exist only where the CPU has VNNI ([`quantized_acts`]); shapes checked above.
     unsafe {
-        crate::ggml::vnni::avx512::rows_dots(kind, data, cols, rows, acts, out)
+        use crate::ggml::vnni::avx512;
+        match *w {
+            MatRef::Ggml { data, kind, .. } => avx512::rows_dots(kind, data, cols, rows, acts, out),
+            MatRef::Fp4 { data, scales, tensor_scale, kind, .. } => {
+                avx512::rows_dots_fp4(kind, data, scales, tensor_scale, cols, rows, acts, out)
+            }
+            _ => panic!("rows_dots_quantized: not a ggml or FP4 matrix"),
+        }
     }
 }
 

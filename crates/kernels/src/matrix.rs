@@ -3,7 +3,7 @@
 
 use crate::dot;
 use crate::ggml::GgmlType;
-use crate::quant::{fp4_element, Fp4Kind};
+use crate::quant::{fp4_decode_range, Fp4Kind};
 
 /// Storage format of a weight matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,9 +157,7 @@ impl<'a> MatRef<'a> {
                 }
             }
             MatRef::Fp4 { data, scales, tensor_scale, cols, kind, .. } => {
-                for (j, o) in out.iter_mut().enumerate() {
-                    *o = fp4_element(data, scales, tensor_scale, cols, kind, r, c0 + j);
-                }
+                fp4_decode_range(data, scales, tensor_scale, cols, kind, r, c0, out)
             }
             MatRef::Ggml { data, cols, kind, .. } => {
                 let rb = cols / kind.block_elems() * kind.block_bytes();
@@ -196,8 +194,11 @@ impl<'a> MatRef<'a> {
                 }
             }
             MatRef::Fp4 { data, scales, tensor_scale, cols, kind, .. } => {
-                for (j, y) in y.iter_mut().enumerate() {
-                    *y += a * fp4_element(data, scales, tensor_scale, cols, kind, r, c0 + j);
+                let mut buf = [0f32; 128];
+                for (i, ys) in y.chunks_mut(128).enumerate() {
+                    let vals = &mut buf[..ys.len()];
+                    fp4_decode_range(data, scales, tensor_scale, cols, kind, r, c0 + 128 * i, vals);
+                    dot::axpy_f32(ys, a, vals);
                 }
             }
             MatRef::Ggml { data, cols, kind, .. } => {

@@ -201,10 +201,63 @@ pub fn fp4_element(
     E2M1.decode(code) * kind.scale(scales[r * nb + c / kind.block()], tensor_scale)
 }
 
+/// E2M1's sixteen values by code (sign bit 3), as [`E2M1`] decodes them.
+const E2M1_VALUES: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+
+/// Values `c0..c0 + out.len()` of row `r` ([`fp4_element`] for each, a block's scale decoded once).
+pub fn fp4_decode_range(
+    data: &[u8],
+    scales: &[u8],
+    tensor_scale: f32,
+    cols: usize,
+    kind: Fp4Kind,
+    r: usize,
+    c0: usize,
+    out: &mut [f32],
+) {
+    let (bs, nb) = (kind.block(), cols.div_ceil(kind.block()));
+    let (codes, srow) = (&data[r * cols.div_ceil(2)..], &scales[r * nb..][..nb]);
+    let mut c = c0;
+    for o in out.chunks_mut(bs) {
+        // Up to the end of `c`'s block.
+        let n = (bs - c % bs).min(o.len());
+        let s = kind.scale(srow[c / bs], tensor_scale);
+        for (j, o) in o[..n].iter_mut().enumerate() {
+            *o = E2M1_VALUES[nibble(codes, c + j) as usize] * s;
+        }
+        c += n;
+        if n < o.len() {
+            let s = kind.scale(srow[c / bs], tensor_scale);
+            for (j, o) in o[n..].iter_mut().enumerate() {
+                *o = E2M1_VALUES[nibble(codes, c + j) as usize] * s;
+            }
+            c += o.len() - n;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn fp4_ranges_decode_as_elements() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let (rows, cols) = (3usize, 200usize);
+        for kind in [Fp4Kind::Mx, Fp4Kind::Nv] {
+            let data: Vec<u8> = (0..rows * cols.div_ceil(2)).map(|_| rng.gen()).collect();
+            let scales: Vec<u8> = (0..rows * cols.div_ceil(kind.block())).map(|_| rng.gen_range(0x20..0x70)).collect();
+            for (c0, n) in [(0, 200), (5, 60), (31, 2), (17, 183)] {
+                let mut got = vec![0f32; n];
+                fp4_decode_range(&data, &scales, 0.5, cols, kind, 2, c0, &mut got);
+                for (j, g) in got.iter().enumerate() {
+                    let want = fp4_element(&data, &scales, 0.5, cols, kind, 2, c0 + j);
+                    assert_eq!(g.to_bits(), want.to_bits(), "{kind:?} column {}", c0 + j);
+                }
+            }
+        }
+    }
 
     fn random(n: usize, rng: &mut impl Rng) -> Vec<f32> {
         // Magnitudes over several binades, so blocks have different scales.

@@ -225,7 +225,11 @@ fn quantizers_round_trip_within_their_bits() {
         .map(|i| {
             let g: f32 = (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum();
             let scale = 10f32.powf(((i / 256) % 3) as f32 - 1.0);
-            if rng.gen_range(0..200) == 0 { 8.0 * g * scale } else { g * scale }
+            if rng.gen_range(0..200) == 0 {
+                8.0 * g * scale
+            } else {
+                g * scale
+            }
         })
         .collect();
     x[256..512].iter_mut().for_each(|v| *v = v.abs());
@@ -263,4 +267,44 @@ fn vector_activation_quantizer_equals_the_scalar_one() {
     assert_eq!(a.q, b.q);
     assert_eq!(a.d, b.d);
     assert_eq!(a.sum16, b.sum16);
+}
+
+/// dsv3's own MXFP4 / NVFP4 through the integer body: the decoded weights against the int8
+/// activations, summed exactly (f64), equal the kernel to f32 rounding, at several token counts.
+#[test]
+fn fp4_integer_dot_products_match_their_definition() {
+    use dsv3_kernels::quant::Fp4Kind;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    for kind in [Fp4Kind::Mx, Fp4Kind::Nv] {
+        let (rows, k) = (5, 1216);
+        let data: Vec<u8> = (0..rows * k / 2).map(|_| rng.gen()).collect();
+        let scales: Vec<u8> = (0..rows * k / kind.block())
+            .map(|_| match kind {
+                Fp4Kind::Mx => rng.gen_range(110..136),
+                Fp4Kind::Nv => rng.gen_range(0x20..0x60),
+            })
+            .collect();
+        let w = MatRef::Fp4 { data: &data, scales: &scales, tensor_scale: 0.01, rows, cols: k, kind };
+        let dense = w.to_f32();
+        for m in [1, 3, 8] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let acts = gemv::quantized_acts(&w, &x, m).expect("FP4 takes the integer body here");
+            let mut got = vec![0f32; rows * m];
+            gemv::rows_dots_quantized(&w, 0..rows, &acts, &mut got);
+            for r in 0..rows {
+                for (t, a) in acts.iter().enumerate() {
+                    let row = &dense[r * k..][..k];
+                    let want: f64 =
+                        row.iter().enumerate().map(|(c, &v)| v as f64 * a.q[c] as f64 * a.d[c / 32] as f64).sum();
+                    let mag: f64 = row
+                        .iter()
+                        .enumerate()
+                        .map(|(c, &v)| (v as f64 * a.q[c] as f64 * a.d[c / 32] as f64).abs())
+                        .sum();
+                    let g = got[r * m + t] as f64;
+                    assert!((g - want).abs() <= 1e-5 * mag, "{kind:?} m={m}: kernel {g} vs {want}");
+                }
+            }
+        }
+    }
 }

@@ -323,7 +323,9 @@ impl Mla {
         let w = self.kv_b_proj.weight.view();
         let split = self.split_kv_b.as_ref().map(|(k, v)| (k.weight.view(), v.weight.view()));
         let per_head = |src: &[f32], width: usize, off: usize, d: usize| -> Vec<Vec<f32>> {
-            (0..h).map(|hh| (0..t).flat_map(|i| src[(i * h + hh) * width + off..][..d].iter().copied()).collect()).collect()
+            (0..h)
+                .map(|hh| (0..t).flat_map(|i| src[(i * h + hh) * width + off..][..d].iter().copied()).collect())
+                .collect()
         };
         // Per head: [t, C]
         let q_lat_h: Vec<Vec<f32>> = match &split {

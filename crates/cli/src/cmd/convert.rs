@@ -61,7 +61,9 @@ pub fn run(a: &Convert) -> Result<()> {
         Format::F32 => Target::F32,
         Format::Fp4 => Target::Fp4(Fp4Kind::Nv),
         Format::Mxfp4 => Target::Fp4(Fp4Kind::Mx),
-        Format::F16 | Format::Q8_0 | Format::Q6K | Format::Q5KM | Format::Q4KM => anyhow::bail!("--format {:?} is a GGUF format: give --to FILE.gguf", a.format),
+        Format::F16 | Format::Q8_0 | Format::Q6K | Format::Q5KM | Format::Q4KM => {
+            anyhow::bail!("--format {:?} is a GGUF format: give --to FILE.gguf", a.format)
+        }
     };
     let budget = parse_size(&a.max_memory).context("--max-memory")?;
     let t = std::time::Instant::now();

@@ -171,6 +171,7 @@ pub mod avx512 {
             && std::arch::is_x86_feature_detected!("avx512dq")
             && std::arch::is_x86_feature_detected!("avx512vnni")
             && std::arch::is_x86_feature_detected!("avx512vbmi")
+            && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("f16c")
     }
 
@@ -186,6 +187,23 @@ pub mod avx512 {
     const Q5K: u8 = 8;
     const IQ4_XS: u8 = 9;
     const Q6K: u8 = 10;
+    /// dsv3's own FP4 ([`crate::MatRef::Fp4`]): E2M1 pairs, low nibble first, scales apart —
+    /// MXFP4's UE8M0 per 32, NVFP4's E4M3 per 16 times the tensor scale.
+    const FP4_MX: u8 = 11;
+    const FP4_NV: u8 = 12;
+
+    /// Scales of 16 values (four i32 lanes each) rather than of 32.
+    const fn per16(f: u8) -> bool {
+        f == Q6K || f == FP4_NV
+    }
+
+    /// Where a matrix's rows are: the bytes, and for FP4 its scale codes and tensor scale.
+    #[derive(Clone, Copy)]
+    struct Src<'a> {
+        data: &'a [u8],
+        scales: &'a [u8],
+        tensor_scale: f32,
+    }
 
     const fn kind_of(f: u8) -> GgmlType {
         match f {
@@ -199,7 +217,17 @@ pub mod avx512 {
             Q4K => GgmlType::Q4K,
             Q5K => GgmlType::Q5K,
             IQ4_XS => GgmlType::Iq4Xs,
-            _ => GgmlType::Q6K,
+            Q6K => GgmlType::Q6K,
+            // FP4 rows are 32 values in 16 bytes (the scales apart).
+            _ => GgmlType::Q4_0,
+        }
+    }
+
+    /// Bytes of a `k`-value row.
+    fn row_bytes(f: u8, k: usize) -> usize {
+        match f {
+            FP4_MX | FP4_NV => k / 2,
+            _ => k / kind_of(f).block_elems() * kind_of(f).block_bytes(),
         }
     }
 
@@ -226,6 +254,9 @@ pub mod avx512 {
         a.q.set_len(x.len());
         a
     }
+
+    /// E4M3's 256 values by code (NVFP4's block scales).
+    static E4M3_TABLE: std::sync::LazyLock<[f32; 256]> = std::sync::LazyLock::new(|| crate::formats::E4M3.table());
 
     /// How far ahead [`body`] prefetches.
     const PREFETCH_BYTES: usize = 3072;
@@ -298,6 +329,15 @@ pub mod avx512 {
                 let qs = row.add(g / 4 * 136 + 8 + g % 4 * 32);
                 _mm512_permutexvar_epi8(nibble_pairs(qs, qs.add(16)), table)
             }
+            FP4_MX | FP4_NV => {
+                // Bytes to u16 lanes, each holding its two values (low nibble first) as bytes.
+                let t = _mm512_cvtepu8_epi16(_mm256_loadu_si256(row.add(32 * g) as *const __m256i));
+                let pairs = _mm512_or_si512(
+                    _mm512_and_si512(t, _mm512_set1_epi16(0x000f)),
+                    _mm512_and_si512(_mm512_slli_epi16(t, 4), _mm512_set1_epi16(0x0f00)),
+                );
+                _mm512_permutexvar_epi8(pairs, table)
+            }
             Q4K => k4(row.add(g / 4 * 144 + 16), g % 4),
             Q5K => {
                 let (b, c) = (row.add(g / 4 * 176), g % 4);
@@ -336,8 +376,14 @@ pub mod avx512 {
     /// `sc[0]` one per 32 values (Q6_K: `sc[0]`, `sc[1]` one per 16 values of each super-block),
     /// and the minimums `mn` per 32 (Q4_1, Q5_1: `+m`; Q4_K, Q5_K: `dmin·m`, subtracted).
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,f16c")]
-    unsafe fn chunk_scales<const F: u8>(row: *const u8, c: usize, nb: usize) -> ([__m512; 2], __m512) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,f16c")]
+    unsafe fn chunk_scales<const F: u8>(
+        row: *const u8,
+        sc: *const u8,
+        ts: f32,
+        c: usize,
+        nb: usize,
+    ) -> ([__m512; 2], __m512) {
         let zero = _mm512_setzero_ps();
         let mask = ((1u32 << nb) - 1) as __mmask16;
         let f16s = |w: __m512i| _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w));
@@ -356,6 +402,25 @@ pub mod avx512 {
             Q4_1 | Q5_1 => {
                 let w = blocks32(if F == Q4_1 { 20 } else { 24 });
                 ([f16s(w), zero], f16s(_mm512_srli_epi32(w, 16)))
+            }
+            FP4_MX => {
+                // The levels are twice E2M1's values: half the UE8M0 scale.
+                let mut s = [0f32; 16];
+                for (i, s) in s.iter_mut().enumerate().take(nb) {
+                    *s = e8m0_half(*sc.add(c * 16 + i));
+                }
+                ([_mm512_loadu_ps(s.as_ptr()), zero], zero)
+            }
+            FP4_NV => {
+                // E4M3 codes through a table, sixteen at a time (a half-filled pair at a row's end).
+                let mut out = [zero; 2];
+                for (h, o) in out.iter_mut().enumerate().take(nb.div_ceil(8)) {
+                    let m16 = ((1u32 << (2 * nb - 16 * h).min(16)) - 1) as __mmask16;
+                    let codes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m16, sc.add(c * 32 + 16 * h) as *const i8));
+                    let v = _mm512_i32gather_ps::<4>(codes, E4M3_TABLE.as_ptr());
+                    *o = _mm512_mul_ps(v, _mm512_set1_ps(0.5 * ts));
+                }
+                (out, zero)
             }
             MXFP4 => {
                 let mut s = [0f32; 16];
@@ -456,96 +521,126 @@ pub mod avx512 {
         acts: &[QuantAct],
         out: &mut [f32],
     ) {
-        let m = acts.len();
-        macro_rules! by_tokens {
-            ($f:expr) => {{
-                match m {
-                    1 => return body::<$f, 1>(data, k, rows, acts, out),
-                    2 => return body::<$f, 2>(data, k, rows, acts, out),
-                    4 => return body::<$f, 4>(data, k, rows, acts, out),
-                    8 => return body::<$f, 8>(data, k, rows, acts, out),
-                    _ => {}
-                }
-                // Other counts in groups of 8, 4, 2, 1: each token's sums are the same in any group.
-                let mut t0 = 0;
-                let mut part = vec![0f32; rows.len() * 8];
-                while t0 < m {
-                    let g = [8, 4, 2, 1].into_iter().find(|&g| g <= m - t0).unwrap_or(1);
-                    let a = &acts[t0..t0 + g];
-                    let o = &mut part[..rows.len() * g];
-                    match g {
-                        8 => body::<$f, 8>(data, k, rows.clone(), a, o),
-                        4 => body::<$f, 4>(data, k, rows.clone(), a, o),
-                        2 => body::<$f, 2>(data, k, rows.clone(), a, o),
-                        _ => body::<$f, 1>(data, k, rows.clone(), a, o),
-                    }
-                    for (j, p) in o.chunks_exact(g).enumerate() {
-                        out[j * m + t0..][..g].copy_from_slice(p);
-                    }
-                    t0 += g;
-                }
-            }};
-        }
+        let src = Src { data, scales: &[], tensor_scale: 1.0 };
         match kind {
-            GgmlType::Q4_0 => by_tokens!(Q4_0),
-            GgmlType::Q4_1 => by_tokens!(Q4_1),
-            GgmlType::Q5_0 => by_tokens!(Q5_0),
-            GgmlType::Q5_1 => by_tokens!(Q5_1),
-            GgmlType::Q8_0 => by_tokens!(Q8_0),
-            GgmlType::Iq4Nl => by_tokens!(IQ4_NL),
-            GgmlType::Mxfp4 => by_tokens!(MXFP4),
-            GgmlType::Q4K => by_tokens!(Q4K),
-            GgmlType::Q5K => by_tokens!(Q5K),
-            GgmlType::Iq4Xs => by_tokens!(IQ4_XS),
-            GgmlType::Q6K => by_tokens!(Q6K),
+            GgmlType::Q4_0 => by_tokens::<Q4_0>(src, k, rows, acts, out),
+            GgmlType::Q4_1 => by_tokens::<Q4_1>(src, k, rows, acts, out),
+            GgmlType::Q5_0 => by_tokens::<Q5_0>(src, k, rows, acts, out),
+            GgmlType::Q5_1 => by_tokens::<Q5_1>(src, k, rows, acts, out),
+            GgmlType::Q8_0 => by_tokens::<Q8_0>(src, k, rows, acts, out),
+            GgmlType::Iq4Nl => by_tokens::<IQ4_NL>(src, k, rows, acts, out),
+            GgmlType::Mxfp4 => by_tokens::<MXFP4>(src, k, rows, acts, out),
+            GgmlType::Q4K => by_tokens::<Q4K>(src, k, rows, acts, out),
+            GgmlType::Q5K => by_tokens::<Q5K>(src, k, rows, acts, out),
+            GgmlType::Iq4Xs => by_tokens::<IQ4_XS>(src, k, rows, acts, out),
+            GgmlType::Q6K => by_tokens::<Q6K>(src, k, rows, acts, out),
             _ => panic!("vnni::rows_dots: {kind} has no integer body"),
         }
     }
 
-    /// One format, `M` tokens: per chunk of 512 values the weight scales once, each token's
-    /// scale products and offset term, then the codes of each 64 values once for all tokens.
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx512vbmi,f16c")]
-    unsafe fn body<const F: u8, const M: usize>(
+    /// [`rows_dots`] for dsv3's FP4 matrices (`data` `[rows, k/2]` codes, `scales` `[rows,
+    /// k/block]`).
+    ///
+    /// # Safety
+    /// As [`rows_dots`]; the slices hold `rows.end` rows.
+    pub unsafe fn rows_dots_fp4(
+        kind: crate::quant::Fp4Kind,
         data: &[u8],
+        scales: &[u8],
+        tensor_scale: f32,
         k: usize,
         rows: Range<usize>,
         acts: &[QuantAct],
         out: &mut [f32],
     ) {
-        let kind = kind_of(F);
-        let rb = k / kind.block_elems() * kind.block_bytes();
+        let src = Src { data, scales, tensor_scale };
+        match kind {
+            crate::quant::Fp4Kind::Mx => by_tokens::<FP4_MX>(src, k, rows, acts, out),
+            crate::quant::Fp4Kind::Nv => by_tokens::<FP4_NV>(src, k, rows, acts, out),
+        }
+    }
+
+    /// `m` tokens as bodies of 1, 2, 4 or 8: each token's sums are the same in any group.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512vbmi,f16c")]
+    unsafe fn by_tokens<const F: u8>(src: Src, k: usize, rows: Range<usize>, acts: &[QuantAct], out: &mut [f32]) {
+        let m = acts.len();
+        match m {
+            1 => return body::<F, 1>(src, k, rows, acts, out),
+            2 => return body::<F, 2>(src, k, rows, acts, out),
+            4 => return body::<F, 4>(src, k, rows, acts, out),
+            8 => return body::<F, 8>(src, k, rows, acts, out),
+            _ => {}
+        }
+        let mut t0 = 0;
+        let mut part = vec![0f32; rows.len() * 8];
+        while t0 < m {
+            let g = [8, 4, 2, 1].into_iter().find(|&g| g <= m - t0).unwrap_or(1);
+            let a = &acts[t0..t0 + g];
+            let o = &mut part[..rows.len() * g];
+            match g {
+                8 => body::<F, 8>(src, k, rows.clone(), a, o),
+                4 => body::<F, 4>(src, k, rows.clone(), a, o),
+                2 => body::<F, 2>(src, k, rows.clone(), a, o),
+                _ => body::<F, 1>(src, k, rows.clone(), a, o),
+            }
+            for (j, p) in o.chunks_exact(g).enumerate() {
+                out[j * m + t0..][..g].copy_from_slice(p);
+            }
+            t0 += g;
+        }
+    }
+
+    /// One format, `M` tokens: per chunk of 512 values the weight scales once, each token's
+    /// scale products and offset term, then the codes of each 64 values once for all tokens.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512vbmi,f16c")]
+    unsafe fn body<const F: u8, const M: usize>(
+        src: Src,
+        k: usize,
+        rows: Range<usize>,
+        acts: &[QuantAct],
+        out: &mut [f32],
+    ) {
+        let rb = row_bytes(F, k);
         let table = match F {
             IQ4_NL | IQ4_XS => level_table(&IQ4NL_LEVELS),
-            MXFP4 => level_table(&MXFP4_LEVELS),
+            MXFP4 | FP4_MX | FP4_NV => level_table(&MXFP4_LEVELS),
             _ => _mm512_setzero_si512(),
         };
-        let off = _mm512_set1_ps(fixed_offset(kind) as f32);
+        let off = _mm512_set1_ps(match F {
+            FP4_MX | FP4_NV => 128.0,
+            _ => fixed_offset(kind_of(F)) as f32,
+        });
+        let sc_row = k / if F == FP4_NV { 16 } else { 32 };
         for (j, r) in rows.enumerate() {
-            let row = data.as_ptr().add(r * rb);
+            let row = src.data.as_ptr().add(r * rb);
+            let sc_ptr = src.scales.as_ptr().wrapping_add(r * sc_row);
             let mut acc = [_mm512_setzero_ps(); M];
             for c in 0..k.div_ceil(CHUNK) {
                 // A few chunks ahead (into the next row at the end: rows of a range are
                 // contiguous, and a prefetch never faults): one core's hardware prefetch alone
                 // streams well below its share of the memory bandwidth.
-                let chunk_bytes = CHUNK / kind.block_elems() * kind.block_bytes();
+                let chunk_bytes = row_bytes(F, CHUNK);
                 let ahead = row.wrapping_add(c * chunk_bytes + PREFETCH_BYTES);
                 for l in (0..chunk_bytes).step_by(64) {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
                 }
                 let nb = ((k - c * CHUNK) / 32).min(16);
                 let mask = ((1u32 << nb) - 1) as __mmask16;
-                let (sc, mn) = chunk_scales::<F>(row, c, nb);
+                let (sc, mn) = chunk_scales::<F>(row, sc_ptr, src.tensor_scale, c, nb);
                 // Per token: the products of weight and activation scales, and the offset term.
                 let mut cs = [[_mm512_setzero_ps(); 2]; M];
                 for (t, a) in acts.iter().enumerate() {
                     let d32 = _mm512_maskz_loadu_ps(mask, a.d.as_ptr().add(c * 16));
                     let s32 = _mm512_maskz_loadu_ps(mask, a.sum32f.as_ptr().add(c * 16));
-                    if F == Q6K {
-                        for (h, sc) in sc.iter().enumerate().take(nb / 8) {
+                    if per16(F) {
+                        // A chunk's 16-value scales as two vectors (the second part-filled or
+                        // empty at a row's end).
+                        for (h, sc) in sc.iter().enumerate().take(nb.div_ceil(8)) {
                             let i = c * 32 + h * 16;
-                            let p = _mm512_mul_ps(*sc, _mm512_loadu_ps(a.d16.as_ptr().add(i)));
+                            let m16 = ((1u32 << (2 * nb - 16 * h).min(16)) - 1) as __mmask16;
+                            let p = _mm512_mul_ps(*sc, _mm512_maskz_loadu_ps(m16, a.d16.as_ptr().add(i)));
                             cs[t][h] = p;
-                            let s16 = _mm512_loadu_ps(a.sum16f.as_ptr().add(i));
+                            let s16 = _mm512_maskz_loadu_ps(m16, a.sum16f.as_ptr().add(i));
                             acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(p, off), s16, acc[t]);
                         }
                     } else {
@@ -559,12 +654,12 @@ pub mod avx512 {
                 }
                 for g in 0..nb / 2 {
                     let q = codes::<F>(row, c * 8 + g, table);
-                    let lanes = if F == Q6K { BY16[g % 4] } else { BY32[g] };
+                    let lanes = if per16(F) { BY16[g % 4] } else { BY32[g] };
                     let lanes = _mm512_loadu_si512(lanes.as_ptr() as *const __m512i);
                     for (t, a) in acts.iter().enumerate() {
                         let x = _mm512_loadu_si512(a.q.as_ptr().add((c * 8 + g) * 64) as *const __m512i);
                         let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x);
-                        let s = _mm512_permutexvar_ps(lanes, cs[t][if F == Q6K { g / 4 } else { 0 }]);
+                        let s = _mm512_permutexvar_ps(lanes, cs[t][if per16(F) { g / 4 } else { 0 }]);
                         acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc[t]);
                     }
                 }

@@ -35,7 +35,9 @@ pub enum GgufFormat {
     Uniform(GgmlType),
     /// `base` everywhere; Q6_K for the output head and, in the layers llama.cpp's
     /// `use_more_bits` picks (the first and last eighth, every third between), the FFN downs.
-    Mix { base: GgmlType },
+    Mix {
+        base: GgmlType,
+    },
 }
 
 impl GgufFormat {
@@ -78,14 +80,20 @@ impl GgufFormat {
             GgmlType::Q6K => GgmlType::Q8_0,
             _ => GgmlType::F32,
         };
-        if cols.is_multiple_of(fallback.block_elems()) { fallback } else { GgmlType::F32 }
+        if cols.is_multiple_of(fallback.block_elems()) {
+            fallback
+        } else {
+            GgmlType::F32
+        }
     }
 }
 
 /// The MTP layers the folder holds (a folder may be saved without them).
 fn mtp_layers(cfg: &Config, ck: &Checkpoint) -> usize {
     let n = cfg.num_hidden_layers;
-    (n..n + cfg.num_nextn_predict_layers).take_while(|l| ck.contains(&format!("model.layers.{l}.eh_proj.weight"))).count()
+    (n..n + cfg.num_nextn_predict_layers)
+        .take_while(|l| ck.contains(&format!("model.layers.{l}.eh_proj.weight")))
+        .count()
 }
 
 fn plan(cfg: &Config, ck: &Checkpoint, format: GgufFormat) -> Result<Vec<Out>> {

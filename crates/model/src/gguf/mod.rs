@@ -217,12 +217,18 @@ impl Gguf {
             let values = self.fold_kv_b(cfg, &kb, &vb)?;
             // The split tensors in place too, for the absorbed decode ([`crate::mla::Mla::split_kv_b`]).
             let (h, c, dn, dv) = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim);
-            for (name, hf, shape) in [
-                (&kb, crate::mla::SPLIT_K_B, vec![h * c, dn]),
-                (&vb, crate::mla::SPLIT_V_B, vec![h * dv, c]),
-            ] {
+            for (name, hf, shape) in
+                [(&kb, crate::mla::SPLIT_K_B, vec![h * c, dn]), (&vb, crate::mla::SPLIT_V_B, vec![h * dv, c])]
+            {
                 let (fi, t) = self.tensor(name).ok_or_else(|| self.bad(format!("`{name}` is missing")))?;
-                ck.add_ggml(format!("model.layers.{layer}.self_attn.{hf}.weight"), shape, t.kind, idx[fi], t.start, t.end);
+                ck.add_ggml(
+                    format!("model.layers.{layer}.self_attn.{hf}.weight"),
+                    shape,
+                    t.kind,
+                    idx[fi],
+                    t.start,
+                    t.end,
+                );
             }
             let rows = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim);
             ck.add_owned_f32(kv, vec![rows, cfg.kv_lora_rank], &values, self.path());
