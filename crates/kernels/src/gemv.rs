@@ -100,9 +100,7 @@ pub fn rows_dots_quantized(w: &MatRef, rows: Range<usize>, acts: &[crate::ggml::
         use crate::ggml::vnni::avx512;
         match *w {
             MatRef::Ggml { data, kind, .. } => avx512::rows_dots(kind, data, cols, rows, acts, out),
-            MatRef::Fp4 { data, scales, tensor_scale, kind, .. } => {
-                avx512::rows_dots_fp4(kind, data, scales, tensor_scale, cols, rows, acts, out)
-            }
+            MatRef::Fp4 { .. } => avx512::rows_dots_fp4(w, rows, acts, out),
             _ => panic!("rows_dots_quantized: not a ggml or FP4 matrix"),
         }
     }

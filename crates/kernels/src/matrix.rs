@@ -157,7 +157,8 @@ impl<'a> MatRef<'a> {
                 }
             }
             MatRef::Fp4 { data, scales, tensor_scale, cols, kind, .. } => {
-                fp4_decode_range(data, scales, tensor_scale, cols, kind, r, c0, out)
+                let (codes, srow) = fp4_row(data, scales, cols, kind, r);
+                fp4_decode_range(codes, srow, tensor_scale, kind, c0, out)
             }
             MatRef::Ggml { data, cols, kind, .. } => {
                 let rb = cols / kind.block_elems() * kind.block_bytes();
@@ -194,10 +195,11 @@ impl<'a> MatRef<'a> {
                 }
             }
             MatRef::Fp4 { data, scales, tensor_scale, cols, kind, .. } => {
+                let (codes, srow) = fp4_row(data, scales, cols, kind, r);
                 let mut buf = [0f32; 128];
                 for (i, ys) in y.chunks_mut(128).enumerate() {
                     let vals = &mut buf[..ys.len()];
-                    fp4_decode_range(data, scales, tensor_scale, cols, kind, r, c0 + 128 * i, vals);
+                    fp4_decode_range(codes, srow, tensor_scale, kind, c0 + 128 * i, vals);
                     dot::axpy_f32(ys, a, vals);
                 }
             }
@@ -207,4 +209,10 @@ impl<'a> MatRef<'a> {
             }
         }
     }
+}
+
+/// Row `r`'s packed codes and scale codes of an FP4 matrix.
+fn fp4_row<'a>(data: &'a [u8], scales: &'a [u8], cols: usize, kind: Fp4Kind, r: usize) -> (&'a [u8], &'a [u8]) {
+    let nb = cols.div_ceil(kind.block());
+    (&data[r * cols.div_ceil(2)..][..cols.div_ceil(2)], &scales[r * nb..][..nb])
 }

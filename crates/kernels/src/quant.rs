@@ -204,19 +204,10 @@ pub fn fp4_element(
 /// E2M1's sixteen values by code (sign bit 3), as [`E2M1`] decodes them.
 const E2M1_VALUES: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
 
-/// Values `c0..c0 + out.len()` of row `r` ([`fp4_element`] for each, a block's scale decoded once).
-pub fn fp4_decode_range(
-    data: &[u8],
-    scales: &[u8],
-    tensor_scale: f32,
-    cols: usize,
-    kind: Fp4Kind,
-    r: usize,
-    c0: usize,
-    out: &mut [f32],
-) {
-    let (bs, nb) = (kind.block(), cols.div_ceil(kind.block()));
-    let (codes, srow) = (&data[r * cols.div_ceil(2)..], &scales[r * nb..][..nb]);
+/// Values `c0..c0 + out.len()` of one row ([`fp4_element`] for each, a block's scale decoded
+/// once): `codes` and `srow` are the row's packed codes and scale codes.
+pub fn fp4_decode_range(codes: &[u8], srow: &[u8], tensor_scale: f32, kind: Fp4Kind, c0: usize, out: &mut [f32]) {
+    let bs = kind.block();
     let mut c = c0;
     for o in out.chunks_mut(bs) {
         // Up to the end of `c`'s block.
@@ -250,7 +241,9 @@ mod tests {
             let scales: Vec<u8> = (0..rows * cols.div_ceil(kind.block())).map(|_| rng.gen_range(0x20..0x70)).collect();
             for (c0, n) in [(0, 200), (5, 60), (31, 2), (17, 183)] {
                 let mut got = vec![0f32; n];
-                fp4_decode_range(&data, &scales, 0.5, cols, kind, 2, c0, &mut got);
+                let nb = cols.div_ceil(kind.block());
+                let (codes, srow) = (&data[2 * cols.div_ceil(2)..], &scales[2 * nb..3 * nb]);
+                fp4_decode_range(codes, srow, 0.5, kind, c0, &mut got);
                 for (j, g) in got.iter().enumerate() {
                     let want = fp4_element(&data, &scales, 0.5, cols, kind, 2, c0 + j);
                     assert_eq!(g.to_bits(), want.to_bits(), "{kind:?} column {}", c0 + j);

@@ -538,25 +538,18 @@ pub mod avx512 {
         }
     }
 
-    /// [`rows_dots`] for dsv3's FP4 matrices (`data` `[rows, k/2]` codes, `scales` `[rows,
-    /// k/block]`).
+    /// [`rows_dots`] for dsv3's FP4 matrices ([`crate::MatRef::Fp4`]).
     ///
     /// # Safety
-    /// As [`rows_dots`]; the slices hold `rows.end` rows.
-    pub unsafe fn rows_dots_fp4(
-        kind: crate::quant::Fp4Kind,
-        data: &[u8],
-        scales: &[u8],
-        tensor_scale: f32,
-        k: usize,
-        rows: Range<usize>,
-        acts: &[QuantAct],
-        out: &mut [f32],
-    ) {
+    /// As [`rows_dots`], with `w` validated.
+    pub unsafe fn rows_dots_fp4(w: &crate::MatRef, rows: Range<usize>, acts: &[QuantAct], out: &mut [f32]) {
+        let crate::MatRef::Fp4 { data, scales, tensor_scale, cols, kind, .. } = *w else {
+            panic!("rows_dots_fp4: not an FP4 matrix")
+        };
         let src = Src { data, scales, tensor_scale };
         match kind {
-            crate::quant::Fp4Kind::Mx => by_tokens::<FP4_MX>(src, k, rows, acts, out),
-            crate::quant::Fp4Kind::Nv => by_tokens::<FP4_NV>(src, k, rows, acts, out),
+            crate::quant::Fp4Kind::Mx => by_tokens::<FP4_MX>(src, cols, rows, acts, out),
+            crate::quant::Fp4Kind::Nv => by_tokens::<FP4_NV>(src, cols, rows, acts, out),
         }
     }
 
