@@ -59,8 +59,9 @@ pub fn rows_dots(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, out: &mut 
     }
 }
 
-/// The tokens `x [m, k]` as int8 activations, when `w` takes the integer body (Q8_0, Q4_K, Q6_K
-/// on a CPU with AVX-512 VNNI): a caller running many row ranges quantizes them once.
+/// The tokens `x [m, k]` as int8 activations, when `w` takes the integer body (the ggml formats
+/// of [`crate::ggml::vnni::handles`] and FP4, on a CPU with AVX-512 VNNI and VBMI): a caller
+/// running many row ranges quantizes them once.
 pub fn quantized_acts(w: &MatRef, x: &[f32], m: usize) -> Option<Vec<crate::ggml::vnni::QuantAct>> {
     use crate::ggml::vnni;
     let (integer, cols) = match *w {
@@ -311,8 +312,9 @@ mod avx512 {
         }
     }
 
-    /// Rows of a ggml matrix: Q8_0, Q4_K and Q6_K as integer dot products with int8 activations
-    /// (where the CPU has VNNI), IQ4_XS decoded in registers, the others through the chunked path.
+    /// Rows of a ggml matrix: integer dot products with int8 activations where the format and CPU
+    /// allow ([`crate::ggml::vnni`]), else IQ4_XS decoded in registers and the others through the
+    /// chunked path.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn ggml_rows<const M: usize>(

@@ -478,34 +478,24 @@ pub mod avx512 {
         }
     }
 
-    /// Lane-index vectors: the scale of 32 values (or Q6_K's of 16) for each i32 lane of a
-    /// `vpdpbusd` over 64 values, from the chunk's vector of sixteen scales.
-    const BY32: [[i32; 16]; 8] = {
-        let mut t = [[0; 16]; 8];
+    /// Lane-index vectors: for each i32 lane (4 values) of the `vpdpbusd` over values
+    /// `64·g..64·g + 64`, the index of its scale in the chunk's vector of sixteen, scales covering
+    /// `per` values each (32, or 16 for Q6_K and NVFP4).
+    const fn lane_scales<const G: usize>(per: usize) -> [[i32; 16]; G] {
+        let mut t = [[0; 16]; G];
         let mut g = 0;
-        while g < 8 {
+        while g < G {
             let mut l = 0;
             while l < 16 {
-                t[g][l] = (2 * g + l / 8) as i32;
+                t[g][l] = ((64 * g + 4 * l) / per) as i32;
                 l += 1;
             }
             g += 1;
         }
         t
-    };
-    const BY16: [[i32; 16]; 4] = {
-        let mut t = [[0; 16]; 4];
-        let mut g = 0;
-        while g < 4 {
-            let mut l = 0;
-            while l < 16 {
-                t[g][l] = (4 * g + l / 4) as i32;
-                l += 1;
-            }
-            g += 1;
-        }
-        t
-    };
+    }
+    const BY32: [[i32; 16]; 8] = lane_scales::<8>(32);
+    const BY16: [[i32; 16]; 4] = lane_scales::<4>(16);
 
     /// `out[j·m + t]` for the rows of `rows` against the `m` quantized tokens.
     ///
