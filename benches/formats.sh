@@ -13,10 +13,14 @@ DSV3=${DSV3:-target/release/dsv3}
 for f in f32 fp8 fp4 mxfp4; do
   [ -d "$DIR/conv-$f" ] || "$DSV3" convert --from "$DIR/bf16" --to "$DIR/conv-$f" --format "$f" --max-memory 2G
 done
+# The same with the embedding and head in FP8 too (`--quantize-head`).
+for f in fp8 mxfp4; do
+  [ -d "$DIR/conv-$f-qh" ] || "$DSV3" convert --from "$DIR/bf16" --to "$DIR/conv-$f-qh" --format "$f" --quantize-head --max-memory 2G
+done
 echo "| format | checkpoint MB | peak RSS MB | prefill tok/s | decode tok/s | decode vs bf16 |"
 echo "|---|---|---|---|---|---|"
 base=""
-for spec in "bf16:$DIR/bf16:none" "f32:$DIR/conv-f32:none" "fp8:$DIR/conv-fp8:none" "fp8 + act-quant fp8:$DIR/conv-fp8:fp8" "nvfp4:$DIR/conv-fp4:none" "mxfp4:$DIR/conv-mxfp4:none"; do
+for spec in "bf16:$DIR/bf16:none" "f32:$DIR/conv-f32:none" "fp8:$DIR/conv-fp8:none" "fp8 + act-quant fp8:$DIR/conv-fp8:fp8" "nvfp4:$DIR/conv-fp4:none" "mxfp4:$DIR/conv-mxfp4:none" "fp8 + FP8 head:$DIR/conv-fp8-qh:none" "mxfp4 + FP8 head:$DIR/conv-mxfp4-qh:none"; do
   IFS=: read -r name dir aq <<< "$spec"
   size=$(du -sm "$dir" | cut -f1)
   json=$("$DSV3" bench --model "$dir" --prompt-len 128 --gen 64 --act-quant "$aq" --json)

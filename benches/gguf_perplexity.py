@@ -32,13 +32,17 @@ def main():
     log = out.stdout + out.stderr
     llama_running = [float(v) for v in re.findall(r"\[\d+\]([\d.]+),", log)]
     llama_final = float(re.search(r"Final estimate: PPL = ([\d.]+)", log).group(1))
-    tok = json.loads(subprocess.run([str(DSV3), "tokenize", "--tokenizer", str(a.model), "--text", a.text.read_text(),
-                                     "--json"], check=True, capture_output=True, text=True).stdout)["ids"]
+    def tokenize(text):
+        return json.loads(subprocess.run([str(DSV3), "tokenize", "--tokenizer", str(a.model), "--text", text, "--json"],
+                                         check=True, capture_output=True, text=True).stdout)["ids"]
+    tok = tokenize(a.text.read_text())
+    # llama-perplexity puts BOS first in each chunk where the vocabulary adds one, and otherwise
+    # scores the text's own tokens.
+    bos = tokenize("")[:1]
     n, first = a.ctx, a.ctx // 2
-    bos = tok[0]
     nll, count, running = 0.0, 0, []
     for i in range(min(a.chunks, len(tok) // n)):
-        ids = [bos] + tok[i * n + 1:(i + 1) * n]
+        ids = bos + tok[i * n + len(bos):(i + 1) * n]
         s = json.loads(subprocess.run([str(DSV3), "score", "--model", str(a.model), "--ids", ",".join(map(str, ids)),
                                        "--json"], check=True, capture_output=True, text=True).stdout)
         lp = s["logprobs"][first:n - 1]

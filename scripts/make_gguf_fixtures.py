@@ -153,7 +153,7 @@ def gguf_tensors(cfg, st, split_mla):
     return out
 
 
-def tokenizer_metadata(w, tok_dir, vocab_size):
+def tokenizer_metadata(w, tok_dir, vocab_size, pre="deepseek-v3"):
     """The tokenizer as llama.cpp's converter stores it (`_set_vocab_gpt2`), padded or cut to
     `vocab_size` ids ([PADn] tokens, UNUSED, fill the gap as the converter does)."""
     tj = json.load(open(os.path.join(tok_dir, "tokenizer.json")))
@@ -170,7 +170,7 @@ def tokenizer_metadata(w, tok_dir, vocab_size):
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     merges = [m for m in merges if all(p in keep for p in m.split(" ", 1)) and m.replace(" ", "", 1) in keep]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("deepseek-v3")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(names)
     w.add_token_types(types)
     w.add_token_merges(merges)

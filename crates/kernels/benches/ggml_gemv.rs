@@ -1,7 +1,8 @@
 //! Decode-time GEMV throughput per ggml format: one `[rows, cols]` matrix against 1 token,
 //! GB/s of weight bytes read (`cargo bench -p dsv3-kernels --bench ggml_gemv`). With
 //! `GGML_GEMV_BIG=1`, a matrix past the last-level cache on every core: the streamed rate a
-//! decode sees.
+//! decode sees. `GGML_GEMV_M=8`: 8 tokens at once (prefill and batched decode), Gweights/s
+//! counting each token's products.
 
 use dsv3_kernels::ggml::{self, GgmlType};
 use dsv3_kernels::{gemv, MatRef};
@@ -11,7 +12,8 @@ fn main() {
     let big = std::env::var("GGML_GEMV_BIG").is_ok_and(|v| v == "1");
     let (rows, cols) = if big { (65536usize, 2048usize) } else { (4096usize, 2048usize) };
     let threads = if big { rayon::current_num_threads() } else { 1 };
-    let x: Vec<f32> = (0..cols).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let m: usize = std::env::var("GGML_GEMV_M").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let x: Vec<f32> = (0..m * cols).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
     // `cargo bench ... -- q4_K q6_K` times only those formats.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     for ty in ggml::ALL.into_iter().filter(|t| only.is_empty() || only.iter().any(|o| o == t.name())) {
@@ -42,16 +44,16 @@ fn main() {
             }
         }
         let w = MatRef::Ggml { data: &data, rows, cols, kind: ty };
-        let mut out = vec![0f32; rows];
+        let mut out = vec![0f32; rows * m];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         let run = |out: &mut [f32]| {
             use rayon::prelude::*;
             // Bands of rows per thread, as the decode's matmul jobs split them.
             let band = rows / (8 * threads);
             pool.install(|| {
-                out.par_chunks_mut(band)
+                out.par_chunks_mut(band * m)
                     .enumerate()
-                    .for_each(|(i, o)| gemv::rows_dots(&w, i * band..(i + 1) * band, &x, 1, o))
+                    .for_each(|(i, o)| gemv::rows_dots(&w, i * band..(i + 1) * band, &x, m, o))
             })
         };
         run(&mut out);
@@ -62,11 +64,11 @@ fn main() {
         }
         let s = t.elapsed().as_secs_f64() / reps as f64;
         println!(
-            "{:8} {:5.2} bpw  {:7.2} GB/s  {:7.2} Gweights/s ({threads} threads)",
+            "{:8} {:5.2} bpw  {:7.2} GB/s  {:7.2} Gweights/s ({threads} threads, {m} tokens)",
             ty.name(),
             ty.bits_per_weight(),
             bytes as f64 / s / 1e9,
-            (rows * cols) as f64 / s / 1e9
+            (rows * cols * m) as f64 / s / 1e9
         );
     }
 }

@@ -21,6 +21,10 @@ pub mod reference {
         x.iter().zip(w).map(|(x, &b)| x * fp8_e4m3_to_f32(b)).sum()
     }
 
+    pub fn dot_fp8_scaled(x: &[f32], w: &[u8], scales: &[f32], block: usize) -> f32 {
+        x.chunks(block).zip(w.chunks(block)).zip(scales).map(|((x, w), s)| dot_fp8(x, w) * s).sum()
+    }
+
     pub fn axpy_f32(y: &mut [f32], a: f32, w: &[f32]) {
         y.iter_mut().zip(w).for_each(|(y, w)| *y += a * w);
     }
@@ -37,7 +41,9 @@ pub mod reference {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 macro_rules! dispatch {
@@ -58,18 +64,21 @@ macro_rules! dispatch {
 dispatch!(dot_f32(a: &[f32], b: &[f32]) -> f32);
 dispatch!(dot_bf16(x: &[f32], w: &[u8]) -> f32);
 dispatch!(dot_fp8(x: &[f32], w: &[u8]) -> f32);
+// `Σ_b scales[b] · (x · w over block b)` for blocks of `block` values: one FP8 row against one
+// token with its block scales (the decode of an FP8 Linear).
+dispatch!(dot_fp8_scaled(x: &[f32], w: &[u8], scales: &[f32], block: usize) -> f32);
 dispatch!(axpy_f32(y: &mut [f32], a: f32, w: &[f32]));
 dispatch!(axpy_bf16(y: &mut [f32], a: f32, w: &[u8]));
 dispatch!(axpy_fp8(y: &mut [f32], a: f32, w: &[u8]));
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::reference;
     use std::arch::x86_64::*;
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
@@ -139,6 +148,47 @@ mod avx2 {
         dot_body!(x, n, |i| fp8x8(wp.add(i)), |i: usize| reference::dot_fp8(&x[i..n], &w[i..n]))
     }
 
+    /// 16 E4M3FN bytes at `p` as f16, then f32: each byte sign-extended to 16 bits and shifted
+    /// left by 7 lands its exponent and mantissa where an f16 keeps them and its sign in bit 15;
+    /// clearing the sign copy in bit 14 leaves the value × 2⁻⁸ (E4M3's subnormals are f16
+    /// subnormals, converted exactly).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fp8x16_scaled_down(p: *const u8) -> (__m256, __m256) {
+        let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i));
+        let h = _mm256_and_si256(_mm256_slli_epi16::<7>(v), _mm256_set1_epi16(0xBF80u16 as i16));
+        (_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)))
+    }
+
+    /// [`super::dot_fp8_scaled`]: each block's products summed in vector lanes and scaled there
+    /// (with the 2⁸ of [`fp8x16_scaled_down`] folded into the scale), one horizontal sum per row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_fp8_scaled(x: &[f32], w: &[u8], scales: &[f32], block: usize) -> f32 {
+        let n = x.len().min(w.len());
+        if !block.is_multiple_of(16) || scales.len() < n.div_ceil(block) {
+            return reference::dot_fp8_scaled(&x[..n], &w[..n], scales, block);
+        }
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut total = _mm256_setzero_ps();
+        let mut tail = 0f32;
+        for (b, &s) in scales.iter().enumerate().take(n.div_ceil(block)) {
+            let (start, end) = (b * block, ((b + 1) * block).min(n));
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = start;
+            while i + 16 <= end {
+                let (w0, w1) = fp8x16_scaled_down(wp.add(i));
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), w0, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 8)), w1, a1);
+                i += 16;
+            }
+            total = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(s * 256.0), total);
+            if i < end {
+                tail += reference::dot_fp8(&x[i..end], &w[i..end]) * s;
+            }
+        }
+        hsum(total) + tail
+    }
+
     macro_rules! axpy_body {
         ($y:ident, $a:ident, $n:expr, $load:expr, $tail:expr) => {{
             let n = $n;
@@ -204,6 +254,20 @@ mod tests {
             assert!(close(dot_bf16(&x, &wb), reference::dot_bf16(&x, &wb), n));
             let (d, r) = (dot_fp8(&x, &w8), reference::dot_fp8(&x, &w8));
             assert!((d - r).abs() <= 1e-4 * (1.0 + r.abs()) * (n as f32).sqrt(), "{n}: {d} vs {r}");
+            // Block-scaled: whole and ragged blocks, sizes the vector body takes and others.
+            for block in [16usize, 48, 128, 7] {
+                let scales: Vec<f32> = (0..n.div_ceil(block)).map(|_| rng.gen_range(0.001..3.0)).collect();
+                let (d, r) =
+                    (dot_fp8_scaled(&x, &w8, &scales, block), reference::dot_fp8_scaled(&x, &w8, &scales, block));
+                // Bounded by Σ|x·w|·s: the row's magnitude.
+                let mag: f32 = x
+                    .iter()
+                    .zip(&w8)
+                    .enumerate()
+                    .map(|(i, (a, &b))| (a * crate::codec::fp8_e4m3_to_f32(b) * scales[i / block]).abs())
+                    .sum();
+                assert!((d - r).abs() <= 1e-5 * (1.0 + mag), "{n} block {block}: {d} vs {r}");
+            }
 
             let a = rng.gen_range(-1.0..1.0);
             let y0: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();

@@ -10,7 +10,7 @@
 
 use crate::dot;
 use crate::matrix::MatRef;
-use crate::quant::fp4_element;
+use crate::quant::fp4_decode_range;
 use std::ops::Range;
 
 /// Most tokens one call handles (the register budget of the AVX-512 body).
@@ -35,6 +35,12 @@ pub fn rows_dots(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, out: &mut 
         unsafe { avx512::rows_dots(w, rows, x, m, out) };
         return;
     }
+    // AVX2: ggml matrices through the integer body where it takes them (as the AVX-512 body
+    // does; FP4 stays in f32 here, and takes the integer body through [`quantized_acts`]).
+    if let Some(acts) = matches!(w, MatRef::Ggml { .. }).then(|| quantized_acts(w, x, m)).flatten() {
+        return rows_dots_quantized(w, rows, &acts, out);
+    }
+    let mut fp4_row = Vec::new();
     for (j, r) in rows.enumerate() {
         for t in 0..m {
             let xt = &x[t * k..(t + 1) * k];
@@ -44,11 +50,16 @@ pub fn rows_dots(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, out: &mut 
                 MatRef::Fp8 { data, scale_inv, block, .. } => {
                     let nb = k.div_ceil(block[1]);
                     let scales = &scale_inv[(r / block[0]) * nb..][..nb];
-                    let chunks = xt.chunks(block[1]).zip(data[r * k..][..k].chunks(block[1]));
-                    chunks.zip(scales).map(|((xb, wb), s)| dot::dot_fp8(xb, wb) * s).sum()
+                    dot::dot_fp8_scaled(xt, &data[r * k..][..k], scales, block[1])
                 }
                 MatRef::Fp4 { data, scales, tensor_scale, kind, .. } => {
-                    (0..k).map(|c| xt[c] * fp4_element(data, scales, tensor_scale, k, kind, r, c)).sum()
+                    if t == 0 {
+                        let nb = k.div_ceil(kind.block());
+                        fp4_row.resize(k, 0.0);
+                        let (codes, srow) = (&data[r * k.div_ceil(2)..][..k.div_ceil(2)], &scales[r * nb..][..nb]);
+                        fp4_decode_range(codes, srow, tensor_scale, kind, 0, &mut fp4_row);
+                    }
+                    dot::dot_f32(xt, &fp4_row)
                 }
                 MatRef::Ggml { data, kind, .. } => {
                     let rb = k / kind.block_elems() * kind.block_bytes();
@@ -60,7 +71,7 @@ pub fn rows_dots(w: &MatRef, rows: Range<usize>, x: &[f32], m: usize, out: &mut 
 }
 
 /// The tokens `x [m, k]` as int8 activations, when `w` takes the integer body (the ggml formats
-/// of [`crate::ggml::vnni::handles`] and FP4, on a CPU with AVX-512 VNNI and VBMI): a caller
+/// of [`crate::ggml::vnni::handles`] and FP4, on a CPU with AVX-512 VNNI and VBMI, or AVX2): a caller
 /// running many row ranges quantizes them once.
 pub fn quantized_acts(w: &MatRef, x: &[f32], m: usize) -> Option<Vec<crate::ggml::vnni::QuantAct>> {
     use crate::ggml::vnni;
@@ -70,7 +81,7 @@ pub fn quantized_acts(w: &MatRef, x: &[f32], m: usize) -> Option<Vec<crate::ggml
         _ => return None,
     };
     #[cfg(target_arch = "x86_64")]
-    if integer && cols.is_multiple_of(64) && vnni::avx512::available() {
+    if integer && cols > 0 && cols.is_multiple_of(64) && (vnni::avx512::available() || crate::ggml::avx2::available()) {
         use rayon::prelude::*;
         // Prefill's many tokens in parallel: the caller would run them on one thread.
         return Some(match m * cols >= 1 << 16 {
@@ -82,28 +93,35 @@ pub fn quantized_acts(w: &MatRef, x: &[f32], m: usize) -> Option<Vec<crate::ggml
     None
 }
 
-/// [`rows_dots`] with the tokens [`quantized_acts`] made.
+/// [`rows_dots`] with the tokens [`quantized_acts`] made (any number of them).
 pub fn rows_dots_quantized(w: &MatRef, rows: Range<usize>, acts: &[crate::ggml::vnni::QuantAct], out: &mut [f32]) {
     let cols = w.cols();
     assert!(
-        rows.end <= w.rows()
-            && acts.iter().all(|a| a.q.len() == cols)
-            && out.len() >= rows.len() * acts.len()
-            && acts.len() <= MAX_TOKENS,
+        rows.end <= w.rows() && acts.iter().all(|a| a.q.len() == cols) && out.len() >= rows.len() * acts.len(),
         "rows_dots_quantized shape mismatch"
     );
     if let Err(e) = w.validate() {
         panic!("rows_dots_quantized: {e}");
     }
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `acts` exist only where the CPU has VNNI ([`quantized_acts`]); shapes checked above.
+    // SAFETY: `acts` exist only where the CPU has VNNI or AVX2 ([`quantized_acts`]); shapes
+    // checked above.
     unsafe {
-        use crate::ggml::vnni::avx512;
-        match *w {
-            MatRef::Ggml { data, kind, .. } => avx512::rows_dots(kind, data, cols, rows, acts, out),
-            MatRef::Fp4 { .. } => avx512::rows_dots_fp4(w, rows, acts, out),
-            _ => panic!("rows_dots_quantized: not a ggml or FP4 matrix"),
+        use crate::ggml::{avx2, vnni::avx512};
+        if avx512::available() {
+            match *w {
+                MatRef::Ggml { data, kind, .. } => avx512::rows_dots(kind, data, cols, rows, acts, out),
+                MatRef::Fp4 { .. } => avx512::rows_dots_fp4(w, rows, acts, out),
+                _ => panic!("rows_dots_quantized: not a ggml or FP4 matrix"),
+            }
+            return;
         }
+        let src = match *w {
+            MatRef::Ggml { data, kind, .. } => avx2::Src::Ggml { data, kind },
+            MatRef::Fp4 { data, scales, tensor_scale, kind, .. } => avx2::Src::Fp4 { data, scales, tensor_scale, kind },
+            _ => panic!("rows_dots_quantized: not a ggml or FP4 matrix"),
+        };
+        avx2::rows_dots(src, cols, rows, acts, out)
     }
 }
 

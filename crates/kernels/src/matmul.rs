@@ -117,9 +117,12 @@ pub fn matmul_nt_batch(jobs: &mut [NtJob], g: Gemm) {
             }
             return;
         }
-        let mut dots = vec![0f32; range.len() * GROUP];
-        for t0 in (0..m).step_by(GROUP) {
-            let g = GROUP.min(m - t0);
+        // The integer body takes every token at once (each row's codes decoded once); the
+        // others run GROUP tokens at a time.
+        let group = if job.qx.is_some() { m } else { GROUP };
+        let mut dots = vec![0f32; range.len() * group];
+        for t0 in (0..m).step_by(group) {
+            let g = group.min(m - t0);
             match &job.qx {
                 Some(q) => crate::gemv::rows_dots_quantized(&job.w, rows.clone(), &q[t0..t0 + g], &mut dots),
                 None => rows_dots(&job.w, rows.clone(), &job.x[t0 * k..(t0 + g) * k], g, &mut dots),

@@ -177,6 +177,16 @@ fn integer_dot_products_match_their_reference() {
                 let mut got = vec![0f32; rows * m];
                 gemv::rows_dots(&w, 0..rows, &x, m, &mut got);
                 let rb = ty.row_bytes(k).unwrap();
+                // The integer body where this CPU runs this format with it (else the f32 path).
+                let integer = gemv::quantized_acts(&w, &x[..k], 1).is_some();
+                for t in 0..m {
+                    // Each token's sums are the same alone as beside others, bit for bit.
+                    let mut alone = vec![0f32; rows];
+                    gemv::rows_dots(&w, 0..rows, &x[t * k..][..k], 1, &mut alone);
+                    for r in 0..rows {
+                        assert_eq!(got[r * m + t].to_bits(), alone[r].to_bits(), "{ty}: token {t} of {m}");
+                    }
+                }
                 for r in 0..rows {
                     for t in 0..m {
                         let xt = &x[t * k..][..k];
@@ -185,10 +195,60 @@ fn integer_dot_products_match_their_reference() {
                         let exact: f64 = row.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
                         let mag: f64 = row.iter().zip(xt).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
                         let g = got[r * m + t];
-                        assert!(((g - int) as f64).abs() <= 1e-5 * mag, "{ty}: kernel {g} vs integer reference {int}");
+                        let want = if integer { int as f64 } else { exact };
+                        assert!(
+                            (g as f64 - want).abs() <= 1e-5 * mag,
+                            "{ty}: kernel {g} vs {want} (integer: {integer})"
+                        );
                         // int8 activations per 32 values: within ~1% of Σ|w·x| of the f32 product.
                         assert!((g as f64 - exact).abs() <= 1e-2 * mag, "{ty}: {g} vs f64 {exact}");
                     }
+                }
+            }
+        }
+    }
+}
+
+/// The AVX2 integer body on every format it takes (the dispatch sends the 1–3-bit formats to the
+/// f32 path on AVX2, so this runs the body directly), against the integer reference.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_integer_body_matches_the_reference() {
+    use ggml::avx2;
+    use ggml::vnni::reference;
+    if !avx2::available() {
+        eprintln!("no AVX2 here: nothing to check");
+        return;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(29);
+    for ty in ggml::ALL.into_iter().filter(|t| ggml::vnni::handles(*t)) {
+        let (blocks, values) = blocks_and_values(ty);
+        let blocks: Vec<u8> = blocks
+            .chunks_exact(ty.block_bytes())
+            .zip(values.chunks_exact(ty.block_elems()))
+            .filter(|(_, v)| v.iter().all(|x| x.abs() < 1e4))
+            .flat_map(|(b, _)| b.to_vec())
+            .collect();
+        // Eight blocks of 32 and a ragged rest (1216 = 4·256 + 6·32), where the format allows.
+        let k = if ty.block_elems() == 32 { 1216 } else { 1024 };
+        let rows = 3;
+        let nb = k / ty.block_elems() * rows;
+        let data: Vec<u8> = blocks.chunks_exact(ty.block_bytes()).cycle().skip(2).take(nb).flatten().copied().collect();
+        let rb = ty.row_bytes(k).unwrap();
+        let dense = MatRef::Ggml { data: &data, rows, cols: k, kind: ty }.to_f32();
+        for m in [1, 3, 8] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            // SAFETY: AVX2 checked above; whole blocks, k codes per token, out of rows·m.
+            let acts: Vec<_> = x.chunks(k).map(|x| unsafe { avx2::quantize_act(x) }).collect();
+            let mut got = vec![0f32; rows * m];
+            unsafe { avx2::rows_dots(avx2::Src::Ggml { data: &data, kind: ty }, k, 0..rows, &acts, &mut got) };
+            for r in 0..rows {
+                for (t, a) in acts.iter().enumerate() {
+                    let want = reference::row_dot(ty, &data[r * rb..][..rb], a);
+                    let mag: f64 =
+                        (0..k).map(|c| (dense[r * k + c] as f64 * a.q[c] as f64 * a.d[c / 32] as f64).abs()).sum();
+                    let g = got[r * m + t];
+                    assert!(((g - want) as f64).abs() <= 1e-5 * mag, "{ty} m={m}: {g} vs {want}");
                 }
             }
         }
@@ -263,10 +323,17 @@ fn vector_activation_quantizer_equals_the_scalar_one() {
     x[96] = 127.0;
     x[97] = 0.5;
     x[98] = -1.5;
-    let (a, b) = (quantize_act(&x), reference::quantize_act(&x));
-    assert_eq!(a.q, b.q);
-    assert_eq!(a.d, b.d);
-    assert_eq!(a.sum16, b.sum16);
+    // Whole spans, and a row ending inside one (1216 = 2·512 + 192).
+    for x in [&x[..], &x[..1216]] {
+        let (a, b) = (quantize_act(x), reference::quantize_act(x));
+        assert_eq!(a.q, b.q);
+        assert_eq!(a.d, b.d);
+        assert_eq!(a.sum16, b.sum16);
+        // (The AVX2 quantizer leaves out the layouts only the AVX-512 body reads.)
+        if !a.spans()[0].is_empty() {
+            assert_eq!(a.spans(), b.spans(), "the transposed layouts");
+        }
+    }
 }
 
 /// dsv3's own MXFP4 / NVFP4 through the integer body: the decoded weights against the int8

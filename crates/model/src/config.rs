@@ -388,6 +388,21 @@ impl Config {
     }
 }
 
+/// `config_json` as a Hugging Face folder's `config.json` states it: with the `architectures`
+/// entry the official configs carry, which transformers' auto classes and llama.cpp's converter
+/// select the model by (kept as it is when present).
+pub fn with_architectures(config_json: &serde_json::Value) -> serde_json::Value {
+    let mut cj = config_json.clone();
+    if cj.get("architectures").is_none() {
+        let class = match cj.get("model_type").and_then(|v| v.as_str()) {
+            Some("deepseek_v2") => "DeepseekV2ForCausalLM",
+            _ => "DeepseekV3ForCausalLM",
+        };
+        cj["architectures"] = serde_json::json!([class]);
+    }
+    cj
+}
+
 /// YaRN's magnitude correction `0.1·m·ln(s) + 1` (1 for s ≤ 1).
 pub fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
     if scale <= 1.0 {

@@ -3,8 +3,12 @@
 //! Linear weights (the tensors the official release stores in FP8) become the target format:
 //! FP8 E4M3 with 128×128 `weight_scale_inv` blocks, FP4 (NVFP4 in NVIDIA ModelOpt's layout or
 //! MXFP4), bf16 or f32. Everything else (embedding, head, norms, router, `eh_proj`) is bf16, or f32
-//! for an f32 target; `e_score_correction_bias` stays f32 as in the release. FP8 → bf16 is
-//! DeepSeek's `fp8_cast_bf16.py`: `bf16(q · scale_inv)` per element.
+//! for an f32 target; `e_score_correction_bias` stays f32 as in the release. With `quantize_head`
+//! the embedding and the head (and the MTP layer's copies of them) are FP8 as well: off by default
+//! to stay byte-faithful to the release, where the head is ~5% of the active bytes; on a small
+//! model with DeepSeek's 129,280-id vocabulary it is most of them (dsv3 loads such a folder;
+//! transformers' FP8 loader expects a bf16 head). FP8 → bf16 is DeepSeek's `fp8_cast_bf16.py`:
+//! `bf16(q · scale_inv)` per element.
 //!
 //! Tensors are read with positioned reads (no mapping) in bands of rows sized so the buffers in
 //! flight stay under `max_memory`; each output shard is written to a temporary folder that is
@@ -196,9 +200,17 @@ enum Plan {
     Fp4(Fp4Kind),
 }
 
-fn plan(name: &str, target: Target, ndim: usize) -> Plan {
+/// The vocabulary matrices: the embedding, the head, and the MTP layer's copies of them.
+fn is_vocab_matrix(name: &str) -> bool {
+    ["embed_tokens.weight", "lm_head.weight", "shared_head.head.weight"].iter().any(|s| name.ends_with(s))
+}
+
+fn plan(name: &str, target: Target, quantize_head: bool, ndim: usize) -> Plan {
     if name.ends_with("e_score_correction_bias") {
         return Plan::F32;
+    }
+    if quantize_head && target != Target::F32 && ndim == 2 && is_vocab_matrix(name) {
+        return Plan::Fp8;
     }
     match (target, is_linear_weight(name) && ndim == 2) {
         (Target::F32, _) => Plan::F32,
@@ -234,8 +246,9 @@ fn outputs(name: &str, p: Plan, shape: &[usize], rows: usize, cols: usize) -> Ve
     }
 }
 
-/// Converts the checkpoint in `from` into a new folder `to` (which must not exist or be empty).
-pub fn convert(from: &Path, to: &Path, target: Target, max_memory: usize) -> Result<Report> {
+/// Converts the checkpoint in `from` into a new folder `to` (which must not exist or be empty);
+/// `quantize_head` stores the embedding and head in FP8 too.
+pub fn convert(from: &Path, to: &Path, target: Target, quantize_head: bool, max_memory: usize) -> Result<Report> {
     if to.exists() && std::fs::read_dir(to).map_err(|e| ModelError::io(to, e))?.next().is_some() {
         return Err(ModelError::Input(format!(
             "{} exists and is not empty; convert writes a new folder",
@@ -267,7 +280,7 @@ pub fn convert(from: &Path, to: &Path, target: Target, max_memory: usize) -> Res
         for shard in &shards {
             let fname = shard.path.file_name().expect("a file").to_owned();
             let out_path = tmp.join(&fname);
-            let written = convert_shard(shard, &out_path, target, src_block, &mut acct, &mut report)?;
+            let written = convert_shard(shard, &out_path, (target, quantize_head), src_block, &mut acct, &mut report)?;
             for name in written {
                 weight_map.insert(name, serde_json::Value::String(fname.to_string_lossy().into()));
             }
@@ -335,7 +348,7 @@ pub fn convert(from: &Path, to: &Path, target: Target, max_memory: usize) -> Res
 fn convert_shard(
     shard: &Shard,
     out_path: &Path,
-    target: Target,
+    (target, quantize_head): (Target, bool),
     src_block: [usize; 2],
     acct: &mut Budget,
     report: &mut Report,
@@ -400,7 +413,7 @@ fn convert_shard(
             }
             _ => {}
         }
-        let p = plan(name, target, shape.len());
+        let p = plan(name, target, quantize_head, shape.len());
         let outs = outputs(name, p, &shape, rows, cols);
         planned.push((Source { name, entry: e, rows, cols, fp8, fp4 }, p, outs));
     }

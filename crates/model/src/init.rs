@@ -122,7 +122,7 @@ enum Init {
 }
 
 fn write_init(dir: &Path, config_json: &serde_json::Value, dtype: StoreDtype, seed: u64, init: Init) -> Result<Config> {
-    let mut cj = config_json.clone();
+    let mut cj = crate::config::with_architectures(config_json);
     if dtype == StoreDtype::Fp8 {
         cj["quantization_config"] = serde_json::json!({
             "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]

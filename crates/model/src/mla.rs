@@ -47,12 +47,7 @@ pub struct Mla {
     pub q: QProj,
     pub kv_a_proj_with_mqa: Linear,
     pub kv_a_layernorm: RmsNorm,
-    /// `[H·(dn+dv), C]`, head-major: rows `h·(dn+dv)..+dn` are W_UK(h), the next dv are W_UV(h).
-    pub kv_b_proj: Linear,
-    /// From a GGUF's split MLA: W_UK as `k_b [H·C, dn]` (row `h·C + j`: latent dim j's weights
-    /// over head h's nope dims) and W_UV as `v_b [H·dv, C]`, in the file's format: the absorbed
-    /// decode reads these (two GEMVs per head, quantized kernels) rather than `kv_b_proj`.
-    pub split_kv_b: Option<(Linear, Linear)>,
+    pub kv_b: KvB,
     pub o_proj: Linear,
     pub(crate) heads: usize,
     pub(crate) dn: usize,
@@ -62,7 +57,21 @@ pub struct Mla {
     pub(crate) scale: f32,
 }
 
-/// The names [`Mla::split_kv_b`] is read under (a GGUF's `attn_k_b` / `attn_v_b`).
+/// W_UK and W_UV, the latent's up-projections to each head's no-RoPE key and value.
+#[derive(Clone)]
+pub enum KvB {
+    /// The checkpoint's `kv_b_proj [H·(dn+dv), C]`, head-major: rows `h·(dn+dv)..+dn` are
+    /// W_UK(h), the next dv are W_UV(h).
+    Joint(Linear),
+    /// A split-MLA GGUF's, in the file's format: W_UK as `k_b [H·C, dn]` (row `h·C + j`: latent
+    /// dim j's weights over head h's no-RoPE dims) and W_UV as `v_b [H·dv, C]`. The absorbed
+    /// decode reads them in place (quantized kernels); the naive form, which expands whole
+    /// caches, folds them into a `kv_b_proj` for the one forward ([`Mla::joint_kv_b`]), so the
+    /// model holds no f32 copy.
+    Split { k_b: Linear, v_b: Linear },
+}
+
+/// The names [`KvB::Split`] is read under (a GGUF's `attn_k_b` / `attn_v_b`).
 pub const SPLIT_K_B: &str = "k_b_proj";
 pub const SPLIT_V_B: &str = "v_b_proj";
 
@@ -82,13 +91,12 @@ impl Mla {
             q,
             kv_a_proj_with_mqa: Linear::load(ck, &format!("{p}.kv_a_proj_with_mqa"), c + dr, d, block)?,
             kv_a_layernorm: RmsNorm::load(ck, &format!("{p}.kv_a_layernorm"), c, cfg.rms_norm_eps)?,
-            kv_b_proj: Linear::load(ck, &format!("{p}.kv_b_proj"), h * (dn + dv), c, block)?,
-            split_kv_b: match ck.contains(&format!("{p}.{SPLIT_K_B}.weight")) {
-                true => Some((
-                    Linear::load(ck, &format!("{p}.{SPLIT_K_B}"), h * c, dn, block)?,
-                    Linear::load(ck, &format!("{p}.{SPLIT_V_B}"), h * dv, c, block)?,
-                )),
-                false => None,
+            kv_b: match ck.contains(&format!("{p}.{SPLIT_K_B}.weight")) {
+                true => KvB::Split {
+                    k_b: Linear::load(ck, &format!("{p}.{SPLIT_K_B}"), h * c, dn, block)?,
+                    v_b: Linear::load(ck, &format!("{p}.{SPLIT_V_B}"), h * dv, c, block)?,
+                },
+                false => KvB::Joint(Linear::load(ck, &format!("{p}.kv_b_proj"), h * (dn + dv), c, block)?),
             },
             o_proj: Linear::load(ck, &format!("{p}.o_proj"), d, h * dv, block)?,
             heads: h,
@@ -133,7 +141,7 @@ impl Mla {
             Seqs::Fresh { seqs, t } => {
                 let (seqs, t) = (*seqs, *t);
                 // [n, H, dn+dv]: keys (no-rope part) and values of every row.
-                let kvb = self.kv_b_proj.forward(cx, &p.ckv, n);
+                let kvb = self.joint_kv_b().forward(cx, &p.ckv, n);
                 let per: Vec<(Vec<f32>, Vec<f32>)> = (0..seqs * h)
                     .into_par_iter()
                     .map(|sh| {
@@ -296,7 +304,7 @@ impl Mla {
         let (h, dq, dv, s_all) = (self.heads, self.dn + self.dr, self.dv, cache.len());
         let (c_kv, k_pe) = cache.contiguous();
         // [S, H, dn+dv]
-        let kv = self.kv_b_proj.forward(cx, &c_kv, s_all);
+        let kv = self.joint_kv_b().forward(cx, &c_kv, s_all);
         let per: Vec<Vec<f32>> = (0..h)
             .into_par_iter()
             .map(|hh| {
@@ -320,8 +328,10 @@ impl Mla {
         let (h, dn, dr, dv, c) = (self.heads, self.dn, self.dr, self.dv, self.c);
         let (dq, dkv) = (dn + dr, dn + dv);
         let t: usize = segs.iter().map(|s| s.0).sum();
-        let w = self.kv_b_proj.weight.view();
-        let split = self.split_kv_b.as_ref().map(|(k, v)| (k.weight.view(), v.weight.view()));
+        let (w, split) = match &self.kv_b {
+            KvB::Joint(l) => (l.weight.view(), None),
+            KvB::Split { k_b, v_b } => (k_b.weight.view(), Some((k_b.weight.view(), v_b.weight.view()))),
+        };
         let per_head = |src: &[f32], width: usize, off: usize, d: usize| -> Vec<Vec<f32>> {
             (0..h)
                 .map(|hh| (0..t).flat_map(|i| src[(i * h + hh) * width + off..][..d].iter().copied()).collect())
@@ -398,6 +408,42 @@ impl Mla {
         o
     }
 
+    /// `kv_b_proj` as the checkpoint stores it: borrowed, or folded from the split tensors (the
+    /// same f32 values a fold at load would hold, for as long as the caller keeps it).
+    pub fn joint_kv_b(&self) -> std::borrow::Cow<'_, Linear> {
+        use std::borrow::Cow;
+        let (k_b, v_b) = match &self.kv_b {
+            KvB::Joint(l) => return Cow::Borrowed(l),
+            KvB::Split { k_b, v_b } => (k_b.weight.view(), v_b.weight.view()),
+        };
+        let (h, dn, dv, c) = (self.heads, self.dn, self.dv, self.c);
+        let mut out = vec![0f32; h * (dn + dv) * c];
+        out.par_chunks_mut((dn + dv) * c).enumerate().for_each(|(hh, rows)| {
+            // W_UK(h)ᵀ: k_b's rows h·C..(h+1)·C are [C, dn].
+            let mut kh = vec![0f32; c * dn];
+            for (j, r) in kh.chunks_exact_mut(dn).enumerate() {
+                k_b.decode_row(hh * c + j, 0, r);
+            }
+            for i in 0..dn {
+                for j in 0..c {
+                    rows[i * c + j] = kh[j * dn + i];
+                }
+            }
+            for (v, r) in rows[dn * c..].chunks_exact_mut(c).enumerate() {
+                v_b.decode_row(hh * dv + v, 0, r);
+            }
+        });
+        Cow::Owned(Linear { weight: crate::weights::Matrix::from_f32(h * (dn + dv), c, out) })
+    }
+
+    /// For training: the split tensors folded into `kv_b_proj` for good (the optimizer keeps f32
+    /// masters of every weight anyway, and a saved checkpoint has the Hugging Face layout).
+    pub fn join_kv_b(&mut self) {
+        if let std::borrow::Cow::Owned(l) = self.joint_kv_b() {
+            self.kv_b = KvB::Joint(l);
+        }
+    }
+
     /// Weight bytes one decode token reads.
     pub fn bytes(&self) -> usize {
         let q = match &self.q {
@@ -406,9 +452,9 @@ impl Mla {
             }
             QProj::Direct { q_proj } => q_proj.weight.view().bytes(),
         };
-        let kv_b = match &self.split_kv_b {
-            Some((k, v)) => k.weight.view().bytes() + v.weight.view().bytes(),
-            None => self.kv_b_proj.weight.view().bytes(),
+        let kv_b = match &self.kv_b {
+            KvB::Split { k_b, v_b } => k_b.weight.view().bytes() + v_b.weight.view().bytes(),
+            KvB::Joint(l) => l.weight.view().bytes(),
         };
         q + kv_b + [&self.kv_a_proj_with_mqa, &self.o_proj].iter().map(|l| l.weight.view().bytes()).sum::<usize>()
     }

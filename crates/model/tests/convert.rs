@@ -40,7 +40,7 @@ fn f32s(b: &[u8]) -> Vec<f32> {
 #[test]
 fn fp8_to_bf16_matches_deepseeks_fp8_cast_bf16() {
     let out = tmp("cast");
-    let r = convert(&fixture("v3_fp8"), &out, Target::Bf16, 1 << 30).unwrap();
+    let r = convert(&fixture("v3_fp8"), &out, Target::Bf16, false, 1 << 30).unwrap();
     let ours = raw(&out);
     let want = raw(&fixture("fp8_cast_bf16"));
     assert!(want.len() > 10);
@@ -60,8 +60,8 @@ fn fp8_to_bf16_matches_deepseeks_fp8_cast_bf16() {
 fn f32_to_fp8_is_the_block_quantizer_and_round_trips_through_bf16() {
     let (src, fp8, back) = (tmp("src"), tmp("fp8"), tmp("back"));
     write_random_checkpoint(&src, &preset("tiny").unwrap(), StoreDtype::F32, 5).unwrap();
-    convert(&src, &fp8, Target::Fp8, 1 << 30).unwrap();
-    convert(&fp8, &back, Target::Bf16, 1 << 30).unwrap();
+    convert(&src, &fp8, Target::Fp8, false, 1 << 30).unwrap();
+    convert(&fp8, &back, Target::Bf16, false, 1 << 30).unwrap();
     let (a, q, b) = (raw(&src), raw(&fp8), raw(&back));
     let mut linears = 0;
     for (name, (_, shape, bytes)) in &a {
@@ -100,15 +100,15 @@ fn a_checkpoint_larger_than_the_memory_budget_streams_in_bands() {
     let size = std::fs::metadata(src.join("model.safetensors")).unwrap().len() as usize;
     let budget = 2 << 20;
     assert!(size > 10 * budget, "the checkpoint ({size} B) must dwarf the budget");
-    convert(&src, &big, Target::Fp8, 1 << 30).unwrap();
-    let r = convert(&src, &small, Target::Fp8, budget).unwrap();
+    convert(&src, &big, Target::Fp8, false, 1 << 30).unwrap();
+    let r = convert(&src, &small, Target::Fp8, false, budget).unwrap();
     assert!(r.peak_buffer_bytes <= budget, "peak {} over budget {budget}", r.peak_buffer_bytes);
     assert_eq!(
         std::fs::read(big.join("model.safetensors")).unwrap(),
         std::fs::read(small.join("model.safetensors")).unwrap()
     );
     // Too small for one band: a clear error, and no output folder.
-    let e = convert(&src, &tmp("stream-tiny"), Target::Fp8, 64 << 10).unwrap_err().to_string();
+    let e = convert(&src, &tmp("stream-tiny"), Target::Fp8, false, 64 << 10).unwrap_err().to_string();
     assert!(e.contains("--max-memory"), "{e}");
     assert!(!tmp("stream-tiny").exists());
     for d in [src, big, small] {
@@ -129,7 +129,7 @@ fn fp4_checkpoints_load_and_stay_close_to_the_original() {
         dot / (n(got) * n(&want))
     };
     let fp8 = tmp("fp4-vs-fp8");
-    convert(&src, &fp8, Target::Fp8, 1 << 30).unwrap();
+    convert(&src, &fp8, Target::Fp8, false, 1 << 30).unwrap();
     let m8 = DeepseekV3::load(&fp8).unwrap();
     let cos_fp8 = cosine(&m8.forward(&ids, &mut m8.new_cache()).unwrap());
     std::fs::remove_dir_all(&fp8).ok();
@@ -137,7 +137,7 @@ fn fp4_checkpoints_load_and_stay_close_to_the_original() {
     assert!(cos_fp8 > 0.9, "FP8 logits cosine {cos_fp8}");
     for kind in [Fp4Kind::Nv, Fp4Kind::Mx] {
         let out = tmp(&format!("fp4-{kind:?}"));
-        convert(&src, &out, Target::Fp4(kind), 1 << 30).unwrap();
+        convert(&src, &out, Target::Fp4(kind), false, 1 << 30).unwrap();
         let ck = Checkpoint::open(&out).unwrap();
         let w = "model.layers.0.self_attn.o_proj.weight";
         assert_eq!(ck.shape(w).unwrap(), &[256, 128], "{kind:?}: [out, in/2] packed");
@@ -149,7 +149,7 @@ fn fp4_checkpoints_load_and_stay_close_to_the_original() {
         assert!(cos > 0.6 && cos < cos_fp8, "{kind:?}: logits cosine {cos} (FP8: {cos_fp8})");
         // FP4 → bf16 decodes what the FP4 model computes with.
         let back = tmp(&format!("fp4-back-{kind:?}"));
-        convert(&out, &back, Target::Bf16, 1 << 30).unwrap();
+        convert(&out, &back, Target::Bf16, false, 1 << 30).unwrap();
         let m2 = DeepseekV3::load(&back).unwrap();
         let again = m2.forward(&ids, &mut m2.new_cache()).unwrap();
         // (bf16 rounds the decoded values once more: close, not equal.)
@@ -165,6 +165,39 @@ fn fp4_checkpoints_load_and_stay_close_to_the_original() {
 }
 
 #[test]
+fn quantize_head_stores_embedding_and_head_in_fp8_and_the_logits_stay_close() {
+    let (src, plain, q) = (tmp("qh-src"), tmp("qh-plain"), tmp("qh-fp8"));
+    write_random_checkpoint(&src, &preset("tiny").unwrap(), StoreDtype::F32, 9).unwrap();
+    convert(&src, &plain, Target::Bf16, false, 1 << 30).unwrap();
+    convert(&src, &q, Target::Bf16, true, 1 << 30).unwrap();
+    let (a, got) = (raw(&src), raw(&q));
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let (_, shape, bytes) = &a[name];
+        let want = Fp8Blocks::quantize(&f32s(bytes), shape[0], shape[1], [128, 128], ScaleFmt::F32);
+        assert_eq!(got[name].0, "F8_E4M3", "{name}");
+        assert!(got[name].2 == want.codes, "{name}: codes");
+        assert_eq!(f32s(&got[&format!("{name}_scale_inv")].2), want.scales, "{name}: scales");
+    }
+    // Everything else is as without the option.
+    assert_eq!(got["model.norm.weight"].0, "BF16");
+    assert_eq!(got["model.layers.0.self_attn.o_proj.weight"].0, "BF16");
+    let ids = [5u32, 6, 7, 8, 9, 10];
+    let logits = |dir: &Path| {
+        let m = DeepseekV3::load(dir).unwrap();
+        let h = m.forward(&ids, &mut m.new_cache()).unwrap();
+        m.logits(&h, ids.len())
+    };
+    let (x, y) = (logits(&plain), logits(&q));
+    let dot: f64 = x.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
+    let n = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    let cos = dot / (n(&x) * n(&y));
+    assert!(cos > 0.98, "logits cosine with an FP8 head and embedding: {cos}");
+    for d in [src, plain, q] {
+        std::fs::remove_dir_all(d).ok();
+    }
+}
+
+#[test]
 fn bad_input_fails_cleanly() {
     let (src, out) = (tmp("bad-src"), tmp("bad-out"));
     write_random_checkpoint(&src, &preset("tiny").unwrap(), StoreDtype::Fp8, 8).unwrap();
@@ -172,14 +205,14 @@ fn bad_input_fails_cleanly() {
     let f = src.join("model.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
     std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
-    let e = convert(&src, &out, Target::Bf16, 1 << 30).unwrap_err().to_string();
+    let e = convert(&src, &out, Target::Bf16, false, 1 << 30).unwrap_err().to_string();
     assert!(e.contains("truncated"), "{e}");
     assert!(!out.exists());
     assert_eq!(std::fs::metadata(&f).unwrap().len(), len / 2);
     // A target that holds files is refused.
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
-    let e = convert(&src, &out, Target::Bf16, 1 << 30).unwrap_err().to_string();
+    let e = convert(&src, &out, Target::Bf16, false, 1 << 30).unwrap_err().to_string();
     assert!(e.contains("not empty"), "{e}");
     assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
     for d in [src, out] {

@@ -204,10 +204,20 @@ fn absorbed_attention_on_the_split_tensors() {
     };
     let worst = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     let mut g = load(&fixtures().join("gguf/v3-f32-00001-of-00002.gguf"));
-    assert!(g.layers.iter().all(|l| l.self_attn.split_kv_b.is_some()), "split tensors used");
+    assert!(
+        g.layers.iter().all(|l| matches!(l.self_attn.kv_b, dsv3_model::mla::KvB::Split { .. })),
+        "split tensors used"
+    );
     let mut s = load(&fixtures().join("v3_f32_sharded"));
     let (a, b) = (run(&mut g, AttnImpl::Absorbed), run(&mut s, AttnImpl::Absorbed));
     assert!(worst(&a, &b) < 1e-4, "split vs kv_b_proj absorbed logits: {}", worst(&a, &b));
+    // Training folds the split tensors into the checkpoint's `kv_b_proj`: the same values.
+    let kv = |m: &mut DeepseekV3| {
+        let p = m.params_mut();
+        let p = p.into_iter().find(|p| p.name == "model.layers.0.self_attn.kv_b_proj.weight").expect("kv_b_proj");
+        p.data.to_vec()
+    };
+    assert_eq!(kv(&mut g), kv(&mut s), "kv_b_proj folded from attn_k_b / attn_v_b");
     let mut q = load(&fixtures().join("gguf/v3-q8_0.gguf"));
     let (a, n) = (run(&mut q, AttnImpl::Absorbed), run(&mut q, AttnImpl::Naive));
     assert!(worst(&a, &n) < 0.05, "Q8_0 absorbed vs naive logits: {}", worst(&a, &n));

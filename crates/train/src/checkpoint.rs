@@ -150,7 +150,8 @@ fn write_folder(
         tensors.push((format!("{p}.shared_head.head.weight"), "F32", head.0.clone(), head.1.clone()));
     }
     write_safetensors(&dir.join("model.safetensors"), &tensors)?;
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config)?)?;
+    let config = dsv3_model::config::with_architectures(config);
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
     tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("saving the tokenizer: {e}"))?;
     let tc = json!({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,

@@ -44,6 +44,11 @@ pub struct Convert {
     /// q6_k | q5_k_m | q4_k_m (the mixes choose per tensor as llama-quantize's do)
     #[arg(long, value_parser = choice::<Format>("--format"))]
     pub format: Format,
+    /// Also store the embedding and the head in FP8 (folders only; off by default, as in the
+    /// official release; with a 129,280-id vocabulary on a small model they are most of the bytes
+    /// a token reads). transformers expects a bf16 head: such a folder is for dsv3.
+    #[arg(long)]
+    pub quantize_head: bool,
     /// Budget for conversion buffers (e.g. 512M, 4G); tensors are streamed in bands of rows.
     #[arg(long, default_value = "1G")]
     pub max_memory: String,
@@ -53,6 +58,10 @@ pub struct Convert {
 
 pub fn run(a: &Convert) -> Result<()> {
     if dsv3_model::gguf::is_gguf(&a.to) {
+        anyhow::ensure!(
+            !a.quantize_head,
+            "--quantize-head is for folders: a GGUF's q8_0/q6_k/q*_k_m formats quantize the head already"
+        );
         return to_gguf(a);
     }
     let target = match a.format {
@@ -67,7 +76,7 @@ pub fn run(a: &Convert) -> Result<()> {
     };
     let budget = parse_size(&a.max_memory).context("--max-memory")?;
     let t = std::time::Instant::now();
-    let r = dsv3_model::convert::convert(&a.from, &a.to, target, budget)?;
+    let r = dsv3_model::convert::convert(&a.from, &a.to, target, a.quantize_head, budget)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

@@ -136,7 +136,7 @@ fn q2_k(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q3_K's sixteen 6-bit scales, each minus 32.
-fn q3_k_scales(s: &[u8]) -> [i8; 16] {
+pub(crate) fn q3_k_scales(s: &[u8]) -> [i8; 16] {
     let mut out = [0i8; 16];
     for (i, o) in out.iter_mut().enumerate() {
         let lo = (s[i % 8] >> (4 * (i / 8))) & 0xF;

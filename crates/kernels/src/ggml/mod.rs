@@ -6,10 +6,13 @@
 //! give: `tests/ggml_formats.rs` compares it with fixtures from `scripts/ggml_fixtures.py`); the
 //! dot products of [`dot`] are tested against it.
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
 pub mod dequant;
 pub mod dot;
 pub mod grids;
 mod lattice;
+pub mod low_bit;
 pub mod quantize;
 pub mod vnni;
 

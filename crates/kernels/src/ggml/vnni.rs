@@ -4,44 +4,77 @@
 //!
 //! Every format is written as `scale · code + min` per block of 32 values (Q6_K: of 16), with
 //! `code` an integer: the raw bits (Q4_1, Q5_1, Q4_K, Q5_K), the bits less a fixed offset (Q4_0,
-//! Q5_0, Q6_K; Q8_0's signed byte), or a 16-entry level table (IQ4_NL, IQ4_XS, MXFP4).
+//! Q5_0, Q6_K; Q8_0's signed byte), a 16-entry level table (IQ4_NL, IQ4_XS, MXFP4), or one of
+//! the 1–3-bit formats of [`super::low_bit`] (Q2_K, Q3_K, the i-quants' signed lattice points).
 //! [`reference`] is that arithmetic in plain integers, the definition the AVX-512 body is tested
 //! against.
+//!
+//! The body sums each block exactly: a span of sixteen blocks is transposed (weights per row,
+//! activations once per token) so that each `vpdpbusd` lane accumulates one block, and the f32
+//! work is one multiply-add per block rather than per four values. A token's float operations
+//! are the same at every token count, so batching never changes a result.
 
 use super::dequant::{e8m0_half, f16, iq4_xs_scale, k4_scale_min, IQ4NL_LEVELS, MXFP4_LEVELS};
-use super::GgmlType;
+use super::{low_bit, GgmlType};
 
 /// Formats with an integer body.
 pub fn handles(kind: GgmlType) -> bool {
     use GgmlType::*;
-    matches!(kind, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q5K | Q6K | Iq4Nl | Iq4Xs | Mxfp4)
+    matches!(kind, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q5K | Q6K | Iq4Nl | Iq4Xs | Mxfp4) || low_bit::handles(kind)
 }
 
 /// One token's activations as int8 codes with an f32 scale `d` per 32 values, and what the
 /// formats' offsets and minimums need: `d` per 16 and the codes' sums per 32 and per 16.
+///
+/// The vector body sums each block of the weight row exactly in one i32 lane: the codes of a
+/// span (16 blocks: 512 values in blocks of 32, 256 in blocks of 16) are transposed so that
+/// register `j` holds four values at `4j` of every block. `t32` / `t16` are the activation codes
+/// laid out the same way, span after span, zero past the row's end.
 pub struct QuantAct {
     pub q: Vec<i8>,
     pub d: Vec<f32>,
     pub sum16: Vec<i32>,
     d16: Vec<f32>,
-    sum32f: Vec<f32>,
+    pub(crate) sum32f: Vec<f32>,
     sum16f: Vec<f32>,
+    t32: Vec<i8>,
+    t16: Vec<i8>,
+}
+
+/// `q` in the span layout of blocks of `block` (32 or 16) values: byte `b` of dword `j` of block
+/// `g` of span `s` at `s·16·block + 64j + 4g + b`.
+pub fn span_layout(q: &[i8], block: usize) -> Vec<i8> {
+    let span = 16 * block;
+    let mut out = vec![0i8; q.len().div_ceil(span) * span];
+    for (s, o) in out.chunks_exact_mut(span).enumerate() {
+        for (j, g, b) in (0..block / 4).flat_map(|j| (0..16).flat_map(move |g| (0..4).map(move |b| (j, g, b)))) {
+            let i = s * span + g * block + 4 * j + b;
+            o[64 * j + 4 * g + b] = q.get(i).copied().unwrap_or(0);
+        }
+    }
+    out
 }
 
 /// `x` (a multiple of 32 values) quantized: `d = max|x| / 127`, `q = round(x / d)` (ties to
-/// even, as the vector conversion rounds), in AVX-512 where the CPU has it; the same values as
-/// [`reference::quantize_act`].
+/// even, as the vector conversion rounds), in AVX-512 or AVX2 where the CPU has it; the same
+/// values as [`reference::quantize_act`] (the transposed layouts only where the AVX-512 body
+/// reads them).
 pub fn quantize_act(x: &[f32]) -> QuantAct {
     #[cfg(target_arch = "x86_64")]
     if avx512::available() {
         // SAFETY: the features are checked; `quantize_act` asks only for whole blocks.
         return unsafe { avx512::quantize_act(x) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() {
+        // SAFETY: as above.
+        return unsafe { super::avx2::quantize_act(x) };
+    }
     reference::quantize_act(x)
 }
 
 impl QuantAct {
-    fn with_capacity(n: usize) -> Self {
+    pub(crate) fn with_capacity(n: usize) -> Self {
         QuantAct {
             q: Vec::with_capacity(n),
             d: Vec::with_capacity(n / 32),
@@ -49,11 +82,18 @@ impl QuantAct {
             d16: Vec::with_capacity(n / 16),
             sum32f: Vec::with_capacity(n / 32),
             sum16f: Vec::with_capacity(n / 16),
+            t32: Vec::new(),
+            t16: Vec::new(),
         }
     }
 
+    /// The codes in the span layouts of blocks of 32 and of 16 ([`span_layout`]).
+    pub fn spans(&self) -> [&[i8]; 2] {
+        [&self.t32, &self.t16]
+    }
+
     /// Records one block's scale and its halves' code sums.
-    fn push_block(&mut self, d: f32, s0: i32, s1: i32) {
+    pub(crate) fn push_block(&mut self, d: f32, s0: i32, s1: i32) {
         self.d.push(d);
         self.d16.extend([d, d]);
         self.sum16.extend([s0, s1]);
@@ -69,7 +109,7 @@ fn fixed_offset(kind: GgmlType) -> i32 {
         GgmlType::Q4_0 => 8,
         GgmlType::Q5_0 => 16,
         GgmlType::Q6K => 32,
-        _ => 0,
+        _ => low_bit::offset(kind),
     }
 }
 
@@ -91,6 +131,7 @@ pub mod reference {
             let (s0, s1) = (half(0), half(1));
             a.push_block(d, s0, s1);
         }
+        (a.t32, a.t16) = (span_layout(&a.q, 32), span_layout(&a.q, 16));
         a
     }
 
@@ -111,6 +152,12 @@ pub mod reference {
         let bb = kind.block_bytes();
         let b = &row[e / kind.block_elems() * bb..][..bb];
         let j = e % kind.block_elems();
+        if low_bit::handles(kind) {
+            let (mut sc, mut mn) = ([0f32; 16], [0f32; 16]);
+            low_bit::group_scales(kind, b, &mut sc, &mut mn);
+            let g = j / if low_bit::per16(kind) { 16 } else { 32 };
+            return (sc[g], mn[g]);
+        }
         match kind {
             GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Iq4Nl => (f16(b, 0), 0.0),
             GgmlType::Q4_1 | GgmlType::Q5_1 => (f16(b, 0), f16(b, 2)),
@@ -136,6 +183,9 @@ pub mod reference {
         let b = &row[e / kind.block_elems() * bb..][..bb];
         let j = e % kind.block_elems();
         let k4 = |qs: &[u8]| ((qs[j / 64 * 32 + j % 32] >> (4 * (j % 64 / 32))) & 0xF) as i32;
+        if low_bit::handles(kind) {
+            return low_bit::code(kind, b, j);
+        }
         match kind {
             GgmlType::Q8_0 => b[2 + j] as i8 as i32,
             GgmlType::Q4_0 => q4(&b[2..], j) - 8,
@@ -159,7 +209,7 @@ pub mod reference {
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx512 {
-    use super::{fixed_offset, QuantAct, IQ4NL_LEVELS, MXFP4_LEVELS};
+    use super::{fixed_offset, low_bit, QuantAct, IQ4NL_LEVELS, MXFP4_LEVELS};
     use crate::ggml::dequant::e8m0_half;
     use crate::ggml::GgmlType;
     use std::arch::x86_64::*;
@@ -173,6 +223,7 @@ pub mod avx512 {
             && std::arch::is_x86_feature_detected!("avx512vbmi")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("f16c")
+            && std::arch::is_x86_feature_detected!("bmi2")
     }
 
     // The formats as const parameters (an enum cannot be one), so each body is compiled per format.
@@ -191,10 +242,24 @@ pub mod avx512 {
     /// MXFP4's UE8M0 per 32, NVFP4's E4M3 per 16 times the tensor scale.
     const FP4_MX: u8 = 11;
     const FP4_NV: u8 = 12;
+    /// The 1–3-bit formats ([`low_bit`]).
+    const Q2K: u8 = 13;
+    const Q3K: u8 = 14;
+    const IQ2_XXS: u8 = 15;
+    const IQ2_XS: u8 = 16;
+    const IQ2_S: u8 = 17;
+    const IQ3_XXS: u8 = 18;
+    const IQ3_S: u8 = 19;
+    const IQ1_S: u8 = 20;
+    const IQ1_M: u8 = 21;
+
+    const fn low_bit(f: u8) -> bool {
+        f >= Q2K
+    }
 
     /// Scales of 16 values (four i32 lanes each) rather than of 32.
     const fn per16(f: u8) -> bool {
-        f == Q6K || f == FP4_NV
+        matches!(f, Q6K | FP4_NV | Q2K | Q3K | IQ2_XS | IQ2_S | IQ1_M)
     }
 
     /// Where a matrix's rows are: the bytes, and for FP4 its scale codes and tensor scale.
@@ -218,6 +283,15 @@ pub mod avx512 {
             Q5K => GgmlType::Q5K,
             IQ4_XS => GgmlType::Iq4Xs,
             Q6K => GgmlType::Q6K,
+            Q2K => GgmlType::Q2K,
+            Q3K => GgmlType::Q3K,
+            IQ2_XXS => GgmlType::Iq2Xxs,
+            IQ2_XS => GgmlType::Iq2Xs,
+            IQ2_S => GgmlType::Iq2S,
+            IQ3_XXS => GgmlType::Iq3Xxs,
+            IQ3_S => GgmlType::Iq3S,
+            IQ1_S => GgmlType::Iq1S,
+            IQ1_M => GgmlType::Iq1M,
             // FP4 rows are 32 values in 16 bytes (the scales apart).
             _ => GgmlType::Q4_0,
         }
@@ -252,7 +326,122 @@ pub mod avx512 {
         }
         // SAFETY: every block's 32 codes were written above.
         a.q.set_len(x.len());
+        (a.t32, a.t16) = (spans::<32>(&a.q), spans::<16>(&a.q));
         a
+    }
+
+    /// [`super::span_layout`] through the transposes the weights take.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn spans<const B: usize>(q: &[i8]) -> Vec<i8> {
+        let span = 16 * B;
+        let n = q.len().div_ceil(span);
+        let mut out: Vec<i8> = Vec::with_capacity(n * span);
+        let o = out.spare_capacity_mut().as_mut_ptr() as *mut __m512i;
+        for s in 0..n {
+            let mut z = [_mm512_setzero_si512(); 8];
+            for (i, z) in z.iter_mut().enumerate().take(span / 64) {
+                let at = s * span + 64 * i;
+                let left = q.len().saturating_sub(at).min(64);
+                let m = if left == 64 { u64::MAX } else { (1u64 << left) - 1 };
+                *z = _mm512_maskz_loadu_epi8(m, q.as_ptr().wrapping_add(at));
+            }
+            let t = match B {
+                32 => transpose32(z),
+                _ => {
+                    let t = transpose16([z[0], z[1], z[2], z[3]]);
+                    [t[0], t[1], t[2], t[3], t[0], t[0], t[0], t[0]]
+                }
+            };
+            for (j, t) in t.iter().take(B / 4).enumerate() {
+                _mm512_storeu_si512(o.add(s * B / 4 + j), *t);
+            }
+        }
+        // SAFETY: every span's registers were stored above.
+        out.set_len(n * span);
+        out
+    }
+
+    /// `vpermt2d` indices of the transposes, from where each lane's dword is: lane `L` of the
+    /// result takes dword `idx[L]` of the two sources (16 of the first, then 16 of the second).
+    const fn perm<const S: u8>(p: usize) -> [i32; 16] {
+        let mut t = [0; 16];
+        let mut l = 0;
+        while l < 16 {
+            t[l] = match S {
+                // Blocks of 32: two per source register (8 dwords each) → four blocks × dwords
+                // 4p..4p + 4, lane 4·dword + block.
+                0 => (l % 4 / 2 * 16 + l % 2 * 8 + 4 * p + l / 4) as i32,
+                // Four blocks × four dwords (lanes as above) → eight blocks × dwords 2p, 2p + 1,
+                // lane 8·dword + block.
+                1 => (l % 8 / 4 * 16 + 4 * (2 * p + l / 8) + l % 4) as i32,
+                // Blocks of 16: four per source (4 dwords each) → eight blocks × dwords 2p, 2p + 1.
+                2 => (l % 8 / 4 * 16 + l % 4 * 4 + 2 * p + l / 8) as i32,
+                // Eight blocks × two dwords each → sixteen blocks × dword p.
+                _ => (l / 8 * 16 + 8 * p + l % 8) as i32,
+            };
+            l += 1;
+        }
+        t
+    }
+    const T32_A: [[i32; 16]; 2] = [perm::<0>(0), perm::<0>(1)];
+    const T32_B: [[i32; 16]; 2] = [perm::<1>(0), perm::<1>(1)];
+    const T16_A: [[i32; 16]; 2] = [perm::<2>(0), perm::<2>(1)];
+    const MERGE: [[i32; 16]; 2] = [perm::<3>(0), perm::<3>(1)];
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn p2(a: __m512i, idx: &[i32; 16], b: __m512i) -> __m512i {
+        _mm512_permutex2var_epi32(a, _mm512_loadu_si512(idx.as_ptr() as *const __m512i), b)
+    }
+
+    /// Sixteen blocks of 32 bytes (two per register, in order) → register `j` = dword `j` of
+    /// every block. (Loops, not closures: a closure does not inherit the target features.)
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose32(z: [__m512i; 8]) -> [__m512i; 8] {
+        // a[2i + h]: blocks 4i..4i + 4, dwords 4h..4h + 4.
+        let mut a = [_mm512_setzero_si512(); 8];
+        for i in 0..4 {
+            for h in 0..2 {
+                a[2 * i + h] = p2(z[2 * i], &T32_A[h], z[2 * i + 1]);
+            }
+        }
+        let mut t = [_mm512_setzero_si512(); 8];
+        for h in 0..2 {
+            for e in 0..2 {
+                // Blocks 0..8 and 8..16, dwords 4h + 2e, 4h + 2e + 1.
+                let b0 = p2(a[h], &T32_B[e], a[2 + h]);
+                let b1 = p2(a[4 + h], &T32_B[e], a[6 + h]);
+                for je in 0..2 {
+                    t[4 * h + 2 * e + je] = p2(b0, &MERGE[je], b1);
+                }
+            }
+        }
+        t
+    }
+
+    /// Sixteen blocks of 16 bytes (four per register) → register `j` = dword `j` of every block.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose16(z: [__m512i; 4]) -> [__m512i; 4] {
+        let mut t = [_mm512_setzero_si512(); 4];
+        for e in 0..2 {
+            let (c0, c1) = (p2(z[0], &T16_A[e], z[1]), p2(z[2], &T16_A[e], z[3]));
+            for je in 0..2 {
+                t[2 * e + je] = p2(c0, &MERGE[je], c1);
+            }
+        }
+        t
+    }
+
+    /// The sum of a vector's lanes in a fixed order (lane i with i + 8, then i + 4, i + 2, i + 1).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    unsafe fn hsum(v: __m512) -> f32 {
+        let a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+        let b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        let c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+        _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps::<1>(c, c)))
     }
 
     /// E4M3's 256 values by code (NVFP4's block scales).
@@ -296,7 +485,7 @@ pub mod avx512 {
 
     /// 64 weight codes as unsigned bytes (the fixed offset added), for values `g·64..g·64 + 64`.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,bmi2")]
     unsafe fn codes<const F: u8>(row: *const u8, g: usize, table: __m512i) -> __m512i {
         let (b0, b1) = (2 * g, 2 * g + 1);
         let m4 = _mm256_set1_epi8(0x0f);
@@ -306,6 +495,10 @@ pub mod avx512 {
             let hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4);
             _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
         };
+        if low_bit(F) {
+            let kind = kind_of(F);
+            return low_bit::avx512::codes(kind, row.add(g / 4 * kind.block_bytes()), g % 4);
+        }
         match F {
             Q4_0 => nibble_pairs(row.add(b0 * 18 + 2), row.add(b1 * 18 + 2)),
             Q4_1 => nibble_pairs(row.add(b0 * 20 + 4), row.add(b1 * 20 + 4)),
@@ -374,10 +567,39 @@ pub mod avx512 {
 
     /// The weight scales of one chunk (values `c·512..`, `nb` blocks of 32 in it) as f32 vectors:
     /// `sc[0]` one per 32 values (Q6_K: `sc[0]`, `sc[1]` one per 16 values of each super-block),
-    /// and the minimums `mn` per 32 (Q4_1, Q5_1: `+m`; Q4_K, Q5_K: `dmin·m`, subtracted).
+    /// and the minimums `mn` per 32 (Q4_1, Q5_1: `+m`; Q4_K, Q5_K: `dmin·m`, subtracted; Q2_K: per
+    /// 16 as its scales, added).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,f16c")]
     unsafe fn chunk_scales<const F: u8>(
+        row: *const u8,
+        sc: *const u8,
+        ts: f32,
+        c: usize,
+        nb: usize,
+    ) -> ([__m512; 2], [__m512; 2]) {
+        let zero = _mm512_setzero_ps();
+        if low_bit(F) {
+            let kind = kind_of(F);
+            let (mut sc, mut mn) = ([zero; 2], [zero; 2]);
+            for s in 0..nb / 8 {
+                (sc[s], mn[s]) = low_bit::avx512::scales(kind, row.add((2 * c + s) * kind.block_bytes()));
+            }
+            if !per16(F) {
+                // Eight scales of 32 per super-block: the chunk's sixteen in one vector.
+                let both = _mm512_insertf32x8(sc[0], _mm512_castps512_ps256(sc[1]), 1);
+                return ([both, zero], [zero; 2]);
+            }
+            return (sc, mn);
+        }
+        let (sc, mn) = chunk_scales_4_8::<F>(row, sc, ts, c, nb);
+        (sc, [mn, zero])
+    }
+
+    /// [`chunk_scales`] of the 4–8-bit formats.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,f16c")]
+    unsafe fn chunk_scales_4_8<const F: u8>(
         row: *const u8,
         sc: *const u8,
         ts: f32,
@@ -478,25 +700,6 @@ pub mod avx512 {
         }
     }
 
-    /// Lane-index vectors: for each i32 lane (4 values) of the `vpdpbusd` over values
-    /// `64·g..64·g + 64`, the index of its scale in the chunk's vector of sixteen, scales covering
-    /// `per` values each (32, or 16 for Q6_K and NVFP4).
-    const fn lane_scales<const G: usize>(per: usize) -> [[i32; 16]; G] {
-        let mut t = [[0; 16]; G];
-        let mut g = 0;
-        while g < G {
-            let mut l = 0;
-            while l < 16 {
-                t[g][l] = ((64 * g + 4 * l) / per) as i32;
-                l += 1;
-            }
-            g += 1;
-        }
-        t
-    }
-    const BY32: [[i32; 16]; 8] = lane_scales::<8>(32);
-    const BY16: [[i32; 16]; 4] = lane_scales::<4>(16);
-
     /// `out[j·m + t]` for the rows of `rows` against the `m` quantized tokens.
     ///
     /// # Safety
@@ -524,6 +727,15 @@ pub mod avx512 {
             GgmlType::Q5K => by_tokens::<Q5K>(src, k, rows, acts, out),
             GgmlType::Iq4Xs => by_tokens::<IQ4_XS>(src, k, rows, acts, out),
             GgmlType::Q6K => by_tokens::<Q6K>(src, k, rows, acts, out),
+            GgmlType::Q2K => by_tokens::<Q2K>(src, k, rows, acts, out),
+            GgmlType::Q3K => by_tokens::<Q3K>(src, k, rows, acts, out),
+            GgmlType::Iq2Xxs => by_tokens::<IQ2_XXS>(src, k, rows, acts, out),
+            GgmlType::Iq2Xs => by_tokens::<IQ2_XS>(src, k, rows, acts, out),
+            GgmlType::Iq2S => by_tokens::<IQ2_S>(src, k, rows, acts, out),
+            GgmlType::Iq3Xxs => by_tokens::<IQ3_XXS>(src, k, rows, acts, out),
+            GgmlType::Iq3S => by_tokens::<IQ3_S>(src, k, rows, acts, out),
+            GgmlType::Iq1S => by_tokens::<IQ1_S>(src, k, rows, acts, out),
+            GgmlType::Iq1M => by_tokens::<IQ1_M>(src, k, rows, acts, out),
             _ => panic!("vnni::rows_dots: {kind} has no integer body"),
         }
     }
@@ -543,8 +755,12 @@ pub mod avx512 {
         }
     }
 
-    /// `m` tokens as bodies of 1, 2, 4 or 8: each token's sums are the same in any group.
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512vbmi,f16c")]
+    /// `m` tokens. Bodies for 1, 2, 4 and 8 keep their sums in registers; more tokens run as
+    /// groups of those over the rows (their activations stay in L1 from row to row), except for
+    /// the lattice formats, whose codes cost more to build than activations to stream: one body
+    /// takes all their tokens, each row's codes built once. A token's arithmetic is the same in
+    /// every body.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512vbmi,f16c,bmi2")]
     unsafe fn by_tokens<const F: u8>(src: Src, k: usize, rows: Range<usize>, acts: &[QuantAct], out: &mut [f32]) {
         let m = acts.len();
         match m {
@@ -552,6 +768,7 @@ pub mod avx512 {
             2 => return body::<F, 2>(src, k, rows, acts, out),
             4 => return body::<F, 4>(src, k, rows, acts, out),
             8 => return body::<F, 8>(src, k, rows, acts, out),
+            _ if F >= IQ2_XXS => return body::<F, 0>(src, k, rows, acts, out),
             _ => {}
         }
         let mut t0 = 0;
@@ -573,9 +790,10 @@ pub mod avx512 {
         }
     }
 
-    /// One format, `M` tokens: per chunk of 512 values the weight scales once, each token's
-    /// scale products and offset term, then the codes of each 64 values once for all tokens.
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512vbmi,f16c")]
+    /// One format, `M` tokens (0: `acts.len()`): per chunk of 512 values the weight scales and
+    /// the transposed codes once, then per token its scale products, the offset term and the exact
+    /// block sums.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512vbmi,f16c,bmi2")]
     unsafe fn body<const F: u8, const M: usize>(
         src: Src,
         k: usize,
@@ -594,10 +812,19 @@ pub mod avx512 {
             _ => fixed_offset(kind_of(F)) as f32,
         });
         let sc_row = k / if F == FP4_NV { 16 } else { 32 };
+        let m = if M == 0 { acts.len() } else { M };
+        let (mut regs, mut heap) = ([_mm512_setzero_ps(); 8], Vec::new());
+        let acc: &mut [__m512] = match M {
+            0 => {
+                heap.resize(m, _mm512_setzero_ps());
+                &mut heap
+            }
+            _ => &mut regs[..M],
+        };
         for (j, r) in rows.enumerate() {
             let row = src.data.as_ptr().add(r * rb);
             let sc_ptr = src.scales.as_ptr().wrapping_add(r * sc_row);
-            let mut acc = [_mm512_setzero_ps(); M];
+            acc.fill(_mm512_setzero_ps());
             for c in 0..k.div_ceil(CHUNK) {
                 // A few chunks ahead (into the next row at the end: rows of a range are
                 // contiguous, and a prefetch never faults): one core's hardware prefetch alone
@@ -610,45 +837,59 @@ pub mod avx512 {
                 let nb = ((k - c * CHUNK) / 32).min(16);
                 let mask = ((1u32 << nb) - 1) as __mmask16;
                 let (sc, mn) = chunk_scales::<F>(row, sc_ptr, src.tensor_scale, c, nb);
-                // Per token: the products of weight and activation scales, and the offset term.
-                let mut cs = [[_mm512_setzero_ps(); 2]; M];
+                // The chunk's codes with each block in one i32 lane.
+                let mut z = [_mm512_setzero_si512(); 8];
+                for (g, z) in z.iter_mut().enumerate().take(nb / 2) {
+                    *z = codes::<F>(row, c * 8 + g, table);
+                }
+                let spans = match per16(F) {
+                    true => {
+                        let a = transpose16([z[0], z[1], z[2], z[3]]);
+                        let b = transpose16([z[4], z[5], z[6], z[7]]);
+                        [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+                    }
+                    false => transpose32(z),
+                };
                 for (t, a) in acts.iter().enumerate() {
                     let d32 = _mm512_maskz_loadu_ps(mask, a.d.as_ptr().add(c * 16));
                     let s32 = _mm512_maskz_loadu_ps(mask, a.sum32f.as_ptr().add(c * 16));
                     if per16(F) {
-                        // A chunk's 16-value scales as two vectors (the second part-filled or
-                        // empty at a row's end).
-                        for (h, sc) in sc.iter().enumerate().take(nb.div_ceil(8)) {
+                        // A chunk's two spans of sixteen 16-value blocks (the second part-filled
+                        // or empty at a row's end).
+                        for h in 0..nb.div_ceil(8) {
                             let i = c * 32 + h * 16;
                             let m16 = ((1u32 << (2 * nb - 16 * h).min(16)) - 1) as __mmask16;
-                            let p = _mm512_mul_ps(*sc, _mm512_maskz_loadu_ps(m16, a.d16.as_ptr().add(i)));
-                            cs[t][h] = p;
+                            let d16 = _mm512_maskz_loadu_ps(m16, a.d16.as_ptr().add(i));
+                            let p = _mm512_mul_ps(sc[h], d16);
                             let s16 = _mm512_maskz_loadu_ps(m16, a.sum16f.as_ptr().add(i));
-                            acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(p, off), s16, acc[t]);
+                            // −offset·scale·Σx, and Q2_K's minimum (zero for the others).
+                            let shift = _mm512_fmsub_ps(p, off, _mm512_mul_ps(mn[h], d16));
+                            acc[t] = _mm512_fnmadd_ps(shift, s16, acc[t]);
+                            let x = a.t16.as_ptr().add((2 * c + h) * 256) as *const __m512i;
+                            let mut q = _mm512_setzero_si512();
+                            for jj in 0..4 {
+                                q = _mm512_dpbusd_epi32(q, spans[4 * h + jj], _mm512_loadu_si512(x.add(jj)));
+                            }
+                            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), p, acc[t]);
                         }
                     } else {
-                        cs[t][0] = _mm512_mul_ps(sc[0], d32);
+                        let cs = _mm512_mul_ps(sc[0], d32);
                         acc[t] = match F {
-                            Q4_1 | Q5_1 => _mm512_fmadd_ps(_mm512_mul_ps(mn, d32), s32, acc[t]),
-                            Q4K | Q5K => _mm512_fnmadd_ps(_mm512_mul_ps(mn, d32), s32, acc[t]),
-                            _ => _mm512_fnmadd_ps(_mm512_mul_ps(cs[t][0], off), s32, acc[t]),
+                            Q4_1 | Q5_1 => _mm512_fmadd_ps(_mm512_mul_ps(mn[0], d32), s32, acc[t]),
+                            Q4K | Q5K => _mm512_fnmadd_ps(_mm512_mul_ps(mn[0], d32), s32, acc[t]),
+                            _ => _mm512_fnmadd_ps(_mm512_mul_ps(cs, off), s32, acc[t]),
                         };
-                    }
-                }
-                for g in 0..nb / 2 {
-                    let q = codes::<F>(row, c * 8 + g, table);
-                    let lanes = if per16(F) { BY16[g % 4] } else { BY32[g] };
-                    let lanes = _mm512_loadu_si512(lanes.as_ptr() as *const __m512i);
-                    for (t, a) in acts.iter().enumerate() {
-                        let x = _mm512_loadu_si512(a.q.as_ptr().add((c * 8 + g) * 64) as *const __m512i);
-                        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x);
-                        let s = _mm512_permutexvar_ps(lanes, cs[t][if per16(F) { g / 4 } else { 0 }]);
-                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc[t]);
+                        let x = a.t32.as_ptr().add(c * 512) as *const __m512i;
+                        let mut q = _mm512_setzero_si512();
+                        for (jj, w) in spans.iter().enumerate() {
+                            q = _mm512_dpbusd_epi32(q, *w, _mm512_loadu_si512(x.add(jj)));
+                        }
+                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), cs, acc[t]);
                     }
                 }
             }
             for (t, acc) in acc.iter().enumerate() {
-                out[j * M + t] = _mm512_reduce_add_ps(*acc);
+                out[j * m + t] = hsum(*acc);
             }
         }
     }

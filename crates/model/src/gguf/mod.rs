@@ -4,8 +4,7 @@
 //! metadata; split files (`-00001-of-0000N.gguf`) are one model.
 //!
 //! Both MLA layouts llama.cpp has written load: the legacy `attn_kv_b` and the split `attn_k_b`
-//! (per head, transposed) / `attn_v_b`, which are folded back into `kv_b_proj` (small: decoded to
-//! f32 once at load).
+//! (per head, transposed) / `attn_v_b`, read in place in their format ([`crate::mla::KvB`]).
 
 pub mod convert;
 mod file;
@@ -214,13 +213,17 @@ impl Gguf {
                 continue; // both layouts written: the legacy tensor is the one read
             }
             let vb = kb.replace("attn_k_b", "attn_v_b");
-            let values = self.fold_kv_b(cfg, &kb, &vb)?;
-            // The split tensors in place too, for the absorbed decode ([`crate::mla::Mla::split_kv_b`]).
+            // `attn_k_b [heads][kv_lora][nope]`, `attn_v_b [heads][v][kv_lora]` (ggml dims innermost
+            // first), as `k_b [heads·kv_lora, nope]` and `v_b [heads·v, kv_lora]` ([`crate::mla::KvB`]).
             let (h, c, dn, dv) = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim);
-            for (name, hf, shape) in
-                [(&kb, crate::mla::SPLIT_K_B, vec![h * c, dn]), (&vb, crate::mla::SPLIT_V_B, vec![h * dv, c])]
-            {
+            for (name, hf, shape, dims) in [
+                (&kb, crate::mla::SPLIT_K_B, vec![h * c, dn], [dn, c, h]),
+                (&vb, crate::mla::SPLIT_V_B, vec![h * dv, c], [c, dv, h]),
+            ] {
                 let (fi, t) = self.tensor(name).ok_or_else(|| self.bad(format!("`{name}` is missing")))?;
+                if t.dims != dims {
+                    return Err(self.bad(format!("`{name}` has dims {:?}, the metadata says {dims:?}", t.dims)));
+                }
                 ck.add_ggml(
                     format!("model.layers.{layer}.self_attn.{hf}.weight"),
                     shape,
@@ -230,40 +233,8 @@ impl Gguf {
                     t.end,
                 );
             }
-            let rows = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim);
-            ck.add_owned_f32(kv, vec![rows, cfg.kv_lora_rank], &values, self.path());
         }
         Ok(ck)
-    }
-
-    /// `kv_b_proj [heads·(nope + v), kv_lora]` from `attn_k_b [heads][kv_lora][nope]` and
-    /// `attn_v_b [heads][v][kv_lora]`.
-    fn fold_kv_b(&self, cfg: &Config, kb: &str, vb: &str) -> Result<Vec<f32>> {
-        let (h, r, nope, v) = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim);
-        let k = self.decoded(kb, &[nope, r, h])?;
-        let vv = self.decoded(vb, &[r, v, h])?;
-        let mut out = vec![0f32; h * (nope + v) * r];
-        for hd in 0..h {
-            let rows = &mut out[hd * (nope + v) * r..][..(nope + v) * r];
-            for i in 0..nope {
-                for j in 0..r {
-                    rows[i * r + j] = k[(hd * r + j) * nope + i];
-                }
-            }
-            rows[nope * r..].copy_from_slice(&vv[hd * v * r..][..v * r]);
-        }
-        Ok(out)
-    }
-
-    /// A whole tensor as f32, its ggml dims checked.
-    fn decoded(&self, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
-        let (fi, t) = self.tensor(name).ok_or_else(|| self.bad(format!("`{name}` is missing")))?;
-        if t.dims != dims {
-            return Err(self.bad(format!("`{name}` has dims {:?}, the metadata says {dims:?}", t.dims)));
-        }
-        let mut out = vec![0f32; dims.iter().product()];
-        dsv3_kernels::ggml::dequantize(t.kind, &self.files[fi].map[t.start..t.end], &mut out);
-        Ok(out)
     }
 }
 

@@ -89,7 +89,8 @@ impl Mla {
             }
         }
 
-        let d_ckv = self.kv_b_proj.backward(cx, &format!("{name}.kv_b_proj"), &s.ckv, &d_kvb, n, g);
+        // Training folds split tensors into `kv_b_proj` first ([`Mla::join_kv_b`]).
+        let d_ckv = self.joint_kv_b().backward(cx, &format!("{name}.kv_b_proj"), &s.ckv, &d_kvb, n, g);
         let d_c = self.kv_a_layernorm.backward(&format!("{name}.kv_a_layernorm"), &s.c_pre, &d_ckv, g);
         let mut d_kv = vec![0f32; n * (c + dr)];
         for i in 0..n {

@@ -42,6 +42,7 @@ fn mlp<'a>(out: &mut Slots<'a>, name: &str, m: &'a mut Mlp) {
 }
 
 fn mla<'a>(out: &mut Slots<'a>, name: &str, a: &'a mut Mla) {
+    a.join_kv_b();
     match &mut a.q {
         QProj::LowRank { q_a_proj, q_a_layernorm, q_b_proj } => {
             linear(out, format!("{name}.q_a_proj"), q_a_proj);
@@ -52,7 +53,8 @@ fn mla<'a>(out: &mut Slots<'a>, name: &str, a: &'a mut Mla) {
     }
     linear(out, format!("{name}.kv_a_proj_with_mqa"), &mut a.kv_a_proj_with_mqa);
     norm(out, format!("{name}.kv_a_layernorm"), &mut a.kv_a_layernorm);
-    linear(out, format!("{name}.kv_b_proj"), &mut a.kv_b_proj);
+    let crate::mla::KvB::Joint(kv_b_proj) = &mut a.kv_b else { unreachable!("joined above") };
+    linear(out, format!("{name}.kv_b_proj"), kv_b_proj);
     linear(out, format!("{name}.o_proj"), &mut a.o_proj);
 }
 

@@ -251,15 +251,6 @@ impl Checkpoint {
         self.tensors.insert(name, t);
     }
 
-    /// `name` as f32 values computed at load (a tensor the file stores in another layout).
-    pub(crate) fn add_owned_f32(&mut self, name: String, shape: Vec<usize>, values: &[f32], from: &Path) {
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let end = bytes.len();
-        self.files.push((from.to_path_buf(), ByteSource::Owned(Arc::new(bytes))));
-        let t = TensorInfo { dtype: "F32".into(), shape, ggml: None, file: self.files.len() - 1, start: 0, end };
-        self.tensors.insert(name, t);
-    }
-
     /// Loads the weights `skip` names as [`Matrix::absent`] (their shape only): a process of a
     /// parallel run reads only what it holds.
     pub fn skipping(mut self, skip: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
