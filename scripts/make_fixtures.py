@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes small random DeepSeek-V3/V2 checkpoints in the official Hugging Face layout, with the
+"""Writes small random DeepSeek-V3/V3.2/V2 checkpoints in the official Hugging Face layout, with the
 reference outputs of transformers, under tests/fixtures/<case>/.
 
 Environment (CPU): pip install --no-deps torch==2.15.0 (plus its CUDA wheels if the import asks),
@@ -11,6 +11,7 @@ weight_scale_inv where asked, the MTP module as layer num_hidden_layers) and ref
   from the MTP module at i, and a greedy continuation of a prompt from model.generate.
 The reference model runs in float32 on exactly the weights stored (bf16- or FP8-rounded ones).
 """
+import copy
 import json
 import math
 import os
@@ -18,8 +19,10 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
+                          DeepseekV32Config, DeepseekV32ForCausalLM)
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32DecoderLayer
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 
@@ -52,6 +55,24 @@ CASES = {
     "v2_group_limited": dict(cfg=dict(q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
                                       num_experts_per_tok=3, routed_scaling_factor=2.0, norm_topk_prob=False,
                                       num_nextn_predict_layers=0), dtype="bf16", seq=12, v2=True),
+    # deepseek_v32 (DSA): index_topk below the prompt so the indexer's choice matters, 16 indexer
+    # heads (few heads tie at exact zeros), the MTP layer with its own indexer; the greedy prompt
+    # is longer than index_topk and decodes past it.
+    "v32_f32": dict(cfg=dict(index_topk=6, index_n_heads=16, index_head_dim=24), dtype="f32", seq=24, gen_prompt=10,
+                    v32=True),
+    # bf16 with YaRN (the indexer's half-split RoPE uses the scaled frequencies and attention factor).
+    "v32_bf16_yarn": dict(cfg=dict(index_topk=8, index_n_heads=16, index_head_dim=16, n_group=1, topk_group=1,
+                                   num_experts_per_tok=4, num_nextn_predict_layers=0,
+                                   rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=16,
+                                                     beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=1.0)),
+                          dtype="bf16", seq=40, gen_prompt=12, v32=True),
+    # FP8 as the official V3.2 release: indexer wq_b/wk block-scaled E4M3, weights_proj bf16.
+    "v32_fp8": dict(cfg=dict(hidden_size=192, intermediate_size=320, moe_intermediate_size=144, q_lora_rank=136,
+                             kv_lora_rank=160, num_attention_heads=3, num_key_value_heads=3, qk_nope_head_dim=48,
+                             qk_rope_head_dim=16, v_head_dim=40, n_group=2, topk_group=1, num_experts_per_tok=2,
+                             num_hidden_layers=2, index_topk=5, index_n_heads=16, index_head_dim=32,
+                             num_nextn_predict_layers=0),
+                    dtype="fp8", seq=14, gen_prompt=7, v32=True),
 }
 
 
@@ -114,7 +135,7 @@ def is_fp8_linear(name, t):
     norms, router and eh_proj stay bf16."""
     return (t.dim() == 2 and name.endswith(".weight") and "layers." in name and "norm" not in name
             and not name.endswith("mlp.gate.weight") and "eh_proj" not in name and "embed_tokens" not in name
-            and "shared_head" not in name)
+            and "shared_head" not in name and "weights_proj" not in name)
 
 
 def store(tensors, dtype):
@@ -154,13 +175,13 @@ class Mtp(torch.nn.Module):
     """transformers' MtpLayer, written over its modules: [enorm(emb(t_{i+1})) ; hnorm(h_i)] ->
     eh_proj -> decoder block -> shared_head.norm -> the main head."""
 
-    def __init__(self, config, layer_idx):
+    def __init__(self, config, layer_idx, layer_cls=DeepseekV3DecoderLayer):
         super().__init__()
         d = config.hidden_size
         self.enorm = DeepseekV3RMSNorm(d, config.rms_norm_eps)
         self.hnorm = DeepseekV3RMSNorm(d, config.rms_norm_eps)
         self.eh_proj = torch.nn.Linear(2 * d, d, bias=False)
-        self.block = DeepseekV3DecoderLayer(config, layer_idx)
+        self.block = layer_cls(config, layer_idx)
         self.post_norm = DeepseekV3RMSNorm(d, config.rms_norm_eps)
 
     def forward(self, model, next_ids, h):
@@ -187,11 +208,15 @@ def make_case(name, spec):
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
     cfg_kw = dict(BASE)
     cfg_kw.update(spec["cfg"])
-    v2 = spec.get("v2", False)
+    v2, v32 = spec.get("v2", False), spec.get("v32", False)
+    layer_cls = DeepseekV32DecoderLayer if v32 else DeepseekV3DecoderLayer
     if v2:
         cfg_kw.pop("num_nextn_predict_layers", None)
         config = DeepseekV2Config(**cfg_kw)
         model_cls = DeepseekV2ForCausalLM
+    elif v32:
+        config = DeepseekV32Config(**cfg_kw)
+        model_cls = DeepseekV32ForCausalLM
     else:
         config = DeepseekV3Config(**cfg_kw)
         model_cls = DeepseekV3ForCausalLM
@@ -201,7 +226,11 @@ def make_case(name, spec):
     n_layers, n_exp = config.num_hidden_layers, cfg_kw["n_routed_experts"]
     mtp = None
     if not v2 and cfg_kw.get("num_nextn_predict_layers", 0) > 0:
-        mtp = Mtp(config, n_layers).float().eval()
+        mcfg = config
+        if v32:  # transformers builds no MTP layer for V3.2; its per-layer lists stop at the last layer
+            mcfg = copy.deepcopy(config)
+            mcfg.mlp_layer_types = list(config.mlp_layer_types) + ["sparse"]
+        mtp = Mtp(mcfg, n_layers, layer_cls).float().eval()
         init_(mtp, gen)
 
     hub = to_hub_names(model.state_dict(), n_exp)
@@ -227,7 +256,7 @@ def make_case(name, spec):
     os.makedirs(d, exist_ok=True)
     for f in os.listdir(d):
         os.remove(os.path.join(d, f))
-    write_config(d, config, cfg_kw, spec, v2)
+    write_config(d, config, cfg_kw, spec, v2, v32)
     shards = spec.get("shards", 1)
     names = sorted(saved)
     if shards == 1:
@@ -258,7 +287,7 @@ def make_case(name, spec):
         if mtp is not None:
             ml = torch.log_softmax(mtp(model, ids[:, 1:], h[:, :-1]).float(), -1)[0]
             ref_json["mtp_logprobs"] = [ml[i, ids[0, i + 2]].item() for i in range(spec["seq"] - 2)]
-        prompt = ids[:, : min(6, spec["seq"])]
+        prompt = ids[:, : min(spec.get("gen_prompt", 6), spec["seq"])]
         gen_out = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
         ref_json["generate"] = {"prompt": prompt[0].tolist(), "output": gen_out[0, prompt.shape[1]:].tolist()}
     with open(os.path.join(d, "reference.json"), "w") as f:
@@ -266,10 +295,11 @@ def make_case(name, spec):
     print(name, "ok", sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)), "bytes")
 
 
-def write_config(d, config, cfg_kw, spec, v2):
+def write_config(d, config, cfg_kw, spec, v2, v32):
     """A config.json as on the Hub (rope_theta + rope_scaling, quantization_config)."""
-    c = {"architectures": ["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"],
-         "model_type": "deepseek_v2" if v2 else "deepseek_v3", "hidden_act": "silu", "rope_theta": 10000.0,
+    family = "v2" if v2 else "v32" if v32 else "v3"
+    arch = {"v2": "DeepseekV2ForCausalLM", "v3": "DeepseekV3ForCausalLM", "v32": "DeepseekV32ForCausalLM"}[family]
+    c = {"architectures": [arch], "model_type": "deepseek_" + family, "hidden_act": "silu", "rope_theta": 10000.0,
          "torch_dtype": {"f32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}[spec["dtype"]]}
     for k, v in cfg_kw.items():
         c[k] = v

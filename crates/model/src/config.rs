@@ -7,11 +7,22 @@ use crate::error::{ModelError, Result};
 use serde_json::{Map, Value};
 use std::path::Path;
 
-/// Which family the config declares; V2 has no correction bias and may use softmax scoring.
+/// Which family the config declares; V2 has no correction bias and may use softmax scoring;
+/// V3.2 is V3 with DeepSeek Sparse Attention (an [`Indexer`] per layer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModelType {
     DeepseekV2,
     DeepseekV3,
+    DeepseekV32,
+}
+
+/// V3.2's lightning indexer (spec V3.2 §2.1): `index_n_heads` heads of `index_head_dim` score
+/// every past position for each query, and MLA attends to the `index_topk` best.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Indexer {
+    pub n_heads: usize,
+    pub head_dim: usize,
+    pub topk: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +99,8 @@ pub struct Config {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub quantization: Option<Fp8Quant>,
+    /// V3.2's sparse attention; `None` for dense MLA.
+    pub indexer: Option<Indexer>,
 }
 
 impl Config {
@@ -101,11 +114,23 @@ impl Config {
         let model_type = match f.str_or("model_type", "deepseek_v3")? {
             "deepseek_v3" => ModelType::DeepseekV3,
             "deepseek_v2" => ModelType::DeepseekV2,
+            "deepseek_v32" => ModelType::DeepseekV32,
             other => {
-                return Err(ModelError::config("model_type", format!("`{other}` is not deepseek_v3 or deepseek_v2")))
+                return Err(ModelError::config(
+                    "model_type",
+                    format!("`{other}` is not deepseek_v3, deepseek_v32 or deepseek_v2"),
+                ))
             }
         };
-        let v3 = model_type == ModelType::DeepseekV3;
+        let v3 = model_type != ModelType::DeepseekV2;
+        let indexer = match model_type {
+            ModelType::DeepseekV32 => Some(Indexer {
+                n_heads: f.usize_req("index_n_heads")?,
+                head_dim: f.usize_req("index_head_dim")?,
+                topk: f.usize_req("index_topk")?,
+            }),
+            _ => None,
+        };
         if f.bool_or("attention_bias", false)? {
             return Err(ModelError::config("attention_bias", "attention biases are not part of DeepSeek-V3"));
         }
@@ -185,6 +210,7 @@ impl Config {
             },
             eos_token_ids,
             quantization,
+            indexer,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -195,7 +221,32 @@ impl Config {
         self.validate_sizes()?;
         self.validate_moe()?;
         self.validate_numbers()?;
+        self.validate_indexer()?;
         self.validate_total()
+    }
+
+    fn validate_indexer(&self) -> Result<()> {
+        let Some(ix) = &self.indexer else { return Ok(()) };
+        for (name, v) in [("index_n_heads", ix.n_heads), ("index_head_dim", ix.head_dim), ("index_topk", ix.topk)] {
+            if v == 0 {
+                return Err(ModelError::config(name, "must be positive, not 0"));
+            }
+        }
+        if ix.head_dim < self.qk_rope_head_dim {
+            let msg = format!("{} must hold the {} RoPE dims", ix.head_dim, self.qk_rope_head_dim);
+            return Err(ModelError::config("index_head_dim", msg));
+        }
+        let Some(rq) = self.q_lora_rank else {
+            return Err(ModelError::config("q_lora_rank", "must be set: the indexer's queries come from the q latent"));
+        };
+        // wq_b, wk and weights_proj per layer, in f64 so no product overflows.
+        let per_layer = (ix.n_heads as f64 * ix.head_dim as f64) * rq as f64
+            + (ix.head_dim as f64 + ix.n_heads as f64) * self.hidden_size as f64;
+        let n = per_layer * (self.num_hidden_layers + self.num_nextn_predict_layers) as f64;
+        if n > (1u64 << 45) as f64 {
+            return Err(ModelError::config("index_n_heads", format!("the indexers would hold {n:.3e} parameters")));
+        }
+        Ok(())
     }
 
     fn validate_sizes(&self) -> Result<()> {
@@ -396,6 +447,7 @@ pub fn with_architectures(config_json: &serde_json::Value) -> serde_json::Value 
     if cj.get("architectures").is_none() {
         let class = match cj.get("model_type").and_then(|v| v.as_str()) {
             Some("deepseek_v2") => "DeepseekV2ForCausalLM",
+            Some("deepseek_v32") => "DeepseekV32ForCausalLM",
             _ => "DeepseekV3ForCausalLM",
         };
         cj["architectures"] = serde_json::json!([class]);

@@ -88,6 +88,34 @@ impl RmsNorm {
     }
 }
 
+/// `y = w ⊙ (x − mean) / sqrt(var + eps) + b` per row, in f32 (torch's `nn.LayerNorm`; V3.2's
+/// indexer normalizes its keys with one).
+#[derive(Clone)]
+pub struct LayerNorm {
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(ck: &Checkpoint, name: &str, dim: usize, eps: f32) -> Result<Self> {
+        let (weight, bias) = (ck.f32s(&format!("{name}.weight"), &[dim])?, ck.f32s(&format!("{name}.bias"), &[dim])?);
+        Ok(LayerNorm { weight, bias, eps })
+    }
+
+    pub fn forward_in_place(&self, x: &mut [f32]) {
+        let d = self.weight.len();
+        for row in x.chunks_exact_mut(d) {
+            let mean = row.iter().sum::<f32>() / d as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+            let r = 1.0 / (var + self.eps).sqrt();
+            for ((v, w), b) in row.iter_mut().zip(&self.weight).zip(&self.bias) {
+                *v = (*v - mean) * r * w + b;
+            }
+        }
+    }
+}
+
 /// SwiGLU FFN: `down(silu(gate(x)) ⊙ up(x))`.
 #[derive(Clone)]
 pub struct Mlp {

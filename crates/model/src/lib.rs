@@ -15,6 +15,7 @@ pub mod files;
 pub mod generate;
 pub mod gguf;
 pub mod grad;
+pub mod indexer;
 pub mod init;
 pub mod layers;
 pub mod mla;

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::exec::Exec;
 use crate::grad::mla::MlaSaved;
+use crate::indexer::{IndexRows, Indexer, Selection};
 use crate::layers::{Linear, RmsNorm};
 use crate::rope::Rope;
 use crate::weights::Checkpoint;
@@ -49,6 +50,8 @@ pub struct Mla {
     pub kv_a_layernorm: RmsNorm,
     pub kv_b: KvB,
     pub o_proj: Linear,
+    /// V3.2's sparse attention: which positions each query attends to.
+    pub indexer: Option<Indexer>,
     pub(crate) heads: usize,
     pub(crate) dn: usize,
     pub(crate) dr: usize,
@@ -99,6 +102,7 @@ impl Mla {
                 false => KvB::Joint(Linear::load(ck, &format!("{p}.kv_b_proj"), h * (dn + dv), c, block)?),
             },
             o_proj: Linear::load(ck, &format!("{p}.o_proj"), d, h * dv, block)?,
+            indexer: Indexer::load(ck, p, cfg, block)?,
             heads: h,
             dn,
             dr,
@@ -142,12 +146,25 @@ impl Mla {
                 let (seqs, t) = (*seqs, *t);
                 // [n, H, dn+dv]: keys (no-rope part) and values of every row.
                 let kvb = self.joint_kv_b().forward(cx, &p.ckv, n);
+                let visible: Vec<usize> = (1..=t).collect();
+                let sel: Vec<Selection> = (0..seqs)
+                    .map(|sq| match (&self.indexer, &p.idx) {
+                        (Some(ix), Some(r)) => {
+                            let (hi, d) = (r.w.len() / n, ix.key_dim());
+                            let rows = sq * t..(sq + 1) * t;
+                            let (q, w) =
+                                (&r.q[rows.start * hi * d..rows.end * hi * d], &r.w[rows.start * hi..rows.end * hi]);
+                            ix.select(q, w, &[&r.k[rows.start * d..rows.end * d]], &visible)
+                        }
+                        _ => vec![],
+                    })
+                    .collect();
                 let per: Vec<(Vec<f32>, Vec<f32>)> = (0..seqs * h)
                     .into_par_iter()
                     .map(|sh| {
                         let (sq, hh) = (sh / h, sh % h);
                         let hk = HeadKv::gather(&kvb, &p.kpe, sq * t, hh, t, self);
-                        self.attend_head(cx, &p.q[(sq * t * h + hh) * (self.dn + self.dr)..], &hk, t, 0)
+                        self.attend_head(cx, &p.q[(sq * t * h + hh) * (self.dn + self.dr)..], &hk, t, 0, &sel[sq])
                     })
                     .collect();
                 let mut probs = vec![0f32; seqs * h * t * t];
@@ -161,7 +178,7 @@ impl Mla {
                 }
                 let y = self.o_proj.forward(cx, &o, n);
                 if let Some(tape) = tape {
-                    let Projected { q, c_pre, ckv, kpe, cq } = p;
+                    let Projected { q, c_pre, ckv, kpe, cq, .. } = p;
                     *tape = Some(MlaSaved { x: x.to_vec(), seqs, t, cq, c_pre, ckv, kvb, q, kpe, probs, o });
                 }
                 y
@@ -209,12 +226,17 @@ impl Mla {
             }
         }
         let ckv = self.kv_a_layernorm.forward(&c_pre);
-        Projected { q, c_pre, ckv, kpe, cq }
+        let idx = match (&self.indexer, &cq) {
+            (Some(ix), Some((_, cqn))) => Some(ix.rows(cx, x, cqn, n, positions)),
+            _ => None,
+        };
+        Projected { q, c_pre, ckv, kpe, cq, idx }
     }
 
     /// One head's causal attention as GEMMs: `S = Q·Kᵀ·scale` over the `hk.len` keys, query `i` at
-    /// position `start + i` seeing keys `..=start + i`, softmax, `O = P·V`. `q` starts at the
-    /// head's first query, rows `H·(dn+dr)` apart. Returns `P [t, len]` and `O [t, dv]`.
+    /// position `start + i` seeing keys `..=start + i` (only those `sel[i]` names, where the
+    /// indexer chose), softmax, `O = P·V`. `q` starts at the head's first query, rows
+    /// `H·(dn+dr)` apart. Returns `P [t, len]` and `O [t, dv]`.
     pub(crate) fn attend_head(
         &self,
         cx: &Exec,
@@ -222,6 +244,7 @@ impl Mla {
         hk: &HeadKv,
         t: usize,
         start: usize,
+        sel: &[Option<Vec<usize>>],
     ) -> (Vec<f32>, Vec<f32>) {
         let (dq, s) = (self.dn + self.dr, hk.len);
         let bf16 = cx.gemm.bf16;
@@ -230,6 +253,11 @@ impl Mla {
         for i in 0..t {
             let (row, visible) = (&mut p[i * s..(i + 1) * s], start + i + 1);
             row[..visible].iter_mut().for_each(|v| *v *= self.scale);
+            if let Some(Some(keep)) = sel.get(i) {
+                let kept: Vec<f32> = keep.iter().map(|&s| row[s]).collect();
+                row[..visible].fill(f32::NEG_INFINITY);
+                keep.iter().zip(kept).for_each(|(&s, v)| row[s] = v);
+            }
             softmax_in_place(&mut row[..visible]);
             row[visible..].fill(0.0);
         }
@@ -259,13 +287,26 @@ impl Mla {
                 Some(o)
             })
             .collect();
+        let di = self.indexer.as_ref().map_or(0, |ix| ix.key_dim());
         let mut starts = Vec::with_capacity(lens.len());
         for ((&t, &r0), cache) in lens.iter().zip(&offsets).zip(caches.iter_mut()) {
             starts.push(cache.len());
             for i in r0..r0 + t {
-                cache.push(&p.ckv[i * c..(i + 1) * c], &p.kpe[i * dr..(i + 1) * dr]);
+                let k_idx = p.idx.as_ref().map_or(&[][..], |r| &r.k[i * di..(i + 1) * di]);
+                cache.push(&p.ckv[i * c..(i + 1) * c], &p.kpe[i * dr..(i + 1) * dr], k_idx);
             }
         }
+        let sel: Vec<Selection> = (0..lens.len())
+            .map(|s| match (&self.indexer, &p.idx) {
+                (Some(ix), Some(r)) => {
+                    let (rows, hi) = (offsets[s]..offsets[s] + lens[s], r.w.len() / n.max(1));
+                    let visible: Vec<usize> = (1..=lens[s]).map(|i| starts[s] + i).collect();
+                    let (q, w) = (&r.q[rows.start * hi * di..rows.end * hi * di], &r.w[rows.start * hi..rows.end * hi]);
+                    ix.select(q, w, &caches[s].index_pages(), &visible)
+                }
+                _ => vec![],
+            })
+            .collect();
         let absorbed = |t: usize| match imp {
             AttnImpl::Naive => false,
             AttnImpl::Absorbed => true,
@@ -279,8 +320,10 @@ impl Mla {
                 .iter()
                 .flat_map(|&s| p.q[offsets[s] * h * dq..(offsets[s] + lens[s]) * h * dq].iter().copied())
                 .collect();
-            let segs: Vec<(usize, usize, &LatentCache)> =
-                abs.iter().map(|&s| (lens[s], starts[s], &*caches[s])).collect();
+            let segs: Vec<Segment> = abs
+                .iter()
+                .map(|&s| Segment { t: lens[s], start: starts[s], cache: &*caches[s], sel: &sel[s] })
+                .collect();
             let oa = self.attend_absorbed(cx, &qa, &segs);
             let mut r = 0;
             for &s in &abs {
@@ -291,7 +334,7 @@ impl Mla {
         }
         for s in (0..lens.len()).filter(|&s| lens[s] > 0 && !absorbed(lens[s])) {
             let (t, r0) = (lens[s], offsets[s]);
-            let os = self.attend_naive(cx, &p.q[r0 * h * dq..(r0 + t) * h * dq], t, starts[s], caches[s]);
+            let os = self.attend_naive(cx, &p.q[r0 * h * dq..(r0 + t) * h * dq], t, starts[s], caches[s], &sel[s]);
             o[r0 * h * dv..(r0 + t) * h * dv].copy_from_slice(&os);
         }
         o
@@ -300,7 +343,15 @@ impl Mla {
     /// The naive form over a cache: every cached latent expanded through `kv_b_proj` into
     /// per-head keys `[k_nope(h) ; k_pe]` and values, then [`Mla::attend_head`] per head.
     /// Returns `[t, H·dv]`.
-    fn attend_naive(&self, cx: &Exec, q: &[f32], t: usize, start: usize, cache: &LatentCache) -> Vec<f32> {
+    fn attend_naive(
+        &self,
+        cx: &Exec,
+        q: &[f32],
+        t: usize,
+        start: usize,
+        cache: &LatentCache,
+        sel: &[Option<Vec<usize>>],
+    ) -> Vec<f32> {
         let (h, dq, dv, s_all) = (self.heads, self.dn + self.dr, self.dv, cache.len());
         let (c_kv, k_pe) = cache.contiguous();
         // [S, H, dn+dv]
@@ -309,7 +360,7 @@ impl Mla {
             .into_par_iter()
             .map(|hh| {
                 let hk = HeadKv::gather(&kv, &k_pe, 0, hh, s_all, self);
-                self.attend_head(cx, &q[hh * dq..], &hk, t, start).1
+                self.attend_head(cx, &q[hh * dq..], &hk, t, start, sel).1
             })
             .collect();
         let mut o = vec![0f32; t * h * dv];
@@ -322,12 +373,12 @@ impl Mla {
     }
 
     /// `q_lat(h) = q_nope(h)·W_UK(h)`, attention over the latent cache, `o(h) = o_lat(h)·W_UV(h)ᵀ`,
-    /// for several sequences at once: `q` holds each segment's `t` rows in order, each segment is
-    /// `(t, start, cache)`; the two weight products run once over all rows.
-    fn attend_absorbed(&self, cx: &Exec, q: &[f32], segs: &[(usize, usize, &LatentCache)]) -> Vec<f32> {
+    /// for several sequences at once: `q` holds each segment's `t` rows in order; the two weight
+    /// products run once over all rows.
+    fn attend_absorbed(&self, cx: &Exec, q: &[f32], segs: &[Segment]) -> Vec<f32> {
         let (h, dn, dr, dv, c) = (self.heads, self.dn, self.dr, self.dv, self.c);
         let (dq, dkv) = (dn + dr, dn + dv);
-        let t: usize = segs.iter().map(|s| s.0).sum();
+        let t: usize = segs.iter().map(|s| s.t).sum();
         let (w, split) = match &self.kv_b {
             KvB::Joint(l) => (l.weight.view(), None),
             KvB::Split { k_b, v_b } => (k_b.weight.view(), Some((k_b.weight.view(), v_b.weight.view()))),
@@ -371,21 +422,15 @@ impl Mla {
         }
         let mut o_lat = vec![0f32; t * h * c];
         let mut r0 = 0;
-        for &(ts, start, cache) in segs {
-            let visible: Vec<usize> = (0..ts).map(|i| start + i + 1).collect();
-            let shape = LatentShape { tokens: ts, heads: h, latent: c, rope: dr };
-            let rows = r0 * h..(r0 + ts) * h;
-            let (ck, kp) = cache.pages();
-            latent_attention(
-                shape,
+        for seg in segs {
+            let rows = r0 * h..(r0 + seg.t) * h;
+            self.attend_latent(
+                seg,
                 &q_lat[rows.start * c..rows.end * c],
                 &q_pe[rows.start * dr..rows.end * dr],
-                Pages { c_kv: &ck, k_pe: &kp, block: crate::paged::BLOCK_TOKENS },
-                &visible,
-                self.scale,
                 &mut o_lat[rows.start * c..rows.end * c],
             );
-            r0 += ts;
+            r0 += seg.t;
         }
         let xs = per_head(&o_lat, c, 0, c);
         let mut o_h = vec![vec![0f32; t * dv]; h];
@@ -406,6 +451,42 @@ impl Mla {
             }
         }
         o
+    }
+
+    /// One segment's latent attention: all its rows over the paged cache, except rows the
+    /// indexer chose for, each of which attends to its chosen positions gathered into one page
+    /// (decode cost proportional to `index_topk`, not to the context).
+    fn attend_latent(&self, seg: &Segment, q_lat: &[f32], q_pe: &[f32], o_lat: &mut [f32]) {
+        let (h, dr, c) = (self.heads, self.dr, self.c);
+        let (ck, kp) = seg.cache.pages();
+        let paged = Pages { c_kv: &ck, k_pe: &kp, block: crate::paged::BLOCK_TOKENS };
+        if seg.sel.iter().all(Option::is_none) {
+            let visible: Vec<usize> = (0..seg.t).map(|i| seg.start + i + 1).collect();
+            let shape = LatentShape { tokens: seg.t, heads: h, latent: c, rope: dr };
+            latent_attention(shape, q_lat, q_pe, paged, &visible, self.scale, o_lat);
+            return;
+        }
+        let shape = LatentShape { tokens: 1, heads: h, latent: c, rope: dr };
+        for i in 0..seg.t {
+            let (ql, qp, o) = (
+                &q_lat[i * h * c..(i + 1) * h * c],
+                &q_pe[i * h * dr..(i + 1) * h * dr],
+                &mut o_lat[i * h * c..(i + 1) * h * c],
+            );
+            match &seg.sel[i] {
+                None => latent_attention(shape, ql, qp, paged, &[seg.start + i + 1], self.scale, o),
+                Some(keep) => {
+                    let (mut gc, mut gp) = (Vec::with_capacity(keep.len() * c), Vec::with_capacity(keep.len() * dr));
+                    for &s in keep {
+                        let (b, r) = (s / crate::paged::BLOCK_TOKENS, s % crate::paged::BLOCK_TOKENS);
+                        gc.extend_from_slice(&ck[b][r * c..(r + 1) * c]);
+                        gp.extend_from_slice(&kp[b][r * dr..(r + 1) * dr]);
+                    }
+                    let one = Pages { c_kv: &[&gc], k_pe: &[&gp], block: usize::MAX };
+                    latent_attention(shape, ql, qp, one, &[keep.len()], self.scale, o);
+                }
+            }
+        }
     }
 
     /// `kv_b_proj` as the checkpoint stores it: borrowed, or folded from the split tensors (the
@@ -456,7 +537,8 @@ impl Mla {
             KvB::Split { k_b, v_b } => k_b.weight.view().bytes() + v_b.weight.view().bytes(),
             KvB::Joint(l) => l.weight.view().bytes(),
         };
-        q + kv_b + [&self.kv_a_proj_with_mqa, &self.o_proj].iter().map(|l| l.weight.view().bytes()).sum::<usize>()
+        let ix = self.indexer.as_ref().map_or(0, Indexer::bytes);
+        q + kv_b + ix + [&self.kv_a_proj_with_mqa, &self.o_proj].iter().map(|l| l.weight.view().bytes()).sum::<usize>()
     }
 }
 
@@ -500,6 +582,17 @@ struct Projected {
     kpe: Vec<f32>,
     /// `q_a_proj`'s output and its norm (low-rank queries only).
     cq: Option<(Vec<f32>, Vec<f32>)>,
+    /// The indexer's queries, weights and keys (sparse attention only).
+    idx: Option<IndexRows>,
+}
+
+/// One sequence's part of an absorbed call: its `t` new rows at positions `start..`, its cache
+/// (the new rows already appended) and the indexer's choice per row (empty: dense).
+struct Segment<'a> {
+    t: usize,
+    start: usize,
+    cache: &'a LatentCache,
+    sel: &'a [Option<Vec<usize>>],
 }
 
 /// One head's keys and values over `len` positions, laid out for the GEMMs: `k [len, dn+dr]`

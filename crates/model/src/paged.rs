@@ -1,5 +1,6 @@
 //! The latent KV cache in pages: each layer's cache is a block table of 64-position blocks holding
-//! only what MLA caches (`c_kv` and the rotated `k_pe`, `C + R` values per position). Blocks are
+//! only what MLA caches (`c_kv` and the rotated `k_pe`, `C + R` values per position; with V3.2's
+//! sparse attention also the indexer's key, `index_head_dim` more). Blocks are
 //! reference-counted, so sequences with the same prompt prefix can share its full blocks (the
 //! server's prefix reuse); a shared block is never written — appends go to a block of one's own,
 //! and a rollback into a shared block copies it first. Blocks made in a [`BlockPool`] are counted
@@ -29,20 +30,23 @@ impl BlockPool {
     }
 }
 
-/// Up to [`BLOCK_TOKENS`] positions of one layer: `c_kv [n, C]`, `k_pe [n, R]`.
+/// Up to [`BLOCK_TOKENS`] positions of one layer: `c_kv [n, C]`, `k_pe [n, R]` and, for sparse
+/// attention, the indexer's keys `k_idx [n, d_I]` (empty otherwise).
 #[derive(Debug)]
 pub struct LatentBlock {
     pub c_kv: Vec<f32>,
     pub k_pe: Vec<f32>,
+    pub k_idx: Vec<f32>,
     pool: Option<Arc<BlockPool>>,
 }
 
 impl LatentBlock {
-    fn new(pool: Option<Arc<BlockPool>>, c: usize, r: usize) -> Self {
+    fn new(pool: Option<Arc<BlockPool>>, c: usize, r: usize, i: usize) -> Self {
         if let Some(p) = &pool {
             p.in_use.fetch_add(1, Ordering::Relaxed);
         }
-        LatentBlock { c_kv: Vec::with_capacity(BLOCK_TOKENS * c), k_pe: Vec::with_capacity(BLOCK_TOKENS * r), pool }
+        let cap = |w: usize| Vec::with_capacity(BLOCK_TOKENS * w);
+        LatentBlock { c_kv: cap(c), k_pe: cap(r), k_idx: cap(i), pool }
     }
 }
 
@@ -51,7 +55,12 @@ impl Clone for LatentBlock {
         if let Some(p) = &self.pool {
             p.in_use.fetch_add(1, Ordering::Relaxed);
         }
-        LatentBlock { c_kv: self.c_kv.clone(), k_pe: self.k_pe.clone(), pool: self.pool.clone() }
+        LatentBlock {
+            c_kv: self.c_kv.clone(),
+            k_pe: self.k_pe.clone(),
+            k_idx: self.k_idx.clone(),
+            pool: self.pool.clone(),
+        }
     }
 }
 
@@ -96,15 +105,17 @@ impl LatentCache {
         &self.blocks
     }
 
-    /// Appends one position.
-    pub fn push(&mut self, c_kv: &[f32], k_pe: &[f32]) {
+    /// Appends one position (`k_idx` empty without sparse attention).
+    pub fn push(&mut self, c_kv: &[f32], k_pe: &[f32], k_idx: &[f32]) {
         if self.len.is_multiple_of(BLOCK_TOKENS) {
-            self.blocks.push(Arc::new(LatentBlock::new(self.pool.clone(), c_kv.len(), k_pe.len())));
+            let b = LatentBlock::new(self.pool.clone(), c_kv.len(), k_pe.len(), k_idx.len());
+            self.blocks.push(Arc::new(b));
         }
         // Unique unless a rollback kept a shared block partly (then it is copied here).
         let b = Arc::make_mut(self.blocks.last_mut().expect("a block was just ensured"));
         b.c_kv.extend_from_slice(c_kv);
         b.k_pe.extend_from_slice(k_pe);
+        b.k_idx.extend_from_slice(k_idx);
         self.len += 1;
     }
 
@@ -122,9 +133,10 @@ impl LatentCache {
         let keep = len - len.saturating_sub(1) / BLOCK_TOKENS * BLOCK_TOKENS;
         if len > 0 && keep < held {
             let b = Arc::make_mut(self.blocks.last_mut().expect("len > 0 keeps a block"));
-            let (cw, rw) = (b.c_kv.len() / held, b.k_pe.len() / held);
+            let (cw, rw, iw) = (b.c_kv.len() / held, b.k_pe.len() / held, b.k_idx.len() / held);
             b.c_kv.truncate(keep * cw);
             b.k_pe.truncate(keep * rw);
+            b.k_idx.truncate(keep * iw);
         }
     }
 
@@ -134,6 +146,11 @@ impl LatentCache {
             self.blocks.iter().map(|b| b.c_kv.as_slice()).collect(),
             self.blocks.iter().map(|b| b.k_pe.as_slice()).collect(),
         )
+    }
+
+    /// The indexer's key pages (`[n, d_I]` each; empty without sparse attention).
+    pub fn index_pages(&self) -> Vec<&[f32]> {
+        self.blocks.iter().map(|b| b.k_idx.as_slice()).collect()
     }
 
     /// The whole cache as contiguous `c_kv [len, C]` and `k_pe [len, R]` (the naive attention
@@ -160,7 +177,7 @@ mod tests {
         let (c, r) = (3, 2);
         let mut a = LatentCache::in_pool(Some(pool.clone()));
         for i in 0..150 {
-            a.push(&row(i, c), &row(i, r));
+            a.push(&row(i, c), &row(i, r), &row(i, 1));
         }
         assert_eq!((a.len(), a.blocks().len(), pool.in_use()), (150, 3, 3));
         let (ck, kp) = a.contiguous();
@@ -169,13 +186,13 @@ mod tests {
         // Truncation inside a block and onto a block boundary.
         a.truncate(100);
         assert_eq!((a.len(), a.blocks().len(), pool.in_use()), (100, 2, 2));
-        assert_eq!(a.blocks()[1].c_kv.len(), 36 * c);
+        assert_eq!((a.blocks()[1].c_kv.len(), a.blocks()[1].k_idx.len()), (36 * c, 36));
         a.truncate(64);
         assert_eq!((a.blocks().len(), pool.in_use(), a.blocks()[0].c_kv.len()), (1, 1, 64 * c));
         // A second cache shares the full block: appends and rollbacks never touch the shared one.
         let mut b = LatentCache::with_prefix(a.blocks().to_vec(), Some(pool.clone()));
         assert_eq!((b.len(), pool.in_use()), (64, 1));
-        b.push(&row(999, c), &row(999, r));
+        b.push(&row(999, c), &row(999, r), &row(999, 1));
         assert_eq!(pool.in_use(), 2);
         b.truncate(10); // into the shared block: copied first
         assert_eq!(pool.in_use(), 2);

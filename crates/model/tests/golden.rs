@@ -8,8 +8,18 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 // `train_roundtrip` is a checkpoint written by `dsv3 train` (scripts/make_train_fixtures.py).
-const CASES: [&str; 6] =
-    ["v3_f32_sharded", "v3_bf16_noqlora", "v3_yarn_long", "v3_fp8", "v2_group_limited", "train_roundtrip"];
+// `v32_*` are DeepSeek-V3.2 (sparse attention) with `index_topk` below the sequence length.
+const CASES: [&str; 9] = [
+    "v3_f32_sharded",
+    "v3_bf16_noqlora",
+    "v3_yarn_long",
+    "v3_fp8",
+    "v2_group_limited",
+    "train_roundtrip",
+    "v32_f32",
+    "v32_bf16_yarn",
+    "v32_fp8",
+];
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
@@ -231,4 +241,31 @@ fn batched_sequences_equal_each_alone_bit_for_bit() {
             assert_eq!(c.len(), prefix.len() + new.len(), "{case}: cache length");
         }
     }
+}
+
+#[test]
+fn v32_matches_only_with_the_indexers_choice() {
+    // The same weights read as a dense model (index_topk above the sequence length) agree with
+    // transformers while no query sees more than index_topk positions, and not after: the golden
+    // comparisons above exercise the selection, not only the dense prefix.
+    let case = "v32_f32";
+    let dir = std::env::temp_dir().join(format!("dsv3-v32-dense-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(fixture(case)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let topk = cfg["index_topk"].as_u64().unwrap() as usize;
+    cfg["index_topk"] = 1000.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let dense = DeepseekV3::load(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let r = reference(case);
+    let s = score(&dense, &ids(&r["ids"]), false, 1).unwrap();
+    let want = floats(&r["logprobs"]);
+    // logprobs[i] is position i's prediction, made from i + 1 positions.
+    assert_close(&s.logprobs[..topk], &want[..topk], 1e-3, "dense up to index_topk");
+    let gap = s.logprobs[topk..].iter().zip(&want[topk..]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(gap > 0.05, "dense attention past index_topk should differ from DSA (max gap {gap})");
 }
