@@ -433,9 +433,10 @@ impl Config {
         s as f32
     }
 
-    /// Values cached per token per layer: the latent plus the shared rope key (576 for V3).
+    /// Values cached per token per layer: the latent plus the shared rope key (576 for V3), plus
+    /// the indexer's key with sparse attention (704 for V3.2).
     pub fn latent_cache_width(&self) -> usize {
-        self.kv_lora_rank + self.qk_rope_head_dim
+        self.kv_lora_rank + self.qk_rope_head_dim + self.indexer.map_or(0, |ix| ix.head_dim)
     }
 }
 

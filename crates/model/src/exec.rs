@@ -18,6 +18,9 @@ pub struct Exec<'a> {
     pub fp8: Option<Fp8Recipe>,
     /// Where each MoE layer's routed experts run: here, or on other processes.
     pub experts: &'a dyn ExpertDispatch,
+    /// Sparse attention ignores the indexer's choice and attends densely (DSA's warm-up, where
+    /// only the indexer trains, towards the dense attention).
+    pub dense_attention: bool,
 }
 
 impl std::fmt::Debug for Exec<'_> {
@@ -26,6 +29,7 @@ impl std::fmt::Debug for Exec<'_> {
             .field("gemm", &self.gemm)
             .field("act_quant_fp8", &self.act_quant_fp8)
             .field("fp8", &self.fp8)
+            .field("dense_attention", &self.dense_attention)
             .finish_non_exhaustive()
     }
 }
@@ -42,15 +46,18 @@ pub struct Training {
     /// The blocked GEMM's inputs rounded to bf16 where the CPU has AVX512-BF16.
     pub bf16: bool,
     pub fp8: Option<Fp8Recipe>,
+    /// DSA's dense warm-up (V3.2): attention dense, the indexer trained towards it.
+    pub dsa_warmup: bool,
 }
 
 impl<'a> Exec<'a> {
     pub fn inference(n: Inference, experts: &'a dyn ExpertDispatch) -> Self {
-        Exec { gemm: Gemm::BATCH_INVARIANT, act_quant_fp8: n.act_quant_fp8, fp8: None, experts }
+        Exec { gemm: Gemm::BATCH_INVARIANT, act_quant_fp8: n.act_quant_fp8, fp8: None, experts, dense_attention: false }
     }
 
     /// Training: every product over many tokens on the blocked GEMM.
     pub fn training(n: Training, experts: &'a dyn ExpertDispatch) -> Self {
-        Exec { gemm: Gemm { many_token: true, bf16: n.bf16 }, act_quant_fp8: false, fp8: n.fp8, experts }
+        let gemm = Gemm { many_token: true, bf16: n.bf16 };
+        Exec { gemm, act_quant_fp8: false, fp8: n.fp8, experts, dense_attention: n.dsa_warmup }
     }
 }

@@ -23,21 +23,22 @@ pub struct Indexer {
     pub k_norm: LayerNorm,
     /// `[H_I, D]`: each head's weight for the query.
     pub weights_proj: Linear,
-    heads: usize,
-    dim: usize,
+    pub(crate) heads: usize,
+    pub(crate) dim: usize,
     topk: usize,
     /// MLA's frequencies and positions on the first `qk_rope_head_dim` dims, but in halves
     /// (pairs `(j, j + R/2)`) where MLA interleaves.
-    rope: Rope,
+    pub(crate) rope: Rope,
 }
 
 /// The indexer's view of new rows: queries `[n, H_I, d_I]` and head weights `[n, H_I]` (with
 /// `H_I^-½·d_I^-½` folded in: both positive, so they commute with the ReLU), and keys `[n, d_I]`
-/// (the latent cache holds these).
+/// (the latent cache holds these), and the keys before `k_norm` (for training).
 pub struct IndexRows {
     pub q: Vec<f32>,
     pub w: Vec<f32>,
     pub k: Vec<f32>,
+    pub k_pre: Vec<f32>,
 }
 
 /// The positions each query row attends to, ascending; `None`: all it sees.
@@ -73,6 +74,7 @@ impl Indexer {
         let mut w = out.pop().unwrap_or_default();
         let mut k = out.pop().unwrap_or_default();
         let mut q = out.pop().unwrap_or_default();
+        let k_pre = k.clone();
         self.k_norm.forward_in_place(&mut k);
         let r = self.rope.inv_freq.len() * 2;
         let fold = 1.0 / ((h as f32).sqrt() * (d as f32).sqrt());
@@ -83,63 +85,91 @@ impl Indexer {
             }
         }
         w.iter_mut().for_each(|v| *v *= fold);
-        IndexRows { q, w, k }
+        IndexRows { q, w, k, k_pre }
     }
 
     /// The selection of `t` query rows (`q [t, H_I, d_I]`, `w [t, H_I]`) over keys held in
     /// `pages` (`[n, d_I]` each, positions in order); row `i` sees positions `0..visible[i]`.
-    /// The scan over the keys is the indexer's one cost linear in the context.
+    /// The scan over the keys is the indexer's one cost linear in the context: blocks of queries
+    /// against blocks of keys, in parallel, memory bounded by the blocks.
     pub fn select(&self, q: &[f32], w: &[f32], pages: &[&[f32]], visible: &[usize]) -> Selection {
-        let (h, d, t) = (self.heads, self.dim, visible.len());
-        if visible.iter().all(|&v| v <= self.topk) {
-            return vec![None; t];
+        const QUERY_BLOCK: usize = 32;
+        const KEY_BLOCK: usize = crate::paged::BLOCK_TOKENS;
+        let (d, t) = (self.dim, visible.len());
+        let mut out: Selection = vec![None; t];
+        let need: Vec<usize> = (0..t).filter(|&i| visible[i] > self.topk).collect();
+        if need.is_empty() {
+            return out;
         }
         let seen = visible.iter().copied().max().unwrap_or(0);
-        // qᵀ [d, t·H]: the B operand of scoresᵀ = K·qᵀ, so the pages are read as they lie.
-        let mut qt = vec![0f32; d * t * h];
-        for (r, row) in q.chunks_exact(d).enumerate().take(t * h) {
-            for (j, &v) in row.iter().enumerate() {
-                qt[j * t * h + r] = v;
-            }
-        }
-        let mut starts = Vec::with_capacity(pages.len());
+        let mut keys = Vec::new();
         let mut at = 0;
-        for pg in pages {
-            starts.push(at);
-            at += pg.len() / d;
+        for part in pages.iter().flat_map(|pg| pg.chunks(KEY_BLOCK * d)) {
+            if at < seen {
+                keys.push((at, &part[..part.len().min((seen - at) * d)]));
+            }
+            at += part.len() / d;
         }
-        // Per page: the index scores [t, n] of its positions.
-        let per_page: Vec<Vec<f32>> = pages
-            .par_iter()
-            .zip(&starts)
-            .map(|(pg, &s0)| {
-                let n = (pg.len() / d).min(seen.saturating_sub(s0));
-                let mut raw = vec![0f32; n * t * h];
-                gemm_acc(Strided { a: pg, a_s: 1, a_p: d }, &qt, &mut raw, n, t * h, d, false);
-                let mut out = vec![0f32; t * n];
-                for (s, r) in raw.chunks_exact(t * h).enumerate() {
-                    for i in 0..t {
-                        let wi = &w[i * h..(i + 1) * h];
-                        out[i * n + s] = r[i * h..(i + 1) * h].iter().zip(wi).map(|(a, b)| a.max(0.0) * b).sum();
-                    }
-                }
-                out
+        let chosen: Vec<(usize, Vec<usize>)> = need
+            .par_chunks(QUERY_BLOCK)
+            .flat_map_iter(|rows| {
+                let scores = self.scores(q, w, rows, &keys, seen);
+                let top = |(r, &i): (usize, &usize)| (i, top_k(&scores[r * seen..r * seen + visible[i]], self.topk));
+                rows.iter().enumerate().map(top).collect::<Vec<_>>()
             })
             .collect();
-        (0..t)
-            .map(|i| {
-                if visible[i] <= self.topk {
-                    return None;
+        for (i, c) in chosen {
+            out[i] = Some(c);
+        }
+        out
+    }
+
+    /// Index scores `[rows, seen]` of the query rows `rows` against the key blocks `(first
+    /// position, [n, d_I])`: `scoresᵀ = K·qᵀ` per block (the keys read as they lie), then the
+    /// ReLU'd head scores summed with the rows' weights.
+    pub(crate) fn scores(
+        &self,
+        q: &[f32],
+        w: &[f32],
+        rows: &[usize],
+        keys: &[(usize, &[f32])],
+        seen: usize,
+    ) -> Vec<f32> {
+        let (h, d, m) = (self.heads, self.dim, rows.len());
+        // qᵀ [d, m·H]
+        let mut qt = vec![0f32; d * m * h];
+        for (r, &i) in rows.iter().enumerate() {
+            for hh in 0..h {
+                let row = &q[(i * h + hh) * d..][..d];
+                for (j, &v) in row.iter().enumerate() {
+                    qt[j * m * h + r * h + hh] = v;
                 }
-                let mut scores = Vec::with_capacity(visible[i]);
-                for (sc, &s0) in per_page.iter().zip(&starts) {
-                    let n = sc.len() / t;
-                    let take = n.min(visible[i].saturating_sub(s0));
-                    scores.extend_from_slice(&sc[i * n..i * n + take]);
+            }
+        }
+        let blocks: Vec<Vec<f32>> = keys
+            .par_iter()
+            .map(|&(_, k)| {
+                let n = k.len() / d;
+                let mut raw = vec![0f32; n * m * h];
+                gemm_acc(Strided { a: k, a_s: 1, a_p: d }, &qt, &mut raw, n, m * h, d, false);
+                let mut sc = vec![0f32; m * n];
+                for (s, per_key) in raw.chunks_exact(m * h).enumerate() {
+                    for (r, &i) in rows.iter().enumerate() {
+                        let (heads, wi) = (&per_key[r * h..(r + 1) * h], &w[i * h..(i + 1) * h]);
+                        sc[r * n + s] = heads.iter().zip(wi).map(|(a, b)| a.max(0.0) * b).sum();
+                    }
                 }
-                Some(top_k(&scores, self.topk))
+                sc
             })
-            .collect()
+            .collect();
+        let mut scores = vec![f32::NEG_INFINITY; m * seen];
+        for (&(s0, k), sc) in keys.iter().zip(&blocks) {
+            let n = k.len() / d;
+            for r in 0..m {
+                scores[r * seen + s0..][..n].copy_from_slice(&sc[r * n..(r + 1) * n]);
+            }
+        }
+        scores
     }
 
     /// Weight bytes one decode token reads.

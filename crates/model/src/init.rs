@@ -55,6 +55,15 @@ fn tensors(cfg: &Config) -> Vec<(String, Vec<usize>, Kind)> {
         t.push((format!("{a}.kv_a_layernorm.weight"), vec![c], Kind::Norm));
         t.push((format!("{a}.kv_b_proj.weight"), vec![h * (dn + dv), c], Kind::Linear));
         t.push((format!("{a}.o_proj.weight"), vec![d, h * dv], Kind::Linear));
+        if let (Some(ix), Some(rq)) = (cfg.indexer, cfg.q_lora_rank) {
+            // As the V3.2 release: wq_b and wk FP8 in an FP8 checkpoint, weights_proj bf16.
+            let i = format!("{a}.indexer");
+            t.push((format!("{i}.wq_b.weight"), vec![ix.n_heads * ix.head_dim, rq], Kind::Linear));
+            t.push((format!("{i}.wk.weight"), vec![ix.head_dim, d], Kind::Linear));
+            t.push((format!("{i}.k_norm.weight"), vec![ix.head_dim], Kind::Norm));
+            t.push((format!("{i}.k_norm.bias"), vec![ix.head_dim], Kind::Bias));
+            t.push((format!("{i}.weights_proj.weight"), vec![ix.n_heads, d], Kind::Dense));
+        }
         if cfg.is_moe_layer(l) {
             let e = cfg.n_routed_experts;
             t.push((format!("{p}.mlp.gate.weight"), vec![e, d], Kind::Dense));
@@ -232,6 +241,14 @@ pub fn preset(name: &str) -> Option<serde_json::Value> {
             v["vocab_size"] = serde_json::json!(129280);
             Some(v)
         }
+        // bench-1b as DeepSeek-V3.2: the lightning indexer in every layer (the release's 64 × 128
+        // heads scaled with the width) choosing 2048 positions, and a context for long prompts.
+        "bench-1b-v32" => {
+            let mut v = preset("bench-1b")?;
+            v32(&mut v, 16, 64, 2048);
+            v["max_position_embeddings"] = serde_json::json!(32768);
+            Some(v)
+        }
         // The same with the 32,000-id vocabulary of the first benchmarks (history).
         "bench-1b-32k" => Some(base(1024, 12, 64, 512, 6, 16)),
         "tiny" => {
@@ -244,8 +261,23 @@ pub fn preset(name: &str) -> Option<serde_json::Value> {
             v["topk_group"] = serde_json::json!(2);
             Some(v)
         }
+        // tiny as DeepSeek-V3.2, choosing 64 positions (sparse from the 65th token on).
+        "tiny-v32" => {
+            let mut v = preset("tiny")?;
+            v32(&mut v, 16, 32, 64);
+            Some(v)
+        }
         _ => None,
     }
+}
+
+/// Makes a V3 config V3.2: `model_type deepseek_v32` and an indexer of `heads × dim` choosing
+/// `topk` positions.
+fn v32(v: &mut serde_json::Value, heads: usize, dim: usize, topk: usize) {
+    v["model_type"] = serde_json::json!("deepseek_v32");
+    v["index_n_heads"] = serde_json::json!(heads);
+    v["index_head_dim"] = serde_json::json!(dim);
+    v["index_topk"] = serde_json::json!(topk);
 }
 
 #[cfg(test)]

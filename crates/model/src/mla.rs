@@ -149,7 +149,7 @@ impl Mla {
                 let visible: Vec<usize> = (1..=t).collect();
                 let sel: Vec<Selection> = (0..seqs)
                     .map(|sq| match (&self.indexer, &p.idx) {
-                        (Some(ix), Some(r)) => {
+                        (Some(ix), Some(r)) if !cx.dense_attention => {
                             let (hi, d) = (r.w.len() / n, ix.key_dim());
                             let rows = sq * t..(sq + 1) * t;
                             let (q, w) =
@@ -178,8 +178,12 @@ impl Mla {
                 }
                 let y = self.o_proj.forward(cx, &o, n);
                 if let Some(tape) = tape {
-                    let Projected { q, c_pre, ckv, kpe, cq, .. } = p;
-                    *tape = Some(MlaSaved { x: x.to_vec(), seqs, t, cq, c_pre, ckv, kvb, q, kpe, probs, o });
+                    let Projected { q, c_pre, ckv, kpe, cq, idx } = p;
+                    let index = match (&self.indexer, idx) {
+                        (Some(ix), Some(rows)) => Some(ix.train_loss(rows, &probs, h, (seqs, t), &sel, n)),
+                        _ => None,
+                    };
+                    *tape = Some(MlaSaved { x: x.to_vec(), seqs, t, cq, c_pre, ckv, kvb, q, kpe, probs, o, index });
                 }
                 y
             }

@@ -35,7 +35,7 @@ fn fp8_step_tracks_the_f32_step() {
     let w = LossWeights { mtp_lambda: 0.3, balance: Balance { seq_alpha: 1e-4, batch_alpha: 0.0 } };
     let mut step = |recipe: Option<Fp8Recipe>| {
         let mut g = Grads::default();
-        model.training = Training { bf16: false, fp8: recipe };
+        model.training = Training { bf16: false, fp8: recipe, dsa_warmup: false };
         let r = model.train_step(&tokens, seqs, t, w, Some(&mut g)).unwrap();
         (r, g)
     };

@@ -295,6 +295,7 @@ impl TrainArgs {
         dsv3_model::exec::Training {
             bf16: self.precision != Precision::F32 && dsv3_kernels::gemm::bf16_available(),
             fp8: self.precision.fp8_recipe(),
+            dsa_warmup: false,
         }
     }
 }

@@ -16,7 +16,8 @@ pub enum Dtype {
 /// Write a random DeepSeek-V3 checkpoint (a preset shape) for benchmarks and experiments.
 #[derive(clap::Args)]
 pub struct RandomModel {
-    /// tiny | bench-1b (real 129,280-id vocabulary) | bench-1b-32k, or a config.json path.
+    /// tiny | tiny-v32 | bench-1b (real 129,280-id vocabulary) | bench-1b-v32 | bench-1b-32k, or a
+    /// config.json path (`-v32`: DeepSeek-V3.2 sparse attention).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// f32 | bf16 | fp8
@@ -33,7 +34,7 @@ fn config_for(name: &str) -> Result<serde_json::Value> {
     match preset(name) {
         Some(v) => Ok(v),
         None => dsv3_model::files::read_json(Path::new(name)).with_context(|| {
-            format!("`{name}` is neither a preset (tiny, bench-1b, bench-1b-32k) nor a readable config.json")
+            format!("`{name}` is neither a preset (tiny, tiny-v32, bench-1b, bench-1b-v32, bench-1b-32k) nor a readable config.json")
         }),
     }
 }

@@ -28,6 +28,8 @@ pub struct MlaSaved {
     pub(crate) probs: Vec<f32>,
     /// `[n, H·dv]` attention output before `o_proj`.
     pub(crate) o: Vec<f32>,
+    /// The indexer's loss and what its backward needs (sparse attention only).
+    pub(crate) index: Option<super::indexer::IndexSaved>,
 }
 
 impl Mla {
@@ -37,6 +39,9 @@ impl Mla {
         let (dq, dkv, t, seqs) = (dn + dr, dn + dv, s.t, s.seqs);
         let n = seqs * t;
         let d_o = self.o_proj.backward(cx, &format!("{name}.o_proj"), &s.o, dy, n, g);
+        if let (Some(ix), Some(is), Some((_, cqn))) = (&self.indexer, &s.index, &s.cq) {
+            ix.backward(cx, &format!("{name}.indexer"), is, &s.x, cqn, (seqs, t), g);
+        }
 
         // Per (sequence, head), as GEMMs: dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP))·scale,
         // dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·dO. Returns dq [t, dq], dk_nope|dv [t, dkv], dk_pe [t, dr].

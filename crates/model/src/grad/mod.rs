@@ -8,6 +8,7 @@
 
 pub mod exchange;
 pub mod fp8;
+pub mod indexer;
 pub mod layers;
 pub mod mla;
 pub mod model;

@@ -30,6 +30,12 @@ pub struct StepReport {
     /// Cross-entropy of each MTP depth (unweighted).
     pub mtp_losses: Vec<f64>,
     pub balance_loss: f64,
+    /// V3.2's indexer loss `L_I`, summed over the layers (it trains only the indexers).
+    pub indexer_loss: f64,
+    /// A digest of the step's discrete choices, the experts each token went to and the positions
+    /// each indexer chose: the loss is differentiable only where it stays fixed (finite-difference
+    /// checks compare it).
+    pub choice_digest: u64,
     /// Per MoE layer (main layers, then MTP blocks): its layer index and tokens per expert.
     pub load: Vec<(usize, Vec<usize>)>,
     /// Top-1 agreement of MTP depth 1 with the token two ahead (what a speculative decoder accepts).
@@ -90,9 +96,20 @@ impl LossWeights {
         r.lm_loss + r.mtp_losses.iter().sum::<f64>() * (self.mtp_lambda / depth.max(1) as f32) as f64
     }
 
-    /// The loss a step differentiates: the prediction losses and the balance losses.
+    /// The loss a step differentiates: the prediction losses, the balance losses and the
+    /// indexers' (whose gradients reach only the indexers).
     pub fn total(&self, r: &StepReport, depth: usize) -> f64 {
-        self.prediction(r, depth) + r.balance_loss
+        self.prediction(r, depth) + r.balance_loss + r.indexer_loss
+    }
+}
+
+impl LayerSaved {
+    /// The layer's indexer loss and choices into `report`.
+    fn index_report(&self, report: &mut StepReport) {
+        if let Some(i) = &self.attn.index {
+            report.indexer_loss += i.loss;
+            report.choice_digest = report.choice_digest.rotate_left(5) ^ i.digest;
+        }
     }
 }
 
@@ -102,6 +119,7 @@ impl FfnSaved {
         if let FfnSaved::Moe(m) = self {
             let stats = m.balance(seqs, t, bal);
             report.balance_loss += stats.balance_loss;
+            report.choice_digest = report.choice_digest.rotate_left(5) ^ stats.digest;
             report.load.push((index, stats.load));
         }
     }
@@ -126,6 +144,7 @@ impl DecoderLayer {
         self.forward(cx, h, &mut Seqs::Fresh { seqs, t }, rope, Some(&mut tape))?;
         let mut saved = tape.ok_or_else(|| ModelError::Input("the layer kept no tape".into()))?;
         saved.ffn.balance(seqs, t, bal, index, report);
+        saved.index_report(report);
         Ok(saved)
     }
 
@@ -250,6 +269,7 @@ impl DeepseekV3 {
             let hk = m.forward(&cx, &emb, &h_prev, &mut Seqs::Fresh { seqs, t }, &self.rope, Some(&mut tape))?;
             let mut saved = tape.ok_or_else(|| ModelError::Input("the MTP module kept no tape".into()))?;
             saved.block.ffn.balance(seqs, t, w.balance, self.layers.len() + j, report);
+            saved.block.index_report(report);
             let lk = self.logits_with(&cx, &hk, n);
             let scale = w.mtp_lambda / depth as f32;
             let (loss_k, dl) = cross_entropy(&lk, &lab, &mask, scale);

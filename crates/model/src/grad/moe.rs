@@ -54,6 +54,8 @@ pub struct MoeStats {
     pub load: Vec<usize>,
     /// The balance losses' value (already scaled by their α).
     pub balance_loss: f64,
+    /// A digest of every token's experts (changes when any routing does).
+    pub digest: u64,
 }
 
 impl MoeSaved {
@@ -68,9 +70,10 @@ impl MoeSaved {
         let e = self.scores.len() / self.n.max(1);
         let mut load = vec![0usize; e];
         self.routing.experts.iter().for_each(|&i| load[i] += 1);
-        let (balance_loss, d) = balance_losses(&self.scores, &load, seqs, t, self.routing.k, bal);
+        let (balance_loss, d, seq_top_k) = balance_losses(&self.scores, &load, seqs, t, self.routing.k, bal);
         self.d_scores_balance = d;
-        MoeStats { load, balance_loss }
+        let digest = self.routing.experts.iter().fold(seq_top_k, |h, &i| h.wrapping_mul(0x100000001b3) ^ i as u64);
+        MoeStats { load, balance_loss, digest }
     }
 }
 
@@ -122,12 +125,20 @@ impl Moe {
     }
 }
 
-/// Value and score gradient of the balance losses.
-fn balance_losses(scores: &[f32], load: &[usize], seqs: usize, t: usize, k: usize, bal: Balance) -> (f64, Vec<f32>) {
+/// Value and score gradient of the balance losses, and a digest of the sequence-wise loss's
+/// top-k indicators (a choice of its own: top-k of the unbiased scores).
+fn balance_losses(
+    scores: &[f32],
+    load: &[usize],
+    seqs: usize,
+    t: usize,
+    k: usize,
+    bal: Balance,
+) -> (f64, Vec<f32>, u64) {
     let n = seqs * t;
     let e = scores.len() / n.max(1);
     let mut grad = vec![0f32; scores.len()];
-    let mut loss = 0f64;
+    let (mut loss, mut digest) = (0f64, 0u64);
     // Adds α·Σ_i f_i·P_i over `tokens` (P over normalized scores) to loss and grad, scaled by w.
     let mut add = |tokens: std::ops::Range<usize>, f: &[f32], alpha: f32, w: f32| {
         let tt = tokens.len() as f32;
@@ -150,6 +161,7 @@ fn balance_losses(scores: &[f32], load: &[usize], seqs: usize, t: usize, k: usiz
             for i in b * t..(b + 1) * t {
                 for j in top_k_indices(&scores[i * e..(i + 1) * e], k) {
                     f[j] += e as f32 / (k as f32 * t as f32);
+                    digest = digest.wrapping_mul(0x100000001b3) ^ j as u64;
                 }
             }
             add(b * t..(b + 1) * t, &f, bal.seq_alpha, 1.0 / seqs as f32);
@@ -159,5 +171,5 @@ fn balance_losses(scores: &[f32], load: &[usize], seqs: usize, t: usize, k: usiz
         let f: Vec<f32> = load.iter().map(|&c| c as f32 * e as f32 / (k as f32 * n as f32)).collect();
         add(0..n, &f, bal.batch_alpha, 1.0);
     }
-    (loss, grad)
+    (loss, grad, digest)
 }

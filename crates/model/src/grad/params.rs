@@ -1,7 +1,7 @@
 //! The model's trainable parameters by checkpoint name, in one fixed order (the optimizer's state,
 //! the gradients and the saved checkpoint all use these names).
 
-use crate::layers::{Linear, Mlp, RmsNorm};
+use crate::layers::{LayerNorm, Linear, Mlp, RmsNorm};
 use crate::mla::{Mla, QProj};
 use crate::model::{DecoderLayer, DeepseekV3, Ffn};
 use crate::weights::Matrix;
@@ -56,6 +56,15 @@ fn mla<'a>(out: &mut Slots<'a>, name: &str, a: &'a mut Mla) {
     let crate::mla::KvB::Joint(kv_b_proj) = &mut a.kv_b else { unreachable!("joined above") };
     linear(out, format!("{name}.kv_b_proj"), kv_b_proj);
     linear(out, format!("{name}.o_proj"), &mut a.o_proj);
+    if let Some(ix) = &mut a.indexer {
+        let p = format!("{name}.indexer");
+        linear(out, format!("{p}.wq_b"), &mut ix.wq_b);
+        linear(out, format!("{p}.wk"), &mut ix.wk);
+        let LayerNorm { weight, bias, .. } = &mut ix.k_norm;
+        out.push((format!("{p}.k_norm.weight"), Slot::Vector(weight)));
+        out.push((format!("{p}.k_norm.bias"), Slot::Vector(bias)));
+        linear(out, format!("{p}.weights_proj"), &mut ix.weights_proj);
+    }
 }
 
 fn layer<'a>(out: &mut Slots<'a>, name: &str, l: &'a mut DecoderLayer) {
