@@ -295,7 +295,7 @@ def make_case(name, spec):
     print(name, "ok", sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)), "bytes")
 
 
-def write_config(d, config, cfg_kw, spec, v2, v32):
+def write_config(d, config, cfg_kw, spec, v2, v32=False):
     """A config.json as on the Hub (rope_theta + rope_scaling, quantization_config)."""
     family = "v2" if v2 else "v32" if v32 else "v3"
     arch = {"v2": "DeepseekV2ForCausalLM", "v3": "DeepseekV3ForCausalLM", "v32": "DeepseekV32ForCausalLM"}[family]

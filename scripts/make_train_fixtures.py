@@ -10,10 +10,14 @@ train_roundtrip/
               a checkpoint written by `dsv3 train` (copied from RUN_DIR, the first argument), and
               transformers' log-probs, MTP log-probs and greedy continuation on it, in the format of
               the golden fixtures (reference.json).
+train_roundtrip_v32/
+              the same for a DeepSeek-V3.2 run (RUN_DIR_V32, the second argument: `dsv3 train` with
+              --dsa-warmup-steps), read by transformers as DeepseekV32ForCausalLM.
 
-Usage: python scripts/make_train_fixtures.py [RUN_DIR]
+Usage: python scripts/make_train_fixtures.py [RUN_DIR [RUN_DIR_V32]]
 Environment as scripts/make_fixtures.py.
 """
+import copy
 import json
 import os
 import shutil
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32DecoderLayer
 
 sys.path.insert(0, os.path.dirname(__file__))
 from make_fixtures import BASE, OUT, Mtp, from_hub_names, init_, store, to_hub_names, write_config  # noqa: E402
@@ -103,8 +108,8 @@ def make_train_step():
     print("train_step ok", ref["loss"])
 
 
-def make_roundtrip(run_dir):
-    d = os.path.join(OUT, "train_roundtrip")
+def make_roundtrip(run_dir, name="train_roundtrip"):
+    d = os.path.join(OUT, name)
     os.makedirs(d, exist_ok=True)
     for f in os.listdir(d):
         os.remove(os.path.join(d, f))
@@ -115,7 +120,13 @@ def make_roundtrip(run_dir):
     n_layers = config.num_hidden_layers
     sd = load_file(os.path.join(d, "model.safetensors"))
     n_exp = config.n_routed_experts
-    mtp = Mtp(config, n_layers).float().eval()
+    if config.model_type == "deepseek_v32":
+        # transformers builds no MTP layer for V3.2; its per-layer lists stop at the last layer.
+        config = copy.deepcopy(config)
+        config.mlp_layer_types = list(config.mlp_layer_types) + ["sparse"]
+        mtp = Mtp(config, n_layers, DeepseekV32DecoderLayer).float().eval()
+    else:
+        mtp = Mtp(config, n_layers).float().eval()
     ref = {k: v for k, v in sd.items()}
     mref = {}
     for k in mtp.state_dict():
@@ -145,7 +156,7 @@ def make_roundtrip(run_dir):
         out["generate"] = {"prompt": prompt[0].tolist(), "output": g[0, 6:].tolist()}
     with open(os.path.join(d, "reference.json"), "w") as f:
         json.dump(out, f)
-    print("train_roundtrip ok", sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)), "bytes")
+    print(name, "ok", sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)), "bytes")
 
 
 if __name__ == "__main__":
@@ -153,3 +164,5 @@ if __name__ == "__main__":
     make_train_step()
     if len(sys.argv) > 1:
         make_roundtrip(sys.argv[1])
+    if len(sys.argv) > 2:
+        make_roundtrip(sys.argv[2], "train_roundtrip_v32")

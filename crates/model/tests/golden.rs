@@ -8,8 +8,9 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 // `train_roundtrip` is a checkpoint written by `dsv3 train` (scripts/make_train_fixtures.py).
-// `v32_*` are DeepSeek-V3.2 (sparse attention) with `index_topk` below the sequence length.
-const CASES: [&str; 9] = [
+// `v32_*` are DeepSeek-V3.2 (sparse attention) with `index_topk` below the sequence length;
+// `train_roundtrip_v32` is one `dsv3 train --dsa-warmup-steps` wrote.
+const CASES: [&str; 10] = [
     "v3_f32_sharded",
     "v3_bf16_noqlora",
     "v3_yarn_long",
@@ -19,6 +20,7 @@ const CASES: [&str; 9] = [
     "v32_f32",
     "v32_bf16_yarn",
     "v32_fp8",
+    "train_roundtrip_v32",
 ];
 
 fn fixture(name: &str) -> PathBuf {

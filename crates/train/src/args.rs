@@ -93,7 +93,8 @@ pub struct TrainArgs {
     /// Text files or folders (repeatable); default: the built-in corpus (dsv3's own sources).
     #[arg(long)]
     pub data: Vec<PathBuf>,
-    /// Model shape: tiny | bench-1b (real 129,280-id vocabulary) | bench-1b-32k (or --config).
+    /// Model shape: tiny | tiny-v32 | bench-1b (real 129,280-id vocabulary) | bench-1b-v32 |
+    /// bench-1b-32k (or --config; `-v32`: DeepSeek-V3.2 sparse attention).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// A config.json for the model shape (vocab_size and MTP depth are set by the run).
@@ -173,6 +174,11 @@ pub struct TrainArgs {
     /// α of the classic auxiliary loss (aux-loss mode).
     #[arg(long, default_value_t = 1e-3)]
     pub aux_alpha: f32,
+    /// V3.2 (DSA): the first N steps are the dense warm-up, where attention ignores the indexers
+    /// and only they train, towards it; then sparse training of everything.
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub dsa_warmup_steps: u64,
     /// The output folder: a Hugging Face model folder plus the run's state and metrics.
     #[arg(long, default_value = "runs/tiny")]
     pub out: PathBuf,
@@ -265,8 +271,17 @@ impl TrainArgs {
         LossWeights { mtp_lambda, balance }
     }
 
-    /// γ of the aux-free bias update at `step` (0 after `bias_freeze_step`, or in other modes).
+    /// Whether `step` is in DSA's dense warm-up.
+    pub fn dsa_warmup(&self, step: u64) -> bool {
+        step <= self.dsa_warmup_steps
+    }
+
+    /// γ of the aux-free bias update at `step` (0 after `bias_freeze_step`, or in other modes, or
+    /// while the main model is frozen in DSA's warm-up).
     pub fn bias_rate(&self, step: u64) -> f32 {
+        if self.dsa_warmup(step) {
+            return 0.0;
+        }
         match (self.balance, self.bias_freeze_step) {
             (BalanceMode::AuxFree, Some(f)) if step >= f => 0.0,
             (BalanceMode::AuxFree, _) => self.bias_update_rate,
@@ -308,12 +323,16 @@ pub(crate) fn model_config(args: &TrainArgs, vocab: usize) -> Result<Value> {
             serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
                 .with_context(|| format!("{}: not JSON", p.display()))?
         }
-        None => preset(&args.preset)
-            .with_context(|| format!("--preset {}: unknown (tiny, bench-1b, bench-1b-32k)", args.preset))?,
+        None => preset(&args.preset).with_context(|| {
+            format!("--preset {}: unknown (tiny, tiny-v32, bench-1b, bench-1b-v32, bench-1b-32k)", args.preset)
+        })?,
     };
     c["vocab_size"] = vocab.into();
     c["num_nextn_predict_layers"] = args.mtp_depth.into();
-    c["architectures"] = serde_json::json!(["DeepseekV3ForCausalLM"]);
+    if let Some(o) = c.as_object_mut() {
+        o.remove("architectures"); // the model type's own, below
+    }
+    let mut c = dsv3_model::config::with_architectures(&c);
     c["bos_token_id"] = 0.into();
     c["eos_token_id"] = 1.into();
     c["torch_dtype"] = "float32".into();

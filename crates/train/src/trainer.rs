@@ -30,6 +30,12 @@ pub struct StepLog {
     pub lm_loss: f64,
     pub mtp_losses: Vec<f64>,
     pub balance_loss: f64,
+    /// V3.2: the indexers' KL loss, summed over the layers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub indexer_loss: Option<f64>,
+    /// In DSA's dense warm-up (only the indexers train).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dsa_warmup: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
     /// Global MaxVio over the validation windows (mean over MoE layers).
@@ -178,6 +184,9 @@ impl<'l> Trainer<'l> {
             dp.all_reduce_sum(&mut [0.0]);
         }
         drop(init_dir);
+        if args.dsa_warmup_steps > 0 && model.config.indexer.is_none() {
+            bail!("--dsa-warmup-steps: the model has no indexer (DSA is DeepSeek-V3.2's; try --preset tiny-v32)");
+        }
         model.training = args.numerics();
         if let Some(ex) = &layout.experts {
             model.set_experts(Arc::new(ex.clone()));
@@ -218,6 +227,8 @@ impl<'l> Trainer<'l> {
         let step = self.state.step + 1;
         let w = args.loss_weights(step);
         let tokens = self.loader.next_batch(&self.train, args.batch_size);
+        let warmup = self.model.config.indexer.is_some() && args.dsa_warmup(step);
+        self.model.training.dsa_warmup = warmup;
         self.grads.zero();
         let (rank, size) = (layout.rank(), layout.processes());
         let mut report = match (&layout.dp, layout.pipeline) {
@@ -229,6 +240,10 @@ impl<'l> Trainer<'l> {
                 self.model.train_step(mine, shard, args.seq_len, w, Some(&mut self.grads))?
             }
         };
+        if warmup {
+            // DSA's warm-up trains the indexers alone: the rest of the model is frozen.
+            self.grads.map.iter_mut().filter(|(k, _)| !is_indexer(k)).for_each(|(_, g)| g.fill(0.0));
+        }
         let grad_norm = match &layout.dp {
             Some(dp) => {
                 let holders = self.holders.as_ref().expect("holders under data parallelism");
@@ -243,6 +258,9 @@ impl<'l> Trainer<'l> {
         let mut params = self.model.params_mut();
         if let Some(p) = &self.holders {
             params.retain(|x| p.updates(&x.name));
+        }
+        if warmup {
+            params.retain(|x| is_indexer(&x.name));
         }
         let info = self.opt.update(&self.ocfg, params, &mut self.grads, grad_norm);
         if let (Some(p), Some(dp)) = (&self.holders, &layout.dp) {
@@ -264,6 +282,8 @@ impl<'l> Trainer<'l> {
             lm_loss: report.lm_loss,
             mtp_losses: report.mtp_losses.clone(),
             balance_loss: report.balance_loss,
+            indexer_loss: self.model.config.indexer.map(|_| report.indexer_loss),
+            dsa_warmup: warmup,
             lr: info.lr,
             grad_norm: info.grad_norm,
             maxvio_per_layer: report.load.iter().map(|(_, c)| max_vio(c)).collect(),
@@ -512,4 +532,9 @@ fn fresh_init(config: &serde_json::Value, args: &TrainArgs, layout: &Layout) -> 
         true => Ok(TempDir(shared, false)),
         false => write(),
     }
+}
+
+/// A V3.2 indexer's parameter (what DSA's warm-up trains).
+fn is_indexer(name: &str) -> bool {
+    name.contains(".self_attn.indexer.")
 }

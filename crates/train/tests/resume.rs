@@ -77,3 +77,48 @@ fn resume_is_bit_identical_and_checkpoints_load_for_inference() {
     assert_eq!(lines, 6);
     std::fs::remove_dir_all(&base).ok();
 }
+
+#[test]
+fn dsa_warmup_trains_only_the_indexers() {
+    // DeepSeek-V3.2's dense warm-up: every weight but the indexers' (and the routing biases) stays
+    // as initialized, the indexers move and their loss is logged.
+    let base = std::env::temp_dir().join(format!("dsv3-dsa-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let v32 = |out: PathBuf, steps: u64| {
+        let mut a = tiny_args(out, steps);
+        let cfg = a.config.clone().unwrap();
+        let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        c["model_type"] = "deepseek_v32".into();
+        (c["index_n_heads"], c["index_head_dim"], c["index_topk"]) = (16.into(), 16.into(), 4.into());
+        std::fs::write(&cfg, c.to_string()).unwrap();
+        a.dsa_warmup_steps = 3;
+        a.eval_every = 0;
+        a
+    };
+    let mut logs: Vec<StepLog> = vec![];
+    run(v32(base.join("warm"), 3), &Layout::single(), None, None, |l| logs.push(l.clone())).unwrap();
+    // The run's initial weights: its config, its seed, the trainer's initializer.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("warm/config.json")).unwrap()).unwrap();
+    dsv3_model::init::write_training_init(&base.join("init"), &cfg, 0, None).unwrap();
+    assert!(logs.iter().all(|l| l.dsa_warmup && l.indexer_loss.is_some_and(|v| v > 0.0)), "warm-up steps log L_I");
+    let mut init = dsv3_model::DeepseekV3::load(&base.join("init")).unwrap();
+    let mut warm = dsv3_model::DeepseekV3::load(&base.join("warm")).unwrap();
+    let (mut moved, mut kept) = (0, 0);
+    for (a, b) in init.params_mut().into_iter().zip(warm.params_mut()) {
+        assert_eq!(a.name, b.name);
+        match a.name.contains(".indexer.") {
+            true => moved += (a.data != b.data) as usize,
+            false => {
+                assert!(a.data == b.data, "{} changed during the warm-up", a.name);
+                kept += 1;
+            }
+        }
+    }
+    assert!(moved >= 5 * 3 && kept > 0, "{moved} indexer tensors moved, {kept} others kept");
+    let biases = |m: &mut dsv3_model::DeepseekV3| -> Vec<f32> {
+        m.routing_biases_mut().iter().flat_map(|(_, b)| b.iter().copied()).collect()
+    };
+    assert_eq!(biases(&mut init), biases(&mut warm), "routing biases frozen with the main model");
+    std::fs::remove_dir_all(&base).ok();
+}
