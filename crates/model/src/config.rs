@@ -4,6 +4,7 @@
 //! names the field.
 
 use crate::error::{ModelError, Result};
+use dsv3_kernels::quant::ScaleFmt;
 use serde_json::{Map, Value};
 use std::path::Path;
 
@@ -61,6 +62,9 @@ pub struct Yarn {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fp8Quant {
     pub weight_block_size: [usize; 2],
+    /// How activation scales are rounded when activations are quantized (`--act-quant fp8`):
+    /// V3.1 and V3.2 declare `scale_fmt: ue8m0` (powers of two).
+    pub scale_fmt: ScaleFmt,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -477,9 +481,9 @@ fn fp8_quant(q: &Value) -> Result<Fp8Quant> {
     match f.str_or("quant_method", "fp8")? {
         "fp8" => {}
         // FP4 checkpoints (`dsv3 convert --format fp4`): the weights say their own layout.
-        "mxfp4" => return Ok(Fp8Quant { weight_block_size: [128, 128] }),
+        "mxfp4" => return Ok(Fp8Quant { weight_block_size: [128, 128], scale_fmt: ScaleFmt::F32 }),
         "modelopt" => match f.str_or("quant_algo", "NVFP4")? {
-            "NVFP4" => return Ok(Fp8Quant { weight_block_size: [128, 128] }),
+            "NVFP4" => return Ok(Fp8Quant { weight_block_size: [128, 128], scale_fmt: ScaleFmt::F32 }),
             other => {
                 return Err(ModelError::config(
                     "quantization_config.quant_algo",
@@ -515,7 +519,15 @@ fn fp8_quant(q: &Value) -> Result<Fp8Quant> {
             return Err(ModelError::config("quantization_config.weight_block_size", "must be two positive integers"))
         }
     };
-    Ok(Fp8Quant { weight_block_size: block })
+    let scale_fmt = match o.get("scale_fmt") {
+        None | Some(Value::Null) => ScaleFmt::F32,
+        Some(Value::String(s)) if s == "ue8m0" => ScaleFmt::Ue8m0,
+        Some(other) => {
+            let msg = format!("{other} is unsupported (ue8m0, or absent for f32 scales)");
+            return Err(ModelError::config("quantization_config.scale_fmt", msg));
+        }
+    };
+    Ok(Fp8Quant { weight_block_size: block, scale_fmt })
 }
 
 /// Reads `rope_theta` and YaRN from `rope_scaling` (hub) or `rope_parameters` (transformers 5).
@@ -727,5 +739,37 @@ mod tests {
             let e = Config::from_json(&v).unwrap_err().to_string();
             assert!(e.contains(&format!("rope_scaling.{field}")), "{field} = {value}: {e}");
         }
+    }
+
+    /// V3.2: the release's indexer (64 heads × 128, top 2048) and UE8M0 activation scales; its
+    /// fields are checked like every other.
+    #[test]
+    fn v32_indexer_and_ue8m0_scales() {
+        let mut v = v3();
+        v["model_type"] = json!("deepseek_v32");
+        v["quantization_config"]["scale_fmt"] = json!("ue8m0");
+        (v["index_n_heads"], v["index_head_dim"], v["index_topk"]) = (json!(64), json!(128), json!(2048));
+        let c = Config::from_json(&v).unwrap();
+        assert_eq!(c.indexer, Some(Indexer { n_heads: 64, head_dim: 128, topk: 2048 }));
+        assert_eq!(c.quantization.as_ref().map(|q| q.scale_fmt), Some(ScaleFmt::Ue8m0));
+        assert_eq!(c.latent_cache_width(), 576 + 128);
+        assert!(Config::from_json(&v3()).unwrap().indexer.is_none());
+        for (field, value, want) in [
+            ("index_topk", json!(0), "index_topk"),
+            ("index_head_dim", json!(32), "index_head_dim"),
+            ("index_n_heads", json!(1u64 << 40), "index_n_heads"),
+            ("q_lora_rank", Value::Null, "q_lora_rank"),
+        ] {
+            let mut w = v.clone();
+            w[field] = value;
+            let e = Config::from_json(&w).unwrap_err().to_string();
+            assert!(e.contains(want), "{field}: {e}");
+        }
+        let mut w = v.clone();
+        w.as_object_mut().unwrap().remove("index_topk");
+        assert!(Config::from_json(&w).unwrap_err().to_string().contains("index_topk"));
+        w = v.clone();
+        w["quantization_config"]["scale_fmt"] = json!("e8m0fnu");
+        assert!(Config::from_json(&w).unwrap_err().to_string().contains("scale_fmt"));
     }
 }

@@ -43,9 +43,10 @@ pub struct Report {
     pub peak_buffer_bytes: usize,
 }
 
-/// Weights the official checkpoint stores in FP8: every attention and FFN projection.
+/// Weights the official checkpoint stores in FP8: every attention and FFN projection, and V3.2's
+/// indexer `wq_b` and `wk` (its `weights_proj` stays bf16).
 pub fn is_linear_weight(name: &str) -> bool {
-    const LINEARS: [&str; 9] = [
+    const LINEARS: [&str; 11] = [
         "q_a_proj",
         "q_b_proj",
         "q_proj",
@@ -55,6 +56,8 @@ pub fn is_linear_weight(name: &str) -> bool {
         "gate_proj",
         "up_proj",
         "down_proj",
+        "wq_b",
+        "wk",
     ];
     name.strip_suffix(".weight").and_then(|s| s.rsplit('.').next()).is_some_and(|m| LINEARS.contains(&m))
 }

@@ -5,6 +5,7 @@
 
 use crate::experts::ExpertDispatch;
 use crate::grad::fp8::Fp8Recipe;
+use dsv3_kernels::quant::ScaleFmt;
 use dsv3_kernels::Gemm;
 
 #[derive(Clone, Copy)]
@@ -14,6 +15,8 @@ pub struct Exec<'a> {
     /// Each `Linear`'s input rounded per token to E4M3 in 1×128 tiles (`--act-quant fp8`, the
     /// official `activation_scheme: dynamic`).
     pub act_quant_fp8: bool,
+    /// How those activation scales are rounded (the checkpoint's `scale_fmt`; UE8M0 for V3.1).
+    pub act_scale_fmt: ScaleFmt,
     /// Every `Linear`'s Fprop, Dgrad and Wgrad in FP8 (report §3.3), for training.
     pub fp8: Option<Fp8Recipe>,
     /// Where each MoE layer's routed experts run: here, or on other processes.
@@ -28,6 +31,7 @@ impl std::fmt::Debug for Exec<'_> {
         f.debug_struct("Exec")
             .field("gemm", &self.gemm)
             .field("act_quant_fp8", &self.act_quant_fp8)
+            .field("act_scale_fmt", &self.act_scale_fmt)
             .field("fp8", &self.fp8)
             .field("dense_attention", &self.dense_attention)
             .finish_non_exhaustive()
@@ -52,12 +56,15 @@ pub struct Training {
 
 impl<'a> Exec<'a> {
     pub fn inference(n: Inference, experts: &'a dyn ExpertDispatch) -> Self {
-        Exec { gemm: Gemm::BATCH_INVARIANT, act_quant_fp8: n.act_quant_fp8, fp8: None, experts, dense_attention: false }
+        let act_quant_fp8 = n.act_quant_fp8;
+        let act_scale_fmt = ScaleFmt::F32;
+        Exec { gemm: Gemm::BATCH_INVARIANT, act_quant_fp8, act_scale_fmt, fp8: None, experts, dense_attention: false }
     }
 
     /// Training: every product over many tokens on the blocked GEMM.
     pub fn training(n: Training, experts: &'a dyn ExpertDispatch) -> Self {
         let gemm = Gemm { many_token: true, bf16: n.bf16 };
-        Exec { gemm, act_quant_fp8: false, fp8: n.fp8, experts, dense_attention: n.dsa_warmup }
+        let act_scale_fmt = ScaleFmt::F32;
+        Exec { gemm, act_quant_fp8: false, act_scale_fmt, fp8: n.fp8, experts, dense_attention: n.dsa_warmup }
     }
 }

@@ -259,7 +259,7 @@ fn serve(model: &DeepseekV3, ex: &dyn Comm, placement: &mut dyn PlacementPolicy,
     let moes = model.moe_layers();
     // The pairs placed here run as this process's own would (its numerics; the dispatcher is
     // not used by an expert's own computation).
-    let cx = Exec::inference(model.inference, &crate::experts::LOCAL);
+    let cx = model.with_scale_fmt(Exec::inference(model.inference, &crate::experts::LOCAL));
     let mut quiet = 0usize;
     loop {
         let (call, done) = {

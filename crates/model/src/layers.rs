@@ -6,7 +6,7 @@ use crate::exec::Exec;
 use crate::grad::layers::MlpSaved;
 use crate::weights::{Checkpoint, Matrix};
 use dsv3_kernels::matmul::{matmul_nt_batch, NtJob};
-use dsv3_kernels::quant::{Fp8Blocks, ScaleFmt};
+use dsv3_kernels::quant::Fp8Blocks;
 
 /// `y = x·Wᵀ`, no bias (DeepSeek-V3 has none). The weight stays in its stored format.
 #[derive(Clone)]
@@ -42,7 +42,7 @@ impl Linear {
         let calls = if cx.act_quant_fp8 {
             quantized = calls
                 .iter()
-                .map(|&(l, x, m)| Fp8Blocks::quantize(x, m, l.weight.cols, [1, 128], ScaleFmt::F32).dequantize())
+                .map(|&(l, x, m)| Fp8Blocks::quantize(x, m, l.weight.cols, [1, 128], cx.act_scale_fmt).dequantize())
                 .collect();
             requantized = calls.iter().zip(&quantized).map(|(&(l, _, m), q)| (l, q.as_slice(), m)).collect();
             &requantized[..]

@@ -325,7 +325,15 @@ impl DeepseekV3 {
 
     /// How inference runs: the batch-invariant kernels, `self.inference`'s settings.
     pub fn exec(&self) -> Exec<'_> {
-        Exec::inference(self.inference, &*self.experts)
+        self.with_scale_fmt(Exec::inference(self.inference, &*self.experts))
+    }
+
+    /// `cx` with the checkpoint's activation scale format (`quantization_config.scale_fmt`).
+    pub fn with_scale_fmt<'a>(&self, mut cx: Exec<'a>) -> Exec<'a> {
+        if let Some(q) = &self.config.quantization {
+            cx.act_scale_fmt = q.scale_fmt;
+        }
+        cx
     }
 
     /// How training runs with `numerics`.

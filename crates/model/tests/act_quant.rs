@@ -22,6 +22,11 @@ fn linear_inputs_are_quantized_per_token_tile_and_the_model_stays_close() {
     let quant = lin.forward(&on, &x, m);
     assert_eq!(plain, quant);
     assert_ne!(lin.forward(&off, &x, m), quant);
+    // A checkpoint declaring `scale_fmt: ue8m0` (V3.1, V3.2) rounds the scales to powers of two.
+    let ue8m0 = Exec { act_scale_fmt: ScaleFmt::Ue8m0, ..on };
+    let xq8 = Fp8Blocks::quantize(&x, m, k, [1, 128], ScaleFmt::Ue8m0).dequantize();
+    assert_eq!(lin.forward(&off, &xq8, m), lin.forward(&ue8m0, &x, m));
+    assert_ne!(xq8, xq);
 
     let dir = std::env::temp_dir().join(format!("dsv3-actq-{}", std::process::id()));
     write_random_checkpoint(&dir, &preset("tiny").unwrap(), StoreDtype::Fp8, 2).unwrap();

@@ -219,3 +219,44 @@ fn bad_input_fails_cleanly() {
         std::fs::remove_dir_all(d).ok();
     }
 }
+
+#[test]
+fn v32_keeps_the_releases_indexer_formats_and_refuses_gguf() {
+    // The V3.2 release stores the indexer's wq_b and wk in FP8 and weights_proj in bf16; a
+    // conversion back to FP8 keeps that split and the model still loads and agrees.
+    let (src, bf16, fp8) = (tmp("v32-src"), tmp("v32-bf16"), tmp("v32-fp8"));
+    write_random_checkpoint(&src, &preset("tiny-v32").unwrap(), StoreDtype::Fp8, 3).unwrap();
+    convert(&src, &bf16, Target::Bf16, false, 1 << 30).unwrap();
+    convert(&bf16, &fp8, Target::Fp8, false, 1 << 30).unwrap();
+    let t = raw(&fp8);
+    let p = "model.layers.1.self_attn.indexer";
+    assert_eq!(t[&format!("{p}.wq_b.weight")].0, "F8_E4M3");
+    assert_eq!(t[&format!("{p}.wk.weight")].0, "F8_E4M3");
+    assert!(t.contains_key(&format!("{p}.wk.weight_scale_inv")));
+    assert_eq!(t[&format!("{p}.weights_proj.weight")].0, "BF16");
+    let ids: Vec<u32> = (0..80).map(|i| (i * 37 % 2000) as u32 + 2).collect(); // past index_topk (64)
+    let logits = |d: &Path| {
+        let m = DeepseekV3::load(d).unwrap();
+        let h = m.forward(&ids, &mut m.new_cache()).unwrap();
+        m.logits(&h, ids.len())
+    };
+    // bf16 rounds each dequantized weight once more (a random model's routing amplifies that):
+    // close, not equal.
+    let (a, b) = (logits(&src), logits(&bf16));
+    let dot: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let norm = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    let cos = dot / (norm(&a) * norm(&b));
+    assert!(cos > 0.95, "FP8 vs its bf16 copy: logits cosine {cos}");
+    let gguf = tmp("v32-gguf").with_extension("gguf");
+    let e = dsv3_model::gguf::convert::convert(
+        &bf16,
+        &gguf,
+        dsv3_model::gguf::convert::GgufFormat::parse("q8_0").unwrap(),
+        1 << 30,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("V3.2") && !gguf.exists(), "{e}");
+    for d in [src, bf16, fp8] {
+        std::fs::remove_dir_all(d).ok();
+    }
+}

@@ -294,6 +294,14 @@ pub fn convert(from: &Path, to: &Path, format: GgufFormat, budget: usize) -> Res
         return Err(ModelError::Input(format!("{} exists; convert writes a new file", to.display())));
     }
     let cfg = Config::from_file(&from.join("config.json"))?;
+    if cfg.indexer.is_some() {
+        let msg = format!(
+            "{}: DeepSeek-V3.2 (sparse attention) has no GGUF layout in dsv3 yet; its indexer has no \
+             place in llama.cpp's deepseek2 tensors (convert to a folder format instead)",
+            from.display()
+        );
+        return Err(ModelError::Input(msg));
+    }
     let ck = Checkpoint::open(from)?;
     let block = cfg.quantization.as_ref().map_or([128, 128], |q| q.weight_block_size);
     let outs = plan(&cfg, &ck, format)?;
