@@ -7,6 +7,7 @@
 pub mod chat;
 pub mod config;
 pub mod convert;
+pub mod dsml;
 pub mod error;
 pub mod exec;
 pub mod expert_service;

@@ -9,6 +9,9 @@ use std::path::Path;
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     chat_template: Option<String>,
+    /// DeepSeek-V3.2's chat encoding ([`crate::dsml`]) for a checkpoint that ships rules, not a
+    /// template (`model_type: deepseek_v32` and no `chat_template`).
+    dsml: bool,
     /// The roles the template handles ([`crate::chat::template_roles`]).
     roles: Vec<String>,
     pub bos_token: Option<String>,
@@ -66,13 +69,20 @@ impl Tokenizer {
             Some(t) => Some(t),
             None => crate::files::read_text(&dir.join("chat_template.jinja")).ok(),
         };
-        Ok(Self::from_parts(
+        let v32 = || {
+            let c = crate::files::read_json(&dir.join("config.json")).ok();
+            c.is_some_and(|c| c.get("model_type").and_then(Value::as_str) == Some("deepseek_v32"))
+        };
+        let dsml = chat_template.is_none() && v32();
+        let mut t = Self::from_parts(
             inner,
             chat_template,
             token_text(cfg.get("bos_token")),
             token_text(cfg.get("eos_token")),
             cfg.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
-        ))
+        );
+        t.dsml = dsml;
+        Ok(t)
     }
 
     /// A tokenizer from its pieces (a GGUF file's metadata gives them: [`crate::gguf::tokenizer`]).
@@ -87,6 +97,7 @@ impl Tokenizer {
             inner,
             roles: crate::chat::template_roles(chat_template.as_deref().unwrap_or("")),
             chat_template,
+            dsml: false,
             bos_token,
             eos_token,
             add_bos_token,
@@ -117,7 +128,7 @@ impl Tokenizer {
     }
 
     pub fn has_chat_template(&self) -> bool {
-        self.chat_template.is_some()
+        self.chat_template.is_some() || self.dsml
     }
 
     /// Renders `messages` (a JSON array of `{role, content, ...}`) with the chat template.
@@ -133,6 +144,36 @@ impl Tokenizer {
         tools: Option<&Value>,
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.render_chat(messages, tools, add_generation_prompt, None)
+    }
+
+    /// The chat as the checkpoint's format renders it, with `kwargs` (transformers'
+    /// `chat_template_kwargs`, e.g. `{"thinking": true}` for V3.1's hybrid thinking) in the
+    /// template's context. V3.2's rules read `thinking` (or `thinking_mode: "thinking"`); they
+    /// have no generation prompt of their own (a user turn ends with it).
+    pub fn render_chat(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+        kwargs: Option<&Value>,
+    ) -> Result<String> {
+        if let Some(k) = kwargs.filter(|k| !k.is_null() && !k.is_object()) {
+            return Err(ModelError::Template(format!("chat_template_kwargs must be an object, not {k}")));
+        }
+        let kw = |key: &str| kwargs.and_then(|k| k.get(key));
+        if self.chat_template.is_none() && self.dsml {
+            let list = messages
+                .as_array()
+                .filter(|m| m.iter().all(Value::is_object))
+                .ok_or_else(|| ModelError::Template("messages must be a list of objects".into()))?;
+            if let Some(t) = tools {
+                crate::chat::check_tools(t)?;
+            }
+            let thinking = kw("thinking").and_then(Value::as_bool).unwrap_or(false)
+                || kw("thinking_mode").and_then(Value::as_str) == Some("thinking");
+            return crate::dsml::encode_messages(&crate::dsml::with_request_tools(list, tools, None), thinking);
+        }
         let tpl = self
             .chat_template
             .as_deref()
@@ -149,12 +190,17 @@ impl Tokenizer {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
         env.add_template("chat", tpl).map_err(|e| ModelError::Template(e.to_string()))?;
-        let ctx = minijinja::context! {
+        let base = minijinja::context! {
             messages => minijinja::Value::from_serialize(&messages),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
             tools => tools.map(minijinja::Value::from_serialize),
+        };
+        // The request's kwargs under the fixed names (which they cannot replace).
+        let ctx = match kwargs {
+            Some(k) if k.is_object() => minijinja::context! { ..base, ..minijinja::Value::from_serialize(k) },
+            _ => base,
         };
         env.get_template("chat").and_then(|t| t.render(ctx)).map_err(|e| ModelError::Template(e.to_string()))
     }

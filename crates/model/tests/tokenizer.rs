@@ -150,3 +150,28 @@ fn gguf_pre_tokenizers_split_as_llama_cpp() {
         }
     }
 }
+
+#[test]
+fn v32_folders_render_with_the_dsml_rules_and_kwargs_reach_templates() {
+    // A V3.2 checkpoint ships encoding rules, not a template: a folder whose config says
+    // deepseek_v32 and whose tokenizer_config.json has no chat_template renders with them.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train_roundtrip_v32");
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    assert!(tok.has_chat_template());
+    let m = serde_json::json!([{"role": "user", "content": "hi"}]);
+    let think = serde_json::json!({"thinking": true});
+    let bos_user = "<｜begin▁of▁sentence｜><｜User｜>hi<｜Assistant｜>";
+    assert_eq!(tok.render_chat(&m, None, true, Some(&think)).unwrap(), format!("{bos_user}<think>"));
+    assert_eq!(tok.render_chat(&m, None, true, None).unwrap(), format!("{bos_user}</think>"));
+    assert!(tok.render_chat(&m, None, true, Some(&serde_json::json!([1]))).is_err());
+    // A Jinja template (V3.1's hybrid thinking) sees the request's kwargs beside its own names,
+    // which they do not replace.
+    let inner = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let tpl = "{{ bos_token }}{% for m in messages %}<｜User｜>{{ m.content }}{% endfor %}\
+{% if add_generation_prompt %}<｜Assistant｜>{% if thinking %}<think>{% else %}</think>{% endif %}{% endif %}";
+    let t31 = Tokenizer::from_parts(inner, Some(tpl.into()), Some("<｜begin▁of▁sentence｜>".into()), None, false);
+    assert_eq!(t31.render_chat(&m, None, true, Some(&think)).unwrap(), format!("{bos_user}<think>"));
+    assert_eq!(t31.render_chat(&m, None, true, None).unwrap(), format!("{bos_user}</think>"));
+    let clobber = serde_json::json!({"messages": [], "thinking": true});
+    assert_eq!(t31.render_chat(&m, None, true, Some(&clobber)).unwrap(), format!("{bos_user}<think>"));
+}

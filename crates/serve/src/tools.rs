@@ -1,7 +1,8 @@
 //! DeepSeek tool-call markup in generated text → OpenAI `tool_calls`.
 //!
 //! V3/R1: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>…<｜tool▁calls▁end｜>`;
-//! V3.1: `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>`.
+//! V3.1: `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>`;
+//! V3.2: DSML `<｜DSML｜function_calls>` blocks ([`dsv3_model::dsml::parse_tool_calls`]).
 
 use serde_json::{json, Value};
 
@@ -13,6 +14,9 @@ const SEP: &str = "<｜tool▁sep｜>";
 /// Splits text into the content before the tool calls and the calls (OpenAI shape). `None` when
 /// the text has no tool-call markup.
 pub fn parse_tool_calls(text: &str) -> Option<(String, Vec<Value>)> {
+    if let Some(found) = dsv3_model::dsml::parse_tool_calls(text) {
+        return Some(found);
+    }
     let start = text.find(CALLS_BEGIN).or_else(|| text.find(CALL_BEGIN))?;
     let content = text[..start].trim_end().to_string();
     let mut calls = vec![];
@@ -55,5 +59,8 @@ mod tests {
         assert_eq!(calls[0]["function"]["name"], "get_weather");
         assert_eq!(calls[0]["function"]["arguments"], "{\"city\":\"Rome\"}");
         assert!(parse_tool_calls("plain text").is_none());
+        let v32 = "\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name=\"get_weather\">\n<｜DSML｜parameter name=\"city\" string=\"true\">Rome</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜function_calls>";
+        let (content, calls) = parse_tool_calls(v32).unwrap();
+        assert_eq!((content.as_str(), &calls[0]["function"]["arguments"]), ("", &json!("{\"city\": \"Rome\"}")));
     }
 }

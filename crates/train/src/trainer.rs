@@ -507,8 +507,12 @@ impl Drop for TempDir {
 /// processes that see its folder (on its machine, or a shared file system) read them there; the
 /// others write their own copy (the same bytes: the same seed).
 fn fresh_init(config: &serde_json::Value, args: &TrainArgs, layout: &Layout) -> Result<TempDir> {
+    // Named by process and by run within it (two runs in one process must not share a folder).
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = |pid: u32, run: usize| std::env::temp_dir().join(format!("dsv3-train-init-{pid}-{run}"));
     let write = || -> Result<TempDir> {
-        let dir = TempDir(std::env::temp_dir().join(format!("dsv3-train-init-{}", std::process::id())), true);
+        let dir = TempDir(name(std::process::id(), run), true);
         write_training_init(&dir.0, config, args.seed, args.init_std)?;
         Ok(dir)
     };
@@ -516,9 +520,9 @@ fn fresh_init(config: &serde_json::Value, args: &TrainArgs, layout: &Layout) -> 
     // Rank 0 writes first (and reaches the sum even when it fails, so that none waits forever),
     // then says where (its process id) and whether it succeeded.
     let first = (dp.rank() == 0).then(write);
-    let mut said = [0.0, 0.0];
+    let mut said = [0.0, 0.0, 0.0];
     if let Some(r) = &first {
-        said = [std::process::id() as f64, r.is_ok() as u8 as f64];
+        said = [std::process::id() as f64, r.is_ok() as u8 as f64, run as f64];
     }
     dp.all_reduce_sum(&mut said);
     if let Some(r) = first {
@@ -527,7 +531,7 @@ fn fresh_init(config: &serde_json::Value, args: &TrainArgs, layout: &Layout) -> 
     if said[1] == 0.0 {
         bail!("rank 0 could not write the initial weights (its error says why)");
     }
-    let shared = std::env::temp_dir().join(format!("dsv3-train-init-{}", said[0] as u32));
+    let shared = name(said[0] as u32, said[2] as usize);
     match shared.join("model.safetensors").is_file() && shared.join("config.json").is_file() {
         true => Ok(TempDir(shared, false)),
         false => write(),

@@ -17,6 +17,10 @@ pub struct Chat {
     /// A system prompt.
     #[arg(long)]
     pub system: Option<String>,
+    /// Thinking mode of hybrid models (DeepSeek-V3.1, V3.2): the template's `thinking` set, the
+    /// reply's reasoning (before `</think>`) kept apart from its answer in the history.
+    #[arg(long)]
+    pub thinking: bool,
     #[command(flatten)]
     pub sampling: Sampling,
 }
@@ -48,7 +52,9 @@ pub fn run(a: &Chat, cluster: &Cluster) -> Result<()> {
             break;
         }
         messages.push(json!({"role": "user", "content": line.trim_end()}));
-        let ids = tok.encode_chat(&serde_json::Value::Array(messages.clone()), true)?;
+        let kwargs = json!({"thinking": a.thinking});
+        let text = tok.render_chat(&serde_json::Value::Array(messages.clone()), None, true, Some(&kwargs))?;
+        let ids = tok.encode(&text, false)?;
         // A turn that does not fit the context is refused; the conversation so far is kept.
         let budget = match dsv3_model::generate::new_token_budget(model, ids.len(), opts.max_new_tokens) {
             Ok(b) => b,
@@ -77,7 +83,13 @@ pub fn run(a: &Chat, cluster: &Cluster) -> Result<()> {
             logits = model.logits(&h, 1);
         }
         println!();
-        messages.push(json!({"role": "assistant", "content": tok.decode(&st.ids, true)?}));
+        let reply = tok.decode(&st.ids, false)?;
+        let reply = tok.eos_token.as_deref().map_or(reply.as_str(), |e| reply.trim_end_matches(e)).to_string();
+        messages.push(match reply.split_once("</think>") {
+            Some((reasoning, answer)) => json!({"role": "assistant", "content": answer.trim_start(),
+                "reasoning_content": reasoning.trim_start_matches("<think>").trim()}),
+            None => json!({"role": "assistant", "content": reply}),
+        });
     }
     Ok(())
 }

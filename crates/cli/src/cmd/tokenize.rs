@@ -19,6 +19,10 @@ pub struct Tokenize {
     /// With --chat: end with the assistant prompt.
     #[arg(long)]
     pub add_generation_prompt: bool,
+    /// With --chat: a JSON object passed to the template (`{"thinking": true}` for DeepSeek-V3.1's
+    /// and V3.2's thinking mode).
+    #[arg(long)]
+    pub chat_template_kwargs: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -30,7 +34,11 @@ pub fn run(a: &Tokenize) -> Result<()> {
         (Some(t), _) => (tok.encode(t, true)?, t.to_string()),
         (None, Some(f)) => {
             let messages = dsv3_model::files::read_json(f).with_context(|| format!("reading {}", f.display()))?;
-            let rendered = tok.apply_chat_template(&messages, a.add_generation_prompt)?;
+            let kwargs: Option<serde_json::Value> = match &a.chat_template_kwargs {
+                Some(k) => Some(serde_json::from_str(k).context("--chat-template-kwargs: not JSON")?),
+                None => None,
+            };
+            let rendered = tok.render_chat(&messages, None, a.add_generation_prompt, kwargs.as_ref())?;
             (tok.encode(&rendered, false)?, rendered)
         }
         _ => bail!("give --text or --chat"),

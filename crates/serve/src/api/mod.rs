@@ -119,7 +119,7 @@ async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: By
     }
     let tools = b.tools.as_ref().filter(|t| !t.is_null());
     let text = tok
-        .apply_chat_template_with_tools(&b.messages, tools, true)
+        .render_chat(&b.messages, tools, true, b.chat_template_kwargs.as_ref())
         .map_err(|e| ApiError::from_model(e, "messages"))?;
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
     let lp = if b.logprobs { Some(b.top_logprobs.unwrap_or(0)) } else { None };

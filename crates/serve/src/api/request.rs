@@ -134,6 +134,10 @@ pub(super) struct ChatBody {
     pub(super) top_logprobs: Option<usize>,
     #[serde(default)]
     pub(super) tools: Option<Value>,
+    /// Passed to the chat template (vLLM's and SGLang's name): `{"thinking": true}` opens
+    /// DeepSeek-V3.1's and V3.2's thinking mode.
+    #[serde(default)]
+    pub(super) chat_template_kwargs: Option<Value>,
     #[serde(flatten)]
     pub(super) common: Common,
 }
