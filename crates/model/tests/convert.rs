@@ -33,6 +33,20 @@ fn raw(dir: &Path) -> std::collections::BTreeMap<String, (String, Vec<usize>, Ve
     out
 }
 
+/// Cosine of two logit vectors.
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let norm = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+/// The logits of `ids` from the model in `dir`.
+fn logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
+    let m = DeepseekV3::load(dir).unwrap();
+    let h = m.forward(ids, &mut m.new_cache()).unwrap();
+    m.logits(&h, ids.len())
+}
+
 fn f32s(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
 }
@@ -123,11 +137,7 @@ fn fp4_checkpoints_load_and_stay_close_to_the_original() {
     let reference = DeepseekV3::load(&src).unwrap();
     let ids = [5u32, 6, 7, 8, 9, 10];
     let want = reference.forward(&ids, &mut reference.new_cache()).unwrap();
-    let cosine = |got: &[f32]| {
-        let dot: f64 = got.iter().zip(&want).map(|(&a, &b)| a as f64 * b as f64).sum();
-        let n = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-        dot / (n(got) * n(&want))
-    };
+    let cosine = |got: &[f32]| cosine(got, &want);
     let fp8 = tmp("fp4-vs-fp8");
     convert(&src, &fp8, Target::Fp8, false, 1 << 30).unwrap();
     let m8 = DeepseekV3::load(&fp8).unwrap();
@@ -153,9 +163,7 @@ fn fp4_checkpoints_load_and_stay_close_to_the_original() {
         let m2 = DeepseekV3::load(&back).unwrap();
         let again = m2.forward(&ids, &mut m2.new_cache()).unwrap();
         // (bf16 rounds the decoded values once more: close, not equal.)
-        let dot: f64 = got.iter().zip(&again).map(|(&a, &b)| a as f64 * b as f64).sum();
-        let n = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-        let c = dot / (n(&got) * n(&again));
+        let c = self::cosine(&got, &again);
         assert!(c > 0.99, "{kind:?}: fp4 vs its bf16 decode: cosine {c}");
         for d in [out, back] {
             std::fs::remove_dir_all(d).ok();
@@ -182,15 +190,7 @@ fn quantize_head_stores_embedding_and_head_in_fp8_and_the_logits_stay_close() {
     assert_eq!(got["model.norm.weight"].0, "BF16");
     assert_eq!(got["model.layers.0.self_attn.o_proj.weight"].0, "BF16");
     let ids = [5u32, 6, 7, 8, 9, 10];
-    let logits = |dir: &Path| {
-        let m = DeepseekV3::load(dir).unwrap();
-        let h = m.forward(&ids, &mut m.new_cache()).unwrap();
-        m.logits(&h, ids.len())
-    };
-    let (x, y) = (logits(&plain), logits(&q));
-    let dot: f64 = x.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
-    let n = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-    let cos = dot / (n(&x) * n(&y));
+    let cos = cosine(&logits(&plain, &ids), &logits(&q, &ids));
     assert!(cos > 0.98, "logits cosine with an FP8 head and embedding: {cos}");
     for d in [src, plain, q] {
         std::fs::remove_dir_all(d).ok();
@@ -235,17 +235,9 @@ fn v32_keeps_the_releases_indexer_formats_and_refuses_gguf() {
     assert!(t.contains_key(&format!("{p}.wk.weight_scale_inv")));
     assert_eq!(t[&format!("{p}.weights_proj.weight")].0, "BF16");
     let ids: Vec<u32> = (0..80).map(|i| (i * 37 % 2000) as u32 + 2).collect(); // past index_topk (64)
-    let logits = |d: &Path| {
-        let m = DeepseekV3::load(d).unwrap();
-        let h = m.forward(&ids, &mut m.new_cache()).unwrap();
-        m.logits(&h, ids.len())
-    };
-    // bf16 rounds each dequantized weight once more (a random model's routing amplifies that):
-    // close, not equal.
-    let (a, b) = (logits(&src), logits(&bf16));
-    let dot: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
-    let norm = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-    let cos = dot / (norm(&a) * norm(&b));
+                                                                               // bf16 rounds each dequantized weight once more (a random model's routing amplifies that):
+                                                                               // close, not equal.
+    let cos = cosine(&logits(&src, &ids), &logits(&bf16, &ids));
     assert!(cos > 0.95, "FP8 vs its bf16 copy: logits cosine {cos}");
     let gguf = tmp("v32-gguf").with_extension("gguf");
     let e = dsv3_model::gguf::convert::convert(

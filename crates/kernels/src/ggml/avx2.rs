@@ -40,23 +40,8 @@ struct Rows<'a> {
     tensor_scale: f32,
 }
 
-// The formats as const parameters (an enum cannot be one), so each body is compiled per format.
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q5_0: u8 = 2;
-const Q5_1: u8 = 3;
-const Q8_0: u8 = 4;
-const IQ4_NL: u8 = 5;
-const MXFP4: u8 = 6;
-const Q4K: u8 = 7;
-const Q5K: u8 = 8;
-const IQ4_XS: u8 = 9;
-const Q6K: u8 = 10;
-const FP4_MX: u8 = 11;
-const FP4_NV: u8 = 12;
-/// The 1–3-bit formats ([`low_bit`]): Q2_K, Q3_K, the signed lattices, the ternary ones.
-const Q2K: u8 = 13;
-const Q3K: u8 = 14;
+use super::vnni::format::*;
+/// This body's own ids for the 1–3-bit formats ([`low_bit`]): the signed lattices, the ternary ones.
 const LATTICE: u8 = 15;
 const TERNARY: u8 = 16;
 

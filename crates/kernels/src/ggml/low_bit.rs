@@ -12,10 +12,9 @@
 //! [`group_scales`] and [`code`] are the scalar definition; the vector body builds the same codes
 //! from the lattice tables with gathers.
 
-use super::dequant::{iq1_m_scale, q3_k_scales};
+use super::dequant::{f16, iq1_m_scale, q3_k_scales, u16_at, u32_at};
 use super::lattice::*;
 use super::GgmlType;
-use crate::codec::f16_to_f32;
 
 /// The formats here.
 pub fn handles(kind: GgmlType) -> bool {
@@ -38,21 +37,6 @@ pub fn offset(kind: GgmlType) -> i32 {
         Iq1S | Iq1M => 9,
         _ => 0,
     }
-}
-
-#[inline]
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-#[inline]
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-#[inline]
-fn f16(b: &[u8], at: usize) -> f32 {
-    f16_to_f32(u16_at(b, at))
 }
 
 /// `(2s + 1)·d·k` for a 3- or 4-bit scale field `s`.

@@ -208,6 +208,29 @@ pub mod reference {
 }
 
 #[cfg(target_arch = "x86_64")]
+/// The formats as const parameters of the integer bodies (an enum cannot be one), so each body is
+/// compiled per format; shared by the AVX-512 and AVX2 bodies, which add ids of their own from 15.
+pub(crate) mod format {
+    pub const Q4_0: u8 = 0;
+    pub const Q4_1: u8 = 1;
+    pub const Q5_0: u8 = 2;
+    pub const Q5_1: u8 = 3;
+    pub const Q8_0: u8 = 4;
+    pub const IQ4_NL: u8 = 5;
+    pub const MXFP4: u8 = 6;
+    pub const Q4K: u8 = 7;
+    pub const Q5K: u8 = 8;
+    pub const IQ4_XS: u8 = 9;
+    pub const Q6K: u8 = 10;
+    /// dsv3's own FP4 ([`crate::MatRef::Fp4`]): E2M1 pairs, low nibble first, scales apart —
+    /// MXFP4's UE8M0 per 32, NVFP4's E4M3 per 16 times the tensor scale.
+    pub const FP4_MX: u8 = 11;
+    pub const FP4_NV: u8 = 12;
+    /// The 1–3-bit formats ([`super::low_bit`]) both bodies have.
+    pub const Q2K: u8 = 13;
+    pub const Q3K: u8 = 14;
+}
+
 pub mod avx512 {
     use super::{fixed_offset, low_bit, QuantAct, IQ4NL_LEVELS, MXFP4_LEVELS};
     use crate::ggml::dequant::e8m0_half;
@@ -226,25 +249,8 @@ pub mod avx512 {
             && std::arch::is_x86_feature_detected!("bmi2")
     }
 
-    // The formats as const parameters (an enum cannot be one), so each body is compiled per format.
-    const Q4_0: u8 = 0;
-    const Q4_1: u8 = 1;
-    const Q5_0: u8 = 2;
-    const Q5_1: u8 = 3;
-    const Q8_0: u8 = 4;
-    const IQ4_NL: u8 = 5;
-    const MXFP4: u8 = 6;
-    const Q4K: u8 = 7;
-    const Q5K: u8 = 8;
-    const IQ4_XS: u8 = 9;
-    const Q6K: u8 = 10;
-    /// dsv3's own FP4 ([`crate::MatRef::Fp4`]): E2M1 pairs, low nibble first, scales apart —
-    /// MXFP4's UE8M0 per 32, NVFP4's E4M3 per 16 times the tensor scale.
-    const FP4_MX: u8 = 11;
-    const FP4_NV: u8 = 12;
-    /// The 1–3-bit formats ([`low_bit`]).
-    const Q2K: u8 = 13;
-    const Q3K: u8 = 14;
+    use super::format::*;
+    // This body's own 1–3-bit ids, after the shared ones.
     const IQ2_XXS: u8 = 15;
     const IQ2_XS: u8 = 16;
     const IQ2_S: u8 = 17;
