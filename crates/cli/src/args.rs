@@ -71,6 +71,16 @@ pub struct Sampling {
     /// Keep going past the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// CTRL's repetition penalty over the prompt and the output (1 is off; llama.cpp's
+    /// --repeat-penalty over the whole context).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token already generated (OpenAI's definition).
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Subtracted from a generated token's logit per time it was generated.
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
 }
 
 /// A pipeline schedule.
@@ -136,6 +146,12 @@ impl Sampling {
                 top_p: self.top_p,
                 top_k: self.top_k,
                 seed: self.seed,
+                penalties: dsv3_model::sampling::Penalties {
+                    presence: self.presence_penalty,
+                    frequency: self.frequency_penalty,
+                    repetition: self.repetition_penalty,
+                    logit_bias: vec![],
+                },
             },
             eos_token_ids: eos,
             ignore_eos: self.ignore_eos,

@@ -53,7 +53,15 @@ pub fn generate(
 ) -> Result<(Vec<u32>, GenerateStats)> {
     let budget = new_token_budget(model, prompt.len(), opts.max_new_tokens)?;
     let opts = &GenerateOptions { max_new_tokens: budget, ..opts.clone() };
-    let (out, mut stats) = if opts.mtp_speculative > 0 {
+    let p = &opts.sampling.penalties;
+    if !(p.repetition.is_finite() && p.repetition > 0.0 && p.presence.is_finite() && p.frequency.is_finite()) {
+        return Err(ModelError::Input(format!(
+            "penalties must be finite and the repetition penalty positive (got repetition {}, presence {}, frequency {})",
+            p.repetition, p.presence, p.frequency
+        )));
+    }
+    // Speculative acceptance draws from the plain distribution: penalties decode plainly.
+    let (out, mut stats) = if opts.mtp_speculative > 0 && p.is_neutral() {
         crate::speculative::generate_speculative(model, prompt, opts, on_token)?
     } else {
         generate_plain(model, prompt, opts, on_token)?
@@ -85,7 +93,7 @@ fn generate_plain(
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32),
 ) -> Result<(Vec<u32>, GenerateStats)> {
-    let mut sampler = Sampler::new(opts.sampling.clone());
+    let mut sampler = Sampler::new(opts.sampling.clone()).with_prompt(prompt);
     let mut cache = model.new_cache();
     let d = model.config.hidden_size;
     let t0 = Instant::now();
@@ -95,7 +103,7 @@ fn generate_plain(
     let t1 = Instant::now();
     let mut out = vec![];
     while out.len() < opts.max_new_tokens {
-        let tok = sampler.sample(&logits);
+        let tok = sampler.sample_adjusted(&logits);
         out.push(tok);
         on_token(tok);
         if !opts.ignore_eos && opts.eos_token_ids.contains(&tok) {

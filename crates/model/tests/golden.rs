@@ -151,7 +151,7 @@ fn mtp_speculative_greedy_reproduces_plain_greedy() {
         }
         // Sampling: reproducible under a seed, and stops at max_new_tokens.
         let sampled = GenerateOptions {
-            sampling: SamplingParams { temperature: 0.8, top_p: 0.9, top_k: 0, seed: 5 },
+            sampling: SamplingParams { temperature: 0.8, top_p: 0.9, seed: 5, ..Default::default() },
             mtp_speculative: 2,
             ..plain.clone()
         };

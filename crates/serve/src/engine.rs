@@ -26,6 +26,22 @@ pub struct GenRequest {
     pub stop_ids: Vec<u32>,
     /// Log-probs of the chosen token and this many alternatives per step (None: off).
     pub logprobs: Option<usize>,
+    /// Log-probs of each prompt token after the first, with this many alternatives (None: off);
+    /// sent as [`Event::Prompt`] while the prompt runs (`echo` and vLLM's `prompt_logprobs`).
+    pub prompt_logprobs: Option<usize>,
+    /// The stop ids are masked until this many tokens were generated.
+    pub min_tokens: usize,
+}
+
+impl GenRequest {
+    /// Whether MTP speculation can serve this request: it draws from the plain distribution and
+    /// reports no log-probs.
+    fn plain(&self) -> bool {
+        self.logprobs.is_none()
+            && self.prompt_logprobs.is_none()
+            && self.min_tokens == 0
+            && self.sampling.penalties.is_neutral()
+    }
 }
 
 /// One generated token.
@@ -34,6 +50,8 @@ pub struct TokenOut {
     pub id: u32,
     pub logprob: Option<f32>,
     pub top: Vec<(u32, f32)>,
+    /// The token's rank in its distribution (1: the most likely), for prompt tokens.
+    pub rank: Option<usize>,
 }
 
 /// Why a sequence ended.
@@ -43,11 +61,18 @@ pub enum Finish {
     Length,
 }
 
-/// What the engine sends back, in order: tokens, then one `Done`.
+/// What the engine sends back, in order: the prompt's log-probs when asked (in pieces, in order),
+/// tokens, then one `Done`.
 #[derive(Clone, Debug)]
 pub enum Event {
+    /// Prompt tokens (positions 1.. of the prompt) with their log-probs.
+    Prompt(Vec<TokenOut>),
     Token(TokenOut),
-    Done { finish: Finish, prompt_tokens: usize, completion_tokens: usize },
+    Done {
+        finish: Finish,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
 }
 
 /// A request on its way in: the work and where its events go.
@@ -73,8 +98,8 @@ pub struct EngineConfig {
     pub prefix_cache: bool,
     /// Requests waiting beyond the running ones; more are refused (HTTP 429).
     pub max_queue: usize,
-    /// MTP drafts per step for each decoding sequence (0: off). Requests that ask for log-probs
-    /// decode plainly.
+    /// MTP drafts per step for each decoding sequence (0: off). Requests that ask for log-probs,
+    /// penalties or `min_tokens` decode plainly.
     pub mtp_speculative: usize,
 }
 
@@ -132,7 +157,7 @@ enum Emit {
 
 impl Seq {
     fn speculative(&self, k: usize) -> bool {
-        k > 0 && self.job.req.logprobs.is_none()
+        k > 0 && self.job.req.plain()
     }
 
     fn emit(&mut self, tok: TokenOut, metrics: &Metrics) -> Emit {
@@ -184,8 +209,12 @@ impl Seq {
     /// Ends the request after a failure inside the engine (inputs were validated; this is a bug or
     /// a resource error): the client gets what was generated and a clean end.
     fn end_early(&self) {
+        self.end_early_with(Finish::Stop)
+    }
+
+    fn end_early_with(&self, finish: Finish) {
         let (prompt_tokens, completion_tokens) = (self.job.req.prompt.len(), self.generated);
-        let _ = self.job.events.send(Event::Done { finish: Finish::Stop, prompt_tokens, completion_tokens });
+        let _ = self.job.events.send(Event::Done { finish, prompt_tokens, completion_tokens });
     }
 
     /// Blocks this sequence may still allocate before it ends.
@@ -294,8 +323,9 @@ impl Scheduler<'_> {
         let (config, model) = (self.config, self.model);
         while self.running.len() < config.max_batch {
             let Some(job) = self.waiting.front() else { break };
-            let speculative = config.mtp_speculative > 0 && job.req.logprobs.is_none();
-            let reuse = if config.prefix_cache && !speculative {
+            let speculative = config.mtp_speculative > 0 && job.req.plain();
+            // Prompt log-probs need every prompt position run, so nothing is reused for them.
+            let reuse = if config.prefix_cache && !speculative && job.req.prompt_logprobs.is_none() {
                 self.prefixes.lookup(&job.req.prompt, config.prefill_chunk)
             } else {
                 vec![]
@@ -320,7 +350,7 @@ impl Scheduler<'_> {
                 }
                 self.metrics.prefix_reused_tokens.fetch_add(prefilled as u64, Ordering::Relaxed);
             }
-            let sampler = Sampler::new(job.req.sampling.clone());
+            let sampler = Sampler::new(job.req.sampling.clone()).with_prompt(&job.req.prompt);
             self.running.push(Seq {
                 job,
                 cache,
@@ -354,7 +384,7 @@ impl Scheduler<'_> {
                     metrics.draft_tokens.fetch_add(k as u64, Ordering::Relaxed);
                     metrics.accepted_tokens.fetch_add(step.accepted as u64, Ordering::Relaxed);
                     for &id in step.drafts[..step.accepted].iter().chain([&step.next]) {
-                        if let Emit::End = s.emit(TokenOut { id, logprob: None, top: vec![] }, metrics) {
+                        if let Emit::End = s.emit(TokenOut { id, logprob: None, top: vec![], rank: None }, metrics) {
                             keep[i] = false;
                             break;
                         }
@@ -403,6 +433,10 @@ impl Scheduler<'_> {
             let s = &mut self.running[i];
             let prefilling = s.pending.is_none();
             if prefilling {
+                if let Some(k) = s.job.req.prompt_logprobs {
+                    let _ =
+                        s.job.events.send(Event::Prompt(prompt_logprobs(model, h, &s.job.req.prompt, s.prefilled, k)));
+                }
                 s.prefilled += chunk.len();
                 if s.speculative(k) {
                     s.prompt_h.extend_from_slice(h);
@@ -413,15 +447,31 @@ impl Scheduler<'_> {
                 if config.prefix_cache && !s.speculative(k) {
                     self.prefixes.insert(&s.job.req.prompt, &s.cache);
                 }
+                if s.job.req.max_tokens == 0 {
+                    // Scoring only (`echo` with `max_tokens: 0`): the prompt was the work.
+                    s.end_early_with(Finish::Length);
+                    keep[i] = false;
+                    continue;
+                }
             }
             let rows = h.len() / d;
             let logits = model.logits(&h[(rows - 1) * d..], 1);
-            let id = s.sampler.sample(&logits);
+            let id = if s.generated < s.job.req.min_tokens {
+                let mut masked = logits.clone();
+                for &t in &s.job.req.stop_ids {
+                    if let Some(l) = masked.get_mut(t as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+                s.sampler.sample_adjusted(&masked)
+            } else {
+                s.sampler.sample_adjusted(&logits)
+            };
             let (logprob, top) = match s.job.req.logprobs {
                 Some(n) => (Some(log_prob(&logits, id as usize)), top_k_logprobs(&logits, n)),
                 None => (None, vec![]),
             };
-            if let Emit::End = s.emit(TokenOut { id, logprob, top }, metrics) {
+            if let Emit::End = s.emit(TokenOut { id, logprob, top, rank: None }, metrics) {
                 keep[i] = false;
                 continue;
             }
@@ -448,6 +498,27 @@ impl Scheduler<'_> {
         metrics.kv_tokens.store(self.running.iter().map(|s| s.cache.len()).sum(), Ordering::Relaxed);
         metrics.kv_blocks.store(self.pool.in_use(), Ordering::Relaxed);
     }
+}
+
+/// The log-probs of the prompt tokens a chunk's states predict: row `r` (position `from + r`)
+/// scores prompt token `from + r + 1`; the last prompt position predicts the first new token and
+/// is not part of this.
+fn prompt_logprobs(model: &DeepseekV3, h: &[f32], prompt: &[u32], from: usize, k: usize) -> Vec<TokenOut> {
+    let d = model.config.hidden_size;
+    let rows = (h.len() / d).min(prompt.len().saturating_sub(from + 1));
+    if rows == 0 {
+        return vec![];
+    }
+    let logits = model.logits(&h[..rows * d], rows);
+    let vocab = logits.len() / rows;
+    (0..rows)
+        .map(|r| {
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            let id = prompt[from + r + 1];
+            let rank = 1 + row.iter().filter(|&&l| l > row[id as usize]).count();
+            TokenOut { id, logprob: Some(log_prob(row, id as usize)), top: top_k_logprobs(row, k), rank: Some(rank) }
+        })
+        .collect()
 }
 
 /// The caches of `running[i]` for each `i` of `which` (ascending), borrowed at once.

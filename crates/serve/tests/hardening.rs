@@ -91,15 +91,19 @@ fn sizes_and_bounds_are_checked_without_wrapping() {
     assert!(code == 400 && v["error"]["message"].as_str().unwrap().contains("4294967301"), "{v}");
     for (body, param) in [
         (json!({"prompt": "x", "logprobs": 21}), "logprobs"),
-        (json!({"prompt": "x", "n": 3}), "n"),
+        (json!({"prompt": "x", "n": 0}), "n"),
+        (json!({"prompt": vec!["x"; 100], "n": 2}), "n"),
+        (json!({"prompt": [], "max_tokens": 1}), "prompt"),
+        (json!({"prompt": [[1, 2], "x"]}), "prompt"),
         (json!({"prompt": "x", "stop": [""]}), "stop"),
         (json!({"prompt": "x", "stop": vec!["a"; 65]}), "stop"),
         (json!({"prompt": "x", "top_p": 0}), "top_p"),
         (json!({"prompt": "x", "temperature": 1e9}), "temperature"),
         (json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
-        (json!({"prompt": "x", "echo": true}), "echo"),
-        (json!({"prompt": "x", "logit_bias": {"5": 10}}), "logit_bias"),
-        (json!({"prompt": "x", "presence_penalty": 0.5}), "presence_penalty"),
+        (json!({"prompt": "x", "prompt_logprobs": 21}), "prompt_logprobs"),
+        (json!({"prompt": "x", "logit_bias": {"x": 10}}), "logit_bias"),
+        (json!({"prompt": "x", "frequency_penalty": f32::MAX}), "frequency_penalty"),
+        (json!({"prompt": "x", "best_of": 2}), "best_of"),
     ] {
         let (code, v) = post(&url, body.clone());
         assert_eq!((code, v["error"]["param"].as_str()), (400, Some(param)), "{body}: {v}");

@@ -58,9 +58,10 @@ fn completions_stream_and_batch_consistently() {
     // Token ids in, logprobs out; a stop string cuts the text.
     let (code, v) = post(&url, json!({"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0, "logprobs": 2}));
     assert_eq!(code, 200, "{v}");
-    let lp = &v["choices"][0]["logprobs"]["content"];
-    assert_eq!(lp.as_array().unwrap().len(), 3);
-    assert!(lp[0]["logprob"].as_f64().unwrap() <= 0.0);
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 3);
+    assert!(lp["token_logprobs"][0].as_f64().unwrap() <= 0.0);
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
     let stop = text.chars().skip(3).take(2).collect::<String>();
     if !stop.trim().is_empty() {
         let (_, v) = post(

@@ -39,7 +39,7 @@ pub fn sample(dir: &Path) -> Result<()> {
     let ids = tok.encode(prompt, false)?;
     let sampled = GenerateOptions {
         max_new_tokens: 48,
-        sampling: SamplingParams { temperature: 0.7, top_p: 0.9, top_k: 0, seed: 0 },
+        sampling: SamplingParams { temperature: 0.7, top_p: 0.9, ..Default::default() },
         eos_token_ids: vec![1],
         ignore_eos: false,
         mtp_speculative: 0,

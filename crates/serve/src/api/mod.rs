@@ -2,6 +2,7 @@
 //! [`request`], answers in [`respond`], text deltas in [`detok`].
 
 mod detok;
+mod logprobs;
 mod request;
 mod respond;
 
@@ -14,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dsv3_model::{DeepseekV3, Tokenizer};
-use request::{completion_prompt, gen_request, ChatBody, Common, CompletionBody};
+use request::{completion_prompts, plan, Asks, ChatBody, Common, CompletionBody};
 use respond::{run, Mode};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -98,9 +99,9 @@ fn submit(st: &AppState, req: GenRequest) -> Result<tokio::sync::mpsc::Unbounded
 async fn completions(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     check_key(&st, &headers)?;
     let b: CompletionBody = parse(&body)?;
-    let prompt = completion_prompt(&st, &b.prompt)?;
-    let (req, stops) = gen_request(&st, prompt, &b.common, b.logprobs)?;
-    run(st, req, stops, stream_mode(&b.common), Mode::Completion).await
+    let prompts = completion_prompts(&st, &b.prompt)?;
+    let plan = plan(&st, prompts, &b.common, Asks { logprobs: b.logprobs, echo: b.echo })?;
+    run(st, plan, stream_mode(&b.common), Mode::Completion).await
 }
 
 async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
@@ -123,8 +124,8 @@ async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: By
         .map_err(|e| ApiError::from_model(e, "messages"))?;
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
     let lp = if b.logprobs { Some(b.top_logprobs.unwrap_or(0)) } else { None };
-    let (req, stops) = gen_request(&st, prompt, &b.common, lp)?;
-    run(st, req, stops, stream_mode(&b.common), if tools.is_some() { Mode::ChatTools } else { Mode::Chat }).await
+    let plan = plan(&st, vec![(prompt, None)], &b.common, Asks { logprobs: lp, echo: false })?;
+    run(st, plan, stream_mode(&b.common), if tools.is_some() { Mode::ChatTools } else { Mode::Chat }).await
 }
 
 /// How to stream: `None` answers in one body; `Some(usage)` streams, with a final usage chunk

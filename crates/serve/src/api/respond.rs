@@ -2,8 +2,10 @@
 //! answers split into reasoning and content, tool-call markup parsed into `tool_calls`.
 
 use super::detok::Detok;
+use super::logprobs::{chat_entry, vllm_prompt_logprobs, Legacy};
+use super::request::Plan;
 use super::{now, submit, AppState, Shared};
-use crate::engine::{Event, Finish, GenRequest, TokenOut};
+use crate::engine::{Event, Finish, TokenOut};
 use crate::error::ApiError;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
@@ -27,15 +29,6 @@ pub(super) enum Mode {
     /// Chat with `tools`: special tokens kept in the text so DeepSeek's tool-call markup can be
     /// parsed; a stream sends the whole answer (content or tool_calls) at the end.
     ChatTools,
-}
-
-pub(super) fn logprob_entry(tok: Option<&Tokenizer>, t: &TokenOut, chat: bool) -> Value {
-    let text = |id: u32| tok.and_then(|k| k.decode(&[id], false).ok()).unwrap_or_else(|| id.to_string());
-    if chat {
-        json!({"token": text(t.id), "logprob": t.logprob, "top_logprobs": t.top.iter().map(|(i, l)| json!({"token": text(*i), "logprob": l})).collect::<Vec<_>>()})
-    } else {
-        json!({"token": text(t.id), "logprob": t.logprob, "top": t.top.iter().map(|(i, l)| (text(*i), *l)).collect::<std::collections::BTreeMap<_, _>>()})
-    }
 }
 
 /// The assistant message of a chat answer: `reasoning_content` split at `</think>`, DeepSeek
@@ -78,6 +71,10 @@ pub(super) struct Reply {
     pub(super) eos_text: Vec<String>,
     pub(super) prompt_tokens: usize,
     pub(super) include_usage: bool,
+    /// Whether log-probs were asked for generated tokens.
+    pub(super) logprobs: bool,
+    /// vLLM's `prompt_logprobs` asked for explicitly (not only implied by `echo`).
+    pub(super) show_prompt_logprobs: bool,
 }
 
 impl Reply {
@@ -100,144 +97,287 @@ impl Reply {
     }
 }
 
-pub(super) async fn run(
-    st: Shared,
-    req: GenRequest,
-    stops: Vec<String>,
-    stream: Option<bool>,
-    mode: Mode,
-) -> Result<Response, ApiError> {
+pub(super) async fn run(st: Shared, plan: Plan, stream: Option<bool>, mode: Mode) -> Result<Response, ApiError> {
     let keep_special = mode == Mode::ChatTools;
-    let eos_text: Vec<String> = if keep_special {
-        req.stop_ids.iter().filter_map(|&i| st.tokenizer.as_ref().and_then(|t| t.decode(&[i], false).ok())).collect()
-    } else {
-        vec![]
+    let eos_text: Vec<String> = match (keep_special, plan.choices.first()) {
+        (true, Some((req, _))) => req
+            .stop_ids
+            .iter()
+            .filter_map(|&i| st.tokenizer.as_ref().and_then(|t| t.decode(&[i], false).ok()))
+            .collect(),
+        _ => vec![],
     };
-    let prompt_tokens = req.prompt.len();
-    let rx = submit(&st, req)?;
+    let first = plan.choices.first().map(|(r, _)| r);
+    let logprobs = first.is_some_and(|r| r.logprobs.is_some());
+    let show_prompt_logprobs = first.is_some_and(|r| r.prompt_logprobs.is_some()) && !(plan.echo && logprobs);
+    let mut streams = tokio_stream::StreamMap::new();
+    let mut choices = vec![];
+    for (index, (req, text)) in plan.choices.into_iter().enumerate() {
+        let prompt = req.prompt.clone();
+        let rx = submit(&st, req)?;
+        streams.insert(index, tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+        let stops = plan.stops.clone();
+        let det = Detok { tok: None, keep_special, ids: vec![], sent: 0, stops, stopped: false };
+        choices.push(Choice::new(index, det, prompt, text.filter(|_| plan.echo), plan.hidden.clone()));
+    }
     let kind = if mode == Mode::Completion { "cmpl" } else { "chatcmpl" };
     let reply = Reply {
-        id: format!("{kind}-{:x}", now() ^ rx_id(&rx)),
+        id: format!("{kind}-{:x}", now() ^ (&streams as *const _ as u64)),
         created: now(),
         model: st.model_name.clone(),
         mode,
         eos_text,
-        prompt_tokens,
+        prompt_tokens: plan.prompt_tokens,
         include_usage: stream.unwrap_or(false),
+        logprobs,
+        show_prompt_logprobs,
     };
-    let det = Detok { tok: None, keep_special, ids: vec![], sent: 0, stops, stopped: false };
+    let answer = Answer { reply, choices, streams };
     match stream {
-        None => Ok(Json(respond_whole(&st, reply, det, rx).await).into_response()),
+        None => Ok(Json(answer.whole(&st).await).into_response()),
         Some(_) => {
             let (tx, out) = tokio::sync::mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
-            tokio::spawn(respond_stream(st.clone(), reply, det, rx, tx));
+            tokio::spawn(answer.stream(st.clone(), tx));
             Ok(Sse::new(tokio_stream::wrappers::UnboundedReceiverStream::new(out)).into_response())
         }
     }
 }
 
-/// The whole answer as one JSON body.
-pub(super) async fn respond_whole(
-    st: &AppState,
+type Events = tokio_stream::StreamMap<usize, tokio_stream::wrappers::UnboundedReceiverStream<Event>>;
+
+/// The choices of one answer and their event streams (a stream is dropped when its choice ends,
+/// which makes the engine free the sequence).
+struct Answer<'a> {
     reply: Reply,
-    mut det: Detok<'_>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
-) -> Value {
-    let (tok, chat) = (st.tokenizer.as_ref(), reply.chat());
-    det.tok = tok;
-    let (mut text, mut lps, mut ids) = (String::new(), vec![], vec![]);
-    let mut completion_tokens = 0;
-    let mut finish = "stop";
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Token(t) => {
-                ids.push(t.id);
-                text.push_str(&det.push(t.id));
-                if t.logprob.is_some() {
-                    lps.push(logprob_entry(tok, &t, chat));
-                }
-                if det.stopped {
-                    // A stop string: dropping rx ends the sequence in the engine.
-                    finish = "stop";
-                    completion_tokens = ids.len();
-                    break;
-                }
-            }
-            Event::Done { finish: f, completion_tokens: n, .. } => {
-                text.push_str(&det.flush());
-                finish = finish_reason(f);
-                completion_tokens = n;
-            }
-        }
-    }
-    let logprobs = if lps.is_empty() { Value::Null } else { json!({"content": lps}) };
-    let choice = if chat {
-        let (message, finish) = chat_message(&text, &reply.eos_text, finish);
-        json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish})
-    } else {
-        json!({"index": 0, "text": text, "token_ids": ids, "logprobs": logprobs, "finish_reason": finish})
-    };
-    let mut body = reply.object(json!([choice]), false);
-    body["usage"] = reply.usage(completion_tokens);
-    body
+    choices: Vec<Choice<'a>>,
+    streams: Events,
 }
 
-/// The answer as server-sent events: a chunk per piece of text that is safe to send, the last
-/// with its finish reason, the usage chunk when asked, then `[DONE]`.
-pub(super) async fn respond_stream(
-    st: Shared,
-    reply: Reply,
-    mut det: Detok<'_>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
-    tx: tokio::sync::mpsc::UnboundedSender<Result<SseEvent, Infallible>>,
-) {
-    let (tok, chat) = (st.tokenizer.as_ref(), reply.chat());
-    det.tok = tok;
-    let send = |v: Value| tx.send(Ok(SseEvent::default().data(v.to_string()))).is_ok();
-    if chat {
-        let first = json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null});
-        send(reply.object(json!([first]), true));
+/// One choice as its events arrive.
+struct Choice<'a> {
+    index: usize,
+    det: Detok<'a>,
+    prompt: Vec<u32>,
+    /// The prompt's text when it is echoed.
+    echo: Option<String>,
+    /// Stop ids whose text is not shown.
+    hidden: Vec<u32>,
+    prompt_lps: Vec<TokenOut>,
+    tokens: Vec<TokenOut>,
+    text: String,
+    finish: Option<&'static str>,
+    completion_tokens: usize,
+    /// Streaming: the first chunk (echo, prompt log-probs) went out; inside `<think>`; the
+    /// legacy log-probs builder continuing the offsets.
+    started: bool,
+    in_reasoning: bool,
+    legacy: Legacy,
+    /// The last event was a token (a `Done` carries none of its own).
+    fresh_token: bool,
+}
+
+impl<'a> Choice<'a> {
+    fn new(index: usize, det: Detok<'a>, prompt: Vec<u32>, echo: Option<String>, hidden: Vec<u32>) -> Self {
+        Choice {
+            index,
+            det,
+            prompt,
+            echo,
+            hidden,
+            prompt_lps: vec![],
+            tokens: vec![],
+            text: String::new(),
+            finish: None,
+            completion_tokens: 0,
+            started: false,
+            in_reasoning: false,
+            legacy: Legacy::default(),
+            fresh_token: false,
+        }
     }
-    let mut whole = String::new();
-    let mut in_reasoning = false;
-    let mut completion_tokens = 0;
-    while let Some(ev) = rx.recv().await {
-        let (delta, finish, lp) = match ev {
+
+    /// Takes one event: the new text it makes safe to show, or `None` for a prompt event.
+    fn take(&mut self, ev: Event) -> Option<String> {
+        match ev {
+            Event::Prompt(p) => {
+                self.prompt_lps.extend(p);
+                None
+            }
             Event::Token(t) => {
-                completion_tokens += 1;
-                let lp = t.logprob.map(|_| logprob_entry(tok, &t, chat));
-                (det.push(t.id), if det.stopped { Some("stop") } else { None }, lp)
+                self.completion_tokens += 1;
+                self.fresh_token = true;
+                let delta = if self.hidden.contains(&t.id) { String::new() } else { self.det.push(t.id) };
+                self.tokens.push(t);
+                if self.det.stopped {
+                    self.finish = Some("stop");
+                }
+                self.text.push_str(&delta);
+                Some(delta)
             }
-            Event::Done { finish, .. } => (det.flush(), Some(finish_reason(finish)), None),
-        };
-        let logprobs = lp.map(|l| json!({"content": [l]}));
-        let c = match reply.mode {
-            Mode::ChatTools => {
-                // The answer goes out whole at the end: tool-call markup is parsed from all of it.
-                whole.push_str(&delta);
-                let Some(f) = finish else { continue };
-                tool_chat_delta(&whole, &reply.eos_text, f)
+            Event::Done { finish, completion_tokens, .. } => {
+                self.fresh_token = false;
+                let delta = self.det.flush();
+                self.finish = Some(finish_reason(finish));
+                self.completion_tokens = completion_tokens;
+                self.text.push_str(&delta);
+                Some(delta)
             }
-            Mode::Chat => {
-                let d = reasoning_delta(&delta, &mut in_reasoning);
-                json!({"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish})
-            }
-            Mode::Completion => json!({"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish}),
-        };
-        if !send(reply.object(json!([c]), true)) {
-            return; // client gone: dropping rx makes the engine free the sequence
-        }
-        if finish.is_some() {
-            break;
         }
     }
-    if reply.include_usage {
-        // OpenAI's `stream_options.include_usage`: a last chunk with no choices and the usage.
-        let mut last = reply.object(json!([]), true);
-        last["usage"] = reply.usage(completion_tokens);
-        send(last);
+
+    /// The legacy log-probs of the echoed prompt (its first token has none).
+    fn echo_logprobs(&self, tok: Option<&Tokenizer>, into: &mut Legacy) {
+        if let Some(&first) = self.prompt.first() {
+            into.push_first(tok, first);
+        }
+        for t in &self.prompt_lps {
+            into.push(tok, t);
+        }
     }
-    let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
+}
+
+impl Answer<'_> {
+    /// The next event of any choice; a choice's stream is dropped once it ended.
+    async fn next(&mut self) -> Option<(usize, Option<String>)> {
+        use tokio_stream::StreamExt;
+        let (i, ev) = self.streams.next().await?;
+        let delta = self.choices[i].take(ev);
+        if self.choices[i].finish.is_some() {
+            self.streams.remove(&i);
+        }
+        Some((i, delta))
+    }
+
+    fn completion_tokens(&self) -> usize {
+        self.choices.iter().map(|c| c.completion_tokens).sum()
+    }
+
+    /// The whole answer as one JSON body.
+    async fn whole(mut self, st: &AppState) -> Value {
+        let tok = st.tokenizer.as_ref();
+        for c in &mut self.choices {
+            c.det.tok = tok;
+        }
+        while self.next().await.is_some() {}
+        let reply = &self.reply;
+        let mut choices = vec![];
+        for c in &self.choices {
+            let finish = c.finish.unwrap_or("stop");
+            let choice = if reply.chat() {
+                let lps: Vec<Value> = c.tokens.iter().map(|t| chat_entry(tok, t)).collect();
+                let logprobs = if reply.logprobs { json!({"content": lps}) } else { Value::Null };
+                let (message, finish) = chat_message(&c.text, &reply.eos_text, finish);
+                json!({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+            } else {
+                let mut legacy = Legacy::default();
+                if c.echo.is_some() && reply.logprobs {
+                    c.echo_logprobs(tok, &mut legacy);
+                }
+                for t in c.tokens.iter().filter(|_| reply.logprobs) {
+                    legacy.push(tok, t);
+                }
+                let logprobs = if reply.logprobs { legacy.take() } else { Value::Null };
+                let text = format!("{}{}", c.echo.as_deref().unwrap_or(""), c.text);
+                let ids: Vec<u32> = c.tokens.iter().map(|t| t.id).collect();
+                let mut v = json!({"index": c.index, "text": text, "token_ids": ids, "logprobs": logprobs, "finish_reason": finish});
+                if reply.show_prompt_logprobs {
+                    v["prompt_logprobs"] = vllm_prompt_logprobs(tok, &c.prompt_lps);
+                }
+                v
+            };
+            choices.push(choice);
+        }
+        let mut body = reply.object(Value::Array(choices), false);
+        if reply.chat() && reply.show_prompt_logprobs {
+            body["prompt_logprobs"] =
+                vllm_prompt_logprobs(tok, self.choices.first().map_or(&[][..], |c| &c.prompt_lps));
+        }
+        body["usage"] = reply.usage(self.completion_tokens());
+        body
+    }
+
+    /// The answer as server-sent events: per choice, a chunk per piece of text that is safe to
+    /// send (the first with the echo and prompt log-probs), the last with its finish reason; the
+    /// usage chunk when asked, then `[DONE]`.
+    async fn stream(mut self, st: Shared, tx: tokio::sync::mpsc::UnboundedSender<Result<SseEvent, Infallible>>) {
+        let tok = st.tokenizer.as_ref();
+        for c in &mut self.choices {
+            c.det.tok = tok;
+        }
+        let send = |v: Value| tx.send(Ok(SseEvent::default().data(v.to_string()))).is_ok();
+        if self.reply.chat() {
+            for c in &self.choices {
+                let first =
+                    json!({"index": c.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": null});
+                send(self.reply.object(json!([first]), true));
+            }
+        }
+        while let Some((i, delta)) = self.next().await {
+            let Some(delta) = delta else { continue };
+            let (reply, c) = (&self.reply, &mut self.choices[i]);
+            let mut chunk = match reply.mode {
+                Mode::ChatTools => {
+                    // The answer goes out whole at the end: tool-call markup is parsed from all of it.
+                    let Some(f) = c.finish else { continue };
+                    tool_chat_delta(c.index, &c.text, &reply.eos_text, f)
+                }
+                Mode::Chat => {
+                    let d = reasoning_delta(&delta, &mut c.in_reasoning);
+                    let lps: Vec<Value> = c
+                        .tokens
+                        .last()
+                        .filter(|_| reply.logprobs && c.fresh_token)
+                        .map(|t| chat_entry(tok, t))
+                        .into_iter()
+                        .collect();
+                    let logprobs = if lps.is_empty() { Value::Null } else { json!({"content": lps}) };
+                    json!({"index": c.index, "delta": d, "logprobs": logprobs, "finish_reason": c.finish})
+                }
+                Mode::Completion => {
+                    let mut text = String::new();
+                    if !c.started {
+                        if let Some(e) = &c.echo {
+                            text.push_str(e);
+                            let mut legacy = std::mem::take(&mut c.legacy);
+                            if reply.logprobs {
+                                c.echo_logprobs(tok, &mut legacy);
+                            }
+                            c.legacy = legacy;
+                        }
+                    }
+                    text.push_str(&delta);
+                    if reply.logprobs && c.fresh_token {
+                        if let Some(t) = c.tokens.last() {
+                            c.legacy.push(tok, t);
+                        }
+                    }
+                    let logprobs = if c.legacy.is_empty() { Value::Null } else { c.legacy.take() };
+                    let mut v =
+                        json!({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish});
+                    if !c.started && reply.show_prompt_logprobs {
+                        v["prompt_logprobs"] = vllm_prompt_logprobs(tok, &c.prompt_lps);
+                    }
+                    v
+                }
+            };
+            let first = !c.started;
+            c.started = true;
+            let mut obj = reply.object(json!([chunk.take()]), true);
+            if first && reply.chat() && reply.show_prompt_logprobs {
+                obj["prompt_logprobs"] = vllm_prompt_logprobs(tok, &c.prompt_lps);
+            }
+            if !send(obj) {
+                return; // client gone: dropping the streams makes the engine free the sequences
+            }
+        }
+        if self.reply.include_usage {
+            // OpenAI's `stream_options.include_usage`: a last chunk with no choices and the usage.
+            let mut last = self.reply.object(json!([]), true);
+            last["usage"] = self.reply.usage(self.completion_tokens());
+            send(last);
+        }
+        let _ = tx.send(Ok(SseEvent::default().data("[DONE]")));
+    }
 }
 
 /// A chat delta split into `reasoning_content` and `content` at `<think>` / `</think>`.
@@ -265,7 +405,7 @@ pub(super) fn reasoning_delta(delta: &str, in_reasoning: &mut bool) -> Value {
 
 /// The one delta of a streamed tool-calling chat: content or `tool_calls` (each with its index),
 /// and the reasoning.
-pub(super) fn tool_chat_delta(whole: &str, eos_text: &[String], finish: &'static str) -> Value {
+pub(super) fn tool_chat_delta(index: usize, whole: &str, eos_text: &[String], finish: &'static str) -> Value {
     let (message, f) = chat_message(whole, eos_text, finish);
     let mut d = json!({});
     if let Some(calls) = message.get("tool_calls").and_then(Value::as_array) {
@@ -284,12 +424,7 @@ pub(super) fn tool_chat_delta(whole: &str, eos_text: &[String], finish: &'static
     if let Some(r) = message.get("reasoning_content") {
         d["reasoning_content"] = r.clone();
     }
-    json!({"index": 0, "delta": d, "logprobs": Value::Null, "finish_reason": f})
-}
-
-/// A per-request number for ids (the channel's address is unique while it lives).
-pub(super) fn rx_id<T>(rx: &tokio::sync::mpsc::UnboundedReceiver<T>) -> u64 {
-    rx as *const _ as u64
+    json!({"index": index, "delta": d, "logprobs": Value::Null, "finish_reason": f})
 }
 
 #[cfg(test)]
