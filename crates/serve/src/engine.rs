@@ -180,6 +180,7 @@ impl Seq {
         };
         self.pending = Some(id);
         if let Some(finish) = finish {
+            metrics.finished(finish);
             let _ = self.job.events.send(Event::Done {
                 finish,
                 prompt_tokens: self.job.req.prompt.len(),
@@ -325,11 +326,8 @@ impl Scheduler<'_> {
             let Some(job) = self.waiting.front() else { break };
             let speculative = config.mtp_speculative > 0 && job.req.plain();
             // Prompt log-probs need every prompt position run, so nothing is reused for them.
-            let reuse = if config.prefix_cache && !speculative && job.req.prompt_logprobs.is_none() {
-                self.prefixes.lookup(&job.req.prompt, config.prefill_chunk)
-            } else {
-                vec![]
-            };
+            let looked = config.prefix_cache && !speculative && job.req.prompt_logprobs.is_none();
+            let reuse = if looked { self.prefixes.lookup(&job.req.prompt, config.prefill_chunk) } else { vec![] };
             let need = blocks_for(job.req.prompt.len() + job.req.max_tokens, &config)
                 .saturating_sub(reuse.len() * model.layers.len());
             let growth: usize = self.running.iter().map(|s| s.growth(&config)).sum();
@@ -341,6 +339,9 @@ impl Scheduler<'_> {
             }
             let job = self.waiting.pop_front().expect("front exists");
             self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+            if looked {
+                self.metrics.prefix_queried_tokens.fetch_add(job.req.prompt.len() as u64, Ordering::Relaxed);
+            }
             let mut cache = model.new_cache_in(Some(self.pool.clone()));
             let prefilled = reuse.len() * BLOCK_TOKENS;
             if prefilled > 0 {
@@ -449,6 +450,7 @@ impl Scheduler<'_> {
                 }
                 if s.job.req.max_tokens == 0 {
                     // Scoring only (`echo` with `max_tokens: 0`): the prompt was the work.
+                    metrics.finished(Finish::Length);
                     s.end_early_with(Finish::Length);
                     keep[i] = false;
                     continue;

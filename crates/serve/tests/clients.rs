@@ -235,3 +235,25 @@ fn sampling_controls_change_the_choice_as_defined() {
         assert_eq!((code, v["error"]["param"].as_str()), (400, Some(field)), "{v}");
     }
 }
+
+#[test]
+fn metrics_carry_the_vllm_names() {
+    let base = start(ServeOptions::default());
+    let url = format!("{base}/v1/completions");
+    post(&url, json!({"prompt": [5, 6], "max_tokens": 4, "temperature": 0}));
+    post(&url, json!({"prompt": [5, 6], "max_tokens": 4, "temperature": 0, "logit_bias": {"1": 100}}));
+    let m = |name: &str| common::metric(&base, &format!("{name}{{model_name=\"fixture\"}}"));
+    assert_eq!(m("vllm:generation_tokens_total"), common::metric(&base, "dsv3_generation_tokens_total"));
+    assert_eq!(m("vllm:prompt_tokens_total"), 4.0);
+    assert_eq!(common::settled(&base, "vllm:num_requests_running{model_name=\"fixture\"}", 0.0), 0.0);
+    let usage = m("vllm:kv_cache_usage_perc");
+    assert!((0.0..=1.0).contains(&usage), "{usage}");
+    let text = ureq::get(&format!("{base}/metrics")).call().unwrap().into_string().unwrap();
+    let line = |prefix: &str| {
+        text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix} missing")).to_string()
+    };
+    assert!(line("vllm:request_success_total{finished_reason=\"length\"").ends_with(" 1"));
+    assert!(line("vllm:request_success_total{finished_reason=\"stop\"").ends_with(" 1"));
+    assert!(line("vllm:time_to_first_token_seconds_count{model_name=\"fixture\"}").ends_with(" 2"));
+    assert!(text.contains("vllm:e2e_request_latency_seconds_bucket{le=\"+Inf\",model_name=\"fixture\"}"));
+}

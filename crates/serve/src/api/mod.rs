@@ -193,6 +193,7 @@ async fn detokenize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -
 async fn metrics(State(st): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
     check_key(&st, &headers)?;
     let mut text = st.engine.metrics.render(st.model.kv_bytes_per_token());
+    text.push_str(&st.engine.metrics.render_vllm(&st.model_name));
     if let Some(hook) = &st.extra_metrics {
         text.push_str(&(hook.0)());
     }
