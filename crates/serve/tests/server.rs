@@ -128,7 +128,7 @@ fn bad_requests_are_openai_shaped_4xx() {
         r#"{"prompt": 5}"#,
         r#"{"prompt": "x", "max_tokens": "many"}"#,
         r#"{"prompt": "x", "max_tokens": 100000}"#,
-        r#"{"prompt": "x", "n": 2}"#,
+        r#"{"prompt": "x", "n": 0}"#,
         r#"{"prompt": "x", "temperature": -1}"#,
         r#"{"prompt": [99999999]}"#,
         r#"{"prompt": ""}"#,

@@ -11,10 +11,16 @@ pub(super) struct Detok<'a> {
     pub(super) ids: Vec<u32>,
     pub(super) sent: usize,
     pub(super) stops: Vec<String>,
+    /// The stop string that ended the text, once one did.
+    pub(super) stopped_by: Option<String>,
     pub(super) stopped: bool,
 }
 
 impl<'a> Detok<'a> {
+    pub(super) fn new(keep_special: bool, stops: Vec<String>) -> Self {
+        Detok { tok: None, keep_special, ids: vec![], sent: 0, stops, stopped_by: None, stopped: false }
+    }
+
     fn text(&self) -> String {
         self.tok.and_then(|t| t.decode(&self.ids, !self.keep_special).ok()).unwrap_or_default()
     }
@@ -29,10 +35,11 @@ impl<'a> Detok<'a> {
         }
         let hold = self.stops.iter().map(|s| s.len()).max().unwrap_or(1).saturating_sub(1);
         let from = floor_boundary(&text, self.sent.saturating_sub(hold));
-        let hit = self.stops.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| i + from)).min();
+        let hit = self.stops.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| (i + from, s))).min();
         let end = match hit {
-            Some(i) => {
+            Some((i, s)) => {
                 self.stopped = true;
+                self.stopped_by = Some(s.clone());
                 i
             }
             None => floor_boundary(&text, text.len().saturating_sub(hold)),

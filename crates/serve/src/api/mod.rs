@@ -1,8 +1,10 @@
 //! The OpenAI-compatible HTTP surface: the routes, the API key, the handlers; request checks in
 //! [`request`], answers in [`respond`], text deltas in [`detok`].
 
+mod anthropic;
 mod detok;
 mod logprobs;
+mod reasoning;
 mod request;
 mod respond;
 
@@ -44,6 +46,7 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -124,7 +127,8 @@ async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: By
         .map_err(|e| ApiError::from_model(e, "messages"))?;
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
     let lp = if b.logprobs { Some(b.top_logprobs.unwrap_or(0)) } else { None };
-    let plan = plan(&st, vec![(prompt, None)], &b.common, Asks { logprobs: lp, echo: false })?;
+    let mut plan = plan(&st, vec![(prompt, None)], &b.common, Asks { logprobs: lp, echo: false })?;
+    plan.thinking = reasoning::Reasoning::prompt_opens(&text);
     run(st, plan, stream_mode(&b.common), if tools.is_some() { Mode::ChatTools } else { Mode::Chat }).await
 }
 

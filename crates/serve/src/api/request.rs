@@ -47,6 +47,9 @@ pub(super) struct Common {
     pub(super) temperature: Option<f32>,
     #[serde(default)]
     pub(super) top_p: Option<f32>,
+    /// vLLM's and Anthropic's top-k (absent, 0 or vLLM's -1 keeps every token).
+    #[serde(default)]
+    pub(super) top_k: Option<i64>,
     #[serde(default)]
     pub(super) seed: Option<u64>,
     #[serde(default)]
@@ -163,6 +166,8 @@ pub(super) struct Plan {
     /// Stop ids whose text is not shown (`stop_token_ids`); end-of-sequence text never is.
     pub(super) hidden: Vec<u32>,
     pub(super) echo: bool,
+    /// The rendered chat prompt ends in `<think>` (set by the chat endpoints).
+    pub(super) thinking: bool,
 }
 
 /// What the endpoint adds to the shared fields.
@@ -209,7 +214,7 @@ pub(super) fn plan(
         }
     }
     let hidden: Vec<u32> = c.stop_token_ids.iter().flatten().chain(c.stop.ids()).copied().collect();
-    Ok(Plan { choices, prompt_tokens, stops: c.stop.list(), hidden, echo: a.echo })
+    Ok(Plan { choices, prompt_tokens, stops: c.stop.list(), hidden, echo: a.echo, thinking: false })
 }
 
 /// The completion budget when the client names none: what fits, at most 256.
@@ -323,7 +328,7 @@ fn gen_request(st: &AppState, c: &Common, a: &Asks) -> Result<Base, ApiError> {
     let sampling = SamplingParams {
         temperature,
         top_p,
-        top_k: 0,
+        top_k: c.top_k.and_then(|k| usize::try_from(k).ok()).unwrap_or(0),
         seed: c.seed.unwrap_or_else(|| now() ^ 0x5eed),
         penalties: penalties(st, c)?,
     };

@@ -3,6 +3,7 @@
 
 use super::detok::Detok;
 use super::logprobs::{chat_entry, vllm_prompt_logprobs, Legacy};
+use super::reasoning::Reasoning;
 use super::request::Plan;
 use super::{now, submit, AppState, Shared};
 use crate::engine::{Event, Finish, TokenOut};
@@ -34,12 +35,17 @@ pub(super) enum Mode {
 /// The assistant message of a chat answer: `reasoning_content` split at `</think>`, DeepSeek
 /// tool-call markup parsed into `tool_calls` (finish reason `tool_calls`), end-of-sequence text
 /// removed.
-pub(super) fn chat_message(text: &str, eos_text: &[String], finish: &'static str) -> (Value, &'static str) {
+pub(super) fn chat_message(
+    text: &str,
+    eos_text: &[String],
+    finish: &'static str,
+    thinking: bool,
+) -> (Value, &'static str) {
     let mut text = text.to_string();
     for e in eos_text.iter().filter(|e| !e.is_empty()) {
         text = text.replace(e.as_str(), "");
     }
-    let (reasoning, rest) = split_reasoning(&text);
+    let (reasoning, rest) = Reasoning::split(&text, thinking);
     let mut message = json!({"role": "assistant", "content": rest});
     let mut finish = finish;
     if let Some((content, calls)) = crate::tools::parse_tool_calls(&rest) {
@@ -51,14 +57,6 @@ pub(super) fn chat_message(text: &str, eos_text: &[String], finish: &'static str
         message["reasoning_content"] = json!(r);
     }
     (message, finish)
-}
-
-/// Splits DeepSeek-R1-style output at `</think>`: (reasoning, answer).
-pub(super) fn split_reasoning(text: &str) -> (Option<String>, String) {
-    match text.split_once("</think>") {
-        Some((r, a)) => (Some(r.trim_start_matches("<think>").trim().to_string()), a.trim_start().to_string()),
-        None => (None, text.to_string()),
-    }
 }
 
 /// What every piece of one answer carries.
@@ -75,6 +73,8 @@ pub(super) struct Reply {
     pub(super) logprobs: bool,
     /// vLLM's `prompt_logprobs` asked for explicitly (not only implied by `echo`).
     pub(super) show_prompt_logprobs: bool,
+    /// The prompt ended in `<think>`: the answer starts inside the reasoning.
+    pub(super) thinking: bool,
 }
 
 impl Reply {
@@ -117,8 +117,10 @@ pub(super) async fn run(st: Shared, plan: Plan, stream: Option<bool>, mode: Mode
         let rx = submit(&st, req)?;
         streams.insert(index, tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
         let stops = plan.stops.clone();
-        let det = Detok { tok: None, keep_special, ids: vec![], sent: 0, stops, stopped: false };
-        choices.push(Choice::new(index, det, prompt, text.filter(|_| plan.echo), plan.hidden.clone()));
+        let det = Detok::new(keep_special, stops);
+        let mut c = Choice::new(index, det, prompt, text.filter(|_| plan.echo), plan.hidden.clone());
+        c.reasoning = Reasoning::new(plan.thinking);
+        choices.push(c);
     }
     let kind = if mode == Mode::Completion { "cmpl" } else { "chatcmpl" };
     let reply = Reply {
@@ -131,6 +133,7 @@ pub(super) async fn run(st: Shared, plan: Plan, stream: Option<bool>, mode: Mode
         include_usage: stream.unwrap_or(false),
         logprobs,
         show_prompt_logprobs,
+        thinking: plan.thinking,
     };
     let answer = Answer { reply, choices, streams };
     match stream {
@@ -170,7 +173,7 @@ struct Choice<'a> {
     /// Streaming: the first chunk (echo, prompt log-probs) went out; inside `<think>`; the
     /// legacy log-probs builder continuing the offsets.
     started: bool,
-    in_reasoning: bool,
+    reasoning: Reasoning,
     legacy: Legacy,
     /// The last event was a token (a `Done` carries none of its own).
     fresh_token: bool,
@@ -190,7 +193,7 @@ impl<'a> Choice<'a> {
             finish: None,
             completion_tokens: 0,
             started: false,
-            in_reasoning: false,
+            reasoning: Reasoning::new(false),
             legacy: Legacy::default(),
             fresh_token: false,
         }
@@ -266,7 +269,7 @@ impl Answer<'_> {
             let choice = if reply.chat() {
                 let lps: Vec<Value> = c.tokens.iter().map(|t| chat_entry(tok, t)).collect();
                 let logprobs = if reply.logprobs { json!({"content": lps}) } else { Value::Null };
-                let (message, finish) = chat_message(&c.text, &reply.eos_text, finish);
+                let (message, finish) = chat_message(&c.text, &reply.eos_text, finish, reply.thinking);
                 json!({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish})
             } else {
                 let mut legacy = Legacy::default();
@@ -319,10 +322,10 @@ impl Answer<'_> {
                 Mode::ChatTools => {
                     // The answer goes out whole at the end: tool-call markup is parsed from all of it.
                     let Some(f) = c.finish else { continue };
-                    tool_chat_delta(c.index, &c.text, &reply.eos_text, f)
+                    tool_chat_delta(c.index, &c.text, &reply.eos_text, f, reply.thinking)
                 }
                 Mode::Chat => {
-                    let d = reasoning_delta(&delta, &mut c.in_reasoning);
+                    let d = reasoning_delta(&mut c.reasoning, &delta, c.finish.is_some());
                     let lps: Vec<Value> = c
                         .tokens
                         .last()
@@ -380,33 +383,34 @@ impl Answer<'_> {
     }
 }
 
-/// A chat delta split into `reasoning_content` and `content` at `<think>` / `</think>`.
-pub(super) fn reasoning_delta(delta: &str, in_reasoning: &mut bool) -> Value {
-    let mut d = json!({});
-    let mut text = delta;
-    if text.contains("<think>") {
-        *in_reasoning = true;
-        text = text.split("<think>").last().unwrap_or("");
+/// A chat delta split into `reasoning_content` and `content` (no marker, whole or part, shown).
+fn reasoning_delta(r: &mut Reasoning, delta: &str, last: bool) -> Value {
+    let (mut reasoning, mut content) = r.push(delta);
+    if last {
+        let (a, b) = r.finish();
+        reasoning.push_str(&a);
+        content.push_str(&b);
     }
-    if *in_reasoning {
-        match text.split_once("</think>") {
-            Some((r, a)) => {
-                *in_reasoning = false;
-                d["reasoning_content"] = json!(r);
-                d["content"] = json!(a);
-            }
-            None => d["reasoning_content"] = json!(text),
-        }
-    } else {
-        d["content"] = json!(text);
+    let mut d = json!({});
+    if !reasoning.is_empty() {
+        d["reasoning_content"] = json!(reasoning);
+    }
+    if !content.is_empty() || !r.inside() {
+        d["content"] = json!(content);
     }
     d
 }
 
 /// The one delta of a streamed tool-calling chat: content or `tool_calls` (each with its index),
 /// and the reasoning.
-pub(super) fn tool_chat_delta(index: usize, whole: &str, eos_text: &[String], finish: &'static str) -> Value {
-    let (message, f) = chat_message(whole, eos_text, finish);
+pub(super) fn tool_chat_delta(
+    index: usize,
+    whole: &str,
+    eos_text: &[String],
+    finish: &'static str,
+    thinking: bool,
+) -> Value {
+    let (message, f) = chat_message(whole, eos_text, finish, thinking);
     let mut d = json!({});
     if let Some(calls) = message.get("tool_calls").and_then(Value::as_array) {
         let indexed: Vec<Value> = calls
@@ -434,13 +438,13 @@ mod tests {
     #[test]
     fn chat_messages_split_reasoning_and_tool_calls() {
         let eos = vec!["<｜end▁of▁sentence｜>".to_string()];
-        let (m, f) = chat_message("<think>look it up</think>Sure.<｜end▁of▁sentence｜>", &eos, "stop");
+        let (m, f) = chat_message("<think>look it up</think>Sure.<｜end▁of▁sentence｜>", &eos, "stop", false);
         assert_eq!(
             (m["content"].as_str(), m["reasoning_content"].as_str(), f),
             (Some("Sure."), Some("look it up"), "stop")
         );
         let text = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>";
-        let (m, f) = chat_message(text, &eos, "stop");
+        let (m, f) = chat_message(text, &eos, "stop", false);
         assert_eq!(f, "tool_calls");
         assert!(m["content"].is_null());
         assert_eq!(m["tool_calls"][0]["function"]["name"], "get_weather");

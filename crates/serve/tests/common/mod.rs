@@ -10,8 +10,16 @@ pub fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train_roundtrip")
 }
 
+/// The small chat template of [`start`].
+pub const TEMPLATE: &str = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
+
 /// A copy of the dsv3-trained fixture with a small chat template, served on a free port.
 pub fn start(o: ServeOptions) -> String {
+    start_with_template(o, TEMPLATE)
+}
+
+/// The same with the chat template `template`.
+pub fn start_with_template(o: ServeOptions, template: &str) -> String {
     static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("dsv3-serve-{}-{n}", std::process::id()));
@@ -21,7 +29,7 @@ pub fn start(o: ServeOptions) -> String {
     }
     let mut tc: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture().join("tokenizer_config.json")).unwrap()).unwrap();
-    tc["chat_template"] = json!("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}");
+    tc["chat_template"] = json!(template);
     std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
     let model = DeepseekV3::load(&dir).unwrap();
     let tok = Tokenizer::from_dir(&dir).unwrap();
