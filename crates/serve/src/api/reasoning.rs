@@ -22,12 +22,14 @@ enum State {
 pub(super) struct Reasoning {
     state: State,
     held: String,
+    /// Just after `</think>`: the whitespace before the answer is dropped.
+    trim: bool,
 }
 
 impl Reasoning {
     /// `inside`: the prompt ended in `<think>`.
     pub(super) fn new(inside: bool) -> Self {
-        Reasoning { state: if inside { State::Inside } else { State::Before }, held: String::new() }
+        Reasoning { state: if inside { State::Inside } else { State::Before }, held: String::new(), trim: false }
     }
 
     /// Whether a rendered prompt leaves the model inside its reasoning.
@@ -59,6 +61,7 @@ impl Reasoning {
                         reasoning.push_str(&text[..i]);
                         text = text[i + CLOSE.len()..].to_string();
                         self.state = State::After;
+                        self.trim = true;
                     }
                     None => {
                         let keep = partial_suffix(&text, CLOSE);
@@ -68,7 +71,9 @@ impl Reasoning {
                     }
                 },
                 State::After => {
-                    answer.push_str(&text);
+                    let t = if self.trim { text.trim_start() } else { &text };
+                    self.trim &= t.is_empty();
+                    answer.push_str(t);
                     return (reasoning, answer);
                 }
             }
@@ -97,7 +102,7 @@ impl Reasoning {
         reasoning.push_str(&r2);
         answer.push_str(&a2);
         let thought = inside || text.trim_start().starts_with(OPEN);
-        (thought.then(|| reasoning.trim().to_string()), answer.trim_start().to_string())
+        (thought.then(|| reasoning.trim().to_string()), answer)
     }
 }
 
@@ -147,7 +152,8 @@ mod tests {
             assert_eq!(streamed("ünï <b>cödé</b></think>ok", true, n), ("ünï <b>cödé</b>".into(), "ok".into()));
         }
         assert_eq!(Reasoning::split("<think>\nx\n</think>\n\ny", false), (Some("x".into()), "y".into()));
-        assert_eq!(Reasoning::split("y", false), (None, "y".into()));
+        assert_eq!(Reasoning::split("  y", false), (None, "  y".into()));
+        assert_eq!(streamed("<think>a</think>\n\n b", false, 1), ("a".into(), "b".into()));
         assert_eq!(Reasoning::split("x</think>y", true), (Some("x".into()), "y".into()));
         assert!(Reasoning::prompt_opens("<｜Assistant｜><think>\n"));
         assert!(!Reasoning::prompt_opens("<｜Assistant｜></think>"));
