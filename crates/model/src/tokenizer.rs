@@ -108,6 +108,13 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The tokenizer as HF's `tokenizer.json` value (for libraries that read the vocabulary from
+    /// it, such as the grammar engine's token trie).
+    pub fn to_json(&self) -> Result<Value> {
+        let text = self.inner.to_string(false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
     /// Token ids of `text`. With `add_special_tokens`, the tokenizer's post-processor runs and a BOS
     /// is put first when `add_bos_token` is set and it is not there yet (as `LlamaTokenizerFast`).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

@@ -6,6 +6,7 @@
 //! or its client goes away; its cache blocks are freed at once (shared prefix blocks live on in
 //! the prefix cache).
 
+use crate::grammar::{Constraint, Mask};
 use crate::metrics::Metrics;
 use crate::prefix::PrefixCache;
 use dsv3_model::paged::{BlockPool, LatentCache, BLOCK_TOKENS};
@@ -31,6 +32,8 @@ pub struct GenRequest {
     pub prompt_logprobs: Option<usize>,
     /// The stop ids are masked until this many tokens were generated.
     pub min_tokens: usize,
+    /// A grammar the output must follow (structured output, forced tool calls).
+    pub constraint: Option<Constraint>,
 }
 
 impl GenRequest {
@@ -41,6 +44,7 @@ impl GenRequest {
             && self.prompt_logprobs.is_none()
             && self.min_tokens == 0
             && self.sampling.penalties.is_neutral()
+            && self.constraint.is_none()
     }
 }
 
@@ -146,6 +150,8 @@ struct Seq {
     /// Speculative decoding: the prompt's states gathered over its chunks, then the drafter.
     prompt_h: Vec<f32>,
     spec: Option<Speculator>,
+    /// The request's grammar, following the chosen tokens.
+    constraint: Option<Constraint>,
 }
 
 /// What emitting a token decided.
@@ -216,6 +222,13 @@ impl Seq {
     fn end_early_with(&self, finish: Finish) {
         let (prompt_tokens, completion_tokens) = (self.job.req.prompt.len(), self.generated);
         let _ = self.job.events.send(Event::Done { finish, prompt_tokens, completion_tokens });
+    }
+
+    /// Whether this step ends with a token chosen for this sequence: it decodes, or its prompt's
+    /// last chunk runs and it generates.
+    fn samples_after(&self, chunk: usize) -> bool {
+        let p = self.job.req.prompt.len();
+        self.pending.is_some() || (self.prefilled + chunk >= p && self.job.req.max_tokens > 0)
     }
 
     /// Blocks this sequence may still allocate before it ends.
@@ -352,6 +365,8 @@ impl Scheduler<'_> {
                 self.metrics.prefix_reused_tokens.fetch_add(prefilled as u64, Ordering::Relaxed);
             }
             let sampler = Sampler::new(job.req.sampling.clone()).with_prompt(&job.req.prompt);
+            let mut job = job;
+            let constraint = job.req.constraint.take();
             self.running.push(Seq {
                 job,
                 cache,
@@ -363,6 +378,7 @@ impl Scheduler<'_> {
                 last_token_at: None,
                 prompt_h: vec![],
                 spec: None,
+                constraint,
             });
         }
     }
@@ -407,16 +423,32 @@ impl Scheduler<'_> {
         let batched: Vec<usize> =
             (0..self.running.len()).filter(|&i| self.running[i].spec.is_none() && keep[i]).collect();
         let chunks: Vec<Vec<u32>> = batched.iter().map(|&i| self.running[i].next_input(config.prefill_chunk)).collect();
-        let states = {
+        // Grammar masks for the sequences that choose a token this step, computed on another
+        // thread while the forward runs: they depend only on the tokens chosen so far, and an
+        // unconstrained request in the batch waits for no grammar.
+        let mut grammars: Vec<(usize, Constraint)> = vec![];
+        for (&i, c) in batched.iter().zip(&chunks) {
+            if self.running[i].samples_after(c.len()) {
+                if let Some(g) = self.running[i].constraint.take() {
+                    grammars.push((i, g));
+                }
+            }
+        }
+        let (states, masks) = std::thread::scope(|scope| {
+            let masking = (!grammars.is_empty())
+                .then(|| scope.spawn(|| grammars.iter_mut().map(|(i, c)| (*i, c.mask())).collect::<Vec<_>>()));
             let mut caches = disjoint_caches(&mut self.running, &batched);
             let mut batch: Vec<(&[u32], &mut KvCache)> =
                 chunks.iter().map(|c| c.as_slice()).zip(caches.drain(..)).collect();
-            if batch.is_empty() {
-                Ok(vec![])
-            } else {
-                model.forward_batch(&mut batch)
-            }
-        };
+            let states = if batch.is_empty() { Ok(vec![]) } else { model.forward_batch(&mut batch) };
+            let masks = masking.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+            (states, masks)
+        });
+        let mut masks: std::collections::HashMap<usize, Result<Option<Mask>, String>> = masks.into_iter().collect();
+        for (i, c) in grammars {
+            self.running[i].constraint = Some(c);
+            masks.entry(i).or_insert_with(|| Err("the grammar thread failed".into()));
+        }
         let states = match states {
             Ok(s) => s,
             Err(e) => {
@@ -458,17 +490,26 @@ impl Scheduler<'_> {
             }
             let rows = h.len() / d;
             let logits = model.logits(&h[(rows - 1) * d..], 1);
-            let id = if s.generated < s.job.req.min_tokens {
-                let mut masked = logits.clone();
-                for &t in &s.job.req.stop_ids {
-                    if let Some(l) = masked.get_mut(t as usize) {
-                        *l = f32::NEG_INFINITY;
-                    }
+            let mask = match masks.remove(&i) {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    eprintln!("engine: grammar mask failed: {e}");
+                    s.end_early();
+                    keep[i] = false;
+                    continue;
                 }
-                s.sampler.sample_adjusted(&masked)
-            } else {
-                s.sampler.sample_adjusted(&logits)
+                None => None,
             };
+            let id = choose(s, &logits, mask.as_ref());
+            // A stop id ends the sequence: the grammar (complete, or accepting) need not follow it.
+            if let Some(c) = s.constraint.as_mut().filter(|_| !s.job.req.stop_ids.contains(&id)) {
+                if let Err(e) = c.consume(id) {
+                    eprintln!("engine: the grammar refused token {id}: {e}");
+                    s.end_early();
+                    keep[i] = false;
+                    continue;
+                }
+            }
             let (logprob, top) = match s.job.req.logprobs {
                 Some(n) => (Some(log_prob(&logits, id as usize)), top_k_logprobs(&logits, n)),
                 None => (None, vec![]),
@@ -500,6 +541,34 @@ impl Scheduler<'_> {
         metrics.kv_tokens.store(self.running.iter().map(|s| s.cache.len()).sum(), Ordering::Relaxed);
         metrics.kv_blocks.store(self.pool.in_use(), Ordering::Relaxed);
     }
+}
+
+/// The next token of `s` from its logits: stop ids masked until `min_tokens`, the grammar's mask,
+/// then the request's penalties and sampling.
+fn choose(s: &mut Seq, logits: &[f32], mask: Option<&Mask>) -> u32 {
+    let early = s.generated < s.job.req.min_tokens;
+    if !early && mask.is_none() {
+        return s.sampler.sample_adjusted(logits);
+    }
+    let mut l = logits.to_vec();
+    if let Some(m) = mask {
+        m.apply(&mut l);
+    }
+    if early {
+        for &t in &s.job.req.stop_ids {
+            if let Some(x) = l.get_mut(t as usize) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+    if l.iter().all(|x| *x == f32::NEG_INFINITY) {
+        // min_tokens and a finished grammar leave nothing: the grammar wins.
+        l = logits.to_vec();
+        if let Some(m) = mask {
+            m.apply(&mut l);
+        }
+    }
+    s.sampler.sample_adjusted(&l)
 }
 
 /// The log-probs of the prompt tokens a chunk's states predict: row `r` (position `from + r`)

@@ -8,6 +8,7 @@ pub mod api;
 pub mod engine;
 pub mod error;
 pub mod front;
+pub mod grammar;
 pub mod http;
 pub mod metrics;
 pub mod prefix;
@@ -100,6 +101,7 @@ pub fn build(
         eos_ids,
         extra_metrics: o.extra_metrics.clone(),
         http: o.http.clone(),
+        grammars: Default::default(),
     });
     (state, thread)
 }

@@ -7,7 +7,8 @@
 use super::detok::Detok;
 use super::reasoning::Reasoning;
 use super::request::{plan, Asks, Common};
-use super::respond::chat_message;
+use super::respond::{chat_message, Parse};
+use super::structured::{Forced, ToolChoice};
 use super::{now, parse, submit, Shared};
 use crate::engine::{Event, Finish};
 use crate::error::ApiError;
@@ -104,15 +105,25 @@ async fn answer(st: Shared, headers: HeaderMap, body: Bytes) -> Result<Response,
     if b.messages.is_empty() {
         return Err(ApiError::bad("messages is empty", Some("messages")));
     }
-    let tool_choice = b.tool_choice.as_ref().and_then(|c| c.get("type")).and_then(Value::as_str).unwrap_or("auto");
-    let tools = match tool_choice {
-        "auto" => b.tools.as_ref().filter(|t| !t.is_empty()).map(|t| openai_tools(t)).transpose()?,
-        "none" => None,
-        other => {
-            let msg = format!("tool_choice {other:?} needs constrained decoding, which this server does not do yet");
-            return Err(ApiError::bad(msg, Some("tool_choice")));
+    // Anthropic's tool_choice: auto, any (some tool: OpenAI's "required"), tool (a named one), none.
+    let choice = match b.tool_choice.as_ref().and_then(|c| c.get("type")).and_then(Value::as_str) {
+        None | Some("auto") => ToolChoice::Auto,
+        Some("none") => ToolChoice::None,
+        Some("any") => ToolChoice::Forced(Forced { name: None }),
+        Some("tool") => match b.tool_choice.as_ref().and_then(|c| c.get("name")).and_then(Value::as_str) {
+            Some(n) => ToolChoice::Forced(Forced { name: Some(n.to_string()) }),
+            None => return Err(ApiError::bad("tool_choice of type tool needs a name", Some("tool_choice"))),
+        },
+        Some(other) => {
+            return Err(ApiError::bad(
+                format!("tool_choice type {other:?} is not auto, any, tool or none"),
+                Some("tool_choice"),
+            ))
         }
     };
+    let offered = b.tools.as_ref().filter(|t| !t.is_empty()).map(|t| openai_tools(t)).transpose()?;
+    let tools = if matches!(choice, ToolChoice::None) { None } else { offered.clone() };
+    let schema = super::structured::chat_schema(&choice, offered.as_ref(), None)?;
     let chat = openai_messages(b.system.as_ref(), &b.messages)?;
     let kwargs = match b.thinking.as_ref().and_then(|t| t.get("type")).and_then(Value::as_str) {
         Some("enabled") => Some(json!({"thinking": true})),
@@ -133,8 +144,14 @@ async fn answer(st: Shared, headers: HeaderMap, body: Bytes) -> Result<Response,
     .map_err(|e| ApiError::bad(format!("invalid request: {e}"), None))?;
     let mut plan = plan(&st, vec![(prompt, None)], &common, Asks { logprobs: None, echo: false })?;
     let thinking = Reasoning::prompt_opens(&text);
+    plan.thinking = thinking;
+    super::structured::apply(&st, &mut plan, schema)?;
+    let forced = match choice {
+        ToolChoice::Forced(f) => Some(f),
+        _ => None,
+    };
     let (req, _) = plan.choices.remove(0);
-    let keep_special = tools.is_some();
+    let keep_special = tools.is_some() || forced.is_some();
     let eos_text: Vec<String> =
         if keep_special { req.stop_ids.iter().filter_map(|&i| tok.decode(&[i], false).ok()).collect() } else { vec![] };
     let input_tokens = req.prompt.len();
@@ -143,8 +160,7 @@ async fn answer(st: Shared, headers: HeaderMap, body: Bytes) -> Result<Response,
         id: format!("msg_{:016x}", now() ^ (&rx as *const _ as u64).rotate_left(17)),
         model: st.model_name.clone(),
         input_tokens,
-        eos_text,
-        thinking,
+        parse: Parse { eos_text, thinking, forced },
         tools: keep_special,
     };
     let det = Detok::new(keep_special, plan.stops);
@@ -287,9 +303,9 @@ struct Msg {
     id: String,
     model: String,
     input_tokens: usize,
-    /// End-of-sequence texts (kept in the text when tools are on, so the markup parses).
-    eos_text: Vec<String>,
-    thinking: bool,
+    /// How the answer's text is read (reasoning, tool markup or a forced call).
+    parse: Parse,
+    /// Tools are on: the blocks go out whole at the end.
     tools: bool,
 }
 
@@ -307,7 +323,7 @@ fn stop_reason(finish: Option<Finish>, det: &Detok, tool_use: bool) -> (&'static
 
 /// The content blocks of a finished answer: thinking, text, tool uses.
 fn blocks(m: &Msg, text: &str) -> Vec<Value> {
-    let (message, _) = chat_message(text, &m.eos_text, "stop", m.thinking);
+    let (message, _) = chat_message(text, &m.parse, "stop");
     let mut out = vec![];
     if let Some(r) = message.get("reasoning_content").and_then(Value::as_str) {
         out.push(json!({"type": "thinking", "thinking": r, "signature": ""}));
@@ -399,7 +415,7 @@ async fn stream(
     send("message_start", json!({"type": "message_start", "message": message(&m, vec![], None, 0)}));
     send("ping", json!({"type": "ping"}));
     let mut blocks_out = Blocks { index: 0, open: None, send: &send };
-    let mut split = Reasoning::new(m.thinking);
+    let mut split = Reasoning::new(m.parse.thinking);
     let (text, finish, n) = if m.tools {
         collect(&mut det, &mut rx, |_| {}).await
     } else {
@@ -547,8 +563,7 @@ mod tests {
             id: "msg_1".into(),
             model: "m".into(),
             input_tokens: 3,
-            eos_text: vec![],
-            thinking: true,
+            parse: Parse { thinking: true, ..Default::default() },
             tools: true,
         };
         let text = "plan</think>Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"Paris\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>";

@@ -7,6 +7,7 @@ mod logprobs;
 mod reasoning;
 mod request;
 mod respond;
+mod structured;
 
 use crate::engine::{EngineHandle, Event, GenRequest, SubmitError};
 use crate::error::ApiError;
@@ -24,6 +25,7 @@ use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+use structured::ToolChoice;
 
 pub struct AppState {
     pub engine: EngineHandle,
@@ -37,6 +39,8 @@ pub struct AppState {
     pub extra_metrics: Option<crate::MetricsHook>,
     /// Connection limits and deadlines ([`crate::http`]).
     pub http: crate::http::HttpLimits,
+    /// The grammar engine over the vocabulary, built on the first constrained request.
+    pub grammars: std::sync::OnceLock<Result<Arc<crate::grammar::Grammars>, String>>,
 }
 
 type Shared = Arc<AppState>;
@@ -103,7 +107,9 @@ async fn completions(State(st): State<Shared>, headers: HeaderMap, body: Bytes) 
     check_key(&st, &headers)?;
     let b: CompletionBody = parse(&body)?;
     let prompts = completion_prompts(&st, &b.prompt)?;
-    let plan = plan(&st, prompts, &b.common, Asks { logprobs: b.logprobs, echo: b.echo })?;
+    let mut plan = plan(&st, prompts, &b.common, Asks { logprobs: b.logprobs, echo: b.echo })?;
+    let schema = structured::response_schema(b.common.response_format.as_ref())?;
+    structured::apply(&st, &mut plan, schema.map(|s| (s, "response_format")))?;
     run(st, plan, stream_mode(&b.common), Mode::Completion).await
 }
 
@@ -121,7 +127,10 @@ async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: By
     if b.top_logprobs.is_some_and(|k| k > 20) {
         return Err(ApiError::bad("at most 20 top_logprobs per token", Some("top_logprobs")));
     }
-    let tools = b.tools.as_ref().filter(|t| !t.is_null());
+    let choice = ToolChoice::parse(b.tool_choice.as_ref())?;
+    let offered = b.tools.as_ref().filter(|t| !t.is_null());
+    let tools = if matches!(choice, ToolChoice::None) { None } else { offered };
+    let schema = structured::chat_schema(&choice, offered, b.common.response_format.as_ref())?;
     let text = tok
         .render_chat(&b.messages, tools, true, b.chat_template_kwargs.as_ref())
         .map_err(|e| ApiError::from_model(e, "messages"))?;
@@ -129,7 +138,12 @@ async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: By
     let lp = if b.logprobs { Some(b.top_logprobs.unwrap_or(0)) } else { None };
     let mut plan = plan(&st, vec![(prompt, None)], &b.common, Asks { logprobs: lp, echo: false })?;
     plan.thinking = reasoning::Reasoning::prompt_opens(&text);
-    run(st, plan, stream_mode(&b.common), if tools.is_some() { Mode::ChatTools } else { Mode::Chat }).await
+    structured::apply(&st, &mut plan, schema)?;
+    if let ToolChoice::Forced(f) = choice {
+        plan.forced = Some(f);
+    }
+    let mode = if tools.is_some() || plan.forced.is_some() { Mode::ChatTools } else { Mode::Chat };
+    run(st, plan, stream_mode(&b.common), mode).await
 }
 
 /// How to stream: `None` answers in one body; `Some(usage)` streams, with a final usage chunk

@@ -77,6 +77,10 @@ pub(super) struct Common {
     /// vLLM's prompt log-probs: each prompt token's log-prob and this many alternatives.
     #[serde(default)]
     pub(super) prompt_logprobs: Option<usize>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}`,
+    /// enforced while decoding.
+    #[serde(default)]
+    pub(super) response_format: Option<Value>,
     #[serde(flatten)]
     pub(super) unsupported: Unsupported,
 }
@@ -93,8 +97,6 @@ pub(super) struct StreamOptions {
 pub(super) struct Unsupported {
     best_of: Option<usize>,
     suffix: Option<String>,
-    response_format: Option<Value>,
-    tool_choice: Option<Value>,
 }
 
 impl Unsupported {
@@ -106,15 +108,6 @@ impl Unsupported {
         }
         if u.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return refuse("suffix");
-        }
-        if u.response_format
-            .as_ref()
-            .is_some_and(|f| !f.is_null() && f.get("type").and_then(Value::as_str) != Some("text"))
-        {
-            return refuse("response_format");
-        }
-        if u.tool_choice.as_ref().is_some_and(|c| !c.is_null() && c.as_str() != Some("auto")) {
-            return refuse("tool_choice");
         }
         Ok(())
     }
@@ -141,6 +134,10 @@ pub(super) struct ChatBody {
     pub(super) top_logprobs: Option<usize>,
     #[serde(default)]
     pub(super) tools: Option<Value>,
+    /// `"auto"`, `"none"`, `"required"` or `{"type": "function", "function": {"name": ...}}`
+    /// (the last two enforced while decoding).
+    #[serde(default)]
+    pub(super) tool_choice: Option<Value>,
     /// Passed to the chat template (vLLM's and SGLang's name): `{"thinking": true}` opens
     /// DeepSeek-V3.1's and V3.2's thinking mode.
     #[serde(default)]
@@ -152,6 +149,9 @@ pub(super) struct ChatBody {
 /// Most stop strings per request, and bytes per stop string.
 pub(super) const MAX_STOPS: usize = 64;
 pub(super) const MAX_STOP_BYTES: usize = 4096;
+
+/// A prompt's ids and, for `echo`, its text.
+pub(super) type Prompt = (Vec<u32>, Option<String>);
 
 /// Most choices one request may ask for (prompts × `n`).
 pub(super) const MAX_CHOICES: usize = 128;
@@ -168,6 +168,8 @@ pub(super) struct Plan {
     pub(super) echo: bool,
     /// The rendered chat prompt ends in `<think>` (set by the chat endpoints).
     pub(super) thinking: bool,
+    /// The grammar forces a tool call (set by the chat endpoints).
+    pub(super) forced: Option<super::structured::Forced>,
 }
 
 /// What the endpoint adds to the shared fields.
@@ -178,12 +180,7 @@ pub(super) struct Asks {
 
 /// Validates everything a client can get wrong and builds one engine request per choice: each
 /// prompt `n` times, choice `j` of a prompt seeded `seed + j`.
-pub(super) fn plan(
-    st: &AppState,
-    prompts: Vec<(Vec<u32>, Option<String>)>,
-    c: &Common,
-    a: Asks,
-) -> Result<Plan, ApiError> {
+pub(super) fn plan(st: &AppState, prompts: Vec<Prompt>, c: &Common, a: Asks) -> Result<Plan, ApiError> {
     let n = c.n.unwrap_or(1);
     if n == 0 || n > MAX_CHOICES {
         return Err(ApiError::bad(format!("n = {n} must be in 1..={MAX_CHOICES}"), Some("n")));
@@ -214,7 +211,7 @@ pub(super) fn plan(
         }
     }
     let hidden: Vec<u32> = c.stop_token_ids.iter().flatten().chain(c.stop.ids()).copied().collect();
-    Ok(Plan { choices, prompt_tokens, stops: c.stop.list(), hidden, echo: a.echo, thinking: false })
+    Ok(Plan { choices, prompt_tokens, stops: c.stop.list(), hidden, echo: a.echo, thinking: false, forced: None })
 }
 
 /// The completion budget when the client names none: what fits, at most 256.
@@ -340,6 +337,7 @@ fn gen_request(st: &AppState, c: &Common, a: &Asks) -> Result<Base, ApiError> {
         logprobs: a.logprobs,
         prompt_logprobs: c.prompt_logprobs.or(a.logprobs.filter(|_| a.echo)),
         min_tokens,
+        constraint: None,
     };
     Ok(Base { req, max_tokens: asked, field })
 }
@@ -384,17 +382,17 @@ fn penalties(st: &AppState, c: &Common) -> Result<Penalties, ApiError> {
 
 /// Completion prompts: a string, a list of strings, a list of ids, or a list of id lists (one
 /// choice each); each with its text for `echo` (a string as given, ids decoded).
-pub(super) fn completion_prompts(st: &AppState, prompt: &Value) -> Result<Vec<(Vec<u32>, Option<String>)>, ApiError> {
+pub(super) fn completion_prompts(st: &AppState, prompt: &Value) -> Result<Vec<Prompt>, ApiError> {
     let tok = || {
         st.tokenizer
             .as_ref()
             .ok_or_else(|| ApiError::bad("this model has no tokenizer.json: send token ids", Some("prompt")))
     };
-    let text = |s: &str| -> Result<(Vec<u32>, Option<String>), ApiError> {
+    let text = |s: &str| -> Result<Prompt, ApiError> {
         let ids = tok()?.encode(s, true).map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?;
         Ok((ids, Some(s.to_string())))
     };
-    let ids = |a: &[Value], at: &str| -> Result<(Vec<u32>, Option<String>), ApiError> {
+    let ids = |a: &[Value], at: &str| -> Result<Prompt, ApiError> {
         let ids = a
             .iter()
             .enumerate()

@@ -5,6 +5,7 @@ use super::detok::Detok;
 use super::logprobs::{chat_entry, vllm_prompt_logprobs, Legacy};
 use super::reasoning::Reasoning;
 use super::request::Plan;
+use super::structured::Forced;
 use super::{now, submit, AppState, Shared};
 use crate::engine::{Event, Finish, TokenOut};
 use crate::error::ApiError;
@@ -32,23 +33,21 @@ pub(super) enum Mode {
     ChatTools,
 }
 
-/// The assistant message of a chat answer: `reasoning_content` split at `</think>`, DeepSeek
-/// tool-call markup parsed into `tool_calls` (finish reason `tool_calls`), end-of-sequence text
-/// removed.
-pub(super) fn chat_message(
-    text: &str,
-    eos_text: &[String],
-    finish: &'static str,
-    thinking: bool,
-) -> (Value, &'static str) {
+/// The assistant message of a chat answer: `reasoning_content` split at `</think>`, tool calls
+/// parsed into `tool_calls` (finish reason `tool_calls`), end-of-sequence text removed.
+pub(super) fn chat_message(text: &str, p: &Parse, finish: &'static str) -> (Value, &'static str) {
     let mut text = text.to_string();
-    for e in eos_text.iter().filter(|e| !e.is_empty()) {
+    for e in p.eos_text.iter().filter(|e| !e.is_empty()) {
         text = text.replace(e.as_str(), "");
     }
-    let (reasoning, rest) = Reasoning::split(&text, thinking);
+    let (reasoning, rest) = Reasoning::split(&text, p.thinking);
     let mut message = json!({"role": "assistant", "content": rest});
     let mut finish = finish;
-    if let Some((content, calls)) = crate::tools::parse_tool_calls(&rest) {
+    let parsed = match &p.forced {
+        Some(f) => f.calls(&rest).map(|calls| (String::new(), calls)),
+        None => crate::tools::parse_tool_calls(&rest),
+    };
+    if let Some((content, calls)) = parsed {
         message["content"] = if content.is_empty() { Value::Null } else { json!(content) };
         message["tool_calls"] = json!(calls);
         finish = "tool_calls";
@@ -59,22 +58,29 @@ pub(super) fn chat_message(
     (message, finish)
 }
 
+/// How a chat answer's text is read: end-of-sequence texts removed (they stay in the text when
+/// tool markup is parsed), reasoning split (starting inside it when the prompt opened it), tool
+/// calls from the model's markup or, when forced, from the grammar's JSON.
+#[derive(Clone, Default)]
+pub(super) struct Parse {
+    pub(super) eos_text: Vec<String>,
+    pub(super) thinking: bool,
+    pub(super) forced: Option<Forced>,
+}
+
 /// What every piece of one answer carries.
 pub(super) struct Reply {
     pub(super) id: String,
     pub(super) created: u64,
     pub(super) model: String,
     pub(super) mode: Mode,
-    /// End-of-sequence token texts, removed from a tool-calling chat's text.
-    pub(super) eos_text: Vec<String>,
+    pub(super) parse: Parse,
     pub(super) prompt_tokens: usize,
     pub(super) include_usage: bool,
     /// Whether log-probs were asked for generated tokens.
     pub(super) logprobs: bool,
     /// vLLM's `prompt_logprobs` asked for explicitly (not only implied by `echo`).
     pub(super) show_prompt_logprobs: bool,
-    /// The prompt ended in `<think>`: the answer starts inside the reasoning.
-    pub(super) thinking: bool,
 }
 
 impl Reply {
@@ -128,12 +134,11 @@ pub(super) async fn run(st: Shared, plan: Plan, stream: Option<bool>, mode: Mode
         created: now(),
         model: st.model_name.clone(),
         mode,
-        eos_text,
+        parse: Parse { eos_text, thinking: plan.thinking, forced: plan.forced.clone() },
         prompt_tokens: plan.prompt_tokens,
         include_usage: stream.unwrap_or(false),
         logprobs,
         show_prompt_logprobs,
-        thinking: plan.thinking,
     };
     let answer = Answer { reply, choices, streams };
     match stream {
@@ -269,7 +274,7 @@ impl Answer<'_> {
             let choice = if reply.chat() {
                 let lps: Vec<Value> = c.tokens.iter().map(|t| chat_entry(tok, t)).collect();
                 let logprobs = if reply.logprobs { json!({"content": lps}) } else { Value::Null };
-                let (message, finish) = chat_message(&c.text, &reply.eos_text, finish, reply.thinking);
+                let (message, finish) = chat_message(&c.text, &reply.parse, finish);
                 json!({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish})
             } else {
                 let mut legacy = Legacy::default();
@@ -322,7 +327,7 @@ impl Answer<'_> {
                 Mode::ChatTools => {
                     // The answer goes out whole at the end: tool-call markup is parsed from all of it.
                     let Some(f) = c.finish else { continue };
-                    tool_chat_delta(c.index, &c.text, &reply.eos_text, f, reply.thinking)
+                    tool_chat_delta(c.index, &c.text, &reply.parse, f)
                 }
                 Mode::Chat => {
                     let d = reasoning_delta(&mut c.reasoning, &delta, c.finish.is_some());
@@ -403,14 +408,8 @@ fn reasoning_delta(r: &mut Reasoning, delta: &str, last: bool) -> Value {
 
 /// The one delta of a streamed tool-calling chat: content or `tool_calls` (each with its index),
 /// and the reasoning.
-pub(super) fn tool_chat_delta(
-    index: usize,
-    whole: &str,
-    eos_text: &[String],
-    finish: &'static str,
-    thinking: bool,
-) -> Value {
-    let (message, f) = chat_message(whole, eos_text, finish, thinking);
+pub(super) fn tool_chat_delta(index: usize, whole: &str, p: &Parse, finish: &'static str) -> Value {
+    let (message, f) = chat_message(whole, p, finish);
     let mut d = json!({});
     if let Some(calls) = message.get("tool_calls").and_then(Value::as_array) {
         let indexed: Vec<Value> = calls
@@ -437,14 +436,14 @@ mod tests {
 
     #[test]
     fn chat_messages_split_reasoning_and_tool_calls() {
-        let eos = vec!["<｜end▁of▁sentence｜>".to_string()];
-        let (m, f) = chat_message("<think>look it up</think>Sure.<｜end▁of▁sentence｜>", &eos, "stop", false);
+        let p = Parse { eos_text: vec!["<｜end▁of▁sentence｜>".to_string()], ..Default::default() };
+        let (m, f) = chat_message("<think>look it up</think>Sure.<｜end▁of▁sentence｜>", &p, "stop");
         assert_eq!(
             (m["content"].as_str(), m["reasoning_content"].as_str(), f),
             (Some("Sure."), Some("look it up"), "stop")
         );
         let text = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>";
-        let (m, f) = chat_message(text, &eos, "stop", false);
+        let (m, f) = chat_message(text, &p, "stop");
         assert_eq!(f, "tool_calls");
         assert!(m["content"].is_null());
         assert_eq!(m["tool_calls"][0]["function"]["name"], "get_weather");
