@@ -21,8 +21,8 @@ if command -v mpirun > /dev/null; then
 else
   echo "test.sh: mpirun not found; skipping the MPI tests of crates/dist (feature mpi)"
 fi
-clients="openai==3.51.0 anthropic==2.16.0 prometheus-client==0.26.0"
-if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/pip freeze 2>/dev/null | grep -q "^anthropic==2.16.0"; then
+clients="openai==3.51.0 anthropic==2.16.0 prometheus-client==0.26.0 jsonschema==4.26.0"
+if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/pip freeze 2>/dev/null | grep -q "^jsonschema==4.26.0"; then
   python3 -m venv target/pyenv
   target/pyenv/bin/pip install --quiet $clients
 fi

