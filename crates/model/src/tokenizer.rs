@@ -134,6 +134,16 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special_tokens).map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
+    /// The Jinja chat template, when the checkpoint has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Whether encoding with special tokens puts the BOS first.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos_token
+    }
+
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some() || self.dsml
     }

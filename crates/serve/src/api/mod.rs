@@ -53,6 +53,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
+        .route("/tokenizer_info", get(tokenizer_info))
         .route("/detokenize", post(detokenize))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
@@ -188,6 +189,24 @@ async fn tokenize(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> 
     }?;
     Ok(Json(json!({"tokens": ids, "count": ids.len(), "max_model_len": st.model.config.max_position_embeddings}))
         .into_response())
+}
+
+/// vLLM's `/tokenizer_info`: what a client needs to tokenize on the server's side
+/// (lm-evaluation-harness's remote tokenizer reads it, then `/tokenize` and `/detokenize`).
+async fn tokenizer_info(State(st): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+    check_key(&st, &headers)?;
+    let tok = st.tokenizer.as_ref().ok_or_else(|| ApiError::bad("this model has no tokenizer.json", None))?;
+    Ok(Json(json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+        "pad_token": tok.eos_token,
+        "add_bos_token": tok.adds_bos(),
+        "chat_template": tok.chat_template(),
+        "model_max_length": st.model.config.max_position_embeddings,
+        "vocab_size": st.model.config.vocab_size,
+    }))
+    .into_response())
 }
 
 #[derive(Deserialize)]
