@@ -199,6 +199,9 @@ def structured(binary):
         server, port = serve(binary, model)
         try:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+            # The DeepSeek-V3 template selects V3's tool-call parser.
+            info = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5))
+            assert info["data"][0]["chat_format"] == "deepseek_v3", info
             msgs = [{"role": "user", "content": "Describe a user as JSON."}]
             rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
             done = 0

@@ -139,6 +139,11 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
+    /// Whether chats are encoded by DeepSeek-V3.2's rules ([`crate::dsml`]) rather than a template.
+    pub fn encodes_dsml(&self) -> bool {
+        self.dsml
+    }
+
     /// Whether encoding with special tokens puts the BOS first.
     pub fn adds_bos(&self) -> bool {
         self.add_bos_token

@@ -92,6 +92,7 @@ pub fn build(
         mtp_speculative,
     };
     let (engine, thread) = engine::start(model.clone(), cfg);
+    let format = tools::ChatFormat::of(tokenizer.as_ref());
     let state = Arc::new(api::AppState {
         engine,
         model,
@@ -102,6 +103,7 @@ pub fn build(
         extra_metrics: o.extra_metrics.clone(),
         http: o.http.clone(),
         grammars: Default::default(),
+        format,
     });
     if state.tokenizer.is_some() {
         // The grammar engine's token trie (~0.7 s for a 129K vocabulary), built off the request

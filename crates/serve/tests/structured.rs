@@ -118,6 +118,28 @@ fn forced_tool_calls_follow_the_tools() {
             }
         }
     }
+    // Streamed (greedy): no content, then the same call as the whole answer's.
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let body = json!({"messages": [{"role": "user", "content": "fn main"}], "max_tokens": 120, "temperature": 0,
+        "tools": tools, "tool_choice": named});
+    let (_, whole) = post(&format!("{base}/v1/chat/completions"), body.clone());
+    let mut sbody = body;
+    sbody["stream"] = json!(true);
+    let text = ureq::post(&format!("{base}/v1/chat/completions")).send_json(sbody).unwrap().into_string().unwrap();
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(content, "");
+    let last =
+        chunks.iter().rev().find(|c| !c["choices"][0]["delta"]["tool_calls"].is_null()).expect("a tool_calls delta");
+    let call = &last["choices"][0]["delta"]["tool_calls"][0];
+    assert_eq!(call["function"], whole["choices"][0]["message"]["tool_calls"][0]["function"]);
+    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+
     // Errors name what is wrong.
     for (extra, param) in [
         (json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}), "tool_choice"),

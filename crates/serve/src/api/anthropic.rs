@@ -9,6 +9,7 @@ use super::reasoning::Reasoning;
 use super::request::{plan, Asks, Common};
 use super::respond::{chat_message, Parse};
 use super::structured::{Forced, ToolChoice};
+use super::toolstream::ToolStream;
 use super::{now, parse, submit, Shared};
 use crate::engine::{Event, Finish};
 use crate::error::ApiError;
@@ -160,8 +161,7 @@ async fn answer(st: Shared, headers: HeaderMap, body: Bytes) -> Result<Response,
         id: format!("msg_{:016x}", now() ^ (&rx as *const _ as u64).rotate_left(17)),
         model: st.model_name.clone(),
         input_tokens,
-        parse: Parse { eos_text, thinking, forced },
-        tools: keep_special,
+        parse: Parse { eos_text, thinking, forced, format: st.format },
     };
     let det = Detok::new(keep_special, plan.stops);
     if !b.stream {
@@ -305,8 +305,6 @@ struct Msg {
     input_tokens: usize,
     /// How the answer's text is read (reasoning, tool markup or a forced call).
     parse: Parse,
-    /// Tools are on: the blocks go out whole at the end.
-    tools: bool,
 }
 
 /// Why the message ended, in Anthropic's words, and the stop sequence that ended it.
@@ -399,8 +397,8 @@ async fn whole(
 /// Anthropic's event stream: `message_start`, `ping`, per block `content_block_start`, deltas
 /// (`thinking_delta` then `signature_delta`, `text_delta`, `input_json_delta`),
 /// `content_block_stop`; `message_delta` with the stop reason and usage; `message_stop`.
-/// Thinking and text stream as they come; with tools the blocks go out whole at the end, since
-/// tool-call markup is parsed from the whole answer.
+/// Thinking and text stream as they come (text up to any tool-call markup); tool uses go out
+/// whole at the end, parsed from the whole answer.
 async fn stream(
     st: Shared,
     m: Msg,
@@ -416,28 +414,42 @@ async fn stream(
     send("ping", json!({"type": "ping"}));
     let mut blocks_out = Blocks { index: 0, open: None, send: &send };
     let mut split = Reasoning::new(m.parse.thinking);
-    let (text, finish, n) = if m.tools {
-        collect(&mut det, &mut rx, |_| {}).await
-    } else {
-        collect(&mut det, &mut rx, |d| {
-            let (r, a) = split.push(d);
-            blocks_out.put("thinking", &r);
-            blocks_out.put("text", &a);
-        })
-        .await
-    };
-    let tool_use = if m.tools {
-        let content = blocks(&m, &text);
-        for b in &content {
-            blocks_out.whole(b);
+    // Text up to the format's tool-call markup (none of a forced call's JSON); the calls at the end.
+    let mut markers: Vec<String> = m.parse.format.call_starts().iter().map(|s| s.to_string()).collect();
+    markers.extend(m.parse.eos_text.iter().cloned());
+    let mut content =
+        if m.parse.forced.is_some() { ToolStream::new(vec![]).closed() } else { ToolStream::new(markers) };
+    let mut streamed = String::new();
+    let mut put = |blocks_out: &mut Blocks<_>, r: &str, a: &str, last: bool| {
+        blocks_out.put("thinking", r);
+        let mut c = content.push(a);
+        if last {
+            c.push_str(&content.finish());
         }
-        content.iter().any(|b| b["type"] == "tool_use")
-    } else {
-        let (r, a) = split.finish();
-        blocks_out.put("thinking", &r);
-        blocks_out.put("text", &a);
-        false
+        streamed.push_str(&c);
+        blocks_out.put("text", &c);
     };
+    let (text, finish, n) = collect(&mut det, &mut rx, |d| {
+        let (r, a) = split.push(d);
+        put(&mut blocks_out, &r, &a, false);
+    })
+    .await;
+    let (r, a) = split.finish();
+    put(&mut blocks_out, &r, &a, true);
+    let mut tool_use = false;
+    for b in blocks(&m, &text) {
+        match b["type"].as_str() {
+            Some("tool_use") => {
+                tool_use = true;
+                blocks_out.whole(&b);
+            }
+            // What the parse kept as text beyond what went out (markup that did not parse).
+            Some("text") => {
+                blocks_out.put("text", b["text"].as_str().unwrap_or("").strip_prefix(streamed.as_str()).unwrap_or(""))
+            }
+            _ => {}
+        }
+    }
     blocks_out.close();
     let (reason, seq) = stop_reason(finish, &det, tool_use);
     send(
@@ -564,7 +576,6 @@ mod tests {
             model: "m".into(),
             input_tokens: 3,
             parse: Parse { thinking: true, ..Default::default() },
-            tools: true,
         };
         let text = "plan</think>Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"Paris\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
         let b = blocks(&m, text);

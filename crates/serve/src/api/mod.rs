@@ -8,6 +8,7 @@ mod reasoning;
 mod request;
 mod respond;
 mod structured;
+mod toolstream;
 
 use crate::engine::{EngineHandle, Event, GenRequest, SubmitError};
 use crate::error::ApiError;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub extra_metrics: Option<crate::MetricsHook>,
     /// Connection limits and deadlines ([`crate::http`]).
     pub http: crate::http::HttpLimits,
+    /// The checkpoint's chat conventions (tool-call markup) from its template.
+    pub format: crate::tools::ChatFormat,
     /// The grammar engine over the vocabulary, built on the first constrained request.
     pub grammars: std::sync::OnceLock<Result<Arc<crate::grammar::Grammars>, String>>,
 }
@@ -157,7 +160,7 @@ async fn models(State(st): State<Shared>, headers: HeaderMap) -> Result<Response
     check_key(&st, &headers)?;
     Ok(Json(
         json!({"object": "list", "data": [{"id": st.model_name, "object": "model", "created": 0, "owned_by": "dsv3",
-        "max_model_len": st.model.config.max_position_embeddings}]}),
+        "max_model_len": st.model.config.max_position_embeddings, "chat_format": st.format.name()}]}),
     )
     .into_response())
 }

@@ -107,7 +107,7 @@ impl Reasoning {
 }
 
 /// The length of the longest proper suffix of `text` that begins `marker`.
-fn partial_suffix(text: &str, marker: &str) -> usize {
+pub(super) fn partial_suffix(text: &str, marker: &str) -> usize {
     (1..marker.len())
         .rev()
         .find(|&k| {

@@ -6,6 +6,7 @@ use super::logprobs::{chat_entry, vllm_prompt_logprobs, Legacy};
 use super::reasoning::Reasoning;
 use super::request::Plan;
 use super::structured::Forced;
+use super::toolstream::ToolStream;
 use super::{now, submit, AppState, Shared};
 use crate::engine::{Event, Finish, TokenOut};
 use crate::error::ApiError;
@@ -45,7 +46,7 @@ pub(super) fn chat_message(text: &str, p: &Parse, finish: &'static str) -> (Valu
     let mut finish = finish;
     let parsed = match &p.forced {
         Some(f) => f.calls(&rest).map(|calls| (String::new(), calls)),
-        None => crate::tools::parse_tool_calls(&rest),
+        None => p.format.parse_tool_calls(&rest),
     };
     if let Some((content, calls)) = parsed {
         message["content"] = if content.is_empty() { Value::Null } else { json!(content) };
@@ -66,6 +67,7 @@ pub(super) struct Parse {
     pub(super) eos_text: Vec<String>,
     pub(super) thinking: bool,
     pub(super) forced: Option<Forced>,
+    pub(super) format: crate::tools::ChatFormat,
 }
 
 /// What every piece of one answer carries.
@@ -126,6 +128,10 @@ pub(super) async fn run(st: Shared, plan: Plan, stream: Option<bool>, mode: Mode
         let det = Detok::new(keep_special, stops);
         let mut c = Choice::new(index, det, prompt, text.filter(|_| plan.echo), plan.hidden.clone());
         c.reasoning = Reasoning::new(plan.thinking);
+        // A forced call's JSON is no content; otherwise content stops at the format's markup.
+        let mut markers: Vec<String> = st.format.call_starts().iter().map(|m| m.to_string()).collect();
+        markers.extend(eos_text.iter().cloned());
+        c.tools = if plan.forced.is_some() { ToolStream::new(vec![]).closed() } else { ToolStream::new(markers) };
         choices.push(c);
     }
     let kind = if mode == Mode::Completion { "cmpl" } else { "chatcmpl" };
@@ -134,7 +140,7 @@ pub(super) async fn run(st: Shared, plan: Plan, stream: Option<bool>, mode: Mode
         created: now(),
         model: st.model_name.clone(),
         mode,
-        parse: Parse { eos_text, thinking: plan.thinking, forced: plan.forced.clone() },
+        parse: Parse { eos_text, thinking: plan.thinking, forced: plan.forced.clone(), format: st.format },
         prompt_tokens: plan.prompt_tokens,
         include_usage: stream.unwrap_or(false),
         logprobs,
@@ -182,6 +188,9 @@ struct Choice<'a> {
     legacy: Legacy,
     /// The last event was a token (a `Done` carries none of its own).
     fresh_token: bool,
+    /// Tool-calling chats: the content up to the calls, and what of it was sent.
+    tools: ToolStream,
+    streamed: String,
 }
 
 impl<'a> Choice<'a> {
@@ -201,6 +210,8 @@ impl<'a> Choice<'a> {
             reasoning: Reasoning::new(false),
             legacy: Legacy::default(),
             fresh_token: false,
+            tools: ToolStream::new(vec![]),
+            streamed: String::new(),
         }
     }
 
@@ -325,9 +336,9 @@ impl Answer<'_> {
             let (reply, c) = (&self.reply, &mut self.choices[i]);
             let mut chunk = match reply.mode {
                 Mode::ChatTools => {
-                    // The answer goes out whole at the end: tool-call markup is parsed from all of it.
-                    let Some(f) = c.finish else { continue };
-                    tool_chat_delta(c.index, &c.text, &reply.parse, f)
+                    // Reasoning and content as they come; the calls once the answer is parsed.
+                    let Some(d) = tool_chat_delta(c, &delta, &reply.parse) else { continue };
+                    json!({"index": c.index, "delta": d.0, "logprobs": Value::Null, "finish_reason": d.1})
                 }
                 Mode::Chat => {
                     let d = reasoning_delta(&mut c.reasoning, &delta, c.finish.is_some());
@@ -406,28 +417,51 @@ fn reasoning_delta(r: &mut Reasoning, delta: &str, last: bool) -> Value {
     d
 }
 
-/// The one delta of a streamed tool-calling chat: content or `tool_calls` (each with its index),
-/// and the reasoning.
-pub(super) fn tool_chat_delta(index: usize, whole: &str, p: &Parse, finish: &'static str) -> Value {
-    let (message, f) = chat_message(whole, p, finish);
+/// A streamed tool-calling chat's delta: reasoning, content up to the tool-call markup, and at the
+/// end the parsed `tool_calls` (each with its index) and whatever content the parse kept that was
+/// not sent. `None` when there is nothing to send yet.
+fn tool_chat_delta(c: &mut Choice, delta: &str, p: &Parse) -> Option<(Value, Option<&'static str>)> {
+    let last = c.finish.is_some();
+    let (mut reasoning, answer) = c.reasoning.push(delta);
+    let mut content = c.tools.push(&answer);
+    if last {
+        let (r, a) = c.reasoning.finish();
+        reasoning.push_str(&r);
+        content.push_str(&c.tools.push(&a));
+        content.push_str(&c.tools.finish());
+    }
+    c.streamed.push_str(&content);
     let mut d = json!({});
-    if let Some(calls) = message.get("tool_calls").and_then(Value::as_array) {
-        let indexed: Vec<Value> = calls
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let mut c = c.clone();
-                c["index"] = json!(i);
-                c
-            })
-            .collect();
-        d["tool_calls"] = Value::from(indexed);
+    if !reasoning.is_empty() {
+        d["reasoning_content"] = json!(reasoning);
     }
-    d["content"] = message["content"].clone();
-    if let Some(r) = message.get("reasoning_content") {
-        d["reasoning_content"] = r.clone();
+    let mut finish = None;
+    if let Some(f) = c.finish {
+        let (message, f) = chat_message(&c.text, p, f);
+        finish = Some(f);
+        match message.get("tool_calls").and_then(Value::as_array) {
+            Some(calls) => {
+                let indexed: Vec<Value> = calls
+                    .iter()
+                    .enumerate()
+                    .map(|(i, call)| {
+                        let mut call = call.clone();
+                        call["index"] = json!(i);
+                        call
+                    })
+                    .collect();
+                d["tool_calls"] = Value::from(indexed);
+            }
+            None => {
+                let whole = message["content"].as_str().unwrap_or("");
+                content.push_str(whole.strip_prefix(c.streamed.as_str()).unwrap_or(""));
+            }
+        }
     }
-    json!({"index": index, "delta": d, "logprobs": Value::Null, "finish_reason": f})
+    if !content.is_empty() {
+        d["content"] = json!(content);
+    }
+    (finish.is_some() || d.as_object().is_some_and(|o| !o.is_empty())).then_some((d, finish))
 }
 
 #[cfg(test)]
@@ -448,5 +482,42 @@ mod tests {
         assert!(m["content"].is_null());
         assert_eq!(m["tool_calls"][0]["function"]["name"], "get_weather");
         assert_eq!(m["tool_calls"][0]["type"], "function");
+    }
+
+    #[test]
+    fn streamed_tool_chats_send_content_then_the_parsed_calls() {
+        let eos = "<｜end▁of▁sentence｜>".to_string();
+        let p = Parse { eos_text: vec![eos.clone()], format: crate::tools::ChatFormat::V3, ..Default::default() };
+        let text = format!("<think>need weather</think>Let me check. <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{{\"city\": \"Paris\"}}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>{eos}");
+        for n in [1, 3, 10, 1000] {
+            let mut c = Choice::new(0, Detok::new(true, vec![]), vec![], None, vec![]);
+            let mut markers: Vec<String> = p.format.call_starts().iter().map(|m| m.to_string()).collect();
+            markers.push(eos.clone());
+            c.tools = ToolStream::new(markers);
+            let chars: Vec<char> = text.chars().collect();
+            let pieces: Vec<String> = chars.chunks(n).map(|p| p.iter().collect()).collect();
+            let (mut content, mut reasoning, mut calls) = (String::new(), String::new(), vec![]);
+            for (i, piece) in pieces.iter().enumerate() {
+                c.text.push_str(piece);
+                if i + 1 == pieces.len() {
+                    c.finish = Some("stop");
+                }
+                let Some((d, f)) = tool_chat_delta(&mut c, piece, &p) else { continue };
+                let part = d["content"].as_str().unwrap_or("");
+                assert!(!part.contains('<') && !part.contains('｜'), "markup in content: {part:?}");
+                content.push_str(part);
+                reasoning.push_str(d["reasoning_content"].as_str().unwrap_or(""));
+                if let Some(t) = d["tool_calls"].as_array() {
+                    calls.extend(t.clone());
+                    assert_eq!(f, Some("tool_calls"));
+                }
+            }
+            assert_eq!((content.as_str(), reasoning.as_str()), ("Let me check.", "need weather"), "pieces of {n}");
+            assert_eq!(calls.len(), 1);
+            assert_eq!(
+                (calls[0]["index"].as_u64(), calls[0]["function"]["name"].as_str()),
+                (Some(0), Some("get_weather"))
+            );
+        }
     }
 }
