@@ -21,13 +21,19 @@ if command -v mpirun > /dev/null; then
 else
   echo "test.sh: mpirun not found; skipping the MPI tests of crates/dist (feature mpi)"
 fi
-clients="openai==3.51.0 anthropic==2.16.0 prometheus-client==0.26.0 jsonschema==4.26.0"
-if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/pip freeze 2>/dev/null | grep -q "^jsonschema==4.26.0"; then
+clients="openai==3.51.0 anthropic==2.16.0 prometheus-client==0.26.0 jsonschema==4.26.0 playwright==1.65.2"
+if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/pip freeze 2>/dev/null | grep -q "^playwright==1.65.2"; then
   python3 -m venv target/pyenv
   target/pyenv/bin/pip install --quiet $clients
 fi
 cargo build --release -p dsv3-cli
 target/pyenv/bin/python scripts/test_clients.py target/release/dsv3
+# The chat page at / in a headless Chromium (Debian's package; .ci/run installs it).
+if command -v chromium > /dev/null; then
+  target/pyenv/bin/python scripts/test_chat_page.py target/release/dsv3 "$(command -v chromium)"
+else
+  echo "test.sh: chromium not found (apt-get install chromium); skipping the chat page's browser test"
+fi
 # lm-evaluation-harness (its own environment: it brings datasets and friends) scoring through the
 # completions endpoint, checked against transformers' log-probs in the fixture.
 if [ ! -x target/lmenv/bin/python ] || ! target/lmenv/bin/pip freeze 2>/dev/null | grep -q "^lm_eval==0.4.13"; then

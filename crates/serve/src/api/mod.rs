@@ -58,6 +58,7 @@ pub fn router(state: Shared) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/tokenizer_info", get(tokenizer_info))
         .route("/detokenize", post(detokenize))
+        .route("/", get(page))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .fallback(crate::http::not_found)
@@ -66,6 +67,22 @@ pub fn router(state: Shared) -> Router {
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn_with_state(edge, crate::http::edge))
         .with_state(state)
+}
+
+/// The chat page (static, in the binary): it talks to `/v1/chat/completions` from the browser, so
+/// the page itself needs no key; the API calls carry the one typed into it. Nothing is fetched
+/// from elsewhere (the policy says so).
+async fn page() -> Response {
+    let csp = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'";
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (axum::http::header::CONTENT_SECURITY_POLICY, csp),
+            (axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        include_str!("../page/index.html"),
+    )
+        .into_response()
 }
 
 /// `Authorization: Bearer KEY`, compared in constant time (no timing oracle on the key's bytes).
