@@ -257,3 +257,16 @@ fn metrics_carry_the_vllm_names() {
     assert!(line("vllm:time_to_first_token_seconds_count{model_name=\"fixture\"}").ends_with(" 2"));
     assert!(text.contains("vllm:e2e_request_latency_seconds_bucket{le=\"+Inf\",model_name=\"fixture\"}"));
 }
+
+#[test]
+fn the_chat_page_is_served_from_the_binary() {
+    let base = start(ServeOptions { api_key: Some("k".into()), ..ServeOptions::default() });
+    let r = ureq::get(&format!("{base}/")).call().unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/html"));
+    assert!(r.header("content-security-policy").unwrap().contains("connect-src 'self'"));
+    let html = r.into_string().unwrap();
+    assert!(html.contains("/v1/chat/completions") && !html.contains("http://") && !html.contains("https://"));
+    // The page needs no key; the API behind it still does.
+    assert_eq!(post(&format!("{base}/v1/completions"), json!({"prompt": [5], "max_tokens": 1})).0, 401);
+}
