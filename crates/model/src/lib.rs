@@ -25,6 +25,7 @@ pub mod moe;
 pub mod paged;
 pub mod rope;
 pub mod sampling;
+pub mod sft;
 pub mod speculative;
 pub mod tokenizer;
 pub mod weights;

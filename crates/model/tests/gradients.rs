@@ -33,6 +33,19 @@ fn check(case: &str, cfg: serde_json::Value, seqs: usize, t: usize) {
 }
 
 fn check_with(case: &str, cfg: serde_json::Value, seqs: usize, t: usize, training: Training) {
+    check_masked(case, cfg, seqs, t, training, None);
+}
+
+/// With `labels`, the losses of [`DeepseekV3::train_step_masked`] (supervised fine-tuning).
+fn check_masked(
+    case: &str,
+    cfg: serde_json::Value,
+    seqs: usize,
+    t: usize,
+    training: Training,
+    labels: Option<Vec<bool>>,
+) {
+    let labels = labels.as_deref();
     let dir = std::env::temp_dir().join(format!("dsv3-gradcheck-{case}-{}", std::process::id()));
     write_random_checkpoint(&dir, &cfg, StoreDtype::F32, 1).unwrap();
     let mut model = DeepseekV3::load(&dir).unwrap();
@@ -44,7 +57,7 @@ fn check_with(case: &str, cfg: serde_json::Value, seqs: usize, t: usize, trainin
     let w = LossWeights { mtp_lambda: 0.3, balance: Balance { seq_alpha: 0.05, batch_alpha: 0.05 } };
 
     let mut g = Grads::default();
-    let base = model.train_step(&tokens, seqs, t, w, Some(&mut g)).unwrap();
+    let base = model.train_step_masked(&tokens, seqs, t, w, labels, Some(&mut g)).unwrap();
     assert!(base.balance_loss > 0.0 && !base.mtp_losses.is_empty(), "{case}: every loss term is on");
     assert_eq!(base.indexer_loss > 0.0, model.config.indexer.is_some(), "{case}: the indexer loss is on iff V3.2");
     let names: Vec<(String, usize)> = model.params_mut().into_iter().map(|p| (p.name, p.data.len())).collect();
@@ -61,9 +74,9 @@ fn check_with(case: &str, cfg: serde_json::Value, seqs: usize, t: usize, trainin
                 ps.iter_mut().find(|p| p.name == name).unwrap().data[i] += delta;
             };
             at(eps, &mut model);
-            let plus = model.train_step(&tokens, seqs, t, w, None).unwrap();
+            let plus = model.train_step_masked(&tokens, seqs, t, w, labels, None).unwrap();
             at(-2.0 * eps, &mut model);
-            let minus = model.train_step(&tokens, seqs, t, w, None).unwrap();
+            let minus = model.train_step_masked(&tokens, seqs, t, w, labels, None).unwrap();
             at(eps, &mut model);
             let same = |r: &dsv3_model::grad::model::StepReport| r.choice_digest == base.choice_digest;
             if !same(&plus) || !same(&minus) {
@@ -129,4 +142,12 @@ fn gradients_match_finite_differences_v32_sparse_attention_and_indexer_loss() {
 fn gradients_match_finite_differences_v32_dense_warmup() {
     // The dense warm-up: attention over every position, the indexer's KL to it.
     check_with("v32-warmup", tiny_v32(), 2, 8, Training { dsa_warmup: true, ..Training::default() });
+}
+
+#[test]
+fn gradients_match_finite_differences_with_a_label_mask() {
+    // Supervised fine-tuning: only some labels are learned (an assistant turn in each sequence).
+    let (seqs, t) = (2, 8);
+    let labels: Vec<bool> = (0..seqs * t).map(|r| (3..6).contains(&(r % t)) || r % t == 7).collect();
+    check_masked("sft-mask", tiny(json!({})), seqs, t, Training::default(), Some(labels));
 }

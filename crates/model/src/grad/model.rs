@@ -200,14 +200,36 @@ impl DeepseekV3 {
         w: LossWeights,
         g: Option<&mut Grads>,
     ) -> Result<StepReport> {
+        self.train_step_masked(tokens, seqs, t, w, None, g)
+    }
+
+    /// [`Self::train_step`] with the losses on some labels only: `labels[b * t + i]` says whether
+    /// the token at `i + 1` of sequence `b` is learned (supervised fine-tuning: the assistant's
+    /// tokens; right-padding: not the pads). The MTP depth-k loss at `i` learns the token at
+    /// `i + k + 1` under the same mask; the balance losses see every position.
+    pub fn train_step_masked(
+        &self,
+        tokens: &[u32],
+        seqs: usize,
+        t: usize,
+        w: LossWeights,
+        labels: Option<&[bool]>,
+        g: Option<&mut Grads>,
+    ) -> Result<StepReport> {
         if seqs == 0 || t == 0 || tokens.len() != seqs * (t + 1) {
             return Err(ModelError::Input(format!("train_step: {} tokens is not {seqs} × ({t} + 1)", tokens.len())));
+        }
+        if labels.is_some_and(|m| m.len() != seqs * t) {
+            return Err(ModelError::Input(format!(
+                "train_step: a label mask of {} for {seqs} × {t} labels",
+                labels.map_or(0, |m| m.len())
+            )));
         }
         self.embed(tokens)?; // vocabulary check
         crate::model::in_pool(|| {
             let mut report = StepReport { tokens: seqs * t, ..Default::default() };
             let all = 0..self.layers.len();
-            let (_, saved) = self.stage_forward(all.clone(), tokens, seqs, t, w, None, &mut report)?;
+            let (_, saved) = self.stage_forward_masked(all.clone(), tokens, seqs, t, w, None, labels, &mut report)?;
             report.loss = w.total(&report, self.mtp.len());
             let Some(g) = g else { return Ok(report) };
             self.stage_backward(all, saved, vec![], seqs, t, g)?;
@@ -231,6 +253,22 @@ impl DeepseekV3 {
         input: Option<Vec<f32>>,
         report: &mut StepReport,
     ) -> Result<(Vec<f32>, StageSaved)> {
+        self.stage_forward_masked(layers, tokens, seqs, t, w, input, None, report)
+    }
+
+    /// [`Self::stage_forward`] with the label mask of [`Self::train_step_masked`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn stage_forward_masked(
+        &self,
+        layers: std::ops::Range<usize>,
+        tokens: &[u32],
+        seqs: usize,
+        t: usize,
+        w: LossWeights,
+        input: Option<Vec<f32>>,
+        learn: Option<&[bool]>,
+        report: &mut StepReport,
+    ) -> Result<(Vec<f32>, StageSaved)> {
         let cx = self.training_exec(self.training);
         let (n, v) = (seqs * t, self.config.vocab_size);
         let at = |b: usize, i: usize| tokens[b * (t + 1) + i];
@@ -250,7 +288,9 @@ impl DeepseekV3 {
         let h_last = h;
         let hf = self.norm.forward(&h_last);
         let logits = self.logits_with(&cx, &hf, n);
-        let (lm_loss, d_logits) = cross_entropy(&logits, &labels, &vec![true; n], 1.0);
+        let learned = |r: usize| learn.is_none_or(|m| m[r]);
+        let lm_mask: Vec<bool> = (0..n).map(learned).collect();
+        let (lm_loss, d_logits) = cross_entropy(&logits, &labels, &lm_mask, 1.0);
         report.lm_loss = lm_loss;
 
         // MTP depth k (1-based) at position i reads the token at i + k and predicts i + k + 1.
@@ -263,7 +303,7 @@ impl DeepseekV3 {
                 (0..seqs).flat_map(|b| (0..t).map(move |i| if i + k <= t { at(b, i + k) } else { 0 })).collect();
             let lab: Vec<u32> =
                 (0..seqs).flat_map(|b| (0..t).map(move |i| if i + k < t { at(b, i + k + 1) } else { 0 })).collect();
-            let mask: Vec<bool> = (0..n).map(|r| r % t + k < t).collect();
+            let mask: Vec<bool> = (0..n).map(|r| r % t + k < t && learned(r + k)).collect();
             let emb = self.embed(&ids)?;
             let mut tape = None;
             let hk = m.forward(&cx, &emb, &h_prev, &mut Seqs::Fresh { seqs, t }, &self.rope, Some(&mut tape))?;
