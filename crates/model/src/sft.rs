@@ -59,8 +59,9 @@ pub fn examples(tok: &Tokenizer, chat: &Value) -> Result<Vec<Example>> {
 
 /// `text` tokenized, learning the tokens that start inside one of `spans` (byte ranges).
 fn example(tok: &Tokenizer, text: &str, spans: &[(usize, usize)]) -> Result<Example> {
-    let (ids, offsets) = tok.encode_with_offsets(text)?;
-    let learn = offsets.iter().map(|&(a, b)| b > a && spans.iter().any(|&(s, e)| a >= s && a < e)).collect();
+    let toks = tok.encode_with_offsets(text)?;
+    let ids = toks.iter().map(|t| t.0).collect();
+    let learn = toks.iter().map(|&(_, a, b)| b > a && spans.iter().any(|&(s, e)| a >= s && a < e)).collect();
     Ok(Example { ids, learn })
 }
 
