@@ -200,7 +200,9 @@ impl Tokenizer {
             }
             let thinking = kw("thinking").and_then(Value::as_bool).unwrap_or(false)
                 || kw("thinking_mode").and_then(Value::as_str) == Some("thinking");
-            return crate::dsml::encode_messages(&crate::dsml::with_request_tools(list, tools, None), thinking);
+            // V3.2's rules put a request's response_format (passed as a kwarg) in the system block.
+            let format = kw("response_format").filter(|f| !f.is_null());
+            return crate::dsml::encode_messages(&crate::dsml::with_request_tools(list, tools, format), thinking);
         }
         let tpl = self
             .chat_template

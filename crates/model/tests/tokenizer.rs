@@ -164,6 +164,15 @@ fn v32_folders_render_with_the_dsml_rules_and_kwargs_reach_templates() {
     assert_eq!(tok.render_chat(&m, None, true, Some(&think)).unwrap(), format!("{bos_user}<think>"));
     assert_eq!(tok.render_chat(&m, None, true, None).unwrap(), format!("{bos_user}</think>"));
     assert!(tok.render_chat(&m, None, true, Some(&serde_json::json!([1]))).is_err());
+    // A request's response_format (a kwarg from the server) goes into the rules' system block.
+    let rf = serde_json::json!({"response_format": {"type": "json_object"}});
+    let with_format = tok.render_chat(&m, None, true, Some(&rf)).unwrap();
+    assert!(
+        with_format.starts_with("<｜begin▁of▁sentence｜>")
+            && with_format.contains("## Response Format:")
+            && with_format.contains("json_object"),
+        "{with_format}"
+    );
     // A Jinja template (V3.1's hybrid thinking) sees the request's kwargs beside its own names,
     // which they do not replace.
     let inner = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();

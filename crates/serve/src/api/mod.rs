@@ -152,9 +152,22 @@ async fn chat_completions(State(st): State<Shared>, headers: HeaderMap, body: By
     let offered = b.tools.as_ref().filter(|t| !t.is_null());
     let tools = if matches!(choice, ToolChoice::None) { None } else { offered };
     let schema = structured::chat_schema(&choice, offered, b.common.response_format.as_ref())?;
-    let text = tok
-        .render_chat(&b.messages, tools, true, b.chat_template_kwargs.as_ref())
-        .map_err(|e| ApiError::from_model(e, "messages"))?;
+    // The template also sees the response_format (DeepSeek-V3.2's rules write it into the system
+    // block; Jinja templates that do not read it are unchanged).
+    let mut kwargs = b.chat_template_kwargs.clone();
+    if let Some(rf) = b
+        .common
+        .response_format
+        .as_ref()
+        .filter(|_| schema.is_some() && matches!(choice, ToolChoice::Auto | ToolChoice::None))
+    {
+        let k = kwargs.get_or_insert_with(|| json!({}));
+        if let Some(o) = k.as_object_mut() {
+            o.entry("response_format").or_insert(rf.clone());
+        }
+    }
+    let text =
+        tok.render_chat(&b.messages, tools, true, kwargs.as_ref()).map_err(|e| ApiError::from_model(e, "messages"))?;
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
     let lp = if b.logprobs { Some(b.top_logprobs.unwrap_or(0)) } else { None };
     let mut plan = plan(&st, vec![(prompt, None)], &b.common, Asks { logprobs: lp, echo: false })?;
