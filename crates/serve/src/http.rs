@@ -55,8 +55,11 @@ const CONNECTION_HEADER_BYTES: usize = 256 << 10;
 /// Checks a request against the limits and reads its body under the body deadline before any
 /// handler runs; counts error responses.
 pub async fn edge(State(st): State<Arc<EdgeState>>, req: Request, next: Next) -> Response {
+    // Anthropic's clients read their own error shape.
+    let anthropic = req.uri().path() == "/v1/messages";
     let response = match read_within_limits(&st.limits, req).await {
         Ok(req) => next.run(req).await,
+        Err(e) if anthropic => e.into_anthropic_response(),
         Err(e) => e.into_response(),
     };
     if response.status().is_client_error() || response.status().is_server_error() {

@@ -157,6 +157,18 @@ fn prompt_lists_and_n_give_one_choice_each() {
             .collect();
         assert_eq!(text, whole["choices"][j as usize]["text"], "choice {j}");
     }
+    // stream_options.include_usage: a last chunk with no choices and the usage of all of them.
+    let chunks = events(
+        &url,
+        json!({"prompt": "pub fn", "max_tokens": 5, "temperature": 0, "n": 2, "stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(
+        (last["usage"]["completion_tokens"].as_u64(), last["usage"]["prompt_tokens"].as_u64()),
+        (Some(10), whole["usage"]["prompt_tokens"].as_u64())
+    );
+    assert!(chunks[..chunks.len() - 1].iter().all(|c| c.get("usage").is_none_or(Value::is_null)));
     for (body, what) in [(json!({"prompt": "x", "n": 0}), "n 0"), (json!({"prompt": "x", "n": 1000}), "n 1000")] {
         assert_eq!(post(&url, body).0, 400, "{what}");
     }

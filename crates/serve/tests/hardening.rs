@@ -165,6 +165,14 @@ fn unknown_routes_oversized_requests_and_slow_clients_get_json_errors_and_deadli
     // of it: were it to keep writing, the server's close could reset the connection first).
     let big = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n{\"prompt\": \"aaaa";
     assert_openai_error("413", 413, raw(&base, big, wait));
+    // On Anthropic's endpoint the same refusal has Anthropic's shape.
+    let big = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n{\"max_tokens\": 4";
+    let (code, _, e) = raw(&base, big, wait);
+    assert_eq!(
+        (code, e["type"].as_str(), e["error"]["type"].as_str()),
+        (413, Some("error"), Some("request_too_large")),
+        "{e}"
+    );
     let path = format!("/v1/completions?x={}", "a".repeat(9 << 10));
     assert_openai_error("414", 414, raw(&base, &request("POST", &path, "{}", ""), wait));
     let headers: String = (0..40).map(|i| format!("X-Pad-{i}: {}\r\n", "b".repeat(1000))).collect();

@@ -15,7 +15,7 @@ use crate::engine::{Event, Finish};
 use crate::error::ApiError;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -49,33 +49,10 @@ struct MessagesBody {
     thinking: Option<Value>,
 }
 
-/// An error in Anthropic's shape: `{"type": "error", "error": {"type", "message"}}`.
-pub(super) struct AnthropicError(pub(super) ApiError);
-
-impl IntoResponse for AnthropicError {
-    fn into_response(self) -> Response {
-        let e = self.0;
-        let kind = match e.status {
-            StatusCode::UNAUTHORIZED => "authentication_error",
-            StatusCode::NOT_FOUND => "not_found_error",
-            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
-            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
-            StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
-            s if s.is_client_error() => "invalid_request_error",
-            _ => "api_error",
-        };
-        let message = match &e.param {
-            Some(p) if !e.message.contains(p.as_str()) => format!("{p}: {}", e.message),
-            _ => e.message.clone(),
-        };
-        (e.status, Json(json!({"type": "error", "error": {"type": kind, "message": message}}))).into_response()
-    }
-}
-
 pub(super) async fn messages(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     match answer(st, headers, body).await {
         Ok(r) => r,
-        Err(e) => AnthropicError(e).into_response(),
+        Err(e) => e.into_anthropic_response(),
     }
 }
 
