@@ -132,6 +132,8 @@ def anthropic_checks(port, chat_text):
     text = "".join(b.text for b in m.content if b.type == "text")
     assert text == chat_text, (text, chat_text)
     assert m.stop_reason == "max_tokens" and m.usage.output_tokens == 8 and m.role == "assistant", m
+    counted = client.messages.count_tokens(model="x", messages=msgs)
+    assert counted.input_tokens == m.usage.input_tokens, (counted, m.usage)
     with client.messages.stream(model="x", max_tokens=8, messages=msgs, extra_body=greedy) as s:
         streamed = "".join(s.text_stream)
         final = s.get_final_message()

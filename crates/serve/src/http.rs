@@ -56,7 +56,7 @@ const CONNECTION_HEADER_BYTES: usize = 256 << 10;
 /// handler runs; counts error responses.
 pub async fn edge(State(st): State<Arc<EdgeState>>, req: Request, next: Next) -> Response {
     // Anthropic's clients read their own error shape.
-    let anthropic = req.uri().path() == "/v1/messages";
+    let anthropic = req.uri().path().starts_with("/v1/messages");
     let response = match read_within_limits(&st.limits, req).await {
         Ok(req) => next.run(req).await,
         Err(e) if anthropic => e.into_anthropic_response(),

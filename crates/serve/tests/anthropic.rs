@@ -60,6 +60,14 @@ fn messages_answer_like_chat_and_stream_anthropic_events() {
     assert_eq!(chat["choices"][0]["message"]["content"].as_str().unwrap(), text);
     assert_eq!(v["usage"]["input_tokens"], chat["usage"]["prompt_tokens"]);
 
+    // count_tokens counts what /v1/messages runs.
+    let count = format!("{base}/v1/messages/count_tokens");
+    let (code, c) = send(&count, &body, auth);
+    assert_eq!((code, &c["input_tokens"]), (200, &v["usage"]["input_tokens"]), "{c}");
+    let (code, e) = send(&count, &json!({"messages": []}), auth);
+    assert_eq!((code, e["error"]["type"].as_str()), (400, Some("invalid_request_error")), "{e}");
+    assert_eq!(send(&count, &body, None).0, 401);
+
     // Bearer works too; a wrong key is an Anthropic-shaped 401.
     assert_eq!(send(&url, &body, Some(("authorization", "Bearer k"))).0, 200);
     let (code, e) = send(&url, &body, Some(("x-api-key", "wrong")));

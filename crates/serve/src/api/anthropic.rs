@@ -68,18 +68,23 @@ fn check_key(st: &super::AppState, headers: &HeaderMap) -> Result<(), ApiError> 
     }
 }
 
-async fn answer(st: Shared, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    check_key(&st, &headers)?;
-    let b: MessagesBody = parse(&body)?;
+/// A request's conversation as the model sees it: the rendered prompt and how tools are chosen.
+struct Rendered {
+    prompt: Vec<u32>,
+    text: String,
+    tools: Option<Value>,
+    choice: ToolChoice,
+    schema: Option<(Value, &'static str)>,
+}
+
+/// Renders a Messages request with the model's template (what `/v1/messages` runs and
+/// `/v1/messages/count_tokens` counts).
+fn render(st: &super::AppState, b: &MessagesBody) -> Result<Rendered, ApiError> {
     let tok = st
         .tokenizer
         .as_ref()
         .filter(|t| t.has_chat_template())
         .ok_or_else(|| ApiError::bad("this model has no chat template", Some("messages")))?;
-    let max_tokens = b.max_tokens.ok_or_else(|| ApiError::bad("max_tokens is required", Some("max_tokens")))?;
-    if max_tokens == 0 {
-        return Err(ApiError::bad("max_tokens must be at least 1", Some("max_tokens")));
-    }
     if b.messages.is_empty() {
         return Err(ApiError::bad("messages is empty", Some("messages")));
     }
@@ -115,6 +120,27 @@ async fn answer(st: Shared, headers: HeaderMap, body: Bytes) -> Result<Response,
         .render_chat(&chat, tools.as_ref(), true, kwargs.as_ref())
         .map_err(|e| ApiError::from_model(e, "messages"))?;
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+    Ok(Rendered { prompt, text, tools, choice, schema })
+}
+
+/// `POST /v1/messages/count_tokens`: the prompt's length as `/v1/messages` would run it.
+pub(super) async fn count_tokens(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let counted = check_key(&st, &headers)
+        .and_then(|_| parse::<MessagesBody>(&body))
+        .and_then(|b| render(&st, &b))
+        .map(|r| Json(json!({"input_tokens": r.prompt.len()})).into_response());
+    counted.unwrap_or_else(|e| e.into_anthropic_response())
+}
+
+async fn answer(st: Shared, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    check_key(&st, &headers)?;
+    let b: MessagesBody = parse(&body)?;
+    let max_tokens = b.max_tokens.ok_or_else(|| ApiError::bad("max_tokens is required", Some("max_tokens")))?;
+    if max_tokens == 0 {
+        return Err(ApiError::bad("max_tokens must be at least 1", Some("max_tokens")));
+    }
+    let Rendered { prompt, text, tools, choice, schema } = render(&st, &b)?;
+    let tok = st.tokenizer.as_ref().ok_or_else(|| ApiError::bad("this model has no tokenizer", Some("messages")))?;
     let common: Common = serde_json::from_value(json!({
         "max_tokens": max_tokens, "temperature": b.temperature, "top_p": b.top_p, "top_k": b.top_k,
         "stop": b.stop_sequences.unwrap_or_default(),

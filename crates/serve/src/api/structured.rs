@@ -124,11 +124,11 @@ pub(super) fn apply(
 }
 
 /// The schema a chat request's output must follow: the forced tool call's, or `response_format`'s.
-pub(super) fn chat_schema<'a>(
+pub(super) fn chat_schema(
     choice: &ToolChoice,
     tools: Option<&Value>,
     response_format: Option<&Value>,
-) -> Result<Option<(Value, &'a str)>, ApiError> {
+) -> Result<Option<(Value, &'static str)>, ApiError> {
     let rf = response_schema(response_format)?;
     match choice {
         ToolChoice::Forced(f) => {
