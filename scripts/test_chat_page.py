@@ -14,24 +14,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 
 from playwright.sync_api import sync_playwright
 
+from dsv3_server import serve  # scripts/dsv3_server.py
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chat(port, messages, max_tokens):
@@ -57,17 +51,9 @@ def main():
     tc = json.load(open(os.path.join(src, "tokenizer_config.json")))
     tc["chat_template"] = TEMPLATE
     json.dump(tc, open(os.path.join(tmp, "tokenizer_config.json"), "w"))
-    port = free_port()
-    server = subprocess.Popen([binary, "serve", "--model", tmp, "--port", str(port), "--api-key", "secret"],
-                              stderr=subprocess.PIPE, text=True)
+    server, port = serve(binary, tmp, "--api-key", "secret")
     shot = os.path.join(ROOT, "target", "chat-page.png")
     try:
-        for _ in range(400):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
         base = f"http://127.0.0.1:{port}"
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, headless=True,

@@ -18,11 +18,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 
 import anthropic
@@ -31,28 +29,9 @@ import openai
 import pydantic
 from prometheus_client.parser import text_string_to_metric_families
 
+from dsv3_server import serve  # scripts/dsv3_server.py
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(binary, model_dir, *args):
-    """Starts `dsv3 serve` on a free port; returns (process, port) once /health answers."""
-    port = free_port()
-    server = subprocess.Popen([binary, "serve", "--model", model_dir, "--port", str(port), *args],
-                              stderr=subprocess.PIPE, text=True)
-    for _ in range(400):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            return server, port
-        except OSError:
-            time.sleep(0.05)
-    server.kill()
-    raise AssertionError("the server did not come up: " + server.stderr.read())
 
 
 def main():

@@ -16,21 +16,14 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
+
+from dsv3_server import serve  # scripts/dsv3_server.py
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "train_roundtrip")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(port, path, body):
@@ -71,16 +64,8 @@ def main():
     os.makedirs(model)
     for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]:
         shutil.copy(os.path.join(FIXTURE, f), model)
-    port = free_port()
-    server = subprocess.Popen([binary, "serve", "--model", model, "--port", str(port)], stderr=subprocess.PIPE,
-                              text=True)
+    server, port = serve(binary, model)
     try:
-        for _ in range(400):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
         rows = docs(port, ref)
         assert len(rows) >= 8, f"only {len(rows)} usable splits"
         data = os.path.join(tmp, "docs.jsonl")

@@ -96,7 +96,7 @@ impl StageCompute for DeepSeekStages<'_> {
         let (model, tokens, layers, (seqs, t, w)) =
             (self.model, &self.micro_batches[bi], self.layers(pos), (self.seqs, self.t, self.weights));
         let (y, saved) = self
-            .run(|| model.stage_forward(layers, tokens, seqs, t, w, input.map(to_f32), &mut report))
+            .run(|| model.stage_forward(layers, tokens, seqs, t, w, input.map(to_f32), None, &mut report))
             .expect("micro-batches were checked against the vocabulary");
         let last = pos + 1 == self.split.len();
         // The last stage holds the LM and MTP losses; each stage holds its layers' balance loss.
@@ -167,7 +167,7 @@ pub(crate) fn forward_only(
                 _ => Some(to_f32(peers.recv(holder(pos - 1), pos as u64, 0))),
             };
             let layers = split[pos].clone();
-            let out = in_pool(|| model.stage_forward(layers, tokens, seqs, t, w, input, &mut report));
+            let out = in_pool(|| model.stage_forward(layers, tokens, seqs, t, w, input, None, &mut report));
             let y = match out {
                 Ok((y, _)) => y,
                 Err(e) => {
@@ -209,7 +209,7 @@ mod tests {
         let mut g = Grads::default();
         let jobs = in_pool(|| {
             let (_, saved) =
-                model.stage_forward(all.clone(), &tokens, seqs, t, w, None, &mut StepReport::default()).unwrap();
+                model.stage_forward(all.clone(), &tokens, seqs, t, w, None, None, &mut StepReport::default()).unwrap();
             g.defer_weight_grads();
             model.stage_backward(all, saved, vec![], seqs, t, &mut g).unwrap();
             g.take_deferred()

@@ -229,7 +229,7 @@ impl DeepseekV3 {
         crate::model::in_pool(|| {
             let mut report = StepReport { tokens: seqs * t, ..Default::default() };
             let all = 0..self.layers.len();
-            let (_, saved) = self.stage_forward_masked(all.clone(), tokens, seqs, t, w, None, labels, &mut report)?;
+            let (_, saved) = self.stage_forward(all.clone(), tokens, seqs, t, w, None, labels, &mut report)?;
             report.loss = w.total(&report, self.mtp.len());
             let Some(g) = g else { return Ok(report) };
             self.stage_backward(all, saved, vec![], seqs, t, g)?;
@@ -242,23 +242,9 @@ impl DeepseekV3 {
     /// last layer also the head: final norm, LM loss and the MTP modules. Returns the output
     /// hidden states (empty at the last stage) and what [`DeepseekV3::stage_backward`] needs.
     /// Losses and expert loads go into `report`.
+    /// `learn` is the label mask of [`Self::train_step_masked`] (`None`: every label).
     #[allow(clippy::too_many_arguments)]
     pub fn stage_forward(
-        &self,
-        layers: std::ops::Range<usize>,
-        tokens: &[u32],
-        seqs: usize,
-        t: usize,
-        w: LossWeights,
-        input: Option<Vec<f32>>,
-        report: &mut StepReport,
-    ) -> Result<(Vec<f32>, StageSaved)> {
-        self.stage_forward_masked(layers, tokens, seqs, t, w, input, None, report)
-    }
-
-    /// [`Self::stage_forward`] with the label mask of [`Self::train_step_masked`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn stage_forward_masked(
         &self,
         layers: std::ops::Range<usize>,
         tokens: &[u32],
