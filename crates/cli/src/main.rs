@@ -35,6 +35,14 @@ enum Command {
     Serve(Box<cmd::serve::Serve>),
     /// Train a DeepSeek-V3-architecture model (MLA + DeepSeekMoE + MTP) from text.
     Train(Box<cmd::train::Train>),
+    /// Fine-tune a model on chats (JSONL of {"messages": [...]}), learning the assistant's tokens.
+    #[command(
+        mut_arg("lr", |a| a.default_value("2e-5")),
+        mut_arg("out", |a| a.default_value("runs/sft")),
+        mut_arg("warmup_steps", |a| a.default_value("10")),
+        mut_arg("steps", |a| a.default_value("100"))
+    )]
+    Sft(Box<cmd::sft::Sft>),
     /// (Re)draw a training run's plots (loss, expert load, MaxVio; SVG and PNG) from its metrics.jsonl.
     Plot(cmd::plot::Plot),
     /// Prefill and decode speed, peak memory and KV-cache size of a model.
@@ -67,6 +75,7 @@ impl Command {
             Command::Bench(c) => c.model.ep.expert_parallel,
             Command::Serve(c) => c.model.ep.expert_parallel,
             Command::Train(c) => c.parallel.wants_mpi(),
+            Command::Sft(c) => c.train.parallel.wants_mpi(),
             _ => false,
         }
     }
@@ -93,6 +102,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Tokenize(c) => cmd::tokenize::run(&c),
         Command::Serve(c) => cmd::serve::run(&c, &cluster),
         Command::Train(c) => cmd::train::run(&c, &cluster),
+        Command::Sft(c) => cmd::sft::run(&c, &cluster),
         Command::Plot(c) => cmd::plot::run(&c),
         Command::Bench(c) => cmd::bench::run(&c, &cluster),
         Command::RandomModel(c) => cmd::random_model::run(&c),

@@ -91,8 +91,19 @@ impl Precision {
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, clap::Args)]
 pub struct TrainArgs {
     /// Text files or folders (repeatable); default: the built-in corpus (dsv3's own sources).
+    /// `dsv3 sft`: JSONL files of chats; default: the built-in chat set.
     #[arg(long)]
     pub data: Vec<PathBuf>,
+    /// Start from this model (a dsv3 or Hugging Face DeepSeek-architecture folder, f32, bf16 or
+    /// FP8): its weights, config, tokenizer and chat template. --preset, --config, --tokenizer and
+    /// --vocab-size then do not apply; --mtp-depth keeps at most that many of its MTP modules.
+    #[arg(long)]
+    #[serde(default)]
+    pub model: Option<PathBuf>,
+    /// The data are chats, learned on the assistant's tokens only (`dsv3 sft`).
+    #[arg(skip)]
+    #[serde(default)]
+    pub chats: bool,
     /// Model shape: tiny | tiny-v32 | bench-1b (real 129,280-id vocabulary) | bench-1b-v32 |
     /// bench-1b-32k (or --config; `-v32`: DeepSeek-V3.2 sparse attention).
     #[arg(long, default_value = "tiny")]
@@ -253,6 +264,9 @@ impl TrainArgs {
         }
         if self.steps == 0 {
             bail!("--steps must be at least 1");
+        }
+        if self.model.is_some() && (self.config.is_some() || self.tokenizer.is_some()) {
+            bail!("--model brings its own config and tokenizer: drop --config / --tokenizer");
         }
         Ok(())
     }

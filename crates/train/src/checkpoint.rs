@@ -33,15 +33,23 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// The files of a checkpoint beside the weights and the run's state.
+#[derive(Clone, Copy)]
+pub struct Files<'a> {
+    pub config: &'a Value,
+    pub tokenizer: &'a Tokenizer,
+    /// The starting model's tokenizer_config.json (its chat template); `None`: a run's own
+    /// tokenizer, with [`CHAT_TEMPLATE`].
+    pub tokenizer_config: Option<&'a Value>,
+}
+
+/// The chat template of models dsv3 pre-trains: DeepSeek-V3's turns (`<｜User｜>`,
+/// `<｜Assistant｜>`, the end-of-sentence token closing each reply), the system prompt first, and a
+/// reply's `reasoning_content` in `<think>…</think>` as R1 writes it.
+pub const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}{% elif m['role'] == 'assistant' %}<｜Assistant｜>{% if m.get('reasoning_content') %}<think>{{ m['reasoning_content'] }}</think>{% endif %}{{ m['content'] or '' }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}";
+
 /// Writes the checkpoint into `dir` (replacing what is there).
-pub fn save(
-    dir: &Path,
-    model: &mut DeepseekV3,
-    config: &Value,
-    tok: &Tokenizer,
-    opt: &Optimizer,
-    state: &TrainState,
-) -> Result<()> {
+pub fn save(dir: &Path, model: &mut DeepseekV3, files: Files, opt: &Optimizer, state: &TrainState) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = dir.file_name().context("--out needs a folder name")?.to_string_lossy().to_string();
@@ -50,7 +58,7 @@ pub fn save(
     let _ = std::fs::remove_dir_all(&tmp);
     let result = (|| -> Result<()> {
         std::fs::create_dir_all(&tmp)?;
-        write_folder(&tmp, model, config, tok, opt, state)?;
+        write_folder(&tmp, model, files, opt, state)?;
         for f in CARRIED {
             if dir.join(f).exists() {
                 std::fs::copy(dir.join(f), tmp.join(f))?;
@@ -110,14 +118,8 @@ fn pid_of(p: &Path) -> String {
     p.to_string_lossy().rsplit_once('-').map(|(_, pid)| pid.to_string()).unwrap_or_default()
 }
 
-fn write_folder(
-    dir: &Path,
-    model: &mut DeepseekV3,
-    config: &Value,
-    tok: &Tokenizer,
-    opt: &Optimizer,
-    state: &TrainState,
-) -> Result<()> {
+fn write_folder(dir: &Path, model: &mut DeepseekV3, files: Files, opt: &Optimizer, state: &TrainState) -> Result<()> {
+    let Files { config, tokenizer: tok, tokenizer_config } = files;
     let n_layers = model.config.num_hidden_layers;
     let n_mtp = model.mtp.len();
     let mut tensors: Vec<(String, &str, Vec<usize>, Vec<u8>)> = vec![];
@@ -153,9 +155,12 @@ fn write_folder(
     let config = dsv3_model::config::with_architectures(config);
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
     tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("saving the tokenizer: {e}"))?;
-    let tc = json!({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-        "add_bos_token": false, "add_eos_token": false, "model_max_length": config["max_position_embeddings"],
+    let tc = tokenizer_config.cloned().unwrap_or_else(|| {
+        json!({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+            "add_bos_token": false, "add_eos_token": false, "model_max_length": config["max_position_embeddings"],
+            "chat_template": CHAT_TEMPLATE,
+        })
     });
     std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tc)?)?;
     let mut moments: Vec<(String, &str, Vec<usize>, Vec<u8>)> = vec![];

@@ -12,6 +12,8 @@ use tokenizers::{AddedToken, Tokenizer};
 
 pub const BOS: &str = "<｜begin▁of▁sentence｜>";
 pub const EOS: &str = "<｜end▁of▁sentence｜>";
+/// The chat template's markers ([`crate::checkpoint::CHAT_TEMPLATE`]), one token each.
+pub const CHAT_TOKENS: [&str; 4] = ["<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"];
 
 /// The project's own sources and docs, embedded at build time (see build.rs).
 pub fn builtin_corpus() -> Vec<String> {
@@ -60,14 +62,15 @@ pub fn read_documents(paths: &[PathBuf]) -> Result<Vec<String>> {
     Ok(docs)
 }
 
-/// A byte-level BPE of `vocab_size` tokens (BOS = 0, EOS = 1) trained on `docs`.
+/// A byte-level BPE of `vocab_size` tokens (BOS = 0, EOS = 1, then [`CHAT_TOKENS`]) trained on `docs`.
 pub fn train_tokenizer(docs: &[String], vocab_size: usize) -> Result<Tokenizer> {
     use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    if vocab_size < 260 {
-        bail!("--vocab-size {vocab_size}: needs at least 260 (256 bytes + specials)");
+    let least = 256 + 2 + CHAT_TOKENS.len();
+    if vocab_size < least {
+        bail!("--vocab-size {vocab_size}: needs at least {least} (256 bytes + specials)");
     }
-    let specials = vec![AddedToken::from(BOS, true), AddedToken::from(EOS, true)];
+    let specials = [BOS, EOS].iter().chain(&CHAT_TOKENS).map(|t| AddedToken::from(*t, true)).collect();
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(2)
@@ -88,27 +91,71 @@ pub fn train_tokenizer(docs: &[String], vocab_size: usize) -> Result<Tokenizer> 
     Ok(t)
 }
 
-/// The token windows of a split.
+/// The token windows of a split: packed text (windows overlapping by one token, every label
+/// learned) or padded examples (a window each, with the tokens they learn).
 #[derive(Clone, Debug, Default)]
 pub struct Split {
     pub tokens: Vec<u32>,
     /// Window length: `seq_len + 1` (inputs and shifted labels).
     pub window: usize,
+    /// Per token whether it is learned as a label; empty: every token (packed text).
+    pub learn: Vec<bool>,
+}
+
+/// A batch of windows `[batch, window]`, and its label mask `[batch, window − 1]` when not every
+/// label is learned.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    pub labels: Option<Vec<bool>>,
 }
 
 impl Split {
-    /// Windows start every `window − 1` tokens so each token is a label exactly once.
+    /// A split of padded examples: every window its own, no overlap.
+    fn padded(&self) -> bool {
+        !self.learn.is_empty()
+    }
+
+    fn stride(&self) -> usize {
+        if self.padded() {
+            self.window
+        } else {
+            self.window - 1
+        }
+    }
+
+    /// Packed text: windows start every `window − 1` tokens, so each token is a label exactly once.
     pub fn windows(&self) -> usize {
         if self.tokens.len() < self.window {
             0
+        } else if self.padded() {
+            self.tokens.len() / self.window
         } else {
             (self.tokens.len() - 1) / (self.window - 1)
         }
     }
 
     pub fn window(&self, i: usize) -> &[u32] {
-        let s = i * (self.window - 1);
+        let s = i * self.stride();
         &self.tokens[s..s + self.window]
+    }
+
+    /// Window `i`'s label mask (`None`: every label learned).
+    pub fn labels(&self, i: usize) -> Option<&[bool]> {
+        let s = i * self.stride();
+        self.padded().then(|| &self.learn[s + 1..s + self.window])
+    }
+
+    /// The windows `idx` as one batch.
+    pub fn batch(&self, idx: impl IntoIterator<Item = usize>) -> Batch {
+        let mut b = Batch { tokens: vec![], labels: self.padded().then(Vec::new) };
+        for i in idx {
+            b.tokens.extend_from_slice(self.window(i));
+            if let (Some(l), Some(m)) = (&mut b.labels, self.labels(i)) {
+                l.extend_from_slice(m);
+            }
+        }
+        b
     }
 }
 
@@ -158,18 +205,18 @@ impl Loader {
     }
 
     /// The next `batch` windows, concatenated `[batch, window]`.
-    pub fn next_batch(&mut self, split: &Split, batch: usize) -> Vec<u32> {
-        let mut out = Vec::with_capacity(batch * split.window);
+    pub fn next_batch(&mut self, split: &Split, batch: usize) -> Batch {
+        let mut idx = Vec::with_capacity(batch);
         for _ in 0..batch {
             if self.state.next >= self.order.len() {
                 self.state.epoch += 1;
                 self.state.next = 0;
                 self.shuffle(split.windows());
             }
-            out.extend_from_slice(split.window(self.order[self.state.next]));
+            idx.push(self.order[self.state.next]);
             self.state.next += 1;
         }
-        out
+        split.batch(idx)
     }
 }
 
@@ -192,7 +239,7 @@ mod tests {
         // Each token is a label once: consecutive windows overlap by one token.
         assert_eq!(train.window(0)[16], train.window(1)[0]);
         let mut a = Loader::new(&train, 7, LoaderState::default());
-        let first: Vec<Vec<u32>> = (0..5).map(|_| a.next_batch(&train, 3)).collect();
+        let first: Vec<Batch> = (0..5).map(|_| a.next_batch(&train, 3)).collect();
         // Resuming from a saved state continues the same sequence.
         let mut b = Loader::new(&train, 7, LoaderState::default());
         b.next_batch(&train, 3);

@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod balance;
+pub mod chats;
 pub mod checkpoint;
 pub mod data;
 mod holders;

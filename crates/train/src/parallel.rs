@@ -95,7 +95,7 @@ impl Layout {
 pub(crate) fn pipeline_step(
     layout: &Layout,
     model: &DeepseekV3,
-    tokens: &[u32],
+    batch: &crate::data::Batch,
     args: &crate::TrainArgs,
     w: LossWeights,
     grads: &mut Grads,
@@ -109,11 +109,17 @@ pub(crate) fn pipeline_step(
     let shard = args.batch_size / (dp.size() / stages);
     let per = shard / chunks;
     let row = args.seq_len + 1;
-    let mine = &tokens[group * shard * row..(group + 1) * shard * row];
+    let mine = &batch.tokens[group * shard * row..(group + 1) * shard * row];
     let mbs: Vec<Vec<u32>> = mine.chunks(per * row).map(|c| c.to_vec()).collect();
+    let t = args.seq_len;
+    let masks: Option<Vec<Vec<bool>>> = batch
+        .labels
+        .as_ref()
+        .map(|l| l[group * shard * t..(group + 1) * shard * t].chunks(per * t).map(|c| c.to_vec()).collect());
     let model_stages = crate::pipeline::DeepSeekStages::new(
         model,
         &mbs,
+        masks.as_deref(),
         per,
         args.seq_len,
         w,

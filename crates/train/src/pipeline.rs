@@ -11,7 +11,7 @@ use crate::holders::positions_of;
 use crate::parallel::Pipeline;
 use dsv3_dist::comm::Comm;
 use dsv3_dist::pipeline::{P2p, StageCompute};
-use dsv3_model::grad::model::{LossWeights, StageSaved, StepReport};
+use dsv3_model::grad::model::{LossWeights, Objective, StageSaved, StepReport};
 use dsv3_model::grad::{Grads, WeightGrad};
 use dsv3_model::model::in_pool;
 use dsv3_model::DeepseekV3;
@@ -22,6 +22,8 @@ pub struct DeepSeekStages<'a> {
     pub model: &'a DeepseekV3,
     /// Micro-batch `i`: `[seqs, t + 1]` tokens.
     pub micro_batches: &'a [Vec<u32>],
+    /// Micro-batch `i`'s label mask `[seqs, t]` (supervised fine-tuning), if not every label.
+    pub masks: Option<&'a [Vec<bool>]>,
     pub seqs: usize,
     pub t: usize,
     pub weights: LossWeights,
@@ -40,6 +42,7 @@ impl<'a> DeepSeekStages<'a> {
     pub fn new(
         model: &'a DeepseekV3,
         micro_batches: &'a [Vec<u32>],
+        masks: Option<&'a [Vec<bool>]>,
         seqs: usize,
         t: usize,
         weights: LossWeights,
@@ -53,6 +56,7 @@ impl<'a> DeepSeekStages<'a> {
         Ok(DeepSeekStages {
             model,
             micro_batches,
+            masks,
             seqs,
             t,
             weights,
@@ -95,8 +99,9 @@ impl StageCompute for DeepSeekStages<'_> {
         let mut report = StepReport::default();
         let (model, tokens, layers, (seqs, t, w)) =
             (self.model, &self.micro_batches[bi], self.layers(pos), (self.seqs, self.t, self.weights));
+        let objective = Objective::CrossEntropy(self.masks.map(|m| &m[bi][..]));
         let (y, saved) = self
-            .run(|| model.stage_forward(layers, tokens, seqs, t, w, input.map(to_f32), None, &mut report))
+            .run(|| model.stage_forward(layers, tokens, seqs, t, w, input.map(to_f32), objective, &mut report))
             .expect("micro-batches were checked against the vocabulary");
         let last = pos + 1 == self.split.len();
         // The last stage holds the LM and MTP losses; each stage holds its layers' balance loss.
@@ -146,6 +151,7 @@ pub(crate) fn forward_only(
     p: Pipeline,
     model: &DeepseekV3,
     tokens: &[u32],
+    learn: Option<&[bool]>,
     seqs: usize,
     t: usize,
     w: LossWeights,
@@ -167,7 +173,9 @@ pub(crate) fn forward_only(
                 _ => Some(to_f32(peers.recv(holder(pos - 1), pos as u64, 0))),
             };
             let layers = split[pos].clone();
-            let out = in_pool(|| model.stage_forward(layers, tokens, seqs, t, w, input, None, &mut report));
+            let out = in_pool(|| {
+                model.stage_forward(layers, tokens, seqs, t, w, input, Objective::CrossEntropy(learn), &mut report)
+            });
             let y = match out {
                 Ok((y, _)) => y,
                 Err(e) => {
@@ -208,8 +216,18 @@ mod tests {
         let all = 0..model.layers.len();
         let mut g = Grads::default();
         let jobs = in_pool(|| {
-            let (_, saved) =
-                model.stage_forward(all.clone(), &tokens, seqs, t, w, None, None, &mut StepReport::default()).unwrap();
+            let (_, saved) = model
+                .stage_forward(
+                    all.clone(),
+                    &tokens,
+                    seqs,
+                    t,
+                    w,
+                    None,
+                    Objective::CrossEntropy(None),
+                    &mut StepReport::default(),
+                )
+                .unwrap();
             g.defer_weight_grads();
             model.stage_backward(all, saved, vec![], seqs, t, &mut g).unwrap();
             g.take_deferred()
@@ -241,20 +259,27 @@ mod tests {
             let mbs: Vec<Vec<u32>> = (0..chunks)
                 .map(|c| (0..seqs * (t + 1)).map(|i| ((i * 37 + c * 101) % 509 + 2) as u32).collect())
                 .collect();
+            // Label masks (supervised fine-tuning) reach the last stage's losses.
+            let masks: Vec<Vec<bool>> =
+                (0..chunks).map(|c| (0..seqs * t).map(|i| (i * 7 + c) % 3 != 0).collect()).collect();
             let mut want_g = Grads::default();
-            let want: Vec<f64> =
-                mbs.iter().map(|m| model.train_step(m, seqs, t, w, Some(&mut want_g)).unwrap().loss).collect();
+            let want: Vec<f64> = mbs
+                .iter()
+                .zip(&masks)
+                .map(|(m, l)| model.train_step_masked(m, seqs, t, w, Some(l), Some(&mut want_g)).unwrap().loss)
+                .collect();
             let schedule = generate(kind, ranks, chunks).unwrap();
             let per_rank: Vec<(Vec<(usize, f64)>, Grads)> = std::thread::scope(|s| {
                 let handles: Vec<_> = ThreadPeers::group(ranks)
                     .into_iter()
                     .enumerate()
                     .map(|(r, mut peers)| {
-                        let (ops, model, mbs) = (&schedule[r], &model, &mbs);
+                        let (ops, model, mbs, masks) = (&schedule[r], &model, &mbs, &masks);
                         s.spawn(move || {
                             // (F|B) on two threads, as with expert exchanges to hide.
                             let stages =
-                                DeepSeekStages::new(model, mbs, seqs, t, w, positions(kind, ranks), true).unwrap();
+                                DeepSeekStages::new(model, mbs, Some(masks), seqs, t, w, positions(kind, ranks), true)
+                                    .unwrap();
                             let losses = execute(&mut peers, kind, ranks, chunks, ops, &stages);
                             (losses, stages.grads.into_inner().expect("gradients"))
                         })

@@ -5,6 +5,7 @@
 
 use crate::args::{model_config, TrainArgs};
 use crate::balance::{max_vio, update_biases};
+use crate::chats;
 use crate::checkpoint::{self, TrainState};
 use crate::data::{self, Loader, LoaderState, Split};
 use crate::holders::Holders;
@@ -53,6 +54,9 @@ pub struct StepLog {
     /// Smallest and largest routing bias over all MoE layers.
     pub bias_range: (f32, f32),
     pub mtp_top1: Option<f64>,
+    /// Supervised fine-tuning: the labels learned this step (the assistant's tokens).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learned_tokens: Option<u64>,
     pub tokens_seen: u64,
     pub tokens_per_second: f64,
     pub elapsed_seconds: f64,
@@ -86,6 +90,10 @@ pub struct Trainer<'l> {
     pub model: DeepseekV3,
     config: Value,
     tok: tokenizers::Tokenizer,
+    /// tokenizer_config.json of the model the run started from (its chat template), if any.
+    tok_config: Option<Value>,
+    /// Supervised fine-tuning: how the chats became examples.
+    pub examples: Option<chats::ExampleStats>,
     opt: Optimizer,
     ocfg: OptimConfig,
     pub state: TrainState,
@@ -119,18 +127,24 @@ impl<'l> Trainer<'l> {
         // In parallel the first load reads no weight (shapes only): once it is known which tensors
         // this process holds, only those are read.
         let parallel = layout.dp.is_some();
+        // Where the weights are read from: the saved run, the starting model, or a fresh init.
         let mut init_dir = None;
-        let (mut model, config, tok, mut opt, state) = match resume {
-            Some(dir) => {
+        let (mut model, config, tok, mut opt, state, source) = match (resume, &args.model) {
+            (Some(dir), _) => {
                 let r = checkpoint::load(dir, move |_| parallel)?;
                 let mut state = r.state;
                 // A resume may extend the run (more steps) and write elsewhere; the rest is the run's.
                 state.args.steps = args.steps.max(state.step);
                 state.args.out = args.out.clone();
                 // (The optimizer's moments are read below, once it is known which this process keeps.)
-                (r.model, r.config, r.tokenizer, Optimizer::default(), state)
+                (r.model, r.config, r.tokenizer, Optimizer::default(), state, dir.to_path_buf())
             }
-            None => {
+            (None, Some(dir)) => {
+                let (model, config, tok) = start_from(dir, args.mtp_depth, move |_| parallel)?;
+                let state = TrainState { step: 0, tokens_seen: 0, loader: LoaderState::default(), args: args.clone() };
+                (model, config, tok, Optimizer::default(), state, dir.clone())
+            }
+            (None, None) => {
                 let docs =
                     if args.data.is_empty() { data::builtin_corpus() } else { data::read_documents(&args.data)? };
                 let tok = match &args.tokenizer {
@@ -141,9 +155,10 @@ impl<'l> Trainer<'l> {
                 let config = model_config(&args, tok.get_vocab_size(true))?;
                 let dir = fresh_init(&config, &args, layout)?;
                 let model = DeepseekV3::load_skipping(&dir.0, move |_| parallel);
+                let source = dir.0.clone();
                 init_dir = Some(dir);
                 let state = TrainState { step: 0, tokens_seen: 0, loader: LoaderState::default(), args: args.clone() };
-                (model?, config, tok, Optimizer::default(), state)
+                (model?, config, tok, Optimizer::default(), state, source)
             }
         };
         let args = state.args.clone();
@@ -155,8 +170,24 @@ impl<'l> Trainer<'l> {
                 model.config.max_position_embeddings
             );
         }
-        let docs = if args.data.is_empty() { data::builtin_corpus() } else { data::read_documents(&args.data)? };
-        let (train, val) = data::pack(&tok, &docs, args.seq_len, 20)?;
+        // The tokenizer's settings (and chat template) travel with the run.
+        let tok_config = match std::fs::read_to_string(source.join("tokenizer_config.json")) {
+            Ok(text) if init_dir.is_none() => Some(
+                serde_json::from_str(&text).with_context(|| format!("{}/tokenizer_config.json", source.display()))?,
+            ),
+            _ => None,
+        };
+        let (train, val, examples) = if args.chats {
+            let chat_tok = dsv3_model::Tokenizer::from_dir(&source)?;
+            let chats = if args.data.is_empty() { chats::builtin_chats() } else { chats::read_chats(&args.data)? };
+            let pad = model.config.eos_token_ids.first().copied().unwrap_or(0);
+            let (train, val, stats) = chats::pad_examples(&chat_tok, &chats, args.seq_len, pad, 20)?;
+            (train, val, Some(stats))
+        } else {
+            let docs = if args.data.is_empty() { data::builtin_corpus() } else { data::read_documents(&args.data)? };
+            let (train, val) = data::pack(&tok, &docs, args.seq_len, 20)?;
+            (train, val, None)
+        };
         let loader = Loader::new(&train, args.seed, state.loader);
         let parameters: usize = model.param_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum();
         check_layout(&model, layout, &args)?;
@@ -174,9 +205,9 @@ impl<'l> Trainer<'l> {
         if let Some(p) = &holders {
             let held: std::collections::HashSet<String> =
                 model.param_shapes().into_iter().map(|(n, _)| n).filter(|n| p.holds(n)).collect();
-            let dir = init_dir.as_ref().map(|d| d.0.as_path()).or(resume).expect("a fresh or resumed run");
-            model = DeepseekV3::load_skipping(dir, move |n| !held.contains(n))
-                .with_context(|| format!("loading {}", dir.display()))?;
+            model = DeepseekV3::load_skipping(&source, move |n| !held.contains(n))
+                .with_context(|| format!("loading {}", source.display()))?;
+            model.mtp.truncate(config["num_nextn_predict_layers"].as_u64().unwrap_or(0) as usize);
             p.drop_foreign(&mut model, &mut opt);
         }
         if let (Some(dp), Some(_)) = (&layout.dp, &init_dir) {
@@ -205,6 +236,8 @@ impl<'l> Trainer<'l> {
             model,
             config,
             tok,
+            tok_config,
+            examples,
             opt,
             state,
             train,
@@ -226,18 +259,20 @@ impl<'l> Trainer<'l> {
         let (args, layout) = (&self.args, self.layout);
         let step = self.state.step + 1;
         let w = args.loss_weights(step);
-        let tokens = self.loader.next_batch(&self.train, args.batch_size);
+        let batch = self.loader.next_batch(&self.train, args.batch_size);
         let warmup = self.model.config.indexer.is_some() && args.dsa_warmup(step);
         self.model.training.dsa_warmup = warmup;
         self.grads.zero();
         let (rank, size) = (layout.rank(), layout.processes());
         let mut report = match (&layout.dp, layout.pipeline) {
-            (Some(_), Some(_)) => pipeline_step(layout, &self.model, &tokens, args, w, &mut self.grads)?,
+            (Some(_), Some(_)) => pipeline_step(layout, &self.model, &batch, args, w, &mut self.grads)?,
             _ => {
                 // This process's share of the batch: sequences rank·shard .. (rank+1)·shard.
                 let (shard, row) = (args.batch_size / size, args.seq_len + 1);
-                let mine = &tokens[rank * shard * row..(rank + 1) * shard * row];
-                self.model.train_step(mine, shard, args.seq_len, w, Some(&mut self.grads))?
+                let mine = &batch.tokens[rank * shard * row..(rank + 1) * shard * row];
+                let labels =
+                    batch.labels.as_ref().map(|l| &l[rank * shard * args.seq_len..(rank + 1) * shard * args.seq_len]);
+                self.model.train_step_masked(mine, shard, args.seq_len, w, labels, Some(&mut self.grads))?
             }
         };
         if warmup {
@@ -290,6 +325,7 @@ impl<'l> Trainer<'l> {
             expert_load: report.load.iter().map(|(_, c)| c.clone()).collect(),
             bias_range: biases.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x))),
             mtp_top1: report.mtp_top1,
+            learned_tokens: batch.labels.as_ref().map(|l| l.iter().filter(|&&x| x).count() as u64),
             tokens_seen: self.state.tokens_seen,
             tokens_per_second: tps,
             elapsed_seconds: elapsed,
@@ -328,7 +364,12 @@ impl<'l> Trainer<'l> {
         }
         if layout.rank() == 0 {
             self.metrics.flush()?;
-            checkpoint::save(&self.args.out, &mut self.model, &self.config, &self.tok, &self.opt, &self.state)?;
+            let files = checkpoint::Files {
+                config: &self.config,
+                tokenizer: &self.tok,
+                tokenizer_config: self.tok_config.as_ref(),
+            };
+            checkpoint::save(&self.args.out, &mut self.model, files, &self.opt, &self.state)?;
             if let Err(e) = crate::plot::write_run_plots(&self.args.out) {
                 eprintln!("warning: plots not written: {e:#}");
             }
@@ -461,10 +502,11 @@ fn evaluate(
         let counted = !mine.is_empty();
         let windows = if counted { i + mine.start..i + mine.end } else { i..i + 1 };
         let b = windows.len();
-        let tokens: Vec<u32> = windows.flat_map(|j| val.window(j).iter().copied()).collect();
+        let batch = val.batch(windows);
+        let (tokens, labels) = (&batch.tokens, batch.labels.as_deref());
         let r = match pipelined {
-            Some((dp, p)) => crate::pipeline::forward_only(dp.as_ref(), p, model, &tokens, b, args.seq_len, w)?,
-            None => model.train_step(&tokens, b, args.seq_len, w, None)?,
+            Some((dp, p)) => crate::pipeline::forward_only(dp.as_ref(), p, model, tokens, labels, b, args.seq_len, w)?,
+            None => model.train_step_masked(tokens, b, args.seq_len, w, labels, None)?,
         };
         if !counted {
             continue;
@@ -536,6 +578,30 @@ fn fresh_init(config: &serde_json::Value, args: &TrainArgs, layout: &Layout) -> 
         true => Ok(TempDir(shared, false)),
         false => write(),
     }
+}
+
+/// The model in `dir` to start a run from: weights (f32 masters once trained), its config for
+/// an f32 checkpoint with at most `mtp_depth` MTP modules, and its tokenizer.
+fn start_from(
+    dir: &Path,
+    mtp_depth: usize,
+    skip: impl Fn(&str) -> bool + Send + Sync + 'static,
+) -> Result<(DeepseekV3, Value, tokenizers::Tokenizer)> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("--model {}", path.display()))?;
+    let mut config: Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let mut model =
+        DeepseekV3::load_skipping(dir, skip).with_context(|| format!("loading --model {}", dir.display()))?;
+    model.mtp.truncate(mtp_depth);
+    model.config.num_nextn_predict_layers = model.mtp.len();
+    config["num_nextn_predict_layers"] = model.mtp.len().into();
+    config["torch_dtype"] = "float32".into();
+    if let Some(o) = config.as_object_mut() {
+        o.remove("quantization_config"); // the run saves f32 weights
+    }
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+        .map_err(|e| anyhow::anyhow!("--model {}: tokenizer.json: {e}", dir.display()))?;
+    Ok((model, config, tok))
 }
 
 /// A V3.2 indexer's parameter (what DSA's warm-up trains).

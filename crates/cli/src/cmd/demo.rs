@@ -32,6 +32,23 @@ pub fn run(cluster: &Cluster) -> Result<()> {
 /// A sampled and a greedy continuation from a trained model folder (after `dsv3 train`), and the
 /// greedy one again with MTP speculative decoding: the same tokens, and the trained module's
 /// acceptance.
+/// A greedy reply of the model in `dir` to `question`, through its chat template.
+pub fn sample_chat(dir: &Path, question: &str) -> Result<()> {
+    let model = DeepseekV3::load(dir)?;
+    let tok = Tokenizer::from_dir(dir)?;
+    let ids = tok.encode_chat(&serde_json::json!([{"role": "user", "content": question}]), true)?;
+    let opts = GenerateOptions {
+        max_new_tokens: 64,
+        sampling: SamplingParams::default(),
+        eos_token_ids: model.config.eos_token_ids.clone(),
+        ignore_eos: false,
+        mtp_speculative: 0,
+    };
+    let (out, _) = generate(&model, &ids, &opts, |_| {})?;
+    println!("sample (greedy): {question} → {}", tok.decode(&out, false)?);
+    Ok(())
+}
+
 pub fn sample(dir: &Path) -> Result<()> {
     let model = DeepseekV3::load(dir)?;
     let tok = Tokenizer::from_dir(dir)?;

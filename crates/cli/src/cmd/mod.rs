@@ -12,5 +12,6 @@ pub mod random_model;
 pub mod schedule;
 pub mod score;
 pub mod serve;
+pub mod sft;
 pub mod tokenize;
 pub mod train;

@@ -88,7 +88,10 @@ pub fn run(c: &Train, cluster: &Cluster) -> Result<()> {
         );
     }
     if !c.no_sample && !json && layout.rank() == 0 {
-        crate::cmd::demo::sample(&summary.out)?;
+        match c.args.chats {
+            true => crate::cmd::demo::sample_chat(&summary.out, "What is 23+45?")?,
+            false => crate::cmd::demo::sample(&summary.out)?,
+        }
     }
     Ok(())
 }

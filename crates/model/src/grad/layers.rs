@@ -78,6 +78,47 @@ pub fn embedding_backward(name: &str, table: &Matrix, tokens: &[u32], dy: &[f32]
     }
 }
 
+/// `log softmax(logits)[label]` of each row (`logits [n, v]`).
+pub fn label_log_probs(logits: &[f32], labels: &[u32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    let v = logits.len() / labels.len().max(1);
+    logits
+        .par_chunks(v.max(1))
+        .zip(labels.par_iter())
+        .map(|(row, &y)| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let z: f64 = row.iter().map(|&l| ((l - max).exp()) as f64).sum();
+            ((row[y as usize] - max) as f64 - z.ln()) as f32
+        })
+        .collect()
+}
+
+/// The logits' gradient of a loss whose gradient towards each row's `log π(label)` is
+/// `d_logp`: `d_logp · (onehot(label) − softmax)` per row.
+pub fn log_prob_backward(logits: &[f32], labels: &[u32], d_logp: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    let v = logits.len() / labels.len().max(1);
+    let mut dl = vec![0f32; logits.len()];
+    dl.par_chunks_mut(v.max(1)).enumerate().for_each(|(i, d)| {
+        let c = d_logp[i];
+        if c == 0.0 {
+            return;
+        }
+        let row = &logits[i * v..(i + 1) * v];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut z = 0f64;
+        for (d, &l) in d.iter_mut().zip(row) {
+            let e = (l - max).exp();
+            *d = e;
+            z += e as f64;
+        }
+        let inv = -(1.0 / z) as f32 * c;
+        d.iter_mut().for_each(|x| *x *= inv);
+        d[labels[i] as usize] += c;
+    });
+    dl
+}
+
 /// Mean cross-entropy of `logits [t, V]` against `labels` over the positions where `mask` is set,
 /// and its gradient `(softmax − onehot)·scale / count` (zero at masked positions). Rows in
 /// parallel; each row's normalizer is summed in f64.

@@ -2,7 +2,7 @@
 //! the MTP losses (spec §4: depth-k labels rolled k more steps, last positions masked,
 //! `L_MTP = λ/D·Σ_k L_k`), the balance losses, and the backward into [`Grads`].
 
-use super::layers::{cross_entropy, embedding_backward, MlpSaved};
+use super::layers::{cross_entropy, embedding_backward, label_log_probs, log_prob_backward, MlpSaved};
 use super::mla::MlaSaved;
 use super::moe::{Balance, MoeSaved};
 use super::{add_into, Grads};
@@ -18,6 +18,28 @@ pub struct LossWeights {
     /// λ of `L_MTP = λ/D·Σ_k L_k`.
     pub mtp_lambda: f32,
     pub balance: Balance,
+}
+
+/// What the main head's predictions are trained towards.
+#[derive(Clone, Copy)]
+pub enum Objective<'a> {
+    /// The mean next-token cross-entropy over the labels a mask learns (`None`: every label),
+    /// and the MTP losses under the same mask: pre-training and supervised fine-tuning.
+    /// `mask[b * t + i]` says whether the token at `i + 1` of sequence `b` is learned.
+    CrossEntropy(Option<&'a [bool]>),
+    /// A loss of the labels' log-probabilities `log π(label)` (one per label, `[seqs, t]`): the
+    /// function returns its value and `∂loss/∂log π` per label (policy gradients: GRPO). The
+    /// log-probabilities are reported ([`StepReport::label_logprobs`]); the MTP modules do not run.
+    LogProb(&'a (dyn Fn(&[f32]) -> (f64, Vec<f32>) + Sync)),
+}
+
+impl Objective<'_> {
+    fn mask(&self) -> Option<&[bool]> {
+        match self {
+            Objective::CrossEntropy(m) => *m,
+            Objective::LogProb(_) => None,
+        }
+    }
 }
 
 /// What one step computed.
@@ -41,6 +63,8 @@ pub struct StepReport {
     /// Top-1 agreement of MTP depth 1 with the token two ahead (what a speculative decoder accepts).
     pub mtp_top1: Option<f64>,
     pub tokens: usize,
+    /// Under [`Objective::LogProb`]: `log π(label)` per label, `[seqs, t]`.
+    pub label_logprobs: Vec<f32>,
 }
 
 /// What a layer's FFN saved.
@@ -216,21 +240,34 @@ impl DeepseekV3 {
         labels: Option<&[bool]>,
         g: Option<&mut Grads>,
     ) -> Result<StepReport> {
+        self.train_step_for(tokens, seqs, t, w, Objective::CrossEntropy(labels), g)
+    }
+
+    /// [`Self::train_step`] towards `objective`.
+    pub fn train_step_for(
+        &self,
+        tokens: &[u32],
+        seqs: usize,
+        t: usize,
+        w: LossWeights,
+        objective: Objective,
+        g: Option<&mut Grads>,
+    ) -> Result<StepReport> {
         if seqs == 0 || t == 0 || tokens.len() != seqs * (t + 1) {
             return Err(ModelError::Input(format!("train_step: {} tokens is not {seqs} × ({t} + 1)", tokens.len())));
         }
-        if labels.is_some_and(|m| m.len() != seqs * t) {
-            return Err(ModelError::Input(format!(
-                "train_step: a label mask of {} for {seqs} × {t} labels",
-                labels.map_or(0, |m| m.len())
-            )));
+        if let Some(m) = objective.mask().filter(|m| m.len() != seqs * t) {
+            return Err(ModelError::Input(format!("train_step: a label mask of {} for {seqs} × {t} labels", m.len())));
         }
         self.embed(tokens)?; // vocabulary check
         crate::model::in_pool(|| {
             let mut report = StepReport { tokens: seqs * t, ..Default::default() };
             let all = 0..self.layers.len();
-            let (_, saved) = self.stage_forward(all.clone(), tokens, seqs, t, w, None, labels, &mut report)?;
-            report.loss = w.total(&report, self.mtp.len());
+            let (_, saved) = self.stage_forward(all.clone(), tokens, seqs, t, w, None, objective, &mut report)?;
+            report.loss = match objective {
+                Objective::CrossEntropy(_) => w.total(&report, self.mtp.len()),
+                Objective::LogProb(_) => report.lm_loss + report.balance_loss + report.indexer_loss,
+            };
             let Some(g) = g else { return Ok(report) };
             self.stage_backward(all, saved, vec![], seqs, t, g)?;
             Ok(report)
@@ -242,7 +279,6 @@ impl DeepseekV3 {
     /// last layer also the head: final norm, LM loss and the MTP modules. Returns the output
     /// hidden states (empty at the last stage) and what [`DeepseekV3::stage_backward`] needs.
     /// Losses and expert loads go into `report`.
-    /// `learn` is the label mask of [`Self::train_step_masked`] (`None`: every label).
     #[allow(clippy::too_many_arguments)]
     pub fn stage_forward(
         &self,
@@ -252,7 +288,7 @@ impl DeepseekV3 {
         t: usize,
         w: LossWeights,
         input: Option<Vec<f32>>,
-        learn: Option<&[bool]>,
+        objective: Objective,
         report: &mut StepReport,
     ) -> Result<(Vec<f32>, StageSaved)> {
         let cx = self.training_exec(self.training);
@@ -274,16 +310,36 @@ impl DeepseekV3 {
         let h_last = h;
         let hf = self.norm.forward(&h_last);
         let logits = self.logits_with(&cx, &hf, n);
+        let learn = objective.mask();
         let learned = |r: usize| learn.is_none_or(|m| m[r]);
-        let lm_mask: Vec<bool> = (0..n).map(learned).collect();
-        let (lm_loss, d_logits) = cross_entropy(&logits, &labels, &lm_mask, 1.0);
+        let (lm_loss, d_logits) = match objective {
+            Objective::CrossEntropy(_) => {
+                cross_entropy(&logits, &labels, &(0..n).map(learned).collect::<Vec<_>>(), 1.0)
+            }
+            Objective::LogProb(f) => {
+                let logp = label_log_probs(&logits, &labels);
+                let (loss, d_logp) = f(&logp);
+                if d_logp.len() != n {
+                    return Err(ModelError::Input(format!(
+                        "an objective's gradient of {} for {n} labels",
+                        d_logp.len()
+                    )));
+                }
+                report.label_logprobs = logp;
+                (loss, log_prob_backward(&logits, &labels, &d_logp))
+            }
+        };
         report.lm_loss = lm_loss;
 
         // MTP depth k (1-based) at position i reads the token at i + k and predicts i + k + 1.
         let depth = self.mtp.len();
         let mut mtp = vec![];
         let mut h_prev = hf.clone();
-        for (j, m) in self.mtp.iter().enumerate() {
+        let mtp_modules = match objective {
+            Objective::CrossEntropy(_) => &self.mtp[..],
+            Objective::LogProb(_) => &[],
+        };
+        for (j, m) in mtp_modules.iter().enumerate() {
             let k = j + 1;
             let ids: Vec<u32> =
                 (0..seqs).flat_map(|b| (0..t).map(move |i| if i + k <= t { at(b, i + k) } else { 0 })).collect();

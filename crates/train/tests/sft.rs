@@ -1,0 +1,116 @@
+//! Supervised fine-tuning through the training loop: a model dsv3 pre-trained (its own tokenizer
+//! and chat template) fine-tuned on chats. The first step's loss is the model's masked loss on
+//! the loader's first batch, whose learned labels are exactly the assistant replies; the routing
+//! bias stays as loaded; a stopped and resumed run equals an uninterrupted one bit for bit.
+
+use dsv3_train::chats::{pad_examples, Addition};
+use dsv3_train::data::{Loader, LoaderState};
+use dsv3_train::{run, Layout, StepLog, TrainArgs};
+use std::path::{Path, PathBuf};
+
+fn config(path: &Path) -> PathBuf {
+    let c = serde_json::json!({
+        "model_type": "deepseek_v3", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 48,
+        "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "n_shared_experts": 1, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "q_lora_rank": 16, "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "norm_topk_prob": true, "max_position_embeddings": 256, "tie_word_embeddings": false
+    });
+    std::fs::write(path, c.to_string()).unwrap();
+    path.to_path_buf()
+}
+
+fn sft_args(model: &Path, data: &Path, out: PathBuf, steps: u64) -> TrainArgs {
+    TrainArgs {
+        model: Some(model.to_path_buf()),
+        chats: true,
+        data: vec![data.to_path_buf()],
+        steps,
+        seq_len: 80,
+        batch_size: 2,
+        warmup_steps: 2,
+        lr: 3e-3,
+        bias_freeze_step: Some(0),
+        eval_every: 3,
+        eval_windows: 4,
+        out,
+        ..TrainArgs::default()
+    }
+}
+
+#[test]
+fn sft_learns_the_replies_keeps_the_bias_and_resumes_exactly() {
+    let base = std::env::temp_dir().join(format!("dsv3-sft-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    // A base model: a few steps of pre-training on text with dsv3's tokenizer and chat template.
+    let corpus = base.join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    for i in 0..30 {
+        let text: String = (0..20).map(|j| format!("{i} plus {j} is {}. ", i + j)).collect();
+        std::fs::write(corpus.join(format!("d{i}.txt")), text).unwrap();
+    }
+    let pre = TrainArgs {
+        data: vec![corpus],
+        config: Some(config(&base.join("config.json"))),
+        vocab_size: 300,
+        steps: 4,
+        seq_len: 16,
+        batch_size: 2,
+        bias_update_rate: 1e-2,
+        eval_every: 0,
+        out: base.join("pre"),
+        ..TrainArgs::default()
+    };
+    run(pre, &Layout::single(), None, None, |_| {}).unwrap();
+    let pre = base.join("pre");
+    let chats: Vec<String> = Addition::sample(60, 2, 3).iter().map(|p| p.chat().to_string()).collect();
+    let data = base.join("chats.jsonl");
+    std::fs::write(&data, chats.join("\n")).unwrap();
+
+    // The first batch as the loop draws it: its learned labels are the replies, nothing else.
+    let tok = dsv3_model::Tokenizer::from_dir(&pre).unwrap();
+    assert!(tok.has_chat_template(), "a pre-trained run saves a chat template");
+    let parsed: Vec<serde_json::Value> = chats.iter().map(|c| serde_json::from_str(c).unwrap()).collect();
+    let (train, _, stats) = pad_examples(&tok, &parsed, 80, 1, 20).unwrap();
+    assert_eq!((stats.examples, stats.truncated, stats.dropped), (60, 0, 0));
+    let batch = Loader::new(&train, 0, LoaderState::default()).next_batch(&train, 2);
+    let labels = batch.labels.clone().unwrap();
+    for b in 0..2 {
+        let row = &batch.tokens[b * 81..(b + 1) * 81];
+        let learned: Vec<u32> = (0..80).filter(|&i| labels[b * 80 + i]).map(|i| row[i + 1]).collect();
+        let text = tok.decode(&learned, false).unwrap();
+        assert!(text.starts_with("<think>") && text.ends_with("<｜end▁of▁sentence｜>"), "learned: {text:?}");
+        assert!(!text.contains("What is"), "the question is not learned: {text:?}");
+    }
+    let mut model = dsv3_model::DeepseekV3::load(&pre).unwrap();
+    let args = sft_args(&pre, &data, base.join("x"), 1);
+    model.training = args.numerics();
+    let w = args.loss_weights(1);
+    let want = model.train_step_masked(&batch.tokens, 2, 80, w, Some(&labels), None).unwrap();
+
+    let mut straight: Vec<StepLog> = vec![];
+    run(sft_args(&pre, &data, base.join("a"), 6), &Layout::single(), None, None, |l| straight.push(l.clone())).unwrap();
+    assert!((straight[0].lm_loss - want.lm_loss).abs() < 1e-6, "{} vs {}", straight[0].lm_loss, want.lm_loss);
+    assert_eq!(straight[0].learned_tokens, Some(labels.iter().filter(|&&l| l).count() as u64));
+    assert!(straight.last().unwrap().lm_loss < straight[0].lm_loss);
+    let bias = |dir: &Path| {
+        let mut m = dsv3_model::DeepseekV3::load(dir).unwrap();
+        m.routing_biases_mut().into_iter().map(|(_, b)| b.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(bias(&base.join("a")), bias(&pre), "the routing bias stays as loaded");
+    // The fine-tuned folder keeps the model's chat template.
+    assert!(dsv3_model::Tokenizer::from_dir(&base.join("a")).unwrap().has_chat_template());
+
+    let mut first: Vec<StepLog> = vec![];
+    run(sft_args(&pre, &data, base.join("b"), 6), &Layout::single(), None, Some(3), |l| first.push(l.clone())).unwrap();
+    let mut second: Vec<StepLog> = vec![];
+    let resume = base.join("b");
+    run(sft_args(&pre, &data, base.join("b"), 6), &Layout::single(), Some(&resume), None, |l| second.push(l.clone()))
+        .unwrap();
+    let bits = |v: &[StepLog]| v.iter().map(|l| (l.step, l.loss.to_bits())).collect::<Vec<_>>();
+    assert_eq!(bits(&[first, second].concat()), bits(&straight), "resumed bit for bit");
+    std::fs::remove_dir_all(&base).ok();
+}
