@@ -43,6 +43,8 @@ enum Command {
         mut_arg("steps", |a| a.default_value("100"))
     )]
     Sft(Box<cmd::sft::Sft>),
+    /// Reinforcement learning with GRPO: sampled groups, rule rewards, a KL-penalized clipped objective.
+    Grpo(Box<cmd::grpo::Grpo>),
     /// (Re)draw a training run's plots (loss, expert load, MaxVio; SVG and PNG) from its metrics.jsonl.
     Plot(cmd::plot::Plot),
     /// Prefill and decode speed, peak memory and KV-cache size of a model.
@@ -103,6 +105,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve(c) => cmd::serve::run(&c, &cluster),
         Command::Train(c) => cmd::train::run(&c, &cluster),
         Command::Sft(c) => cmd::sft::run(&c, &cluster),
+        Command::Grpo(c) => cmd::grpo::run(&c),
         Command::Plot(c) => cmd::plot::run(&c),
         Command::Bench(c) => cmd::bench::run(&c, &cluster),
         Command::RandomModel(c) => cmd::random_model::run(&c),

@@ -3,7 +3,7 @@
 //! models covering q-LoRA and direct queries, dense and MoE layers, YaRN, shared experts, MTP.
 
 use dsv3_model::exec::Training;
-use dsv3_model::grad::model::LossWeights;
+use dsv3_model::grad::model::{LossWeights, Objective};
 use dsv3_model::grad::moe::Balance;
 use dsv3_model::grad::Grads;
 use dsv3_model::init::{write_random_checkpoint, StoreDtype};
@@ -33,19 +33,19 @@ fn check(case: &str, cfg: serde_json::Value, seqs: usize, t: usize) {
 }
 
 fn check_with(case: &str, cfg: serde_json::Value, seqs: usize, t: usize, training: Training) {
-    check_masked(case, cfg, seqs, t, training, None);
+    check_objective(case, cfg, seqs, t, training, Objective::CrossEntropy(None));
 }
 
-/// With `labels`, the losses of [`DeepseekV3::train_step_masked`] (supervised fine-tuning).
-fn check_masked(
+/// The losses of [`DeepseekV3::train_step_for`] towards `objective`: a label mask (supervised
+/// fine-tuning) or a loss of the labels' log-probabilities (policy gradients).
+fn check_objective(
     case: &str,
     cfg: serde_json::Value,
     seqs: usize,
     t: usize,
     training: Training,
-    labels: Option<Vec<bool>>,
+    objective: Objective,
 ) {
-    let labels = labels.as_deref();
     let dir = std::env::temp_dir().join(format!("dsv3-gradcheck-{case}-{}", std::process::id()));
     write_random_checkpoint(&dir, &cfg, StoreDtype::F32, 1).unwrap();
     let mut model = DeepseekV3::load(&dir).unwrap();
@@ -57,8 +57,9 @@ fn check_masked(
     let w = LossWeights { mtp_lambda: 0.3, balance: Balance { seq_alpha: 0.05, batch_alpha: 0.05 } };
 
     let mut g = Grads::default();
-    let base = model.train_step_masked(&tokens, seqs, t, w, labels, Some(&mut g)).unwrap();
-    assert!(base.balance_loss > 0.0 && !base.mtp_losses.is_empty(), "{case}: every loss term is on");
+    let base = model.train_step_for(&tokens, seqs, t, w, objective, Some(&mut g)).unwrap();
+    let cross_entropy = matches!(objective, Objective::CrossEntropy(_));
+    assert!(base.balance_loss > 0.0 && base.mtp_losses.is_empty() != cross_entropy, "{case}: every loss term is on");
     assert_eq!(base.indexer_loss > 0.0, model.config.indexer.is_some(), "{case}: the indexer loss is on iff V3.2");
     let names: Vec<(String, usize)> = model.params_mut().into_iter().map(|p| (p.name, p.data.len())).collect();
     let (mut checked, mut skipped) = (0, 0);
@@ -74,9 +75,9 @@ fn check_masked(
                 ps.iter_mut().find(|p| p.name == name).unwrap().data[i] += delta;
             };
             at(eps, &mut model);
-            let plus = model.train_step_masked(&tokens, seqs, t, w, labels, None).unwrap();
+            let plus = model.train_step_for(&tokens, seqs, t, w, objective, None).unwrap();
             at(-2.0 * eps, &mut model);
-            let minus = model.train_step_masked(&tokens, seqs, t, w, labels, None).unwrap();
+            let minus = model.train_step_for(&tokens, seqs, t, w, objective, None).unwrap();
             at(eps, &mut model);
             let same = |r: &dsv3_model::grad::model::StepReport| r.choice_digest == base.choice_digest;
             if !same(&plus) || !same(&minus) {
@@ -149,5 +150,18 @@ fn gradients_match_finite_differences_with_a_label_mask() {
     // Supervised fine-tuning: only some labels are learned (an assistant turn in each sequence).
     let (seqs, t) = (2, 8);
     let labels: Vec<bool> = (0..seqs * t).map(|r| (3..6).contains(&(r % t)) || r % t == 7).collect();
-    check_masked("sft-mask", tiny(json!({})), seqs, t, Training::default(), Some(labels));
+    check_objective("sft-mask", tiny(json!({})), seqs, t, Training::default(), Objective::CrossEntropy(Some(&labels)));
+}
+
+#[test]
+fn gradients_match_finite_differences_for_a_loss_of_label_log_probs() {
+    // Nonlinear in log π, with some labels left out (as GRPO leaves out prompt tokens and pads).
+    let (seqs, t) = (2, 6);
+    let f = |lp: &[f32]| {
+        let c = |r: usize| if r % 4 == 1 { 0.0 } else { 0.3 - 0.1 * (r % 5) as f64 };
+        let loss = lp.iter().enumerate().map(|(r, &l)| c(r) * l as f64 + 0.05 * c(r).abs() * (l as f64).powi(2)).sum();
+        let d = lp.iter().enumerate().map(|(r, &l)| (c(r) + 0.1 * c(r).abs() * l as f64) as f32).collect();
+        (loss, d)
+    };
+    check_objective("logprob", tiny(json!({})), seqs, t, Training::default(), Objective::LogProb(&f));
 }

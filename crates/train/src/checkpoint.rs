@@ -26,8 +26,21 @@ pub struct TrainState {
 
 /// Files of the run that live in the output folder but are not part of a checkpoint (carried over
 /// when the folder is swapped).
-const CARRIED: [&str; 7] =
-    ["metrics.jsonl", "loss.svg", "loss.png", "expert_load.svg", "expert_load.png", "maxvio.svg", "maxvio.png"];
+const CARRIED: [&str; 13] = [
+    "metrics.jsonl",
+    "loss.svg",
+    "loss.png",
+    "expert_load.svg",
+    "expert_load.png",
+    "maxvio.svg",
+    "maxvio.png",
+    "reward.svg",
+    "reward.png",
+    "kl.svg",
+    "kl.png",
+    "response_length.svg",
+    "response_length.png",
+];
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -50,6 +63,21 @@ pub const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m['
 
 /// Writes the checkpoint into `dir` (replacing what is there).
 pub fn save(dir: &Path, model: &mut DeepseekV3, files: Files, opt: &Optimizer, state: &TrainState) -> Result<()> {
+    swap_in(dir, |tmp| {
+        write_model(tmp, model, files)?;
+        write_run(tmp, opt, state)
+    })
+}
+
+/// Writes the model alone into `dir` (replacing what is there): a Hugging Face folder with no
+/// run state (reinforcement learning's output).
+pub fn save_model(dir: &Path, model: &mut DeepseekV3, files: Files) -> Result<()> {
+    swap_in(dir, |tmp| write_model(tmp, model, files))
+}
+
+/// Fills a temporary folder beside `dir` with `fill` and the run's carried files, then swaps it
+/// in for `dir`: a failure at any point leaves the previous `dir` as it was.
+fn swap_in(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = dir.file_name().context("--out needs a folder name")?.to_string_lossy().to_string();
@@ -58,7 +86,7 @@ pub fn save(dir: &Path, model: &mut DeepseekV3, files: Files, opt: &Optimizer, s
     let _ = std::fs::remove_dir_all(&tmp);
     let result = (|| -> Result<()> {
         std::fs::create_dir_all(&tmp)?;
-        write_folder(&tmp, model, files, opt, state)?;
+        fill(&tmp)?;
         for f in CARRIED {
             if dir.join(f).exists() {
                 std::fs::copy(dir.join(f), tmp.join(f))?;
@@ -118,7 +146,7 @@ fn pid_of(p: &Path) -> String {
     p.to_string_lossy().rsplit_once('-').map(|(_, pid)| pid.to_string()).unwrap_or_default()
 }
 
-fn write_folder(dir: &Path, model: &mut DeepseekV3, files: Files, opt: &Optimizer, state: &TrainState) -> Result<()> {
+fn write_model(dir: &Path, model: &mut DeepseekV3, files: Files) -> Result<()> {
     let Files { config, tokenizer: tok, tokenizer_config } = files;
     let n_layers = model.config.num_hidden_layers;
     let n_mtp = model.mtp.len();
@@ -163,6 +191,11 @@ fn write_folder(dir: &Path, model: &mut DeepseekV3, files: Files, opt: &Optimize
         })
     });
     std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tc)?)?;
+    Ok(())
+}
+
+/// The optimizer's moments and the run's state.
+fn write_run(dir: &Path, opt: &Optimizer, state: &TrainState) -> Result<()> {
     let mut moments: Vec<(String, &str, Vec<usize>, Vec<u8>)> = vec![];
     for (k, v) in &opt.m {
         moments.push((format!("m.{k}"), "F32", vec![v.len()], f32_bytes(v)));

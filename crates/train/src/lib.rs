@@ -1,5 +1,6 @@
 //! Training DeepSeek-V3-architecture models (issue 3): data, the optimizer and schedule,
-//! auxiliary-loss-free balancing, checkpoints with exact resume, metrics. The model and its
+//! auxiliary-loss-free balancing, checkpoints with exact resume, metrics; post-training:
+//! supervised fine-tuning on chats ([`chats`]) and GRPO ([`grpo`], [`reward`]). The model and its
 //! gradients are the `dsv3-model` crate's (`grad`): this crate never defines a layer.
 
 pub mod args;
@@ -7,6 +8,7 @@ pub mod balance;
 pub mod chats;
 pub mod checkpoint;
 pub mod data;
+pub mod grpo;
 mod holders;
 pub mod optim;
 pub mod parallel;
@@ -18,6 +20,7 @@ pub use parallel::Layout;
 pub use trainer::{run, StepLog, Summary, Trainer};
 pub mod plot;
 pub mod raster;
+pub mod reward;
 
 /// The tiny preset with a 512-token vocabulary, for the unit tests.
 #[cfg(test)]

@@ -110,16 +110,19 @@ pub(crate) fn pipeline_step(
     let per = shard / chunks;
     let row = args.seq_len + 1;
     let mine = &batch.tokens[group * shard * row..(group + 1) * shard * row];
-    let mbs: Vec<Vec<u32>> = mine.chunks(per * row).map(|c| c.to_vec()).collect();
     let t = args.seq_len;
-    let masks: Option<Vec<Vec<bool>>> = batch
-        .labels
-        .as_ref()
-        .map(|l| l[group * shard * t..(group + 1) * shard * t].chunks(per * t).map(|c| c.to_vec()).collect());
+    let labels = batch.labels.as_ref().map(|l| &l[group * shard * t..(group + 1) * shard * t]);
+    let mbs: Vec<crate::data::Batch> = mine
+        .chunks(per * row)
+        .enumerate()
+        .map(|(i, c)| crate::data::Batch {
+            tokens: c.to_vec(),
+            labels: labels.map(|l| l[i * per * t..(i + 1) * per * t].to_vec()),
+        })
+        .collect();
     let model_stages = crate::pipeline::DeepSeekStages::new(
         model,
         &mbs,
-        masks.as_deref(),
         per,
         args.seq_len,
         w,

@@ -7,6 +7,7 @@
 //! and the head) for the `W` op the schedule places later: run right away for `B`, deferred for
 //! zero-bubble `b`.
 
+use crate::data::Batch;
 use crate::holders::positions_of;
 use crate::parallel::Pipeline;
 use dsv3_dist::comm::Comm;
@@ -20,10 +21,8 @@ use std::sync::Mutex;
 
 pub struct DeepSeekStages<'a> {
     pub model: &'a DeepseekV3,
-    /// Micro-batch `i`: `[seqs, t + 1]` tokens.
-    pub micro_batches: &'a [Vec<u32>],
-    /// Micro-batch `i`'s label mask `[seqs, t]` (supervised fine-tuning), if not every label.
-    pub masks: Option<&'a [Vec<bool>]>,
+    /// Micro-batch `i`: `[seqs, t + 1]` tokens (and a label mask, if not every label is learned).
+    pub micro_batches: &'a [Batch],
     pub seqs: usize,
     pub t: usize,
     pub weights: LossWeights,
@@ -41,8 +40,7 @@ pub struct DeepSeekStages<'a> {
 impl<'a> DeepSeekStages<'a> {
     pub fn new(
         model: &'a DeepseekV3,
-        micro_batches: &'a [Vec<u32>],
-        masks: Option<&'a [Vec<bool>]>,
+        micro_batches: &'a [Batch],
         seqs: usize,
         t: usize,
         weights: LossWeights,
@@ -56,7 +54,6 @@ impl<'a> DeepSeekStages<'a> {
         Ok(DeepSeekStages {
             model,
             micro_batches,
-            masks,
             seqs,
             t,
             weights,
@@ -97,9 +94,9 @@ impl StageCompute for DeepSeekStages<'_> {
 
     fn forward(&self, pos: usize, bi: usize, input: Option<Vec<f64>>) -> (Vec<f64>, Option<f64>, StageSaved) {
         let mut report = StepReport::default();
-        let (model, tokens, layers, (seqs, t, w)) =
+        let (model, mb, layers, (seqs, t, w)) =
             (self.model, &self.micro_batches[bi], self.layers(pos), (self.seqs, self.t, self.weights));
-        let objective = Objective::CrossEntropy(self.masks.map(|m| &m[bi][..]));
+        let (tokens, objective) = (&mb.tokens, Objective::CrossEntropy(mb.labels.as_deref()));
         let (y, saved) = self
             .run(|| model.stage_forward(layers, tokens, seqs, t, w, input.map(to_f32), objective, &mut report))
             .expect("micro-batches were checked against the vocabulary");
@@ -150,12 +147,12 @@ pub(crate) fn forward_only(
     dp: &dyn Comm,
     p: Pipeline,
     model: &DeepseekV3,
-    tokens: &[u32],
-    learn: Option<&[bool]>,
+    batch: &Batch,
     seqs: usize,
     t: usize,
     w: LossWeights,
 ) -> anyhow::Result<StepReport> {
+    let (tokens, learn) = (&batch.tokens, batch.labels.as_deref());
     let positions = dsv3_dist::pipeline::positions(p.kind, p.stages);
     let split = crate::holders::stage_split(model, positions);
     let holder =
@@ -256,17 +253,19 @@ mod tests {
             (Kind::DualPipe, 4, 8),
             (Kind::DualPipeV, 2, 5),
         ] {
-            let mbs: Vec<Vec<u32>> = (0..chunks)
-                .map(|c| (0..seqs * (t + 1)).map(|i| ((i * 37 + c * 101) % 509 + 2) as u32).collect())
+            // With label masks (supervised fine-tuning): they reach the last stage's losses.
+            let mbs: Vec<Batch> = (0..chunks)
+                .map(|c| Batch {
+                    tokens: (0..seqs * (t + 1)).map(|i| ((i * 37 + c * 101) % 509 + 2) as u32).collect(),
+                    labels: Some((0..seqs * t).map(|i| (i * 7 + c) % 3 != 0).collect()),
+                })
                 .collect();
-            // Label masks (supervised fine-tuning) reach the last stage's losses.
-            let masks: Vec<Vec<bool>> =
-                (0..chunks).map(|c| (0..seqs * t).map(|i| (i * 7 + c) % 3 != 0).collect()).collect();
             let mut want_g = Grads::default();
             let want: Vec<f64> = mbs
                 .iter()
-                .zip(&masks)
-                .map(|(m, l)| model.train_step_masked(m, seqs, t, w, Some(l), Some(&mut want_g)).unwrap().loss)
+                .map(|m| {
+                    model.train_step_masked(&m.tokens, seqs, t, w, m.labels.as_deref(), Some(&mut want_g)).unwrap().loss
+                })
                 .collect();
             let schedule = generate(kind, ranks, chunks).unwrap();
             let per_rank: Vec<(Vec<(usize, f64)>, Grads)> = std::thread::scope(|s| {
@@ -274,12 +273,11 @@ mod tests {
                     .into_iter()
                     .enumerate()
                     .map(|(r, mut peers)| {
-                        let (ops, model, mbs, masks) = (&schedule[r], &model, &mbs, &masks);
+                        let (ops, model, mbs) = (&schedule[r], &model, &mbs);
                         s.spawn(move || {
                             // (F|B) on two threads, as with expert exchanges to hide.
                             let stages =
-                                DeepSeekStages::new(model, mbs, Some(masks), seqs, t, w, positions(kind, ranks), true)
-                                    .unwrap();
+                                DeepSeekStages::new(model, mbs, seqs, t, w, positions(kind, ranks), true).unwrap();
                             let losses = execute(&mut peers, kind, ranks, chunks, ops, &stages);
                             (losses, stages.grads.into_inner().expect("gradients"))
                         })

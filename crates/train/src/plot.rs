@@ -235,6 +235,9 @@ pub fn write_run_plots(dir: &Path) -> Result<()> {
     let get = |v: &Value, k: &str| v[k].as_f64();
     let step = |v: &Value| v["step"].as_f64().unwrap_or(0.0);
     let series = |k: &str| logs.iter().filter_map(|v| get(v, k).map(|y| (step(v), y))).collect::<Vec<_>>();
+    if logs.iter().any(|v| v.get("reward").is_some()) {
+        return write_grpo_plots(dir, &series);
+    }
     let mtp: Vec<(f64, f64)> = logs.iter().filter_map(|v| v["mtp_losses"][0].as_f64().map(|y| (step(v), y))).collect();
     let mut loss =
         vec![Series { name: "train LM loss".into(), color: "#1f77b4", points: series("lm_loss"), markers: false }];
@@ -273,6 +276,21 @@ pub fn write_run_plots(dir: &Path) -> Result<()> {
         save(dir, "expert_load", &load_heatmap("Expert load per MoE layer over steps", &loads))?;
     }
     Ok(())
+}
+
+/// A GRPO run's plots: reward (and accuracy, format), KL to the reference, response length.
+fn write_grpo_plots(dir: &Path, series: &dyn Fn(&str) -> Vec<(f64, f64)>) -> Result<()> {
+    let line = |name: &str, color, key: &str| Series { name: name.into(), color, points: series(key), markers: false };
+    let mut reward = vec![line("mean reward", "#1f77b4", "reward"), line("format", "#2ca02c", "format")];
+    let accuracy = line("accuracy", "#d62728", "accuracy");
+    if !accuracy.points.is_empty() {
+        reward.push(accuracy);
+    }
+    save(dir, "reward", &line_chart("GRPO reward per step", "step", "reward / share", &reward))?;
+    let kl = [line("KL(π‖π_ref) per token", "#9467bd", "kl")];
+    save(dir, "kl", &line_chart("KL to the reference", "step", "nats per token", &kl))?;
+    let len = [line("mean completion length", "#ff7f0e", "response_length")];
+    save(dir, "response_length", &line_chart("Response length", "step", "tokens", &len))
 }
 
 fn save(dir: &Path, name: &str, svg: &str) -> Result<()> {

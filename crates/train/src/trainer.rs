@@ -503,10 +503,9 @@ fn evaluate(
         let windows = if counted { i + mine.start..i + mine.end } else { i..i + 1 };
         let b = windows.len();
         let batch = val.batch(windows);
-        let (tokens, labels) = (&batch.tokens, batch.labels.as_deref());
         let r = match pipelined {
-            Some((dp, p)) => crate::pipeline::forward_only(dp.as_ref(), p, model, tokens, labels, b, args.seq_len, w)?,
-            None => model.train_step_masked(tokens, b, args.seq_len, w, labels, None)?,
+            Some((dp, p)) => crate::pipeline::forward_only(dp.as_ref(), p, model, &batch, b, args.seq_len, w)?,
+            None => model.train_step_masked(&batch.tokens, b, args.seq_len, w, batch.labels.as_deref(), None)?,
         };
         if !counted {
             continue;
@@ -582,7 +581,7 @@ fn fresh_init(config: &serde_json::Value, args: &TrainArgs, layout: &Layout) -> 
 
 /// The model in `dir` to start a run from: weights (f32 masters once trained), its config for
 /// an f32 checkpoint with at most `mtp_depth` MTP modules, and its tokenizer.
-fn start_from(
+pub(crate) fn start_from(
     dir: &Path,
     mtp_depth: usize,
     skip: impl Fn(&str) -> bool + Send + Sync + 'static,

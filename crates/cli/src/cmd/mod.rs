@@ -6,6 +6,7 @@ pub mod convert;
 pub mod demo;
 pub mod eplb;
 pub mod generate;
+pub mod grpo;
 pub mod plan;
 pub mod plot;
 pub mod random_model;

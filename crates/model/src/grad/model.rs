@@ -20,6 +20,9 @@ pub struct LossWeights {
     pub balance: Balance,
 }
 
+/// A loss of the labels' log-probabilities: its value and its gradient towards each.
+pub type LogProbLoss<'a> = dyn Fn(&[f32]) -> (f64, Vec<f32>) + Sync + 'a;
+
 /// What the main head's predictions are trained towards.
 #[derive(Clone, Copy)]
 pub enum Objective<'a> {
@@ -30,7 +33,7 @@ pub enum Objective<'a> {
     /// A loss of the labels' log-probabilities `log π(label)` (one per label, `[seqs, t]`): the
     /// function returns its value and `∂loss/∂log π` per label (policy gradients: GRPO). The
     /// log-probabilities are reported ([`StepReport::label_logprobs`]); the MTP modules do not run.
-    LogProb(&'a (dyn Fn(&[f32]) -> (f64, Vec<f32>) + Sync)),
+    LogProb(&'a LogProbLoss<'a>),
 }
 
 impl Objective<'_> {
