@@ -8,15 +8,62 @@ use crate::weights::{Checkpoint, Matrix};
 use dsv3_kernels::matmul::{matmul_nt_batch, NtJob};
 use dsv3_kernels::quant::Fp8Blocks;
 
-/// `y = x·Wᵀ`, no bias (DeepSeek-V3 has none). The weight stays in its stored format.
+/// `y = x·Wᵀ`, no bias (DeepSeek-V3 has none), plus a LoRA adapter's `scale·(x·Aᵀ)·Bᵀ` when one
+/// is attached. The weight stays in its stored format.
 #[derive(Clone)]
 pub struct Linear {
     pub weight: Matrix,
+    pub lora: Option<Box<Lora>>,
+}
+
+/// A low-rank adapter (LoRA, Hu et al. 2021, in PEFT's layout): `A [r, in]`, `B [out, r]`, f32
+/// whatever the base weight's format; `scale = α/r`.
+#[derive(Clone)]
+pub struct Lora {
+    pub a: Matrix,
+    pub b: Matrix,
+    pub scale: f32,
+}
+
+impl Lora {
+    /// PEFT's initialization: `A` uniform in `±1/√in` (Kaiming-uniform with `a = √5`), `B = 0`, so
+    /// the adapted layer starts equal to the base.
+    pub fn init(out: usize, inp: usize, rank: usize, alpha: f32, rng: &mut impl rand::Rng) -> Self {
+        let bound = 1.0 / (inp as f32).sqrt();
+        let a = (0..rank * inp).map(|_| rng.gen_range(-bound..bound)).collect();
+        Lora {
+            a: Matrix::from_f32(rank, inp, a),
+            b: Matrix::from_f32(out, rank, vec![0.0; out * rank]),
+            scale: alpha / rank as f32,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.rows
+    }
+
+    /// `scale·B·A [out, in]`: what merging adds to the weight.
+    pub fn delta(&self) -> Vec<f32> {
+        let (out, inp, r) = (self.b.rows, self.a.cols, self.a.rows);
+        let (a, b) = (self.a.view().to_f32(), self.b.view().to_f32());
+        let mut d = vec![0f32; out * inp];
+        for (o, row) in d.chunks_exact_mut(inp).enumerate() {
+            for k in 0..r {
+                let c = self.scale * b[o * r + k];
+                row.iter_mut().zip(&a[k * inp..(k + 1) * inp]).for_each(|(d, &a)| *d += c * a);
+            }
+        }
+        d
+    }
 }
 
 impl Linear {
+    pub fn new(weight: Matrix) -> Self {
+        Linear { weight, lora: None }
+    }
+
     pub fn load(ck: &Checkpoint, prefix: &str, out_dim: usize, in_dim: usize, block: [usize; 2]) -> Result<Self> {
-        Ok(Linear { weight: ck.matrix(&format!("{prefix}.weight"), out_dim, in_dim, block)? })
+        Ok(Linear::new(ck.matrix(&format!("{prefix}.weight"), out_dim, in_dim, block)?))
     }
 
     pub fn out_dim(&self) -> usize {
@@ -31,6 +78,41 @@ impl Linear {
     /// Several `Linear`s, each on its own `[m, in]` input, as one parallel job (decode-time
     /// matrices are small; waking the threads once for all of them is cheaper).
     pub fn forward_many(cx: &Exec, calls: &[(&Linear, &[f32], usize)]) -> Vec<Vec<f32>> {
+        let mut ys = Linear::base_many(cx, calls);
+        Linear::add_lora(cx, calls, &mut ys);
+        ys
+    }
+
+    /// The adapters' `scale·(x·Aᵀ)·Bᵀ` of the calls that have one, added into their outputs: the
+    /// `x·Aᵀ` of all of them as one parallel job, then the `·Bᵀ`.
+    fn add_lora(cx: &Exec, calls: &[(&Linear, &[f32], usize)], ys: &mut [Vec<f32>]) {
+        let with: Vec<(usize, &Lora)> =
+            calls.iter().enumerate().filter_map(|(i, (l, _, _))| l.lora.as_deref().map(|a| (i, a))).collect();
+        if with.is_empty() {
+            return;
+        }
+        let mut xa: Vec<Vec<f32>> = with.iter().map(|&(i, a)| vec![0f32; calls[i].2 * a.rank()]).collect();
+        let mut jobs: Vec<NtJob> = with
+            .iter()
+            .zip(xa.iter_mut())
+            .map(|(&(i, a), y)| NtJob { w: a.a.view(), rows: 0..a.rank(), x: calls[i].1, m: calls[i].2, y })
+            .collect();
+        matmul_nt_batch(&mut jobs, cx.gemm);
+        let mut up: Vec<Vec<f32>> = with.iter().map(|&(i, a)| vec![0f32; calls[i].2 * a.b.rows]).collect();
+        let mut jobs: Vec<NtJob> = with
+            .iter()
+            .zip(xa.iter())
+            .zip(up.iter_mut())
+            .map(|((&(i, a), x), y)| NtJob { w: a.b.view(), rows: 0..a.b.rows, x, m: calls[i].2, y })
+            .collect();
+        matmul_nt_batch(&mut jobs, cx.gemm);
+        for ((i, a), u) in with.into_iter().zip(up) {
+            ys[i].iter_mut().zip(&u).for_each(|(y, u)| *y += a.scale * u);
+        }
+    }
+
+    /// The base weights' products.
+    fn base_many(cx: &Exec, calls: &[(&Linear, &[f32], usize)]) -> Vec<Vec<f32>> {
         if let Some(r) = cx.fp8 {
             return calls.iter().map(|&(l, x, m)| crate::grad::fp8::forward(r, &l.weight, x, m)).collect();
         }

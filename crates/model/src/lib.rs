@@ -19,6 +19,7 @@ pub mod grad;
 pub mod indexer;
 pub mod init;
 pub mod layers;
+pub mod lora;
 pub mod mla;
 pub mod model;
 pub mod moe;

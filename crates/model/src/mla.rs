@@ -311,7 +311,11 @@ impl Mla {
                 _ => vec![],
             })
             .collect();
+        // An adapter on kv_b_proj is not absorbed into the queries: the naive form expands the
+        // latents through the adapted projection.
+        let adapted = matches!(&self.kv_b, KvB::Joint(l) if l.lora.is_some());
         let absorbed = |t: usize| match imp {
+            _ if adapted => false,
             AttnImpl::Naive => false,
             AttnImpl::Absorbed => true,
             AttnImpl::Auto => t <= MAX_ABSORBED_TOKENS,
@@ -518,7 +522,7 @@ impl Mla {
                 v_b.decode_row(hh * dv + v, 0, r);
             }
         });
-        Cow::Owned(Linear { weight: crate::weights::Matrix::from_f32(h * (dn + dv), c, out) })
+        Cow::Owned(Linear::new(crate::weights::Matrix::from_f32(h * (dn + dv), c, out)))
     }
 
     /// For training: the split tensors folded into `kv_b_proj` for good (the optimizer keeps f32

@@ -14,7 +14,7 @@ fn linear_inputs_are_quantized_per_token_tile_and_the_model_stays_close() {
     let (m, k, n) = (3, 300, 5);
     let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
     let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.01).collect();
-    let lin = Linear { weight: Matrix::from_f32(n, k, w.clone()) };
+    let lin = Linear::new(Matrix::from_f32(n, k, w.clone()));
     let xq = Fp8Blocks::quantize(&x, m, k, [1, 128], ScaleFmt::F32).dequantize();
     let off = Exec::inference(Inference::default(), &LOCAL);
     let on = Exec::inference(Inference { act_quant_fp8: true }, &LOCAL);

@@ -182,8 +182,11 @@ impl LayerNorm {
                 dxr[j] = r * (self.weight[j] * dyr[j] - m1 - xh * m2);
             }
         }
-        super::add_into(g.slot(&format!("{name}.weight"), d), &dw);
-        super::add_into(g.slot(&format!("{name}.bias"), d), &db);
+        for (n, v) in [(format!("{name}.weight"), dw), (format!("{name}.bias"), db)] {
+            if g.wants(&n) {
+                super::add_into(g.slot(&n, d), &v);
+            }
+        }
         dx
     }
 }

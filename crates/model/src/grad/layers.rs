@@ -8,13 +8,26 @@ use crate::weights::Matrix;
 impl Linear {
     /// For `y = x·Wᵀ` with `x [m, in]` and `dy [m, out]`: adds `dyᵀ·x` to `{name}.weight`'s
     /// gradient and returns `dx = dy·W`.
+    /// With an adapter, `A` and `B` get theirs under `{name}.lora_A.weight` / `lora_B.weight`.
     pub fn backward(&self, cx: &Exec, name: &str, x: &[f32], dy: &[f32], m: usize, g: &mut Grads) -> Vec<f32> {
         let (out, inp) = (self.weight.rows, self.weight.cols);
         g.weight_grad(cx, format!("{name}.weight"), dy, x, m, out, inp, cx.fp8);
-        match cx.fp8 {
+        let mut dx = match cx.fp8 {
             Some(r) => super::fp8::dgrad(r, &self.weight, dy, m),
             None => super::input_grad(cx, &self.weight, dy, m),
+        };
+        if let Some(l) = &self.lora {
+            // y += s·(x·Aᵀ)·Bᵀ: dB = s·dyᵀ·(x·Aᵀ), d(x·Aᵀ) = s·dy·B, dA = d(x·Aᵀ)ᵀ·x, dx += d(x·Aᵀ)·A.
+            let r = l.rank();
+            let mut xa = vec![0f32; m * r];
+            dsv3_kernels::matmul::matmul_nt(&l.a.view(), 0..r, x, m, &mut xa, cx.gemm);
+            let dys: Vec<f32> = dy.iter().map(|v| v * l.scale).collect();
+            g.weight_grad(cx, format!("{name}.lora_B.weight"), &dys, &xa, m, out, r, None);
+            let dxa = super::input_grad(cx, &l.b, &dys, m);
+            g.weight_grad(cx, format!("{name}.lora_A.weight"), &dxa, x, m, r, inp, None);
+            add_into(&mut dx, &super::input_grad(cx, &l.a, &dxa, m));
         }
+        dx
     }
 }
 
@@ -22,16 +35,18 @@ impl RmsNorm {
     /// For `y = w ⊙ x·r`, `r = (mean(x²) + eps)^-½`, rows of `x`: adds to `{name}.weight`'s gradient
     /// and returns `dx = r·(w⊙dy) − x·r³·Σ(w⊙dy⊙x)/d`.
     pub fn backward(&self, name: &str, x: &[f32], dy: &[f32], g: &mut Grads) -> Vec<f32> {
-        let d = self.weight.len();
-        let dw = g.slot(&format!("{name}.weight"), d);
+        let (d, name) = (self.weight.len(), format!("{name}.weight"));
+        let mut dw = g.wants(&name).then(|| g.slot(&name, d));
         let mut dx = vec![0f32; x.len()];
         for ((xr, dyr), dxr) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
             let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
             let r = 1.0 / (ms + self.eps).sqrt();
             let mut dot = 0f32;
             for j in 0..d {
-                dw[j] += dyr[j] * xr[j] * r;
                 dot += self.weight[j] * dyr[j] * xr[j];
+            }
+            if let Some(dw) = dw.as_deref_mut() {
+                dw.iter_mut().zip(dyr.iter().zip(xr)).for_each(|(w, (dy, x))| *w += dy * x * r);
             }
             let c = r * r * r * dot / d as f32;
             for j in 0..d {
@@ -71,8 +86,11 @@ impl Mlp {
 
 /// Adds the rows of `dy [t, D]` into the embedding gradient rows of `tokens`.
 pub fn embedding_backward(name: &str, table: &Matrix, tokens: &[u32], dy: &[f32], g: &mut Grads) {
-    let d = table.cols;
-    let dw = g.slot(&format!("{name}.weight"), table.rows * d);
+    let (d, name) = (table.cols, format!("{name}.weight"));
+    if !g.wants(&name) {
+        return;
+    }
+    let dw = g.slot(&name, table.rows * d);
     for (&tok, row) in tokens.iter().zip(dy.chunks_exact(d)) {
         add_into(&mut dw[tok as usize * d..(tok as usize + 1) * d], row);
     }

@@ -23,6 +23,9 @@ pub struct Grads {
     pub map: BTreeMap<String, Vec<f32>>,
     /// Weight gradients kept for later ([`Grads::defer_weight_grads`]).
     deferred: Option<Vec<WeightGrad>>,
+    /// The parameters whose gradients are computed (`None`: all). The rest are frozen: their
+    /// gradient GEMMs never run and no buffer is allocated for them (LoRA on a large base).
+    trainable: Option<fn(&str) -> bool>,
 }
 
 /// A weight gradient `dW += dyᵀ·x` (`dy [m, out]`, `x [m, in]`) kept for later: zero-bubble
@@ -41,6 +44,16 @@ pub struct WeightGrad {
 }
 
 impl Grads {
+    /// Gradients of the parameters `trainable` accepts only.
+    pub fn only(trainable: fn(&str) -> bool) -> Self {
+        Grads { trainable: Some(trainable), ..Default::default() }
+    }
+
+    /// Whether `name`'s gradient is computed.
+    pub fn wants(&self, name: &str) -> bool {
+        self.trainable.is_none_or(|f| f(name))
+    }
+
     /// The gradient buffer of `name` (`len` values, zeros when new).
     pub fn slot(&mut self, name: &str, len: usize) -> &mut [f32] {
         let g = self.map.entry(name.to_string()).or_insert_with(|| vec![0f32; len]);
@@ -62,6 +75,9 @@ impl Grads {
         inp: usize,
         fp8: Option<fp8::Fp8Recipe>,
     ) {
+        if !self.wants(&name) {
+            return;
+        }
         let bf16 = cx.gemm.bf16;
         match &mut self.deferred {
             Some(q) => q.push(WeightGrad { name, dy: dy.to_vec(), x: x.to_vec(), m, out, inp, fp8, bf16 }),

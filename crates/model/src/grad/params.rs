@@ -15,10 +15,12 @@ pub struct Param<'a> {
 
 pub type ParamsMut<'a> = Vec<Param<'a>>;
 
-/// A trainable tensor's storage: a weight matrix or a norm's vector.
+/// A trainable tensor's storage: a weight matrix, a norm's vector, or a `Linear` (its weight and
+/// its adapter's `lora_A` / `lora_B`, named under the module).
 enum Slot<'a> {
     Matrix(&'a mut Matrix),
     Vector(&'a mut Vec<f32>),
+    Linear(&'a mut Linear),
 }
 
 type Slots<'a> = Vec<(String, Slot<'a>)>;
@@ -28,7 +30,29 @@ fn matrix<'a>(out: &mut Slots<'a>, name: String, m: &'a mut Matrix) {
 }
 
 fn linear<'a>(out: &mut Slots<'a>, name: String, l: &'a mut Linear) {
-    matrix(out, format!("{name}.weight"), &mut l.weight);
+    out.push((name, Slot::Linear(l)));
+}
+
+/// A slot's tensors by parameter name: a `Linear` gives its weight and its adapter's factors.
+fn tensors<'a>(name: String, slot: Slot<'a>) -> Vec<(String, Tensor<'a>)> {
+    match slot {
+        Slot::Matrix(m) => vec![(name, Tensor::Matrix(m))],
+        Slot::Vector(v) => vec![(name, Tensor::Vector(v))],
+        Slot::Linear(Linear { weight, lora }) => {
+            let mut t = vec![(format!("{name}.weight"), Tensor::Matrix(weight))];
+            if let Some(l) = lora {
+                t.push((format!("{name}.lora_A.weight"), Tensor::Matrix(&mut l.a)));
+                t.push((format!("{name}.lora_B.weight"), Tensor::Matrix(&mut l.b)));
+            }
+            t
+        }
+    }
+}
+
+/// One parameter tensor's storage.
+enum Tensor<'a> {
+    Matrix(&'a mut Matrix),
+    Vector(&'a mut Vec<f32>),
 }
 
 fn norm<'a>(out: &mut Slots<'a>, name: String, n: &'a mut RmsNorm) {
@@ -108,16 +132,30 @@ impl DeepseekV3 {
         out
     }
 
+    /// Every parameter tensor by name, adapters included.
+    fn tensors(&mut self) -> Vec<(String, Tensor<'_>)> {
+        self.slots().into_iter().flat_map(|(name, slot)| tensors(name, slot)).collect()
+    }
+
     /// Every trainable tensor this process holds, as mutable f32 (bf16/FP8 stores are decoded
     /// to f32 masters once). Tensors dropped by [`DeepseekV3::drop_params`] are not listed.
     pub fn params_mut(&mut self) -> ParamsMut<'_> {
-        self.slots()
+        self.params_mut_where(|_| true)
+    }
+
+    /// The tensors of [`Self::params_mut`] that `keep` names; the others stay in their stored
+    /// format (a LoRA run trains the adapters of an FP8 or bf16 base without decoding it).
+    pub fn params_mut_where(&mut self, keep: impl Fn(&str) -> bool) -> ParamsMut<'_> {
+        self.tensors()
             .into_iter()
-            .filter_map(|(name, slot)| match slot {
-                Slot::Matrix(m) if !m.is_absent() => {
+            .filter(|(name, _)| keep(name))
+            .filter_map(|(name, t)| match t {
+                Tensor::Matrix(m) if !m.is_absent() => {
                     Some(Param { name, shape: vec![m.rows, m.cols], data: m.f32_mut() })
                 }
-                Slot::Vector(v) if !v.is_empty() => Some(Param { name, shape: vec![v.len()], data: v.as_mut_slice() }),
+                Tensor::Vector(v) if !v.is_empty() => {
+                    Some(Param { name, shape: vec![v.len()], data: v.as_mut_slice() })
+                }
                 _ => None,
             })
             .collect()
@@ -126,11 +164,11 @@ impl DeepseekV3 {
     /// Every trainable tensor's name and shape, held here or not (norm vectors as loaded: call
     /// before dropping any). Reads no weight.
     pub fn param_shapes(&mut self) -> Vec<(String, Vec<usize>)> {
-        self.slots()
+        self.tensors()
             .into_iter()
-            .map(|(name, slot)| match slot {
-                Slot::Matrix(m) => (name, vec![m.rows, m.cols]),
-                Slot::Vector(v) => (name, vec![v.len()]),
+            .map(|(name, t)| match t {
+                Tensor::Matrix(m) => (name, vec![m.rows, m.cols]),
+                Tensor::Vector(v) => (name, vec![v.len()]),
             })
             .collect()
     }
@@ -139,11 +177,11 @@ impl DeepseekV3 {
     /// (routed experts under expert parallelism, other stages' layers in a pipeline). The
     /// forward and backward of what remains never read them.
     pub fn drop_params(&mut self, keep: impl Fn(&str) -> bool) {
-        for (name, slot) in self.slots() {
+        for (name, t) in self.tensors() {
             if !keep(&name) {
-                match slot {
-                    Slot::Matrix(m) => *m = Matrix::absent(m.rows, m.cols),
-                    Slot::Vector(v) => *v = vec![],
+                match t {
+                    Tensor::Matrix(m) => *m = Matrix::absent(m.rows, m.cols),
+                    Tensor::Vector(v) => *v = vec![],
                 }
             }
         }
@@ -154,15 +192,30 @@ impl DeepseekV3 {
     pub fn set_params(&mut self, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Vec<String> {
         let mut by_name: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> =
             tensors.into_iter().map(|(n, s, d)| (n, (s, d))).collect();
-        for (name, slot) in self.slots() {
+        for (name, t) in self.tensors() {
             if let Some((shape, data)) = by_name.remove(&name) {
-                match slot {
-                    Slot::Matrix(m) => *m = Matrix::from_f32(shape[0], shape[1], data),
-                    Slot::Vector(v) => *v = data,
+                match t {
+                    Tensor::Matrix(m) => *m = Matrix::from_f32(shape[0], shape[1], data),
+                    Tensor::Vector(v) => *v = data,
                 }
             }
         }
         by_name.into_keys().collect()
+    }
+
+    /// Every `Linear` of the main layers by module name (`model.layers.3.self_attn.q_a_proj`,
+    /// `model.layers.3.mlp.experts.7.up_proj`): where LoRA adapters attach. The MTP modules'
+    /// are left out (they do not exist in the Hugging Face model PEFT adapts).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let main = self.layers.len();
+        self.slots()
+            .into_iter()
+            .filter_map(|(name, slot)| match slot {
+                Slot::Linear(l) => Some((name, l)),
+                _ => None,
+            })
+            .filter(|(name, _)| layer_of(name).is_none_or(|l| l < main))
+            .collect()
     }
 
     /// Each MoE layer's `e_score_correction_bias` (a buffer the aux-loss-free balancing updates,
@@ -177,4 +230,9 @@ impl DeepseekV3 {
             })
             .collect()
     }
+}
+
+/// The decoder layer a parameter or module name belongs to (`model.layers.N.…`).
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
 }

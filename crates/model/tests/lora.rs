@@ -1,0 +1,168 @@
+//! LoRA adapters: the adapted model's outputs equal the merged model's (f32 and FP8 bases, the
+//! latent-cache decode included); the adapters' gradients match finite differences while the
+//! base gets none; PEFT's files written and read back give the same adapters.
+
+use dsv3_model::exec::Training;
+use dsv3_model::grad::model::LossWeights;
+use dsv3_model::grad::moe::Balance;
+use dsv3_model::grad::Grads;
+use dsv3_model::init::{write_random_checkpoint, StoreDtype};
+use dsv3_model::lora::LoraConfig;
+use dsv3_model::DeepseekV3;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+fn config() -> serde_json::Value {
+    json!({
+        "model_type": "deepseek_v3", "vocab_size": 64, "hidden_size": 128, "intermediate_size": 160,
+        "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "n_shared_experts": 1, "n_routed_experts": 4, "num_experts_per_tok": 2,
+        "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+        "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+        "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc", "norm_topk_prob": true, "num_nextn_predict_layers": 1,
+        "max_position_embeddings": 64, "tie_word_embeddings": false
+    })
+}
+
+fn model(tag: &str, dtype: StoreDtype) -> DeepseekV3 {
+    let dir = std::env::temp_dir().join(format!("dsv3-lora-{tag}-{}", std::process::id()));
+    write_random_checkpoint(&dir, &config(), dtype, 3).unwrap();
+    let m = DeepseekV3::load(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    m
+}
+
+fn every_kind() -> LoraConfig {
+    let targets = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "mlp.gate_proj"];
+    let mut t: Vec<String> = targets.iter().map(|s| s.to_string()).collect();
+    t.extend(["shared_experts.up_proj".into(), "experts.*.down_proj".into()]);
+    LoraConfig { rank: 4, alpha: 8.0, targets: t }
+}
+
+/// Adapters with random `B` (fresh ones are zero and would change nothing).
+fn adapt(m: &mut DeepseekV3, cfg: &LoraConfig) -> Vec<String> {
+    let names = m.add_lora(cfg, 1).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for (_, l) in m.linears_mut() {
+        if let Some(a) = &mut l.lora {
+            a.b.f32_mut().iter_mut().for_each(|v| *v = rng.gen_range(-0.05..0.05));
+        }
+    }
+    names
+}
+
+/// Logits of every position through the latent cache: a prefill, then one token at a time.
+fn decode_logits(m: &DeepseekV3, ids: &[u32]) -> Vec<f32> {
+    let mut cache = m.new_cache();
+    let d = m.config.hidden_size;
+    let h = m.forward(&ids[..4], &mut cache).unwrap();
+    let mut out = m.logits(&h, 4);
+    for &t in &ids[4..] {
+        let h = m.forward(&[t], &mut cache).unwrap();
+        out.extend(m.logits(&h[..d], 1));
+    }
+    out
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn the_adapted_model_equals_the_merged_one() {
+    let ids: Vec<u32> = (0..10).map(|i| (i * 7 + 3) % 64).collect();
+    for (tag, dtype) in [("f32", StoreDtype::F32), ("fp8", StoreDtype::Fp8)] {
+        let mut m = model(tag, dtype);
+        let base = decode_logits(&m, &ids);
+        let names = adapt(&mut m, &every_kind());
+        // Attention (both layers), the dense MLP's gate, the shared and every routed expert.
+        assert_eq!(names.len(), 2 * 5 + 1 + 1 + 4, "{names:?}");
+        assert!(names.iter().all(|n| !n.starts_with("model.layers.2.")), "the MTP module is not adapted");
+        let adapted = decode_logits(&m, &ids);
+        assert!(max_diff(&adapted, &base) > 1e-2, "{tag}: the adapters change the outputs");
+        assert_eq!(m.merge_lora(), names.len());
+        let merged = decode_logits(&m, &ids);
+        let d = max_diff(&adapted, &merged);
+        assert!(d < 2e-4, "{tag}: adapted vs merged logits differ by {d}");
+    }
+}
+
+#[test]
+fn adapter_gradients_match_finite_differences_and_the_base_is_frozen() {
+    let mut m = model("grad", StoreDtype::Fp8);
+    m.training = Training::default();
+    adapt(&mut m, &every_kind());
+    let (seqs, t) = (2, 6);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let tokens: Vec<u32> = (0..seqs * (t + 1)).map(|_| rng.gen_range(0..64)).collect();
+    let w = LossWeights { mtp_lambda: 0.3, balance: Balance { seq_alpha: 0.05, batch_alpha: 0.0 } };
+    let mut g = Grads::only(DeepseekV3::is_lora_param);
+    let base = m.train_step(&tokens, seqs, t, w, Some(&mut g)).unwrap();
+    assert!(g.map.keys().all(|k| DeepseekV3::is_lora_param(k)), "only adapters get gradients");
+    let names: Vec<(String, usize)> =
+        m.params_mut_where(DeepseekV3::is_lora_param).into_iter().map(|p| (p.name, p.data.len())).collect();
+    assert!(names.len() >= 2 * 14);
+    let (mut checked, mut skipped) = (0, 0);
+    for (name, len) in names {
+        let grad = g.get(&name).map_or_else(|| vec![0f32; len], |s| s.to_vec());
+        for _ in 0..2 {
+            let i = rng.gen_range(0..len);
+            let eps = 3e-3f32;
+            let at = |delta: f32, m: &mut DeepseekV3| {
+                m.params_mut_where(|n| n == name).into_iter().for_each(|p| p.data[i] += delta);
+            };
+            at(eps, &mut m);
+            let plus = m.train_step(&tokens, seqs, t, w, None).unwrap();
+            at(-2.0 * eps, &mut m);
+            let minus = m.train_step(&tokens, seqs, t, w, None).unwrap();
+            at(eps, &mut m);
+            if plus.choice_digest != base.choice_digest || minus.choice_digest != base.choice_digest {
+                skipped += 1;
+                continue;
+            }
+            let num = (plus.loss - minus.loss) / (2.0 * eps as f64);
+            let ana = grad[i] as f64;
+            assert!(
+                (num - ana).abs() <= 3e-4 + 3e-2 * ana.abs().max(num.abs()),
+                "d loss / d {name}[{i}]: finite difference {num:.6} vs backward {ana:.6}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 10 * skipped.max(1), "{checked} checked, {skipped} skipped");
+}
+
+#[test]
+fn peft_files_round_trip() {
+    let mut m = model("peft", StoreDtype::Bf16);
+    let cfg = every_kind();
+    adapt(&mut m, &cfg);
+    let ids: Vec<u32> = (0..8).map(|i| (i * 5 + 1) % 64).collect();
+    let want = decode_logits(&m, &ids);
+    let dir = std::env::temp_dir().join(format!("dsv3-lora-adapter-{}", std::process::id()));
+    m.write_peft(&dir, &cfg, "base").unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((config["peft_type"].as_str(), config["r"].as_u64()), (Some("LORA"), Some(4)));
+    let ck = dsv3_model::weights::Checkpoint::open_files(&[dir.join("adapter_model.safetensors")]).unwrap();
+    let key = "base_model.model.model.layers.0.self_attn.q_a_proj.lora_A.weight";
+    assert_eq!(ck.shape(key), Some(&[4usize, 128][..]), "PEFT's key names and [r, in] shapes");
+
+    let mut fresh = model("peft", StoreDtype::Bf16);
+    assert_eq!(fresh.load_peft(&dir).unwrap(), cfg);
+    let got = decode_logits(&fresh, &ids);
+    assert_eq!(max_diff(&got, &want), 0.0, "the same adapters, bit for bit");
+    // What does not fit is refused, naming it.
+    let mut other = model("peft-other", StoreDtype::Bf16);
+    let cfg2 = LoraConfig { rank: 2, alpha: 2.0, targets: vec!["o_proj".into()] };
+    other.add_lora(&cfg2, 0).unwrap();
+    let odir = dir.with_extension("r2");
+    other.write_peft(&odir, &cfg2, "base").unwrap();
+    std::fs::copy(odir.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+    let err = fresh.load_peft(&dir).unwrap_err().to_string();
+    assert!(err.contains("o_proj") && err.contains("r 4"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&odir).ok();
+}
