@@ -50,6 +50,10 @@ pub enum BalanceMode {
     None,
 }
 
+fn default_lora_targets() -> Vec<String> {
+    dsv3_model::lora::ATTENTION.iter().map(|s| s.to_string()).collect()
+}
+
 fn default_beta1() -> f32 {
     0.9
 }
@@ -104,6 +108,22 @@ pub struct TrainArgs {
     #[arg(skip)]
     #[serde(default)]
     pub chats: bool,
+    /// LoRA: train rank-R adapters on --lora-targets of --model, the base frozen in its stored
+    /// format (FP8, bf16 or f32); checkpoints hold the adapters in PEFT's layout (0: train every
+    /// weight).
+    #[arg(long, default_value_t = 0)]
+    #[serde(default)]
+    pub lora_rank: usize,
+    /// LoRA's α (the update is scaled by α/R); default: R.
+    #[arg(long)]
+    #[serde(default)]
+    pub lora_alpha: Option<f32>,
+    /// The modules LoRA adapts, by their last name components (`*`: any one): the attention
+    /// projections by default; `gate_proj,up_proj,down_proj` every FFN; `mlp.gate_proj` the dense
+    /// ones; `shared_experts.up_proj` the shared experts; `experts.*.down_proj` the routed ones.
+    #[arg(long, value_delimiter = ',', default_value = "q_a_proj,q_b_proj,q_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj")]
+    #[serde(default = "default_lora_targets")]
+    pub lora_targets: Vec<String>,
     /// Model shape: tiny | tiny-v32 | bench-1b (real 129,280-id vocabulary) | bench-1b-v32 |
     /// bench-1b-32k (or --config; `-v32`: DeepSeek-V3.2 sparse attention).
     #[arg(long, default_value = "tiny")]
@@ -268,7 +288,22 @@ impl TrainArgs {
         if self.model.is_some() && (self.config.is_some() || self.tokenizer.is_some()) {
             bail!("--model brings its own config and tokenizer: drop --config / --tokenizer");
         }
+        if let Some(cfg) = self.lora() {
+            if self.model.is_none() {
+                bail!("--lora-rank {}: adapters need a model to adapt (--model DIR)", self.lora_rank);
+            }
+            cfg.validate()?;
+        }
         Ok(())
+    }
+
+    /// The LoRA adapters a run trains, if any.
+    pub fn lora(&self) -> Option<dsv3_model::lora::LoraConfig> {
+        (self.lora_rank > 0).then(|| dsv3_model::lora::LoraConfig {
+            rank: self.lora_rank,
+            alpha: self.lora_alpha.unwrap_or(self.lora_rank as f32),
+            targets: self.lora_targets.clone(),
+        })
     }
 }
 

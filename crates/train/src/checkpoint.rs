@@ -69,6 +69,29 @@ pub fn save(dir: &Path, model: &mut DeepseekV3, files: Files, opt: &Optimizer, s
     })
 }
 
+/// A LoRA run's adapters and the base they adapt.
+#[derive(Clone, Copy)]
+pub struct Adapters<'a> {
+    pub lora: &'a dsv3_model::lora::LoraConfig,
+    pub base: &'a Path,
+}
+
+/// A LoRA run's checkpoint into `dir` (replacing what is there): the adapters in PEFT's layout
+/// (adapter_config.json naming the base, adapter_model.safetensors), the optimizer and the state.
+pub fn save_adapters(
+    dir: &Path,
+    model: &mut DeepseekV3,
+    a: Adapters,
+    opt: &Optimizer,
+    state: &TrainState,
+) -> Result<()> {
+    let base = std::fs::canonicalize(a.base).unwrap_or_else(|_| a.base.to_path_buf());
+    swap_in(dir, |tmp| {
+        model.write_peft(tmp, a.lora, &base.to_string_lossy())?;
+        write_run(tmp, opt, state)
+    })
+}
+
 /// Writes the model alone into `dir` (replacing what is there): a Hugging Face folder with no
 /// run state (reinforcement learning's output).
 pub fn save_model(dir: &Path, model: &mut DeepseekV3, files: Files) -> Result<()> {
@@ -219,9 +242,9 @@ pub struct Resumed {
     pub state: TrainState,
 }
 
-/// The run saved in `dir`, with a clear error when it is not a dsv3 training checkpoint; the
-/// weights `skip` names stay on disk ([`DeepseekV3::load_skipping`]).
-pub fn load(dir: &Path, skip: impl Fn(&str) -> bool + Send + Sync + 'static) -> Result<Resumed> {
+/// The state of the run saved in `dir`, with a clear error when it is not a dsv3 training
+/// checkpoint.
+pub fn read_state(dir: &Path) -> Result<TrainState> {
     let st = dir.join("train_state.json");
     if !st.exists() {
         let hint = dir.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."));
@@ -229,7 +252,13 @@ pub fn load(dir: &Path, skip: impl Fn(&str) -> bool + Send + Sync + 'static) -> 
     }
     let v: Value =
         serde_json::from_str(&std::fs::read_to_string(&st)?).with_context(|| format!("reading {}", st.display()))?;
-    let state: TrainState = serde_json::from_value(v["state"].clone()).context("train_state.json: state")?;
+    serde_json::from_value(v["state"].clone()).context("train_state.json: state")
+}
+
+/// The run saved in `dir` ([`read_state`]); the weights `skip` names stay on disk
+/// ([`DeepseekV3::load_skipping`]).
+pub fn load(dir: &Path, skip: impl Fn(&str) -> bool + Send + Sync + 'static) -> Result<Resumed> {
+    let state = read_state(dir)?;
     let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
     let model = DeepseekV3::load_skipping(dir, skip).with_context(|| format!("loading {}", dir.display()))?;
     let tokenizer =

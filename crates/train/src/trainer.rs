@@ -131,16 +131,30 @@ impl<'l> Trainer<'l> {
         let mut init_dir = None;
         let (mut model, config, tok, mut opt, state, source) = match (resume, &args.model) {
             (Some(dir), _) => {
-                let r = checkpoint::load(dir, move |_| parallel)?;
-                let mut state = r.state;
+                let mut state = checkpoint::read_state(dir)?;
                 // A resume may extend the run (more steps) and write elsewhere; the rest is the run's.
                 state.args.steps = args.steps.max(state.step);
                 state.args.out = args.out.clone();
                 // (The optimizer's moments are read below, once it is known which this process keeps.)
-                (r.model, r.config, r.tokenizer, Optimizer::default(), state, dir.to_path_buf())
+                match (state.args.lora(), state.args.model.clone()) {
+                    // A LoRA run's checkpoint holds its adapters; the base is read where it was.
+                    (Some(_), Some(base)) => {
+                        let (mut model, config, tok) = start_from(&base, state.args.mtp_depth, |_| false)?;
+                        model.load_peft(dir).with_context(|| format!("--resume {}", dir.display()))?;
+                        (model, config, tok, Optimizer::default(), state, base)
+                    }
+                    _ => {
+                        let r = checkpoint::load(dir, move |_| parallel)?;
+                        (r.model, r.config, r.tokenizer, Optimizer::default(), state, dir.to_path_buf())
+                    }
+                }
             }
             (None, Some(dir)) => {
-                let (model, config, tok) = start_from(dir, args.mtp_depth, move |_| parallel)?;
+                let (mut model, config, tok) = start_from(dir, args.mtp_depth, move |_| parallel)?;
+                if let Some(cfg) = args.lora() {
+                    let names = model.add_lora(&cfg, args.seed)?;
+                    eprintln!("LoRA rank {} (α {}) on {} modules, e.g. {}", cfg.rank, cfg.alpha, names.len(), names[0]);
+                }
                 let state = TrainState { step: 0, tokens_seen: 0, loader: LoaderState::default(), args: args.clone() };
                 (model, config, tok, Optimizer::default(), state, dir.clone())
             }
@@ -163,6 +177,9 @@ impl<'l> Trainer<'l> {
         };
         let args = state.args.clone();
         args.validate()?;
+        if args.lora_rank > 0 && layout.dp.is_some() {
+            bail!("--lora-rank with a parallel layout is not supported yet: train adapters on one process");
+        }
         if args.seq_len > model.config.max_position_embeddings {
             bail!(
                 "--seq-len {} exceeds the model's max_position_embeddings {}",
@@ -229,6 +246,10 @@ impl<'l> Trainer<'l> {
         std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
         let metrics = open_metrics(&args.out)?;
         let start_step = state.step;
+        let grads = match args.lora_rank > 0 {
+            true => Grads::only(DeepseekV3::is_lora_param),
+            false => Grads::default(),
+        };
         Ok(Trainer {
             ocfg: args.optim(),
             args,
@@ -244,7 +265,7 @@ impl<'l> Trainer<'l> {
             val,
             loader,
             holders,
-            grads: Grads::default(),
+            grads,
             metrics,
             start: Instant::now(),
             start_step,
@@ -290,7 +311,8 @@ impl<'l> Trainer<'l> {
         if !report.loss.is_finite() {
             bail!("step {step}: the loss is {} (lower --lr?); the last checkpoint is intact", report.loss);
         }
-        let mut params = self.model.params_mut();
+        let lora = args.lora_rank > 0;
+        let mut params = self.model.params_mut_where(|n| !lora || DeepseekV3::is_lora_param(n));
         if let Some(p) = &self.holders {
             params.retain(|x| p.updates(&x.name));
         }
@@ -369,7 +391,13 @@ impl<'l> Trainer<'l> {
                 tokenizer: &self.tok,
                 tokenizer_config: self.tok_config.as_ref(),
             };
-            checkpoint::save(&self.args.out, &mut self.model, files, &self.opt, &self.state)?;
+            match (self.args.lora(), &self.args.model) {
+                (Some(cfg), Some(base)) => {
+                    let adapters = checkpoint::Adapters { lora: &cfg, base };
+                    checkpoint::save_adapters(&self.args.out, &mut self.model, adapters, &self.opt, &self.state)?
+                }
+                _ => checkpoint::save(&self.args.out, &mut self.model, files, &self.opt, &self.state)?,
+            }
             if let Err(e) = crate::plot::write_run_plots(&self.args.out) {
                 eprintln!("warning: plots not written: {e:#}");
             }

@@ -82,3 +82,48 @@ fn sft_learns_the_replies_keeps_the_bias_and_resumes_exactly() {
     assert_eq!(bits(&[first, second].concat()), bits(&straight), "resumed bit for bit");
     std::fs::remove_dir_all(&base).ok();
 }
+
+#[test]
+fn lora_sft_trains_adapters_only_and_resumes_exactly() {
+    let base = std::env::temp_dir().join(format!("dsv3-sft-lora-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let pre = common::pretrained(&base);
+    let chats: Vec<String> = Addition::sample(40, 2, 5).iter().map(|p| p.chat().to_string()).collect();
+    let data = base.join("chats.jsonl");
+    std::fs::write(&data, chats.join("\n")).unwrap();
+    let lora = |out: PathBuf| TrainArgs {
+        lora_rank: 4,
+        lora_alpha: Some(8.0),
+        lora_targets: vec!["q_a_proj".into(), "kv_b_proj".into(), "o_proj".into(), "gate_proj".into()],
+        lr: 1e-2,
+        ..sft_args(&pre, &data, out, 6)
+    };
+    let mut straight: Vec<StepLog> = vec![];
+    run(lora(base.join("a")), &Layout::single(), None, None, |l| straight.push(l.clone())).unwrap();
+    assert!(straight.last().unwrap().lm_loss < straight[0].lm_loss, "the adapters learn");
+    // The checkpoint is an adapter folder in PEFT's layout; the base is untouched.
+    let a = base.join("a");
+    let files: Vec<_> = std::fs::read_dir(&a).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(a.join("adapter_config.json").exists() && !a.join("model.safetensors").exists(), "{files:?}");
+    let mut m = dsv3_model::DeepseekV3::load(&pre).unwrap();
+    let cfg = m.load_peft(&a).unwrap();
+    assert_eq!((cfg.rank, cfg.alpha), (4, 8.0));
+    let mut fresh = dsv3_model::DeepseekV3::load(&pre).unwrap();
+    let before: Vec<Vec<f32>> = fresh.params_mut().into_iter().map(|p| p.data.to_vec()).collect();
+    let after: Vec<Vec<f32>> = m
+        .params_mut_where(|n| !dsv3_model::DeepseekV3::is_lora_param(n))
+        .into_iter()
+        .map(|p| p.data.to_vec())
+        .collect();
+    assert!(before == after, "the base weights are frozen");
+
+    let mut first: Vec<StepLog> = vec![];
+    run(lora(base.join("b")), &Layout::single(), None, Some(3), |l| first.push(l.clone())).unwrap();
+    let mut second: Vec<StepLog> = vec![];
+    let resume = base.join("b");
+    run(lora(base.join("b")), &Layout::single(), Some(&resume), None, |l| second.push(l.clone())).unwrap();
+    let bits = |v: &[StepLog]| v.iter().map(|l| (l.step, l.loss.to_bits())).collect::<Vec<_>>();
+    assert_eq!(bits(&[first, second].concat()), bits(&straight), "resumed bit for bit");
+    std::fs::remove_dir_all(&base).ok();
+}

@@ -32,10 +32,16 @@ pub fn run(cluster: &Cluster) -> Result<()> {
 /// A sampled and a greedy continuation from a trained model folder (after `dsv3 train`), and the
 /// greedy one again with MTP speculative decoding: the same tokens, and the trained module's
 /// acceptance.
-/// A greedy reply of the model in `dir` to `question`, through its chat template.
-pub fn sample_chat(dir: &Path, question: &str) -> Result<()> {
-    let model = DeepseekV3::load(dir)?;
-    let tok = Tokenizer::from_dir(dir)?;
+/// A greedy reply of the model in `dir` to `question`, through its chat template; `dir` may hold
+/// LoRA adapters for the `base` model.
+pub fn sample_chat(dir: &Path, base: Option<&Path>, question: &str) -> Result<()> {
+    let adapters = dir.join("adapter_config.json").exists();
+    let src = base.filter(|_| adapters).unwrap_or(dir);
+    let mut model = DeepseekV3::load(src)?;
+    if adapters {
+        model.load_peft(dir)?;
+    }
+    let tok = Tokenizer::from_dir(src)?;
     let ids = tok.encode_chat(&serde_json::json!([{"role": "user", "content": question}]), true)?;
     let opts = GenerateOptions {
         max_new_tokens: 64,

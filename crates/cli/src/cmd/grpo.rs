@@ -52,7 +52,7 @@ pub fn run(c: &Grpo) -> Result<()> {
         s.out.display()
     );
     if c.args.prompts.is_none() {
-        crate::cmd::demo::sample_chat(&s.out, "What is 23+45?")?;
+        crate::cmd::demo::sample_chat(&s.out, None, "What is 23+45?")?;
     }
     Ok(())
 }

@@ -89,7 +89,7 @@ pub fn run(c: &Train, cluster: &Cluster) -> Result<()> {
     }
     if !c.no_sample && !json && layout.rank() == 0 {
         match c.args.chats {
-            true => crate::cmd::demo::sample_chat(&summary.out, "What is 23+45?")?,
+            true => crate::cmd::demo::sample_chat(&summary.out, c.args.model.as_deref(), "What is 23+45?")?,
             false => crate::cmd::demo::sample(&summary.out)?,
         }
     }
