@@ -29,6 +29,94 @@ pub struct LoraConfig {
     pub targets: Vec<String>,
 }
 
+/// One fused expert tensor's factors in PEFT's layout: `A [r·E, in]` (expert `e`'s rows
+/// `e·r..(e+1)·r`), `B [out, r·E]` (expert `e`'s column `k` at `k·E + e`).
+struct FusedFactors {
+    a: Vec<f32>,
+    a_shape: [usize; 2],
+    b: Vec<f32>,
+    b_shape: [usize; 2],
+    rank: usize,
+    alpha: f32,
+}
+
+/// A MoE layer's routed-expert adapters as PEFT adapts transformers' fused expert tensors.
+struct FusedExperts {
+    owner: String,
+    gate_up: FusedFactors,
+    down: FusedFactors,
+}
+
+/// The MoE layers whose routed experts' adapters PEFT can hold in its fused layout: every
+/// expert adapted on all three projections, `gate_proj` and `up_proj` sharing `A` (one LoRA on
+/// `gate_up_proj`, as PEFT's are), every expert alike in rank and scale.
+fn fused_experts(adapters: &[(&str, &Lora)]) -> Vec<FusedExperts> {
+    let by_name: std::collections::HashMap<&str, &Lora> = adapters.iter().copied().collect();
+    let mut owners: Vec<&str> =
+        adapters.iter().filter_map(|(n, _)| n.split_once(".mlp.experts.").map(|(l, _)| l)).collect();
+    owners.dedup();
+    let mut out = vec![];
+    'layers: for layer in owners {
+        let owner = format!("{layer}.mlp.experts");
+        let mut experts = vec![];
+        for e in 0.. {
+            let get = |p: &str| by_name.get(format!("{owner}.{e}.{p}").as_str()).copied();
+            match (get("gate_proj"), get("up_proj"), get("down_proj")) {
+                (None, None, None) => break,
+                (Some(g), Some(u), Some(d)) => experts.push([g, u, d]),
+                _ => continue 'layers,
+            }
+        }
+        let [g0, _, d0] = experts[0];
+        let alike = experts.iter().all(|[g, u, d]| {
+            g.a.view().to_f32() == u.a.view().to_f32()
+                && (g.rank(), g.scale) == (u.rank(), u.scale)
+                && (g.rank(), g.scale) == (g0.rank(), g0.scale)
+                && (d.rank(), d.scale) == (d0.rank(), d0.scale)
+        });
+        if !alike {
+            continue;
+        }
+        // Projections 0, 1, 2: gate, up, down; `parts` stacked along the output.
+        let fuse = |parts: &[usize]| -> FusedFactors {
+            let first = experts[0][parts[0]];
+            let (r, inp, n) = (first.rank(), first.a.cols, experts.len());
+            let out: usize = parts.iter().map(|&p| experts[0][p].b.rows).sum();
+            let mut a = Vec::with_capacity(r * n * inp);
+            let mut b = vec![0f32; out * r * n];
+            for (e, ex) in experts.iter().enumerate() {
+                a.extend(ex[parts[0]].a.view().to_f32());
+                let mut row0 = 0;
+                for &p in parts {
+                    let l = ex[p];
+                    let lb = l.b.view().to_f32();
+                    for o in 0..l.b.rows {
+                        for k in 0..r {
+                            b[(row0 + o) * r * n + k * n + e] = lb[o * r + k];
+                        }
+                    }
+                    row0 += l.b.rows;
+                }
+            }
+            FusedFactors { a, a_shape: [r * n, inp], b, b_shape: [out, r * n], rank: r, alpha: first.scale * r as f32 }
+        };
+        out.push(FusedExperts { gate_up: fuse(&[0, 1]), down: fuse(&[2]), owner });
+    }
+    out
+}
+
+/// For a PEFT wrapper of fused expert tensors (`….mlp.experts` or `….mlp.experts.base_layer…`):
+/// the experts' module and how many `base_layer`s deep the wrapper is.
+fn fused_wrapper(module: &str) -> Option<(&str, usize)> {
+    let mut m = module;
+    let mut depth = 0;
+    while let Some(inner) = m.strip_suffix(".base_layer") {
+        m = inner;
+        depth += 1;
+    }
+    m.ends_with("mlp.experts").then_some((m, depth))
+}
+
 /// Whether `module` ends with the dotted components of `target` (`*`: any one component).
 pub fn matches(target: &str, module: &str) -> bool {
     let (t, m): (Vec<&str>, Vec<&str>) = (target.split('.').collect(), module.split('.').collect());
@@ -103,12 +191,31 @@ impl DeepseekV3 {
     /// (`base` as `base_model_name_or_path`) and adapter_model.safetensors in f32.
     pub fn write_peft(&mut self, dir: &Path, cfg: &LoraConfig, base: &str) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let linears = self.linears_mut();
+        let adapters: Vec<(&str, &Lora)> =
+            linears.iter().filter_map(|(n, l)| l.lora.as_deref().map(|a| (n.as_str(), a))).collect();
+        let fused = fused_experts(&adapters);
         let mut tensors = vec![];
-        for (name, l) in self.linears_mut() {
-            if let Some(a) = &l.lora {
-                for (part, m) in [("lora_A", &a.a), ("lora_B", &a.b)] {
-                    let bytes = m.view().to_f32().iter().flat_map(|v| v.to_le_bytes()).collect();
-                    tensors.push((format!("{PREFIX}{name}.{part}.weight"), "F32", vec![m.rows, m.cols], bytes));
+        let f32_bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        for &(name, a) in &adapters {
+            if fused.iter().any(|f| name.starts_with(&format!("{}.", f.owner))) {
+                continue;
+            }
+            for (part, m) in [("lora_A", &a.a), ("lora_B", &a.b)] {
+                let key = format!("{PREFIX}{name}.{part}.weight");
+                tensors.push((key, "F32", vec![m.rows, m.cols], f32_bytes(&m.view().to_f32())));
+            }
+        }
+        let mut patterns = (serde_json::Map::new(), serde_json::Map::new());
+        for f in &fused {
+            for (wrapper, t) in [(format!("{}.base_layer", f.owner), &f.gate_up), (f.owner.clone(), &f.down)] {
+                tensors.push((format!("{PREFIX}{wrapper}.lora_A.weight"), "F32", t.a_shape.to_vec(), f32_bytes(&t.a)));
+                tensors.push((format!("{PREFIX}{wrapper}.lora_B.weight"), "F32", t.b_shape.to_vec(), f32_bytes(&t.b)));
+            }
+            for (param, t) in [("gate_up_proj", &f.gate_up), ("down_proj", &f.down)] {
+                if t.rank != cfg.rank || t.alpha != cfg.alpha {
+                    patterns.0.insert(format!(".*\\.{param}"), t.rank.into());
+                    patterns.1.insert(format!(".*\\.{param}"), t.alpha.into());
                 }
             }
         }
@@ -116,10 +223,13 @@ impl DeepseekV3 {
             return Err(ModelError::Input("the model has no LoRA adapter to write".into()));
         }
         write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
+        let target_parameters = (!fused.is_empty()).then(|| json!(["gate_up_proj", "down_proj"]));
         let config = json!({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
             "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": 0.0, "bias": "none",
-            "target_modules": cfg.peft_regex(), "fan_in_fan_out": false, "use_rslora": false, "use_dora": false,
+            "target_modules": cfg.peft_regex(), "target_parameters": target_parameters,
+            "rank_pattern": patterns.0, "alpha_pattern": patterns.1,
+            "fan_in_fan_out": false, "use_rslora": false, "use_dora": false,
             "inference_mode": true, "init_lora_weights": true, "modules_to_save": null,
             "dsv3_targets": cfg.targets,
         });
@@ -145,23 +255,37 @@ impl DeepseekV3 {
                 return Err(bad(format!("{what} adapters are not supported")));
             }
         }
-        if v.get("target_parameters").is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
-            return Err(bad(
-                "target_parameters (LoRA on fused expert tensors) is not supported: adapt routed experts as dsv3 writes them".into(),
-            ));
+        // LoRA on transformers' fused expert tensors (`mlp.experts.gate_up_proj [E, 2I, D]`,
+        // `down_proj [E, D, I]`): the last parameter's wrapper is `mlp.experts`, the one before it
+        // `mlp.experts.base_layer`, and so on.
+        let fused: Vec<String> = match &v["target_parameters"] {
+            Value::Null => vec![],
+            Value::Array(a) => {
+                a.iter().filter_map(Value::as_str).map(|p| p.rsplit('.').next().unwrap_or(p).to_string()).collect()
+            }
+            other => return Err(bad(format!("target_parameters {other}: a list of parameter names"))),
+        };
+        if let Some(p) = fused.iter().find(|p| !["gate_up_proj", "down_proj"].contains(&p.as_str())) {
+            return Err(bad(format!("target_parameters {p}: only the experts' gate_up_proj and down_proj")));
         }
         let rank =
             v["r"].as_u64().filter(|&r| r > 0).ok_or_else(|| bad("r must be a positive integer".into()))? as usize;
         let alpha = v["lora_alpha"].as_f64().ok_or_else(|| bad("lora_alpha must be a number".into()))? as f32;
-        let default_scale = match v["use_rslora"].as_bool() == Some(true) {
-            true => alpha / (rank as f32).sqrt(),
-            false => alpha / rank as f32,
+        let rslora = v["use_rslora"].as_bool() == Some(true);
+        // PEFT's per-module overrides: the first key `K` with `(.*\.)?(K)$` matching the module.
+        let patterns = |field: &str| -> Result<Vec<(regex::Regex, f64)>> {
+            let Some(o) = v.get(field).and_then(Value::as_object) else { return Ok(vec![]) };
+            o.iter()
+                .map(|(k, x)| {
+                    let re = regex::Regex::new(&format!("^(.*\\.)?({k})$"))
+                        .map_err(|e| bad(format!("{field} {k:?}: {e}")))?;
+                    Ok((re, x.as_f64().ok_or_else(|| bad(format!("{field} {k:?}: not a number")))?))
+                })
+                .collect()
         };
-        let ranks = v.get("rank_pattern").and_then(Value::as_object).filter(|o| !o.is_empty());
-        let alphas = v.get("alpha_pattern").and_then(Value::as_object).filter(|o| !o.is_empty());
-        if ranks.is_some() || alphas.is_some() {
-            return Err(bad("rank_pattern / alpha_pattern are not supported".into()));
-        }
+        let (ranks, alphas) = (patterns("rank_pattern")?, patterns("alpha_pattern")?);
+        let lookup =
+            |p: &[(regex::Regex, f64)], module: &str| p.iter().find(|(re, _)| re.is_match(module)).map(|x| x.1);
         let targets = match v.get("dsv3_targets").and_then(Value::as_array) {
             Some(t) => t.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
             None => match &v["target_modules"] {
@@ -191,15 +315,66 @@ impl DeepseekV3 {
             let (Some(a), Some(b)) = (a, b) else {
                 return Err(bad(format!("module {module}: needs both lora_A and lora_B")));
             };
+            if let Some((owner, depth)) = fused_wrapper(module) {
+                let param = depth.checked_add(1).and_then(|d| fused.len().checked_sub(d)).map(|i| fused[i].as_str());
+                let param = param.ok_or_else(|| bad(format!("module {module}: no target_parameters entry for it")))?;
+                let key = format!("{owner}.{param}");
+                let experts = (0..).take_while(|e| linears.contains_key(&format!("{owner}.{e}.down_proj"))).count();
+                let (ra, inp) = ck
+                    .shape(a)
+                    .and_then(|s| (s.len() == 2).then(|| (s[0], s[1])))
+                    .ok_or_else(|| bad(format!("{a}: not a matrix")))?;
+                if experts == 0 || ra % experts != 0 {
+                    return Err(bad(format!("{a}: {ra} rows for {experts} experts of {owner}")));
+                }
+                let r = ra / experts;
+                let alpha = lookup(&alphas, &key).map_or(alpha, |a| a as f32);
+                let scale = if rslora { alpha / (r as f32).sqrt() } else { alpha / r as f32 };
+                let out = ck.shape(b).map_or(0, |s| s[0]);
+                let ma = ck.f32s(a, &[ra, inp]).map_err(|e| bad(format!("{a}: {e}")))?;
+                let mb = ck.f32s(b, &[out, ra]).map_err(|e| bad(format!("{b}: {e} (out {out}, r·E {ra})")))?;
+                let parts: &[(&str, usize)] = match param {
+                    "gate_up_proj" => &[("gate_proj", 0), ("up_proj", out / 2)],
+                    _ => &[("down_proj", 0)],
+                };
+                for e in 0..experts {
+                    // Expert e's A is rows e·r..(e+1)·r; its B[o, k] is B[o, k·E + e].
+                    let ae = ma[e * r * inp..(e + 1) * r * inp].to_vec();
+                    for &(proj, row0) in parts {
+                        let l = linears
+                            .get_mut(&format!("{owner}.{e}.{proj}"))
+                            .ok_or_else(|| bad(format!("{owner}.{e}.{proj}: not in this model")))?;
+                        let (o, i) = (l.weight.rows, l.weight.cols);
+                        if i != inp || row0 + o > out {
+                            return Err(bad(format!(
+                                "{key}: factors [{ra}, {inp}] · [{out}, {ra}] do not fit {proj} [{o}, {i}]"
+                            )));
+                        }
+                        let be: Vec<f32> = (0..o)
+                            .flat_map(|oo| (0..r).map(move |k| (row0 + oo, k)))
+                            .map(|(oo, k)| mb[oo * ra + k * experts + e])
+                            .collect();
+                        l.lora = Some(Box::new(Lora {
+                            a: crate::weights::Matrix::from_f32(r, inp, ae.clone()),
+                            b: crate::weights::Matrix::from_f32(o, r, be),
+                            scale,
+                        }));
+                    }
+                }
+                continue;
+            }
             let l =
                 linears.get_mut(module.as_str()).ok_or_else(|| bad(format!("module {module}: not in this model")))?;
             let (out, inp) = (l.weight.rows, l.weight.cols);
+            let rank = lookup(&ranks, module).map_or(rank, |r| r as usize);
+            let alpha = lookup(&alphas, module).map_or(alpha, |a| a as f32);
+            let scale = if rslora { alpha / (rank as f32).sqrt() } else { alpha / rank as f32 };
             let ma = ck.f32s(a, &[rank, inp]).map_err(|e| bad(format!("{a}: {e} (r {rank}, in {inp})")))?;
             let mb = ck.f32s(b, &[out, rank]).map_err(|e| bad(format!("{b}: {e} (out {out}, r {rank})")))?;
             l.lora = Some(Box::new(Lora {
                 a: crate::weights::Matrix::from_f32(rank, inp, ma),
                 b: crate::weights::Matrix::from_f32(out, rank, mb),
-                scale: default_scale,
+                scale,
             }));
         }
         if found.is_empty() {

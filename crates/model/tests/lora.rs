@@ -166,3 +166,63 @@ fn peft_files_round_trip() {
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_dir_all(&odir).ok();
 }
+
+/// The adapters peft made on the transformers model (scripts/make_peft_fixtures.py) give peft's
+/// logits here, on an f32 and an FP8 base; written back by dsv3 they are peft's tensors under
+/// peft's names. (`DSV3_PEFT_OUT=DIR` keeps dsv3's copy, for the script's reverse check.)
+#[test]
+fn peft_adapters_give_the_logits_peft_gives() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    for case in ["v3_f32_sharded", "v3_fp8"] {
+        let dir = root.join("peft").join(case);
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let ids: Vec<u32> = r["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<f32> = r["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().clone())
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let mut m = DeepseekV3::load(&root.join(case)).unwrap();
+        let base = {
+            let mut cache = m.new_cache();
+            let h = m.forward(&ids, &mut cache).unwrap();
+            m.logits(&h, ids.len())
+        };
+        let cfg = m.load_peft(&dir).unwrap();
+        assert_eq!((cfg.rank, cfg.alpha), (4, 8.0));
+        let mut cache = m.new_cache();
+        let h = m.forward(&ids, &mut cache).unwrap();
+        let got = m.logits(&h, ids.len());
+        assert!(max_diff(&base, &want) > 0.1, "{case}: the adapters matter");
+        let d = max_diff(&got, &want);
+        assert!(d < 1e-3, "{case}: dsv3 with peft's adapters vs peft: logits differ by {d}");
+        // The decode through the latent cache agrees too.
+        let dec = decode_logits(&m, &ids);
+        assert!(max_diff(&dec, &want) < 1e-3, "{case}: decoding");
+
+        let out = std::env::var("DSV3_PEFT_OUT").map_or_else(
+            |_| std::env::temp_dir().join(format!("dsv3-peft-{case}-{}", std::process::id())),
+            |d| std::path::PathBuf::from(d).join(case),
+        );
+        m.write_peft(&out, &cfg, "base").unwrap();
+        let open = |p: &std::path::Path| {
+            dsv3_model::weights::Checkpoint::open_files(&[p.join("adapter_model.safetensors")]).unwrap()
+        };
+        let (theirs, ours) = (open(&dir), open(&out));
+        let mut names: Vec<&str> = theirs.names().collect();
+        let mut mine: Vec<&str> = ours.names().collect();
+        names.sort();
+        mine.sort();
+        assert_eq!(names, mine, "{case}: peft's tensor names");
+        for n in names {
+            let shape = theirs.shape(n).unwrap().to_vec();
+            assert_eq!(theirs.f32s(n, &shape).unwrap(), ours.f32s(n, &shape).unwrap(), "{case}: {n}");
+        }
+        if std::env::var("DSV3_PEFT_OUT").is_err() {
+            std::fs::remove_dir_all(&out).ok();
+        }
+    }
+}
