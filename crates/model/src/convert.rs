@@ -41,6 +41,8 @@ pub struct Report {
     pub bytes_out: u64,
     /// Largest total of conversion buffers alive at once (the `max_memory` budget bounds it).
     pub peak_buffer_bytes: usize,
+    /// Weights a LoRA adapter was merged into.
+    pub merged: usize,
 }
 
 /// Weights the official checkpoint stores in FP8: every attention and FFN projection, and V3.2's
@@ -252,6 +254,30 @@ fn outputs(name: &str, p: Plan, shape: &[usize], rows: usize, cols: usize) -> Ve
 /// Converts the checkpoint in `from` into a new folder `to` (which must not exist or be empty);
 /// `quantize_head` stores the embedding and head in FP8 too.
 pub fn convert(from: &Path, to: &Path, target: Target, quantize_head: bool, max_memory: usize) -> Result<Report> {
+    convert_merging(from, to, target, quantize_head, max_memory, None)
+}
+
+/// The `[out, in]` shape of each `Linear` module's weight in a checkpoint (FP4's packed columns
+/// counted twice): what [`crate::lora::read_peft`] checks adapters against.
+pub fn linear_shapes(ck: &crate::weights::Checkpoint) -> impl Fn(&str) -> Option<(usize, usize)> + '_ {
+    move |module: &str| {
+        let w = format!("{module}.weight");
+        let s = ck.shape(&w).filter(|s| s.len() == 2)?;
+        let packed = ck.contains(&format!("{w}_scale")) && !ck.contains(&format!("{w}_scale_inv"));
+        Some((s[0], if packed { 2 * s[1] } else { s[1] }))
+    }
+}
+
+/// [`convert`] with LoRA adapters folded in: each adapted weight becomes `W + scale·B·A`
+/// (computed in f32 on the decoded rows) before it is stored in the target format.
+pub fn convert_merging(
+    from: &Path,
+    to: &Path,
+    target: Target,
+    quantize_head: bool,
+    max_memory: usize,
+    merge: Option<&crate::lora::Adapters>,
+) -> Result<Report> {
     if to.exists() && std::fs::read_dir(to).map_err(|e| ModelError::io(to, e))?.next().is_some() {
         return Err(ModelError::Input(format!(
             "{} exists and is not empty; convert writes a new folder",
@@ -283,13 +309,22 @@ pub fn convert(from: &Path, to: &Path, target: Target, quantize_head: bool, max_
         for shard in &shards {
             let fname = shard.path.file_name().expect("a file").to_owned();
             let out_path = tmp.join(&fname);
-            let written = convert_shard(shard, &out_path, (target, quantize_head), src_block, &mut acct, &mut report)?;
+            let written =
+                convert_shard(shard, &out_path, (target, quantize_head, merge), src_block, &mut acct, &mut report)?;
             for name in written {
                 weight_map.insert(name, serde_json::Value::String(fname.to_string_lossy().into()));
             }
             report.files += 1;
         }
         report.peak_buffer_bytes = acct.peak;
+        if let Some(m) = merge.filter(|m| m.modules.len() != report.merged) {
+            return Err(ModelError::Input(format!(
+                "merged {} of the adapters' {} modules: the rest have no weight in {}",
+                report.merged,
+                m.modules.len(),
+                from.display()
+            )));
+        }
         // Config: the target's quantization_config.
         let o = cj.as_object_mut().ok_or_else(|| ModelError::config("config.json", "must be an object"))?;
         match target {
@@ -351,7 +386,7 @@ pub fn convert(from: &Path, to: &Path, target: Target, quantize_head: bool, max_
 fn convert_shard(
     shard: &Shard,
     out_path: &Path,
-    (target, quantize_head): (Target, bool),
+    (target, quantize_head, merge): (Target, bool, Option<&crate::lora::Adapters>),
     src_block: [usize; 2],
     acct: &mut Budget,
     report: &mut Report,
@@ -427,7 +462,11 @@ fn convert_shard(
     let mut w = SafetensorsWriter::create_with_metadata(out_path, &entries, Some(&[("format", "pt")]))?;
     let mut names = vec![];
     for (src, p, outs) in &planned {
-        write_tensor(shard, src, *p, &mut w, acct)?;
+        let delta = merge.and_then(|m| src.name.strip_suffix(".weight").and_then(|n| m.modules.get(n)));
+        if delta.is_some() {
+            report.merged += 1;
+        }
+        write_tensor(shard, src, *p, delta, &mut w, acct)?;
         report.tensors += 1;
         report.bytes_in += (src.entry.end - src.entry.start) as u64;
         names.extend(outs.iter().map(|o| o.name.clone()));
@@ -438,7 +477,22 @@ fn convert_shard(
 }
 
 /// Streams one tensor in bands of rows (a multiple of 128 and of the source's block rows).
-fn write_tensor(shard: &Shard, src: &Source, p: Plan, f: &mut SafetensorsWriter, acct: &mut Budget) -> Result<()> {
+fn write_tensor(
+    shard: &Shard,
+    src: &Source,
+    p: Plan,
+    delta: Option<&crate::layers::Lora>,
+    f: &mut SafetensorsWriter,
+    acct: &mut Budget,
+) -> Result<()> {
+    // Rows r0..r1 as f32, with the adapter's update when one is merged.
+    let rows_f32 = |r0: usize, r1: usize, acct: &mut Budget| -> Result<Vec<f32>> {
+        let mut v = src.rows_f32(shard, r0, r1, acct)?;
+        if let Some(l) = delta {
+            l.add_delta_rows(r0, &mut v);
+        }
+        Ok(v)
+    };
     let (rows, cols) = (src.rows, src.cols);
     let unit = src.fp8.map_or(128, |(_, b)| lcm(128, b[0]));
     // Per row in flight: source bytes (≤ 4), the f32 values (4), the encoded output (≤ 4).
@@ -457,7 +511,7 @@ fn write_tensor(shard: &Shard, src: &Source, p: Plan, f: &mut SafetensorsWriter,
         Plan::Fp4(Fp4Kind::Nv) => {
             let mut amax = 0f32;
             for r0 in (0..rows).step_by(band) {
-                let v = src.rows_f32(shard, r0, (r0 + band).min(rows), acct)?;
+                let v = rows_f32(r0, (r0 + band).min(rows), acct)?;
                 amax = v.iter().fold(amax, |m, x| m.max(x.abs()));
                 acct.free(v.len() * 4);
             }
@@ -470,7 +524,7 @@ fn write_tensor(shard: &Shard, src: &Source, p: Plan, f: &mut SafetensorsWriter,
     let mut scales_u8: Vec<u8> = vec![];
     for r0 in (0..rows).step_by(band) {
         let r1 = (r0 + band).min(rows);
-        let v = src.rows_f32(shard, r0, r1, acct)?;
+        let v = rows_f32(r0, r1, acct)?;
         let out: Vec<u8> = match p {
             Plan::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Plan::Bf16 => v.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect(),

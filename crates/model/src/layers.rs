@@ -44,16 +44,21 @@ impl Lora {
 
     /// `scale·B·A [out, in]`: what merging adds to the weight.
     pub fn delta(&self) -> Vec<f32> {
-        let (out, inp, r) = (self.b.rows, self.a.cols, self.a.rows);
+        let mut d = vec![0f32; self.b.rows * self.a.cols];
+        self.add_delta_rows(0, &mut d);
+        d
+    }
+
+    /// Adds rows `r0..` of `scale·B·A` into `w` (whole rows of the weight, from row `r0`).
+    pub fn add_delta_rows(&self, r0: usize, w: &mut [f32]) {
+        let (inp, r) = (self.a.cols, self.a.rows);
         let (a, b) = (self.a.view().to_f32(), self.b.view().to_f32());
-        let mut d = vec![0f32; out * inp];
-        for (o, row) in d.chunks_exact_mut(inp).enumerate() {
+        for (o, row) in w.chunks_exact_mut(inp).enumerate() {
             for k in 0..r {
-                let c = self.scale * b[o * r + k];
+                let c = self.scale * b[(r0 + o) * r + k];
                 row.iter_mut().zip(&a[k * inp..(k + 1) * inp]).for_each(|(d, &a)| *d += c * a);
             }
         }
-        d
     }
 }
 

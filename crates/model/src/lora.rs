@@ -29,6 +29,143 @@ pub struct LoraConfig {
     pub targets: Vec<String>,
 }
 
+/// A PEFT folder's adapters, by module name.
+pub struct Adapters {
+    pub config: LoraConfig,
+    pub modules: std::collections::BTreeMap<String, Lora>,
+}
+
+/// Reads a PEFT folder (dsv3's or peft's own) for a model whose `Linear` `module` has the weight
+/// shape `shape_of(module)` (`[out, in]`; `None`: no such module). Fused expert tensors become
+/// each expert's projections. Each error names what does not fit.
+pub fn read_peft(dir: &Path, shape_of: &dyn Fn(&str) -> Option<(usize, usize)>) -> Result<Adapters> {
+    let path = dir.join("adapter_config.json");
+    let text = crate::files::read_text(&path)?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Input(format!("{}: {e}", path.display())))?;
+    let bad = |m: String| ModelError::Input(format!("{}: {m}", path.display()));
+    if v["peft_type"].as_str() != Some("LORA") {
+        return Err(bad(format!("peft_type {}: only LORA adapters", v["peft_type"])));
+    }
+    for (flag, what) in [("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out")] {
+        if v[flag].as_bool() == Some(true) {
+            return Err(bad(format!("{what} adapters are not supported")));
+        }
+    }
+    // LoRA on transformers' fused expert tensors (`mlp.experts.gate_up_proj [E, 2I, D]`,
+    // `down_proj [E, D, I]`): the last parameter's wrapper is `mlp.experts`, the one before it
+    // `mlp.experts.base_layer`, and so on.
+    let fused: Vec<String> = match &v["target_parameters"] {
+        Value::Null => vec![],
+        Value::Array(a) => {
+            a.iter().filter_map(Value::as_str).map(|p| p.rsplit('.').next().unwrap_or(p).to_string()).collect()
+        }
+        other => return Err(bad(format!("target_parameters {other}: a list of parameter names"))),
+    };
+    if let Some(p) = fused.iter().find(|p| !["gate_up_proj", "down_proj"].contains(&p.as_str())) {
+        return Err(bad(format!("target_parameters {p}: only the experts' gate_up_proj and down_proj")));
+    }
+    let rank = v["r"].as_u64().filter(|&r| r > 0).ok_or_else(|| bad("r must be a positive integer".into()))? as usize;
+    let alpha = v["lora_alpha"].as_f64().ok_or_else(|| bad("lora_alpha must be a number".into()))? as f32;
+    let rslora = v["use_rslora"].as_bool() == Some(true);
+    // PEFT's per-module overrides: the first key `K` with `(.*\.)?(K)$` matching the module.
+    let patterns = |field: &str| -> Result<Vec<(regex::Regex, f64)>> {
+        let Some(o) = v.get(field).and_then(Value::as_object) else { return Ok(vec![]) };
+        o.iter()
+            .map(|(k, x)| {
+                let re =
+                    regex::Regex::new(&format!("^(.*\\.)?({k})$")).map_err(|e| bad(format!("{field} {k:?}: {e}")))?;
+                Ok((re, x.as_f64().ok_or_else(|| bad(format!("{field} {k:?}: not a number")))?))
+            })
+            .collect()
+    };
+    let (ranks, alphas) = (patterns("rank_pattern")?, patterns("alpha_pattern")?);
+    let lookup = |p: &[(regex::Regex, f64)], module: &str| p.iter().find(|(re, _)| re.is_match(module)).map(|x| x.1);
+    let targets = match v.get("dsv3_targets").and_then(Value::as_array) {
+        Some(t) => t.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+        None => match &v["target_modules"] {
+            Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+            other => vec![other.as_str().unwrap_or_default().to_string()],
+        },
+    };
+    let ck = Checkpoint::open_files(&[dir.join("adapter_model.safetensors")])?;
+    let mut found: std::collections::BTreeMap<String, [Option<String>; 2]> = Default::default();
+    for key in ck.names() {
+        let module = key.strip_prefix(PREFIX).unwrap_or(key);
+        let (module, part) = match module.rsplit_once(".lora_") {
+            Some((m, rest)) => (m, rest),
+            None => return Err(bad(format!("tensor {key}: not a LoRA factor (lora_A / lora_B)"))),
+        };
+        // PEFT names the adapter inside the key when saving several (`lora_A.default.weight`).
+        let slot = match part.split('.').next() {
+            Some("A") => 0,
+            Some("B") => 1,
+            _ => return Err(bad(format!("tensor {key}: not a LoRA factor (lora_A / lora_B)"))),
+        };
+        found.entry(module.to_string()).or_default()[slot] = Some(key.to_string());
+    }
+    let mut modules = std::collections::BTreeMap::new();
+    for (module, [a, b]) in &found {
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(bad(format!("module {module}: needs both lora_A and lora_B")));
+        };
+        if let Some((owner, depth)) = fused_wrapper(module) {
+            let param = depth.checked_add(1).and_then(|d| fused.len().checked_sub(d)).map(|i| fused[i].as_str());
+            let param = param.ok_or_else(|| bad(format!("module {module}: no target_parameters entry for it")))?;
+            let key = format!("{owner}.{param}");
+            let experts = (0..).take_while(|e| shape_of(&format!("{owner}.{e}.down_proj")).is_some()).count();
+            let (ra, inp) = ck
+                .shape(a)
+                .and_then(|s| (s.len() == 2).then(|| (s[0], s[1])))
+                .ok_or_else(|| bad(format!("{a}: not a matrix")))?;
+            if experts == 0 || ra % experts != 0 {
+                return Err(bad(format!("{a}: {ra} rows for {experts} experts of {owner}")));
+            }
+            let r = ra / experts;
+            let alpha = lookup(&alphas, &key).map_or(alpha, |a| a as f32);
+            let scale = if rslora { alpha / (r as f32).sqrt() } else { alpha / r as f32 };
+            let out = ck.shape(b).map_or(0, |s| s[0]);
+            let ma = ck.f32s(a, &[ra, inp]).map_err(|e| bad(format!("{a}: {e}")))?;
+            let mb = ck.f32s(b, &[out, ra]).map_err(|e| bad(format!("{b}: {e} (out {out}, r·E {ra})")))?;
+            let parts: &[(&str, usize)] = match param {
+                "gate_up_proj" => &[("gate_proj", 0), ("up_proj", out / 2)],
+                _ => &[("down_proj", 0)],
+            };
+            for e in 0..experts {
+                // Expert e's A is rows e·r..(e+1)·r; its B[o, k] is B[o, k·E + e].
+                let ae = ma[e * r * inp..(e + 1) * r * inp].to_vec();
+                for &(proj, row0) in parts {
+                    let name = format!("{owner}.{e}.{proj}");
+                    let (o, i) = shape_of(&name).ok_or_else(|| bad(format!("{name}: not in this model")))?;
+                    if i != inp || row0 + o > out {
+                        return Err(bad(format!(
+                            "{key}: factors [{ra}, {inp}] · [{out}, {ra}] do not fit {proj} [{o}, {i}]"
+                        )));
+                    }
+                    let be: Vec<f32> = (0..o)
+                        .flat_map(|oo| (0..r).map(move |k| (row0 + oo, k)))
+                        .map(|(oo, k)| mb[oo * ra + k * experts + e])
+                        .collect();
+                    let a = crate::weights::Matrix::from_f32(r, inp, ae.clone());
+                    modules.insert(name, Lora { a, b: crate::weights::Matrix::from_f32(o, r, be), scale });
+                }
+            }
+            continue;
+        }
+        let (out, inp) = shape_of(module).ok_or_else(|| bad(format!("module {module}: not in this model")))?;
+        let rank = lookup(&ranks, module).map_or(rank, |r| r as usize);
+        let alpha = lookup(&alphas, module).map_or(alpha, |a| a as f32);
+        let scale = if rslora { alpha / (rank as f32).sqrt() } else { alpha / rank as f32 };
+        let ma = ck.f32s(a, &[rank, inp]).map_err(|e| bad(format!("{a}: {e} (r {rank}, in {inp})")))?;
+        let mb = ck.f32s(b, &[out, rank]).map_err(|e| bad(format!("{b}: {e} (out {out}, r {rank})")))?;
+        let a = crate::weights::Matrix::from_f32(rank, inp, ma);
+        modules.insert(module.clone(), Lora { a, b: crate::weights::Matrix::from_f32(out, rank, mb), scale });
+    }
+    if found.is_empty() {
+        return Err(bad("adapter_model.safetensors holds no adapter".into()));
+    }
+    Ok(Adapters { config: LoraConfig { rank, alpha, targets }, modules })
+}
+
 /// One fused expert tensor's factors in PEFT's layout: `A [r·E, in]` (expert `e`'s rows
 /// `e·r..(e+1)·r`), `B [out, r·E]` (expert `e`'s column `k` at `k·E + e`).
 struct FusedFactors {
@@ -242,145 +379,17 @@ impl DeepseekV3 {
     /// Attaches the adapters of a PEFT folder (dsv3's or peft's own), replacing any there; returns
     /// their config. Each error names what does not fit.
     pub fn load_peft(&mut self, dir: &Path) -> Result<LoraConfig> {
-        let path = dir.join("adapter_config.json");
-        let text = crate::files::read_text(&path)?;
-        let v: Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::Input(format!("{}: {e}", path.display())))?;
-        let bad = |m: String| ModelError::Input(format!("{}: {m}", path.display()));
-        if v["peft_type"].as_str() != Some("LORA") {
-            return Err(bad(format!("peft_type {}: only LORA adapters", v["peft_type"])));
-        }
-        for (flag, what) in [("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out")] {
-            if v[flag].as_bool() == Some(true) {
-                return Err(bad(format!("{what} adapters are not supported")));
-            }
-        }
-        // LoRA on transformers' fused expert tensors (`mlp.experts.gate_up_proj [E, 2I, D]`,
-        // `down_proj [E, D, I]`): the last parameter's wrapper is `mlp.experts`, the one before it
-        // `mlp.experts.base_layer`, and so on.
-        let fused: Vec<String> = match &v["target_parameters"] {
-            Value::Null => vec![],
-            Value::Array(a) => {
-                a.iter().filter_map(Value::as_str).map(|p| p.rsplit('.').next().unwrap_or(p).to_string()).collect()
-            }
-            other => return Err(bad(format!("target_parameters {other}: a list of parameter names"))),
-        };
-        if let Some(p) = fused.iter().find(|p| !["gate_up_proj", "down_proj"].contains(&p.as_str())) {
-            return Err(bad(format!("target_parameters {p}: only the experts' gate_up_proj and down_proj")));
-        }
-        let rank =
-            v["r"].as_u64().filter(|&r| r > 0).ok_or_else(|| bad("r must be a positive integer".into()))? as usize;
-        let alpha = v["lora_alpha"].as_f64().ok_or_else(|| bad("lora_alpha must be a number".into()))? as f32;
-        let rslora = v["use_rslora"].as_bool() == Some(true);
-        // PEFT's per-module overrides: the first key `K` with `(.*\.)?(K)$` matching the module.
-        let patterns = |field: &str| -> Result<Vec<(regex::Regex, f64)>> {
-            let Some(o) = v.get(field).and_then(Value::as_object) else { return Ok(vec![]) };
-            o.iter()
-                .map(|(k, x)| {
-                    let re = regex::Regex::new(&format!("^(.*\\.)?({k})$"))
-                        .map_err(|e| bad(format!("{field} {k:?}: {e}")))?;
-                    Ok((re, x.as_f64().ok_or_else(|| bad(format!("{field} {k:?}: not a number")))?))
-                })
-                .collect()
-        };
-        let (ranks, alphas) = (patterns("rank_pattern")?, patterns("alpha_pattern")?);
-        let lookup =
-            |p: &[(regex::Regex, f64)], module: &str| p.iter().find(|(re, _)| re.is_match(module)).map(|x| x.1);
-        let targets = match v.get("dsv3_targets").and_then(Value::as_array) {
-            Some(t) => t.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
-            None => match &v["target_modules"] {
-                Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
-                other => vec![other.as_str().unwrap_or_default().to_string()],
-            },
-        };
-        let ck = Checkpoint::open_files(&[dir.join("adapter_model.safetensors")])?;
-        let mut found: std::collections::BTreeMap<String, [Option<String>; 2]> = Default::default();
-        for key in ck.names() {
-            let module = key.strip_prefix(PREFIX).unwrap_or(key);
-            let (module, part) = match module.rsplit_once(".lora_") {
-                Some((m, rest)) => (m, rest),
-                None => return Err(bad(format!("tensor {key}: not a LoRA factor (lora_A / lora_B)"))),
-            };
-            // PEFT names the adapter inside the key when saving several (`lora_A.default.weight`).
-            let slot = match part.split('.').next() {
-                Some("A") => 0,
-                Some("B") => 1,
-                _ => return Err(bad(format!("tensor {key}: not a LoRA factor (lora_A / lora_B)"))),
-            };
-            found.entry(module.to_string()).or_default()[slot] = Some(key.to_string());
-        }
         let mut linears: std::collections::HashMap<String, &mut crate::layers::Linear> =
             self.linears_mut().into_iter().collect();
-        for (module, [a, b]) in &found {
-            let (Some(a), Some(b)) = (a, b) else {
-                return Err(bad(format!("module {module}: needs both lora_A and lora_B")));
-            };
-            if let Some((owner, depth)) = fused_wrapper(module) {
-                let param = depth.checked_add(1).and_then(|d| fused.len().checked_sub(d)).map(|i| fused[i].as_str());
-                let param = param.ok_or_else(|| bad(format!("module {module}: no target_parameters entry for it")))?;
-                let key = format!("{owner}.{param}");
-                let experts = (0..).take_while(|e| linears.contains_key(&format!("{owner}.{e}.down_proj"))).count();
-                let (ra, inp) = ck
-                    .shape(a)
-                    .and_then(|s| (s.len() == 2).then(|| (s[0], s[1])))
-                    .ok_or_else(|| bad(format!("{a}: not a matrix")))?;
-                if experts == 0 || ra % experts != 0 {
-                    return Err(bad(format!("{a}: {ra} rows for {experts} experts of {owner}")));
-                }
-                let r = ra / experts;
-                let alpha = lookup(&alphas, &key).map_or(alpha, |a| a as f32);
-                let scale = if rslora { alpha / (r as f32).sqrt() } else { alpha / r as f32 };
-                let out = ck.shape(b).map_or(0, |s| s[0]);
-                let ma = ck.f32s(a, &[ra, inp]).map_err(|e| bad(format!("{a}: {e}")))?;
-                let mb = ck.f32s(b, &[out, ra]).map_err(|e| bad(format!("{b}: {e} (out {out}, r·E {ra})")))?;
-                let parts: &[(&str, usize)] = match param {
-                    "gate_up_proj" => &[("gate_proj", 0), ("up_proj", out / 2)],
-                    _ => &[("down_proj", 0)],
-                };
-                for e in 0..experts {
-                    // Expert e's A is rows e·r..(e+1)·r; its B[o, k] is B[o, k·E + e].
-                    let ae = ma[e * r * inp..(e + 1) * r * inp].to_vec();
-                    for &(proj, row0) in parts {
-                        let l = linears
-                            .get_mut(&format!("{owner}.{e}.{proj}"))
-                            .ok_or_else(|| bad(format!("{owner}.{e}.{proj}: not in this model")))?;
-                        let (o, i) = (l.weight.rows, l.weight.cols);
-                        if i != inp || row0 + o > out {
-                            return Err(bad(format!(
-                                "{key}: factors [{ra}, {inp}] · [{out}, {ra}] do not fit {proj} [{o}, {i}]"
-                            )));
-                        }
-                        let be: Vec<f32> = (0..o)
-                            .flat_map(|oo| (0..r).map(move |k| (row0 + oo, k)))
-                            .map(|(oo, k)| mb[oo * ra + k * experts + e])
-                            .collect();
-                        l.lora = Some(Box::new(Lora {
-                            a: crate::weights::Matrix::from_f32(r, inp, ae.clone()),
-                            b: crate::weights::Matrix::from_f32(o, r, be),
-                            scale,
-                        }));
-                    }
-                }
-                continue;
+        let shapes: std::collections::HashMap<String, (usize, usize)> =
+            linears.iter().map(|(n, l)| (n.clone(), (l.weight.rows, l.weight.cols))).collect();
+        let adapters = read_peft(dir, &|m| shapes.get(m).copied())?;
+        for (m, a) in adapters.modules {
+            if let Some(l) = linears.get_mut(&m) {
+                l.lora = Some(Box::new(a));
             }
-            let l =
-                linears.get_mut(module.as_str()).ok_or_else(|| bad(format!("module {module}: not in this model")))?;
-            let (out, inp) = (l.weight.rows, l.weight.cols);
-            let rank = lookup(&ranks, module).map_or(rank, |r| r as usize);
-            let alpha = lookup(&alphas, module).map_or(alpha, |a| a as f32);
-            let scale = if rslora { alpha / (rank as f32).sqrt() } else { alpha / rank as f32 };
-            let ma = ck.f32s(a, &[rank, inp]).map_err(|e| bad(format!("{a}: {e} (r {rank}, in {inp})")))?;
-            let mb = ck.f32s(b, &[out, rank]).map_err(|e| bad(format!("{b}: {e} (out {out}, r {rank})")))?;
-            l.lora = Some(Box::new(Lora {
-                a: crate::weights::Matrix::from_f32(rank, inp, ma),
-                b: crate::weights::Matrix::from_f32(out, rank, mb),
-                scale,
-            }));
         }
-        if found.is_empty() {
-            return Err(bad("adapter_model.safetensors holds no adapter".into()));
-        }
-        Ok(LoraConfig { rank, alpha, targets })
+        Ok(adapters.config)
     }
 
     /// Folds every adapter into its weight (`W += scale·B·A`, as f32) and removes it.

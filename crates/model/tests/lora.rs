@@ -226,3 +226,36 @@ fn peft_adapters_give_the_logits_peft_gives() {
         }
     }
 }
+
+/// `convert --merge-lora`: peft's adapters folded into the stored weights give peft's logits
+/// without any adapter attached (f32 and FP8 bases, written as f32).
+#[test]
+fn adapters_merged_by_convert_give_the_adapted_logits() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    for case in ["v3_f32_sharded", "v3_fp8"] {
+        let (from, adapters) = (root.join(case), root.join("peft").join(case));
+        let ck = dsv3_model::weights::Checkpoint::open(&from).unwrap();
+        let read = dsv3_model::lora::read_peft(&adapters, &dsv3_model::convert::linear_shapes(&ck)).unwrap();
+        let out = std::env::temp_dir().join(format!("dsv3-merged-{case}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let target = dsv3_model::convert::Target::F32;
+        let r = dsv3_model::convert::convert_merging(&from, &out, target, false, 1 << 26, Some(&read)).unwrap();
+        assert_eq!(r.merged, read.modules.len());
+        let m = DeepseekV3::load(&out).unwrap();
+        let rf: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(adapters.join("reference.json")).unwrap()).unwrap();
+        let ids: Vec<u32> = rf["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<f32> = rf["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().clone())
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let mut cache = m.new_cache();
+        let h = m.forward(&ids, &mut cache).unwrap();
+        let d = max_diff(&m.logits(&h, ids.len()), &want);
+        assert!(d < 1e-3, "{case}: merged vs peft logits differ by {d}");
+        std::fs::remove_dir_all(&out).ok();
+    }
+}

@@ -49,6 +49,10 @@ pub struct Convert {
     /// a token reads). transformers expects a bf16 head: such a folder is for dsv3.
     #[arg(long)]
     pub quantize_head: bool,
+    /// Fold the LoRA adapters of this PEFT folder (dsv3's or peft's) into the weights:
+    /// `W + scale·B·A`, then stored in --format.
+    #[arg(long)]
+    pub merge_lora: Option<PathBuf>,
     /// Budget for conversion buffers (e.g. 512M, 4G); tensors are streamed in bands of rows.
     #[arg(long, default_value = "1G")]
     pub max_memory: String,
@@ -58,6 +62,10 @@ pub struct Convert {
 
 pub fn run(a: &Convert) -> Result<()> {
     if dsv3_model::gguf::is_gguf(&a.to) {
+        anyhow::ensure!(
+            a.merge_lora.is_none(),
+            "--merge-lora writes folders: merge into one (--format f32 or bf16), then convert that to GGUF"
+        );
         anyhow::ensure!(
             !a.quantize_head,
             "--quantize-head is for folders: a GGUF's q8_0/q6_k/q*_k_m formats quantize the head already"
@@ -76,7 +84,15 @@ pub fn run(a: &Convert) -> Result<()> {
     };
     let budget = parse_size(&a.max_memory).context("--max-memory")?;
     let t = std::time::Instant::now();
-    let r = dsv3_model::convert::convert(&a.from, &a.to, target, a.quantize_head, budget)?;
+    let adapters = match &a.merge_lora {
+        Some(dir) => {
+            let ck = dsv3_model::weights::Checkpoint::open(&a.from)?;
+            let shapes = dsv3_model::convert::linear_shapes(&ck);
+            Some(dsv3_model::lora::read_peft(dir, &shapes).with_context(|| format!("--merge-lora {}", dir.display()))?)
+        }
+        None => None,
+    };
+    let r = dsv3_model::convert::convert_merging(&a.from, &a.to, target, a.quantize_head, budget, adapters.as_ref())?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
