@@ -24,6 +24,9 @@ pub struct Exec<'a> {
     /// Sparse attention ignores the indexer's choice and attends densely (DSA's warm-up, where
     /// only the indexer trains, towards the dense attention).
     pub dense_attention: bool,
+    /// Serving several LoRA adapters in one batch: the served adapter of each row the `Linear`s
+    /// see (0: none; `k`: each `Linear`'s `served[k - 1]`).
+    pub adapters: Option<&'a [u16]>,
 }
 
 impl std::fmt::Debug for Exec<'_> {
@@ -58,13 +61,15 @@ impl<'a> Exec<'a> {
     pub fn inference(n: Inference, experts: &'a dyn ExpertDispatch) -> Self {
         let act_quant_fp8 = n.act_quant_fp8;
         let act_scale_fmt = ScaleFmt::F32;
-        Exec { gemm: Gemm::BATCH_INVARIANT, act_quant_fp8, act_scale_fmt, fp8: None, experts, dense_attention: false }
+        let gemm = Gemm::BATCH_INVARIANT;
+        Exec { gemm, act_quant_fp8, act_scale_fmt, fp8: None, experts, dense_attention: false, adapters: None }
     }
 
     /// Training: every product over many tokens on the blocked GEMM.
     pub fn training(n: Training, experts: &'a dyn ExpertDispatch) -> Self {
         let gemm = Gemm { many_token: true, bf16: n.bf16 };
         let act_scale_fmt = ScaleFmt::F32;
-        Exec { gemm, act_quant_fp8: false, act_scale_fmt, fp8: n.fp8, experts, dense_attention: n.dsa_warmup }
+        let dense_attention = n.dsa_warmup;
+        Exec { gemm, act_quant_fp8: false, act_scale_fmt, fp8: n.fp8, experts, dense_attention, adapters: None }
     }
 }

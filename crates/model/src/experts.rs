@@ -123,7 +123,18 @@ impl Moe {
             calls.push((s, xs, m));
         }
         let mut saved = record.then(Vec::new);
-        let mut ys = Mlp::forward_many(cx, &calls, saved.as_mut());
+        // Served adapters: each expert's rows keep the adapter of the token they came from (the
+        // rows are this process's tokens; expert parallelism serves no adapter).
+        let gathered: Vec<Vec<u16>> = match cx.adapters {
+            Some(a) => active.iter().map(|(_, rs)| rs.iter().map(|&r| a[r]).collect()).collect(),
+            None => vec![],
+        };
+        let mut rows: Vec<Option<&[u16]>> = gathered.iter().map(|g| Some(g.as_slice())).collect();
+        rows.resize(active.len(), None);
+        if shared.is_some() {
+            rows.push(cx.adapters);
+        }
+        let mut ys = Mlp::forward_many_rows(cx, &calls, &rows, saved.as_mut());
         let mut saved = saved.map(|v| v.into_iter().map(Some).collect::<Vec<_>>()).unwrap_or_default();
         let shared_out = shared.map(|_| {
             let s = if record { saved.pop().flatten() } else { None };

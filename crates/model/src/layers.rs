@@ -14,6 +14,9 @@ use dsv3_kernels::quant::Fp8Blocks;
 pub struct Linear {
     pub weight: Matrix,
     pub lora: Option<Box<Lora>>,
+    /// Adapters served per request (`dsv3 serve --lora`): slot `k` at `served[k - 1]`, applied to
+    /// the rows [`Exec::adapters`] gives `k`.
+    pub served: Vec<Option<Box<Lora>>>,
 }
 
 /// A low-rank adapter (LoRA, Hu et al. 2021, in PEFT's layout): `A [r, in]`, `B [out, r]`, f32
@@ -42,6 +45,33 @@ impl Lora {
         self.a.rows
     }
 
+    /// `scale·(x·Aᵀ)·Bᵀ` of each `(adapter, x [m, in], m)`: the `x·Aᵀ` of all of them as one
+    /// parallel job, then the `·Bᵀ`.
+    pub fn updates(cx: &Exec, jobs: &[(&Lora, &[f32], usize)]) -> Vec<Vec<f32>> {
+        if jobs.is_empty() {
+            return vec![];
+        }
+        let mut xa: Vec<Vec<f32>> = jobs.iter().map(|&(a, _, m)| vec![0f32; m * a.rank()]).collect();
+        let mut nt: Vec<NtJob> = jobs
+            .iter()
+            .zip(xa.iter_mut())
+            .map(|(&(a, x, m), y)| NtJob { w: a.a.view(), rows: 0..a.rank(), x, m, y })
+            .collect();
+        matmul_nt_batch(&mut nt, cx.gemm);
+        let mut up: Vec<Vec<f32>> = jobs.iter().map(|&(a, _, m)| vec![0f32; m * a.b.rows]).collect();
+        let mut nt: Vec<NtJob> = jobs
+            .iter()
+            .zip(xa.iter())
+            .zip(up.iter_mut())
+            .map(|((&(a, _, m), x), y)| NtJob { w: a.b.view(), rows: 0..a.b.rows, x, m, y })
+            .collect();
+        matmul_nt_batch(&mut nt, cx.gemm);
+        for (u, &(a, _, _)) in up.iter_mut().zip(jobs) {
+            u.iter_mut().for_each(|v| *v *= a.scale);
+        }
+        up
+    }
+
     /// `scale·B·A [out, in]`: what merging adds to the weight.
     pub fn delta(&self) -> Vec<f32> {
         let mut d = vec![0f32; self.b.rows * self.a.cols];
@@ -64,7 +94,7 @@ impl Lora {
 
 impl Linear {
     pub fn new(weight: Matrix) -> Self {
-        Linear { weight, lora: None }
+        Linear { weight, lora: None, served: vec![] }
     }
 
     pub fn load(ck: &Checkpoint, prefix: &str, out_dim: usize, in_dim: usize, block: [usize; 2]) -> Result<Self> {
@@ -83,36 +113,51 @@ impl Linear {
     /// Several `Linear`s, each on its own `[m, in]` input, as one parallel job (decode-time
     /// matrices are small; waking the threads once for all of them is cheaper).
     pub fn forward_many(cx: &Exec, calls: &[(&Linear, &[f32], usize)]) -> Vec<Vec<f32>> {
+        Linear::forward_many_rows(cx, calls, &vec![cx.adapters; calls.len()])
+    }
+
+    /// [`Self::forward_many`] with each call's rows' served adapters given (`rows[i]`: call `i`'s,
+    /// one per row of its input).
+    pub fn forward_many_rows(cx: &Exec, calls: &[(&Linear, &[f32], usize)], rows: &[Option<&[u16]>]) -> Vec<Vec<f32>> {
         let mut ys = Linear::base_many(cx, calls);
         Linear::add_lora(cx, calls, &mut ys);
+        for (i, &(l, x, m)) in calls.iter().enumerate() {
+            if let (false, Some(slots)) = (l.served.is_empty(), rows[i]) {
+                assert_eq!(slots.len(), m, "a served adapter per row");
+                l.add_served(cx, x, slots, &mut ys[i]);
+            }
+        }
         ys
     }
 
-    /// The adapters' `scale·(x·Aᵀ)·Bᵀ` of the calls that have one, added into their outputs: the
-    /// `x·Aᵀ` of all of them as one parallel job, then the `·Bᵀ`.
+    /// The adapters' `scale·(x·Aᵀ)·Bᵀ` of the calls that have one, added into their outputs.
     fn add_lora(cx: &Exec, calls: &[(&Linear, &[f32], usize)], ys: &mut [Vec<f32>]) {
-        let with: Vec<(usize, &Lora)> =
-            calls.iter().enumerate().filter_map(|(i, (l, _, _))| l.lora.as_deref().map(|a| (i, a))).collect();
-        if with.is_empty() {
-            return;
+        let with: Vec<(usize, (&Lora, &[f32], usize))> =
+            calls.iter().enumerate().filter_map(|(i, &(l, x, m))| l.lora.as_deref().map(|a| (i, (a, x, m)))).collect();
+        let jobs: Vec<(&Lora, &[f32], usize)> = with.iter().map(|w| w.1).collect();
+        for ((i, _), u) in with.iter().zip(Lora::updates(cx, &jobs)) {
+            ys[*i].iter_mut().zip(&u).for_each(|(y, u)| *y += u);
         }
-        let mut xa: Vec<Vec<f32>> = with.iter().map(|&(i, a)| vec![0f32; calls[i].2 * a.rank()]).collect();
-        let mut jobs: Vec<NtJob> = with
+    }
+
+    /// The served adapters' updates on the rows that chose one: each adapter over its rows.
+    fn add_served(&self, cx: &Exec, x: &[f32], slots: &[u16], y: &mut [f32]) {
+        let (inp, out) = (self.weight.cols, self.weight.rows);
+        let groups: Vec<(&Lora, Vec<usize>, Vec<f32>)> = self
+            .served
             .iter()
-            .zip(xa.iter_mut())
-            .map(|(&(i, a), y)| NtJob { w: a.a.view(), rows: 0..a.rank(), x: calls[i].1, m: calls[i].2, y })
+            .enumerate()
+            .filter_map(|(k, a)| {
+                let rows: Vec<usize> = (0..slots.len()).filter(|&r| slots[r] as usize == k + 1).collect();
+                let xs = rows.iter().flat_map(|&r| x[r * inp..(r + 1) * inp].iter().copied()).collect();
+                a.as_deref().filter(|_| !rows.is_empty()).map(|a| (a, rows, xs))
+            })
             .collect();
-        matmul_nt_batch(&mut jobs, cx.gemm);
-        let mut up: Vec<Vec<f32>> = with.iter().map(|&(i, a)| vec![0f32; calls[i].2 * a.b.rows]).collect();
-        let mut jobs: Vec<NtJob> = with
-            .iter()
-            .zip(xa.iter())
-            .zip(up.iter_mut())
-            .map(|((&(i, a), x), y)| NtJob { w: a.b.view(), rows: 0..a.b.rows, x, m: calls[i].2, y })
-            .collect();
-        matmul_nt_batch(&mut jobs, cx.gemm);
-        for ((i, a), u) in with.into_iter().zip(up) {
-            ys[i].iter_mut().zip(&u).for_each(|(y, u)| *y += a.scale * u);
+        let jobs: Vec<(&Lora, &[f32], usize)> = groups.iter().map(|(a, r, xs)| (*a, xs.as_slice(), r.len())).collect();
+        for ((_, rows, _), u) in groups.iter().zip(Lora::updates(cx, &jobs)) {
+            for (i, &r) in rows.iter().enumerate() {
+                y[r * out..(r + 1) * out].iter_mut().zip(&u[i * out..(i + 1) * out]).for_each(|(y, u)| *y += u);
+            }
         }
     }
 
@@ -238,14 +283,26 @@ impl Mlp {
         calls: &[(&Mlp, &[f32], usize)],
         saved: Option<&mut Vec<MlpSaved>>,
     ) -> Vec<Vec<f32>> {
+        Mlp::forward_many_rows(cx, calls, &vec![cx.adapters; calls.len()], saved)
+    }
+
+    /// [`Self::forward_many`] with each call's rows' served adapters given (routed experts run on
+    /// a selection of the batch's rows).
+    pub fn forward_many_rows(
+        cx: &Exec,
+        calls: &[(&Mlp, &[f32], usize)],
+        rows: &[Option<&[u16]>],
+        saved: Option<&mut Vec<MlpSaved>>,
+    ) -> Vec<Vec<f32>> {
         let gate_up: Vec<(&Linear, &[f32], usize)> =
             calls.iter().flat_map(|&(mlp, x, m)| [(&mlp.gate_proj, x, m), (&mlp.up_proj, x, m)]).collect();
-        let gu = Linear::forward_many(cx, &gate_up);
+        let pair_rows: Vec<Option<&[u16]>> = rows.iter().flat_map(|&r| [r, r]).collect();
+        let gu = Linear::forward_many_rows(cx, &gate_up, &pair_rows);
         let hidden: Vec<Vec<f32>> =
             gu.chunks_exact(2).map(|p| p[0].iter().zip(&p[1]).map(|(&g, &u)| silu(g) * u).collect()).collect();
         let down: Vec<(&Linear, &[f32], usize)> =
             calls.iter().zip(&hidden).map(|(&(mlp, _, m), h)| (&mlp.down_proj, h.as_slice(), m)).collect();
-        let ys = Linear::forward_many(cx, &down);
+        let ys = Linear::forward_many_rows(cx, &down, rows);
         if let Some(saved) = saved {
             let mut gu = gu.into_iter();
             for (&(_, x, m), hidden) in calls.iter().zip(hidden) {

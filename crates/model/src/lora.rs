@@ -392,6 +392,28 @@ impl DeepseekV3 {
         Ok(adapters.config)
     }
 
+    /// Adds the adapters of a PEFT folder as a served one, beside the others and the base: the
+    /// sequences [`DeepseekV3::forward_batch_adapted`] gives the returned slot run through them.
+    pub fn serve_adapter(&mut self, dir: &Path) -> Result<u16> {
+        let slot = self.served_adapters + 1;
+        if slot > u16::MAX as usize {
+            return Err(ModelError::Input("too many served adapters".into()));
+        }
+        let mut linears: std::collections::HashMap<String, &mut crate::layers::Linear> =
+            self.linears_mut().into_iter().collect();
+        let shapes: std::collections::HashMap<String, (usize, usize)> =
+            linears.iter().map(|(n, l)| (n.clone(), (l.weight.rows, l.weight.cols))).collect();
+        let adapters = read_peft(dir, &|m| shapes.get(m).copied())?;
+        for (m, a) in adapters.modules {
+            if let Some(l) = linears.get_mut(&m) {
+                l.served.resize_with(slot, || None);
+                l.served[slot - 1] = Some(Box::new(a));
+            }
+        }
+        self.served_adapters = slot;
+        Ok(slot as u16)
+    }
+
     /// Folds every adapter into its weight (`W += scale·B·A`, as f32) and removes it.
     pub fn merge_lora(&mut self) -> usize {
         let mut merged = 0;

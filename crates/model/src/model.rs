@@ -180,6 +180,8 @@ pub struct DeepseekV3 {
     pub training: crate::exec::Training,
     /// Where the routed experts run ([`crate::experts::Local`] unless set from outside).
     experts: Arc<dyn ExpertDispatch>,
+    /// LoRA adapters served per request ([`Self::serve_adapter`]): slots `1..=served_adapters`.
+    pub served_adapters: usize,
 }
 
 impl DeepseekV3 {
@@ -256,6 +258,7 @@ impl DeepseekV3 {
             inference: Default::default(),
             training: Default::default(),
             experts: Arc::new(crate::experts::Local),
+            served_adapters: 0,
         };
         model.check_unused(ck)?;
         Ok(model)
@@ -385,6 +388,16 @@ impl DeepseekV3 {
     /// post-final-norm states, bit-identical to [`Self::forward`] on it alone (the GEMV kernel's
     /// per-token sums do not depend on the other tokens).
     pub fn forward_batch(&self, seqs: &mut [(&[u32], &mut KvCache)]) -> Result<Vec<Vec<f32>>> {
+        self.forward_batch_adapted(seqs, None)
+    }
+
+    /// [`Self::forward_batch`] with each sequence's served LoRA adapter (`adapters[i]`: 0 for the
+    /// base model, `k` for the one [`Self::serve_adapter`] gave slot `k`): one pass for all.
+    pub fn forward_batch_adapted(
+        &self,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        adapters: Option<&[u16]>,
+    ) -> Result<Vec<Vec<f32>>> {
         let d = self.config.hidden_size;
         if seqs.iter().any(|(_, c)| c.layers.len() != self.layers.len()) {
             return Err(ModelError::Input("cache was made for another model".into()));
@@ -392,7 +405,17 @@ impl DeepseekV3 {
         let lens: Vec<usize> = seqs.iter().map(|(t, _)| t.len()).collect();
         let tokens: Vec<u32> = seqs.iter().flat_map(|(t, _)| t.iter().copied()).collect();
         let mut h = self.embed(&tokens)?;
-        let cx = self.exec();
+        let rows: Option<Vec<u16>> = match adapters {
+            Some(a) if a.len() != seqs.len() => {
+                return Err(ModelError::Input(format!("{} adapters for {} sequences", a.len(), seqs.len())))
+            }
+            Some(a) if a.iter().any(|&k| k as usize > self.served_adapters) => {
+                return Err(ModelError::Input(format!("adapter slots {a:?}: {} are served", self.served_adapters)))
+            }
+            Some(a) => Some(a.iter().zip(&lens).flat_map(|(&k, &t)| std::iter::repeat_n(k, t)).collect()),
+            None => None,
+        };
+        let cx = Exec { adapters: rows.as_deref(), ..self.exec() };
         in_pool(|| {
             for (l, layer) in self.layers.iter().enumerate() {
                 let mut caches: Vec<&mut LatentCache> = seqs.iter_mut().map(|(_, c)| &mut c.layers[l]).collect();

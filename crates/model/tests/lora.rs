@@ -259,3 +259,57 @@ fn adapters_merged_by_convert_give_the_adapted_logits() {
         std::fs::remove_dir_all(&out).ok();
     }
 }
+
+/// Serving: sequences of two adapters and of the base in one batch, each as its own model
+/// computes it alone — prefill and decode, attention, dense, shared and routed experts adapted.
+#[test]
+fn served_adapters_in_one_batch_equal_each_model_alone() {
+    let dir = std::env::temp_dir().join(format!("dsv3-served-{}", std::process::id()));
+    let mut dirs = vec![];
+    for (i, cfg) in
+        [every_kind(), LoraConfig { rank: 2, alpha: 4.0, targets: vec!["o_proj".into()] }].iter().enumerate()
+    {
+        let mut m = model("served-src", StoreDtype::Bf16);
+        adapt(&mut m, cfg);
+        let d = dir.join(format!("a{i}"));
+        m.write_peft(&d, cfg, "base").unwrap();
+        dirs.push(d);
+    }
+    let mut server = model("served-base", StoreDtype::Bf16);
+    assert_eq!((server.serve_adapter(&dirs[0]).unwrap(), server.serve_adapter(&dirs[1]).unwrap()), (1, 2));
+    let alone = |slot: u16| {
+        let mut m = model("served-alone", StoreDtype::Bf16);
+        if slot > 0 {
+            m.load_peft(&dirs[slot as usize - 1]).unwrap();
+        }
+        m
+    };
+    let prompts: [Vec<u32>; 3] = [vec![3, 9, 27, 17], vec![5, 1], vec![40, 41, 42]];
+    let slots = [1u16, 0, 2];
+    let mut caches: Vec<dsv3_model::KvCache> = (0..3).map(|_| server.new_cache()).collect();
+    let mut got: Vec<Vec<f32>> = vec![vec![]; 3];
+    for step in 0..3 {
+        let toks: Vec<Vec<u32>> = match step {
+            0 => prompts.to_vec(),
+            _ => (0..3).map(|i| vec![(step * 11 + i) as u32]).collect(),
+        };
+        let mut batch: Vec<(&[u32], &mut dsv3_model::KvCache)> =
+            toks.iter().map(|t| t.as_slice()).zip(caches.iter_mut()).collect();
+        for (i, h) in server.forward_batch_adapted(&mut batch, Some(&slots)).unwrap().into_iter().enumerate() {
+            got[i].extend(h);
+        }
+    }
+    for (i, &slot) in slots.iter().enumerate() {
+        let m = alone(slot);
+        let mut cache = m.new_cache();
+        let mut want = m.forward(&prompts[i], &mut cache).unwrap();
+        for step in 1..3 {
+            want.extend(m.forward(&[(step * 11 + i) as u32], &mut cache).unwrap());
+        }
+        let d = max_diff(&got[i], &want);
+        assert!(d < 1e-5, "sequence {i} (adapter {slot}): batched vs alone differ by {d}");
+    }
+    let mut one = [(&prompts[0][..], &mut server.new_cache())];
+    assert!(server.forward_batch_adapted(&mut one, Some(&[3])).is_err(), "an unknown slot is refused");
+    std::fs::remove_dir_all(&dir).ok();
+}

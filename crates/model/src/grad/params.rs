@@ -38,7 +38,7 @@ fn tensors<'a>(name: String, slot: Slot<'a>) -> Vec<(String, Tensor<'a>)> {
     match slot {
         Slot::Matrix(m) => vec![(name, Tensor::Matrix(m))],
         Slot::Vector(v) => vec![(name, Tensor::Vector(v))],
-        Slot::Linear(Linear { weight, lora }) => {
+        Slot::Linear(Linear { weight, lora, .. }) => {
             let mut t = vec![(format!("{name}.weight"), Tensor::Matrix(weight))];
             if let Some(l) = lora {
                 t.push((format!("{name}.lora_A.weight"), Tensor::Matrix(&mut l.a)));
