@@ -28,6 +28,9 @@ pub struct Lora {
     pub scale: f32,
 }
 
+/// An adapter's update to compute: the adapter, its input `[m, in]` and `m`.
+pub type LoraJob<'a> = (&'a Lora, &'a [f32], usize);
+
 impl Lora {
     /// PEFT's initialization: `A` uniform in `±1/√in` (Kaiming-uniform with `a = √5`), `B = 0`, so
     /// the adapted layer starts equal to the base.
@@ -47,7 +50,7 @@ impl Lora {
 
     /// `scale·(x·Aᵀ)·Bᵀ` of each `(adapter, x [m, in], m)`: the `x·Aᵀ` of all of them as one
     /// parallel job, then the `·Bᵀ`.
-    pub fn updates(cx: &Exec, jobs: &[(&Lora, &[f32], usize)]) -> Vec<Vec<f32>> {
+    pub fn updates(cx: &Exec, jobs: &[LoraJob]) -> Vec<Vec<f32>> {
         if jobs.is_empty() {
             return vec![];
         }
@@ -132,9 +135,9 @@ impl Linear {
 
     /// The adapters' `scale·(x·Aᵀ)·Bᵀ` of the calls that have one, added into their outputs.
     fn add_lora(cx: &Exec, calls: &[(&Linear, &[f32], usize)], ys: &mut [Vec<f32>]) {
-        let with: Vec<(usize, (&Lora, &[f32], usize))> =
+        let with: Vec<(usize, LoraJob)> =
             calls.iter().enumerate().filter_map(|(i, &(l, x, m))| l.lora.as_deref().map(|a| (i, (a, x, m)))).collect();
-        let jobs: Vec<(&Lora, &[f32], usize)> = with.iter().map(|w| w.1).collect();
+        let jobs: Vec<LoraJob> = with.iter().map(|w| w.1).collect();
         for ((i, _), u) in with.iter().zip(Lora::updates(cx, &jobs)) {
             ys[*i].iter_mut().zip(&u).for_each(|(y, u)| *y += u);
         }
@@ -153,7 +156,7 @@ impl Linear {
                 a.as_deref().filter(|_| !rows.is_empty()).map(|a| (a, rows, xs))
             })
             .collect();
-        let jobs: Vec<(&Lora, &[f32], usize)> = groups.iter().map(|(a, r, xs)| (*a, xs.as_slice(), r.len())).collect();
+        let jobs: Vec<LoraJob> = groups.iter().map(|(a, r, xs)| (*a, xs.as_slice(), r.len())).collect();
         for ((_, rows, _), u) in groups.iter().zip(Lora::updates(cx, &jobs)) {
             for (i, &r) in rows.iter().enumerate() {
                 y[r * out..(r + 1) * out].iter_mut().zip(&u[i * out..(i + 1) * out]).for_each(|(y, u)| *y += u);

@@ -343,9 +343,9 @@ impl Mla {
         for s in (0..lens.len()).filter(|&s| lens[s] > 0 && !absorbed(lens[s])) {
             let (t, r0) = (lens[s], offsets[s]);
             // A sequence's rows share its served adapter: its cached latents expand through it.
-            let slot = cx.adapters.map(|a| a[r0]);
-            let os =
-                self.attend_naive(cx, &p.q[r0 * h * dq..(r0 + t) * h * dq], t, starts[s], caches[s], &sel[s], slot);
+            let slots = cx.adapters.map(|a| vec![a[r0]; caches[s].len()]);
+            let cxs = Exec { adapters: slots.as_deref(), ..*cx };
+            let os = self.attend_naive(&cxs, &p.q[r0 * h * dq..(r0 + t) * h * dq], t, starts[s], caches[s], &sel[s]);
             o[r0 * h * dv..(r0 + t) * h * dv].copy_from_slice(&os);
         }
         o
@@ -362,13 +362,11 @@ impl Mla {
         start: usize,
         cache: &LatentCache,
         sel: &[Option<Vec<usize>>],
-        slot: Option<u16>,
     ) -> Vec<f32> {
         let (h, dq, dv, s_all) = (self.heads, self.dn + self.dr, self.dv, cache.len());
         let (c_kv, k_pe) = cache.contiguous();
         // [S, H, dn+dv]
-        let slots = slot.map(|k| vec![k; s_all]);
-        let kv = self.joint_kv_b().forward(&Exec { adapters: slots.as_deref(), ..*cx }, &c_kv, s_all);
+        let kv = self.joint_kv_b().forward(cx, &c_kv, s_all);
         let per: Vec<Vec<f32>> = (0..h)
             .into_par_iter()
             .map(|hh| {

@@ -34,6 +34,8 @@ pub struct GenRequest {
     pub min_tokens: usize,
     /// A grammar the output must follow (structured output, forced tool calls).
     pub constraint: Option<Constraint>,
+    /// The served LoRA adapter (`--lora`) the request runs through: 0 for the base model.
+    pub adapter: u16,
 }
 
 impl GenRequest {
@@ -45,6 +47,7 @@ impl GenRequest {
             && self.min_tokens == 0
             && self.sampling.penalties.is_neutral()
             && self.constraint.is_none()
+            && self.adapter == 0
     }
 }
 
@@ -339,7 +342,9 @@ impl Scheduler<'_> {
             let Some(job) = self.waiting.front() else { break };
             let speculative = config.mtp_speculative > 0 && job.req.plain();
             // Prompt log-probs need every prompt position run, so nothing is reused for them.
-            let looked = config.prefix_cache && !speculative && job.req.prompt_logprobs.is_none();
+            // Cached prefixes hold the base model's latents: an adapter's differ.
+            let looked =
+                config.prefix_cache && !speculative && job.req.prompt_logprobs.is_none() && job.req.adapter == 0;
             let reuse = if looked { self.prefixes.lookup(&job.req.prompt, config.prefill_chunk) } else { vec![] };
             let need = blocks_for(job.req.prompt.len() + job.req.max_tokens, &config)
                 .saturating_sub(reuse.len() * model.layers.len());
@@ -434,13 +439,15 @@ impl Scheduler<'_> {
                 }
             }
         }
+        let adapters: Vec<u16> = batched.iter().map(|&i| self.running[i].job.req.adapter).collect();
         let (states, masks) = std::thread::scope(|scope| {
             let masking = (!grammars.is_empty())
                 .then(|| scope.spawn(|| grammars.iter_mut().map(|(i, c)| (*i, c.mask())).collect::<Vec<_>>()));
             let mut caches = disjoint_caches(&mut self.running, &batched);
             let mut batch: Vec<(&[u32], &mut KvCache)> =
                 chunks.iter().map(|c| c.as_slice()).zip(caches.drain(..)).collect();
-            let states = if batch.is_empty() { Ok(vec![]) } else { model.forward_batch(&mut batch) };
+            let adapted = adapters.iter().any(|&a| a > 0).then_some(adapters.as_slice());
+            let states = if batch.is_empty() { Ok(vec![]) } else { model.forward_batch_adapted(&mut batch, adapted) };
             let masks = masking.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
             (states, masks)
         });
@@ -477,7 +484,7 @@ impl Scheduler<'_> {
                 if s.prefilled < s.job.req.prompt.len() {
                     continue; // more prompt to go
                 }
-                if config.prefix_cache && !s.speculative(k) {
+                if config.prefix_cache && !s.speculative(k) && s.job.req.adapter == 0 {
                     self.prefixes.insert(&s.job.req.prompt, &s.cache);
                 }
                 if s.job.req.max_tokens == 0 {

@@ -22,6 +22,11 @@ impl ApiError {
     }
 
     /// A 400 naming the field at fault.
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
+
     pub fn bad(message: impl Into<String>, param: Option<&str>) -> Self {
         ApiError {
             param: param.map(str::to_string),

@@ -37,6 +37,8 @@ pub struct ServeOptions {
     pub extra_metrics: Option<MetricsHook>,
     /// Connection limits and deadlines.
     pub http: http::HttpLimits,
+    /// Names of the LoRA adapters the model serves (its slots 1, 2, …), selected by `model`.
+    pub adapters: Vec<String>,
 }
 
 /// Extra Prometheus lines appended to `/metrics`.
@@ -63,6 +65,7 @@ impl Default for ServeOptions {
             prefix_cache: false,
             extra_metrics: None,
             http: http::HttpLimits::default(),
+            adapters: vec![],
         }
     }
 }
@@ -104,6 +107,7 @@ pub fn build(
         http: o.http.clone(),
         grammars: Default::default(),
         format,
+        adapters: o.adapters.clone(),
     });
     if state.tokenizer.is_some() {
         // The grammar engine's token trie (~0.7 s for a 129K vocabulary), built off the request

@@ -53,6 +53,26 @@ pub struct Serve {
     /// Open connections at most; more wait until one closes.
     #[arg(long, default_value_t = 512)]
     pub max_connections: usize,
+    /// Serve a LoRA adapter folder (PEFT's layout: dsv3's or peft's) as model NAME beside the
+    /// base (repeatable); a request's `model` field picks one, and requests for different
+    /// adapters and the base decode in the same batch.
+    #[arg(long, value_name = "NAME=DIR")]
+    pub lora: Vec<String>,
+}
+
+/// `--lora NAME=DIR` values: names non-empty, distinct, and not the base model's.
+fn lora_flags(flags: &[String], base: &str) -> Result<Vec<(String, std::path::PathBuf)>> {
+    let mut out: Vec<(String, std::path::PathBuf)> = vec![];
+    for f in flags {
+        let Some((name, dir)) = f.split_once('=').filter(|(n, d)| !n.is_empty() && !d.is_empty()) else {
+            bail!("--lora {f}: NAME=DIR");
+        };
+        if name == base || out.iter().any(|(n, _)| n == name) {
+            bail!("--lora {f}: the name {name} is taken (the base model is {base})");
+        }
+        out.push((name.to_string(), dir.into()));
+    }
+    Ok(out)
 }
 
 /// `dsv3 serve`'s connection limits from its flags.
@@ -105,7 +125,18 @@ pub fn run(a: &Serve, cluster: &Cluster) -> Result<()> {
     // Before the model: once the expert service runs, it alone speaks on the world's
     // communicator.
     let (port, front) = if a.data_parallel { data_parallel_ports(a, cluster)? } else { (a.port, None) };
-    let Some(l) = load(&a.model, cluster, a.data_parallel)? else { return Ok(()) };
+    let Some(mut l) = load(&a.model, cluster, a.data_parallel)? else { return Ok(()) };
+    let name = l.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dsv3".into());
+    let loras = lora_flags(&a.lora, &name)?;
+    if !loras.is_empty() {
+        let m = std::sync::Arc::get_mut(&mut l.model)
+            .filter(|_| !a.model.ep.expert_parallel)
+            .context("--lora with --expert-parallel is not supported yet (remote experts see no adapter)")?;
+        for (n, dir) in &loras {
+            let slot = m.serve_adapter(dir).with_context(|| format!("--lora {n}={}", dir.display()))?;
+            eprintln!("dsv3 serve: adapter {n} ({}) as slot {slot}", dir.display());
+        }
+    }
     let model = l.model.clone();
     if a.mtp_speculative > 0 && model.mtp.is_empty() {
         bail!("--mtp-speculative: {} has no MTP module", l.dir.display());
@@ -129,10 +160,10 @@ pub fn run(a: &Serve, cluster: &Cluster) -> Result<()> {
         prefix_cache: a.prefix_cache,
         extra_metrics: l.metrics_hook(),
         http,
+        adapters: loras.into_iter().map(|(n, _)| n).collect(),
     };
     let tok = tokenizer(&l.dir)?;
     let eos = eos_ids(&l.dir, &model, tok.as_ref());
-    let name = l.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dsv3".into());
     let (state, engine) = dsv3_serve::build(&name, model, tok, eos, &o);
     let addr: std::net::SocketAddr = format!("{}:{}", o.host, o.port).parse().context("--host/--port")?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

@@ -25,6 +25,8 @@ use std::convert::Infallible;
 
 #[derive(Deserialize)]
 struct MessagesBody {
+    #[serde(default)]
+    model: Option<String>,
     max_tokens: Option<usize>,
     messages: Vec<Value>,
     #[serde(default)]
@@ -142,7 +144,7 @@ async fn answer(st: Shared, headers: HeaderMap, body: Bytes) -> Result<Response,
     let Rendered { prompt, text, tools, choice, schema } = render(&st, &b)?;
     let tok = st.tokenizer.as_ref().ok_or_else(|| ApiError::bad("this model has no tokenizer", Some("messages")))?;
     let common: Common = serde_json::from_value(json!({
-        "max_tokens": max_tokens, "temperature": b.temperature, "top_p": b.top_p, "top_k": b.top_k,
+        "model": b.model, "max_tokens": max_tokens, "temperature": b.temperature, "top_p": b.top_p, "top_k": b.top_k,
         "stop": b.stop_sequences.unwrap_or_default(),
     }))
     .map_err(|e| ApiError::bad(format!("invalid request: {e}"), None))?;
@@ -159,10 +161,11 @@ async fn answer(st: Shared, headers: HeaderMap, body: Bytes) -> Result<Response,
     let eos_text: Vec<String> =
         if keep_special { req.stop_ids.iter().filter_map(|&i| tok.decode(&[i], false).ok()).collect() } else { vec![] };
     let input_tokens = req.prompt.len();
+    let model = st.name_of(req.adapter);
     let rx = submit(&st, req)?;
     let msg = Msg {
         id: format!("msg_{:016x}", now() ^ (&rx as *const _ as u64).rotate_left(17)),
-        model: st.model_name.clone(),
+        model,
         input_tokens,
         parse: Parse { eos_text, thinking, forced, format: st.format },
     };

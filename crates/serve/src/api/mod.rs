@@ -44,6 +44,34 @@ pub struct AppState {
     pub format: crate::tools::ChatFormat,
     /// The grammar engine over the vocabulary, built on the first constrained request.
     pub grammars: std::sync::OnceLock<Result<Arc<crate::grammar::Grammars>, String>>,
+    /// The LoRA adapters served beside the base, by name: adapter slot `k` is `adapters[k - 1]`.
+    pub adapters: Vec<String>,
+}
+
+impl AppState {
+    /// The served adapter a request's `model` names: 0 for the base (its name, or none given).
+    /// With adapters served, any other name is a 404, as vLLM answers; without, the field is
+    /// not checked (clients send their own labels).
+    pub fn adapter_of(&self, model: Option<&str>) -> Result<u16, ApiError> {
+        let Some(m) = model.filter(|m| *m != self.model_name && !self.adapters.is_empty()) else { return Ok(0) };
+        match self.adapters.iter().position(|a| a == m) {
+            Some(i) => Ok(i as u16 + 1),
+            None => Err(ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found_error",
+                format!("The model `{m}` does not exist (served: {}, {}).", self.model_name, self.adapters.join(", ")),
+            )
+            .with_param("model")),
+        }
+    }
+
+    /// The name a response gives the model that answered.
+    pub fn name_of(&self, adapter: u16) -> String {
+        match adapter {
+            0 => self.model_name.clone(),
+            k => self.adapters[k as usize - 1].clone(),
+        }
+    }
 }
 
 type Shared = Arc<AppState>;
@@ -189,11 +217,15 @@ fn stream_mode(c: &Common) -> Option<bool> {
 
 async fn models(State(st): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
     check_key(&st, &headers)?;
-    Ok(Json(
-        json!({"object": "list", "data": [{"id": st.model_name, "object": "model", "created": 0, "owned_by": "dsv3",
-        "max_model_len": st.model.config.max_position_embeddings, "chat_format": st.format.name()}]}),
-    )
-    .into_response())
+    let ctx = st.model.config.max_position_embeddings;
+    let mut data = vec![json!({"id": st.model_name, "object": "model", "created": 0, "owned_by": "dsv3",
+        "root": st.model_name, "parent": null, "max_model_len": ctx, "chat_format": st.format.name()})];
+    // vLLM lists each LoRA adapter as a model whose parent is the base.
+    data.extend(st.adapters.iter().map(|a| {
+        json!({"id": a, "object": "model", "created": 0, "owned_by": "dsv3", "root": a, "parent": st.model_name,
+            "max_model_len": ctx, "chat_format": st.format.name()})
+    }));
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
 #[derive(Deserialize)]

@@ -39,6 +39,9 @@ impl Stop {
 /// The sampling fields both endpoints share.
 #[derive(Deserialize)]
 pub(super) struct Common {
+    /// The served model: the base, or a LoRA adapter's name (`dsv3 serve --lora NAME=DIR`).
+    #[serde(default)]
+    pub(super) model: Option<String>,
     #[serde(default)]
     pub(super) max_tokens: Option<usize>,
     #[serde(default)]
@@ -274,6 +277,7 @@ impl std::ops::Deref for Base {
 
 fn gen_request(st: &AppState, c: &Common, a: &Asks) -> Result<Base, ApiError> {
     c.unsupported.check()?;
+    let adapter = st.adapter_of(c.model.as_deref())?;
     let (field, asked) = match (c.max_completion_tokens, c.max_tokens) {
         (Some(m), _) => ("max_completion_tokens", Some(m)),
         (None, m) => ("max_tokens", m),
@@ -338,6 +342,7 @@ fn gen_request(st: &AppState, c: &Common, a: &Asks) -> Result<Base, ApiError> {
         prompt_logprobs: c.prompt_logprobs.or(a.logprobs.filter(|_| a.echo)),
         min_tokens,
         constraint: None,
+        adapter,
     };
     Ok(Base { req, max_tokens: asked, field })
 }

@@ -120,6 +120,7 @@ pub(super) async fn run(st: Shared, plan: Plan, stream: Option<bool>, mode: Mode
     let show_prompt_logprobs = first.is_some_and(|r| r.prompt_logprobs.is_some()) && !(plan.echo && logprobs);
     let mut streams = tokio_stream::StreamMap::new();
     let mut choices = vec![];
+    let model = st.name_of(plan.choices.first().map_or(0, |c| c.0.adapter));
     for (index, (req, text)) in plan.choices.into_iter().enumerate() {
         let prompt = req.prompt.clone();
         let rx = submit(&st, req)?;
@@ -138,7 +139,7 @@ pub(super) async fn run(st: Shared, plan: Plan, stream: Option<bool>, mode: Mode
     let reply = Reply {
         id: format!("{kind}-{:x}", now() ^ (&streams as *const _ as u64)),
         created: now(),
-        model: st.model_name.clone(),
+        model,
         mode,
         parse: Parse { eos_text, thinking: plan.thinking, forced: plan.forced.clone(), format: st.format },
         prompt_tokens: plan.prompt_tokens,

@@ -20,6 +20,12 @@ pub fn start(o: ServeOptions) -> String {
 
 /// The same with the chat template `template`.
 pub fn start_with_template(o: ServeOptions, template: &str) -> String {
+    start_prepared(o, template, |_| {})
+}
+
+/// A copy of the fixture (`template` as its chat template), changed by `prepare` before it is
+/// served (adapters added, say).
+pub fn start_prepared(o: ServeOptions, template: &str, prepare: impl FnOnce(&mut DeepseekV3)) -> String {
     static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("dsv3-serve-{}-{n}", std::process::id()));
@@ -31,7 +37,8 @@ pub fn start_with_template(o: ServeOptions, template: &str) -> String {
         serde_json::from_str(&std::fs::read_to_string(fixture().join("tokenizer_config.json")).unwrap()).unwrap();
     tc["chat_template"] = json!(template);
     std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
-    let model = DeepseekV3::load(&dir).unwrap();
+    let mut model = DeepseekV3::load(&dir).unwrap();
+    prepare(&mut model);
     let tok = Tokenizer::from_dir(&dir).unwrap();
     let (state, _engine) = build("fixture", model, Some(tok), vec![1], &o);
     let (tx, rx) = std::sync::mpsc::channel();
