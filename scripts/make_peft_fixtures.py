@@ -8,7 +8,10 @@ Environment (CPU): the one of make_fixtures.py plus peft==0.21.2.
     python3 scripts/make_peft_fixtures.py             # writes the fixtures
     python3 scripts/make_peft_fixtures.py CASE DIR    # loads the adapters dsv3 wrote in DIR onto
                                                       # CASE's base with peft and prints the logits'
-                                                      # distance from the committed reference
+                                                      # distance from DIR/reference.json (dsv3's) or
+                                                      # the committed reference
+(DSV3_PEFT_OUT=DIR cargo test --release -p dsv3-model --test lora peft writes DIR/CASE, the fixture
+adapters as dsv3 writes them, and DIR/CASE-dsv3, adapters dsv3 made on every projection.)
 
 Each case folder holds peft's adapter_config.json and adapter_model.safetensors (attention
 projections, the dense MLP and the shared experts: transformers packs routed experts into one
@@ -87,7 +90,9 @@ def make(case):
 
 def check(case, adapter_dir):
     pm = PeftModel.from_pretrained(base_model(case), adapter_dir).eval()
-    ref = json.load(open(os.path.join(FIXTURES, "peft", case, "reference.json")))
+    # dsv3's own logits when it wrote them beside its adapters, else the committed reference.
+    own = os.path.join(adapter_dir, "reference.json")
+    ref = json.load(open(own if os.path.exists(own) else os.path.join(FIXTURES, "peft", case, "reference.json")))
     d = (logits(pm) - torch.tensor(ref["logits"])).abs().max().item()
     print(f"{case}: peft with the adapters in {adapter_dir}: max |logits - reference| = {d:.3g}")
 

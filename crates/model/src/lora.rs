@@ -185,8 +185,10 @@ struct FusedExperts {
 }
 
 /// The MoE layers whose routed experts' adapters PEFT can hold in its fused layout: every
-/// expert adapted on all three projections, `gate_proj` and `up_proj` sharing `A` (one LoRA on
-/// `gate_up_proj`, as PEFT's are), every expert alike in rank and scale.
+/// expert adapted on all three projections, alike in rank and scale. PEFT's LoRA on the fused
+/// `gate_up_proj` is gate's and up's together: one `A` when they share it (as PEFT's own are
+/// read back), else both `A`s stacked with a block-diagonal `B` (rank `2r`, α doubled: what
+/// PEFT makes of separate gate and up adapters).
 fn fused_experts(adapters: &[(&str, &Lora)]) -> Vec<FusedExperts> {
     let by_name: std::collections::HashMap<&str, &Lora> = adapters.iter().copied().collect();
     let mut owners: Vec<&str> =
@@ -204,42 +206,61 @@ fn fused_experts(adapters: &[(&str, &Lora)]) -> Vec<FusedExperts> {
                 _ => continue 'layers,
             }
         }
+        let shape = |l: &Lora| (l.rank(), l.scale);
         let [g0, _, d0] = experts[0];
-        let alike = experts.iter().all(|[g, u, d]| {
-            g.a.view().to_f32() == u.a.view().to_f32()
-                && (g.rank(), g.scale) == (u.rank(), u.scale)
-                && (g.rank(), g.scale) == (g0.rank(), g0.scale)
-                && (d.rank(), d.scale) == (d0.rank(), d0.scale)
-        });
+        let alike =
+            experts.iter().all(|[g, u, d]| shape(g) == shape(u) && shape(g) == shape(g0) && shape(d) == shape(d0));
         if !alike {
             continue;
         }
-        // Projections 0, 1, 2: gate, up, down; `parts` stacked along the output.
-        let fuse = |parts: &[usize]| -> FusedFactors {
-            let first = experts[0][parts[0]];
-            let (r, inp, n) = (first.rank(), first.a.cols, experts.len());
-            let out: usize = parts.iter().map(|&p| experts[0][p].b.rows).sum();
-            let mut a = Vec::with_capacity(r * n * inp);
-            let mut b = vec![0f32; out * r * n];
-            for (e, ex) in experts.iter().enumerate() {
-                a.extend(ex[parts[0]].a.view().to_f32());
-                let mut row0 = 0;
-                for &p in parts {
-                    let l = ex[p];
-                    let lb = l.b.view().to_f32();
-                    for o in 0..l.b.rows {
-                        for k in 0..r {
-                            b[(row0 + o) * r * n + k * n + e] = lb[o * r + k];
+        let shared = experts.iter().all(|[g, u, _]| g.a.view().to_f32() == u.a.view().to_f32());
+        // Each expert's (A_e [r, in], B_e [out, r]) of the fused tensor.
+        let gate_up: Vec<(Vec<f32>, Vec<f32>)> = experts
+            .iter()
+            .map(|[g, u, _]| {
+                let (bg, bu) = (g.b.view().to_f32(), u.b.view().to_f32());
+                match shared {
+                    true => (g.a.view().to_f32(), [bg, bu].concat()),
+                    false => {
+                        let (r, ig, iu) = (g.rank(), g.b.rows, u.b.rows);
+                        let mut b = vec![0f32; (ig + iu) * 2 * r];
+                        for o in 0..ig {
+                            b[o * 2 * r..o * 2 * r + r].copy_from_slice(&bg[o * r..(o + 1) * r]);
                         }
+                        for o in 0..iu {
+                            b[(ig + o) * 2 * r + r..(ig + o + 1) * 2 * r].copy_from_slice(&bu[o * r..(o + 1) * r]);
+                        }
+                        ([g.a.view().to_f32(), u.a.view().to_f32()].concat(), b)
                     }
-                    row0 += l.b.rows;
                 }
-            }
-            FusedFactors { a, a_shape: [r * n, inp], b, b_shape: [out, r * n], rank: r, alpha: first.scale * r as f32 }
-        };
-        out.push(FusedExperts { gate_up: fuse(&[0, 1]), down: fuse(&[2]), owner });
+            })
+            .collect();
+        let down: Vec<(Vec<f32>, Vec<f32>)> =
+            experts.iter().map(|[_, _, d]| (d.a.view().to_f32(), d.b.view().to_f32())).collect();
+        let r_gu = if shared { g0.rank() } else { 2 * g0.rank() };
+        out.push(FusedExperts {
+            gate_up: fuse(&gate_up, r_gu, g0.a.cols, g0.scale),
+            down: fuse(&down, d0.rank(), d0.a.cols, d0.scale),
+            owner,
+        });
     }
     out
+}
+
+/// Experts' `(A_e [r, in], B_e [out, r])` in PEFT's fused layout: `A` stacks them, `B[o, k·E + e]`.
+fn fuse(parts: &[(Vec<f32>, Vec<f32>)], r: usize, inp: usize, scale: f32) -> FusedFactors {
+    let n = parts.len();
+    let out = parts[0].1.len() / r;
+    let a: Vec<f32> = parts.iter().flat_map(|(a, _)| a.iter().copied()).collect();
+    let mut b = vec![0f32; out * r * n];
+    for (e, (_, be)) in parts.iter().enumerate() {
+        for o in 0..out {
+            for k in 0..r {
+                b[o * r * n + k * n + e] = be[o * r + k];
+            }
+        }
+    }
+    FusedFactors { a, a_shape: [r * n, inp], b, b_shape: [out, r * n], rank: r, alpha: scale * r as f32 }
 }
 
 /// For a PEFT wrapper of fused expert tensors (`….mlp.experts` or `….mlp.experts.base_layer…`):

@@ -154,6 +154,42 @@ fn peft_files_round_trip() {
     assert_eq!(fresh.load_peft(&dir).unwrap(), cfg);
     let got = decode_logits(&fresh, &ids);
     assert_eq!(max_diff(&got, &want), 0.0, "the same adapters, bit for bit");
+
+    // Every routed expert's three projections: PEFT's fused tensors (gate and up block-diagonal
+    // in gate_up_proj, rank and α doubled), read back as the same adapters.
+    let fused_dir = dir.with_extension("fused");
+    let all = LoraConfig {
+        targets: ["o_proj", "experts.*.gate_proj", "experts.*.up_proj", "experts.*.down_proj"]
+            .map(String::from)
+            .to_vec(),
+        ..cfg.clone()
+    };
+    let mut m = model("peft", StoreDtype::Bf16);
+    adapt(&mut m, &all);
+    let want = decode_logits(&m, &ids);
+    m.write_peft(&fused_dir, &all, "base").unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fused_dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(written["target_parameters"], json!(["gate_up_proj", "down_proj"]));
+    assert_eq!(
+        (written["rank_pattern"][".*\\.gate_up_proj"].as_u64(), written["alpha_pattern"][".*\\.gate_up_proj"].as_f64()),
+        (Some(8), Some(16.0))
+    );
+    let ck = dsv3_model::weights::Checkpoint::open_files(&[fused_dir.join("adapter_model.safetensors")]).unwrap();
+    // 4 experts × rank 8, over hidden 128; B over 2 × 32 intermediate rows.
+    assert_eq!(
+        ck.shape("base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight"),
+        Some(&[32usize, 128][..])
+    );
+    assert_eq!(
+        ck.shape("base_model.model.model.layers.1.mlp.experts.base_layer.lora_B.weight"),
+        Some(&[64usize, 32][..])
+    );
+    let mut fresh = model("peft", StoreDtype::Bf16);
+    fresh.load_peft(&fused_dir).unwrap();
+    let d = max_diff(&decode_logits(&fresh, &ids), &want);
+    assert!(d < 1e-5, "fused routed-expert adapters read back: logits differ by {d}");
+    std::fs::remove_dir_all(&fused_dir).ok();
     // What does not fit is refused, naming it.
     let mut other = model("peft-other", StoreDtype::Bf16);
     let cfg2 = LoraConfig { rank: 2, alpha: 2.0, targets: vec!["o_proj".into()] };
@@ -221,10 +257,42 @@ fn peft_adapters_give_the_logits_peft_gives() {
             let shape = theirs.shape(n).unwrap().to_vec();
             assert_eq!(theirs.f32s(n, &shape).unwrap(), ours.f32s(n, &shape).unwrap(), "{case}: {n}");
         }
-        if std::env::var("DSV3_PEFT_OUT").is_err() {
-            std::fs::remove_dir_all(&out).ok();
+        match std::env::var("DSV3_PEFT_OUT") {
+            Err(_) => std::fs::remove_dir_all(&out).ok(),
+            Ok(d) => Some(write_own_adapters(
+                &root.join(case),
+                &std::path::PathBuf::from(d).join(format!("{case}-dsv3")),
+                &ids,
+            )),
+        };
+    }
+}
+
+/// For scripts/make_peft_fixtures.py's reverse check: adapters as dsv3 makes them on every
+/// projection (routed experts' gate and up sharing A), random, with dsv3's logits beside them.
+fn write_own_adapters(base: &std::path::Path, out: &std::path::Path, ids: &[u32]) {
+    let mut m = DeepseekV3::load(base).unwrap();
+    // What peft 0.21 holds on transformers 5's DeepSeek-V3: attention and routed experts (it
+    // turns every *_proj of the MLPs into the fused experts' tensors, so the dense and shared
+    // MLPs get none).
+    let targets = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"].into_iter().chain([
+        "experts.*.gate_proj",
+        "experts.*.up_proj",
+        "experts.*.down_proj",
+    ]);
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, targets: targets.map(String::from).collect() };
+    m.add_lora(&cfg, 7).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    for (_, l) in m.linears_mut() {
+        if let Some(a) = &mut l.lora {
+            a.b.f32_mut().iter_mut().for_each(|v| *v = rng.gen_range(-0.1..0.1));
         }
     }
+    m.write_peft(out, &cfg, "base").unwrap();
+    let mut cache = m.new_cache();
+    let h = m.forward(ids, &mut cache).unwrap();
+    let logits: Vec<Vec<f32>> = m.logits(&h, ids.len()).chunks(m.config.vocab_size).map(|r| r.to_vec()).collect();
+    std::fs::write(out.join("reference.json"), json!({"ids": ids, "logits": logits}).to_string()).unwrap();
 }
 
 /// `convert --merge-lora`: peft's adapters folded into the stored weights give peft's logits

@@ -95,7 +95,9 @@ fn lora_sft_trains_adapters_only_and_resumes_exactly() {
     let lora = |out: PathBuf| TrainArgs {
         lora_rank: 4,
         lora_alpha: Some(8.0),
-        lora_targets: vec!["q_a_proj".into(), "kv_b_proj".into(), "o_proj".into(), "gate_proj".into()],
+        lora_targets: ["q_a_proj", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            .map(String::from)
+            .to_vec(),
         lr: 1e-2,
         ..sft_args(&pre, &data, out, 6)
     };
@@ -106,6 +108,10 @@ fn lora_sft_trains_adapters_only_and_resumes_exactly() {
     let a = base.join("a");
     let files: Vec<_> = std::fs::read_dir(&a).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(a.join("adapter_config.json").exists() && !a.join("model.safetensors").exists(), "{files:?}");
+    // Routed experts' adapters in PEFT's fused layout (gate and up block-diagonal in gate_up_proj).
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(written["target_parameters"], serde_json::json!(["gate_up_proj", "down_proj"]));
     let mut m = dsv3_model::DeepseekV3::load(&pre).unwrap();
     let cfg = m.load_peft(&a).unwrap();
     assert_eq!((cfg.rank, cfg.alpha), (4, 8.0));
