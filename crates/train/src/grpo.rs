@@ -13,7 +13,7 @@
 use crate::args::{parse_choice, Precision};
 use crate::checkpoint::{self, Files};
 use crate::optim::{OptimConfig, Optimizer, OptimizerKind};
-use crate::reward::{self, Completion, Reward, RewardKind, Score};
+use crate::reward::{self, Completion, Prompt, Reward, RewardKind, Score};
 use anyhow::{bail, Context, Result};
 use dsv3_model::grad::model::{LossWeights, Objective};
 use dsv3_model::grad::moe::Balance;
@@ -97,6 +97,13 @@ pub struct GrpoArgs {
     /// Save the policy every N steps (and always at the end).
     #[arg(long, default_value_t = 0)]
     pub save_every: u64,
+    /// Greedy answers to this many prompts scored before the first step, every --eval-every
+    /// steps and at the end (built-in task: problems of their own seed; --prompts: the file's
+    /// first ones). 0: none.
+    #[arg(long, default_value_t = 64)]
+    pub eval_prompts: usize,
+    #[arg(long, default_value_t = 10)]
+    pub eval_every: u64,
 }
 
 impl GrpoArgs {
@@ -314,6 +321,11 @@ pub struct GrpoLog {
     pub generation_seconds: f64,
     pub update_seconds: f64,
     pub elapsed_seconds: f64,
+    /// Greedy evaluation (`--eval-prompts`) after this step: mean reward and answer accuracy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_reward: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_accuracy: Option<f64>,
 }
 
 /// What a finished run reports.
@@ -326,6 +338,75 @@ pub struct GrpoSummary {
     pub samples_per_second: f64,
     /// Share of the run's time in sampling (the rest: scoring, log-probs and updates).
     pub generation_share: f64,
+    /// Greedy evaluation before the first step and after the last: (mean reward, accuracy).
+    pub eval_before: Option<(f64, Option<f64>)>,
+    pub eval_after: Option<(f64, Option<f64>)>,
+}
+
+/// Prompts rendered for the policy, with what scoring needs.
+struct PromptSet {
+    prompts: Vec<Prompt>,
+    ids: Vec<Vec<u32>>,
+    /// The rendered prompt ends inside reasoning (`<think>` opened by the template).
+    opened: Vec<bool>,
+}
+
+impl PromptSet {
+    fn new(tok: &Tokenizer, prompts: Vec<Prompt>) -> Result<Self> {
+        let ids = prompts
+            .iter()
+            .map(|p| tok.encode_chat(&p.messages, true))
+            .collect::<dsv3_model::Result<_>>()
+            .context("rendering the prompts with the chat template")?;
+        let opened = prompts
+            .iter()
+            .map(|p| tok.apply_chat_template(&p.messages, true).map(|t| t.trim_end().ends_with("<think>")))
+            .collect::<dsv3_model::Result<_>>()?;
+        Ok(PromptSet { prompts, ids, opened })
+    }
+
+    /// Each sample's score; `picked[s.prompt]` is the sample's prompt in this set.
+    fn score(
+        &self,
+        tok: &Tokenizer,
+        reward: &Reward,
+        eos: &[u32],
+        samples: &[Sample],
+        picked: &[usize],
+    ) -> Result<Vec<Score>> {
+        samples
+            .iter()
+            .map(|s| {
+                let body: Vec<u32> = s.completion.iter().copied().filter(|t| !eos.contains(t)).collect();
+                let text = tok.decode(&body, false)?;
+                let i = picked[s.prompt];
+                reward.score(&Completion {
+                    prompt: &self.prompts[i],
+                    text: &text,
+                    finished: s.finished,
+                    opened: self.opened[i],
+                })
+            })
+            .collect()
+    }
+
+    /// Greedy answers to every prompt: (mean reward, accuracy over those with answers).
+    fn evaluate(
+        &self,
+        policy: &DeepseekV3,
+        tok: &Tokenizer,
+        reward: &Reward,
+        max_new: usize,
+    ) -> Result<(f64, Option<f64>)> {
+        let samples = rollout(policy, &self.ids, 1, &SamplingParams::default(), max_new)?;
+        let all: Vec<usize> = (0..self.ids.len()).collect();
+        let scores = self.score(tok, reward, &policy.config.eos_token_ids, &samples, &all)?;
+        let n = scores.len().max(1) as f64;
+        let answered: Vec<bool> = scores.iter().filter_map(|s| s.correct).collect();
+        let acc =
+            (!answered.is_empty()).then(|| answered.iter().filter(|&&c| c).count() as f64 / answered.len() as f64);
+        Ok((scores.iter().map(|s| s.reward).sum::<f64>() / n, acc))
+    }
 }
 
 /// Runs GRPO from `args.model`, calling `on_log` after every step; the policy is saved into
@@ -365,16 +446,13 @@ pub fn run(args: &GrpoArgs, mut on_log: impl FnMut(&GrpoLog)) -> Result<GrpoSumm
         Some(p) => reward::read_prompts(p)?,
         None => reward::builtin_prompts(4096, args.digits, args.seed ^ 0xADD),
     };
-    let rendered: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| tok.encode_chat(&p.messages, true))
-        .collect::<dsv3_model::Result<_>>()
-        .context("rendering the prompts with the chat template")?;
-    let opened: Vec<bool> = prompts
-        .iter()
-        .map(|p| tok.apply_chat_template(&p.messages, true).map(|t| t.trim_end().ends_with("<think>")))
-        .collect::<dsv3_model::Result<_>>()?;
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    let eval = match (args.eval_prompts, &args.prompts) {
+        (0, _) => None,
+        (n, None) => Some(PromptSet::new(&tok, reward::builtin_prompts(n, args.digits, args.seed ^ 0xE7A1))?),
+        (n, Some(_)) => Some(PromptSet::new(&tok, prompts.iter().take(n).cloned().collect())?),
+    };
+    let set = PromptSet::new(&tok, prompts)?;
+    let mut order: Vec<usize> = (0..set.prompts.len()).collect();
     order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(args.seed));
 
     let ocfg = OptimConfig {
@@ -396,11 +474,14 @@ pub fn run(args: &GrpoArgs, mut on_log: impl FnMut(&GrpoLog)) -> Result<GrpoSumm
     let mut metrics = std::fs::File::create(args.out.join("metrics.jsonl"))?;
     let start = Instant::now();
     let (mut gen_total, mut first_reward, mut last) = (0f64, None, GrpoLog::default());
+    let evaluate =
+        |policy: &DeepseekV3| eval.as_ref().map(|e| e.evaluate(policy, &tok, &reward, args.max_new_tokens)).transpose();
+    let eval_before = evaluate(&policy)?;
     let p = args.prompts_per_step;
     for step in 1..=args.steps {
         // This step's prompts, cycling through the shuffled order.
         let picked: Vec<usize> = (0..p).map(|k| order[((step as usize - 1) * p + k) % order.len()]).collect();
-        let ids: Vec<Vec<u32>> = picked.iter().map(|&i| rendered[i].clone()).collect();
+        let ids: Vec<Vec<u32>> = picked.iter().map(|&i| set.ids[i].clone()).collect();
         let t0 = Instant::now();
         let params = SamplingParams {
             temperature: args.temperature,
@@ -412,15 +493,7 @@ pub fn run(args: &GrpoArgs, mut on_log: impl FnMut(&GrpoLog)) -> Result<GrpoSumm
         let generation = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let eos = policy.config.eos_token_ids.clone();
-        let scores: Vec<Score> = samples
-            .iter()
-            .map(|s| {
-                let body: Vec<u32> = s.completion.iter().copied().filter(|t| !eos.contains(t)).collect();
-                let text = tok.decode(&body, false)?;
-                let (q, opened) = (&prompts[picked[s.prompt]], opened[picked[s.prompt]]);
-                reward.score(&Completion { prompt: q, text: &text, finished: s.finished, opened })
-            })
-            .collect::<Result<_>>()?;
+        let scores = set.score(&tok, &reward, &eos, &samples, &picked)?;
         let rewards: Vec<f64> = scores.iter().map(|s| s.reward).collect();
         let advantages = group_advantages(&rewards, args.group);
         let (tokens, mask, t) = pack(&samples, eos.first().copied().unwrap_or(0));
@@ -482,7 +555,14 @@ pub fn run(args: &GrpoArgs, mut on_log: impl FnMut(&GrpoLog)) -> Result<GrpoSumm
             generation_seconds: generation,
             update_seconds: update,
             elapsed_seconds: start.elapsed().as_secs_f64(),
+            ..Default::default()
         };
+        let mut log = log;
+        if args.eval_every > 0 && step % args.eval_every == 0 || step == args.steps {
+            if let Some((r, a)) = evaluate(&policy)? {
+                (log.eval_reward, log.eval_accuracy) = (Some(r), a);
+            }
+        }
         writeln!(metrics, "{}", serde_json::to_string(&log)?)?;
         on_log(&log);
         first_reward.get_or_insert(mean);
@@ -505,6 +585,8 @@ pub fn run(args: &GrpoArgs, mut on_log: impl FnMut(&GrpoLog)) -> Result<GrpoSumm
         final_reward: last.reward,
         samples_per_second: (args.steps as usize * args.group * p) as f64 / elapsed.max(1e-9),
         generation_share: gen_total / elapsed.max(1e-9),
+        eval_before,
+        eval_after: last.eval_reward.map(|r| (r, last.eval_accuracy)),
     })
 }
 

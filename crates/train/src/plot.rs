@@ -286,6 +286,10 @@ fn write_grpo_plots(dir: &Path, series: &dyn Fn(&str) -> Vec<(f64, f64)>) -> Res
     if !accuracy.points.is_empty() {
         reward.push(accuracy);
     }
+    let eval = Series { markers: true, ..line("greedy evaluation accuracy", "#9467bd", "eval_accuracy") };
+    if !eval.points.is_empty() {
+        reward.push(eval);
+    }
     save(dir, "reward", &line_chart("GRPO reward per step", "step", "reward / share", &reward))?;
     let kl = [line("KL(π‖π_ref) per token", "#9467bd", "kl")];
     save(dir, "kl", &line_chart("KL to the reference", "step", "nats per token", &kl))?;

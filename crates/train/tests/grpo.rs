@@ -51,6 +51,8 @@ fn grpo_raises_the_reward_on_the_builtin_task() {
         precision: Precision::F32,
         seed: 0,
         save_every: 0,
+        eval_prompts: 16,
+        eval_every: 0,
     };
     let mut logs: Vec<GrpoLog> = vec![];
     let s = dsv3_train::grpo::run(&args, |l| logs.push(l.clone())).unwrap();
@@ -65,5 +67,8 @@ fn grpo_raises_the_reward_on_the_builtin_task() {
     dsv3_model::DeepseekV3::load(&base.join("grpo")).unwrap();
     assert_eq!(std::fs::read_to_string(base.join("grpo/metrics.jsonl")).unwrap().lines().count(), 30);
     assert!(base.join("grpo/reward.png").exists() && base.join("grpo/kl.svg").exists());
+    // The greedy evaluation ran before and after, on answers it can score.
+    let (before, after) = (s.eval_before.unwrap(), s.eval_after.unwrap());
+    assert!(before.1.is_some() && after.1.is_some() && logs.last().unwrap().eval_reward.is_some());
     std::fs::remove_dir_all(&base).ok();
 }

@@ -17,6 +17,10 @@ pub struct Grpo {
 
 fn progress(l: &GrpoLog) {
     let acc = l.accuracy.map(|a| format!(" accuracy {:.0}%", 100.0 * a)).unwrap_or_default();
+    if let Some(r) = l.eval_reward {
+        let a = l.eval_accuracy.map(|a| format!(", accuracy {:.1}%", 100.0 * a)).unwrap_or_default();
+        eprintln!("  evaluation after step {}: greedy mean reward {r:.3}{a}", l.step);
+    }
     eprintln!(
         "step {}/{} reward {:.3}{acc} format {:.0}% KL {:.4} length {:.1} clipped {:.1}% ({:.1} samples/s, {:.0}% sampling)",
         l.step,
@@ -42,6 +46,11 @@ pub fn run(c: &Grpo) -> Result<()> {
         println!("{}", serde_json::json!({ "summary": s }));
         return Ok(());
     }
+    let show = |e: Option<(f64, Option<f64>)>| match e {
+        Some((r, a)) => format!("{r:.3}{}", a.map(|a| format!(" ({:.1}% correct)", 100.0 * a)).unwrap_or_default()),
+        None => "-".into(),
+    };
+    eprintln!("greedy evaluation: mean reward {} before → {} after", show(s.eval_before), show(s.eval_after));
     eprintln!(
         "GRPO {} steps: mean reward {:.3} → {:.3}; {:.1} samples/s, {:.0}% of the time sampling → {}",
         s.steps,
