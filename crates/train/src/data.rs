@@ -62,7 +62,8 @@ pub fn read_documents(paths: &[PathBuf]) -> Result<Vec<String>> {
     Ok(docs)
 }
 
-/// A byte-level BPE of `vocab_size` tokens (BOS = 0, EOS = 1, then [`CHAT_TOKENS`]) trained on `docs`.
+/// A byte-level BPE of `vocab_size` tokens (BOS = 0, EOS = 1, then the chat's turn markers)
+/// trained on `docs`, and after them `<think>` and `</think>`.
 pub fn train_tokenizer(docs: &[String], vocab_size: usize) -> Result<Tokenizer> {
     use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -70,7 +71,7 @@ pub fn train_tokenizer(docs: &[String], vocab_size: usize) -> Result<Tokenizer> 
     if vocab_size < least {
         bail!("--vocab-size {vocab_size}: needs at least {least} (256 bytes + specials)");
     }
-    let specials = [BOS, EOS].iter().chain(&CHAT_TOKENS).map(|t| AddedToken::from(*t, true)).collect();
+    let specials = [BOS, EOS].iter().chain(&CHAT_TOKENS[..2]).map(|t| AddedToken::from(*t, true)).collect();
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(2)
@@ -87,7 +88,11 @@ pub fn train_tokenizer(docs: &[String], vocab_size: usize) -> Result<Tokenizer> 
         .build()
         .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
     tok.train(&mut trainer, docs.iter()).map_err(|e| anyhow::anyhow!("training the tokenizer: {e}"))?;
-    let t: Tokenizer = tok.into();
+    let mut t: Tokenizer = tok.into();
+    // The reasoning markers stay in decoded text (as in DeepSeek's tokenizer), where servers split
+    // the reasoning from the answer: single tokens, not special ones.
+    let think: Vec<AddedToken> = CHAT_TOKENS[2..].iter().map(|m| AddedToken::from(*m, false)).collect();
+    t.add_tokens(think);
     Ok(t)
 }
 
@@ -231,6 +236,9 @@ mod tests {
         let tok = train_tokenizer(&docs[..10], 400).unwrap();
         assert_eq!(tok.token_to_id(BOS), Some(0));
         assert_eq!(tok.token_to_id(EOS), Some(1));
+        let think = tok.encode("<think>a</think>b", false).unwrap().get_ids().to_vec();
+        assert_eq!(think[0], tok.token_to_id("<think>").unwrap(), "one token");
+        assert_eq!(tok.decode(&think, true).unwrap(), "<think>a</think>b", "kept when specials are skipped");
         let text = "fn main() { println!(\"héllo\"); }";
         let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
         assert_eq!(tok.decode(&ids, false).unwrap(), text, "byte-level BPE round-trips");
