@@ -92,7 +92,7 @@ pub fn train_tokenizer(docs: &[String], vocab_size: usize) -> Result<Tokenizer> 
     // The reasoning markers stay in decoded text (as in DeepSeek's tokenizer), where servers split
     // the reasoning from the answer: single tokens, not special ones.
     let think: Vec<AddedToken> = CHAT_TOKENS[2..].iter().map(|m| AddedToken::from(*m, false)).collect();
-    t.add_tokens(think);
+    t.add_tokens(think).map_err(|e| anyhow::anyhow!("adding the reasoning markers: {e}"))?;
     Ok(t)
 }
 
