@@ -126,14 +126,21 @@ pub fn read_peft(dir: &Path, shape_of: &dyn Fn(&str) -> Option<(usize, usize)>) 
             let out = ck.shape(b).map_or(0, |s| s[0]);
             let ma = ck.f32s(a, &[ra, inp]).map_err(|e| bad(format!("{a}: {e}")))?;
             let mb = ck.f32s(b, &[out, ra]).map_err(|e| bad(format!("{b}: {e} (out {out}, r·E {ra})")))?;
-            let parts: &[(&str, usize)] = match param {
-                "gate_up_proj" => &[("gate_proj", 0), ("up_proj", out / 2)],
-                _ => &[("down_proj", 0)],
+            // (projection, its first row of B, its rank columns k0..k0 + kr).
+            let half = out / 2;
+            let zero = |rows: std::ops::Range<usize>, ks: std::ops::Range<usize>| {
+                rows.into_iter().all(|o| ks.clone().all(|k| (0..experts).all(|e| mb[o * ra + k * experts + e] == 0.0)))
+            };
+            // dsv3 writes separate gate and up adapters block-diagonally: read back as they were.
+            let block_diagonal = r % 2 == 0 && zero(0..half, r / 2..r) && zero(half..out, 0..r / 2);
+            let parts: Vec<(&str, usize, usize, usize)> = match (param, block_diagonal) {
+                ("gate_up_proj", true) => vec![("gate_proj", 0, 0, r / 2), ("up_proj", half, r / 2, r / 2)],
+                ("gate_up_proj", false) => vec![("gate_proj", 0, 0, r), ("up_proj", half, 0, r)],
+                _ => vec![("down_proj", 0, 0, r)],
             };
             for e in 0..experts {
                 // Expert e's A is rows e·r..(e+1)·r; its B[o, k] is B[o, k·E + e].
-                let ae = ma[e * r * inp..(e + 1) * r * inp].to_vec();
-                for &(proj, row0) in parts {
+                for &(proj, row0, k0, kr) in &parts {
                     let name = format!("{owner}.{e}.{proj}");
                     let (o, i) = shape_of(&name).ok_or_else(|| bad(format!("{name}: not in this model")))?;
                     if i != inp || row0 + o > out {
@@ -141,12 +148,13 @@ pub fn read_peft(dir: &Path, shape_of: &dyn Fn(&str) -> Option<(usize, usize)>) 
                             "{key}: factors [{ra}, {inp}] · [{out}, {ra}] do not fit {proj} [{o}, {i}]"
                         )));
                     }
+                    let ae = ma[(e * r + k0) * inp..(e * r + k0 + kr) * inp].to_vec();
                     let be: Vec<f32> = (0..o)
-                        .flat_map(|oo| (0..r).map(move |k| (row0 + oo, k)))
+                        .flat_map(|oo| (k0..k0 + kr).map(move |k| (row0 + oo, k)))
                         .map(|(oo, k)| mb[oo * ra + k * experts + e])
                         .collect();
-                    let a = crate::weights::Matrix::from_f32(r, inp, ae.clone());
-                    modules.insert(name, Lora { a, b: crate::weights::Matrix::from_f32(o, r, be), scale });
+                    let a = crate::weights::Matrix::from_f32(kr, inp, ae);
+                    modules.insert(name, Lora { a, b: crate::weights::Matrix::from_f32(o, kr, be), scale });
                 }
             }
             continue;
