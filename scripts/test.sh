@@ -50,8 +50,9 @@ if [ ! -x target/peftenv/bin/python ] || ! target/peftenv/bin/pip freeze 2>/dev/
   python3 -m venv target/peftenv
   target/peftenv/bin/pip install --quiet $peft
 fi
-rm -rf target/peft-out
-DSV3_PEFT_OUT=target/peft-out cargo test --release -q -p dsv3-model --test lora peft_adapters > /dev/null
-target/peftenv/bin/python scripts/make_peft_fixtures.py --check-all target/peft-out
+out="$PWD/target/peft-out"  # (tests run in their crate folder)
+rm -rf "$out"
+DSV3_PEFT_OUT="$out" cargo test --release -q -p dsv3-model --test lora peft_adapters > /dev/null
+target/peftenv/bin/python scripts/make_peft_fixtures.py --check-all "$out"
 # The README's main command resolves to the dsv3 binary (`cargo run --release -- demo`).
 cargo run --release -q -- --help > /dev/null
