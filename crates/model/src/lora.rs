@@ -408,6 +408,12 @@ impl DeepseekV3 {
     /// Attaches the adapters of a PEFT folder (dsv3's or peft's own), replacing any there; returns
     /// their config. Each error names what does not fit.
     pub fn load_peft(&mut self, dir: &Path) -> Result<LoraConfig> {
+        let config = self.attach_peft(dir, |l, a| l.lora = Some(Box::new(a)))?;
+        Ok(config)
+    }
+
+    /// Reads a PEFT folder against this model's `Linear`s and hands each adapted one its adapter.
+    fn attach_peft(&mut self, dir: &Path, attach: impl Fn(&mut crate::layers::Linear, Lora)) -> Result<LoraConfig> {
         let mut linears: std::collections::HashMap<String, &mut crate::layers::Linear> =
             self.linears_mut().into_iter().collect();
         let shapes: std::collections::HashMap<String, (usize, usize)> =
@@ -415,7 +421,7 @@ impl DeepseekV3 {
         let adapters = read_peft(dir, &|m| shapes.get(m).copied())?;
         for (m, a) in adapters.modules {
             if let Some(l) = linears.get_mut(&m) {
-                l.lora = Some(Box::new(a));
+                attach(l, a);
             }
         }
         Ok(adapters.config)
@@ -428,17 +434,10 @@ impl DeepseekV3 {
         if slot > u16::MAX as usize {
             return Err(ModelError::Input("too many served adapters".into()));
         }
-        let mut linears: std::collections::HashMap<String, &mut crate::layers::Linear> =
-            self.linears_mut().into_iter().collect();
-        let shapes: std::collections::HashMap<String, (usize, usize)> =
-            linears.iter().map(|(n, l)| (n.clone(), (l.weight.rows, l.weight.cols))).collect();
-        let adapters = read_peft(dir, &|m| shapes.get(m).copied())?;
-        for (m, a) in adapters.modules {
-            if let Some(l) = linears.get_mut(&m) {
-                l.served.resize_with(slot, || None);
-                l.served[slot - 1] = Some(Box::new(a));
-            }
-        }
+        self.attach_peft(dir, |l, a| {
+            l.served.resize_with(slot, || None);
+            l.served[slot - 1] = Some(Box::new(a));
+        })?;
         self.served_adapters = slot;
         Ok(slot as u16)
     }

@@ -65,6 +65,15 @@ fn decode_logits(m: &DeepseekV3, ids: &[u32]) -> Vec<f32> {
     out
 }
 
+/// A peft fixture's `reference.json`: the ids and peft's logits, flattened.
+fn reference(dir: &std::path::Path) -> (Vec<u32>, Vec<f32>) {
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let ids = r["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let rows = r["logits"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().clone());
+    (ids, rows.map(|v| v.as_f64().unwrap() as f32).collect())
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -216,16 +225,7 @@ fn peft_adapters_give_the_logits_peft_gives() {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
     for case in ["v3_f32_sharded", "v3_fp8"] {
         let dir = root.join("peft").join(case);
-        let r: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-        let ids: Vec<u32> = r["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let want: Vec<f32> = r["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|row| row.as_array().unwrap().clone())
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
+        let (ids, want) = reference(&dir);
         let mut m = DeepseekV3::load(&root.join(case)).unwrap();
         let base = {
             let mut cache = m.new_cache();
@@ -315,16 +315,7 @@ fn adapters_merged_by_convert_give_the_adapted_logits() {
         let r = dsv3_model::convert::convert_merging(&from, &out, target, false, 1 << 26, Some(&read)).unwrap();
         assert_eq!(r.merged, read.modules.len());
         let m = DeepseekV3::load(&out).unwrap();
-        let rf: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(adapters.join("reference.json")).unwrap()).unwrap();
-        let ids: Vec<u32> = rf["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let want: Vec<f32> = rf["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|row| row.as_array().unwrap().clone())
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
+        let (ids, want) = reference(&adapters);
         let mut cache = m.new_cache();
         let h = m.forward(&ids, &mut cache).unwrap();
         let d = max_diff(&m.logits(&h, ids.len()), &want);

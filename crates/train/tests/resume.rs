@@ -1,22 +1,14 @@
 //! A run stopped and resumed continues bit-identically; a checkpoint is a Hugging Face folder that
 //! the inference engine loads; the routing bias moves against the load.
 
+mod common;
+
 use dsv3_train::{run, Layout, StepLog, TrainArgs};
 use std::path::PathBuf;
 
 fn tiny_args(out: PathBuf, steps: u64) -> TrainArgs {
-    let cfg = out.with_extension("config.json");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-    let c = serde_json::json!({
-        "model_type": "deepseek_v3", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 48,
-        "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-        "n_shared_experts": 1, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
-        "first_k_dense_replace": 1, "moe_layer_freq": 1, "q_lora_rank": 16, "kv_lora_rank": 16,
-        "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-6, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
-        "norm_topk_prob": true, "max_position_embeddings": 256, "tie_word_embeddings": false
-    });
-    std::fs::write(&cfg, c.to_string()).unwrap();
+    let cfg = common::config(&out.with_extension("config.json"));
     // A corpus of its own: the built-in one is the repository's text and changes with every commit.
     let data = out.with_extension("corpus");
     std::fs::create_dir_all(&data).unwrap();

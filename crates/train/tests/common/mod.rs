@@ -1,5 +1,6 @@
 //! A small model dsv3 pre-trained for the post-training tests: its own tokenizer (with the chat
 //! tokens) and chat template.
+#![allow(dead_code)] // each test file uses its own share of the helpers
 
 use dsv3_train::{run, Layout, TrainArgs};
 use std::path::{Path, PathBuf};
