@@ -82,8 +82,9 @@ def main():
             # A long answer (3,000 tokens, seconds on this model) stopped by the button at once.
             page.fill("#max_tokens", "3000")
             page.fill("#input", "impl Mla {")
-            page.click("#send")
-            page.click("#stop")
+            # Send and Stop in one tick of the page (send enables Stop before its first await), so
+            # that the answer cannot end between two round trips of the driver.
+            page.evaluate("() => { document.getElementById('send').click(); document.getElementById('stop').click(); }")
             page.wait_for_selector(".assistant:nth-of-type(4)[data-done='true']", timeout=30000)
             assert "stopped" in page.inner_text(".assistant:nth-of-type(4) .error")
             page.screenshot(path=shot, full_page=True)
