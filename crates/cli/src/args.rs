@@ -19,6 +19,16 @@ pub enum ActQuant {
     Fp8,
 }
 
+/// V3.2's lightning-indexer numerics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum IndexerNumerics {
+    /// f32 scores, no rotation (transformers 5.23).
+    #[default]
+    Exact,
+    /// DeepSeek's inference code: Hadamard rotation, FP8 queries and keys, an FP8 key cache.
+    Official,
+}
+
 /// The model a command runs, and how.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
@@ -31,6 +41,11 @@ pub struct ModelArgs {
     /// quantized per token in 1×128 E4M3 tiles, as FP8 serving does).
     #[arg(long, value_parser = choice::<ActQuant>("--act-quant"), default_value = "none")]
     pub act_quant: ActQuant,
+    /// V3.2's indexer: exact (f32 scores, transformers' numerics) or official (DeepSeek's code:
+    /// index queries and keys Hadamard-rotated and rounded to E4M3 per 128 with the checkpoint's
+    /// scale format; the cache keeps the FP8 keys, 132 bytes instead of 512 per position).
+    #[arg(long, value_parser = choice::<IndexerNumerics>("--indexer-numerics"), default_value = "exact")]
+    pub indexer_numerics: IndexerNumerics,
     #[command(flatten)]
     pub ep: ExpertParallelArgs,
 }

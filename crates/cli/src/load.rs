@@ -1,7 +1,7 @@
 //! Loading what a command runs: the model (alone, or one process's part of an expert-parallel
 //! group), its tokenizer and end-of-sequence ids; and the small parsers of sizes and id lists.
 
-use crate::args::{ActQuant, ModelArgs};
+use crate::args::{ActQuant, IndexerNumerics, ModelArgs};
 use crate::cluster::Cluster;
 use anyhow::{bail, Context, Result};
 use dsv3_model::expert_service::{ExpertParallel, Placing};
@@ -53,6 +53,21 @@ impl Drop for Loaded {
     }
 }
 
+/// `--indexer-numerics official` needs V3.2's indexer and a key width the rotation takes.
+fn check_indexer_numerics(model: &DeepseekV3, n: dsv3_model::exec::Inference) -> Result<()> {
+    if !n.indexer_fp8 {
+        return Ok(());
+    }
+    match model.config.indexer {
+        None => bail!("--indexer-numerics official: the model has no lightning indexer (not DeepSeek-V3.2)"),
+        Some(ix) if !dsv3_model::indexer::official_numerics_fit(ix.head_dim) => bail!(
+            "--indexer-numerics official: index_head_dim {} is not a power of two (the Hadamard rotation needs one)",
+            ix.head_dim
+        ),
+        Some(_) => Ok(()),
+    }
+}
+
 /// The model of `m`. Under `--expert-parallel` every process loads its part; `None` on a
 /// process that only serves experts (every rank but 0, unless `every_rank_runs`) once all are
 /// done — the command then has nothing more to do there. From then on the expert service alone
@@ -62,15 +77,20 @@ pub fn load(m: &ModelArgs, cluster: &Cluster, every_rank_runs: bool) -> Result<O
     if !dir.is_dir() && !dsv3_model::gguf::is_gguf(&dir) {
         bail!("--model {}: not a model folder (config.json and safetensors) nor a .gguf file", dir.display());
     }
-    let inference = dsv3_model::exec::Inference { act_quant_fp8: m.act_quant == ActQuant::Fp8 };
+    let inference = dsv3_model::exec::Inference {
+        act_quant_fp8: m.act_quant == ActQuant::Fp8,
+        indexer_fp8: m.indexer_numerics == IndexerNumerics::Official,
+    };
     if !m.ep.expert_parallel {
         let mut model = DeepseekV3::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
+        check_indexer_numerics(&model, inference)?;
         model.inference = inference;
         return Ok(Some(Loaded { dir, model: Arc::new(model), ep: None, rank: 0 }));
     }
     let placing = Placing { redundant: m.ep.redundant_experts, rebalance_every: m.ep.rebalance_every };
     let (model, ep) = ExpertParallel::load(&dir, cluster.comm()?, placing, inference)
         .with_context(|| format!("loading {}", dir.display()))?;
+    check_indexer_numerics(&model, inference)?;
     let rank = cluster.rank();
     if rank == 0 {
         let slots = (model.config.n_routed_experts + placing.redundant).next_multiple_of(cluster.size());

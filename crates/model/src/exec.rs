@@ -17,6 +17,10 @@ pub struct Exec<'a> {
     pub act_quant_fp8: bool,
     /// How those activation scales are rounded (the checkpoint's `scale_fmt`; UE8M0 for V3.1).
     pub act_scale_fmt: ScaleFmt,
+    /// V3.2's official indexer numerics (`--indexer-numerics official`): index queries and keys
+    /// Hadamard-rotated and rounded to E4M3 per 128 with `act_scale_fmt` scales, the cache holding
+    /// the FP8 keys. Off: transformers' f32 scores.
+    pub indexer_fp8: bool,
     /// Every `Linear`'s Fprop, Dgrad and Wgrad in FP8 (report §3.3), for training.
     pub fp8: Option<Fp8Recipe>,
     /// Where each MoE layer's routed experts run: here, or on other processes.
@@ -35,16 +39,19 @@ impl std::fmt::Debug for Exec<'_> {
             .field("gemm", &self.gemm)
             .field("act_quant_fp8", &self.act_quant_fp8)
             .field("act_scale_fmt", &self.act_scale_fmt)
+            .field("indexer_fp8", &self.indexer_fp8)
             .field("fp8", &self.fp8)
             .field("dense_attention", &self.dense_attention)
             .finish_non_exhaustive()
     }
 }
 
-/// The numerics of inference: what the loaded model was asked for (`--act-quant`).
+/// The numerics of inference: what the loaded model was asked for (`--act-quant`,
+/// `--indexer-numerics`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Inference {
     pub act_quant_fp8: bool,
+    pub indexer_fp8: bool,
 }
 
 /// The numerics of training: bf16 compute (f32 masters) and the FP8 recipe.
@@ -59,10 +66,16 @@ pub struct Training {
 
 impl<'a> Exec<'a> {
     pub fn inference(n: Inference, experts: &'a dyn ExpertDispatch) -> Self {
-        let act_quant_fp8 = n.act_quant_fp8;
-        let act_scale_fmt = ScaleFmt::F32;
-        let gemm = Gemm::BATCH_INVARIANT;
-        Exec { gemm, act_quant_fp8, act_scale_fmt, fp8: None, experts, dense_attention: false, adapters: None }
+        Exec {
+            gemm: Gemm::BATCH_INVARIANT,
+            act_quant_fp8: n.act_quant_fp8,
+            act_scale_fmt: ScaleFmt::F32,
+            indexer_fp8: n.indexer_fp8,
+            fp8: None,
+            experts,
+            dense_attention: false,
+            adapters: None,
+        }
     }
 
     /// Training: every product over many tokens on the blocked GEMM.
@@ -70,6 +83,16 @@ impl<'a> Exec<'a> {
         let gemm = Gemm { many_token: true, bf16: n.bf16 };
         let act_scale_fmt = ScaleFmt::F32;
         let dense_attention = n.dsa_warmup;
-        Exec { gemm, act_quant_fp8: false, act_scale_fmt, fp8: n.fp8, experts, dense_attention, adapters: None }
+        let indexer_fp8 = false;
+        Exec {
+            gemm,
+            act_quant_fp8: false,
+            act_scale_fmt,
+            indexer_fp8,
+            fp8: n.fp8,
+            experts,
+            dense_attention,
+            adapters: None,
+        }
     }
 }

@@ -2,16 +2,19 @@
 //! §2.3–2.5): `index_n_heads` small heads score every position a query sees,
 //! `I(t, s) = Σ_h w(t, h)·ReLU(q_I(t, h)·k_I(s)·d_I^-½)`, and MLA attends only to the `index_topk`
 //! best. A query that sees at most `index_topk` positions sees them all, so V3.2 equals V3 up to
-//! that length. Scores are f32 and there is no Hadamard rotation or FP8 simulation (transformers'
-//! numerics); ties at the k-th score go to the lower position.
+//! that length. By default scores are f32 with no Hadamard rotation or FP8 simulation
+//! (transformers' numerics); [`Exec::indexer_fp8`] gives the official code's instead (§2.6).
+//! Ties at the k-th score go to the lower position.
 
 use crate::config::Config;
 use crate::error::Result;
 use crate::exec::Exec;
 use crate::layers::{LayerNorm, Linear};
+use crate::paged::IndexKeys;
 use crate::rope::Rope;
 use crate::weights::Checkpoint;
 use dsv3_kernels::gemm::{gemm_acc, Strided};
+use dsv3_kernels::quant::Fp8Blocks;
 use rayon::prelude::*;
 
 #[derive(Clone)]
@@ -23,8 +26,8 @@ pub struct Indexer {
     pub k_norm: LayerNorm,
     /// `[H_I, D]`: each head's weight for the query.
     pub weights_proj: Linear,
-    pub(crate) heads: usize,
-    pub(crate) dim: usize,
+    pub heads: usize,
+    pub dim: usize,
     topk: usize,
     /// MLA's frequencies and positions on the first `qk_rope_head_dim` dims, but in halves
     /// (pairs `(j, j + R/2)`) where MLA interleaves.
@@ -33,12 +36,24 @@ pub struct Indexer {
 
 /// The indexer's view of new rows: queries `[n, H_I, d_I]` and head weights `[n, H_I]` (with
 /// `H_I^-½·d_I^-½` folded in: both positive, so they commute with the ReLU), and keys `[n, d_I]`
-/// (the latent cache holds these), and the keys before `k_norm` (for training).
+/// (the latent cache holds these), and the keys before `k_norm` (for training). With the official
+/// numerics `q` and `k` hold the rounded values and `k8` the keys' FP8 form, which the cache keeps.
 pub struct IndexRows {
     pub q: Vec<f32>,
     pub w: Vec<f32>,
     pub k: Vec<f32>,
     pub k_pre: Vec<f32>,
+    pub k8: Option<Fp8Blocks>,
+}
+
+impl IndexRows {
+    /// Row `i`'s key (`d` = `index_head_dim` values) as the cache stores it.
+    pub fn key(&self, i: usize, d: usize) -> IndexKeys<'_> {
+        match &self.k8 {
+            None => IndexKeys::F32(&self.k[i * d..(i + 1) * d]),
+            Some(k8) => IndexKeys::Fp8 { codes: &k8.codes, scales: &k8.scales }.rows(d, i, i + 1),
+        }
+    }
 }
 
 /// The positions each query row attends to, ascending; `None`: all it sees.
@@ -85,14 +100,18 @@ impl Indexer {
             }
         }
         w.iter_mut().for_each(|v| *v *= fold);
-        IndexRows { q, w, k, k_pre }
+        let k8 = cx.indexer_fp8.then(|| {
+            official_round(cx, &mut q, d);
+            official_round(cx, &mut k, d)
+        });
+        IndexRows { q, w, k, k_pre, k8 }
     }
 
     /// The selection of `t` query rows (`q [t, H_I, d_I]`, `w [t, H_I]`) over keys held in
     /// `pages` (`[n, d_I]` each, positions in order); row `i` sees positions `0..visible[i]`.
     /// The scan over the keys is the indexer's one cost linear in the context: blocks of queries
     /// against blocks of keys, in parallel, memory bounded by the blocks.
-    pub fn select(&self, q: &[f32], w: &[f32], pages: &[&[f32]], visible: &[usize]) -> Selection {
+    pub fn select(&self, q: &[f32], w: &[f32], pages: &[IndexKeys], visible: &[usize]) -> Selection {
         const QUERY_BLOCK: usize = 32;
         const KEY_BLOCK: usize = crate::paged::BLOCK_TOKENS;
         let (d, t) = (self.dim, visible.len());
@@ -104,11 +123,15 @@ impl Indexer {
         let seen = visible.iter().copied().max().unwrap_or(0);
         let mut keys = Vec::new();
         let mut at = 0;
-        for part in pages.iter().flat_map(|pg| pg.chunks(KEY_BLOCK * d)) {
-            if at < seen {
-                keys.push((at, &part[..part.len().min((seen - at) * d)]));
+        for page in pages {
+            let n = page.len() / d;
+            for r0 in (0..n).step_by(KEY_BLOCK) {
+                let r1 = (r0 + KEY_BLOCK).min(n);
+                if at + r0 < seen {
+                    keys.push((at + r0, page.rows(d, r0, r1.min(seen - at))));
+                }
             }
-            at += part.len() / d;
+            at += n;
         }
         let chosen: Vec<(usize, Vec<usize>)> = need
             .par_chunks(QUERY_BLOCK)
@@ -125,16 +148,9 @@ impl Indexer {
     }
 
     /// Index scores `[rows, seen]` of the query rows `rows` against the key blocks `(first
-    /// position, [n, d_I])`: `scoresᵀ = K·qᵀ` per block (the keys read as they lie), then the
-    /// ReLU'd head scores summed with the rows' weights.
-    pub(crate) fn scores(
-        &self,
-        q: &[f32],
-        w: &[f32],
-        rows: &[usize],
-        keys: &[(usize, &[f32])],
-        seen: usize,
-    ) -> Vec<f32> {
+    /// position, [n, d_I])`: `scoresᵀ = K·qᵀ` per block (f32 keys read as they lie, FP8 ones
+    /// decoded a block at a time), then the ReLU'd head scores summed with the rows' weights.
+    pub fn scores(&self, q: &[f32], w: &[f32], rows: &[usize], keys: &[(usize, IndexKeys)], seen: usize) -> Vec<f32> {
         let (h, d, m) = (self.heads, self.dim, rows.len());
         // qᵀ [d, m·H]
         let mut qt = vec![0f32; d * m * h];
@@ -150,8 +166,9 @@ impl Indexer {
             .par_iter()
             .map(|&(_, k)| {
                 let n = k.len() / d;
+                let k = k.to_f32(d);
                 let mut raw = vec![0f32; n * m * h];
-                gemm_acc(Strided { a: k, a_s: 1, a_p: d }, &qt, &mut raw, n, m * h, d, false);
+                gemm_acc(Strided { a: &k, a_s: 1, a_p: d }, &qt, &mut raw, n, m * h, d, false);
                 let mut sc = vec![0f32; m * n];
                 for (s, per_key) in raw.chunks_exact(m * h).enumerate() {
                     for (r, &i) in rows.iter().enumerate() {
@@ -178,6 +195,43 @@ impl Indexer {
     }
 }
 
+/// The official indexer's rounding of queries or keys `x [m, d]` (DeepSeek's `Indexer.forward`:
+/// `rotate_activation`, then `act_quant` per 128): each row Hadamard-rotated (orthogonal, so
+/// exact scores would not change) and rounded to E4M3 with one scale per 128 values. `x` holds
+/// the dequantized values: `q8·k8·q_s·k_s` is then one f32 product, and ReLU commutes with the
+/// positive scales, so the scores are those of the FP8 kernel (up to f32 summation order).
+fn official_round(cx: &Exec, x: &mut [f32], d: usize) -> Fp8Blocks {
+    let scale = (d as f32).powf(-0.5);
+    x.chunks_exact_mut(d).for_each(|row| hadamard_in_place(row, scale));
+    let q = Fp8Blocks::quantize(x, x.len() / d, d, [1, 128], cx.act_scale_fmt);
+    x.copy_from_slice(&q.dequantize());
+    q
+}
+
+/// Whether the official numerics apply to index keys of `d` dims (the rotation needs a power of
+/// two; V3.2 has 128).
+pub fn official_numerics_fit(d: usize) -> bool {
+    d.is_power_of_two()
+}
+
+/// `x ← scale·H·x` for the Sylvester-ordered Walsh–Hadamard matrix `H` (`H₁ = [[1, 1], [1,
+/// −1]]`, what `fast_hadamard_transform` computes); `x.len()` a power of two.
+pub fn hadamard_in_place(x: &mut [f32], scale: f32) {
+    let n = x.len();
+    debug_assert!(n.is_power_of_two(), "a Hadamard rotation needs a power-of-two length");
+    let mut h = 1;
+    while h < n {
+        for block in x.chunks_exact_mut(2 * h) {
+            let (a, b) = block.split_at_mut(h);
+            for (u, v) in a.iter_mut().zip(b) {
+                (*u, *v) = (*u + *v, *u - *v);
+            }
+        }
+        h *= 2;
+    }
+    x.iter_mut().for_each(|v| *v *= scale);
+}
+
 /// The `k` best of `scores` (ties: the lower index first), ascending by index.
 pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
@@ -192,7 +246,22 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::top_k;
+    use super::{hadamard_in_place, top_k};
+
+    #[test]
+    fn hadamard_is_sylvesters_matrix_and_orthogonal() {
+        // H₄ rows: ++++, +-+-, ++--, +--+.
+        let mut x = [1.0, 2.0, 3.0, 4.0];
+        hadamard_in_place(&mut x, 1.0);
+        assert_eq!(x, [10.0, -2.0, -4.0, 0.0]);
+        let y: Vec<f32> = (0..128).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1).collect();
+        let mut z = y.clone();
+        hadamard_in_place(&mut z, (128f32).powf(-0.5));
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((norm(&y) - norm(&z)).abs() < 1e-4 * norm(&y));
+        hadamard_in_place(&mut z, (128f32).powf(-0.5));
+        y.iter().zip(&z).for_each(|(a, b)| assert!((a - b).abs() < 1e-5));
+    }
 
     #[test]
     fn top_k_keeps_the_best_and_breaks_ties_low() {

@@ -13,6 +13,7 @@ use crate::exec::Exec;
 use crate::grad::mla::MlaSaved;
 use crate::indexer::{IndexRows, Indexer, Selection};
 use crate::layers::{Linear, RmsNorm};
+use crate::paged::IndexKeys;
 use crate::rope::Rope;
 use crate::weights::Checkpoint;
 use dsv3_kernels::attention::{latent_attention, softmax_in_place, LatentShape, Pages};
@@ -154,7 +155,7 @@ impl Mla {
                             let rows = sq * t..(sq + 1) * t;
                             let (q, w) =
                                 (&r.q[rows.start * hi * d..rows.end * hi * d], &r.w[rows.start * hi..rows.end * hi]);
-                            ix.select(q, w, &[&r.k[rows.start * d..rows.end * d]], &visible)
+                            ix.select(q, w, &[IndexKeys::F32(&r.k[rows.start * d..rows.end * d])], &visible)
                         }
                         _ => vec![],
                     })
@@ -296,7 +297,7 @@ impl Mla {
         for ((&t, &r0), cache) in lens.iter().zip(&offsets).zip(caches.iter_mut()) {
             starts.push(cache.len());
             for i in r0..r0 + t {
-                let k_idx = p.idx.as_ref().map_or(&[][..], |r| &r.k[i * di..(i + 1) * di]);
+                let k_idx = p.idx.as_ref().map_or(IndexKeys::F32(&[]), |r| r.key(i, di));
                 cache.push(&p.ckv[i * c..(i + 1) * c], &p.kpe[i * dr..(i + 1) * dr], k_idx);
             }
         }

@@ -472,9 +472,21 @@ impl DeepseekV3 {
             + self.embed_tokens.view().bytes() / self.config.vocab_size
     }
 
-    /// Latent-cache bytes per token over the main layers (f32 values).
+    /// Latent-cache bytes per token over the main layers.
     pub fn kv_bytes_per_token(&self) -> usize {
-        self.config.latent_cache_width() * std::mem::size_of::<f32>() * self.layers.len()
+        self.latent_bytes_per_token_layer() * self.layers.len()
+    }
+
+    /// Latent-cache bytes one position takes in one layer: f32 latent and rope key, and V3.2's
+    /// index key in f32 or, with the official indexer numerics, E4M3 plus a scale per 128.
+    pub fn latent_bytes_per_token_layer(&self) -> usize {
+        let f = std::mem::size_of::<f32>();
+        let index = match self.config.indexer {
+            Some(ix) if self.inference.indexer_fp8 => ix.head_dim + ix.head_dim.div_ceil(128) * f,
+            Some(ix) => ix.head_dim * f,
+            None => 0,
+        };
+        (self.config.kv_lora_rank + self.config.qk_rope_head_dim) * f + index
     }
 }
 

@@ -17,7 +17,7 @@ fn linear_inputs_are_quantized_per_token_tile_and_the_model_stays_close() {
     let lin = Linear::new(Matrix::from_f32(n, k, w.clone()));
     let xq = Fp8Blocks::quantize(&x, m, k, [1, 128], ScaleFmt::F32).dequantize();
     let off = Exec::inference(Inference::default(), &LOCAL);
-    let on = Exec::inference(Inference { act_quant_fp8: true }, &LOCAL);
+    let on = Exec::inference(Inference { act_quant_fp8: true, ..Inference::default() }, &LOCAL);
     let plain = lin.forward(&off, &xq, m);
     let quant = lin.forward(&on, &x, m);
     assert_eq!(plain, quant);

@@ -80,8 +80,8 @@ pub fn build(
 ) -> (Arc<api::AppState>, std::thread::JoinHandle<()>) {
     let model = model.into();
     let mtp_speculative = if model.mtp.is_empty() { 0 } else { o.mtp_speculative };
-    // One block: 64 positions of one layer's latent cache, f32.
-    let block_bytes = dsv3_model::paged::BLOCK_TOKENS * model.config.latent_cache_width() * std::mem::size_of::<f32>();
+    // One block: 64 positions of one layer's latent cache.
+    let block_bytes = dsv3_model::paged::BLOCK_TOKENS * model.latent_bytes_per_token_layer();
     let kv_blocks = (o.kv_memory / block_bytes.max(1)).max(1);
     let cache_layers = model.layers.len() + if mtp_speculative > 0 { model.mtp.len() } else { 0 };
     let cfg = EngineConfig {

@@ -141,9 +141,10 @@ pub fn run(a: &Bench, cluster: &Cluster) -> Result<()> {
         );
         println!("  peak memory        {:.1} MiB", peak.unwrap_or(0) as f64 / (1 << 20) as f64);
         println!(
-            "  KV cache per token {} bytes ({} values/layer × {} layers × 4 B)",
+            "  KV cache per token {} bytes ({} values, {} B per layer × {} layers)",
             model.kv_bytes_per_token(),
             model.config.latent_cache_width(),
+            model.latent_bytes_per_token_layer(),
             model.layers.len()
         );
         println!("  active weights     {:.1} MiB/token; read bandwidth {:.1} GB/s → floor {:.1} tok/s; decode at {:.0}% of floor", active as f64 / (1 << 20) as f64, bw / 1e9, floor_tps, 100.0 * stats.decode_tokens_per_second / floor_tps);

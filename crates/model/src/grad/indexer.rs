@@ -9,6 +9,7 @@ use super::Grads;
 use crate::exec::Exec;
 use crate::indexer::{IndexRows, Indexer, Selection};
 use crate::layers::LayerNorm;
+use crate::paged::IndexKeys;
 use dsv3_kernels::gemm::{gemm_acc, Strided};
 use rayon::prelude::*;
 
@@ -42,7 +43,8 @@ impl Indexer {
             .map(|sq| {
                 let (q, w) = (&rows.q[sq * t * hi * d..(sq + 1) * t * hi * d], &rows.w[sq * t * hi..(sq + 1) * t * hi]);
                 let all: Vec<usize> = (0..t).collect();
-                let sc = self.scores(q, w, &all, &[(0, &rows.k[sq * t * d..(sq + 1) * t * d])], t);
+                let keys = [(0, IndexKeys::F32(&rows.k[sq * t * d..(sq + 1) * t * d]))];
+                let sc = self.scores(q, w, &all, &keys, t);
                 let (mut ds, mut loss, mut digest) = (vec![0f32; t * t], 0f64, 0u64);
                 for i in 0..t {
                     let set: Vec<usize> = match sel.get(sq).and_then(|s| s.get(i)) {
