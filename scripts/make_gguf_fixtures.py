@@ -11,6 +11,8 @@ dims (current) or the head dims themselves (legacy).
   tests/fixtures/gguf/v3-f32-0000N-of-00002.gguf   v3_f32_sharded, f32, split MLA, MTP as nextn, 2 parts
   tests/fixtures/gguf/v3-q8_0.gguf                 the same quantized to Q8_0 (2-D weights)
   tests/fixtures/gguf/v2-bf16-legacy.gguf          v2_group_limited, bf16, legacy attn_kv_b
+  tests/fixtures/gguf/v32-f32.gguf                 v32_f32 as llama.cpp's `deepseek32` (DeepseekV32Model:
+                                                   deepseek2 plus `blk.N.indexer.*` and the indexer keys)
 
   pip install gguf==0.19.0 numpy && python3 scripts/make_gguf_fixtures.py
 """
@@ -86,6 +88,10 @@ def metadata(w, cfg, split_mla, n_blocks):
     w.add_rope_dimension_count(rope)
     if cfg.get("num_nextn_predict_layers"):
         w.add_nextn_predict_layers(cfg["num_nextn_predict_layers"])
+    if cfg.get("model_type") == "deepseek_v32":
+        w.add_indexer_head_count(cfg["index_n_heads"])
+        w.add_indexer_key_length(cfg["index_head_dim"])
+        w.add_indexer_top_k(cfg["index_topk"])
     w.add_bos_token_id(cfg.get("bos_token_id", 0))
     w.add_eos_token_id(cfg.get("eos_token_id", 1))
 
@@ -113,6 +119,10 @@ SIMPLE = {
     "shared_head.norm": "nextn.shared_head_norm",
     "shared_head.head": "nextn.shared_head_head",
     "embed_tokens": "nextn.embed_tokens",
+    "self_attn.indexer.wq_b": "indexer.attn_q_b",
+    "self_attn.indexer.wk": "indexer.attn_k",
+    "self_attn.indexer.k_norm": "indexer.k_norm",
+    "self_attn.indexer.weights_proj": "indexer.proj",
 }
 
 
@@ -181,7 +191,8 @@ def tokenizer_metadata(w, tok_dir, vocab_size, pre="deepseek-v3"):
 
 def write(path, cfg, st, split_mla, quant=None, split_max_tensors=0, tok_dir=None):
     n_blocks = cfg["num_hidden_layers"] + (cfg.get("num_nextn_predict_layers") or 0)
-    w = GGUFWriter(path, "deepseek2", split_max_tensors=split_max_tensors)
+    arch = "deepseek32" if cfg.get("model_type") == "deepseek_v32" else "deepseek2"
+    w = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     metadata(w, cfg, split_mla, n_blocks)
     if tok_dir:
         tokenizer_metadata(w, tok_dir, cfg["vocab_size"])
@@ -210,6 +221,9 @@ def main():
     v2 = os.path.join(FIX, "v2_group_limited")
     cfg2 = json.load(open(os.path.join(v2, "config.json")))
     write(os.path.join(OUT, "v2-bf16-legacy.gguf"), cfg2, read_safetensors(v2), split_mla=False)
+    v32 = os.path.join(FIX, "v32_f32")
+    cfg32 = json.load(open(os.path.join(v32, "config.json")))
+    write(os.path.join(OUT, "v32-f32.gguf"), cfg32, read_safetensors(v32), split_mla=True)
     for f in sorted(os.listdir(OUT)):
         print(f, os.path.getsize(os.path.join(OUT, f)))
 

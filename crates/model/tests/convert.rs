@@ -221,7 +221,7 @@ fn bad_input_fails_cleanly() {
 }
 
 #[test]
-fn v32_keeps_the_releases_indexer_formats_and_refuses_gguf() {
+fn v32_keeps_the_releases_indexer_formats_and_converts_to_gguf() {
     // The V3.2 release stores the indexer's wq_b and wk in FP8 and weights_proj in bf16; a
     // conversion back to FP8 keeps that split and the model still loads and agrees.
     let (src, bf16, fp8) = (tmp("v32-src"), tmp("v32-bf16"), tmp("v32-fp8"));
@@ -239,15 +239,25 @@ fn v32_keeps_the_releases_indexer_formats_and_refuses_gguf() {
                                                                                // close, not equal.
     let cos = cosine(&logits(&src, &ids), &logits(&bf16, &ids));
     assert!(cos > 0.95, "FP8 vs its bf16 copy: logits cosine {cos}");
-    let gguf = tmp("v32-gguf").with_extension("gguf");
-    let e = dsv3_model::gguf::convert::convert(
-        &bf16,
-        &gguf,
-        dsv3_model::gguf::convert::GgufFormat::parse("q8_0").unwrap(),
-        1 << 30,
-    )
-    .unwrap_err();
-    assert!(e.to_string().contains("V3.2") && !gguf.exists(), "{e}");
+    // GGUF: llama.cpp's `deepseek32` (deepseek2 plus `blk.N.indexer.*` and the indexer keys). f32
+    // from the bf16 folder is lossless; Q8_0 straight from FP8 stays close.
+    use dsv3_model::gguf::convert::{convert as to_gguf, GgufFormat};
+    let (g32, g8) = (tmp("v32-f32").with_extension("gguf"), tmp("v32-q8").with_extension("gguf"));
+    to_gguf(&bf16, &g32, GgufFormat::parse("f32").unwrap(), 1 << 20).unwrap();
+    let file = dsv3_model::gguf::GgufFile::open(&g32).unwrap();
+    assert_eq!(file.string("general.architecture").unwrap(), Some("deepseek32"));
+    assert_eq!(file.uint("deepseek32.attention.indexer.top_k").unwrap(), Some(64));
+    for t in ["attn_q_b.weight", "attn_k.weight", "k_norm.weight", "k_norm.bias", "proj.weight"] {
+        assert!(file.tensors.contains_key(&format!("blk.1.indexer.{t}")), "blk.1.indexer.{t}");
+    }
+    let back = DeepseekV3::load(&g32).unwrap();
+    assert_eq!(back.config.indexer, DeepseekV3::load(&bf16).unwrap().config.indexer);
+    assert_eq!(logits(&g32, &ids), logits(&bf16, &ids), "f32 GGUF of the bf16 folder");
+    to_gguf(&src, &g8, GgufFormat::parse("q8_0").unwrap(), 1 << 20).unwrap();
+    let cos = cosine(&logits(&src, &ids), &logits(&g8, &ids));
+    assert!(cos > 0.95, "FP8 vs its Q8_0 GGUF: logits cosine {cos}");
+    std::fs::remove_file(g32).ok();
+    std::fs::remove_file(g8).ok();
     for d in [src, bf16, fp8] {
         std::fs::remove_dir_all(d).ok();
     }

@@ -48,6 +48,16 @@ fn split_mla_layout_in_two_parts_equals_the_checkpoint() {
 }
 
 #[test]
+fn deepseek32_layout_equals_the_v32_checkpoint() {
+    // V3.2 as llama.cpp writes it: the indexer's tensors and keys give the same sparse model
+    // (index_topk 6 is below the prompt: the choice is exercised), hence transformers' logprobs.
+    same_as_safetensors("v32-f32.gguf", "v32_f32");
+    let g = load(&fixtures().join("gguf/v32-f32.gguf"));
+    let ix = g.config.indexer.expect("deepseek32 has an indexer");
+    assert_eq!((ix.n_heads, ix.head_dim, ix.topk), (16, 24, 6));
+}
+
+#[test]
 fn legacy_kv_b_layout_in_bf16_equals_the_checkpoint() {
     same_as_safetensors("v2-bf16-legacy.gguf", "v2_group_limited");
 }

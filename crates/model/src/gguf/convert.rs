@@ -1,7 +1,7 @@
 //! A Hugging Face folder in any stored format dsv3 reads (the official FP8 release included: no
 //! bf16 copy on disk) to one GGUF file in the layout llama.cpp's converter writes for `deepseek2`:
-//! the split MLA `attn_k_b`/`attn_v_b`, stacked experts, the tokenizer and chat template, and the
-//! MTP layer as `nextn` tensors (llama.cpp loads them as its deepseek2 MTP block; its own converter
+//! the split MLA `attn_k_b`/`attn_v_b`, stacked experts, the tokenizer and chat template, V3.2's
+//! indexer as `deepseek32`'s `indexer.*` tensors, and the MTP layer as `nextn` tensors (llama.cpp loads them as its deepseek2 MTP block; its own converter
 //! drops them). Streamed a row at a time: memory is one row plus one `kv_b_proj`.
 
 use super::writer::{GgufWriter, TensorSpec};
@@ -181,10 +181,12 @@ fn encode(kind: GgmlType, row: &[f32], out: &mut Vec<u8>) {
 
 /// The GGUF metadata of `cfg` (and of the folder's tokenizer, when it has one).
 fn metadata(cfg: &Config, mtp: usize, from: &Path) -> Result<Vec<(String, Value)>> {
-    let a = |k: &str| format!("deepseek2.{k}");
+    // V3.2 is llama.cpp's `deepseek32`: deepseek2's keys and tensors plus the indexer's.
+    let arch = if cfg.indexer.is_some() { "deepseek32" } else { "deepseek2" };
+    let a = |k: &str| format!("{arch}.{k}");
     let u = |x: usize| Value::U32(x as u32);
     let mut m = vec![
-        ("general.architecture".to_string(), Value::Str("deepseek2".into())),
+        ("general.architecture".to_string(), Value::Str(arch.into())),
         ("general.name".into(), Value::Str(from.file_name().map_or("model".into(), |n| n.to_string_lossy().into()))),
         (a("block_count"), u(cfg.num_hidden_layers + mtp)),
         (a("context_length"), u(cfg.max_position_embeddings)),
@@ -215,6 +217,13 @@ fn metadata(cfg: &Config, mtp: usize, from: &Path) -> Result<Vec<(String, Value)
     ];
     if let Some(q) = cfg.q_lora_rank {
         m.push((a("attention.q_lora_rank"), u(q)));
+    }
+    if let Some(ix) = cfg.indexer {
+        m.extend([
+            (a("attention.indexer.head_count"), u(ix.n_heads)),
+            (a("attention.indexer.key_length"), u(ix.head_dim)),
+            (a("attention.indexer.top_k"), u(ix.topk)),
+        ]);
     }
     if let Some(y) = &cfg.yarn {
         m.extend([
@@ -294,14 +303,6 @@ pub fn convert(from: &Path, to: &Path, format: GgufFormat, budget: usize) -> Res
         return Err(ModelError::Input(format!("{} exists; convert writes a new file", to.display())));
     }
     let cfg = Config::from_file(&from.join("config.json"))?;
-    if cfg.indexer.is_some() {
-        let msg = format!(
-            "{}: DeepSeek-V3.2 (sparse attention) has no GGUF layout in dsv3 yet; its indexer has no \
-             place in llama.cpp's deepseek2 tensors (convert to a folder format instead)",
-            from.display()
-        );
-        return Err(ModelError::Input(msg));
-    }
     let ck = Checkpoint::open(from)?;
     let block = cfg.quantization.as_ref().map_or([128, 128], |q| q.weight_block_size);
     let outs = plan(&cfg, &ck, format)?;

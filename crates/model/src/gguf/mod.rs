@@ -86,8 +86,10 @@ impl Gguf {
     /// `config.json` would give), validated like any config.
     pub fn config(&self) -> Result<Config> {
         let arch = self.architecture()?;
-        if arch != "deepseek2" {
-            return Err(self.bad(format!("architecture `{arch}`: dsv3 runs `deepseek2` (DeepSeek V2/V3/R1)")));
+        if arch != "deepseek2" && arch != "deepseek32" {
+            return Err(self.bad(format!(
+                "architecture `{arch}`: dsv3 runs `deepseek2` (DeepSeek V2/V3/R1) and `deepseek32` (V3.2)"
+            )));
         }
         let m = self.main();
         let k = |key: &str| format!("{arch}.{key}");
@@ -143,8 +145,15 @@ impl Gguf {
             Some(t) => return Err(self.bad(format!("rope.scaling.type `{t}`: dsv3 runs yarn or none"))),
         };
         let tok = |key: &str| m.uint(&format!("tokenizer.ggml.{key}"));
-        let cfg = json!({
-            "model_type": if scoring == "sigmoid" { "deepseek_v3" } else { "deepseek_v2" },
+        let v32 = arch == "deepseek32";
+        let model_type = match () {
+            _ if v32 => "deepseek_v32",
+            _ if scoring == "sigmoid" => "deepseek_v3",
+            _ => "deepseek_v2",
+        };
+        let indexer = |key: &str| if v32 { need(&format!("attention.indexer.{key}")).map(Some) } else { Ok(None) };
+        let mut cfg = json!({
+            "model_type": model_type,
             "vocab_size": vocab,
             "hidden_size": need("embedding_length")?,
             "intermediate_size": need("feed_forward_length")?,
@@ -176,6 +185,11 @@ impl Gguf {
             "bos_token_id": tok("bos_token_id")?,
             "eos_token_id": tok("eos_token_id")?,
         });
+        for (hf, key) in [("index_n_heads", "head_count"), ("index_head_dim", "key_length"), ("index_topk", "top_k")] {
+            if let Some(v) = indexer(key)? {
+                cfg[hf] = v.into();
+            }
+        }
         Config::from_json(&cfg).map_err(|e| self.bad(format!("metadata gives an invalid config: {e}")))
     }
 
@@ -238,10 +252,10 @@ impl Gguf {
     }
 }
 
-/// A layer's modules: llama.cpp's deepseek2 name (gguf-py `TENSOR_NAMES`) and the Hugging Face
-/// checkpoint's. The split `attn_k_b`/`attn_v_b`, the stacked experts and the routing bias are
-/// handled apart.
-pub(crate) const MODULES: [(&str, &str); 26] = [
+/// A layer's modules: llama.cpp's deepseek2/deepseek32 name (gguf-py `TENSOR_NAMES`) and the
+/// Hugging Face checkpoint's. The split `attn_k_b`/`attn_v_b`, the stacked experts and the routing
+/// bias are handled apart.
+pub(crate) const MODULES: [(&str, &str); 30] = [
     ("attn_norm", "input_layernorm"),
     ("attn_q", "self_attn.q_proj"),
     ("attn_q_a", "self_attn.q_a_proj"),
@@ -265,6 +279,11 @@ pub(crate) const MODULES: [(&str, &str); 26] = [
     ("nextn.embed_tokens", "embed_tokens"),
     ("nextn.shared_head_head", "shared_head.head"),
     ("nextn.shared_head_norm", "shared_head.norm"),
+    // V3.2's lightning indexer (`deepseek32`; k_norm has a bias).
+    ("indexer.attn_q_b", "self_attn.indexer.wq_b"),
+    ("indexer.attn_k", "self_attn.indexer.wk"),
+    ("indexer.k_norm", "self_attn.indexer.k_norm"),
+    ("indexer.proj", "self_attn.indexer.weights_proj"),
     ("ffn_gate_exps", "mlp.experts.gate_proj"),
     ("ffn_up_exps", "mlp.experts.up_proj"),
     ("ffn_down_exps", "mlp.experts.down_proj"),
@@ -330,6 +349,8 @@ mod tests {
         assert_eq!(n("blk.3.attn_kv_a_mqa.weight"), "model.layers.3.self_attn.kv_a_proj_with_mqa.weight");
         assert_eq!(n("blk.5.exp_probs_b.bias"), "model.layers.5.mlp.gate.e_score_correction_bias");
         assert_eq!(n("blk.61.nextn.shared_head_norm.weight"), "model.layers.61.shared_head.norm.weight");
+        assert_eq!(n("blk.2.indexer.k_norm.bias"), "model.layers.2.self_attn.indexer.k_norm.bias");
+        assert_eq!(n("blk.2.indexer.proj.weight"), "model.layers.2.self_attn.indexer.weights_proj.weight");
         assert!(hf_name("blk.x.attn_q.weight").is_none());
         assert!(hf_name("rope_freqs.weight").is_none());
     }
