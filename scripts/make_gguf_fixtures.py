@@ -196,6 +196,10 @@ def write(path, cfg, st, split_mla, quant=None, split_max_tensors=0, tok_dir=Non
     metadata(w, cfg, split_mla, n_blocks)
     if tok_dir:
         tokenizer_metadata(w, tok_dir, cfg["vocab_size"])
+    else:
+        # llama.cpp's no-vocabulary files (it loads them with `vocab_size` dummy tokens), so its
+        # own build can score the fixtures from ids (scripts/make_llamacpp_fixtures.sh).
+        w.add_tokenizer_model("none")
     for name, arr, dt in gguf_tensors(cfg, st, split_mla):
         if quant is not None and arr.ndim >= 2 and arr.shape[-1] % 32 == 0:
             w.add_tensor(name, quants.quantize(as_f32(dt, arr), quant), raw_dtype=quant)

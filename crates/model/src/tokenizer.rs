@@ -31,14 +31,20 @@ fn token_text(v: Option<&Value>) -> Option<String> {
 impl Tokenizer {
     /// The tokenizer of the model at `path`: a folder's `tokenizer.json`, or a GGUF file's own
     /// (a `tokenizer.json` beside the file, with its `tokenizer_config.json`, takes precedence).
-    /// `None` for a folder without one.
+    /// `None` for a folder without one, or a GGUF without a vocabulary (no
+    /// `tokenizer.ggml.model`, or llama.cpp's `none`/`no_vocab`).
     pub fn for_model(path: &Path) -> Result<Option<Self>> {
         if crate::gguf::is_gguf(path) {
             let dir = path.parent().unwrap_or(Path::new("."));
             if dir.join("tokenizer.json").exists() {
                 return Self::from_dir(dir).map(Some);
             }
-            return crate::gguf::tokenizer::tokenizer(&crate::gguf::Gguf::open(path)?).map(Some);
+            let g = crate::gguf::Gguf::open(path)?;
+            let model = g.main().string("tokenizer.ggml.model")?;
+            if matches!(model, None | Some("none") | Some("no_vocab")) {
+                return Ok(None);
+            }
+            return crate::gguf::tokenizer::tokenizer(&g).map(Some);
         }
         Ok(if path.join("tokenizer.json").exists() { Some(Self::from_dir(path)?) } else { None })
     }

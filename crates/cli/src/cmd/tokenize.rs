@@ -28,8 +28,8 @@ pub struct Tokenize {
 }
 
 pub fn run(a: &Tokenize) -> Result<()> {
-    let tok =
-        Tokenizer::for_model(&a.tokenizer)?.with_context(|| format!("{}: no tokenizer.json", a.tokenizer.display()))?;
+    let tok = Tokenizer::for_model(&a.tokenizer)?
+        .with_context(|| format!("{}: no tokenizer (tokenizer.json, or a GGUF vocabulary)", a.tokenizer.display()))?;
     let (ids, text) = match (&a.text, &a.chat) {
         (Some(t), _) => (tok.encode(t, true)?, t.to_string()),
         (None, Some(f)) => {
