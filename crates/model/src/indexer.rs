@@ -28,7 +28,7 @@ pub struct Indexer {
     pub weights_proj: Linear,
     pub heads: usize,
     pub dim: usize,
-    topk: usize,
+    pub topk: usize,
     /// MLA's frequencies and positions on the first `qk_rope_head_dim` dims, but in halves
     /// (pairs `(j, j + R/2)`) where MLA interleaves.
     pub(crate) rope: Rope,

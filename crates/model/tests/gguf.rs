@@ -57,6 +57,45 @@ fn deepseek32_layout_equals_the_v32_checkpoint() {
     assert_eq!((ix.n_heads, ix.head_dim, ix.topk), (16, 24, 6));
 }
 
+/// dsv3 on a GGUF against llama.cpp's own logprobs for it (`scripts/make_llamacpp_fixtures.sh`:
+/// libllama on CPU, in one batch and token by token; llama.cpp keeps its KV cache in f16, so the
+/// two engines agree to about 1e-2, not bit for bit).
+fn llama_cpp_gap(gguf: &str, dense: bool) -> f32 {
+    let path = fixtures().join("gguf").join(gguf);
+    let want: Value = serde_json::from_str(
+        &std::fs::read_to_string(path.with_extension("llamacpp.json")).expect("llama.cpp's numbers"),
+    )
+    .unwrap();
+    let mut g = load(&path);
+    if dense {
+        g.layers.iter_mut().filter_map(|l| l.self_attn.indexer.as_mut()).for_each(|ix| ix.topk = usize::MAX);
+    }
+    let s = score(&g, &ids(&want["ids"]), false, 1).unwrap();
+    let mut worst = 0f32;
+    for mode in ["batch", "incremental"] {
+        let w = floats(&want[mode]);
+        assert_eq!(s.logprobs.len(), w.len(), "{gguf}");
+        worst = s.logprobs.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
+    }
+    worst
+}
+
+#[test]
+fn llama_cpp_computes_what_dsv3_does_on_the_same_files() {
+    // V3 written by gguf-py (split MLA in two parts, and Q8_0, where llama.cpp also rounds the
+    // activations to Q8_0), and V3.2 written by dsv3's own converter as deepseek32: llama.cpp's
+    // indexer (Hadamard-rotated f16 keys) picks 8 of up to 40 positions.
+    for (gguf, tol) in [("v3-f32-00001-of-00002.gguf", 1e-2), ("v3-q8_0.gguf", 6e-2), ("v32-d64-f32.gguf", 1e-2)] {
+        let worst = llama_cpp_gap(gguf, false);
+        eprintln!("{gguf}: dsv3 vs llama.cpp, max |Δ logprob| {worst:.2e}");
+        assert!(worst <= tol, "{gguf}: dsv3 and llama.cpp differ by {worst}");
+    }
+    // The comparison sees the choice: the same model attending densely is far from llama.cpp.
+    let dense = llama_cpp_gap("v32-d64-f32.gguf", true);
+    eprintln!("v32-d64-f32.gguf read densely: max |Δ logprob| {dense:.2e}");
+    assert!(dense > 0.1, "dense attention should differ from llama.cpp's sparse model ({dense})");
+}
+
 #[test]
 fn legacy_kv_b_layout_in_bf16_equals_the_checkpoint() {
     same_as_safetensors("v2-bf16-legacy.gguf", "v2_group_limited");

@@ -243,6 +243,9 @@ fn metadata(cfg: &Config, mtp: usize, from: &Path) -> Result<Vec<(String, Value)
     }
     if from.join("tokenizer.json").exists() {
         m.extend(super::tokenizer::to_metadata(from, cfg.vocab_size)?);
+    } else {
+        // llama.cpp's marker for a model without a vocabulary (it needs the key to load the file).
+        m.push(("tokenizer.ggml.model".into(), Value::Str("none".into())));
     }
     Ok(m)
 }
