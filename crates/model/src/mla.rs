@@ -271,6 +271,44 @@ impl Mla {
         (p, o)
     }
 
+    /// [`Self::attend_head`]'s output where only it is needed (inference): the rows the indexer
+    /// chose for attend to their `index_topk` positions alone, gathered (prefill attention then
+    /// costs `index_topk` positions per query, not the context); the rows before them (those that
+    /// see at most `index_topk` positions, a prefix) as the one GEMM.
+    pub(crate) fn attend_head_sparse(
+        &self,
+        cx: &Exec,
+        q: &[f32],
+        hk: &HeadKv,
+        t: usize,
+        start: usize,
+        sel: &[Option<Vec<usize>>],
+    ) -> Vec<f32> {
+        use dsv3_kernels::dot::{axpy_f32, dot_f32};
+        let dense = (0..t).take_while(|&i| !matches!(sel.get(i), Some(Some(_)))).count();
+        if dense == t {
+            return self.attend_head(cx, q, hk, t, start, sel).1;
+        }
+        let (dq, dv) = (self.dn + self.dr, self.dv);
+        let mut o = vec![0f32; t * dv];
+        if dense > 0 {
+            o[..dense * dv].copy_from_slice(&self.attend_head(cx, q, hk, dense, start, &sel[..dense]).1);
+        }
+        let mut p = Vec::new();
+        for i in dense..t {
+            let Some(Some(keep)) = sel.get(i) else { unreachable!("rows past the dense prefix have a choice") };
+            let qi = &q[i * self.heads * dq..][..dq];
+            p.clear();
+            p.extend(keep.iter().map(|&s| dot_f32(qi, &hk.k[s * dq..(s + 1) * dq]) * self.scale));
+            softmax_in_place(&mut p);
+            let oi = &mut o[i * dv..(i + 1) * dv];
+            for (&s, &w) in keep.iter().zip(&p) {
+                axpy_f32(oi, w, &hk.v[s * dv..(s + 1) * dv]);
+            }
+        }
+        o
+    }
+
     /// Attention over each sequence's cache (its new latents appended first): the absorbed form
     /// for the segments `imp` gives it (all at once), the naive one for the rest. `[n, H·dv]`.
     fn attend_cached(
@@ -372,7 +410,7 @@ impl Mla {
             .into_par_iter()
             .map(|hh| {
                 let hk = HeadKv::gather(&kv, &k_pe, 0, hh, s_all, self);
-                self.attend_head(cx, &q[hh * dq..], &hk, t, start, sel).1
+                self.attend_head_sparse(cx, &q[hh * dq..], &hk, t, start, sel)
             })
             .collect();
         let mut o = vec![0f32; t * h * dv];
